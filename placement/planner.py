@@ -1,0 +1,198 @@
+"""The planner's front door: a request plus a topology in, a `Plan` out.
+
+`make_plan` partitions (partition.py), maps (mapper.py) and predicts (cost.py).
+Nothing here reads a clock: the caller times the call and stamps `planSeconds` with
+`Plan.with_timing`, so the plan itself stays a pure function of its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from placement.cost import (
+    PS,
+    Prediction,
+    Workload,
+    hop_seconds,
+    op_sram_bytes,
+    ring_prediction,
+    token_hop_bytes,
+)
+from placement.errors import InputError
+from placement.mapper import SPREADS, map_replicas
+from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
+from placement.partition import Partition, choose_partition, lower_bound_chips
+from placement.plan import OpCut, Plan, StagePlan
+from placement.topology import ChipRef, Topology
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a deployment asks of the planner (the planning-relevant part of the spec)."""
+
+    name: str
+    model: ModelConfig
+    precision: str = "fp16"
+    replicas: int = 1
+    max_context: int = 2048
+    max_batch: int = 1
+    tensor_parallel: int | None = None  # None: choose automatically
+    spread: str = "rack"
+    spares_per_rack: int = 1
+    racks: tuple[str, ...] | None = None
+
+    def validate(self) -> None:
+        checks = (
+            (self.precision in PRECISION_BYTES, "spec.precision",
+             f"must be one of {', '.join(PRECISION_BYTES)}"),
+            (self.replicas >= 1, "spec.replicas", "must be at least 1"),
+            (self.max_context >= 1, "spec.serving.maxContext", "must be at least 1"),
+            (self.max_batch >= 1, "spec.serving.maxBatch", "must be at least 1"),
+            (self.tensor_parallel in (None, 1, 2, 4, 8), "spec.parallelism.tensorParallel",
+             "must be auto, 1, 2, 4 or 8"),
+            (self.spread in SPREADS, "spec.placement.spread",
+             f"must be one of {', '.join(SPREADS)}"),
+            (self.spares_per_rack >= 0, "spec.placement.sparesPerRack", "must be at least 0"),
+        )
+        for ok, field, message in checks:
+            if not ok:
+                raise InputError(message, field=field)
+
+
+def make_plan(request: PlanRequest, topology: Topology) -> Plan:
+    """Plan `request` onto `topology`; raises `Unplaceable` with the numbers when it can't."""
+    request.validate()
+    profile = topology.profile
+    work = Workload(request.max_context, request.max_batch, request.precision)
+    ops = build_ops(request.model, request.precision)
+    partition = choose_partition(ops, request.model, profile, work, request.tensor_parallel)
+    tp = partition.table.tp
+    mapping = map_replicas(
+        topology, stages=partition.stage_count, tp=tp, replicas=request.replicas,
+        spread=request.spread, spares_per_rack=request.spares_per_rack, racks=request.racks,
+    )
+    stage_seconds = [partition.stage_time_ps(i) / PS for i in range(partition.stage_count)]
+    stages: list[StagePlan] = []
+    hops: list[list[float]] = []
+    for replica, groups in enumerate(mapping.groups):
+        for index, group in enumerate(groups):
+            first, last = _stage_cuts(partition, ops, index)
+            stages.append(StagePlan(
+                replica=replica,
+                index=index,
+                first=first,
+                last=last,
+                chips=tuple(topology.chip_id(ref) for ref in group),
+                refs=group,
+                sram_bytes_per_chip=partition.stage_bytes(index) + (
+                    profile.usable_sram_bytes - partition.table.capacity),
+                sram_capacity_bytes=profile.sram_bytes,
+                stage_seconds=stage_seconds[index],
+                activation_bytes_out=ops[last.op].activation_bytes_per_token,
+            ))
+        hops.append(replica_hops(topology, [g[0] for g in groups],
+                                 [ops[_stage_cuts(partition, ops, i)[1].op]
+                                  .activation_bytes_per_token for i in range(len(groups))]))
+    prediction = ring_prediction([stage_seconds] * request.replicas, hops, request.max_batch)
+    needed = request.replicas * sum(op_sram_bytes(op, 1, request.model, work) for op in ops)
+    bound = lower_bound_chips(needed, profile.usable_sram_bytes)
+    chips_used = partition.stage_count * tp * request.replicas
+    return Plan(
+        deployment=request.name,
+        model=request.model.name,
+        precision=request.precision,
+        profile=profile.name,
+        max_context=request.max_context,
+        max_batch=request.max_batch,
+        replicas=request.replicas,
+        tensor_parallel=tp,
+        pipeline_stages=partition.stage_count,
+        stages=tuple(stages),
+        spares=tuple(topology.chip_id(ref) for ref in mapping.spares),
+        chips_used=chips_used,
+        chips_lower_bound=bound,
+        sram_bytes_needed=needed,
+        predicted=prediction,
+        notes=tuple(_explain(partition, chips_used, bound, request.replicas,
+                             profile.usable_sram_bytes)),
+    )
+
+
+def _stage_cuts(partition: Partition, ops: Sequence[Op], index: int) -> tuple[OpCut, OpCut]:
+    table = partition.table
+    start, end = partition.bounds[index], partition.bounds[index + 1] - 1
+
+    def cut(pos: int) -> OpCut:
+        op = table.op_index[pos]
+        return OpCut(op, ops[op].name, table.chunk_index[pos], table.chunk_count[pos])
+
+    return cut(start), cut(end)
+
+
+def replica_hops(
+    topology: Topology, stage_chips: Sequence[ChipRef], activation_bytes: Sequence[int]
+) -> list[float]:
+    """Seconds of every hop of a replica's ring: stage i to i+1, and the last back to 0."""
+    profile = topology.profile
+    hops = []
+    count = len(stage_chips)
+    for i in range(count):
+        nxt = (i + 1) % count
+        nbytes = activation_bytes[i] if nxt else token_hop_bytes()
+        if count == 1:
+            break
+        hops.append(hop_seconds(profile, topology.hop_class(stage_chips[i], stage_chips[nxt]),
+                                nbytes))
+    return hops
+
+
+def _explain(
+    partition: Partition, used: int, bound: int, replicas: int, usable: int
+) -> list[str]:
+    """Why the plan uses more chips than the SRAM lower bound, in numbers."""
+    table = partition.table
+    ratio = used / bound
+    notes = [f"{used} chips against a lower bound of {bound} (x{ratio:.3f})"]
+    if used == bound:
+        return notes
+    tp = table.tp
+    stage_total = table.prefix_bytes[-1]
+    ideal_stages = -(-stage_total // table.capacity)
+    packing = partition.stage_count - ideal_stages
+    workspace = usable - table.capacity
+    if workspace:
+        notes.append(
+            f"every chip keeps {workspace:,} bytes of activation buffers "
+            f"({workspace / usable:.1%} of usable SRAM)"
+        )
+    if packing:
+        notes.append(
+            f"contiguous stages cut only between op chunks: {packing} stage(s) per replica "
+            f"more than the bytes alone need ({ideal_stages})"
+        )
+    if tp > 1:
+        notes.append(
+            f"tensorParallel {tp}: every stage takes {tp} chips, and stage counts round up "
+            f"per TP group ({replicas} replicas x {partition.stage_count} stages x {tp})"
+        )
+    return notes
+
+
+def prediction_for(plan: Plan, topology: Topology) -> Prediction:
+    """Recompute the predicted speed of a plan on a topology (after chips moved)."""
+    stage_seconds: list[list[float]] = []
+    hops: list[list[float]] = []
+    for replica in range(plan.replicas):
+        stages = plan.replica_stages(replica)
+        stage_seconds.append([s.stage_seconds for s in stages])
+        firsts = [stage_refs(s, topology)[0] for s in stages]
+        hops.append(replica_hops(topology, firsts, [s.activation_bytes_out for s in stages]))
+    return ring_prediction(stage_seconds, hops, plan.max_batch)
+
+
+def stage_refs(stage: StagePlan, topology: Topology) -> tuple[ChipRef, ...]:
+    """The stage's chips as refs: the ones kept in the plan, else parsed from the ids."""
+    if stage.refs:
+        return stage.refs
+    return tuple(topology.parse_chip(c) for c in stage.chips)
