@@ -73,7 +73,7 @@ def chip_workspace_bytes(cfg: ModelConfig, work: Workload) -> int:
 
 def op_time_ps(op: Op, tp: int, cfg: ModelConfig, profile: ChipProfile, work: Workload) -> int:
     """Time for one token through the whole op on a TP group, in picoseconds."""
-    weights = op.param_bytes
+    weights: float = op.param_bytes
     if op.kind == "expert" and cfg.num_local_experts:
         weights = weights * cfg.num_experts_per_tok / cfg.num_local_experts
     elif op.kind == "embedding":

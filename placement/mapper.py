@@ -134,7 +134,7 @@ def _shortfall(
             else:
                 free += n
     message = (
-        f"needs {need:,} chips ({replicas} replicas x {stages} stages x tensorParallel {tp}), "
+        f"needs {need:,} chips ({replicas} replica(s) x {stages} stages x tensorParallel {tp}), "
         f"{free:,} free in {len(rack_order)} racks"
     )
     if reserved:

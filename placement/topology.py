@@ -10,6 +10,7 @@ Links are implied by the profile's three link classes: chips of one node are ful
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -238,7 +239,7 @@ def topology_from_dict(
         raise fail("must be a mapping of chip or node id to state", "chips")
     updates: dict[ChipRef, ChipState] = {}
     for key, value in chips_raw.items():
-        path = f"chips.{key}"
+        path = f"chips[{json.dumps(str(key))}]"
         try:
             state = ChipState(value)
         except ValueError:

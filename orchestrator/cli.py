@@ -1,0 +1,160 @@
+"""`lpuctl`: the operator's command line.
+
+Exit codes (every subcommand):
+  0  success (for `plan`: the deployment fits)
+  1  a valid request that cannot be carried out (for `plan`: it does not fit; the reason has
+     the numbers)
+  2  invalid input (a bad file, flag or field; the message names the file, line and field)
+  3  an internal error (a bug: reported in one line; set LPUCTL_DEBUG=1 for the traceback)
+
+No traceback reaches the user unless asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import yaml
+
+from orchestrator.deployments import plan_request_from_spec
+from orchestrator.render import print_plan_table
+from orchestrator.spec import SpecError, load_deployment_file
+from orchestrator.topology_file import DEFAULT_TOPOLOGY, load_topology_file
+from placement.errors import InputError, Unplaceable
+from placement.planner import make_plan
+from placement.profiles import profile_names
+from placement.topology import Topology, preset_topology
+
+EXIT_OK, EXIT_UNPLACEABLE, EXIT_INVALID, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _UsageError(Exception):
+    """Bad flags: reported like argparse does, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lpuctl",
+        description="Lockstep: place, load and serve models on racks of LPU chips.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    plan = sub.add_parser(
+        "plan",
+        help="show how a deployment would be split and placed, whether it fits, how fast",
+        description=(
+            "Plan a deployment. Without --racks or --topology the embedded default topology "
+            f"is used ({DEFAULT_TOPOLOGY.describe()}). Exit 0: it fits; 1: it does not "
+            "(the reason in numbers); 2: invalid input."
+        ),
+    )
+    plan.add_argument("-f", "--filename", required=True, help="deployment YAML (LPUDeployment)")
+    where = plan.add_mutually_exclusive_group()
+    where.add_argument("--racks", type=_positive_int, help="a preset topology of N full racks")
+    where.add_argument("--topology", help="a topology YAML file")
+    plan.add_argument("--profile", choices=profile_names(),
+                      help="chip profile for --racks (default groq-rack)")
+    plan.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    plan.add_argument("--svg", help="also write the rack map as SVG to this path")
+    plan.set_defaults(handler=cmd_plan)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 1 <= value <= 4096:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 4096, got {value}")
+    return value
+
+
+def resolve_topology(args: argparse.Namespace) -> Topology:
+    if args.topology:
+        if args.profile:
+            raise _UsageError("lpuctl plan: --profile goes with --racks, not --topology "
+                              "(the topology file names its profile)")
+        return load_topology_file(args.topology)
+    if args.racks:
+        return preset_topology(args.racks, args.profile or "groq-rack")
+    if args.profile:
+        return preset_topology(DEFAULT_TOPOLOGY.racks, args.profile)
+    return DEFAULT_TOPOLOGY.build()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_deployment_file(args.filename)
+    topology = resolve_topology(args)
+    request = plan_request_from_spec(spec)
+    started = time.perf_counter()
+    try:
+        plan = make_plan(request, topology)
+    except Unplaceable as exc:
+        print(f"lpuctl plan: {spec.name} does not fit: {exc}", file=sys.stderr)
+        return EXIT_UNPLACEABLE
+    plan = plan.with_timing(time.perf_counter() - started)
+    if args.svg:
+        _write_svg(args.svg, plan, topology)
+    if args.output == "json":
+        print(json.dumps(plan.to_dict(), indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(plan.to_dict(), sort_keys=False), end="")
+    else:
+        print_plan_table(plan, topology)
+    return EXIT_OK
+
+
+def _write_svg(path: str, plan: object, topology: Topology) -> None:
+    from orchestrator.rackmap import render_rack_map
+
+    try:
+        Path(path).write_text(render_rack_map(plan, topology), encoding="utf-8")  # type: ignore[arg-type]
+    except OSError as exc:
+        raise InputError(f"cannot write SVG: {exc.strerror}", source=path) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        code: int = args.handler(args)
+        return code
+    except _UsageError as exc:
+        print(str(exc), file=sys.stderr)
+        print("run 'lpuctl --help' for usage", file=sys.stderr)
+        return EXIT_INVALID
+    except (SpecError, InputError) as exc:
+        print(f"lpuctl: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`lpuctl plan ... | head`): not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
+    except Exception as exc:
+        if os.environ.get("LPUCTL_DEBUG"):
+            raise
+        print(f"lpuctl: internal error: {type(exc).__name__}: {exc} "
+              "(set LPUCTL_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def entrypoint() -> NoReturn:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

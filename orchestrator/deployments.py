@@ -1,0 +1,30 @@
+"""From a validated deployment spec to the planner's request."""
+
+from __future__ import annotations
+
+from orchestrator.spec import DeploymentSpec
+from placement.models import ModelConfig, model_from_hf_config, model_preset
+from placement.planner import PlanRequest
+
+
+def model_for_spec(spec: DeploymentSpec) -> ModelConfig:
+    """The model a spec names: a preset, or the Hugging Face config it points at."""
+    if spec.model_preset:
+        return model_preset(spec.model_preset)
+    assert spec.model_config_path is not None  # the validator requires one of the two
+    return model_from_hf_config(spec.model_config_path, name=f"{spec.name}-model")
+
+
+def plan_request_from_spec(spec: DeploymentSpec) -> PlanRequest:
+    return PlanRequest(
+        name=spec.name,
+        model=model_for_spec(spec),
+        precision=spec.precision,
+        replicas=spec.replicas,
+        max_context=spec.max_context,
+        max_batch=spec.max_batch,
+        tensor_parallel=spec.tensor_parallel,
+        spread=spec.spread,
+        spares_per_rack=spec.spares_per_rack,
+        racks=spec.racks,
+    )

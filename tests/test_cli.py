@@ -1,0 +1,147 @@
+"""`lpuctl plan` end to end: exit codes, output shapes, topology files, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "manifests" / "examples"
+TINY = EXAMPLES / "tiny-llama.yaml"
+BAD_FILES = sorted((ROOT / "tests" / "data" / "specs" / "bad").glob("*.yaml"))
+
+
+def lpuctl(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real command in its own process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_json_has_the_promised_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "plan", "-f", str(TINY), "-o", "json")
+    assert code == 0, err
+    plan = json.loads(out)
+    for key in ("replicas", "tensorParallel", "pipelineStages", "chipsUsed", "chipsLowerBound",
+                "spares", "predicted", "planSeconds", "stages"):
+        assert key in plan
+    assert set(plan["predicted"]) >= {"latencyMsPerToken", "tokensPerSecondPerUser",
+                                      "tokensPerSecond"}
+    stage = plan["stages"][0]
+    assert set(stage) >= {"replica", "index", "ops", "chips", "sramBytesPerChip",
+                          "sramCapacityBytes"}
+    assert stage["chips"][0].count("/") == 2 and stage["chips"][0].startswith("rack-")
+    assert plan["chipsUsed"] == sum(len(s["chips"]) for s in plan["stages"])
+    assert plan["chipsUsed"] >= plan["chipsLowerBound"]
+
+
+def test_plan_yaml_equals_json(capsys: pytest.CaptureFixture[str]) -> None:
+    _, as_json, _ = run(capsys, "plan", "-f", str(TINY), "-o", "json")
+    _, as_yaml, _ = run(capsys, "plan", "-f", str(TINY), "-o", "yaml")
+    a, b = json.loads(as_json), yaml.safe_load(as_yaml)
+    a.pop("planSeconds"), b.pop("planSeconds")
+    assert a == b
+
+
+def test_table_explains_plan_and_draws_map(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "plan", "-f", str(TINY))
+    assert code == 0
+    assert "lower bound" in out and "tokens/s per user" in out
+    assert "layers.0." in out and "rack-0/node-0/chip-0" in out
+    assert "Rack map" in out and " S  S" in out
+
+
+def test_topology_file_and_svg(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    svg = tmp_path / "map.svg"
+    code, out, err = run(capsys, "plan", "-f", str(TINY), "--topology",
+                         str(EXAMPLES / "topology-dev.yaml"), "-o", "json", "--svg", str(svg))
+    assert code == 0, err
+    plan = json.loads(out)
+    chips = {c for s in plan["stages"] for c in s["chips"]}
+    assert "rack-0/node-0/chip-3" not in chips  # failed in the topology file
+    assert not any(c.startswith("rack-1/node-1/") for c in chips)  # cordoned node
+    root = ET.fromstring(svg.read_text())
+    assert root.tag.endswith("svg")
+
+
+def test_real_process_exit_codes() -> None:
+    fits = lpuctl("plan", "-f", str(TINY), "-o", "json")
+    assert fits.returncode == 0 and json.loads(fits.stdout)["replicas"] == 2
+    too_big = lpuctl("plan", "-f", str(EXAMPLES / "llama3-70b.yaml"), "--racks", "8")
+    assert too_big.returncode == 1
+    assert "needs 700 chips" in too_big.stderr and "free in 8 racks" in too_big.stderr
+    bad = lpuctl("plan", "-f", str(BAD_FILES[0]))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert str(BAD_FILES[0]) in bad.stderr
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=lambda p: p.stem)
+def test_bad_files_exit_2_naming_the_file(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "plan", "-f", str(path))
+    assert code == 2 and out == ""
+    assert str(path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["plan"], "the following arguments are required: -f"),
+        (["plan", "-f", "nope.yaml"], "nope.yaml: file not found"),
+        (["plan", "-f", str(TINY), "--racks", "0"], "must be from 1 to 4096"),
+        (["plan", "-f", str(TINY), "--racks", "two"], "must be a whole number"),
+        (["plan", "-f", str(TINY), "--profile", "h100"], "invalid choice: 'h100'"),
+        (["plan", "-f", str(TINY), "-o", "xml"], "invalid choice: 'xml'"),
+        (["plan", "-f", str(TINY), "--racks", "2", "--topology", "t.yaml"], "not allowed with"),
+        (["plan", "-f", str(TINY), "--topology", "missing.yaml"], "missing.yaml: file not found"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_flags_exit_2(args: list[str], fragment: str,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, *args)
+    assert code == 2
+    assert fragment in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("profile: dev\nracks: 2\nracks: 3\n", ":3: racks: duplicate key"),
+        ("profile: dev\nrack: 2\n", ":2: rack: unknown field 'rack'"),
+        ("profile: dev\nracks: [{name: a, nodes: 0}]\n", "racks[0].nodes: must be a whole"),
+        ("profile: dev\nracks: 1\nchips:\n  rack-0/node-7: failed\n", ":4: chips["),
+        ("profile: dev\nracks: 1\nchips: {rack-0/node-0/chip-1: melted}\n", "state must be"),
+        ("profile: &p dev\nracks: *p\n", "aliases/anchors are not allowed"),
+        ("profile: !!python/name:os.system dev\nracks: 1\n", "is not allowed"),
+        ("- profile\n", "top level must be a mapping (profile, racks, chips)"),
+        ("", "file is empty; expected a Topology"),
+        ("profile: {base: groq-rack, sram_bytes: .inf}\nracks: 1\n", "non-finite"),
+    ],
+)
+def test_bad_topology_files_exit_2(text: str, fragment: str, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    topo = tmp_path / "topo.yaml"
+    topo.write_text(text)
+    code, _, err = run(capsys, "plan", "-f", str(TINY), "--topology", str(topo))
+    assert code == 2, err
+    assert str(topo) in err and fragment in err and "Traceback" not in err
+
+
+def test_unwritable_svg_is_an_input_error(capsys: pytest.CaptureFixture[str],
+                                          tmp_path: Path) -> None:
+    code, _, err = run(capsys, "plan", "-f", str(TINY), "--svg",
+                       str(tmp_path / "no" / "such" / "dir.svg"))
+    assert code == 2 and "cannot write SVG" in err

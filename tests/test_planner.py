@@ -1,0 +1,204 @@
+"""Planner behaviour: fit, coverage, mapping rules, determinism, calibration, explanations."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from placement.errors import InputError, Unplaceable
+from placement.models import MODEL_PRESETS, ModelConfig, build_ops, model_preset
+from placement.plan import Plan
+from placement.planner import PlanRequest, make_plan
+from placement.profiles import DEV, GROQ_RACK
+from placement.topology import ChipState, Topology, preset_topology
+
+
+def tiny_request(**overrides: object) -> PlanRequest:
+    base: dict[str, object] = dict(name="demo", model=model_preset("tiny-llama"),
+                                   precision="fp16", replicas=2, max_context=256, max_batch=4)
+    base.update(overrides)
+    return PlanRequest(**base)  # type: ignore[arg-type]
+
+
+def chunk_sequence(plan: Plan, replica: int) -> list[tuple[int, int, int]]:
+    """(op, chunk, chunks) at every stage boundary, to check stages tile the op list."""
+    return [(s.first.op, s.first.chunk, s.first.chunks)
+            for s in plan.replica_stages(replica)]
+
+
+def test_tiny_plan_covers_every_op_once_in_order() -> None:
+    plan = make_plan(tiny_request(), preset_topology(2, "dev"))
+    ops = build_ops(model_preset("tiny-llama"), "fp16")
+    for replica in range(plan.replicas):
+        stages = plan.replica_stages(replica)
+        assert stages[0].first.op == 0 and stages[0].first.chunk == 0
+        last = stages[-1].last
+        assert last.op == len(ops) - 1 and last.chunk == last.chunks - 1
+        for before, after in itertools.pairwise(stages):
+            b, a = before.last, after.first
+            if b.chunk == b.chunks - 1:
+                assert (a.op, a.chunk) == (b.op + 1, 0)
+            else:
+                assert (a.op, a.chunk) == (b.op, b.chunk + 1)
+
+
+def test_no_stage_exceeds_usable_sram() -> None:
+    topo = preset_topology(8, "groq-rack")
+    for name in ("llama-3-8b", "llama-3-70b", "mixtral-8x7b"):
+        plan = make_plan(PlanRequest("x", model_preset(name), "int8", 1, 4096, 8), topo)
+        for stage in plan.stages:
+            assert stage.sram_bytes_per_chip <= GROQ_RACK.usable_sram_bytes
+            assert stage.sram_capacity_bytes == GROQ_RACK.sram_bytes
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hidden=st.sampled_from([64, 128, 256]),
+    layers=st.integers(1, 6),
+    heads=st.sampled_from([2, 4, 8]),
+    vocab=st.integers(256, 4096),
+    inter=st.integers(64, 1024),
+    experts=st.sampled_from([0, 0, 4]),
+    precision=st.sampled_from(["fp16", "int8"]),
+    context=st.integers(1, 512),
+    batch=st.integers(1, 8),
+    tp=st.sampled_from([None, 1, 2, 4]),
+)
+def test_random_models_never_exceed_sram(hidden: int, layers: int, heads: int, vocab: int,
+                                         inter: int, experts: int, precision: str,
+                                         context: int, batch: int, tp: int | None) -> None:
+    cfg = ModelConfig("rand", vocab, hidden, inter, layers, heads, heads // 2 or 1,
+                      num_local_experts=experts, num_experts_per_tok=2 if experts else 0)
+    topo = preset_topology(4, "dev")
+    try:
+        plan = make_plan(PlanRequest("r", cfg, precision, 1, context, batch, tp,
+                                     spread="none"), topo)
+    except Unplaceable:
+        return
+    for stage in plan.stages:
+        assert stage.sram_bytes_per_chip <= DEV.usable_sram_bytes
+        assert len(stage.chips) == plan.tensor_parallel
+    assert plan.chips_used >= plan.chips_lower_bound
+
+
+def test_same_input_same_plan_byte_for_byte() -> None:
+    topo = preset_topology(16, "groq-rack")
+    request = PlanRequest("x", model_preset("llama-3-70b"), "int8", 2, 4096, 8)
+    first = json.dumps(make_plan(request, topo).to_dict(timing=False))
+    second = json.dumps(make_plan(request, topo).to_dict(timing=False))
+    assert first == second
+
+
+def test_plan_round_trips_through_dict() -> None:
+    plan = make_plan(tiny_request(), preset_topology(2, "dev"))
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.to_dict(timing=False) == plan.to_dict(timing=False)
+
+
+def test_tp_group_stays_inside_one_node() -> None:
+    plan = make_plan(tiny_request(tensor_parallel=4, replicas=1), preset_topology(2, "dev"))
+    assert plan.tensor_parallel == 4
+    for stage in plan.stages:
+        nodes = {chip.rsplit("/", 1)[0] for chip in stage.chips}
+        assert len(stage.chips) == 4 and len(nodes) == 1
+
+
+def test_spread_rack_puts_replicas_on_disjoint_racks() -> None:
+    plan = make_plan(tiny_request(), preset_topology(2, "dev"))
+    racks = [{c.split("/")[0] for s in plan.replica_stages(r) for c in s.chips}
+             for r in range(2)]
+    assert racks[0].isdisjoint(racks[1])
+
+
+def test_spread_rack_unplaceable_names_the_reason() -> None:
+    with pytest.raises(Unplaceable, match="spread: rack"):
+        make_plan(tiny_request(replicas=3, spares_per_rack=0), preset_topology(2, "dev"))
+    with pytest.raises(Unplaceable, match="32 free in 2 racks"):
+        make_plan(tiny_request(replicas=3), preset_topology(2, "dev"))
+    # the same request packs when spread is relaxed
+    plan = make_plan(tiny_request(replicas=3, spread="none", spares_per_rack=0),
+                     preset_topology(2, "dev"))
+    assert plan.replicas == 3
+
+
+def test_spares_reserved_and_never_used() -> None:
+    plan = make_plan(tiny_request(), preset_topology(2, "dev"))
+    assert plan.spares, "one spare node per used rack"
+    assert set(plan.spares).isdisjoint(plan.chips())
+    assert {s.rsplit("/", 1)[0] for s in plan.spares} == {"rack-0/node-2", "rack-1/node-2"}
+
+
+def test_avoids_cordoned_failed_and_used_chips() -> None:
+    topo = preset_topology(2, "dev")
+    bad = {
+        topo.parse_chip("rack-0/node-0/chip-0"): ChipState.FAILED,
+        topo.parse_chip("rack-0/node-0/chip-1"): ChipState.CORDONED,
+        topo.parse_chip("rack-0/node-1/chip-7"): ChipState.USED,
+    }
+    topo = topo.with_states(bad)
+    plan = make_plan(tiny_request(replicas=1), topo)
+    used = set(plan.chips())
+    assert not used & {topo.chip_id(r) for r in bad}
+
+
+def test_too_big_for_cluster_gives_numbers() -> None:
+    request = PlanRequest("big", model_preset("llama-3-70b"), "fp16", 1, 4096, 8)
+    with pytest.raises(Unplaceable) as info:
+        make_plan(request, preset_topology(7, "groq-rack"))
+    message = str(info.value)
+    assert "chips" in message and "free in 7 racks" in message
+    assert any(ch.isdigit() for ch in message)
+
+
+def test_unknown_rack_in_request_is_unplaceable() -> None:
+    with pytest.raises(Unplaceable, match="rack-9"):
+        make_plan(tiny_request(racks=("rack-9",)), preset_topology(2, "dev"))
+
+
+def test_invalid_request_fields_are_input_errors() -> None:
+    with pytest.raises(InputError, match=r"spec\.precision"):
+        make_plan(tiny_request(precision="int4"), preset_topology(2, "dev"))
+    with pytest.raises(InputError, match="tensorParallel"):
+        make_plan(tiny_request(tensor_parallel=3), preset_topology(2, "dev"))
+
+
+def test_groq_rack_calibration() -> None:
+    """The one published deployment: Llama-2-70B at ~300 tokens/s per user, 4k, ~8 racks."""
+    plan = make_plan(PlanRequest("cal", model_preset("llama-2-70b"), "int8", 1, 4096, 1),
+                     preset_topology(8, "groq-rack"))
+    assert 285 <= plan.predicted.tokens_per_second_per_user <= 315
+    assert plan.chips_used <= 8 * 72
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_every_preset_plans_close_to_the_lower_bound(name: str) -> None:
+    racks, profile = (2, "dev") if name == "tiny-llama" else (145, "groq-rack")
+    context = 256 if name == "tiny-llama" else 4096
+    plan = make_plan(PlanRequest(name, model_preset(name), "int8", 1, context, 4,
+                                 spares_per_rack=0),
+                     preset_topology(racks, profile))
+    ratio = plan.chips_used / plan.chips_lower_bound
+    assert ratio >= 1.0
+    if name != "tiny-llama":
+        assert ratio <= 1.05, plan.notes
+    if ratio > 1.0:
+        assert plan.notes and "lower bound" in plan.notes[0]
+
+
+def test_faster_than_a_single_chip_has_memory_for() -> None:
+    """Sanity of the cost model: more batch -> more aggregate tokens/s, same per-user cap."""
+    topo = preset_topology(2, "groq-rack")
+    one = make_plan(PlanRequest("a", model_preset("llama-3-8b"), "int8", 1, 2048, 1), topo)
+    many = make_plan(PlanRequest("b", model_preset("llama-3-8b"), "int8", 1, 2048, 8), topo)
+    assert many.predicted.tokens_per_second > one.predicted.tokens_per_second
+    assert one.predicted.latency_ms_per_token > 0
+
+
+def test_custom_topology_object_works() -> None:
+    topo = Topology(DEV, ("a", "b"), (2, 3))
+    plan = make_plan(tiny_request(replicas=1, spares_per_rack=0), topo)
+    assert all(c.split("/")[0] in ("a", "b") for c in plan.chips())
