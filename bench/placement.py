@@ -37,8 +37,9 @@ RACKS = (1, 8, 145)
 
 
 def request(model: str) -> PlanRequest:
-    return PlanRequest(model, model_preset(model), "int8", replicas=1, max_context=4096,
-                       max_batch=8)
+    return PlanRequest(
+        model, model_preset(model), "int8", replicas=1, max_context=4096, max_batch=8
+    )
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:  # type: ignore[no-untyped-def]
@@ -59,48 +60,71 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    print(f"{'model':16} {'racks':>5} {'plan ms':>9} {'TP':>3} {'stages':>6} {'chips':>6} "
-          f"{'bound':>6} {'ratio':>6}  tokens/s/user")
+    print(
+        f"{'model':16} {'racks':>5} {'plan ms':>9} {'TP':>3} {'stages':>6} {'chips':>6} "
+        f"{'bound':>6} {'ratio':>6}  tokens/s/user"
+    )
     for model in MODELS:
         for racks in RACKS:
             topo = preset_topology(racks, "groq-rack")
-            seconds, result = timed(lambda t=topo, m=model: make_plan(request(m), t),
-                                    args.repeats)
+            seconds, result = timed(lambda t=topo, m=model: make_plan(request(m), t), args.repeats)
             if isinstance(result, Unplaceable):
                 print(f"{model:16} {racks:>5} {seconds * 1e3:>9.2f}  does not fit: {result}")
-                rows.append({"model": model, "racks": racks, "plan_seconds": seconds,
-                             "fits": False, "reason": str(result)})
+                rows.append(
+                    {
+                        "model": model,
+                        "racks": racks,
+                        "plan_seconds": seconds,
+                        "fits": False,
+                        "reason": str(result),
+                    }
+                )
                 continue
             plan = result
             ratio = plan.chips_used / plan.chips_lower_bound
-            print(f"{model:16} {racks:>5} {seconds * 1e3:>9.2f} {plan.tensor_parallel:>3} "
-                  f"{plan.pipeline_stages:>6} {plan.chips_used:>6} {plan.chips_lower_bound:>6} "
-                  f"{ratio:>6.3f}  {plan.predicted.tokens_per_second_per_user:,.1f}")
+            print(
+                f"{model:16} {racks:>5} {seconds * 1e3:>9.2f} {plan.tensor_parallel:>3} "
+                f"{plan.pipeline_stages:>6} {plan.chips_used:>6} {plan.chips_lower_bound:>6} "
+                f"{ratio:>6.3f}  {plan.predicted.tokens_per_second_per_user:,.1f}"
+            )
             for note in plan.notes[1:]:
                 print(f"{'':24}note: {note}")
-            rows.append({"model": model, "racks": racks, "plan_seconds": seconds, "fits": True,
-                         "chips_used": plan.chips_used,
-                         "chips_lower_bound": plan.chips_lower_bound,
-                         "ratio": round(ratio, 4), "tensor_parallel": plan.tensor_parallel,
-                         "stages": plan.pipeline_stages})
+            rows.append(
+                {
+                    "model": model,
+                    "racks": racks,
+                    "plan_seconds": seconds,
+                    "fits": True,
+                    "chips_used": plan.chips_used,
+                    "chips_lower_bound": plan.chips_lower_bound,
+                    "ratio": round(ratio, 4),
+                    "tensor_parallel": plan.tensor_parallel,
+                    "stages": plan.pipeline_stages,
+                }
+            )
 
     topo = preset_topology(145, "groq-rack")
     plan = make_plan(request("llama-3.1-405b"), topo)
-    picks = [plan.stages[i] for i in
-             (0, len(plan.stages) // 4, len(plan.stages) // 2, len(plan.stages) - 1)]
+    picks = [
+        plan.stages[i]
+        for i in (0, len(plan.stages) // 4, len(plan.stages) // 2, len(plan.stages) - 1)
+    ]
     replan_samples, full_samples = [], []
     for stage in picks:
         chip = stage.chips[0]
         seconds, result = timed(lambda c=chip: replan_failed(plan, topo, [c]), args.repeats)
         replan_samples.append(seconds)
         failed_topo = topo.with_states({topo.parse_chip(chip): ChipState.FAILED})
-        full, _ = timed(lambda t=failed_topo: make_plan(request("llama-3.1-405b"), t),
-                        max(1, args.repeats // 2))
+        full, _ = timed(
+            lambda t=failed_topo: make_plan(request("llama-3.1-405b"), t), max(1, args.repeats // 2)
+        )
         full_samples.append(full)
         moved = result.moves[0]  # type: ignore[union-attr]
-        print(f"re-plan after {chip} failed: {seconds * 1e3:.2f} ms "
-              f"(moved stage {moved.stage} -> {', '.join(moved.to_chips)}); "
-              f"full plan from scratch {full * 1e3:.1f} ms")
+        print(
+            f"re-plan after {chip} failed: {seconds * 1e3:.2f} ms "
+            f"(moved stage {moved.stage} -> {', '.join(moved.to_chips)}); "
+            f"full plan from scratch {full * 1e3:.1f} ms"
+        )
     replan_ms = statistics.median(replan_samples) * 1e3
     full_ms = statistics.median(full_samples) * 1e3
 
@@ -116,14 +140,17 @@ def main() -> None:
         "max_chips_over_lower_bound": worst["ratio"],
         "max_ratio_case": f"{worst['model']} on {worst['racks']} racks",
         "max_plan_seconds": round(max(r["plan_seconds"] for r in rows), 4),
-        "targets_met": bool(plan_405["plan_seconds"] < 1.0 and replan_ms < 10.0
-                            and worst["ratio"] <= 1.05),
+        "targets_met": bool(
+            plan_405["plan_seconds"] < 1.0 and replan_ms < 10.0 and worst["ratio"] <= 1.05
+        ),
         "repeats": args.repeats,
         "cases": rows,
     }
-    print(f"405B on 145 racks planned in {plan_405['plan_seconds']:.3f} s (target < 1 s); "
-          f"re-plan {replan_ms:.2f} ms (target < 10 ms, {full_ms / replan_ms:.0f}x faster than "
-          f"planning from scratch); worst chips/lower bound {worst['ratio']:.3f}")
+    print(
+        f"405B on 145 racks planned in {plan_405['plan_seconds']:.3f} s (target < 1 s); "
+        f"re-plan {replan_ms:.2f} ms (target < 10 ms, {full_ms / replan_ms:.0f}x faster than "
+        f"planning from scratch); worst chips/lower bound {worst['ratio']:.3f}"
+    )
     print(json.dumps(summary))
 
 

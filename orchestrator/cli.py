@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     where = plan.add_mutually_exclusive_group()
     where.add_argument("--racks", type=_positive_int, help="a preset topology of N full racks")
     where.add_argument("--topology", help="a topology YAML file")
-    plan.add_argument("--profile", choices=profile_names(),
-                      help="chip profile for --racks (default groq-rack)")
+    plan.add_argument(
+        "--profile", choices=profile_names(), help="chip profile for --racks (default groq-rack)"
+    )
     plan.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     plan.add_argument("--svg", help="also write the rack map as SVG to this path")
     plan.set_defaults(handler=cmd_plan)
@@ -84,8 +85,10 @@ def _positive_int(text: str) -> int:
 def resolve_topology(args: argparse.Namespace) -> Topology:
     if args.topology:
         if args.profile:
-            raise _UsageError("lpuctl plan: --profile goes with --racks, not --topology "
-                              "(the topology file names its profile)")
+            raise _UsageError(
+                "lpuctl plan: --profile goes with --racks, not --topology "
+                "(the topology file names its profile)"
+            )
         return load_topology_file(args.topology)
     if args.racks:
         return preset_topology(args.racks, args.profile or "groq-rack")
@@ -147,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("LPUCTL_DEBUG"):
             raise
-        print(f"lpuctl: internal error: {type(exc).__name__}: {exc} "
-              "(set LPUCTL_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"lpuctl: internal error: {type(exc).__name__}: {exc} "
+            "(set LPUCTL_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

@@ -10,8 +10,16 @@ from placement.plan import Plan, StagePlan
 from placement.topology import ChipRef, ChipState, Topology
 
 MiB = 1 << 20
-REPLICA_COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red", "bright_cyan",
-                   "bright_magenta")
+REPLICA_COLOURS = (
+    "cyan",
+    "magenta",
+    "green",
+    "yellow",
+    "blue",
+    "red",
+    "bright_cyan",
+    "bright_magenta",
+)
 MAX_ROWS_PER_REPLICA = 24
 MAX_MAP_RACKS = 8
 
@@ -51,9 +59,14 @@ def print_plan_table(plan: Plan, topology: Topology, console: Console | None = N
 
 def stage_table(plan: Plan) -> Table:
     table = Table(title="Stages", title_justify="left", show_lines=False)
-    for header, justify in (("replica", "right"), ("stage", "right"), ("ops", "left"),
-                            ("chips", "left"), ("SRAM used / capacity", "right"),
-                            ("stage time", "right")):
+    for header, justify in (
+        ("replica", "right"),
+        ("stage", "right"),
+        ("ops", "left"),
+        ("chips", "left"),
+        ("SRAM used / capacity", "right"),
+        ("stage time", "right"),
+    ):
         table.add_column(header, justify=justify, no_wrap=header in ("ops", "chips"))  # type: ignore[arg-type]
     for replica in range(plan.replicas):
         stages = plan.replica_stages(replica)
@@ -61,13 +74,20 @@ def stage_table(plan: Plan) -> Table:
         colour = REPLICA_COLOURS[replica % len(REPLICA_COLOURS)]
         for stage in shown:
             if stage is None:
-                table.add_row("", "...", f"{len(stages) - MAX_ROWS_PER_REPLICA + 4} more stages "
-                              "(-o json lists all)", "", "", "")
+                table.add_row(
+                    "",
+                    "...",
+                    f"{len(stages) - MAX_ROWS_PER_REPLICA + 4} more stages (-o json lists all)",
+                    "",
+                    "",
+                    "",
+                )
                 continue
             used = stage.sram_bytes_per_chip
             cap = stage.sram_capacity_bytes
             table.add_row(
-                Text(str(replica), style=colour), str(stage.index),
+                Text(str(replica), style=colour),
+                str(stage.index),
                 f"{stage.first.label} .. {stage.last.label}",
                 _chips_label(stage),
                 f"{used / MiB:,.2f} / {cap / MiB:,.0f} MiB ({used / cap:.0%})",
@@ -103,8 +123,10 @@ def rack_map_text(plan: Plan | None, topology: Topology) -> Text:
             for chip in stage.chips:
                 owner[chip] = (stage.replica, stage.index)
         spares = set(plan.spares)
-    text = Text("Rack map (stage number per chip, colour = replica; S spare, X failed, "
-                "C cordoned, U used, . free)\n")
+    text = Text(
+        "Rack map (stage number per chip, colour = replica; S spare, X failed, "
+        "C cordoned, U used, . free)\n"
+    )
     width = max(3, len(str(plan.pipeline_stages)) + 1) if plan else 3
     for rack, nodes in enumerate(topology.nodes_per_rack):
         text.append(f"  {topology.rack_names[rack]}\n", style="bold")
@@ -117,8 +139,9 @@ def rack_map_text(plan: Plan | None, topology: Topology) -> Text:
     return text
 
 
-def _cell(topology: Topology, ref: ChipRef, owner: dict[str, tuple[int, int]],
-          spares: set[str]) -> tuple[str, str]:
+def _cell(
+    topology: Topology, ref: ChipRef, owner: dict[str, tuple[int, int]], spares: set[str]
+) -> tuple[str, str]:
     chip = topology.chip_id(ref)
     state = topology.state(ref)
     if state is ChipState.FAILED:

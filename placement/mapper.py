@@ -66,11 +66,17 @@ def spare_nodes(topo: Topology, rack: int, count: int) -> list[int]:
 
 def node_groups(topo: Topology, rack: int, node: int, tp: int) -> list[tuple[ChipRef, ...]]:
     free = [ref for ref in topo.node_chips(rack, node) if topo.state(ref) is ChipState.FREE]
-    return [tuple(free[i:i + tp]) for i in range(0, len(free) - tp + 1, tp)]
+    return [tuple(free[i : i + tp]) for i in range(0, len(free) - tp + 1, tp)]
 
 
 def map_replicas(
-    topo: Topology, *, stages: int, tp: int, replicas: int, spread: str, spares_per_rack: int,
+    topo: Topology,
+    *,
+    stages: int,
+    tp: int,
+    replicas: int,
+    spread: str,
+    spares_per_rack: int,
     racks: Sequence[str] | None = None,
 ) -> Mapping:
     if spread not in SPREADS:
@@ -91,8 +97,11 @@ def map_replicas(
             for group in node_groups(topo, rack, node, tp):
                 if len(placed) == replicas:
                     break
-                if not current and last_key is not None and not _fresh(spread, last_key,
-                                                                        rack, node):
+                if (
+                    not current
+                    and last_key is not None
+                    and not _fresh(spread, last_key, rack, node)
+                ):
                     continue
                 current.append(group)
                 rack_used = True
@@ -103,8 +112,9 @@ def map_replicas(
         if rack_used:
             spares.extend(ref for node in sorted(reserved) for ref in topo.node_chips(rack, node))
     if len(placed) < replicas:
-        raise Unplaceable(_shortfall(topo, rack_order, stages, tp, replicas, len(placed),
-                                     spread, spares_per_rack))
+        raise Unplaceable(
+            _shortfall(topo, rack_order, stages, tp, replicas, len(placed), spread, spares_per_rack)
+        )
     return Mapping(tuple(placed), tuple(spares))
 
 
@@ -118,8 +128,14 @@ def _fresh(spread: str, last: tuple[int, ...], rack: int, node: int) -> bool:
 
 
 def _shortfall(
-    topo: Topology, rack_order: list[int], stages: int, tp: int, replicas: int, done: int,
-    spread: str, spares_per_rack: int,
+    topo: Topology,
+    rack_order: list[int],
+    stages: int,
+    tp: int,
+    replicas: int,
+    done: int,
+    spread: str,
+    spares_per_rack: int,
 ) -> str:
     need = stages * tp * replicas
     free = 0
@@ -127,8 +143,7 @@ def _shortfall(
     for rack in rack_order:
         spare_set = set(spare_nodes(topo, rack, spares_per_rack))
         for node in range(topo.nodes_per_rack[rack]):
-            n = sum(1 for ref in topo.node_chips(rack, node)
-                    if topo.state(ref) is ChipState.FREE)
+            n = sum(1 for ref in topo.node_chips(rack, node) if topo.state(ref) is ChipState.FREE)
             if node in spare_set:
                 reserved += n
             else:

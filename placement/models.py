@@ -65,27 +65,63 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         ModelConfig("llama-2-7b", 32000, 4096, 11008, 32, 32, 32, max_position_embeddings=4096),
         ModelConfig("llama-2-70b", 32000, 8192, 28672, 80, 64, 8, max_position_embeddings=4096),
         ModelConfig(
-            "llama-3-8b", 128256, 4096, 14336, 32, 32, 8,
-            max_position_embeddings=8192, rope_theta=500000.0,
+            "llama-3-8b",
+            128256,
+            4096,
+            14336,
+            32,
+            32,
+            8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
         ),
         ModelConfig(
-            "llama-3-70b", 128256, 8192, 28672, 80, 64, 8,
-            max_position_embeddings=8192, rope_theta=500000.0,
+            "llama-3-70b",
+            128256,
+            8192,
+            28672,
+            80,
+            64,
+            8,
+            max_position_embeddings=8192,
+            rope_theta=500000.0,
         ),
         ModelConfig(
-            "llama-3.1-405b", 128256, 16384, 53248, 126, 128, 8,
-            max_position_embeddings=131072, rope_theta=500000.0,
+            "llama-3.1-405b",
+            128256,
+            16384,
+            53248,
+            126,
+            128,
+            8,
+            max_position_embeddings=131072,
+            rope_theta=500000.0,
         ),
         ModelConfig(
-            "mixtral-8x7b", 32000, 4096, 14336, 32, 32, 8,
-            num_local_experts=8, num_experts_per_tok=2,
-            max_position_embeddings=32768, rope_theta=1000000.0,
+            "mixtral-8x7b",
+            32000,
+            4096,
+            14336,
+            32,
+            32,
+            8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
         ),
         # A few million parameters: small enough to execute in numpy, large enough that the
         # `dev` chip profile needs a dozen chips for it.
         ModelConfig(
-            "tiny-llama", 4096, 256, 704, 8, 8, 4,
-            max_position_embeddings=1024, rms_norm_eps=1e-6,
+            "tiny-llama",
+            4096,
+            256,
+            704,
+            8,
+            8,
+            4,
+            max_position_embeddings=1024,
+            rms_norm_eps=1e-6,
         ),
     )
 }
@@ -108,7 +144,11 @@ def model_preset(name: str) -> ModelConfig:
 _SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral")
 _REQUIRED_HF_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
 )
 _MAX_CONFIG_BYTES = 1 << 20
 
@@ -148,37 +188,46 @@ def model_from_hf_dict(raw: dict[str, Any], *, source: str, name: str) -> ModelC
         raise InputError(
             f"unsupported model_type {model_type!r}; supported: "
             f"{', '.join(_SUPPORTED_MODEL_TYPES)}",
-            source=source, field="model_type",
+            source=source,
+            field="model_type",
         )
     for key in _REQUIRED_HF_KEYS:
         if key not in raw:
             raise InputError("required key is missing", source=source, field=key)
     ints = {}
-    for key in (*_REQUIRED_HF_KEYS, "num_key_value_heads", "head_dim", "num_local_experts",
-                "num_experts_per_tok", "max_position_embeddings"):
+    for key in (
+        *_REQUIRED_HF_KEYS,
+        "num_key_value_heads",
+        "head_dim",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "max_position_embeddings",
+    ):
         if key in raw and raw[key] is not None:
             ints[key] = _positive_int(raw[key], source=source, field=key)
     heads = ints["num_attention_heads"]
     kv_heads = ints.get("num_key_value_heads", heads)
     if heads % kv_heads:
         raise InputError(
-            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads "
-            f"({kv_heads})",
-            source=source, field="num_key_value_heads",
+            f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})",
+            source=source,
+            field="num_key_value_heads",
         )
     head_dim = ints.get("head_dim", 0)
     if not head_dim and ints["hidden_size"] % heads:
         raise InputError(
             f"hidden_size ({ints['hidden_size']}) is not a multiple of num_attention_heads "
             f"({heads}) and no head_dim is given",
-            source=source, field="hidden_size",
+            source=source,
+            field="hidden_size",
         )
     experts = ints.get("num_local_experts", 0)
     top_k = ints.get("num_experts_per_tok", 2 if experts else 0)
     if experts and top_k > experts:
         raise InputError(
             f"num_experts_per_tok ({top_k}) exceeds num_local_experts ({experts})",
-            source=source, field="num_experts_per_tok",
+            source=source,
+            field="num_experts_per_tok",
         )
     return ModelConfig(
         name=name,
@@ -266,32 +315,73 @@ def _op_shapes(cfg: ModelConfig) -> list[OpShape]:
     for layer in range(cfg.num_hidden_layers):
         # Attention FLOPs per token: projections plus scores and weighted sum over the context
         # are counted by the cost model, which knows the context length; here only projections.
-        shapes.append(OpShape(
-            f"layers.{layer}.attention", "attention", layer, attn_params, h,
-            2 * kv_dim, 2 * attn_params, cfg.num_key_value_heads, 4 * q_dim,
-        ))
+        shapes.append(
+            OpShape(
+                f"layers.{layer}.attention",
+                "attention",
+                layer,
+                attn_params,
+                h,
+                2 * kv_dim,
+                2 * attn_params,
+                cfg.num_key_value_heads,
+                4 * q_dim,
+            )
+        )
         if cfg.is_moe:
-            shapes.append(OpShape(
-                f"layers.{layer}.router", "router", layer, h * cfg.num_local_experts, h,
-                0, 2 * h * cfg.num_local_experts, cfg.num_local_experts,
-            ))
+            shapes.append(
+                OpShape(
+                    f"layers.{layer}.router",
+                    "router",
+                    layer,
+                    h * cfg.num_local_experts,
+                    h,
+                    0,
+                    2 * h * cfg.num_local_experts,
+                    cfg.num_local_experts,
+                )
+            )
             for expert in range(cfg.num_local_experts):
-                shapes.append(OpShape(
-                    f"layers.{layer}.experts.{expert}", "expert", layer, mlp_params, 0, 0,
-                    # Expected work per token: a token visits top_k of the experts.
-                    2 * mlp_params * cfg.num_experts_per_tok // cfg.num_local_experts,
-                    cfg.intermediate_size,
-                ))
+                shapes.append(
+                    OpShape(
+                        f"layers.{layer}.experts.{expert}",
+                        "expert",
+                        layer,
+                        mlp_params,
+                        0,
+                        0,
+                        # Expected work per token: a token visits top_k of the experts.
+                        2 * mlp_params * cfg.num_experts_per_tok // cfg.num_local_experts,
+                        cfg.intermediate_size,
+                    )
+                )
         else:
-            shapes.append(OpShape(
-                f"layers.{layer}.mlp", "mlp", layer, mlp_params, h, 0, 2 * mlp_params,
-                cfg.intermediate_size,
-            ))
+            shapes.append(
+                OpShape(
+                    f"layers.{layer}.mlp",
+                    "mlp",
+                    layer,
+                    mlp_params,
+                    h,
+                    0,
+                    2 * mlp_params,
+                    cfg.intermediate_size,
+                )
+            )
     shapes.append(OpShape("final_norm", "final_norm", -1, 0, h, 0, 2 * h, 1))
     lm_params = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    shapes.append(OpShape(
-        "lm_head", "lm_head", -1, lm_params, 0, 0, 2 * cfg.vocab_size * h, cfg.vocab_size,
-    ))
+    shapes.append(
+        OpShape(
+            "lm_head",
+            "lm_head",
+            -1,
+            lm_params,
+            0,
+            0,
+            2 * cfg.vocab_size * h,
+            cfg.vocab_size,
+        )
+    )
     return shapes
 
 
@@ -310,16 +400,18 @@ def build_ops(cfg: ModelConfig, precision: str) -> list[Op]:
         act = cfg.hidden_size * ACTIVATION_BYTES
         if shape.kind in ("mlp", "expert"):
             act *= 2
-        ops.append(Op(
-            name=shape.name,
-            kind=shape.kind,
-            layer=shape.layer,
-            param_bytes=shape.params * width + shape.norm_params * NORM_BYTES,
-            kv_bytes_per_token=shape.kv_elems_per_token * width,
-            flops_per_token=shape.flops_per_token,
-            activation_bytes_per_token=act,
-            context_flops_per_position=shape.context_flops_per_position,
-        ))
+        ops.append(
+            Op(
+                name=shape.name,
+                kind=shape.kind,
+                layer=shape.layer,
+                param_bytes=shape.params * width + shape.norm_params * NORM_BYTES,
+                kv_bytes_per_token=shape.kv_elems_per_token * width,
+                flops_per_token=shape.flops_per_token,
+                activation_bytes_per_token=act,
+                context_flops_per_position=shape.context_flops_per_position,
+            )
+        )
     return ops
 
 

@@ -116,8 +116,11 @@ def _split_width(op: Op, cfg: ModelConfig) -> int:
 
 
 def greedy_cuts(
-    prefix_bytes: Sequence[int], prefix_time: Sequence[int], capacity: int,
-    time_bound: int | None = None, stop_after: int | None = None,
+    prefix_bytes: Sequence[int],
+    prefix_time: Sequence[int],
+    capacity: int,
+    time_bound: int | None = None,
+    stop_after: int | None = None,
 ) -> list[int] | None:
     """Stage end positions of greedy packing; None if some single chunk breaks a limit.
 
@@ -205,13 +208,18 @@ class TPChoice:
 
 
 def choose_partition(
-    ops: Sequence[Op], cfg: ModelConfig, profile: ChipProfile, work: Workload,
+    ops: Sequence[Op],
+    cfg: ModelConfig,
+    profile: ChipProfile,
+    work: Workload,
     tensor_parallel: int | None,
 ) -> Partition:
     """Pick the TP width (fewest chips, then smallest bottleneck) and its optimal partition."""
-    widths = [tensor_parallel] if tensor_parallel else [
-        t for t in TP_WIDTHS if t <= profile.chips_per_node
-    ]
+    widths = (
+        [tensor_parallel]
+        if tensor_parallel
+        else [t for t in TP_WIDTHS if t <= profile.chips_per_node]
+    )
     if tensor_parallel and tensor_parallel > profile.chips_per_node:
         raise Unplaceable(
             f"tensorParallel {tensor_parallel} needs {tensor_parallel} chips in one node; "

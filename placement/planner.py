@@ -44,15 +44,24 @@ class PlanRequest:
 
     def validate(self) -> None:
         checks = (
-            (self.precision in PRECISION_BYTES, "spec.precision",
-             f"must be one of {', '.join(PRECISION_BYTES)}"),
+            (
+                self.precision in PRECISION_BYTES,
+                "spec.precision",
+                f"must be one of {', '.join(PRECISION_BYTES)}",
+            ),
             (self.replicas >= 1, "spec.replicas", "must be at least 1"),
             (self.max_context >= 1, "spec.serving.maxContext", "must be at least 1"),
             (self.max_batch >= 1, "spec.serving.maxBatch", "must be at least 1"),
-            (self.tensor_parallel in (None, 1, 2, 4, 8), "spec.parallelism.tensorParallel",
-             "must be auto, 1, 2, 4 or 8"),
-            (self.spread in SPREADS, "spec.placement.spread",
-             f"must be one of {', '.join(SPREADS)}"),
+            (
+                self.tensor_parallel in (None, 1, 2, 4, 8),
+                "spec.parallelism.tensorParallel",
+                "must be auto, 1, 2, 4 or 8",
+            ),
+            (
+                self.spread in SPREADS,
+                "spec.placement.spread",
+                f"must be one of {', '.join(SPREADS)}",
+            ),
             (self.spares_per_rack >= 0, "spec.placement.sparesPerRack", "must be at least 0"),
         )
         for ok, field, message in checks:
@@ -69,8 +78,13 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
     partition = choose_partition(ops, request.model, profile, work, request.tensor_parallel)
     tp = partition.table.tp
     mapping = map_replicas(
-        topology, stages=partition.stage_count, tp=tp, replicas=request.replicas,
-        spread=request.spread, spares_per_rack=request.spares_per_rack, racks=request.racks,
+        topology,
+        stages=partition.stage_count,
+        tp=tp,
+        replicas=request.replicas,
+        spread=request.spread,
+        spares_per_rack=request.spares_per_rack,
+        racks=request.racks,
     )
     stage_seconds = [partition.stage_time_ps(i) / PS for i in range(partition.stage_count)]
     stages: list[StagePlan] = []
@@ -78,22 +92,31 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
     for replica, groups in enumerate(mapping.groups):
         for index, group in enumerate(groups):
             first, last = _stage_cuts(partition, ops, index)
-            stages.append(StagePlan(
-                replica=replica,
-                index=index,
-                first=first,
-                last=last,
-                chips=tuple(topology.chip_id(ref) for ref in group),
-                refs=group,
-                sram_bytes_per_chip=partition.stage_bytes(index) + (
-                    profile.usable_sram_bytes - partition.table.capacity),
-                sram_capacity_bytes=profile.sram_bytes,
-                stage_seconds=stage_seconds[index],
-                activation_bytes_out=ops[last.op].activation_bytes_per_token,
-            ))
-        hops.append(replica_hops(topology, [g[0] for g in groups],
-                                 [ops[_stage_cuts(partition, ops, i)[1].op]
-                                  .activation_bytes_per_token for i in range(len(groups))]))
+            stages.append(
+                StagePlan(
+                    replica=replica,
+                    index=index,
+                    first=first,
+                    last=last,
+                    chips=tuple(topology.chip_id(ref) for ref in group),
+                    refs=group,
+                    sram_bytes_per_chip=partition.stage_bytes(index)
+                    + (profile.usable_sram_bytes - partition.table.capacity),
+                    sram_capacity_bytes=profile.sram_bytes,
+                    stage_seconds=stage_seconds[index],
+                    activation_bytes_out=ops[last.op].activation_bytes_per_token,
+                )
+            )
+        hops.append(
+            replica_hops(
+                topology,
+                [g[0] for g in groups],
+                [
+                    ops[_stage_cuts(partition, ops, i)[1].op].activation_bytes_per_token
+                    for i in range(len(groups))
+                ],
+            )
+        )
     prediction = ring_prediction([stage_seconds] * request.replicas, hops, request.max_batch)
     needed = request.replicas * sum(op_sram_bytes(op, 1, request.model, work) for op in ops)
     bound = lower_bound_chips(needed, profile.usable_sram_bytes)
@@ -114,8 +137,9 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
         chips_lower_bound=bound,
         sram_bytes_needed=needed,
         predicted=prediction,
-        notes=tuple(_explain(partition, chips_used, bound, request.replicas,
-                             profile.usable_sram_bytes)),
+        notes=tuple(
+            _explain(partition, chips_used, bound, request.replicas, profile.usable_sram_bytes)
+        ),
     )
 
 
@@ -142,14 +166,13 @@ def replica_hops(
         nbytes = activation_bytes[i] if nxt else token_hop_bytes()
         if count == 1:
             break
-        hops.append(hop_seconds(profile, topology.hop_class(stage_chips[i], stage_chips[nxt]),
-                                nbytes))
+        hops.append(
+            hop_seconds(profile, topology.hop_class(stage_chips[i], stage_chips[nxt]), nbytes)
+        )
     return hops
 
 
-def _explain(
-    partition: Partition, used: int, bound: int, replicas: int, usable: int
-) -> list[str]:
+def _explain(partition: Partition, used: int, bound: int, replicas: int, usable: int) -> list[str]:
     """Why the plan uses more chips than the SRAM lower bound, in numbers."""
     table = partition.table
     ratio = used / bound

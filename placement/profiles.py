@@ -113,8 +113,13 @@ def get_profile(name: str, *, field: str = "profile") -> ChipProfile:
 
 
 _INT_FIELDS = {"sram_bytes", "chips_per_node", "nodes_per_rack", "max_chunks_per_chip"}
-_FLOAT_FIELDS = {"sram_bandwidth", "compute_efficiency", "memory_efficiency", "hop_overhead",
-                 "headroom_fraction"}
+_FLOAT_FIELDS = {
+    "sram_bandwidth",
+    "compute_efficiency",
+    "memory_efficiency",
+    "hop_overhead",
+    "headroom_fraction",
+}
 _LINK_FIELDS = {"node_link", "rack_link", "global_link"}
 _FRACTION_FIELDS = {"compute_efficiency", "memory_efficiency"}
 
@@ -128,7 +133,8 @@ def profile_from_dict(raw: Any, *, source: str, field: str = "profile") -> ChipP
         if key not in known:
             raise InputError(
                 f"unknown profile field {key!r}; known: {', '.join(sorted(known))}",
-                source=source, field=f"{field}.{key}",
+                source=source,
+                field=f"{field}.{key}",
             )
     base_name = raw.get("base", "groq-rack")
     if not isinstance(base_name, str):
@@ -147,9 +153,13 @@ def profile_from_dict(raw: Any, *, source: str, field: str = "profile") -> ChipP
             updates[key] = _bounded_number(value, source, path, integer=True)
         elif key in _FLOAT_FIELDS:
             upper = 1.0 if key in _FRACTION_FIELDS or key == "headroom_fraction" else None
-            updates[key] = _bounded_number(value, source, path, upper=upper,
-                                           allow_zero=key in ("hop_overhead",
-                                                              "headroom_fraction"))
+            updates[key] = _bounded_number(
+                value,
+                source,
+                path,
+                upper=upper,
+                allow_zero=key in ("hop_overhead", "headroom_fraction"),
+            )
         elif key in _LINK_FIELDS:
             updates[key] = _link_from_dict(value, source, path)
         elif key == "peak_ops":
@@ -160,16 +170,22 @@ def profile_from_dict(raw: Any, *, source: str, field: str = "profile") -> ChipP
 
 
 def _bounded_number(
-    value: Any, source: str, path: str, *, integer: bool = False,
-    upper: float | None = None, allow_zero: bool = False,
+    value: Any,
+    source: str,
+    path: str,
+    *,
+    integer: bool = False,
+    upper: float | None = None,
+    allow_zero: bool = False,
 ) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InputError(f"must be a number, got {value!r}", source=source, field=path)
     if integer and not isinstance(value, int):
         raise InputError(f"must be an integer, got {value!r}", source=source, field=path)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise InputError(f"must be a positive finite number, got {value!r}", source=source,
-                         field=path)
+        raise InputError(
+            f"must be a positive finite number, got {value!r}", source=source, field=path
+        )
     if upper is not None and value > upper:
         raise InputError(f"must be at most {upper}, got {value!r}", source=source, field=path)
     if integer and value > 1 << 48:
@@ -179,11 +195,9 @@ def _bounded_number(
 
 def _link_from_dict(raw: Any, source: str, path: str) -> LinkClass:
     if not isinstance(raw, dict) or set(raw) - {"bandwidth", "latency"}:
-        raise InputError("must be a mapping with bandwidth and latency", source=source,
-                         field=path)
+        raise InputError("must be a mapping with bandwidth and latency", source=source, field=path)
     bandwidth = _bounded_number(raw.get("bandwidth", 1e9), source, f"{path}.bandwidth")
-    latency = _bounded_number(raw.get("latency", 0.0), source, f"{path}.latency",
-                              allow_zero=True)
+    latency = _bounded_number(raw.get("latency", 0.0), source, f"{path}.latency", allow_zero=True)
     return LinkClass(bandwidth=float(bandwidth), latency=float(latency))
 
 

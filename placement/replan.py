@@ -32,8 +32,12 @@ class Move:
     to_chips: tuple[str, ...]
 
     def to_dict(self) -> dict[str, object]:
-        return {"replica": self.replica, "stage": self.stage, "from": list(self.from_chips),
-                "to": list(self.to_chips)}
+        return {
+            "replica": self.replica,
+            "stage": self.stage,
+            "from": list(self.from_chips),
+            "to": list(self.to_chips),
+        }
 
 
 @dataclass(frozen=True)
@@ -94,17 +98,23 @@ def replan_failed(plan: Plan, topology: Topology, failed_chips: Iterable[str]) -
     if not moves:
         spares = tuple(s for s in plan.spares if topology.parse_chip(s) not in failed)
         return Replan(replace(plan, spares=spares), ())
-    spares = tuple(topology.chip_id(r) for r in pool.reserved if r in pool.reserved_set
-                   and r not in failed)
+    spares = tuple(
+        topology.chip_id(r) for r in pool.reserved if r in pool.reserved_set and r not in failed
+    )
     moved = replace(plan, stages=tuple(stages), spares=spares)
-    moved = replace(moved, predicted=prediction_for(moved, topology),
-                    notes=(*plan.notes, *(_describe(m) for m in moves)))
+    moved = replace(
+        moved,
+        predicted=prediction_for(moved, topology),
+        notes=(*plan.notes, *(_describe(m) for m in moves)),
+    )
     return Replan(moved, tuple(moves))
 
 
 def _describe(move: Move) -> str:
-    return (f"re-planned: replica {move.replica} stage {move.stage} moved "
-            f"{', '.join(move.from_chips)} -> {', '.join(move.to_chips)}")
+    return (
+        f"re-planned: replica {move.replica} stage {move.stage} moved "
+        f"{', '.join(move.from_chips)} -> {', '.join(move.to_chips)}"
+    )
 
 
 def _replace_in_node(pool: _Pool, refs: Sequence[ChipRef]) -> list[ChipRef] | None:
@@ -122,8 +132,11 @@ def _replace_in_node(pool: _Pool, refs: Sequence[ChipRef]) -> list[ChipRef] | No
 
 def _single_chip_elsewhere(pool: _Pool, near: ChipRef) -> list[ChipRef] | None:
     for rack in _racks_by_distance(pool.topology, near.rack):
-        chips = (ref for node in range(pool.topology.nodes_per_rack[rack])
-                 for ref in pool.topology.node_chips(rack, node))
+        chips = (
+            ref
+            for node in range(pool.topology.nodes_per_rack[rack])
+            for ref in pool.topology.node_chips(rack, node)
+        )
         ranked = _ranked(pool, chips)
         if ranked:
             return [ranked[0]]

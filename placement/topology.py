@@ -77,7 +77,8 @@ class Topology:
         if not match:
             raise InputError(
                 f"{text!r} is not a chip id like rack-0/node-3/chip-5 or a node id like "
-                "rack-0/node-3", field=field,
+                "rack-0/node-3",
+                field=field,
             )
         rack = self.rack_index(match["rack"])
         if rack is None:
@@ -109,9 +110,7 @@ class Topology:
     def _parse_chip_fast(self, text: str) -> ChipRef | None:
         """Plans hold thousands of chip ids: skip the regex for well-formed ones."""
         parts = text.split("/")
-        if len(parts) != 3 or not parts[1].startswith("node-") or not parts[2].startswith(
-            "chip-"
-        ):
+        if len(parts) != 3 or not parts[1].startswith("node-") or not parts[2].startswith("chip-"):
             return None
         rack = self.rack_index(parts[0])
         node_s, chip_s = parts[1][5:], parts[2][5:]
@@ -172,8 +171,8 @@ class Topology:
         return {
             "profile": self.profile.name,
             "racks": [
-                {"name": n, "nodes": c} for n, c in zip(self.rack_names, self.nodes_per_rack,
-                                                         strict=True)
+                {"name": n, "nodes": c}
+                for n, c in zip(self.rack_names, self.nodes_per_rack, strict=True)
             ],
             "chips": {self.chip_id(r): s.value for r, s in sorted(self.states.items())},
         }
@@ -183,8 +182,9 @@ def preset_topology(racks: int, profile: ChipProfile | str) -> Topology:
     """`racks` full racks of a profile, every chip free."""
     prof = get_profile(profile, field="--profile") if isinstance(profile, str) else profile
     if isinstance(racks, bool) or not isinstance(racks, int) or not 1 <= racks <= MAX_RACKS:
-        raise InputError(f"must be a whole number from 1 to {MAX_RACKS}, got {racks!r}",
-                         field="--racks")
+        raise InputError(
+            f"must be a whole number from 1 to {MAX_RACKS}, got {racks!r}", field="--racks"
+        )
     return Topology(
         profile=prof,
         rack_names=tuple(f"rack-{i}" for i in range(racks)),
@@ -257,8 +257,9 @@ def topology_from_dict(
     return topo.with_states(updates)
 
 
-def _racks_from_raw(raw: Any, profile: ChipProfile, fail: Any) -> tuple[tuple[str, ...],
-                                                                        tuple[int, ...]]:
+def _racks_from_raw(
+    raw: Any, profile: ChipProfile, fail: Any
+) -> tuple[tuple[str, ...], tuple[int, ...]]:
     if raw is None:
         raise fail("required field is missing (a count or a list of racks)", "racks")
     if isinstance(raw, int) and not isinstance(raw, bool):
@@ -277,14 +278,14 @@ def _racks_from_raw(raw: Any, profile: ChipProfile, fail: Any) -> tuple[tuple[st
             raise fail("each rack is a mapping with name and nodes", path)
         name = item.get("name", f"rack-{i}")
         if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 63:
-            raise fail(f"rack name must be lowercase letters, digits and '-', got {name!r}",
-                       f"{path}.name")
+            raise fail(
+                f"rack name must be lowercase letters, digits and '-', got {name!r}", f"{path}.name"
+            )
         if name in names:
             raise fail(f"duplicate rack name {name!r}", f"{path}.name")
         nodes = item.get("nodes", profile.nodes_per_rack)
         if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 1024:
-            raise fail(f"must be a whole number from 1 to 1024, got {nodes!r}",
-                       f"{path}.nodes")
+            raise fail(f"must be a whole number from 1 to 1024, got {nodes!r}", f"{path}.nodes")
         names.append(name)
         counts.append(nodes)
     return tuple(names), tuple(counts)

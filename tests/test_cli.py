@@ -21,8 +21,14 @@ BAD_FILES = sorted((ROOT / "tests" / "data" / "specs" / "bad").glob("*.yaml"))
 
 def lpuctl(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the real command in its own process, as a user would."""
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -35,14 +41,32 @@ def test_plan_json_has_the_promised_fields(capsys: pytest.CaptureFixture[str]) -
     code, out, err = run(capsys, "plan", "-f", str(TINY), "-o", "json")
     assert code == 0, err
     plan = json.loads(out)
-    for key in ("replicas", "tensorParallel", "pipelineStages", "chipsUsed", "chipsLowerBound",
-                "spares", "predicted", "planSeconds", "stages"):
+    for key in (
+        "replicas",
+        "tensorParallel",
+        "pipelineStages",
+        "chipsUsed",
+        "chipsLowerBound",
+        "spares",
+        "predicted",
+        "planSeconds",
+        "stages",
+    ):
         assert key in plan
-    assert set(plan["predicted"]) >= {"latencyMsPerToken", "tokensPerSecondPerUser",
-                                      "tokensPerSecond"}
+    assert set(plan["predicted"]) >= {
+        "latencyMsPerToken",
+        "tokensPerSecondPerUser",
+        "tokensPerSecond",
+    }
     stage = plan["stages"][0]
-    assert set(stage) >= {"replica", "index", "ops", "chips", "sramBytesPerChip",
-                          "sramCapacityBytes"}
+    assert set(stage) >= {
+        "replica",
+        "index",
+        "ops",
+        "chips",
+        "sramBytesPerChip",
+        "sramCapacityBytes",
+    }
     assert stage["chips"][0].count("/") == 2 and stage["chips"][0].startswith("rack-")
     assert plan["chipsUsed"] == sum(len(s["chips"]) for s in plan["stages"])
     assert plan["chipsUsed"] >= plan["chipsLowerBound"]
@@ -66,8 +90,18 @@ def test_table_explains_plan_and_draws_map(capsys: pytest.CaptureFixture[str]) -
 
 def test_topology_file_and_svg(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     svg = tmp_path / "map.svg"
-    code, out, err = run(capsys, "plan", "-f", str(TINY), "--topology",
-                         str(EXAMPLES / "topology-dev.yaml"), "-o", "json", "--svg", str(svg))
+    code, out, err = run(
+        capsys,
+        "plan",
+        "-f",
+        str(TINY),
+        "--topology",
+        str(EXAMPLES / "topology-dev.yaml"),
+        "-o",
+        "json",
+        "--svg",
+        str(svg),
+    )
     assert code == 0, err
     plan = json.loads(out)
     chips = {c for s in plan["stages"] for c in s["chips"]}
@@ -109,8 +143,9 @@ def test_bad_files_exit_2_naming_the_file(path: Path, capsys: pytest.CaptureFixt
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
-def test_bad_flags_exit_2(args: list[str], fragment: str,
-                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_exit_2(
+    args: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, _, err = run(capsys, *args)
     assert code == 2
     assert fragment in err and "Traceback" not in err
@@ -131,8 +166,9 @@ def test_bad_flags_exit_2(args: list[str], fragment: str,
         ("profile: {base: groq-rack, sram_bytes: .inf}\nracks: 1\n", "non-finite"),
     ],
 )
-def test_bad_topology_files_exit_2(text: str, fragment: str, tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_topology_files_exit_2(
+    text: str, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     topo = tmp_path / "topo.yaml"
     topo.write_text(text)
     code, _, err = run(capsys, "plan", "-f", str(TINY), "--topology", str(topo))
@@ -140,8 +176,10 @@ def test_bad_topology_files_exit_2(text: str, fragment: str, tmp_path: Path,
     assert str(topo) in err and fragment in err and "Traceback" not in err
 
 
-def test_unwritable_svg_is_an_input_error(capsys: pytest.CaptureFixture[str],
-                                          tmp_path: Path) -> None:
-    code, _, err = run(capsys, "plan", "-f", str(TINY), "--svg",
-                       str(tmp_path / "no" / "such" / "dir.svg"))
+def test_unwritable_svg_is_an_input_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, _, err = run(
+        capsys, "plan", "-f", str(TINY), "--svg", str(tmp_path / "no" / "such" / "dir.svg")
+    )
     assert code == 2 and "cannot write SVG" in err

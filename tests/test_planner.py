@@ -18,16 +18,21 @@ from placement.topology import ChipState, Topology, preset_topology
 
 
 def tiny_request(**overrides: object) -> PlanRequest:
-    base: dict[str, object] = dict(name="demo", model=model_preset("tiny-llama"),
-                                   precision="fp16", replicas=2, max_context=256, max_batch=4)
+    base: dict[str, object] = dict(
+        name="demo",
+        model=model_preset("tiny-llama"),
+        precision="fp16",
+        replicas=2,
+        max_context=256,
+        max_batch=4,
+    )
     base.update(overrides)
     return PlanRequest(**base)  # type: ignore[arg-type]
 
 
 def chunk_sequence(plan: Plan, replica: int) -> list[tuple[int, int, int]]:
     """(op, chunk, chunks) at every stage boundary, to check stages tile the op list."""
-    return [(s.first.op, s.first.chunk, s.first.chunks)
-            for s in plan.replica_stages(replica)]
+    return [(s.first.op, s.first.chunk, s.first.chunks) for s in plan.replica_stages(replica)]
 
 
 def test_tiny_plan_covers_every_op_once_in_order() -> None:
@@ -68,15 +73,34 @@ def test_no_stage_exceeds_usable_sram() -> None:
     batch=st.integers(1, 8),
     tp=st.sampled_from([None, 1, 2, 4]),
 )
-def test_random_models_never_exceed_sram(hidden: int, layers: int, heads: int, vocab: int,
-                                         inter: int, experts: int, precision: str,
-                                         context: int, batch: int, tp: int | None) -> None:
-    cfg = ModelConfig("rand", vocab, hidden, inter, layers, heads, heads // 2 or 1,
-                      num_local_experts=experts, num_experts_per_tok=2 if experts else 0)
+def test_random_models_never_exceed_sram(
+    hidden: int,
+    layers: int,
+    heads: int,
+    vocab: int,
+    inter: int,
+    experts: int,
+    precision: str,
+    context: int,
+    batch: int,
+    tp: int | None,
+) -> None:
+    cfg = ModelConfig(
+        "rand",
+        vocab,
+        hidden,
+        inter,
+        layers,
+        heads,
+        heads // 2 or 1,
+        num_local_experts=experts,
+        num_experts_per_tok=2 if experts else 0,
+    )
     topo = preset_topology(4, "dev")
     try:
-        plan = make_plan(PlanRequest("r", cfg, precision, 1, context, batch, tp,
-                                     spread="none"), topo)
+        plan = make_plan(
+            PlanRequest("r", cfg, precision, 1, context, batch, tp, spread="none"), topo
+        )
     except Unplaceable:
         return
     for stage in plan.stages:
@@ -109,8 +133,7 @@ def test_tp_group_stays_inside_one_node() -> None:
 
 def test_spread_rack_puts_replicas_on_disjoint_racks() -> None:
     plan = make_plan(tiny_request(), preset_topology(2, "dev"))
-    racks = [{c.split("/")[0] for s in plan.replica_stages(r) for c in s.chips}
-             for r in range(2)]
+    racks = [{c.split("/")[0] for s in plan.replica_stages(r) for c in s.chips} for r in range(2)]
     assert racks[0].isdisjoint(racks[1])
 
 
@@ -120,8 +143,9 @@ def test_spread_rack_unplaceable_names_the_reason() -> None:
     with pytest.raises(Unplaceable, match="32 free in 2 racks"):
         make_plan(tiny_request(replicas=3), preset_topology(2, "dev"))
     # the same request packs when spread is relaxed
-    plan = make_plan(tiny_request(replicas=3, spread="none", spares_per_rack=0),
-                     preset_topology(2, "dev"))
+    plan = make_plan(
+        tiny_request(replicas=3, spread="none", spares_per_rack=0), preset_topology(2, "dev")
+    )
     assert plan.replicas == 3
 
 
@@ -168,8 +192,10 @@ def test_invalid_request_fields_are_input_errors() -> None:
 
 def test_groq_rack_calibration() -> None:
     """The one published deployment: Llama-2-70B at ~300 tokens/s per user, 4k, ~8 racks."""
-    plan = make_plan(PlanRequest("cal", model_preset("llama-2-70b"), "int8", 1, 4096, 1),
-                     preset_topology(8, "groq-rack"))
+    plan = make_plan(
+        PlanRequest("cal", model_preset("llama-2-70b"), "int8", 1, 4096, 1),
+        preset_topology(8, "groq-rack"),
+    )
     assert 285 <= plan.predicted.tokens_per_second_per_user <= 315
     assert plan.chips_used <= 8 * 72
 
@@ -178,9 +204,10 @@ def test_groq_rack_calibration() -> None:
 def test_every_preset_plans_close_to_the_lower_bound(name: str) -> None:
     racks, profile = (2, "dev") if name == "tiny-llama" else (145, "groq-rack")
     context = 256 if name == "tiny-llama" else 4096
-    plan = make_plan(PlanRequest(name, model_preset(name), "int8", 1, context, 4,
-                                 spares_per_rack=0),
-                     preset_topology(racks, profile))
+    plan = make_plan(
+        PlanRequest(name, model_preset(name), "int8", 1, context, 4, spares_per_rack=0),
+        preset_topology(racks, profile),
+    )
     ratio = plan.chips_used / plan.chips_lower_bound
     assert ratio >= 1.0
     if name != "tiny-llama":

@@ -13,8 +13,14 @@ from placement.topology import ChipState, preset_topology
 
 def tiny_plan(**kw: object):  # type: ignore[no-untyped-def]
     topo = preset_topology(2, "dev")
-    req: dict[str, object] = dict(name="d", model=model_preset("tiny-llama"), precision="fp16",
-                                  replicas=2, max_context=256, max_batch=4)
+    req: dict[str, object] = dict(
+        name="d",
+        model=model_preset("tiny-llama"),
+        precision="fp16",
+        replicas=2,
+        max_context=256,
+        max_batch=4,
+    )
     req.update(kw)
     return topo, make_plan(PlanRequest(**req), topo)  # type: ignore[arg-type]
 
@@ -55,9 +61,12 @@ def test_spares_consumed_and_then_elsewhere() -> None:
     topo, plan = tiny_plan(replicas=1, spares_per_rack=1)
     # fill every free chip of rack-0 except the spare node, then fail a chip
     holders = set(plan.chips())
-    busy = {ref: ChipState.USED for rack, node in topo.iter_nodes()
-            for ref in topo.node_chips(rack, node)
-            if rack == 0 and node != 2 and topo.chip_id(ref) not in holders}
+    busy = {
+        ref: ChipState.USED
+        for rack, node in topo.iter_nodes()
+        for ref in topo.node_chips(rack, node)
+        if rack == 0 and node != 2 and topo.chip_id(ref) not in holders
+    }
     topo = topo.with_states(busy)
     result = replan_failed(plan, topo, [plan.stages[0].chips[0]])
     target = result.moves[0].to_chips[0]
@@ -71,8 +80,11 @@ def test_tp_group_moves_whole_when_node_is_full() -> None:
     stage = plan.stages[0]
     node = stage.chips[0].rsplit("/", 1)[0]
     # make the rest of that node busy so no in-node replacement exists
-    busy = {ref: ChipState.USED for ref in topo.node_chips(*topo.parse_chip(stage.chips[0])[:2])
-            if topo.chip_id(ref) not in plan.chips()}
+    busy = {
+        ref: ChipState.USED
+        for ref in topo.node_chips(*topo.parse_chip(stage.chips[0])[:2])
+        if topo.chip_id(ref) not in plan.chips()
+    }
     topo = topo.with_states(busy)
     result = replan_failed(plan, topo, [stage.chips[1]])
     new = result.moves[0].to_chips
@@ -90,8 +102,12 @@ def test_failure_of_an_unused_chip_moves_nothing() -> None:
 
 def test_no_capacity_left_is_unplaceable() -> None:
     topo, plan = tiny_plan(replicas=1, spares_per_rack=0)
-    others = {ref: ChipState.USED for rack, node in topo.iter_nodes()
-              for ref in topo.node_chips(rack, node) if topo.chip_id(ref) not in plan.chips()}
+    others = {
+        ref: ChipState.USED
+        for rack, node in topo.iter_nodes()
+        for ref in topo.node_chips(rack, node)
+        if topo.chip_id(ref) not in plan.chips()
+    }
     topo = topo.with_states(others)
     with pytest.raises(Unplaceable, match="no spare or free chips"):
         replan_failed(plan, topo, [plan.stages[0].chips[0]])

@@ -13,8 +13,12 @@ from placement.profiles import GROQ_RACK, profile_from_dict
 from placement.topology import ChipState, preset_topology, topology_from_dict
 
 PUBLISHED_PARAMS_B = {
-    "llama-2-7b": 6.74, "llama-2-70b": 68.98, "llama-3-8b": 8.03, "llama-3-70b": 70.55,
-    "llama-3.1-405b": 405.85, "mixtral-8x7b": 46.70,
+    "llama-2-7b": 6.74,
+    "llama-2-70b": 68.98,
+    "llama-3-8b": 8.03,
+    "llama-3-70b": 70.55,
+    "llama-3.1-405b": 405.85,
+    "mixtral-8x7b": 46.70,
 }
 
 
@@ -44,8 +48,11 @@ def test_largest_system_preset() -> None:
 
 def test_topology_from_dict_with_states() -> None:
     topo = topology_from_dict(
-        {"profile": "dev", "racks": [{"name": "a", "nodes": 2}, {"name": "b"}],
-         "chips": {"a/node-1/chip-3": "failed", "b/node-0": "cordoned"}},
+        {
+            "profile": "dev",
+            "racks": [{"name": "a", "nodes": 2}, {"name": "b"}],
+            "chips": {"a/node-1/chip-3": "failed", "b/node-0": "cordoned"},
+        },
         source="t.yaml",
     )
     counts = topo.count_states()
@@ -63,10 +70,11 @@ def test_topology_from_dict_with_states() -> None:
         ({"profile": "dev", "racks": 2, "extra": 1}, "unknown field 'extra'"),
         ({"profile": "dev", "racks": [{"name": "A"}]}, "racks[0].name"),
         ({"profile": "dev", "racks": [{"name": "a"}, {"name": "a"}]}, "duplicate rack"),
-        ({"profile": "dev", "racks": 1, "chips": {"rack-0/node-9/chip-0": "failed"}},
-         "nodes 0..2"),
-        ({"profile": "dev", "racks": 1, "chips": {"rack-0/node-0/chip-0": "broken"}},
-         "state must be one of"),
+        ({"profile": "dev", "racks": 1, "chips": {"rack-0/node-9/chip-0": "failed"}}, "nodes 0..2"),
+        (
+            {"profile": "dev", "racks": 1, "chips": {"rack-0/node-0/chip-0": "broken"}},
+            "state must be one of",
+        ),
         ({"profile": "dev", "racks": 1, "chips": {"rack-7/node-0": "failed"}}, "no rack named"),
         ({"profile": {"sram_bytes": -1}, "racks": 1}, "profile.sram_bytes"),
         ({"profile": {"memory_efficiency": 2}, "racks": 1}, "at most 1.0"),
@@ -88,10 +96,18 @@ def test_profile_override_keeps_base() -> None:
 
 def write_config(tmp_path: Path, **overrides: object) -> Path:
     raw: dict[str, object] = {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000,
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
-        "num_experts_per_tok": 2, "max_position_embeddings": 32768, "rope_theta": 1e6,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1e6,
     }
     raw.update(overrides)
     path = tmp_path / "config.json"
