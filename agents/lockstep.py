@@ -1,0 +1,235 @@
+"""The lockstep tick state machine: pure, no I/O, no clocks, no threads.
+
+Real LPUs run a static schedule: every chip does fixed work at fixed counter values. In software
+we keep the same observable contract (DESIGN.md, "Lockstep and determinism"), and this module is
+its core; the adapter around it only moves frames and calls kernels.
+
+Schedule. A replica has S stages and B sequence slots (maxBatch). The ring period is
+P = max(S, B): stage s at tick t works on slot (t - s) mod P, and on nothing (a bubble) when that
+number is B or more. Every tick carries a frame through every stage, bubbles included, so each
+stage sees the same tick sequence whatever the timing.
+
+Links. Stage s (s > 0) takes as input for tick t the output of stage s-1 at tick t-1. Stage 0
+takes the output of the last stage at tick t - 1 - (P - S): the sampled token of the slot it is
+about to work on again (the decode ring). Stage 0 also admits new requests into empty slots;
+that choice is the adapter's, made deterministically from the journal.
+
+Rules a stage follows:
+* ticks run in strictly increasing order, one at a time;
+* tick t runs only once its input for t has arrived and its downstream has acknowledged tick
+  t - W (bounded skew window W). The ring's way back (last stage to stage 0) needs no credit:
+  it carries at most one sampled token per slot into stage 0's journal, a bounded buffer;
+* a start barrier: nothing runs in epoch e until every chip of the replica confirmed ready
+  for e; `halt` stops, `resume(epoch, tick)` restarts at a new epoch from a given tick, dropping
+  frames of older epochs;
+* every completed tick extends a hash chain over the stage's outputs:
+  h_t = sha256(h_{t-1} || epoch-free tick || output digest), so two runs of the same requests
+  have equal chains and the first differing link names the tick of a silent corruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+GENESIS = b"\x00" * 32
+
+
+class ProtocolError(Exception):
+    """A frame or acknowledgement that breaks the lockstep contract (a bug or corruption)."""
+
+
+class Phase(StrEnum):
+    BARRIER = "barrier"  # waiting for every chip to confirm ready for the epoch
+    RUNNING = "running"
+    HALTED = "halted"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The static schedule of one replica's ring."""
+
+    stages: int
+    slots: int
+
+    def __post_init__(self) -> None:
+        if self.stages < 1 or self.slots < 1:
+            raise ValueError("a schedule needs at least one stage and one slot")
+
+    @property
+    def period(self) -> int:
+        return max(self.stages, self.slots)
+
+    def slot_at(self, stage: int, tick: int) -> int | None:
+        """The sequence slot `stage` works on at `tick`, or None for a bubble."""
+        if tick < stage:
+            return None
+        k = (tick - stage) % self.period
+        return k if k < self.slots else None
+
+    def input_tick(self, stage: int, tick: int) -> int:
+        """The upstream tick whose output feeds `stage` at `tick` (may be negative: none)."""
+        if stage > 0:
+            return tick - 1
+        return tick - 1 - (self.period - self.stages)
+
+    def upstream(self, stage: int) -> int:
+        return (stage - 1) % self.stages
+
+    def downstream(self, stage: int) -> int:
+        return (stage + 1) % self.stages
+
+
+@dataclass(frozen=True)
+class Frame:
+    """What travels on a link: the output of `stage` at `tick` in `epoch`."""
+
+    epoch: int
+    tick: int
+    slot: int | None
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Run:
+    """The adapter should execute `tick` on `slot` with `input` (None: no upstream frame)."""
+
+    tick: int
+    slot: int | None
+    input: Frame | None
+
+
+@dataclass
+class StageMachine:
+    """One stage's lockstep state. Feed it events; ask it what may run next."""
+
+    stage: int
+    schedule: Schedule
+    window: int
+    chips: frozenset[str]
+    epoch: int = 0
+    next_tick: int = 0
+    phase: Phase = Phase.BARRIER
+    chain: bytes = GENESIS
+    acked: int = -1  # highest tick downstream acknowledged
+    _inputs: dict[int, Frame] = field(default_factory=dict)
+    _ready: set[str] = field(default_factory=set)
+    _chain_log: list[tuple[int, bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise ValueError("the skew window W must be at least 1")
+        if not 0 <= self.stage < self.schedule.stages:
+            raise ValueError(f"stage {self.stage} outside 0..{self.schedule.stages - 1}")
+
+    # --- barrier and epochs -----------------------------------------------------------------
+
+    def confirm_ready(self, chip: str, epoch: int) -> bool:
+        """Record that `chip` is ready for `epoch`; True once every chip has confirmed."""
+        if epoch != self.epoch:
+            return False
+        if chip not in self.chips:
+            raise ProtocolError(f"chip {chip} is not part of this replica")
+        self._ready.add(chip)
+        if self.phase is Phase.BARRIER and self._ready == set(self.chips):
+            self.phase = Phase.RUNNING
+        return self.phase is Phase.RUNNING
+
+    def halt(self) -> int:
+        """Stop running; returns the last completed tick."""
+        self.phase = Phase.HALTED
+        return self.next_tick - 1
+
+    def resume(self, epoch: int, tick: int, chain: bytes | None = None) -> None:
+        """Restart at a new epoch from `tick` (after failover): barrier again, old frames gone."""
+        if epoch <= self.epoch:
+            raise ProtocolError(f"epoch must increase: {epoch} after {self.epoch}")
+        self.epoch = epoch
+        self.next_tick = tick
+        self.phase = Phase.BARRIER
+        self._ready.clear()
+        self._inputs = {t: f for t, f in self._inputs.items() if f.epoch == epoch}
+        self.acked = tick - 1
+        if chain is not None:
+            self.chain = chain
+
+    # --- events -----------------------------------------------------------------------------
+
+    def on_frame(self, frame: Frame) -> bool:
+        """An upstream frame arrived. Returns False if it belongs to an older epoch (dropped)."""
+        if frame.epoch < self.epoch:
+            return False
+        if frame.epoch > self.epoch:
+            raise ProtocolError(f"frame of epoch {frame.epoch} while in epoch {self.epoch}")
+        wanted = self.schedule.input_tick(self.stage, self.next_tick)
+        if frame.tick < wanted:
+            raise ProtocolError(
+                f"stage {self.stage}: stale frame for tick {frame.tick}, already past {wanted}"
+            )
+        held = self._inputs.get(frame.tick)
+        if held is not None and held != frame:
+            raise ProtocolError(
+                f"stage {self.stage}: two different frames for upstream tick {frame.tick}"
+            )
+        self._inputs[frame.tick] = frame
+        return True
+
+    def on_ack(self, tick: int, epoch: int) -> None:
+        """Downstream acknowledged consuming our output of `tick`: one more credit."""
+        if epoch != self.epoch:
+            return
+        self.acked = max(self.acked, tick)
+
+    # --- what runs next ---------------------------------------------------------------------
+
+    def needs_input(self, tick: int) -> bool:
+        """Whether `tick` consumes an upstream frame (upstreams emit one from tick 0 on)."""
+        return self.schedule.input_tick(self.stage, tick) >= 0
+
+    def needs_credit(self) -> bool:
+        """The last stage returns tokens into stage 0's journal, one per slot: no credit."""
+        return self.stage < self.schedule.stages - 1
+
+    def ready(self) -> Run | None:
+        """The next tick if it may run now, else None."""
+        if self.phase is not Phase.RUNNING:
+            return None
+        tick = self.next_tick
+        if self.needs_credit() and self.acked < tick - self.window:
+            return None
+        frame: Frame | None = None
+        if self.needs_input(tick):
+            frame = self._inputs.get(self.schedule.input_tick(self.stage, tick))
+            if frame is None:
+                return None
+        return Run(tick, self.schedule.slot_at(self.stage, tick), frame)
+
+    def complete(self, tick: int, output: bytes) -> bytes:
+        """The adapter executed `tick` with this output; returns the new chain head."""
+        if tick != self.next_tick:
+            raise ProtocolError(
+                f"stage {self.stage}: completed tick {tick}, expected {self.next_tick}"
+            )
+        self._inputs.pop(self.schedule.input_tick(self.stage, tick), None)
+        self.chain = chain_step(self.chain, tick, output)
+        self._chain_log.append((tick, self.chain))
+        self.next_tick += 1
+        return self.chain
+
+    def chain_log(self) -> list[tuple[int, bytes]]:
+        return list(self._chain_log)
+
+
+def chain_step(previous: bytes, tick: int, output: bytes) -> bytes:
+    digest = hashlib.sha256(output).digest()
+    return hashlib.sha256(previous + tick.to_bytes(8, "little", signed=True) + digest).digest()
+
+
+def first_divergence(a: Iterable[tuple[int, bytes]], b: Iterable[tuple[int, bytes]]) -> int | None:
+    """The first tick at which two chain logs differ (None if equal where both exist)."""
+    for (tick_a, head_a), (tick_b, head_b) in zip(a, b, strict=False):
+        if tick_a != tick_b or head_a != head_b:
+            return min(tick_a, tick_b)
+    return None

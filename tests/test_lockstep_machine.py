@@ -1,0 +1,166 @@
+"""The pure lockstep tick state machine: schedule, credits, barrier, epochs, hash chains."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agents.lockstep import (
+    Frame,
+    Phase,
+    ProtocolError,
+    Schedule,
+    StageMachine,
+    first_divergence,
+)
+
+
+def machines(stages: int, slots: int, window: int) -> list[StageMachine]:
+    sched = Schedule(stages, slots)
+    chips = frozenset(f"chip-{i}" for i in range(stages))
+    ms = [StageMachine(i, sched, window, chips) for i in range(stages)]
+    for m in ms:
+        for chip in sorted(chips):
+            m.confirm_ready(chip, 0)
+    return ms
+
+
+def simulate(stages: int, slots: int, window: int, ticks: int, seed: int | None):
+    """Run a replica until every stage finished `ticks` ticks, delivering events in a random
+    (seeded) order; kernels are pure functions of (stage, slot, input, per-slot state)."""
+    rng = random.Random(seed)
+    ms = machines(stages, slots, window)
+    state: list[dict[int, bytes]] = [{} for _ in range(stages)]
+    in_flight: list[tuple[str, int, object]] = []  # ("frame"|"ack", destination stage, item)
+    steps = 0
+    while any(m.next_tick < ticks for m in ms):
+        steps += 1
+        assert steps < 100_000, "deadlock"
+        runnable = [m for m in ms if m.next_tick < ticks and m.ready() is not None]
+        choices = len(runnable) + len(in_flight)
+        assert choices, f"deadlock at ticks {[m.next_tick for m in ms]}"
+        pick = rng.randrange(choices) if seed is not None else 0
+        if pick < len(runnable):
+            m = runnable[pick]
+            run = m.ready()
+            assert run is not None
+            payload = run.input.payload if run.input else b""
+            if run.slot is None:
+                out = b""
+            else:
+                prior = state[m.stage].get(run.slot, b"")
+                out = hashlib.sha256(bytes([m.stage, run.slot]) + prior + payload).digest()
+                state[m.stage][run.slot] = out
+            m.complete(run.tick, out)
+            down = m.schedule.downstream(m.stage)
+            in_flight.append(("frame", down, Frame(m.epoch, run.tick, run.slot, out)))
+            if run.input is not None:
+                up = m.schedule.upstream(m.stage)
+                in_flight.append(("ack", up, run.input.tick))
+        else:
+            kind, dest, item = in_flight.pop(pick - len(runnable))
+            if kind == "frame":
+                ms[dest].on_frame(item)  # type: ignore[arg-type]
+            else:
+                ms[dest].on_ack(item, 0)  # type: ignore[arg-type]
+    return [m.chain_log()[:ticks] for m in ms]
+
+
+@pytest.mark.parametrize(
+    ("stages", "slots", "window"),
+    [(1, 1, 1), (1, 4, 2), (2, 2, 1), (4, 4, 1), (4, 8, 2), (8, 3, 1), (8, 8, 4), (3, 16, 1)],
+)
+def test_timing_never_changes_chains(stages: int, slots: int, window: int) -> None:
+    reference = simulate(stages, slots, window, 40, seed=None)
+    for seed in range(3):
+        assert simulate(stages, slots, window, 40, seed=seed) == reference
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(1, 4), st.integers(0, 10**6))
+def test_no_deadlock_and_same_chains(stages: int, slots: int, window: int, seed: int) -> None:
+    assert simulate(stages, slots, window, 25, seed) == simulate(stages, slots, window, 25, None)
+
+
+def test_schedule_slots_and_bubbles() -> None:
+    sched = Schedule(stages=4, slots=2)
+    assert sched.period == 4
+    assert [sched.slot_at(0, t) for t in range(6)] == [0, 1, None, None, 0, 1]
+    assert [sched.slot_at(2, t) for t in range(6)] == [None, None, 0, 1, None, None]
+    # stage 0 at tick 4 works on slot 0 again, fed by the last stage's tick 3 output
+    assert sched.input_tick(0, 4) == 3 and sched.slot_at(3, 3) == 0
+    wide = Schedule(stages=2, slots=5)
+    assert wide.input_tick(0, 5) == 5 - 1 - 3 and wide.slot_at(1, 1) == 0
+
+
+def test_window_bounds_skew() -> None:
+    m = machines(4, 8, window=2)[0]  # period 8: stage 0 needs no ring input before tick 5
+    for tick in range(2):
+        run = m.ready()
+        assert run is not None and run.tick == tick
+        m.complete(tick, b"x")
+    assert m.ready() is None, "tick 2 needs downstream credit for tick 0"
+    m.on_ack(0, 0)
+    run = m.ready()
+    assert run is not None and run.tick == 2
+
+
+def test_barrier_holds_until_every_chip_is_ready() -> None:
+    sched = Schedule(2, 2)
+    m = StageMachine(0, sched, 1, frozenset({"a", "b"}))
+    assert m.ready() is None
+    assert not m.confirm_ready("a", 0)
+    assert not m.confirm_ready("b", 1), "a confirmation for another epoch does not count"
+    assert m.confirm_ready("b", 0) and m.phase is Phase.RUNNING
+    with pytest.raises(ProtocolError):
+        m.confirm_ready("z", 0)
+
+
+def test_halt_and_resume_at_new_epoch_drops_old_frames() -> None:
+    ms = machines(2, 2, 2)
+    second = ms[1]
+    second.on_frame(Frame(0, 0, 0, b"old"))
+    assert second.halt() == -1 and second.ready() is None
+    second.resume(epoch=1, tick=0)
+    assert second.phase is Phase.BARRIER
+    assert not second.on_frame(Frame(0, 0, 0, b"old")), "old epoch frames are dropped"
+    second.confirm_ready("chip-0", 1)
+    second.confirm_ready("chip-1", 1)
+    run = second.ready()
+    assert run is not None and run.tick == 0 and run.input is None  # tick 0 of stage 1: bubble
+    second.complete(0, b"")
+    assert second.ready() is None, "tick 1 waits for the new epoch's frame"
+    second.on_frame(Frame(1, 0, 0, b"new"))
+    run = second.ready()
+    assert run is not None and run.input is not None and run.input.payload == b"new"
+    with pytest.raises(ProtocolError):
+        second.resume(epoch=1, tick=5)
+
+
+def test_protocol_violations_are_named() -> None:
+    m = machines(2, 2, 2)[1]
+    m.on_frame(Frame(0, 0, 0, b"a"))
+    with pytest.raises(ProtocolError, match="two different frames"):
+        m.on_frame(Frame(0, 0, 0, b"b"))
+    with pytest.raises(ProtocolError, match="epoch 3"):
+        m.on_frame(Frame(3, 1, 0, b"a"))
+    for tick in range(2):
+        run = m.ready()
+        assert run is not None
+        m.complete(tick, b"o")
+    with pytest.raises(ProtocolError, match="stale frame"):
+        m.on_frame(Frame(0, 0, 0, b"a"))
+    with pytest.raises(ProtocolError, match="expected 2"):
+        m.complete(5, b"")
+
+
+def test_divergence_names_the_tick() -> None:
+    a = simulate(3, 3, 1, 12, None)[1]
+    b = list(a)
+    b[7] = (b[7][0], b"\x01" * 32)
+    assert first_divergence(a, b) == a[7][0]
+    assert first_divergence(a, a) is None
