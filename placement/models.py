@@ -426,3 +426,18 @@ def chunk_limits(cfg: ModelConfig) -> dict[str, int]:
         "final_norm": 1,
         "lm_head": max(1, cfg.vocab_size // 128),
     }
+
+
+def split_width(cfg: ModelConfig, kind: str) -> int:
+    """Units along the dimension an op of `kind` is cut in: KV heads, columns, vocabulary rows.
+
+    The partitioner sizes chunks with it and the executor slices weights with it, so both
+    agree on where a chunk starts and ends.
+    """
+    if kind == "attention":
+        return cfg.num_key_value_heads
+    if kind in ("mlp", "expert"):
+        return cfg.intermediate_size
+    if kind in ("embedding", "lm_head"):
+        return cfg.vocab_size
+    return 1

@@ -29,7 +29,7 @@ import numpy as np
 
 from placement.cost import Workload, chip_workspace_bytes, op_sram_bytes, op_time_ps
 from placement.errors import Unplaceable
-from placement.models import ModelConfig, Op, chunk_limits
+from placement.models import ModelConfig, Op, chunk_limits, split_width
 from placement.profiles import ChipProfile
 
 TP_WIDTHS = (1, 2, 4, 8)
@@ -75,7 +75,7 @@ def build_chunk_table(
     target = max(1, capacity // profile.max_chunks_per_chip)
     op_bytes = np.array([op_sram_bytes(op, tp, cfg, work) for op in ops], dtype=np.int64)
     op_time = np.array([op_time_ps(op, tp, cfg, profile, work) for op in ops], dtype=np.int64)
-    widths = np.array([_split_width(op, cfg) for op in ops], dtype=np.int64)
+    widths = np.array([split_width(cfg, op.kind) for op in ops], dtype=np.int64)
     max_chunks = np.minimum(np.array([limits[op.kind] for op in ops], dtype=np.int64), widths)
     counts = np.clip(-(-op_bytes // target), 1, max_chunks)
     owner = np.repeat(np.arange(len(ops)), counts)
@@ -102,17 +102,6 @@ def build_chunk_table(
         prefix_bytes=np.concatenate(([0], np.cumsum(chunk_bytes))).tolist(),
         prefix_time=np.concatenate(([0], np.cumsum(chunk_time))).tolist(),
     )
-
-
-def _split_width(op: Op, cfg: ModelConfig) -> int:
-    """How many units the op's split dimension has (kv heads, columns, rows)."""
-    if op.kind == "attention":
-        return cfg.num_key_value_heads
-    if op.kind in ("mlp", "expert"):
-        return cfg.intermediate_size
-    if op.kind in ("embedding", "lm_head"):
-        return cfg.vocab_size
-    return 1
 
 
 def greedy_cuts(

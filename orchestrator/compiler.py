@@ -1,0 +1,270 @@
+"""Shard compiler: a plan and its weights in, one content-addressed shard per chip out.
+
+Every chip of the plan (each TP rank of each stage of each replica) gets a `ShardRef`. The shard
+itself is ONE safetensors blob: the chip's weight slices (its chunk range of every op it runs,
+cut again for its TP rank; norms replicated) plus, in the `__metadata__` key
+`lockstep.manifest`, the program manifest as canonical JSON:
+
+    format        "lockstep.shard/1"
+    model         {name, config: ModelConfig fields}
+    precision     the plan's precision; tensors carry their stored dtype
+    stage, stages, tick_offset (= stage index)
+    tp            {rank, size}
+    serving       {max_batch, max_context}  (KV-cache geometry)
+    ops           [{op, name, kind, layer, chunks, chunk_first, chunk_last, units [start, end),
+                    width, ranks [[start, end) per TP rank], rank_units}]
+    tensors       {name: {dtype, shape, source, axis, range, sha256}}
+    virtual       false, or true for a manifest-only shard (no tensor data, sha256 null)
+    declared_bytes  the plan's SRAM bytes per chip (weights + KV cache + workspace)
+    weight_bytes    bytes of the tensors (declared for virtual shards)
+
+What a blob deliberately does NOT hold is where it runs: deployment, replica, chip ids, TP
+group and upstream/downstream peers are the `ChipBinding` of its `ShardRef`. The blob is then a
+pure function of (model, weights, stage layout), so the replicas of a plan share one blob per
+stage and rank (content-address dedupe), and a failover that moves a stage to a spare chip
+reuses the stored blob instead of recompiling it and its neighbours. `chip_manifest` gives the
+agent both halves as one dict (the blob's manifest plus `binding`).
+
+Compilation streams: one tensor slice is read (or generated) and written at a time. A recipe
+index (recipe = manifest + weight-source fingerprint) maps to the blob already built, so
+compiling the same plan again reads no weights and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agents.executor import (
+    MANIFEST_KEY,
+    SHARD_FORMAT,
+    PieceSpec,
+    TensorEntry,
+    TensorSlice,
+    checkpoint_tensor_shapes,
+    encode_header,
+    piece_tensors,
+    stage_pieces,
+)
+from orchestrator.shard_store import ShardStore, StoredBlob, canonical_json
+from orchestrator.weights import SeededWeights, WeightSource, open_checkpoint, precision_dtype
+from placement.errors import InputError
+from placement.models import PRECISION_BYTES, ModelConfig, build_ops
+from placement.plan import Plan, StagePlan
+
+VIRTUAL_AUTO_BYTES = 1 << 30
+"""Seeded models larger than this compile to virtual shards unless told otherwise."""
+VIRTUAL_DTYPES = {"fp16": "F16", "bf16": "BF16", "int8": "I8", "fp8": "F8_E4M3"}
+
+WeightInput = int | str | os.PathLike[str] | WeightSource
+"""A seed (int), a checkpoint directory, or any `WeightSource`."""
+
+
+@dataclass(frozen=True)
+class ChipBinding:
+    """Where a shard runs: the placement half of a chip's manifest."""
+
+    deployment: str
+    chip: str
+    replica: int
+    stage: int
+    stages: int
+    tick_offset: int
+    tp_rank: int
+    tp_size: int
+    tp_group: tuple[str, ...]
+    upstream: tuple[str, ...]  # the previous stage's chips (stage 0: the last stage's)
+    downstream: tuple[str, ...]  # the next stage's chips (the last stage: stage 0's)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "deployment": self.deployment, "chip": self.chip, "replica": self.replica,
+            "stage": self.stage, "stages": self.stages, "tick_offset": self.tick_offset,
+            "tp": {"rank": self.tp_rank, "size": self.tp_size, "group": list(self.tp_group)},
+            "upstream": list(self.upstream), "downstream": list(self.downstream),
+        }
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One chip's shard: the blob's address and the chip's binding."""
+
+    shard_id: str
+    chip: str
+    size_bytes: int
+    sha256: str
+    path: Path
+    virtual: bool
+    binding: ChipBinding
+
+
+def compile_plan(plan: Plan, model_cfg: ModelConfig, source: WeightInput | None,
+                 store_dir: str | Path, *, virtual: bool | None = None) -> list[ShardRef]:
+    """Compile every chip's shard of `plan` into the store at `store_dir`.
+
+    `virtual` None decides by size: a seeded model above `VIRTUAL_AUTO_BYTES` at the plan's
+    precision compiles manifest-only shards; a checkpoint always compiles real ones.
+    Raises `InputError` when the plan does not belong to the model or the weights do not fit it.
+    """
+    check_plan(plan, model_cfg)
+    store = ShardStore(store_dir)
+    if virtual is None:
+        virtual = _auto_virtual(plan, model_cfg, source)
+    with contextlib.ExitStack() as stack:
+        weights = None if virtual else _open_source(source, model_cfg, plan.precision, stack)
+        built: dict[str, StoredBlob] = {}
+        refs = []
+        for stage in plan.stages:
+            for rank, chip in enumerate(stage.chips):
+                shard = ShardProgram.build(plan, model_cfg, stage, rank, weights)
+                blob = built.get(shard.recipe) or store.lookup(shard.recipe) or shard.write(store)
+                built[shard.recipe] = blob
+                store.remember(shard.recipe, blob)
+                refs.append(ShardRef(
+                    shard_id=f"{plan.deployment}/replica-{stage.replica}/stage-{stage.index}/"
+                             f"rank-{rank}",
+                    chip=chip, size_bytes=blob.size_bytes, sha256=blob.sha256, path=blob.path,
+                    virtual=virtual, binding=binding(plan, stage, rank),
+                ))
+    return refs
+
+
+def chip_manifest(ref: ShardRef, store_dir: str | Path) -> dict[str, Any]:
+    """What an agent loads for a chip: the blob's manifest plus the chip's `binding`."""
+    return ShardStore(store_dir).manifest(ref.sha256) | {"binding": ref.binding.to_dict()}
+
+
+def binding(plan: Plan, stage: StagePlan, rank: int) -> ChipBinding:
+    """The chip binding of TP rank `rank` of `stage`, with its ring neighbours."""
+    ring = plan.replica_stages(stage.replica)
+    position = next(i for i, s in enumerate(ring) if s.index == stage.index)
+    return ChipBinding(
+        deployment=plan.deployment, chip=stage.chips[rank], replica=stage.replica,
+        stage=stage.index, stages=len(ring), tick_offset=stage.index, tp_rank=rank,
+        tp_size=len(stage.chips), tp_group=stage.chips,
+        upstream=ring[position - 1].chips, downstream=ring[(position + 1) % len(ring)].chips,
+    )
+
+
+def check_plan(plan: Plan, cfg: ModelConfig) -> None:
+    """The plan's stages must tile the model's op list, in order, for every replica."""
+    if plan.model != cfg.name:
+        raise InputError(f"the plan is for model {plan.model!r}, not {cfg.name!r}", field="model")
+    ops = build_ops(cfg, plan.precision)
+    for replica in range(plan.replicas):
+        cursor = (0, 0)
+        for stage in plan.replica_stages(replica):
+            where = f"stages[replica={replica}, index={stage.index}]"
+            for cut in (stage.first, stage.last):
+                if not (0 <= cut.op < len(ops) and ops[cut.op].name == cut.name
+                        and 0 <= cut.chunk < cut.chunks):
+                    raise InputError(f"op cut {cut.label} (op {cut.op}) is not an op of "
+                                     f"{cfg.name}", field=where)
+            if len(stage.chips) != plan.tensor_parallel:
+                raise InputError(f"has {len(stage.chips)} chips, tensorParallel is "
+                                 f"{plan.tensor_parallel}", field=where)
+            specs = stage_pieces(cfg, stage.first, stage.last, plan.tensor_parallel)
+            if specs[0].cursor != cursor:
+                raise InputError(f"starts at {stage.first.label}, but the previous stage "
+                                 f"ends before op {cursor[0]} chunk {cursor[1]}", field=where)
+            cursor = specs[-1].next_cursor
+        if cursor != (len(ops), 0):
+            raise InputError(f"replica {replica} ends before the last op", field="stages")
+
+
+def _auto_virtual(plan: Plan, cfg: ModelConfig, source: WeightInput | None) -> bool:
+    if source is None:
+        return True
+    if isinstance(source, bool) or not isinstance(source, int):
+        return False
+    return cfg.parameter_count() * PRECISION_BYTES[plan.precision] > VIRTUAL_AUTO_BYTES
+
+
+def _open_source(source: WeightInput | None, cfg: ModelConfig, precision: str,
+                 stack: contextlib.ExitStack) -> WeightSource:
+    if source is None:
+        raise InputError("real shards need weights: a seed or a checkpoint directory",
+                         field="source")
+    if isinstance(source, bool):
+        raise InputError(f"a weight seed is an integer, got {source!r}", field="source")
+    if isinstance(source, int):
+        return SeededWeights(cfg, source, precision_dtype(precision))
+    if isinstance(source, (str, os.PathLike)):
+        return stack.enter_context(open_checkpoint(source, cfg))
+    return source
+
+
+@dataclass(frozen=True)
+class ShardProgram:
+    """One chip's shard before it is written: manifest (digests pending) and tensor slices."""
+
+    manifest: dict[str, Any]
+    slices: dict[str, TensorSlice]
+    entries: tuple[TensorEntry, ...]
+    weights: WeightSource | None
+    recipe: str
+
+    @classmethod
+    def build(cls, plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int,
+              weights: WeightSource | None) -> ShardProgram:
+        specs = stage_pieces(cfg, stage.first, stage.last, len(stage.chips))
+        slices = _rank_slices(cfg, specs, rank)
+        shapes = checkpoint_tensor_shapes(cfg)
+        virtual_dtype = VIRTUAL_DTYPES.get(plan.precision, "F16")
+        entries = tuple(
+            TensorEntry(name, weights.dtype_of(ts.source) if weights else virtual_dtype,
+                        ts.shape(shapes[ts.source]))
+            for name, ts in sorted(slices.items())
+        )
+        manifest = {
+            "format": SHARD_FORMAT,
+            "model": {"name": cfg.name, "config": cfg.to_dict()},
+            "precision": plan.precision,
+            "stage": stage.index,
+            "stages": plan.pipeline_stages,
+            "tick_offset": stage.index,
+            "tp": {"rank": rank, "size": len(stage.chips)},
+            "serving": {"max_batch": plan.max_batch, "max_context": plan.max_context},
+            "ops": [s.to_dict() | {"rank_units": list(s.ranks[rank])} for s in specs],
+            "tensors": {e.name: {"dtype": e.dtype, "shape": list(e.shape),
+                                 **slices[e.name].to_dict(), "sha256": None} for e in entries},
+            "virtual": weights is None,
+            "declared_bytes": stage.sram_bytes_per_chip,
+            "weight_bytes": sum(e.nbytes for e in entries),
+        }
+        source = weights.fingerprint() if weights else {"kind": "virtual"}
+        recipe = hashlib.sha256(
+            canonical_json({"program": manifest, "source": source}).encode("ascii")
+        ).hexdigest()
+        return cls(manifest, slices, entries, weights, recipe)
+
+    def manifest_with(self, digests: dict[str, str] | None) -> dict[str, Any]:
+        tensors = {name: info | {"sha256": digests[name] if digests else None}
+                   for name, info in self.manifest["tensors"].items()}
+        return self.manifest | {"tensors": tensors}
+
+    def write(self, store: ShardStore) -> StoredBlob:
+        """Write the blob: a manifest-only one if virtual, else stream the slices."""
+        if self.weights is None:
+            prefix, _ = encode_header([], {MANIFEST_KEY: canonical_json(self.manifest)})
+            return store.put_bytes(prefix)
+        weights = self.weights
+
+        def produce(entry: TensorEntry) -> Any:
+            return weights.raw_slice(self.slices[entry.name])
+
+        return store.put(self.entries, lambda d: self.manifest_with(dict(d)), produce)
+
+
+def _rank_slices(cfg: ModelConfig, specs: list[PieceSpec], rank: int) -> dict[str, TensorSlice]:
+    """Every tensor slice the rank needs, by shard name; shared norms appear once."""
+    slices: dict[str, TensorSlice] = {}
+    for spec in specs:
+        for ts in piece_tensors(cfg, spec, rank).values():
+            if slices.setdefault(ts.name, ts) != ts:
+                raise AssertionError(f"two different slices named {ts.name} in one shard")
+    return slices
