@@ -39,6 +39,11 @@ lint: $(DEV_STAMP)
 
 bench: $(RUNTIME_STAMP)
 	$(BIN)/python bench/placement.py
+	$(BIN)/python bench/shard_load.py
+
+## protos: regenerate protos/*_pb2*.py with the pinned grpcio-tools (a test fails when stale)
+protos: $(DEV_STAMP)
+	$(BIN)/python -m protos.generate
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

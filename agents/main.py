@@ -1,0 +1,178 @@
+"""Agent entry point: `lpuctl agent --node n0 --chips 8 --profile dev --listen 127.0.0.1:0`.
+
+Also runnable as `python -m agents.main ...` (same flags). Prints exactly one line to stdout,
+`listening on HOST:PORT` with the bound port, then serves until SIGTERM or SIGINT, stops
+gracefully (health NOT_SERVING, in-flight calls get a grace period) and exits 0. Logs go to
+stderr.
+
+BLAS threads are pinned to one before numpy can be imported (below, first thing): a threaded
+gemv changes result bits with the thread split, and DESIGN.md requires deterministic kernels.
+"""
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402 - after the BLAS environment on purpose
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+from typing import Any  # noqa: E402
+
+from agents.server import AgentService, start_server  # noqa: E402
+from placement.errors import InputError  # noqa: E402
+from placement.profiles import get_profile, profile_names  # noqa: E402
+
+log = logging.getLogger("lockstep.agent")
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def tune_malloc() -> bool:
+    """Keep gRPC's per-message buffers in warm heap memory (glibc only; False elsewhere).
+
+    gRPC Python hands every received message over as a fresh `bytes` (a 4 MiB chunk each).
+    With glibc defaults such blocks are often mmapped or trimmed and faulted in anew per
+    message, and per-thread malloc arenas keep freed chunks around: a bare gRPC sink measured
+    1.0-1.5 GB/s and 200-250 MB peak RSS. One malloc arena and fixed 16 MiB mmap and trim
+    thresholds (so 4 MiB message buffers come from, and return to, a warm heap) made the same
+    sink 1.7-2.4 GB/s at 85-125 MB. bench/shard_load.py measures its bare-gRPC baseline both
+    with this tuning (like for like) and without.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all((
+        mallopt(_M_ARENA_MAX, 1),
+        mallopt(_M_MMAP_THRESHOLD, 16 << 20),
+        mallopt(_M_TRIM_THRESHOLD, 16 << 20),
+    ))
+
+
+def parse_bytes(text: str) -> int:
+    """`300MiB`, `2GiB`, `1048576` → bytes (for --sram-bytes)."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            number, scale = lowered[: -len(suffix)], factor
+            break
+    else:
+        number, scale = lowered, 1
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 300MiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def run_agent(node: str, chips: int, profile: str, listen: str, *,
+              sram_bytes: int | None = None, load_idle_timeout: float = 60.0) -> int:
+    """Serve one node's chips until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input.
+
+    `sram_bytes` overrides the profile's SRAM per chip (tests and benchmarks that need a
+    capacity between the `dev` and `groq-rack` presets); a load that receives nothing for
+    `load_idle_timeout` seconds is cancelled.
+    """
+    try:
+        capacity = sram_bytes or get_profile(profile).sram_bytes
+    except InputError as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 2
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tune_malloc()
+    _pin_blas()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    service = AgentService(node, profile, chips, capacity, load_idle_timeout=load_idle_timeout)
+    try:
+        agent = start_server(service, listen)
+    except (OSError, RuntimeError) as exc:
+        print(f"agent: cannot listen on {listen}: {exc}", file=sys.stderr)
+        return 1
+    host = listen.rsplit(":", 1)[0]
+    print(f"listening on {host}:{agent.port}", flush=True)
+    log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)
+    stop.wait()
+    log.info("node %s: stopping", node)
+    agent.stop()
+    return 0
+
+
+def _pin_blas() -> None:
+    """Also pin OpenBLAS at run time, in case numpy was imported before this module."""
+    with contextlib.suppress(ImportError):
+        from agents.executor import pin_blas_threads
+
+        pin_blas_threads()
+
+
+def _chip_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 1024, got {value}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `agent` subcommand to an argparse subparsers object (handler: `cmd_agent`)."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "agent",
+        help="run a node agent: serve this node's chips over gRPC",
+        description="Run a node agent. Prints 'listening on HOST:PORT' once serving; stops "
+                    "gracefully on SIGTERM/SIGINT.",
+    )
+    parser.add_argument("--node", required=True, help="node name (as in the topology)")
+    parser.add_argument("--chips", type=_chip_count, default=8, help="chips on this node")
+    parser.add_argument("--profile", default="dev", choices=profile_names(),
+                        help="chip profile: SRAM capacity per chip (default dev)")
+    parser.add_argument("--listen", default="127.0.0.1:0",
+                        help="HOST:PORT to serve on; port 0 picks a free port")
+    parser.add_argument("--sram-bytes", type=parse_bytes, default=None,
+                        help="override the profile's SRAM per chip, e.g. 300MiB")
+    parser.add_argument("--load-idle-timeout", type=_positive_seconds, default=60.0,
+                        help="cancel a load whose client sends nothing for this many seconds")
+    parser.set_defaults(handler=cmd_agent)
+    return parser
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    return run_agent(args.node, args.chips, args.profile, args.listen,
+                     sram_bytes=args.sram_bytes, load_idle_timeout=args.load_idle_timeout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agents.main")
+    sub = parser.add_subparsers(dest="command")
+    register_agent_command(sub)
+    args = parser.parse_args(["agent", *(argv if argv is not None else sys.argv[1:])])
+    code: int = args.handler(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,349 @@
+"""Shard-load benchmark: an agent's load+verify+commit against a bare gRPC stream and raw TCP.
+
+One 256 MiB shard (a real safetensors blob) is sent, in the same run and interleaved rep by rep,
+
+* to an agent (`python -m agents.main`, one chip): LoadShard with BLAKE3 verification (the
+  default) and with sha256 verification, each followed by an (untimed) UnloadShard;
+* as a bare gRPC client stream of the very same pre-framed messages to a sink servicer that
+  only counts bytes (identity deserializer) — once with the agent's malloc tuning
+  (`agents.main.tune_malloc`: the like-for-like baseline, used for the ratio) and once with
+  glibc defaults (a literally trivial sink);
+* over a raw TCP socket to a process that `recv_into`s a reused buffer.
+
+Every receiver is its own process and the sender is another one, which pre-builds all messages
+before timing (so it is never the bottleneck: it reports its own CPU use). The first load into
+a fresh agent is "cold" (its SRAM arena pages are touched for the first time) and is reported
+separately; medians are over the warm repetitions. Then four agents are loaded at once (one
+sender thread each) for an aggregate figure. Agent peak RSS is VmHWM from /proc.
+
+Targets (issue 3): load+verify ≥ 1.0 GB/s, ≥ 0.8 of the bare gRPC stream, agent peak RSS ≤
+shard size + 150 MB. The last line of output is one JSON object with the figures.
+
+Run: `.venv/bin/python bench/shard_load.py [--reps 5] [--size-mib 256]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT)
+
+import grpc  # noqa: E402
+
+from agents import loader  # noqa: E402
+from protos import agent_pb2, agent_pb2_grpc  # noqa: E402
+
+SINK_METHOD = "/bench.Sink/Put"
+GB = 1e9
+
+
+# --- receivers (each runs as its own process) -----------------------------------------------
+
+
+def run_grpc_sink(tuned: bool) -> None:
+    """A trivial servicer: count the bytes of a client stream (identity deserializer)."""
+    if tuned:
+        from agents.main import tune_malloc
+
+        tune_malloc()
+
+    def put(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return str(sum(len(m) for m in requests)).encode()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                         options=[("grpc.max_receive_message_length", loader.MAX_MESSAGE_BYTES)])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Sink", {"Put": grpc.stream_unary_rpc_method_handler(put)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+def run_tcp_sink(capacity: int) -> None:
+    """Receive `<u64 length><bytes>` per connection into one reused buffer, answer b"k"."""
+    buffer = bytearray(capacity)  # touched once here, warm for every repetition
+    view = memoryview(buffer)
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(f"listening on 127.0.0.1:{listener.getsockname()[1]}", flush=True)
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            (length,) = struct.unpack("<Q", _recv_exact(conn, 8))
+            got = 0
+            while got < length:
+                n = conn.recv_into(view[got:length], min(length - got, 4 << 20))
+                if n == 0:
+                    break
+                got += n
+            conn.sendall(b"k")
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = conn.recv(n - len(data))
+        if not part:
+            raise ConnectionError("peer closed early")
+        data += part
+    return data
+
+
+# --- the sender (its own process) ------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(fn: Callable[[], Any], receiver_pid: int, size: int) -> dict[str, float]:
+    """GB/s of one transfer, plus CPU cores used by the sender and by the receiver."""
+    rx0, tx0, t0 = cpu_seconds(receiver_pid), time.process_time(), time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - t0
+    return {"gbps": size / elapsed / GB,
+            "sender_cores": (time.process_time() - tx0) / elapsed,
+            "receiver_cores": (cpu_seconds(receiver_pid) - rx0) / elapsed}
+
+
+def run_sender(cfg: dict[str, Any]) -> None:
+    """Run every timed trial; print one JSON object of samples."""
+    blob = Path(cfg["blob"]).read_bytes()
+    size = len(blob)
+    chunk = cfg["chunk_mib"] << 20
+    b3 = loader.make_header(blob, 0, algorithm="blake3")
+    sha = loader.make_header(blob, 0, algorithm="sha256", shard_id=b3.shard_id)
+    messages = loader.load_messages(b3, blob, chunk)
+    sha_messages = [loader.header_message(sha), *messages[1:]]
+    options = loader.channel_options()
+    agent = grpc.insecure_channel(cfg["agent"], options=options)
+    stub = agent_pb2_grpc.AgentStub(agent)
+    sinks = {name: grpc.insecure_channel(addr, options=options).stream_unary(SINK_METHOD)
+             for name, addr in cfg["sinks"].items()}
+    for put in sinks.values():
+        put(iter(messages[:2]))  # connect and warm up the channel
+    stub.Status(agent_pb2.StatusRequest())
+    unload = agent_pb2.UnloadShardRequest(chip=0, shard_id=b3.shard_id)
+    samples: dict[str, list[dict[str, float]]] = {}
+
+    def record(name: str, fn: Callable[[], Any], pid: int) -> None:
+        sample = timed(fn, pid, size)
+        sample["receiver_peak_rss_mb"] = peak_rss_mb(pid)
+        samples.setdefault(name, []).append(sample)
+
+    pids = cfg["pids"]
+    for _ in range(cfg["reps"] + 1):  # the first agent load is the cold one
+        record("load_blake3", lambda: loader.send_load(agent, messages), pids["agent"])
+        stub.UnloadShard(unload)
+        record("load_sha256", lambda: loader.send_load(agent, sha_messages), pids["agent"])
+        stub.UnloadShard(unload)
+        for name, put in sinks.items():
+            record(name, lambda put=put: put(iter(messages)), pids[name])
+        record("raw_tcp", lambda: _tcp_send(cfg["tcp"], blob, chunk), pids["raw_tcp"])
+    aggregate = _aggregate(cfg["agents4"], messages, b3.shard_id, cfg["reps"], options)
+    print(json.dumps({"size": size, "samples": samples, "aggregate": aggregate}), flush=True)
+
+
+def _tcp_send(address: str, blob: bytes, chunk: int) -> None:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        view = memoryview(blob)
+        sock.sendall(struct.pack("<Q", len(view)))
+        for i in range(0, len(view), chunk):
+            sock.sendall(view[i : i + chunk])
+        if sock.recv(1) != b"k":
+            raise ConnectionError("TCP sink did not acknowledge")
+
+
+def _aggregate(addresses: list[str], messages: list[bytes], shard_id: str, reps: int,
+               options: list[tuple[str, int]]) -> list[float]:
+    """Seconds to load the shard into every agent at once, one sender thread each."""
+    channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+    stubs = [agent_pb2_grpc.AgentStub(c) for c in channels]
+    for stub in stubs:
+        stub.Status(agent_pb2.StatusRequest())
+    seconds = []
+    with futures.ThreadPoolExecutor(len(channels)) as pool:
+        for _ in range(reps + 1):
+            started = time.perf_counter()
+            list(pool.map(lambda c: loader.send_load(c, messages), channels))
+            seconds.append(time.perf_counter() - started)
+            for stub in stubs:
+                stub.UnloadShard(agent_pb2.UnloadShardRequest(chip=0, shard_id=shard_id))
+    return seconds
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+@contextmanager
+def processes() -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]]:
+    """Start processes that print `listening on ADDR`; terminate and reap all on exit."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        started.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"{args}: expected 'listening on', got {line!r}")
+        return proc, line.removeprefix("listening on ")
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.terminate()
+        for proc in started:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def make_blob(size_mib: int) -> bytes:
+    import numpy as np
+    from safetensors.numpy import save
+
+    weights = np.random.default_rng(0).integers(0, 256, size=size_mib << 20, dtype=np.uint8)
+    manifest = {"format": "bench", "virtual": False, "declared_bytes": 0}
+    return save({"w": weights}, metadata={"lockstep.manifest": json.dumps(manifest)})
+
+
+def agent_args(node: str, sram_mib: int) -> tuple[str, ...]:
+    return ("-m", "agents.main", "--node", node, "--chips", "1", "--profile", "dev",
+            "--sram-bytes", f"{sram_mib}MiB", "--listen", "127.0.0.1:0")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    sram_mib = args.size_mib + 16
+    me = str(Path(__file__).resolve())
+    with tempfile.TemporaryDirectory() as tmp, processes() as start:
+        blob_path = Path(tmp) / "shard.safetensors"
+        blob_path.write_bytes(make_blob(args.size_mib))
+        agent, agent_addr = start(*agent_args("bench0", sram_mib))
+        tuned, tuned_addr = start(me, "--role", "grpc-sink", "--tuned")
+        plain, plain_addr = start(me, "--role", "grpc-sink")
+        tcp, tcp_addr = start(me, "--role", "tcp-sink", "--size-mib", str(sram_mib))
+        agents4 = [start(*agent_args(f"bench{i + 1}", sram_mib)) for i in range(4)]
+        cfg = {
+            "blob": str(blob_path), "chunk_mib": args.chunk_mib, "reps": args.reps,
+            "agent": agent_addr, "tcp": tcp_addr, "agents4": [a for _, a in agents4],
+            "sinks": {"bare_grpc": tuned_addr, "bare_grpc_default": plain_addr},
+            "pids": {"agent": agent.pid, "bare_grpc": tuned.pid,
+                     "bare_grpc_default": plain.pid, "raw_tcp": tcp.pid},
+        }
+        out = subprocess.run([sys.executable, me, "--role", "sender", "--config", json.dumps(cfg)],
+                             cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        result["agent_peak_rss_mb"] = peak_rss_mb(agent.pid)
+        result["agents4_peak_rss_mb"] = max(peak_rss_mb(p.pid) for p, _ in agents4)
+    return result
+
+
+def median(samples: list[dict[str, float]], key: str = "gbps") -> float:
+    return statistics.median(s[key] for s in samples)
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    samples, size = result["samples"], result["size"]
+    warm = {name: runs[1:] for name, runs in samples.items()}
+    print(f"shard {size / (1 << 20):.1f} MiB, chunks {args.chunk_mib} MiB, "
+          f"{args.reps} warm repetitions (medians), sender in its own process")
+    print(f"{'path':22s} {'GB/s':>6s} {'sender cores':>13s} {'receiver cores':>15s}  samples")
+    for name, runs in warm.items():
+        print(f"{name:22s} {median(runs):6.2f} {median(runs, 'sender_cores'):13.2f} "
+              f"{median(runs, 'receiver_cores'):15.2f}  "
+              + " ".join(f"{s['gbps']:.2f}" for s in runs))
+    pairs = zip(samples["load_blake3"], samples["load_sha256"], strict=True)
+    rss = [round(s["receiver_peak_rss_mb"]) for pair in pairs for s in pair]
+    print(f"agent peak RSS (MiB) after each load, blake3/sha256 alternating: {rss}")
+    load, bare = median(warm["load_blake3"]), median(warm["bare_grpc"])
+    agg = result["aggregate"]
+    aggregate = statistics.median(4 * size / s / GB for s in agg[1:])
+    summary = {
+        "bench": "shard_load",
+        "shard_mib": round(size / (1 << 20), 1),
+        "reps": args.reps,
+        "load_gbps": round(load, 3),
+        "load_sha256_gbps": round(median(warm["load_sha256"]), 3),
+        "cold_load_gbps": round(samples["load_blake3"][0]["gbps"], 3),
+        "bare_grpc_gbps": round(bare, 3),
+        "bare_grpc_default_malloc_gbps": round(median(warm["bare_grpc_default"]), 3),
+        "raw_tcp_gbps": round(median(warm["raw_tcp"]), 3),
+        "ratio_vs_bare_grpc": round(load / bare, 3),
+        "ratio_vs_bare_grpc_default_malloc": round(load / median(warm["bare_grpc_default"]), 3),
+        "ratio_vs_raw_tcp": round(load / median(warm["raw_tcp"]), 3),
+        "agent_peak_rss_mb": round(result["agent_peak_rss_mb"], 1),
+        "rss_budget_mb": round(size / (1 << 20) + 150, 1),
+        "aggregate_4_agents_gbps": round(aggregate, 3),
+        "aggregate_4_agents_cold_gbps": round(4 * size / agg[0] / GB, 3),
+        "agents4_peak_rss_mb": round(result["agents4_peak_rss_mb"], 1),
+    }
+    print(f"agent load+verify+commit: {load:.2f} GB/s warm, {summary['cold_load_gbps']:.2f} "
+          f"GB/s cold; {summary['ratio_vs_bare_grpc']:.2f} of bare gRPC (same malloc tuning), "
+          f"{summary['ratio_vs_bare_grpc_default_malloc']:.2f} of a default-malloc sink")
+    print(f"agent peak RSS {summary['agent_peak_rss_mb']:.0f} MB (budget "
+          f"{summary['rss_budget_mb']:.0f} MB); 4 agents at once: {aggregate:.2f} GB/s "
+          f"aggregate warm, {summary['aggregate_4_agents_cold_gbps']:.2f} cold")
+    summary["targets_met"] = {
+        "load_ge_1gbps": load >= 1.0,
+        "ratio_ge_0.8": load / bare >= 0.8,
+        "rss_within_budget": summary["agent_peak_rss_mb"] <= summary["rss_budget_mb"],
+    }
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--chunk-mib", type=int, default=4, choices=(1, 2, 4))
+    parser.add_argument("--role", choices=("grpc-sink", "tcp-sink", "sender"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "grpc-sink":
+        run_grpc_sink(args.tuned)
+    elif args.role == "tcp-sink":
+        run_tcp_sink(args.size_mib << 20)
+    elif args.role == "sender":
+        run_sender(json.loads(args.config))
+    else:
+        summary = report(run(args), args)
+        print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    main()

@@ -1,0 +1,183 @@
+"""Helpers for agent tests: agent processes on loopback, test shards, polling with deadlines.
+
+Not a pytest conftest (imported explicitly by `tests/test_agent*.py`): every agent started
+through `AgentCluster` is terminated and reaped when the cluster closes, even on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from safetensors.numpy import save
+
+from agents import loader
+from protos import agent_pb2, agent_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+STARTUP_SECONDS = 20.0
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.01,
+             what: str = "condition") -> T:
+    """Poll `probe` until it returns something truthy; fail with its last value at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {value!r}")
+        time.sleep(interval)
+
+
+@dataclass
+class AgentProcess:
+    """One `python -m agents.main` process and a channel to it."""
+
+    node: str
+    proc: subprocess.Popen[str]
+    address: str
+    stderr_path: Path
+    channel: grpc.Channel = field(init=False)
+    stub: agent_pb2_grpc.AgentStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.insecure_channel(self.address, options=loader.channel_options())
+        self.stub = agent_pb2_grpc.AgentStub(self.channel)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def status(self) -> agent_pb2.StatusResponse:
+        return self.stub.Status(agent_pb2.StatusRequest(), timeout=10)
+
+    def chip(self, index: int) -> agent_pb2.ChipStatus:
+        return self.status().chips[index]
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class AgentCluster:
+    """Starts agents; `close()` stops and reaps every one of them."""
+
+    def __init__(self) -> None:
+        self.agents: list[AgentProcess] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="lockstep-agents-")
+
+    def start(self, node: str, *, chips: int = 8, profile: str = "dev",
+              extra: Sequence[str] = ()) -> AgentProcess:
+        err_path = Path(self._tmp.name) / f"{node}.stderr"
+        with open(err_path, "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agents.main", "--node", node, "--chips", str(chips),
+                 "--profile", profile, "--listen", "127.0.0.1:0", *extra],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        try:
+            line = read_line(proc, STARTUP_SECONDS)
+            if not line.startswith("listening on 127.0.0.1:"):
+                raise AssertionError(f"agent {node} printed {line!r}; stderr:\n"
+                                     f"{err_path.read_text()}")
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        agent = AgentProcess(node, proc, line.removeprefix("listening on "), err_path)
+        self.agents.append(agent)
+        return agent
+
+    def close(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+        self.agents.clear()
+        self._tmp.cleanup()
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next stdout line of `proc`, failing at the deadline or if the process exits."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise AssertionError(f"no output within {timeout} s (exit code {proc.poll()})")
+    return proc.stdout.readline().strip()
+
+
+# --- shards ---------------------------------------------------------------------------------
+
+
+def make_shard(nbytes: int, seed: int = 0, **manifest: Any) -> bytes:
+    """A real safetensors blob with one uint8 tensor of `nbytes` and a Lockstep manifest."""
+    weights = np.random.default_rng(seed).integers(0, 256, size=nbytes, dtype=np.uint8)
+    meta = {"format": "test", "virtual": False, "declared_bytes": 0} | manifest
+    return save({"w": weights}, metadata={"lockstep.manifest": json.dumps(meta)})
+
+
+def make_virtual_shard(declared_bytes: int, seed: int = 0) -> bytes:
+    """A manifest-only blob standing in for `declared_bytes` of weights."""
+    meta = {"format": "test", "virtual": True, "declared_bytes": declared_bytes, "seed": seed}
+    return save({}, metadata={"lockstep.manifest": json.dumps(meta)})
+
+
+def messages(blob: bytes, chip: int, *, chunk: int = 256 << 10, algorithm: str = "blake3",
+             **header: Any) -> list[bytes]:
+    return loader.load_messages(loader.make_header(blob, chip, algorithm=algorithm, **header),
+                                blob, chunk)
+
+
+def load(agent: AgentProcess, blob: bytes, chip: int, **kwargs: Any
+         ) -> agent_pb2.LoadShardResponse:
+    return loader.send_load(agent.channel, messages(blob, chip, **kwargs), timeout=30)
+
+
+def shard_id(blob: bytes) -> str:
+    return loader.new_hash_hex(blob, "sha256")
+
+
+class PausedStream:
+    """A request iterator that stops after `pause_after` messages until `resume()`."""
+
+    def __init__(self, items: Sequence[bytes], pause_after: int) -> None:
+        self._items = list(items)
+        self._pause_after = pause_after
+        self.paused = threading.Event()
+        self._resume = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        for i, item in enumerate(self._items):
+            if i == self._pause_after:
+                self.paused.set()
+                self._resume.wait(30)
+            yield item
+
+    def resume(self) -> None:
+        self._resume.set()

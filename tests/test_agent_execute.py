@@ -1,0 +1,94 @@
+"""Execute on agents: a compiled tiny-llama pipeline run through two agent processes.
+
+The shards are compiled by `orchestrator.compiler`, streamed into the agents' SRAM arenas and
+executed from there (weights are zero-copy views into the arena). The logits must be bit-
+identical to running the same blobs' stage programs in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest_agents import AgentCluster, AgentProcess, load
+
+from agents.executor import Activation, load_shard, run_pipeline
+from orchestrator.compiler import ShardRef, compile_plan
+from placement.models import MODEL_PRESETS
+from placement.planner import PlanRequest, make_plan
+from placement.topology import preset_topology
+from protos import agent_pb2
+
+TINY = MODEL_PRESETS["tiny-llama"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[ShardRef]:
+    request = PlanRequest("exec", TINY, "fp16", replicas=1, max_context=64, max_batch=4,
+                          tensor_parallel=1, spread="none", spares_per_rack=0)
+    plan = make_plan(request, preset_topology(2, "dev"))
+    refs = compile_plan(plan, TINY, 11, tmp_path_factory.mktemp("store"))
+    return sorted(refs, key=lambda r: r.binding.stage)
+
+
+@pytest.fixture(scope="module")
+def agents(compiled: list[ShardRef]) -> Iterator[dict[str, AgentProcess]]:
+    nodes = sorted({ref.chip.rsplit("/", 1)[0] for ref in compiled})
+    cluster = AgentCluster()
+    try:
+        yield {node: cluster.start(f"n{i}") for i, node in enumerate(nodes)}
+    finally:
+        cluster.close()
+
+
+def where(ref: ShardRef, agents: dict[str, AgentProcess]) -> tuple[AgentProcess, int]:
+    node, chip = ref.chip.rsplit("/", 1)
+    return agents[node], int(chip.removeprefix("chip-"))
+
+
+def test_pipeline_through_agents_matches_in_process(compiled: list[ShardRef],
+                                                    agents: dict[str, AgentProcess]) -> None:
+    for ref in compiled:
+        agent, chip = where(ref, agents)
+        blob = Path(ref.path).read_bytes()
+        declared = json.loads(_manifest_json(blob))["declared_bytes"]
+        reply = load(agent, blob, chip, declared_bytes=declared)
+        assert reply.shard_id == ref.sha256 and reply.reserved_bytes == max(declared, len(blob))
+
+    batch = Activation.for_tokens([0, 0, 0, 1], [0, 1, 2, 0], [5, 17, 3, 9])
+    data = batch.to_bytes()
+    for ref in compiled:
+        agent, chip = where(ref, agents)
+        reply = agent.stub.Execute(agent_pb2.ExecuteRequest(
+            chip=chip, shard_id=ref.sha256, activation=data), timeout=30)
+        data = reply.activation
+    remote = Activation.from_bytes(data)
+
+    local_stages = [load_shard(Path(ref.path).read_bytes()) for ref in compiled]
+    local = run_pipeline(local_stages, batch, via_bytes=True)
+    assert remote.logits is not None and local.logits is not None
+    assert remote.logits.shape == (4, TINY.vocab_size)
+    np.testing.assert_array_equal(remote.logits, local.logits)  # bit-identical
+
+
+def test_execute_rejects_a_bad_activation(compiled: list[ShardRef],
+                                          agents: dict[str, AgentProcess]) -> None:
+    ref = compiled[0]
+    agent, chip = where(ref, agents)
+    if not any(s.shard_id == ref.sha256 for s in agent.chip(chip).shards):
+        load(agent, Path(ref.path).read_bytes(), chip)
+    with pytest.raises(grpc.RpcError) as info:
+        agent.stub.Execute(agent_pb2.ExecuteRequest(chip=chip, shard_id=ref.sha256,
+                                                    activation=b"not safetensors"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"chip {chip}" in str(info.value.details())
+
+
+def _manifest_json(blob: bytes) -> str:
+    from agents.executor import MANIFEST_KEY, parse_header
+
+    return parse_header(blob, len(blob)).metadata[MANIFEST_KEY]

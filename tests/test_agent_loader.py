@@ -1,0 +1,77 @@
+"""Load-stream framing, header validation and the receiver, without processes."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from agents import loader
+from protos import agent_pb2
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 4 << 20, 2**40])
+def test_chunk_framing_matches_protobuf(n: int) -> None:
+    data = b"\x5a" * min(n, 5 << 20)
+    wire = loader.frame_chunk(data)
+    assert wire == agent_pb2.LoadShardRequest(chunk=data).SerializeToString()
+    assert bytes(loader.chunk_payload(wire)) == data
+    assert loader.encode_varint(n)[-1] < 0x80
+
+
+def test_non_canonical_chunk_falls_back_to_a_parse() -> None:
+    # An unknown field before the chunk is legal protobuf: parsed, not hand-framed.
+    wire = b"\x18\x01" + loader.frame_chunk(b"abc")
+    assert bytes(loader.chunk_payload(wire)) == b"abc"
+    header = loader.header_message(agent_pb2.LoadShardHeader(shard_id="x"))
+    with pytest.raises(loader.LoadError) as info:
+        loader.chunk_payload(header)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(loader.LoadError):
+        loader.chunk_payload(b"\x12\xff")  # truncated
+
+
+def test_header_validation_names_the_field() -> None:
+    blob = b"x" * 100
+    good = loader.make_header(blob, 1)
+    assert loader.validate_header(good, 2).reserved_bytes == 100
+    cases = {
+        "shard_id": agent_pb2.LoadShardHeader(shard_id="ABC", chip=0, size_bytes=1),
+        "chip": agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=2, size_bytes=1),
+        "size_bytes": agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0),
+        "digest_algorithm": agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0,
+                                                      size_bytes=1, digest_algorithm="crc"),
+        "digest": agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0, size_bytes=1,
+                                            digest_algorithm="blake3"),
+    }
+    for field, header in cases.items():
+        with pytest.raises(loader.LoadError, match=field):
+            loader.validate_header(header, 2)
+    sha = loader.validate_header(agent_pb2.LoadShardHeader(
+        shard_id=good.shard_id, chip=0, size_bytes=100), 1)
+    assert (sha.algorithm, sha.digest) == ("sha256", good.shard_id)
+    virtual = loader.validate_header(agent_pb2.LoadShardHeader(
+        shard_id=good.shard_id, chip=0, size_bytes=100, virtual=True, declared_bytes=10_000), 1)
+    assert virtual.reserved_bytes == 10_000
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_receiver_verifies_size_and_digest(algorithm: str) -> None:
+    blob = bytes(range(256)) * 64
+    header = loader.validate_header(loader.make_header(blob, 0, algorithm=algorithm), 1)
+    target = bytearray(len(blob))
+    receiver = loader.ShardReceiver(header, memoryview(target))
+    for i in range(0, len(blob), 1000):
+        receiver.write(memoryview(blob)[i : i + 1000])
+    assert receiver.finish() == header.digest and bytes(target) == blob
+
+    corrupt = loader.ShardReceiver(header, memoryview(bytearray(len(blob))))
+    corrupt.write(memoryview(b"\xff" + blob[1:]))
+    with pytest.raises(loader.LoadError) as info:
+        corrupt.finish()
+    assert info.value.code == grpc.StatusCode.DATA_LOSS
+
+    over = loader.ShardReceiver(header, memoryview(bytearray(len(blob))))
+    with pytest.raises(loader.LoadError, match="carries more"):
+        over.write(memoryview(blob + b"!"))
+    over.close()
+    over.close()  # idempotent
