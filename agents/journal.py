@@ -200,6 +200,12 @@ class Journal:
                 del self._by_slot[entry.slot]
         return True
 
+    def cancelled(self, slot: int) -> bool:
+        """Whether `slot` holds a cancelled request whose token is still in the ring (the
+        adapter then calls `drop_cancelled` instead of `on_token` when it comes back)."""
+        entry = self._by_slot.get(slot)
+        return entry is not None and entry.finished
+
     def drop_cancelled(self, slot: int) -> None:
         """Free a cancelled request's slot when its in-flight token comes back."""
         entry = self._by_slot.get(slot)

@@ -114,6 +114,7 @@ class StageMachine:
     phase: Phase = Phase.BARRIER
     chain: bytes = GENESIS
     acked: int = -1  # highest tick downstream acknowledged
+    origin: int = 0  # the tick the current epoch started at: no upstream frame before it
     _inputs: dict[int, Frame] = field(default_factory=dict)
     _ready: set[str] = field(default_factory=set)
     _chain_log: list[tuple[int, bytes]] = field(default_factory=list)
@@ -148,6 +149,7 @@ class StageMachine:
             raise ProtocolError(f"epoch must increase: {epoch} after {self.epoch}")
         self.epoch = epoch
         self.next_tick = tick
+        self.origin = tick
         self.phase = Phase.BARRIER
         self._ready.clear()
         self._inputs = {t: f for t, f in self._inputs.items() if f.epoch == epoch}
@@ -185,8 +187,9 @@ class StageMachine:
     # --- what runs next ---------------------------------------------------------------------
 
     def needs_input(self, tick: int) -> bool:
-        """Whether `tick` consumes an upstream frame (upstreams emit one from tick 0 on)."""
-        return self.schedule.input_tick(self.stage, tick) >= 0
+        """Whether `tick` consumes an upstream frame: upstreams emit one per tick from the
+        epoch's first tick on (tick 0, or the tick `resume` restarted at)."""
+        return self.schedule.input_tick(self.stage, tick) >= self.origin
 
     def needs_credit(self) -> bool:
         """The last stage returns tokens into stage 0's journal, one per slot: no credit."""

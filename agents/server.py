@@ -41,6 +41,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agents.arena import ArenaExhausted, Block, SramArena
+from agents.interconnect import SERVICE_NAME as LINK_SERVICE_NAME
+from agents.interconnect import LinkService, ping
+from agents.interconnect import handlers as link_handlers
 from agents.loader import (
     MAX_MESSAGE_BYTES,
     LoadError,
@@ -50,6 +53,7 @@ from agents.loader import (
     parse_header_message,
     validate_header,
 )
+from agents.replicas import ReplicaHost
 from protos import agent_pb2
 
 log = logging.getLogger("lockstep.agent")
@@ -173,12 +177,21 @@ class AgentService:
         self.profile = profile
         self.chips = [Chip(i, SramArena(i, sram_bytes)) for i in range(chips)]
         self.load_idle_timeout = load_idle_timeout
+        self.replicas = ReplicaHost(self.chips, _build_program)
+        self.links = LinkService(self.replicas.resolve, node)
         self._closed = threading.Event()
         threading.Thread(target=self._reap_idle_loads, name="idle-loads", daemon=True).start()
 
     def close(self) -> None:
-        """Stop the idle-load watchdog."""
+        """Stop the idle-load watchdog and every pipeline stage."""
         self._closed.set()
+        self.close_pipelines()
+
+    def close_pipelines(self) -> None:
+        """Stop every stage and end the link streams (they are open for as long as a replica
+        runs, so a graceful stop would otherwise wait out its whole grace period on them)."""
+        self.replicas.close()
+        self.links.close()
 
     def _reap_idle_loads(self) -> None:
         interval = min(1.0, self.load_idle_timeout / 4)
@@ -307,7 +320,9 @@ class AgentService:
         chips = []
         for chip in self.chips:
             with chip.lock:
-                chips.append(chip.snapshot())
+                snapshot = chip.snapshot()
+            snapshot.pipelines.extend(self.replicas.chip_status(chip.index))
+            chips.append(snapshot)
         return agent_pb2.StatusResponse(node=self.node, profile=self.profile, chips=chips)
 
     @_rpc
@@ -353,6 +368,67 @@ class AgentService:
                                 f"chip {chip.index}: {entry.header.label}: {exc}") from None
         return agent_pb2.ExecuteResponse(activation=output,
                                          seconds=time.perf_counter() - started)
+
+    # --- the lockstep pipeline (agents.replicas) ---------------------------------------------
+
+    @_rpc
+    def ConfigureReplica(
+        self, request: agent_pb2.ConfigureReplicaRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.ConfigureReplicaResponse:
+        ready = self.replicas.configure(request)
+        log.info(
+            "%s replica %d: stages %s configured",
+            request.deployment,
+            request.replica,
+            [a.stage for a in request.assignments],
+        )
+        return agent_pb2.ConfigureReplicaResponse(chips_ready=ready)
+
+    @_rpc
+    def StartEpoch(
+        self, request: agent_pb2.StartEpochRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.StartEpochResponse:
+        return agent_pb2.StartEpochResponse(running=self.replicas.start_epoch(request))
+
+    @_rpc
+    def Halt(
+        self, request: agent_pb2.HaltRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.HaltResponse:
+        return agent_pb2.HaltResponse(last_tick=self.replicas.halt(request))
+
+    @_rpc
+    def RemoveReplica(
+        self, request: agent_pb2.RemoveReplicaRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.RemoveReplicaResponse:
+        self.replicas.remove(request.deployment, request.replica)
+        return agent_pb2.RemoveReplicaResponse()
+
+    @_rpc
+    def Generate(
+        self, request: agent_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.GenerateResponse]:
+        """Validation and admission happen here (errors map through `_rpc`); the stream of
+        tokens is the returned iterator."""
+        return self.replicas.generate(request, context)
+
+    @_rpc
+    def LinkPing(
+        self, request: agent_pb2.LinkPingRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.LinkPingResponse:
+        if not request.peer or not 1 <= request.count <= 100_000:
+            raise LoadError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "LinkPing needs a peer and a count from 1 to 100000",
+            )
+        one_way, round_trip = ping(request.peer, request.count, request.payload_bytes)
+        return agent_pb2.LinkPingResponse(one_way_ms=one_way, round_trip_ms=round_trip)
+
+
+def _build_program(chip: Chip, entry: HeldEntry) -> Any:
+    from agents import executor
+
+    with chip.exec_lock:
+        return _program_of(chip, entry, executor)
 
 
 def _program_of(chip: Chip, entry: HeldEntry, executor: Any) -> Any:
@@ -437,6 +513,17 @@ def _handlers(service: AgentService) -> grpc.GenericRpcHandler:
         "Execute": unary("Execute", agent_pb2.ExecuteRequest, agent_pb2.ExecuteResponse),
         "MarkChipFailed": unary("MarkChipFailed", agent_pb2.MarkChipFailedRequest,
                                 agent_pb2.MarkChipFailedResponse),
+        "ConfigureReplica": unary("ConfigureReplica", agent_pb2.ConfigureReplicaRequest,
+                                  agent_pb2.ConfigureReplicaResponse),
+        "StartEpoch": unary("StartEpoch", agent_pb2.StartEpochRequest,
+                            agent_pb2.StartEpochResponse),
+        "Halt": unary("Halt", agent_pb2.HaltRequest, agent_pb2.HaltResponse),
+        "RemoveReplica": unary("RemoveReplica", agent_pb2.RemoveReplicaRequest,
+                               agent_pb2.RemoveReplicaResponse),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate, request_deserializer=agent_pb2.GenerateRequest.FromString,
+            response_serializer=agent_pb2.GenerateResponse.SerializeToString),
+        "LinkPing": unary("LinkPing", agent_pb2.LinkPingRequest, agent_pb2.LinkPingResponse),
     })
 
 
@@ -464,6 +551,7 @@ class AgentServer:
     def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, then stop accepting calls and wait up to `grace` for them."""
         self.health.enter_graceful_shutdown()
+        self.service.close_pipelines()
         self.server.stop(grace).wait()
         self.service.close()
 
@@ -475,11 +563,11 @@ def start_server(service: AgentService, listen: str, *, max_workers: int | None 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                     thread_name_prefix="agent-rpc"),
                          options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((_handlers(service),))
+    server.add_generic_rpc_handlers((_handlers(service), link_handlers(service.links)))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, LINK_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")

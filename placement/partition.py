@@ -160,12 +160,33 @@ def min_stage_count(table: ChunkTable) -> int:
 
 
 def optimal_partition(table: ChunkTable, stages: int | None = None) -> Partition:
-    """Fewest stages that fit (or exactly `stages` if given and feasible), smallest bottleneck."""
+    """Fewest stages that fit (or exactly `stages`, if at least the fewest and at most one
+    chunk each), with the smallest bottleneck."""
     k = min_stage_count(table) if stages is None else stages
     bound = optimal_bottleneck(table.prefix_bytes, table.prefix_time, table.capacity, k)
     cuts = greedy_cuts(table.prefix_bytes, table.prefix_time, table.capacity, bound)
     assert cuts is not None and len(cuts) <= k
-    return Partition(table, tuple([0, *cuts]))
+    return Partition(table, _split_to(table, [0, *cuts], k))
+
+
+def _split_to(table: ChunkTable, bounds: list[int], stages: int) -> tuple[int, ...]:
+    """Split stages until there are `stages` of them; never raises the bottleneck.
+
+    Greedy packing under the optimal bound may use fewer stages than asked for; each split
+    halves (by time) the slowest stage that still has two chunks, so every piece fits and is
+    no slower than the stage it came from. Deterministic: ties go to the earliest stage.
+    """
+    bounds = list(bounds)
+    while len(bounds) - 1 < stages:
+        splittable = [i for i in range(len(bounds) - 1) if bounds[i + 1] - bounds[i] >= 2]
+        if not splittable:
+            break
+        i = max(splittable, key=lambda j: (table.segment_time(bounds[j], bounds[j + 1]), -j))
+        start, end = bounds[i], bounds[i + 1]
+        middle = (table.prefix_time[start] + table.prefix_time[end]) // 2
+        cut = min(max(bisect_right(table.prefix_time, middle, start, end), start + 1), end - 1)
+        bounds.insert(i + 1, cut)
+    return tuple(bounds)
 
 
 def optimal_bottleneck(
@@ -202,8 +223,13 @@ def choose_partition(
     profile: ChipProfile,
     work: Workload,
     tensor_parallel: int | None,
+    pipeline_stages: int | None = None,
 ) -> Partition:
-    """Pick the TP width (fewest chips, then smallest bottleneck) and its optimal partition."""
+    """Pick the TP width (fewest chips, then smallest bottleneck) and its optimal partition.
+
+    `pipeline_stages` asks for exactly that many stages (more stages than the fewest that fit
+    shorten the slowest stage); widths that cannot give that many are skipped.
+    """
     widths = (
         [tensor_parallel]
         if tensor_parallel
@@ -222,7 +248,16 @@ def choose_partition(
         except Unplaceable as exc:
             reasons.append(str(exc))
             continue
-        choices.append(TPChoice(tp, table, min_stage_count(table)))
+        fewest_stages = min_stage_count(table)
+        if pipeline_stages is None:
+            choices.append(TPChoice(tp, table, fewest_stages))
+        elif not fewest_stages <= pipeline_stages <= table.size:
+            reasons.append(
+                f"pipelineStages {pipeline_stages} at tensorParallel {tp}: needs at least "
+                f"{fewest_stages} stages to fit and at most {table.size} (one op chunk each)"
+            )
+        else:
+            choices.append(TPChoice(tp, table, pipeline_stages))
     if not choices:
         raise Unplaceable(reasons[-1])
     fewest = min(c.chips for c in choices)

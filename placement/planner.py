@@ -38,6 +38,7 @@ class PlanRequest:
     max_context: int = 2048
     max_batch: int = 1
     tensor_parallel: int | None = None  # None: choose automatically
+    pipeline_stages: int | None = None  # None: the fewest that fit; else exactly this many
     spread: str = "rack"
     spares_per_rack: int = 1
     racks: tuple[str, ...] | None = None
@@ -63,6 +64,11 @@ class PlanRequest:
                 f"must be one of {', '.join(SPREADS)}",
             ),
             (self.spares_per_rack >= 0, "spec.placement.sparesPerRack", "must be at least 0"),
+            (
+                self.pipeline_stages is None or self.pipeline_stages >= 1,
+                "spec.parallelism.pipelineStages",
+                "must be at least 1",
+            ),
         )
         for ok, field, message in checks:
             if not ok:
@@ -75,7 +81,9 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
     profile = topology.profile
     work = Workload(request.max_context, request.max_batch, request.precision)
     ops = build_ops(request.model, request.precision)
-    partition = choose_partition(ops, request.model, profile, work, request.tensor_parallel)
+    partition = choose_partition(
+        ops, request.model, profile, work, request.tensor_parallel, request.pipeline_stages
+    )
     tp = partition.table.tp
     mapping = map_replicas(
         topology,

@@ -95,7 +95,17 @@ DEV = ChipProfile(
     max_chunks_per_chip=32,
 )
 
-PROFILES: dict[str, ChipProfile] = {p.name: p for p in (GROQ_RACK, DEV)}
+DEV_WHOLE_OPS = dataclasses.replace(
+    DEV,
+    name="dev-whole-ops",
+    sram_bytes=64 * MiB,
+    # Never cut an op: with one chunk per op, stage boundaries fall only between whole ops,
+    # where the pipeline is bit-identical to the single-process reference executor (a cut
+    # inside an op sums its matrix product in pieces). Used to check that contract end to end.
+    max_chunks_per_chip=1,
+)
+
+PROFILES: dict[str, ChipProfile] = {p.name: p for p in (GROQ_RACK, DEV, DEV_WHOLE_OPS)}
 
 
 def profile_names() -> list[str]:

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/agent.proto\x12\x11lockstep.agent.v1\"\x98\x01\n\x0fLoadShardHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\r\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x64igest_algorithm\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x0f\n\x07virtual\x18\x06 \x01(\x08\x12\x16\n\x0e\x64\x65\x63lared_bytes\x18\x07 \x01(\x04\"a\n\x10LoadShardRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".lockstep.agent.v1.LoadShardHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xc7\x01\n\x11LoadShardResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\r\x12\x16\n\x0e\x61lready_loaded\x18\x03 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x05 \x01(\x04\x12\x18\n\x10\x64igest_algorithm\x18\x06 \x01(\t\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\"4\n\x12UnloadShardRequest\x12\x0c\n\x04\x63hip\x18\x01 \x01(\r\x12\x10\n\x08shard_id\x18\x02 \x01(\t\"*\n\x13UnloadShardResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\"\x0f\n\rStatusRequest\"\x9c\x01\n\tHeldShard\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07virtual\x18\x04 \x01(\x08\x12\x18\n\x10\x64igest_algorithm\x18\x05 \x01(\t\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x16\n\x0eloaded_unix_ms\x18\x07 \x01(\x03\"c\n\x0cLoadProgress\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62ytes_loaded\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x04 \x01(\x04\"\xaa\x02\n\nChipStatus\x12\x0c\n\x04\x63hip\x18\x01 \x01(\r\x12-\n\x06health\x18\x02 \x01(\x0e\x32\x1d.lockstep.agent.v1.ChipHealth\x12\x16\n\x0e\x66\x61ilure_reason\x18\x03 \x01(\t\x12\x1b\n\x13sram_capacity_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fsram_used_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12sram_loading_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fsram_free_bytes\x18\x07 \x01(\x04\x12,\n\x06shards\x18\x08 \x03(\x0b\x32\x1c.lockstep.agent.v1.HeldShard\x12.\n\x05loads\x18\t \x03(\x0b\x32\x1f.lockstep.agent.v1.LoadProgress\"]\n\x0eStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12,\n\x05\x63hips\x18\x03 \x03(\x0b\x32\x1d.lockstep.agent.v1.ChipStatus\"D\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63hip\x18\x01 \x01(\r\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x12\n\nactivation\x18\x03 \x01(\x0c\"6\n\x0f\x45xecuteResponse\x12\x12\n\nactivation\x18\x01 \x01(\x0c\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"F\n\x15MarkChipFailedRequest\x12\x0c\n\x04\x63hip\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07recover\x18\x03 \x01(\x08\"Z\n\x16MarkChipFailedResponse\x12+\n\x04\x63hip\x18\x01 \x01(\x0b\x32\x1d.lockstep.agent.v1.ChipStatus\x12\x13\n\x0bshards_lost\x18\x02 \x03(\t*Z\n\nChipHealth\x12\x1b\n\x17\x43HIP_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HIP_HEALTH_HEALTHY\x10\x01\x12\x16\n\x12\x43HIP_HEALTH_FAILED\x10\x02\x32\xc7\x03\n\x05\x41gent\x12X\n\tLoadShard\x12#.lockstep.agent.v1.LoadShardRequest\x1a$.lockstep.agent.v1.LoadShardResponse(\x01\x12\\\n\x0bUnloadShard\x12%.lockstep.agent.v1.UnloadShardRequest\x1a&.lockstep.agent.v1.UnloadShardResponse\x12M\n\x06Status\x12 .lockstep.agent.v1.StatusRequest\x1a!.lockstep.agent.v1.StatusResponse\x12P\n\x07\x45xecute\x12!.lockstep.agent.v1.ExecuteRequest\x1a\".lockstep.agent.v1.ExecuteResponse\x12\x65\n\x0eMarkChipFailed\x12(.lockstep.agent.v1.MarkChipFailedRequest\x1a).lockstep.agent.v1.MarkChipFailedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/agent.proto\x12\x11lockstep.agent.v1\"\x98\x01\n\x0fLoadShardHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\r\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x18\n\x10\x64igest_algorithm\x18\x04 \x01(\t\x12\x0e\n\x06\x64igest\x18\x05 \x01(\t\x12\x0f\n\x07virtual\x18\x06 \x01(\x08\x12\x16\n\x0e\x64\x65\x63lared_bytes\x18\x07 \x01(\x04\"a\n\x10LoadShardRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".lockstep.agent.v1.LoadShardHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xc7\x01\n\x11LoadShardResponse\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63hip\x18\x02 \x01(\r\x12\x16\n\x0e\x61lready_loaded\x18\x03 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x05 \x01(\x04\x12\x18\n\x10\x64igest_algorithm\x18\x06 \x01(\t\x12\x0e\n\x06\x64igest\x18\x07 \x01(\t\x12\x0f\n\x07seconds\x18\x08 \x01(\x01\x12\x0f\n\x07message\x18\t \x01(\t\"4\n\x12UnloadShardRequest\x12\x0c\n\x04\x63hip\x18\x01 \x01(\r\x12\x10\n\x08shard_id\x18\x02 \x01(\t\"*\n\x13UnloadShardResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x04\"\x0f\n\rStatusRequest\"\x9c\x01\n\tHeldShard\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07virtual\x18\x04 \x01(\x08\x12\x18\n\x10\x64igest_algorithm\x18\x05 \x01(\t\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x16\n\x0eloaded_unix_ms\x18\x07 \x01(\x03\"c\n\x0cLoadProgress\x12\x10\n\x08shard_id\x18\x01 \x01(\t\x12\x14\n\x0c\x62ytes_loaded\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_total\x18\x03 \x01(\x04\x12\x16\n\x0ereserved_bytes\x18\x04 \x01(\x04\"\xe0\x02\n\nChipStatus\x12\x0c\n\x04\x63hip\x18\x01 \x01(\r\x12-\n\x06health\x18\x02 \x01(\x0e\x32\x1d.lockstep.agent.v1.ChipHealth\x12\x16\n\x0e\x66\x61ilure_reason\x18\x03 \x01(\t\x12\x1b\n\x13sram_capacity_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fsram_used_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12sram_loading_bytes\x18\x06 \x01(\x04\x12\x17\n\x0fsram_free_bytes\x18\x07 \x01(\x04\x12,\n\x06shards\x18\x08 \x03(\x0b\x32\x1c.lockstep.agent.v1.HeldShard\x12.\n\x05loads\x18\t \x03(\x0b\x32\x1f.lockstep.agent.v1.LoadProgress\x12\x34\n\tpipelines\x18\n \x03(\x0b\x32!.lockstep.agent.v1.PipelineStatus\"\x93\x01\n\x0ePipelineStatus\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\r\n\x05stage\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0c\n\x04tick\x18\x05 \x01(\x03\x12\x12\n\nchain_head\x18\x06 \x01(\x0c\x12\r\n\x05phase\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"]\n\x0eStatusResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12,\n\x05\x63hips\x18\x03 \x03(\x0b\x32\x1d.lockstep.agent.v1.ChipStatus\"D\n\x0e\x45xecuteRequest\x12\x0c\n\x04\x63hip\x18\x01 \x01(\r\x12\x10\n\x08shard_id\x18\x02 \x01(\t\x12\x12\n\nactivation\x18\x03 \x01(\x0c\"6\n\x0f\x45xecuteResponse\x12\x12\n\nactivation\x18\x01 \x01(\x0c\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"F\n\x15MarkChipFailedRequest\x12\x0c\n\x04\x63hip\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07recover\x18\x03 \x01(\x08\"Z\n\x16MarkChipFailedResponse\x12+\n\x04\x63hip\x18\x01 \x01(\x0b\x32\x1d.lockstep.agent.v1.ChipStatus\x12\x13\n\x0bshards_lost\x18\x02 \x03(\t\"r\n\x0fStageAssignment\x12\r\n\x05stage\x18\x01 \x01(\r\x12\r\n\x05\x63hips\x18\x02 \x03(\r\x12\x11\n\tshard_ids\x18\x03 \x03(\t\x12\x12\n\nchip_names\x18\x04 \x03(\t\x12\x1a\n\x12\x64ownstream_address\x18\x05 \x01(\t\"\xce\x02\n\x17\x43onfigureReplicaRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x0e\n\x06stages\x18\x03 \x01(\r\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x13\n\x0bmax_context\x18\x05 \x01(\r\x12\x0e\n\x06window\x18\x06 \x01(\r\x12\r\n\x05\x65poch\x18\x07 \x01(\x04\x12\x37\n\x0b\x61ssignments\x18\x08 \x03(\x0b\x32\".lockstep.agent.v1.StageAssignment\x12\x15\n\rreplica_chips\x18\t \x03(\t\x12\x13\n\x0bqueue_limit\x18\n \x01(\r\x12\x11\n\tjitter_ms\x18\x0b \x01(\x01\x12\x13\n\x0bjitter_seed\x18\x0c \x01(\x04\x12\x19\n\x0c\x65os_token_id\x18\r \x01(\x05H\x00\x88\x01\x01\x42\x0f\n\r_eos_token_id\"/\n\x18\x43onfigureReplicaResponse\x12\x13\n\x0b\x63hips_ready\x18\x01 \x03(\t\"j\n\x11StartEpochRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0c\n\x04tick\x18\x04 \x01(\x03\x12\x13\n\x0bready_chips\x18\x05 \x03(\t\"%\n\x12StartEpochResponse\x12\x0f\n\x07running\x18\x01 \x01(\x08\"2\n\x0bHaltRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\"!\n\x0cHaltResponse\x12\x11\n\tlast_tick\x18\x01 \x01(\x03\";\n\x14RemoveReplicaRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\"\x17\n\x15RemoveReplicaResponse\"\xd6\x01\n\x0fGenerateRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\nprompt_ids\x18\x04 \x03(\x05\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12\x12\n\nmax_tokens\x18\x06 \x01(\r\x12\x13\n\x0btemperature\x18\x07 \x01(\x01\x12\x0c\n\x04seed\x18\x08 \x01(\x04\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\t \x01(\r\x12\x15\n\rreturn_logits\x18\n \x01(\x08\"f\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x05\x12\r\n\x05index\x18\x03 \x01(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x0e\n\x06logits\x18\x05 \x01(\x0c\"E\n\x0fLinkPingRequest\x12\x0c\n\x04peer\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rpayload_bytes\x18\x03 \x01(\r\"=\n\x10LinkPingResponse\x12\x12\n\none_way_ms\x18\x01 \x03(\x01\x12\x15\n\rround_trip_ms\x18\x02 \x03(\x01*Z\n\nChipHealth\x12\x1b\n\x17\x43HIP_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43HIP_HEALTH_HEALTHY\x10\x01\x12\x16\n\x12\x43HIP_HEALTH_FAILED\x10\x02\x32\xe8\x07\n\x05\x41gent\x12X\n\tLoadShard\x12#.lockstep.agent.v1.LoadShardRequest\x1a$.lockstep.agent.v1.LoadShardResponse(\x01\x12\\\n\x0bUnloadShard\x12%.lockstep.agent.v1.UnloadShardRequest\x1a&.lockstep.agent.v1.UnloadShardResponse\x12M\n\x06Status\x12 .lockstep.agent.v1.StatusRequest\x1a!.lockstep.agent.v1.StatusResponse\x12P\n\x07\x45xecute\x12!.lockstep.agent.v1.ExecuteRequest\x1a\".lockstep.agent.v1.ExecuteResponse\x12\x65\n\x0eMarkChipFailed\x12(.lockstep.agent.v1.MarkChipFailedRequest\x1a).lockstep.agent.v1.MarkChipFailedResponse\x12k\n\x10\x43onfigureReplica\x12*.lockstep.agent.v1.ConfigureReplicaRequest\x1a+.lockstep.agent.v1.ConfigureReplicaResponse\x12Y\n\nStartEpoch\x12$.lockstep.agent.v1.StartEpochRequest\x1a%.lockstep.agent.v1.StartEpochResponse\x12G\n\x04Halt\x12\x1e.lockstep.agent.v1.HaltRequest\x1a\x1f.lockstep.agent.v1.HaltResponse\x12\x62\n\rRemoveReplica\x12\'.lockstep.agent.v1.RemoveReplicaRequest\x1a(.lockstep.agent.v1.RemoveReplicaResponse\x12U\n\x08Generate\x12\".lockstep.agent.v1.GenerateRequest\x1a#.lockstep.agent.v1.GenerateResponse0\x01\x12S\n\x08LinkPing\x12\".lockstep.agent.v1.LinkPingRequest\x1a#.lockstep.agent.v1.LinkPingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHIPHEALTH']._serialized_start=1558
-  _globals['_CHIPHEALTH']._serialized_end=1648
+  _globals['_CHIPHEALTH']._serialized_start=3039
+  _globals['_CHIPHEALTH']._serialized_end=3129
   _globals['_LOADSHARDHEADER']._serialized_start=42
   _globals['_LOADSHARDHEADER']._serialized_end=194
   _globals['_LOADSHARDREQUEST']._serialized_start=196
@@ -50,17 +50,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADPROGRESS']._serialized_start=771
   _globals['_LOADPROGRESS']._serialized_end=870
   _globals['_CHIPSTATUS']._serialized_start=873
-  _globals['_CHIPSTATUS']._serialized_end=1171
-  _globals['_STATUSRESPONSE']._serialized_start=1173
-  _globals['_STATUSRESPONSE']._serialized_end=1266
-  _globals['_EXECUTEREQUEST']._serialized_start=1268
-  _globals['_EXECUTEREQUEST']._serialized_end=1336
-  _globals['_EXECUTERESPONSE']._serialized_start=1338
-  _globals['_EXECUTERESPONSE']._serialized_end=1392
-  _globals['_MARKCHIPFAILEDREQUEST']._serialized_start=1394
-  _globals['_MARKCHIPFAILEDREQUEST']._serialized_end=1464
-  _globals['_MARKCHIPFAILEDRESPONSE']._serialized_start=1466
-  _globals['_MARKCHIPFAILEDRESPONSE']._serialized_end=1556
-  _globals['_AGENT']._serialized_start=1651
-  _globals['_AGENT']._serialized_end=2106
+  _globals['_CHIPSTATUS']._serialized_end=1225
+  _globals['_PIPELINESTATUS']._serialized_start=1228
+  _globals['_PIPELINESTATUS']._serialized_end=1375
+  _globals['_STATUSRESPONSE']._serialized_start=1377
+  _globals['_STATUSRESPONSE']._serialized_end=1470
+  _globals['_EXECUTEREQUEST']._serialized_start=1472
+  _globals['_EXECUTEREQUEST']._serialized_end=1540
+  _globals['_EXECUTERESPONSE']._serialized_start=1542
+  _globals['_EXECUTERESPONSE']._serialized_end=1596
+  _globals['_MARKCHIPFAILEDREQUEST']._serialized_start=1598
+  _globals['_MARKCHIPFAILEDREQUEST']._serialized_end=1668
+  _globals['_MARKCHIPFAILEDRESPONSE']._serialized_start=1670
+  _globals['_MARKCHIPFAILEDRESPONSE']._serialized_end=1760
+  _globals['_STAGEASSIGNMENT']._serialized_start=1762
+  _globals['_STAGEASSIGNMENT']._serialized_end=1876
+  _globals['_CONFIGUREREPLICAREQUEST']._serialized_start=1879
+  _globals['_CONFIGUREREPLICAREQUEST']._serialized_end=2213
+  _globals['_CONFIGUREREPLICARESPONSE']._serialized_start=2215
+  _globals['_CONFIGUREREPLICARESPONSE']._serialized_end=2262
+  _globals['_STARTEPOCHREQUEST']._serialized_start=2264
+  _globals['_STARTEPOCHREQUEST']._serialized_end=2370
+  _globals['_STARTEPOCHRESPONSE']._serialized_start=2372
+  _globals['_STARTEPOCHRESPONSE']._serialized_end=2409
+  _globals['_HALTREQUEST']._serialized_start=2411
+  _globals['_HALTREQUEST']._serialized_end=2461
+  _globals['_HALTRESPONSE']._serialized_start=2463
+  _globals['_HALTRESPONSE']._serialized_end=2496
+  _globals['_REMOVEREPLICAREQUEST']._serialized_start=2498
+  _globals['_REMOVEREPLICAREQUEST']._serialized_end=2557
+  _globals['_REMOVEREPLICARESPONSE']._serialized_start=2559
+  _globals['_REMOVEREPLICARESPONSE']._serialized_end=2582
+  _globals['_GENERATEREQUEST']._serialized_start=2585
+  _globals['_GENERATEREQUEST']._serialized_end=2799
+  _globals['_GENERATERESPONSE']._serialized_start=2801
+  _globals['_GENERATERESPONSE']._serialized_end=2903
+  _globals['_LINKPINGREQUEST']._serialized_start=2905
+  _globals['_LINKPINGREQUEST']._serialized_end=2974
+  _globals['_LINKPINGRESPONSE']._serialized_start=2976
+  _globals['_LINKPINGRESPONSE']._serialized_end=3037
+  _globals['_AGENT']._serialized_start=3132
+  _globals['_AGENT']._serialized_end=4132
 # @@protoc_insertion_point(module_scope)

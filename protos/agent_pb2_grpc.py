@@ -59,6 +59,36 @@ class AgentStub:
                 request_serializer=protos_dot_agent__pb2.MarkChipFailedRequest.SerializeToString,
                 response_deserializer=protos_dot_agent__pb2.MarkChipFailedResponse.FromString,
                 _registered_method=True)
+        self.ConfigureReplica = channel.unary_unary(
+                '/lockstep.agent.v1.Agent/ConfigureReplica',
+                request_serializer=protos_dot_agent__pb2.ConfigureReplicaRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.ConfigureReplicaResponse.FromString,
+                _registered_method=True)
+        self.StartEpoch = channel.unary_unary(
+                '/lockstep.agent.v1.Agent/StartEpoch',
+                request_serializer=protos_dot_agent__pb2.StartEpochRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.StartEpochResponse.FromString,
+                _registered_method=True)
+        self.Halt = channel.unary_unary(
+                '/lockstep.agent.v1.Agent/Halt',
+                request_serializer=protos_dot_agent__pb2.HaltRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.HaltResponse.FromString,
+                _registered_method=True)
+        self.RemoveReplica = channel.unary_unary(
+                '/lockstep.agent.v1.Agent/RemoveReplica',
+                request_serializer=protos_dot_agent__pb2.RemoveReplicaRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.RemoveReplicaResponse.FromString,
+                _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/lockstep.agent.v1.Agent/Generate',
+                request_serializer=protos_dot_agent__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.LinkPing = channel.unary_unary(
+                '/lockstep.agent.v1.Agent/LinkPing',
+                request_serializer=protos_dot_agent__pb2.LinkPingRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.LinkPingResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -101,6 +131,63 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConfigureReplica(self, request, context):
+        """--- the lockstep pipeline (agents.pipeline) ---------------------------------------------
+        Bind held shards to stages of a replica: which of this agent's chips run which stage, the
+        address of the agent hosting each stage's downstream (empty: this agent, an in-process
+        link), the skew window W and the epoch. Builds the stage programs and opens the links;
+        answers with the chips now ready for the epoch. Nothing runs until StartEpoch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartEpoch(self, request, context):
+        """The start barrier: the caller passes every chip of the replica that confirmed ready (from
+        all agents' ConfigureReplica answers); stages start tick `tick` of `epoch` once all did.
+        An epoch above the current one first halts the stages and restarts them there, in the
+        barrier (stage 0 replays its journal). To move a replica to a new epoch, call it on every
+        agent with the new epoch and no ready_chips first, then with every chip: no stage may
+        send a frame of the new epoch before every stage has entered it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Halt(self, request, context):
+        """Stop the replica's stages on this agent after the tick in progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveReplica(self, request, context):
+        """Drop the replica's stages on this agent (closes its links; shards stay held).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Serve one generation request on the agent hosting stage 0: a stream of tokens.
+        INVALID_ARGUMENT    empty prompt, prompt + max_tokens over maxContext, zero max_tokens,
+        unknown deployment/replica, token ids outside the vocabulary, text
+        for a model without tokenizer, duplicate request id
+        RESOURCE_EXHAUSTED  every slot busy and the admission queue at its bound
+        DEADLINE_EXCEEDED   the request's deadline passed (it is dropped from the pipeline)
+        ABORTED             the pipeline stopped (halt, detected corruption) mid-request
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LinkPing(self, request, context):
+        """Latency probe: send `count` frames of `payload_bytes` over a Link stream to `peer`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +215,36 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.MarkChipFailed,
                     request_deserializer=protos_dot_agent__pb2.MarkChipFailedRequest.FromString,
                     response_serializer=protos_dot_agent__pb2.MarkChipFailedResponse.SerializeToString,
+            ),
+            'ConfigureReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfigureReplica,
+                    request_deserializer=protos_dot_agent__pb2.ConfigureReplicaRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.ConfigureReplicaResponse.SerializeToString,
+            ),
+            'StartEpoch': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartEpoch,
+                    request_deserializer=protos_dot_agent__pb2.StartEpochRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.StartEpochResponse.SerializeToString,
+            ),
+            'Halt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Halt,
+                    request_deserializer=protos_dot_agent__pb2.HaltRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.HaltResponse.SerializeToString,
+            ),
+            'RemoveReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveReplica,
+                    request_deserializer=protos_dot_agent__pb2.RemoveReplicaRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.RemoveReplicaResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_agent__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.GenerateResponse.SerializeToString,
+            ),
+            'LinkPing': grpc.unary_unary_rpc_method_handler(
+                    servicer.LinkPing,
+                    request_deserializer=protos_dot_agent__pb2.LinkPingRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.LinkPingResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -265,6 +382,168 @@ class Agent:
             '/lockstep.agent.v1.Agent/MarkChipFailed',
             protos_dot_agent__pb2.MarkChipFailedRequest.SerializeToString,
             protos_dot_agent__pb2.MarkChipFailedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfigureReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.agent.v1.Agent/ConfigureReplica',
+            protos_dot_agent__pb2.ConfigureReplicaRequest.SerializeToString,
+            protos_dot_agent__pb2.ConfigureReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartEpoch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.agent.v1.Agent/StartEpoch',
+            protos_dot_agent__pb2.StartEpochRequest.SerializeToString,
+            protos_dot_agent__pb2.StartEpochResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Halt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.agent.v1.Agent/Halt',
+            protos_dot_agent__pb2.HaltRequest.SerializeToString,
+            protos_dot_agent__pb2.HaltResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.agent.v1.Agent/RemoveReplica',
+            protos_dot_agent__pb2.RemoveReplicaRequest.SerializeToString,
+            protos_dot_agent__pb2.RemoveReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lockstep.agent.v1.Agent/Generate',
+            protos_dot_agent__pb2.GenerateRequest.SerializeToString,
+            protos_dot_agent__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkPing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.agent.v1.Agent/LinkPing',
+            protos_dot_agent__pb2.LinkPingRequest.SerializeToString,
+            protos_dot_agent__pb2.LinkPingResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -103,3 +103,15 @@ def test_eos_finishes_early() -> None:
     j.submit("a", (1,), 8)
     j.feed(0)
     assert j.on_token(0, 2).finished
+
+
+def test_a_cancelled_requests_token_is_dropped_when_it_comes_back() -> None:
+    from agents.journal import Journal
+
+    journal = Journal(slots=1, max_context=16, queue_limit=1)
+    journal.submit("a", (1, 2), 3)
+    feed = journal.feed(0)
+    assert feed is not None and feed.prefill
+    assert journal.cancel("a") and journal.cancelled(0) and not journal.idle
+    journal.drop_cancelled(0)
+    assert not journal.cancelled(0) and journal.idle

@@ -164,3 +164,28 @@ def test_divergence_names_the_tick() -> None:
     b[7] = (b[7][0], b"\x01" * 32)
     assert first_divergence(a, b) == a[7][0]
     assert first_divergence(a, a) is None
+
+
+def test_resume_from_a_later_tick_needs_no_frame_from_before_it() -> None:
+    """After `resume(epoch, tick)` every stage starts at `tick` with no upstream frame of an
+    earlier tick: stage s > 0 runs its first tick as a bubble, stage 0 runs P - S + 1 ticks
+    before the ring brings the last stage's first frame of the epoch back."""
+    ms = machines(2, 3, 2)  # period 3
+    for m in ms:
+        m.halt()
+        m.resume(epoch=1, tick=10)
+        for chip in sorted(m.chips):
+            m.confirm_ready(chip, 1)
+    head, tail = ms
+    for tick in (10, 11):
+        run = head.ready()
+        assert run is not None and run.tick == tick and run.input is None
+        head.complete(tick, b"h")
+    run = tail.ready()
+    assert run is not None and run.tick == 10 and run.input is None
+    tail.complete(10, b"t")
+    head.on_ack(10, 1)
+    assert head.ready() is None, "tick 12 waits for the last stage's tick 10"
+    head.on_frame(Frame(1, 10, None, b"t"))
+    run = head.ready()
+    assert run is not None and run.tick == 12 and run.input is not None

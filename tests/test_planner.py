@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -229,3 +230,47 @@ def test_custom_topology_object_works() -> None:
     topo = Topology(DEV, ("a", "b"), (2, 3))
     plan = make_plan(tiny_request(replicas=1, spares_per_rack=0), topo)
     assert all(c.split("/")[0] in ("a", "b") for c in plan.chips())
+
+
+@pytest.mark.parametrize(("stages", "tp"), [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (3, 4)])
+def test_exact_stage_count_on_whole_ops(stages: int, tp: int) -> None:
+    """pipelineStages gives exactly that many stages; the dev-whole-ops profile never cuts an
+    op, so every boundary falls between whole ops (the bit-identity contract's case)."""
+    tiny = MODEL_PRESETS["tiny-llama"]
+    request = PlanRequest(
+        "w",
+        tiny,
+        "fp16",
+        replicas=1,
+        max_context=64,
+        max_batch=4,
+        tensor_parallel=tp,
+        pipeline_stages=stages,
+        spread="none",
+        spares_per_rack=0,
+    )
+    plan = make_plan(request, preset_topology(1, "dev-whole-ops"))
+    ops = build_ops(tiny, "fp16")
+    assert plan.pipeline_stages == len(plan.stages) == stages
+    assert plan.stages[0].first.op == 0 and plan.stages[-1].last.op == len(ops) - 1
+    for before, after in itertools.pairwise(plan.stages):
+        assert after.first.op == before.last.op + 1
+    assert all(s.first.chunks == s.last.chunks == 1 for s in plan.stages)
+    chips = plan.chips()
+    assert len(set(chips)) == len(chips) == stages * tp
+    assert all(len({c.rsplit("/", 1)[0] for c in s.chips}) == 1 for s in plan.stages)
+    with pytest.raises(Unplaceable, match="at most 19"):
+        make_plan(
+            replace(request, pipeline_stages=len(ops) + 1), preset_topology(1, "dev-whole-ops")
+        )
+
+
+def test_more_stages_never_slow_the_bottleneck() -> None:
+    request = PlanRequest("m", model_preset("llama-3-8b"), "int8", 1, 4096, 8, tensor_parallel=1)
+    topo = preset_topology(2, "groq-rack")
+    fewest = make_plan(request, topo)
+    more = make_plan(replace(request, pipeline_stages=fewest.pipeline_stages + 10), topo)
+    assert more.pipeline_stages == fewest.pipeline_stages + 10
+    assert more.predicted.bottleneck_stage_ms <= fewest.predicted.bottleneck_stage_ms
+    with pytest.raises(Unplaceable, match="needs at least"):
+        make_plan(replace(request, pipeline_stages=fewest.pipeline_stages - 1), topo)

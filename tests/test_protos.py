@@ -5,7 +5,7 @@ from __future__ import annotations
 import filecmp
 from pathlib import Path
 
-from protos import agent_pb2, agent_pb2_grpc
+from protos import agent_pb2, agent_pb2_grpc, interconnect_pb2, interconnect_pb2_grpc
 from protos.generate import REPO_ROOT, generate
 
 
@@ -21,8 +21,13 @@ def test_generated_modules_import_as_a_package() -> None:
     service = agent_pb2.DESCRIPTOR.services_by_name["Agent"]
     assert service.full_name == "lockstep.agent.v1.Agent"
     assert {m.name for m in service.methods} == {
-        "LoadShard", "UnloadShard", "Status", "Execute", "MarkChipFailed"}
+        "LoadShard", "UnloadShard", "Status", "Execute", "MarkChipFailed",
+        "ConfigureReplica", "StartEpoch", "Halt", "RemoveReplica", "Generate", "LinkPing"}
     assert hasattr(agent_pb2_grpc, "AgentStub")
+    link = interconnect_pb2.DESCRIPTOR.services_by_name["Link"]
+    assert link.full_name == "lockstep.interconnect.v1.Link"
+    assert [m.name for m in link.methods] == ["Exchange"]
+    assert hasattr(interconnect_pb2_grpc, "LinkStub")
 
 
 def test_chunk_wire_format_is_what_the_agent_parses() -> None:

@@ -1,0 +1,390 @@
+"""The agent's pipeline RPCs: bind held shards to replica stages, run them, serve Generate.
+
+`ReplicaHost` keeps, per (deployment, replica), the `StageRunner`s of the stages this agent
+hosts. `ConfigureReplica` builds each stage's program from the shards its chips hold (a TP
+group — always inside one agent — steps as one `TensorParallelGroup`), joins consecutive
+stages of this agent with `LocalLink`s and opens a `GrpcLink` to the agent of any downstream
+stage elsewhere. Stages start only when `StartEpoch` brings every chip of the replica through
+the barrier. `Generate` enters at stage 0 and streams tokens as they come back round the ring.
+
+While a stage steps it holds its chips' execution locks and checks they are healthy and still
+hold their shards, so `UnloadShard` and `MarkChipFailed` never free weights under a running
+kernel, and a failed chip stops its stage with an error naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+from agents import executor
+from agents.executor import Activation, Sampling, Stepper, TensorParallelGroup
+from agents.interconnect import GrpcLink
+from agents.journal import Journal, JournalError, QueueFull
+from agents.loader import LoadError
+from agents.lockstep import Schedule
+from agents.pipeline import LocalLink, StageRunner
+from protos import agent_pb2
+
+log = logging.getLogger("lockstep.agent")
+DEFAULT_QUEUE_FACTOR = 4  # queue_limit 0 in ConfigureReplica: 4 x maxBatch may wait
+
+
+@dataclass
+class ChipGuard:
+    """A chip of a stage and the shard it must still hold while the stage steps."""
+
+    chip: Any  # agents.server.Chip (not imported: server imports this module)
+    shard_id: str
+    name: str
+
+
+class GuardedStepper:
+    """Steps a stage while holding its chips' execution locks (index order), refusing when
+    a chip failed or lost its shard."""
+
+    def __init__(self, inner: Stepper, guards: Sequence[ChipGuard]) -> None:
+        self.inner = inner
+        self.guards = sorted(guards, key=lambda g: g.chip.index)
+
+    def step(self, batch: Activation) -> Activation:
+        with ExitStack() as stack:
+            for guard in self.guards:
+                stack.enter_context(guard.chip.exec_lock)
+                if guard.chip.failed_reason is not None:
+                    raise executor.ExecutionError(
+                        f"chip {guard.name} failed: {guard.chip.failed_reason}"
+                    )
+                if guard.shard_id not in guard.chip.held:
+                    raise executor.ExecutionError(
+                        f"chip {guard.name} no longer holds shard {guard.shard_id[:12]}"
+                    )
+            return self.inner.step(batch)
+
+
+@dataclass
+class Replica:
+    deployment: str
+    replica: int
+    runners: dict[int, StageRunner]
+    chips: dict[int, tuple[int, str]]  # chip index -> (stage, chip name)
+    vocab_size: int
+
+
+def _invalid(message: str) -> LoadError:
+    return LoadError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class ReplicaHost:
+    """Every replica stage hosted by one agent (see the module docstring)."""
+
+    def __init__(self, chips: Sequence[Any], program_of: Any) -> None:
+        self.chips = chips
+        self.program_of = program_of  # (chip, held entry) -> StageProgram
+        self._lock = threading.Lock()
+        self._replicas: dict[tuple[str, int], Replica] = {}
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def resolve(self, deployment: str, replica: int, stage: int) -> StageRunner | None:
+        with self._lock:
+            found = self._replicas.get((deployment, replica))
+        return None if found is None else found.runners.get(stage)
+
+    def _replica(self, deployment: str, replica: int) -> Replica:
+        with self._lock:
+            found = self._replicas.get((deployment, replica))
+        if found is None:
+            raise _invalid(
+                f"deployment {deployment!r} replica {replica} is not configured on this agent"
+            )
+        return found
+
+    def chip_status(self, index: int) -> list[agent_pb2.PipelineStatus]:
+        """The chip's stage in every replica that binds it (sorted by deployment, replica)."""
+        with self._lock:
+            replicas = sorted(self._replicas.values(), key=lambda r: (r.deployment, r.replica))
+        out = []
+        for rep in replicas:
+            if index in rep.chips:
+                stage, _ = rep.chips[index]
+                st = rep.runners[stage].status()
+                out.append(
+                    agent_pb2.PipelineStatus(
+                        deployment=rep.deployment,
+                        replica=rep.replica,
+                        stage=stage,
+                        epoch=st.epoch,
+                        tick=st.tick,
+                        chain_head=st.chain_head,
+                        phase=st.phase,
+                        error=st.error,
+                    )
+                )
+        return out
+
+    # --- ConfigureReplica -----------------------------------------------------------------
+
+    def configure(self, req: agent_pb2.ConfigureReplicaRequest) -> list[str]:
+        key = (req.deployment, req.replica)
+        self._check_request(req)
+        with self._lock:
+            if key in self._replicas:
+                raise LoadError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"deployment {req.deployment!r} replica {req.replica} is "
+                    "already configured (RemoveReplica first)",
+                )
+        schedule = Schedule(req.stages, req.max_batch)
+        runners: dict[int, StageRunner] = {}
+        chips: dict[int, tuple[int, str]] = {}
+        vocab = 0
+        try:
+            vocab = self._build(req, schedule, runners, chips)
+            self._wire(req, runners)
+        except BaseException:
+            for runner in runners.values():
+                runner.close()
+            raise
+        with self._lock:
+            self._replicas[key] = Replica(req.deployment, req.replica, runners, chips, vocab)
+        for runner in runners.values():
+            runner.start()
+        return [name for a in req.assignments for name in a.chip_names]
+
+    def _build(
+        self,
+        req: agent_pb2.ConfigureReplicaRequest,
+        schedule: Schedule,
+        runners: dict[int, StageRunner],
+        chips: dict[int, tuple[int, str]],
+    ) -> int:
+        """One runner per assigned stage (not yet linked); returns the vocabulary size."""
+        vocab = 0
+        for a in req.assignments:
+            stepper, cfg = self._stepper(req, a)
+            vocab = cfg.vocab_size
+            queue_limit = req.queue_limit or DEFAULT_QUEUE_FACTOR * req.max_batch
+            eos = req.eos_token_id if req.HasField("eos_token_id") else None
+            runners[a.stage] = StageRunner(
+                label=f"{req.deployment}/replica-{req.replica}/stage-{a.stage} "
+                f"(chip {', '.join(a.chip_names)})",
+                stage=a.stage,
+                schedule=schedule,
+                window=req.window,
+                replica_chips=list(req.replica_chips),
+                stepper=stepper,
+                journal=Journal(req.max_batch, req.max_context, queue_limit, eos)
+                if a.stage == 0
+                else None,
+                vocab_size=cfg.vocab_size,
+                epoch=req.epoch,
+            )
+            chips |= {c: (a.stage, n) for c, n in zip(a.chips, a.chip_names, strict=True)}
+        return vocab
+
+    def _check_request(self, req: agent_pb2.ConfigureReplicaRequest) -> None:
+        if not req.deployment:
+            raise _invalid("deployment must not be empty")
+        if req.stages < 1 or req.max_batch < 1 or req.max_context < 2 or req.window < 1:
+            raise _invalid(
+                f"stages ({req.stages}), max_batch ({req.max_batch}) and window "
+                f"({req.window}) must be at least 1, max_context ({req.max_context})"
+                " at least 2"
+            )
+        if not req.assignments:
+            raise _invalid("no stage assignments")
+        seen = set()
+        for a in req.assignments:
+            if a.stage >= req.stages or a.stage in seen:
+                raise _invalid(f"stage {a.stage} is outside 0..{req.stages - 1} or assigned twice")
+            seen.add(a.stage)
+            if not a.chips or not len(a.chips) == len(a.shard_ids) == len(a.chip_names):
+                raise _invalid(
+                    f"stage {a.stage}: chips, shard_ids and chip_names must be "
+                    "non-empty and of equal length"
+                )
+            if not set(a.chip_names) <= set(req.replica_chips):
+                raise _invalid(
+                    f"stage {a.stage}: chips {list(a.chip_names)} are not all in replica_chips"
+                )
+
+    def _stepper(
+        self, req: agent_pb2.ConfigureReplicaRequest, a: agent_pb2.StageAssignment
+    ) -> tuple[Stepper, Any]:
+        guards, programs = [], []
+        for index, shard_id, name in zip(a.chips, a.shard_ids, a.chip_names, strict=True):
+            if index >= len(self.chips):
+                raise _invalid(f"chip {index} does not exist (chips 0..{len(self.chips) - 1})")
+            chip = self.chips[index]
+            with chip.lock:
+                chip.check_healthy(f"run stage {a.stage}")
+                entry = chip.held.get(shard_id)
+            if entry is None:
+                raise LoadError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"chip {index} ({name}) does not hold shard {shard_id[:64]!r}",
+                )
+            program = self.program_of(chip, entry)
+            serving = program.serving
+            if (
+                program.stage != a.stage
+                or serving.max_batch != req.max_batch
+                or serving.max_context != req.max_context
+            ):
+                raise LoadError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"chip {index} ({name}): shard {shard_id[:12]} is stage "
+                    f"{program.stage} for maxBatch {serving.max_batch}, maxContext "
+                    f"{serving.max_context}; asked to run stage {a.stage} with "
+                    f"{req.max_batch}/{req.max_context}",
+                )
+            guards.append(ChipGuard(chip, shard_id, name))
+            programs.append(program)
+        try:
+            inner = programs[0] if len(programs) == 1 else TensorParallelGroup(programs)
+        except executor.ExecutionError as exc:
+            raise LoadError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"stage {a.stage}: {exc}"
+            ) from None
+        if len(programs) == 1 and programs[0].tp_size != 1:
+            raise LoadError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stage {a.stage} is {programs[0].tp_size}-way tensor-parallel: "
+                "assign all its ranks' chips (a TP group runs inside one agent)",
+            )
+        return GuardedStepper(inner, guards), programs[0].cfg
+
+    def _wire(
+        self, req: agent_pb2.ConfigureReplicaRequest, runners: dict[int, StageRunner]
+    ) -> None:
+        by_stage = {a.stage: a for a in req.assignments}
+        for stage, runner in runners.items():
+            down = (stage + 1) % req.stages
+            seed = req.jitter_seed * 1000 + stage
+            address = by_stage[stage].downstream_address
+            if not address:
+                if down not in runners:
+                    raise _invalid(
+                        f"stage {stage}: its downstream stage {down} is not on this "
+                        "agent and no downstream_address was given"
+                    )
+                runner.connect(LocalLink(runners[down].on_frame, req.jitter_ms, seed))
+                runners[down].set_upstream(runner.on_ack, runner.fail)
+            else:
+                runner.connect(
+                    GrpcLink(
+                        address,
+                        req.deployment,
+                        req.replica,
+                        down,
+                        on_ack=runner.on_ack,
+                        on_error=runner.fail,
+                        jitter_ms=req.jitter_ms,
+                        seed=seed,
+                    )
+                )
+
+    # --- StartEpoch, Halt, RemoveReplica --------------------------------------------------
+
+    def start_epoch(self, req: agent_pb2.StartEpochRequest) -> bool:
+        rep = self._replica(req.deployment, req.replica)
+        running = True
+        for runner in rep.runners.values():
+            if req.epoch > runner.machine.epoch:
+                runner.resume(req.epoch, req.tick)
+            running = runner.confirm_ready(list(req.ready_chips), req.epoch) and running
+        return running
+
+    def halt(self, req: agent_pb2.HaltRequest) -> int:
+        rep = self._replica(req.deployment, req.replica)
+        return max(runner.halt() for runner in rep.runners.values())
+
+    def remove(self, deployment: str, replica: int) -> None:
+        with self._lock:
+            rep = self._replicas.pop((deployment, replica), None)
+        if rep is None:
+            raise _invalid(f"deployment {deployment!r} replica {replica} is not configured")
+        for runner in rep.runners.values():
+            runner.close()
+
+    def close(self) -> None:
+        with self._lock:
+            keys = list(self._replicas)
+        for key in keys:
+            self.remove(*key)
+
+    # --- Generate -----------------------------------------------------------------------------
+
+    def generate(
+        self, req: agent_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[agent_pb2.GenerateResponse]:
+        rep = self._replica(req.deployment, req.replica)
+        head = rep.runners.get(0)
+        if head is None:
+            raise _invalid(
+                f"this agent does not host stage 0 of {req.deployment!r} replica "
+                f"{req.replica}: send Generate to the agent that does"
+            )
+        if req.prompt_text and not req.prompt_ids:
+            raise _invalid("this model has no tokenizer: send prompt_ids (token ids)")
+        try:
+            stream = head.submit(
+                req.request_id,
+                list(req.prompt_ids),
+                req.max_tokens,
+                Sampling(req.temperature, req.seed),
+            )
+        except JournalError as exc:
+            raise _invalid(str(exc)) from None
+        except QueueFull as exc:
+            raise LoadError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        return self._stream_tokens(head, req, stream, context)
+
+    def _stream_tokens(
+        self,
+        head: StageRunner,
+        req: agent_pb2.GenerateRequest,
+        stream: Any,
+        context: grpc.ServicerContext,
+    ) -> Iterator[agent_pb2.GenerateResponse]:
+        finished = False
+
+        def on_done() -> None:
+            if not finished:
+                head.cancel(req.request_id)
+
+        context.add_callback(on_done)
+        context.send_initial_metadata((("lockstep-admitted", "1"),))  # queued: a slot or wait
+        remaining = context.time_remaining()
+        timeout = remaining if remaining is not None else None
+        if req.deadline_ms:
+            timeout = min(timeout or float("inf"), req.deadline_ms / 1e3)
+        try:
+            for out in head.tokens(stream, timeout):
+                if out.error is not None:
+                    context.abort(grpc.StatusCode.ABORTED, f"the pipeline stopped: {out.error}")
+                assert out.event is not None
+                finished = out.event.finished
+                logits = b""
+                if req.return_logits and out.logits is not None:
+                    logits = np.ascontiguousarray(out.logits, dtype="<f4").tobytes()
+                yield agent_pb2.GenerateResponse(
+                    request_id=req.request_id,
+                    token=out.event.token,
+                    index=out.event.index,
+                    finished=out.event.finished,
+                    logits=logits,
+                )
+        except TimeoutError:
+            head.cancel(req.request_id)
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.request_id!r} passed its deadline"
+            )

@@ -1,0 +1,305 @@
+"""Lockstep pipeline benchmark: link hop latency, and tokens/s through 1, 2, 4, 8 stages.
+
+In one run, on loopback:
+
+* hop latency: agent A sends 16 KiB frames (a typical activation) one at a time over a Link
+  stream to agent B (`LinkPing`), each waiting for its acknowledgement. The hop is send →
+  frame received and its checksum verified by B's link service, timed on the host-wide
+  monotonic clock both processes share; the round trip (frame + ack) is reported beside it.
+* serving: tiny-llama (seeded weights) re-cut into 1, 2, 4 and 8 whole-op stages, stage s on
+  agent A when s < S/2 else agent B (so the ring has in-process and network links), served
+  through `Generate` on stage 0's agent: one request, then maxBatch requests at once. The
+  single-process `ReferenceExecutor` generates the same requests in this process (one
+  request; and the batch as one batched `generate` call) for the ratio.
+* identity: every pipeline's tokens and logits (streamed with `return_logits`) are compared
+  bit for bit with the reference's; `bit_identical_to_reference` is computed here.
+
+Medians over `--reps`. Prints a table, then one JSON line (last). Both agents and this
+process share the machine's cores, so multi-stage figures include that contention.
+
+Run: `.venv/bin/python bench/lockstep.py [--reps 3] [--tokens 32] [--pings 2000]`.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[0] = str(ROOT)
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from agents import loader  # noqa: E402
+from agents.executor import ReferenceExecutor, Request, Sampling, generate  # noqa: E402
+from bench.shard_load import processes  # noqa: E402
+from orchestrator.compiler import compile_plan  # noqa: E402
+from orchestrator.serving import bring_up, configure_requests  # noqa: E402
+from orchestrator.weights import SeededWeights  # noqa: E402
+from placement.models import MODEL_PRESETS  # noqa: E402
+from placement.planner import PlanRequest, make_plan  # noqa: E402
+from placement.topology import preset_topology  # noqa: E402
+from protos import agent_pb2, agent_pb2_grpc  # noqa: E402
+
+TINY = MODEL_PRESETS["tiny-llama"]
+SEED, MAX_BATCH, MAX_CONTEXT = 3, 4, 128
+STAGE_COUNTS = (1, 2, 4, 8)
+PROMPT_LEN = 8
+
+
+def agent_args(node: str) -> tuple[str, ...]:
+    return (
+        "-m",
+        "agents.main",
+        "--node",
+        node,
+        "--chips",
+        "8",
+        "--profile",
+        "dev",
+        "--sram-bytes",
+        "96MiB",
+        "--listen",
+        "127.0.0.1:0",
+    )
+
+
+def prompts(n: int) -> list[tuple[int, ...]]:
+    return [
+        tuple((31 * i + 7 * j + 1) % TINY.vocab_size for j in range(PROMPT_LEN)) for i in range(n)
+    ]
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# --- hop latency -----------------------------------------------------------------------------
+
+
+def hop_latency(stubs: list[Any], addresses: list[str], pings: int, reps: int) -> dict[str, float]:
+    runs = []
+    for _ in range(reps):
+        reply = stubs[0].LinkPing(
+            agent_pb2.LinkPingRequest(peer=addresses[1], count=pings, payload_bytes=16 << 10),
+            timeout=300,
+        )
+        runs.append((list(reply.one_way_ms), list(reply.round_trip_ms)))
+    return {
+        "hop_p50_ms": statistics.median(percentile(o, 50) for o, _ in runs),
+        "hop_p99_ms": statistics.median(percentile(o, 99) for o, _ in runs),
+        "round_trip_p50_ms": statistics.median(percentile(r, 50) for _, r in runs),
+        "round_trip_p99_ms": statistics.median(percentile(r, 99) for _, r in runs),
+    }
+
+
+# --- serving ---------------------------------------------------------------------------------
+
+
+def deploy(
+    stages: int, stubs: list[Any], addresses: list[str], store: Path
+) -> tuple[str, list[str]]:
+    """Compile, load and start a replica of `stages` stages: its name, the agents used."""
+    name = f"s{stages}"
+    request = PlanRequest(
+        name,
+        TINY,
+        "fp16",
+        replicas=1,
+        max_context=MAX_CONTEXT,
+        max_batch=MAX_BATCH,
+        tensor_parallel=1,
+        pipeline_stages=stages,
+        spread="none",
+        spares_per_rack=0,
+    )
+    plan = make_plan(request, preset_topology(1, "dev-whole-ops"))
+    refs = compile_plan(plan, TINY, SEED, store)
+    half = max(1, stages // 2)
+    where = {
+        r.chip: (
+            addresses[0 if r.binding.stage < half or stages == 1 else 1],
+            r.binding.stage % half,
+        )
+        for r in refs
+    }
+    by_address = dict(zip(addresses, stubs, strict=True))
+    channels = {a: grpc.insecure_channel(a, options=loader.channel_options()) for a in addresses}
+    for ref in refs:
+        address, chip = where[ref.chip]
+        blob = ref.path.read_bytes()
+        messages = loader.load_messages(
+            loader.make_header(blob, chip, algorithm="blake3"), blob, 1 << 20
+        )
+        loader.send_load(channels[address], messages, timeout=120)
+    for channel in channels.values():
+        channel.close()
+    requests = configure_requests(plan, refs, where, window=2)
+    bring_up(by_address, requests)
+    return name, list(requests)
+
+
+def serve(
+    stub: Any, deployment: str, rid: str, prompt: tuple[int, ...], n: int
+) -> tuple[tuple[int, ...], np.ndarray]:
+    replies = list(
+        stub.Generate(
+            agent_pb2.GenerateRequest(
+                deployment=deployment,
+                request_id=rid,
+                prompt_ids=prompt,
+                max_tokens=n,
+                return_logits=True,
+            ),
+            timeout=300,
+        )
+    )
+    return (
+        tuple(r.token for r in replies),
+        np.stack([np.frombuffer(r.logits, dtype="<f4") for r in replies]),
+    )
+
+
+def timed_batch(
+    stub: Any, deployment: str, tag: str, batch: list[tuple[int, ...]], n: int
+) -> tuple[float, dict[int, tuple[tuple[int, ...], np.ndarray]]]:
+    results: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
+
+    def one(i: int) -> None:
+        results[i] = serve(stub, deployment, f"{tag}-{i}", batch[i], n)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(batch))]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started, results
+
+
+def reference_runs(
+    ref: ReferenceExecutor, batch: list[tuple[int, ...]], n: int, reps: int
+) -> tuple[dict[str, float], list[Any]]:
+    one, many = [], []
+    solo = [ref.generate(p, n) for p in batch]  # also warms up
+    for _ in range(reps):
+        started = time.perf_counter()
+        ref.generate(batch[0], n)
+        one.append(n / (time.perf_counter() - started))
+        started = time.perf_counter()
+        generate(ref.step, [Request(p, n, Sampling(), slot=i) for i, p in enumerate(batch)])
+        many.append(len(batch) * n / (time.perf_counter() - started))
+    return {"one": statistics.median(one), "batch": statistics.median(many)}, solo
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    batch = prompts(MAX_BATCH)
+    n = args.tokens
+    ref = ReferenceExecutor(
+        TINY, SeededWeights(TINY, SEED, "F16"), max_batch=MAX_BATCH, max_context=MAX_CONTEXT
+    )
+    ref_rates, solo = reference_runs(ref, batch, n, args.reps)
+    tokens_per_s: dict[str, dict[str, float]] = {"reference": ref_rates}
+    identical = True
+    with tempfile.TemporaryDirectory() as tmp, processes() as start:
+        started = [start(*agent_args(f"n{i}")) for i in range(2)]
+        addresses = [address for _, address in started]
+        channels = [grpc.insecure_channel(a) for a in addresses]
+        stubs = [agent_pb2_grpc.AgentStub(c) for c in channels]
+        hops = hop_latency(stubs, addresses, args.pings, args.reps)
+        for stages in STAGE_COUNTS:
+            name, used = deploy(stages, stubs, addresses, Path(tmp))
+            head = stubs[0]
+            serve(head, name, "warm", batch[0], 4)
+            one, many = [], []
+            for rep in range(args.reps):
+                t0 = time.perf_counter()
+                tokens, logits = serve(head, name, f"one-{rep}", batch[0], n)
+                one.append(n / (time.perf_counter() - t0))
+                identical &= (
+                    tokens == solo[0].tokens
+                    and logits.tobytes() == solo[0].logits.astype("<f4").tobytes()
+                )
+                seconds, results = timed_batch(head, name, f"b{rep}", batch, n)
+                many.append(len(batch) * n / seconds)
+                for i, (tokens, logits) in results.items():
+                    identical &= (
+                        tokens == solo[i].tokens
+                        and logits.tobytes() == solo[i].logits.astype("<f4").tobytes()
+                    )
+            tokens_per_s[f"{stages}_stages"] = {
+                "one": statistics.median(one),
+                "batch": statistics.median(many),
+            }
+            for address in used:
+                stubs[addresses.index(address)].RemoveReplica(
+                    agent_pb2.RemoveReplicaRequest(deployment=name), timeout=30
+                )
+        for channel in channels:
+            channel.close()
+    return {"hops": hops, "tokens_per_s": tokens_per_s, "identical": identical}
+
+
+def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    hops, rates = result["hops"], result["tokens_per_s"]
+    ref = rates["reference"]
+    print(
+        f"hop (16 KiB frame, one way): p50 {hops['hop_p50_ms']:.3f} ms, "
+        f"p99 {hops['hop_p99_ms']:.3f} ms; round trip p50 {hops['round_trip_p50_ms']:.3f} ms, "
+        f"p99 {hops['round_trip_p99_ms']:.3f} ms"
+    )
+    print(
+        f"{'pipeline':<12}{'1 request tok/s':>18}{'ratio':>8}"
+        f"{f'{MAX_BATCH} requests tok/s':>20}{'ratio':>8}"
+    )
+    ratios = {}
+    for key, value in rates.items():
+        ratio = {"one": value["one"] / ref["one"], "batch": value["batch"] / ref["batch"]}
+        if key != "reference":
+            ratios[key] = {k: round(v, 3) for k, v in ratio.items()}
+        print(
+            f"{key:<12}{value['one']:>18.1f}{ratio['one']:>8.2f}"
+            f"{value['batch']:>20.1f}{ratio['batch']:>8.2f}"
+        )
+    print(f"bit-identical to the reference: {result['identical']}")
+    return {
+        "bench": "lockstep",
+        "hop_p50_ms": round(hops["hop_p50_ms"], 4),
+        "hop_p99_ms": round(hops["hop_p99_ms"], 4),
+        "round_trip_p50_ms": round(hops["round_trip_p50_ms"], 4),
+        "round_trip_p99_ms": round(hops["round_trip_p99_ms"], 4),
+        "hop_target_p50_ms": 0.25,
+        "hop_p50_within_target": hops["hop_p50_ms"] <= 0.25,
+        "bit_identical_to_reference": result["identical"],
+        "tokens_per_s": {k: {m: round(x, 1) for m, x in v.items()} for k, v in rates.items()},
+        "ratio_vs_reference": ratios,
+        "max_batch": MAX_BATCH,
+        "tokens_per_request": args.tokens,
+        "reps": args.reps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--pings", type=int, default=2000)
+    args = parser.parse_args()
+    print(json.dumps(report(run(args), args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""The lockstep pipeline across agent processes: gRPC links, barrier, Generate, status.
+
+tiny-llama cut into 4 whole-op stages runs on two agents (stages 0-1 on one, 2-3 on the
+other), so the ring has in-process links (0→1, 2→3) and network links (1→2, and 3→0 back
+round the ring). Tokens and logits streamed by `Generate` must be bit-identical to the
+single-process reference executor.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import grpc
+import numpy as np
+import pytest
+from conftest_agents import AgentCluster, AgentProcess, load, wait_for
+
+from agents.executor import ReferenceExecutor, Sampling, plan_layout
+from agents.interconnect import EXCHANGE, frame_checksum
+from orchestrator.compiler import ShardRef, compile_plan
+from orchestrator.serving import bring_up, configure_requests
+from orchestrator.weights import SeededWeights
+from placement.models import MODEL_PRESETS
+from placement.plan import Plan
+from placement.planner import PlanRequest, make_plan
+from placement.topology import preset_topology
+from protos import agent_pb2, interconnect_pb2
+
+TINY = MODEL_PRESETS["tiny-llama"]
+SEED = 5
+DEPLOYMENT = "ring"
+
+
+@dataclass
+class Replica:
+    plan: Plan
+    refs: list[ShardRef]
+    agents: list[AgentProcess]
+    where: dict[str, tuple[str, int]]
+
+    @property
+    def head(self) -> AgentProcess:
+        return self.agents[0]
+
+
+def placement(refs: list[ShardRef], agents: list[AgentProcess]) -> dict[str, tuple[str, int]]:
+    """Stages 0-1 on the first agent, 2-3 on the second (chip index = stage % 2)."""
+    return {r.chip: (agents[r.binding.stage // 2].address, r.binding.stage % 2) for r in refs}
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    request = PlanRequest(
+        DEPLOYMENT,
+        TINY,
+        "fp16",
+        replicas=1,
+        max_context=64,
+        max_batch=4,
+        tensor_parallel=1,
+        spread="none",
+        spares_per_rack=0,
+    )
+    plan = make_plan(replace(request, pipeline_stages=4), preset_topology(1, "dev-whole-ops"))
+    refs = compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("store"))
+    cluster = AgentCluster()
+    try:
+        agents = [cluster.start(f"n{i}", extra=["--sram-bytes", "64MiB"]) for i in range(2)]
+        where = placement(refs, agents)
+        by_address = {a.address: a for a in agents}
+        for ref in refs:
+            address, chip = where[ref.chip]
+            load(by_address[address], ref.path.read_bytes(), chip)
+        stubs = {a.address: a.stub for a in agents}
+        bring_up(stubs, configure_requests(plan, refs, where, window=2))
+        yield Replica(plan, refs, agents, where)
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def reference() -> ReferenceExecutor:
+    return ReferenceExecutor(TINY, SeededWeights(TINY, SEED, "F16"), max_batch=4, max_context=64)
+
+
+def generate(
+    agent: AgentProcess,
+    rid: str,
+    prompt: tuple[int, ...],
+    n: int,
+    sampling: Sampling | None = None,
+    *,
+    deployment: str = DEPLOYMENT,
+    logits: bool = True,
+    timeout: float = 60,
+) -> tuple[tuple[int, ...], np.ndarray]:
+    sampling = sampling or Sampling()
+    request = agent_pb2.GenerateRequest(
+        deployment=deployment,
+        request_id=rid,
+        prompt_ids=prompt,
+        max_tokens=n,
+        temperature=sampling.temperature,
+        seed=sampling.seed,
+        return_logits=logits,
+    )
+    replies = list(agent.stub.Generate(request, timeout=timeout))
+    assert [r.index for r in replies] == list(range(n)) and replies[-1].finished
+    rows = [np.frombuffer(r.logits, dtype="<f4") for r in replies] if logits else []
+    return tuple(r.token for r in replies), np.stack(rows) if rows else np.zeros(0)
+
+
+def test_generate_is_bit_identical_to_the_reference(
+    replica: Replica, reference: ReferenceExecutor
+) -> None:
+    for rid, prompt, sampling in [
+        ("g", (5, 17, 1024, 3, 4000), Sampling()),
+        ("s", (9, 8, 7), Sampling(0.9, 77)),
+    ]:
+        tokens, logits = generate(replica.head, rid, prompt, 6, sampling)
+        expected = reference.generate(prompt, 6, sampling)
+        assert tokens == expected.tokens
+        assert logits.tobytes() == expected.logits.astype("<f4").tobytes()
+
+
+def test_concurrent_requests_equal_solo_runs(
+    replica: Replica, reference: ReferenceExecutor
+) -> None:
+    prompts = {f"c{i}": tuple(range(i + 1, 2 * i + 3)) for i in range(6)}
+    results: dict[str, tuple[int, ...]] = {}
+
+    def one(rid: str) -> None:
+        results[rid] = generate(replica.head, rid, prompts[rid], 4, logits=False)[0]
+
+    threads = [threading.Thread(target=one, args=(rid,)) for rid in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for rid, prompt in prompts.items():
+        assert results[rid] == reference.generate(prompt, 4).tokens, rid
+
+
+def test_status_shows_epoch_tick_and_chain_per_chip(replica: Replica) -> None:
+    generate(replica.head, "status", (1, 2, 3), 2, logits=False)
+    seen = []
+    for agent in replica.agents:
+        for chip in agent.status().chips[:2]:
+            (p,) = chip.pipelines
+            assert p.deployment == DEPLOYMENT and p.phase == "running" and p.error == ""
+            assert p.epoch == 0 and p.tick > 0 and len(p.chain_head) == 32
+            seen.append(p.stage)
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def invalid(agent: AgentProcess, **fields: object) -> grpc.RpcError:
+    request = agent_pb2.GenerateRequest(
+        **(
+            {"deployment": DEPLOYMENT, "request_id": "bad", "prompt_ids": [1, 2], "max_tokens": 2}
+            | fields
+        )
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        list(agent.stub.Generate(request, timeout=30))
+    return info.value
+
+
+def test_bad_requests_are_invalid_argument(replica: Replica) -> None:
+    for fields, words in [
+        ({"prompt_ids": []}, "empty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 63}, "maxContext"),
+        ({"deployment": "nope"}, "not configured"),
+        ({"prompt_ids": [], "prompt_text": "hi"}, "tokenizer"),
+        ({"prompt_ids": [TINY.vocab_size]}, "vocabulary"),
+    ]:
+        error = invalid(replica.head, **fields)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert words in str(error.details()), (fields, error.details())
+
+
+def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
+    """A second replica of the same shards, configured but never started: requests wait."""
+    requests = configure_requests(
+        replica.plan, replica.refs, replica.where, deployment="held", queue_limit=1
+    )
+    by_address = {a.address: a for a in replica.agents}
+    for address, request in requests.items():
+        by_address[address].stub.ConfigureReplica(request, timeout=30)
+    head = replica.head
+    try:
+        late = invalid(head, deployment="held", request_id="late", deadline_ms=300)
+        assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED, late.details()
+        calls = []
+        for i in range(5):  # 4 slots + 1 queued
+            call = head.stub.Generate(
+                agent_pb2.GenerateRequest(
+                    deployment="held", request_id=f"w{i}", prompt_ids=[1], max_tokens=1
+                ),
+                timeout=30,
+            )
+            call.initial_metadata()  # admitted
+            calls.append(call)
+        error = invalid(head, deployment="held", request_id="over")
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in calls:
+            call.cancel()
+
+        second = replica.agents[1]
+        frame = interconnect_pb2.LinkFrame(
+            deployment="held", to_stage=2, epoch=0, tick=0, slot=-1, payload=b"x"
+        )
+        frame.checksum = frame_checksum(frame) ^ 1
+        with pytest.raises(grpc.RpcError) as info:
+            list(
+                second.channel.stream_stream(
+                    EXCHANGE,
+                    request_serializer=interconnect_pb2.LinkFrame.SerializeToString,
+                    response_deserializer=interconnect_pb2.LinkAck.FromString,
+                )(iter([frame]), timeout=30)
+            )
+        assert info.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "tick 0" in str(info.value.details())
+        held = wait_for(
+            lambda: [
+                p
+                for c in second.status().chips
+                for p in c.pipelines
+                if p.deployment == "held" and p.error
+            ],
+            what="the corruption in status",
+        )[0]
+        assert "checksum" in held.error and replica.refs[2].chip in held.error
+    finally:
+        for address in requests:
+            by_address[address].stub.RemoveReplica(
+                agent_pb2.RemoveReplicaRequest(deployment="held"), timeout=30
+            )
+
+
+def test_halt_and_resume_at_a_new_epoch(replica: Replica, reference: ReferenceExecutor) -> None:
+    stubs = [a.stub for a in replica.agents]
+    last = max(
+        s.Halt(agent_pb2.HaltRequest(deployment=DEPLOYMENT), timeout=30).last_tick for s in stubs
+    )
+    ready = [r.chip for r in replica.refs]
+    for chips in ([], ready):  # every stage enters epoch 1, then the barrier opens
+        for stub in stubs:
+            reply = stub.StartEpoch(
+                agent_pb2.StartEpochRequest(
+                    deployment=DEPLOYMENT, epoch=1, tick=last + 1, ready_chips=chips
+                ),
+                timeout=30,
+            )
+            assert reply.running == bool(chips)
+    tokens, _ = generate(replica.head, "after", (3, 1, 4, 1, 5), 5, logits=False)
+    assert tokens == reference.generate((3, 1, 4, 1, 5), 5).tokens
+    for agent in replica.agents:
+        assert all(c.pipelines[0].epoch == 1 for c in agent.status().chips[:2])
+
+
+def settled_chains(replica: Replica, deployment: str) -> dict[int, tuple[int, bytes]] | None:
+    """Per stage (last tick, chain head) once the replica drained after its last request:
+    stage 0 stopped for lack of work, and stage s completed exactly s ticks more."""
+    found = {
+        p.stage: (p.tick, p.chain_head)
+        for a in replica.agents
+        for c in a.status().chips
+        for p in c.pipelines
+        if p.deployment == deployment
+    }
+    ticks = [found[s][0] for s in sorted(found)]
+    return found if all(t == ticks[0] + s for s, t in enumerate(ticks)) else None
+
+
+def test_jittered_network_links_change_no_token_and_no_chain(
+    replica: Replica, reference: ReferenceExecutor
+) -> None:
+    """Three fresh replicas of the same shards, every link (in-process and gRPC) delaying
+    frames by up to 3 ms with a different seed: same tokens, same chains on every chip."""
+    stubs = {a.address: a.stub for a in replica.agents}
+    work = [((5, 17, 1024), Sampling()), ((8, 9), Sampling(0.7, 3))]
+    runs = []
+    for seed in range(3):
+        name = f"jitter-{seed}"
+        requests = configure_requests(
+            replica.plan,
+            replica.refs,
+            replica.where,
+            deployment=name,
+            jitter_ms=3.0,
+            jitter_seed=seed,
+        )
+        bring_up(stubs, requests)
+        try:
+            tokens = [
+                generate(
+                    replica.head, f"{name}-{i}", prompt, 4, sampling, deployment=name, logits=False
+                )[0]
+                for i, (prompt, sampling) in enumerate(work)
+            ]
+            chains = wait_for(
+                lambda name=name: settled_chains(replica, name),
+                timeout=30,
+                what="the jittered replica to drain",
+            )
+            runs.append((tokens, chains))
+        finally:
+            for address in requests:
+                stubs[address].RemoveReplica(
+                    agent_pb2.RemoveReplicaRequest(deployment=name), timeout=30
+                )
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+    assert runs[0][0] == [reference.generate(p, 4, s).tokens for p, s in work]
+    assert all(tick > 8 for tick, _ in runs[0][1].values())
+
+
+def test_tensor_parallel_stages_across_agents(
+    replica: Replica, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """TP = 2, two stages: each stage's TP group inside one agent (chips 2-3), the stages on
+    different agents. Bit-identical to the reference run with the plan's layout; both chips
+    of a group report their stage's chain."""
+    request = PlanRequest(
+        "tp",
+        TINY,
+        "fp16",
+        replicas=1,
+        max_context=64,
+        max_batch=4,
+        tensor_parallel=2,
+        spread="none",
+        spares_per_rack=0,
+    )
+    plan = make_plan(replace(request, pipeline_stages=2), preset_topology(1, "dev-whole-ops"))
+    refs = compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("tp-store"))
+    agents = replica.agents
+    where = {r.chip: (agents[r.binding.stage].address, 2 + r.binding.tp_rank) for r in refs}
+    for ref in refs:
+        load(agents[ref.binding.stage], ref.path.read_bytes(), 2 + ref.binding.tp_rank)
+    stubs = {a.address: a.stub for a in agents}
+    requests = configure_requests(plan, refs, where)
+    bring_up(stubs, requests)
+    try:
+        layout = ReferenceExecutor(
+            TINY,
+            SeededWeights(TINY, SEED, "F16"),
+            max_batch=4,
+            max_context=64,
+            layout=plan_layout(TINY, plan),
+        )
+        tokens, logits = generate(agents[0], "tp-1", (4, 8, 15, 16), 5, deployment="tp")
+        expected = layout.generate((4, 8, 15, 16), 5)
+        assert tokens == expected.tokens
+        assert logits.tobytes() == expected.logits.astype("<f4").tobytes()
+        for agent in agents:
+            heads = {p.chain_head for c in agent.status().chips[2:4] for p in c.pipelines}
+            assert len(heads) == 1
+    finally:
+        for address in requests:
+            stubs[address].RemoveReplica(
+                agent_pb2.RemoveReplicaRequest(deployment="tp"), timeout=30
+            )
