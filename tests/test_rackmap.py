@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
-import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -180,13 +179,10 @@ def test_stale_plan_ids_are_reported_not_raised(small: tuple[Plan, Topology]) ->
     assert "not in this topology" in _texts(root)
 
 
-def test_largest_system_is_fast_and_small(big: tuple[Plan, Topology]) -> None:
+def test_largest_system_stays_small(big: tuple[Plan, Topology]) -> None:
     plan, topo = big
     topo = topo.with_states({ChipRef(3, 4, 2): ChipState.FAILED})
-    start = time.perf_counter()
     svg = render_rack_map(plan, topo)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0
     assert len(svg.encode("utf-8")) < 3_000_000
     chips = _chips(_parse(svg))
     assert len(chips) == topo.chip_count == 10_440
