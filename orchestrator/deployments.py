@@ -24,6 +24,7 @@ def plan_request_from_spec(spec: DeploymentSpec) -> PlanRequest:
         max_context=spec.max_context,
         max_batch=spec.max_batch,
         tensor_parallel=spec.tensor_parallel,
+        pipeline_stages=spec.pipeline_stages,
         spread=spec.spread,
         spares_per_rack=spec.spares_per_rack,
         racks=spec.racks,

@@ -29,9 +29,9 @@ Layers, each a reason for a class of error:
 
 Defaults (also in the schema's `default`s, so the Kubernetes API server applies the same ones):
 precision fp16, replicas 1, serving.maxContext 2048, serving.maxBatch 1,
-parallelism.tensorParallel auto, placement.spread rack, placement.sparesPerRack 1 (spare *nodes*
-kept per rack), placement.racks all racks (field absent), failover.maxRestarts 5,
-failover.backoffSeconds 1, metadata.namespace "default".
+parallelism.tensorParallel auto, parallelism.pipelineStages auto, placement.spread rack,
+placement.sparesPerRack 1 (spare *nodes* kept per rack), placement.racks all racks (field
+absent), failover.maxRestarts 5, failover.backoffSeconds 1, metadata.namespace "default".
 
 Relative `model.config` and `model.checkpoint` paths are resolved against the directory of the
 deployment file (like `kubectl -k` resolves paths against the kustomization), never against the
@@ -105,7 +105,8 @@ class DeploymentSpec:
     guarantee every invariant below. Constructing it directly (handy in tests of the reconciler
     or planner) skips validation; the defaults then match the schema's.
 
-    `tensor_parallel` None means "auto" (the planner chooses); `racks` None means every rack.
+    `tensor_parallel` and `pipeline_stages` None mean "auto" (the planner chooses); `racks`
+    None means every rack.
     `manifest` is the document with defaults applied and resolved paths, ready to be stored; it
     does not take part in equality or hashing.
     """
@@ -120,6 +121,7 @@ class DeploymentSpec:
     max_context: int = 2048
     max_batch: int = 1
     tensor_parallel: int | None = None
+    pipeline_stages: int | None = None
     spread: str = "rack"
     spares_per_rack: int = 1
     racks: tuple[str, ...] | None = None
@@ -159,7 +161,10 @@ class DeploymentSpec:
                 "parallelism": {
                     "tensorParallel": "auto"
                     if self.tensor_parallel is None
-                    else self.tensor_parallel
+                    else self.tensor_parallel,
+                    "pipelineStages": "auto"
+                    if self.pipeline_stages is None
+                    else self.pipeline_stages,
                 },
                 "placement": placement,
                 "failover": {
@@ -492,6 +497,12 @@ def _translate(err: ValidationError, ctx: _Context) -> list[SpecError]:
     if keyword == "maxItems":
         return [ctx.error(path, f"must have at most {value} items, got {len(instance)}")]
     if keyword == "anyOf":
+        # A value of the right type for one branch failed that branch's own rule (a range,
+        # an enum): say that, not "must be an integer or a string".
+        for sub in err.context or ():
+            branch = value[sub.relative_schema_path[0]]
+            if sub.validator != "type" and _validator().is_type(instance, branch.get("type")):
+                return _translate(sub, ctx)
         kinds = [b.get("type") for b in value if isinstance(b, dict)]
         if kinds and all(isinstance(k, str) for k in kinds):
             words = " or ".join(_TYPE_WORDS.get(str(k), str(k)) for k in kinds)
@@ -805,6 +816,7 @@ def _build(doc: dict[str, Any], source: str, result: _ModelCheck) -> DeploymentS
         model["checkpoint"] = result.checkpoint_path
     serving, placement, failover = spec["serving"], spec["placement"], spec["failover"]
     tp = spec["parallelism"]["tensorParallel"]
+    stages = spec["parallelism"]["pipelineStages"]
     racks = placement.get("racks")
     return DeploymentSpec(
         name=meta["name"],
@@ -817,6 +829,7 @@ def _build(doc: dict[str, Any], source: str, result: _ModelCheck) -> DeploymentS
         max_context=serving["maxContext"],
         max_batch=serving["maxBatch"],
         tensor_parallel=None if tp == "auto" else int(tp),
+        pipeline_stages=None if stages == "auto" else int(stages),
         spread=placement["spread"],
         spares_per_rack=placement["sparesPerRack"],
         racks=tuple(racks) if racks is not None else None,

@@ -702,7 +702,7 @@ def test_minimal_file_gets_every_default() -> None:
         "precision": "fp16",
         "replicas": 1,
         "serving": {"maxContext": 2048, "maxBatch": 1},
-        "parallelism": {"tensorParallel": "auto"},
+        "parallelism": {"tensorParallel": "auto", "pipelineStages": "auto"},
         "placement": {"spread": "rack", "sparesPerRack": 1},
         "failover": {"maxRestarts": 5, "backoffSeconds": 1},
     }
@@ -966,3 +966,26 @@ def test_random_text_raises_only_spec_error(text: str) -> None:
 @given(st.binary(max_size=200))
 def test_random_bytes_raise_only_spec_error(blob: bytes) -> None:
     parse_quietly(blob)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected", "fragment"),
+    [
+        ("auto", None, None),
+        ("12", 12, None),
+        ("0", None, "must be at least 1, got 0"),
+        ("100001", None, "must be at most 100000"),
+        ("many", None, "must be one of: auto; got 'many'"),
+        ("2.5", None, "must be an integer or a string, got 2.5"),
+    ],
+)
+def test_pipeline_stages(value: str, expected: int | None, fragment: str | None) -> None:
+    text = BASE.replace("    tensorParallel: auto\n",
+                        f"    tensorParallel: auto\n    pipelineStages: {value}\n")
+    if fragment is None:
+        assert parse_deployment(text, "p.yaml").pipeline_stages == expected
+        return
+    with pytest.raises(SpecError) as info:
+        parse_deployment(text, "p.yaml")
+    err = expect_one(info.value, "spec.parallelism.pipelineStages", 15, fragment)
+    assert err.file == "p.yaml"
