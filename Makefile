@@ -40,6 +40,7 @@ lint: $(DEV_STAMP)
 bench: $(RUNTIME_STAMP)
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/shard_load.py
+	$(BIN)/python bench/lockstep.py
 
 ## protos: regenerate protos/*_pb2*.py with the pinned grpcio-tools (a test fails when stale)
 protos: $(DEV_STAMP)
