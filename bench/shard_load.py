@@ -3,23 +3,36 @@
 One 256 MiB shard (a real safetensors blob) is sent, in the same run and interleaved rep by rep,
 
 * to an agent (`python -m agents.main`, one chip): LoadShard with BLAKE3 verification (the
-  default) and with sha256 verification, each followed by an (untimed) UnloadShard;
+  default) and with sha256 verification, each followed by an (untimed) UnloadShard, in
+  `loader.DEFAULT_CHUNK_BYTES` chunks (1 MiB);
+* to a "before" agent, for a before/after in the same run: the agent as it was before the
+  RSS fix — loaded in the former 4 MiB chunks (`--before-chunk-mib`) and with the heap trim
+  after large-chunk loads disabled (`loader.release_heap`);
 * as a bare gRPC client stream of the very same pre-framed messages to a sink servicer that
   only counts bytes (identity deserializer) — once with the agent's malloc tuning
-  (`agents.main.tune_malloc`: the like-for-like baseline, used for the ratio) and once with
-  glibc defaults (a literally trivial sink);
+  (`agents.main.tune_malloc`: the like-for-like baseline, used for the ratio; it also receives
+  the "before" messages, for the before ratio) and once with glibc defaults (a literally
+  trivial sink);
 * over a raw TCP socket to a process that `recv_into`s a reused buffer.
 
 Every receiver is its own process and the sender is another one, which pre-builds all messages
 before timing (so it is never the bottleneck: it reports its own CPU use). The first load into
 a fresh agent is "cold" (its SRAM arena pages are touched for the first time) and is reported
 separately; medians are over the warm repetitions. Then four agents are loaded at once (one
-sender thread each) for an aggregate figure. Agent peak RSS is VmHWM from /proc.
+sender thread each) for an aggregate figure. Agent peak RSS is VmHWM from /proc: after the
+first load (a single load's peak) and after all of them (the maximum over every repetition,
+which shows any creep of a long-running agent).
+
+CPU accounting: each path prints the cores its sender and its receiver used while it ran. On
+two cores shared by sender and receiver, a path's rate is about 2 / (CPU-seconds per GB on
+both sides) once both cores are busy, so the load-vs-bare ratio is bounded by the bare
+stream's CPU cost over the load's (which adds the copy into the arena and the digest); the
+`cpu` entry of the JSON gives core-seconds per GB per path.
 
 Targets (issue 3): load+verify ≥ 1.0 GB/s, ≥ 0.8 of the bare gRPC stream, agent peak RSS ≤
 shard size + 150 MB. The last line of output is one JSON object with the figures.
 
-Run: `.venv/bin/python bench/shard_load.py [--reps 5] [--size-mib 256]`.
+Run: `.venv/bin/python bench/shard_load.py [--reps 5] [--size-mib 256] [--chunk-mib 1]`.
 """
 
 from __future__ import annotations
@@ -57,23 +70,38 @@ GB = 1e9
 
 
 def run_grpc_sink(tuned: bool) -> None:
-    """A trivial servicer: count the bytes of a client stream (identity deserializer)."""
+    """A trivial servicer: count the bytes of a client stream (identity deserializer).
+
+    Tuned, it is the agent's like for like: its malloc tuning and its gRPC server options
+    (`agents.server.SERVER_OPTIONS`: message limits and, whatever they become, the flow-control
+    settings that decide how much the transport buffers).
+    """
+    options = [("grpc.max_receive_message_length", loader.MAX_MESSAGE_BYTES)]
     if tuned:
         from agents.main import tune_malloc
+        from agents.server import SERVER_OPTIONS
 
         tune_malloc()
+        options = list(SERVER_OPTIONS)
 
     def put(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         return str(sum(len(m) for m in requests)).encode()
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         options=[("grpc.max_receive_message_length", loader.MAX_MESSAGE_BYTES)])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "bench.Sink", {"Put": grpc.stream_unary_rpc_method_handler(put)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)
     server.wait_for_termination()
+
+
+def run_before_agent(argv: list[str]) -> None:
+    """The agent as it was before the heap trim at the end of a load (for before/after)."""
+    from agents import main as agent_main
+
+    loader.release_heap = lambda: False
+    sys.exit(agent_main.main(argv))
 
 
 def run_tcp_sink(capacity: int) -> None:
@@ -128,19 +156,23 @@ def run_sender(cfg: dict[str, Any]) -> None:
     """Run every timed trial; print one JSON object of samples."""
     blob = Path(cfg["blob"]).read_bytes()
     size = len(blob)
-    chunk = cfg["chunk_mib"] << 20
+    chunk, before_chunk = cfg["chunk_mib"] << 20, cfg["before_chunk_mib"] << 20
     b3 = loader.make_header(blob, 0, algorithm="blake3")
     sha = loader.make_header(blob, 0, algorithm="sha256", shard_id=b3.shard_id)
     messages = loader.load_messages(b3, blob, chunk)
     sha_messages = [loader.header_message(sha), *messages[1:]]
+    before_messages = loader.load_messages(b3, blob, before_chunk)
+    before_sha_messages = [loader.header_message(sha), *before_messages[1:]]
     options = loader.channel_options()
-    agent = grpc.insecure_channel(cfg["agent"], options=options)
-    stub = agent_pb2_grpc.AgentStub(agent)
+    agents = {name: grpc.insecure_channel(cfg[name], options=options)
+              for name in ("agent", "agent_before")}
+    stubs = {name: agent_pb2_grpc.AgentStub(channel) for name, channel in agents.items()}
     sinks = {name: grpc.insecure_channel(addr, options=options).stream_unary(SINK_METHOD)
              for name, addr in cfg["sinks"].items()}
     for put in sinks.values():
         put(iter(messages[:2]))  # connect and warm up the channel
-    stub.Status(agent_pb2.StatusRequest())
+    for stub in stubs.values():
+        stub.Status(agent_pb2.StatusRequest())
     unload = agent_pb2.UnloadShardRequest(chip=0, shard_id=b3.shard_id)
     samples: dict[str, list[dict[str, float]]] = {}
 
@@ -149,14 +181,20 @@ def run_sender(cfg: dict[str, Any]) -> None:
         sample["receiver_peak_rss_mb"] = peak_rss_mb(pid)
         samples.setdefault(name, []).append(sample)
 
+    def load(name: str, agent: str, stream: list[bytes]) -> None:
+        record(name, lambda: loader.send_load(agents[agent], stream), cfg["pids"][agent])
+        stubs[agent].UnloadShard(unload)
+
     pids = cfg["pids"]
     for _ in range(cfg["reps"] + 1):  # the first agent load is the cold one
-        record("load_blake3", lambda: loader.send_load(agent, messages), pids["agent"])
-        stub.UnloadShard(unload)
-        record("load_sha256", lambda: loader.send_load(agent, sha_messages), pids["agent"])
-        stub.UnloadShard(unload)
+        load("load_blake3", "agent", messages)
+        load("load_sha256", "agent", sha_messages)
+        load("before_load_blake3", "agent_before", before_messages)
+        load("before_load_sha256", "agent_before", before_sha_messages)
         for name, put in sinks.items():
             record(name, lambda put=put: put(iter(messages)), pids[name])
+        record("bare_grpc_before_chunks", lambda: sinks["bare_grpc"](iter(before_messages)),
+               pids["bare_grpc"])
         record("raw_tcp", lambda: _tcp_send(cfg["tcp"], blob, chunk), pids["raw_tcp"])
     aggregate = _aggregate(cfg["agents4"], messages, b3.shard_id, cfg["reps"], options)
     print(json.dumps({"size": size, "samples": samples, "aggregate": aggregate}), flush=True)
@@ -240,7 +278,7 @@ def make_blob(size_mib: int) -> bytes:
 
 
 def agent_args(node: str, sram_mib: int) -> tuple[str, ...]:
-    return ("-m", "agents.main", "--node", node, "--chips", "1", "--profile", "dev",
+    return ("--node", node, "--chips", "1", "--profile", "dev",
             "--sram-bytes", f"{sram_mib}MiB", "--listen", "127.0.0.1:0")
 
 
@@ -250,22 +288,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, processes() as start:
         blob_path = Path(tmp) / "shard.safetensors"
         blob_path.write_bytes(make_blob(args.size_mib))
-        agent, agent_addr = start(*agent_args("bench0", sram_mib))
+        agent, agent_addr = start("-m", "agents.main", *agent_args("bench0", sram_mib))
+        before, before_addr = start(me, "--role", "agent-before", "--",
+                                    *agent_args("before0", sram_mib))
         tuned, tuned_addr = start(me, "--role", "grpc-sink", "--tuned")
         plain, plain_addr = start(me, "--role", "grpc-sink")
         tcp, tcp_addr = start(me, "--role", "tcp-sink", "--size-mib", str(sram_mib))
-        agents4 = [start(*agent_args(f"bench{i + 1}", sram_mib)) for i in range(4)]
+        agents4 = [start("-m", "agents.main", *agent_args(f"bench{i + 1}", sram_mib))
+                   for i in range(4)]
         cfg = {
-            "blob": str(blob_path), "chunk_mib": args.chunk_mib, "reps": args.reps,
-            "agent": agent_addr, "tcp": tcp_addr, "agents4": [a for _, a in agents4],
+            "blob": str(blob_path), "chunk_mib": args.chunk_mib,
+            "before_chunk_mib": args.before_chunk_mib, "reps": args.reps,
+            "agent": agent_addr, "agent_before": before_addr, "tcp": tcp_addr,
+            "agents4": [a for _, a in agents4],
             "sinks": {"bare_grpc": tuned_addr, "bare_grpc_default": plain_addr},
-            "pids": {"agent": agent.pid, "bare_grpc": tuned.pid,
+            "pids": {"agent": agent.pid, "agent_before": before.pid, "bare_grpc": tuned.pid,
                      "bare_grpc_default": plain.pid, "raw_tcp": tcp.pid},
         }
         out = subprocess.run([sys.executable, me, "--role", "sender", "--config", json.dumps(cfg)],
                              cwd=ROOT, check=True, capture_output=True, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
         result["agent_peak_rss_mb"] = peak_rss_mb(agent.pid)
+        result["before_agent_peak_rss_mb"] = peak_rss_mb(before.pid)
         result["agents4_peak_rss_mb"] = max(peak_rss_mb(p.pid) for p, _ in agents4)
     return result
 
@@ -274,25 +318,45 @@ def median(samples: list[dict[str, float]], key: str = "gbps") -> float:
     return statistics.median(s[key] for s in samples)
 
 
+def cpu_per_gb(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Median cores used by each side and core-seconds per GB on both sides together."""
+    sender, receiver = median(samples, "sender_cores"), median(samples, "receiver_cores")
+    return {"sender_cores": round(sender, 2), "receiver_cores": round(receiver, 2),
+            "core_s_per_gb": round((sender + receiver) / median(samples), 3)}
+
+
 def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     samples, size = result["samples"], result["size"]
     warm = {name: runs[1:] for name, runs in samples.items()}
-    print(f"shard {size / (1 << 20):.1f} MiB, chunks {args.chunk_mib} MiB, "
-          f"{args.reps} warm repetitions (medians), sender in its own process")
-    print(f"{'path':22s} {'GB/s':>6s} {'sender cores':>13s} {'receiver cores':>15s}  samples")
+    print(f"shard {size / (1 << 20):.1f} MiB, chunks {args.chunk_mib} MiB (before: "
+          f"{args.before_chunk_mib} MiB), {args.reps} warm repetitions (medians), sender in its "
+          "own process")
+    print(f"{'path':24s} {'GB/s':>6s} {'sender cores':>13s} {'receiver cores':>15s} "
+          f"{'core-s/GB':>10s}  samples")
     for name, runs in warm.items():
-        print(f"{name:22s} {median(runs):6.2f} {median(runs, 'sender_cores'):13.2f} "
-              f"{median(runs, 'receiver_cores'):15.2f}  "
+        cpu = cpu_per_gb(runs)
+        print(f"{name:24s} {median(runs):6.2f} {cpu['sender_cores']:13.2f} "
+              f"{cpu['receiver_cores']:15.2f} {cpu['core_s_per_gb']:10.3f}  "
               + " ".join(f"{s['gbps']:.2f}" for s in runs))
-    pairs = zip(samples["load_blake3"], samples["load_sha256"], strict=True)
-    rss = [round(s["receiver_peak_rss_mb"]) for pair in pairs for s in pair]
+
+    def rss_after_each(prefix: str) -> list[int]:
+        pairs = zip(samples[prefix + "load_blake3"], samples[prefix + "load_sha256"],
+                    strict=True)
+        return [round(s["receiver_peak_rss_mb"]) for pair in pairs for s in pair]
+
+    rss, before_rss = rss_after_each(""), rss_after_each("before_")
     print(f"agent peak RSS (MiB) after each load, blake3/sha256 alternating: {rss}")
+    print(f"before (no trim, {args.before_chunk_mib} MiB chunks): {before_rss}")
     load, bare = median(warm["load_blake3"]), median(warm["bare_grpc"])
+    before_load = median(warm["before_load_blake3"])
+    before_bare = median(warm["bare_grpc_before_chunks"])
     agg = result["aggregate"]
     aggregate = statistics.median(4 * size / s / GB for s in agg[1:])
+    budget = size / (1 << 20) + 150
     summary = {
         "bench": "shard_load",
         "shard_mib": round(size / (1 << 20), 1),
+        "chunk_mib": args.chunk_mib,
         "reps": args.reps,
         "load_gbps": round(load, 3),
         "load_sha256_gbps": round(median(warm["load_sha256"]), 3),
@@ -303,22 +367,39 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "ratio_vs_bare_grpc": round(load / bare, 3),
         "ratio_vs_bare_grpc_default_malloc": round(load / median(warm["bare_grpc_default"]), 3),
         "ratio_vs_raw_tcp": round(load / median(warm["raw_tcp"]), 3),
+        "agent_first_load_peak_rss_mb": rss[0],
         "agent_peak_rss_mb": round(result["agent_peak_rss_mb"], 1),
-        "rss_budget_mb": round(size / (1 << 20) + 150, 1),
+        "rss_budget_mb": round(budget, 1),
         "aggregate_4_agents_gbps": round(aggregate, 3),
         "aggregate_4_agents_cold_gbps": round(4 * size / agg[0] / GB, 3),
         "agents4_peak_rss_mb": round(result["agents4_peak_rss_mb"], 1),
+        "cpu": {name: cpu_per_gb(warm[name])
+                for name in ("load_blake3", "load_sha256", "bare_grpc", "raw_tcp")},
+        "before": {
+            "chunk_mib": args.before_chunk_mib,
+            "heap_trim": False,
+            "load_gbps": round(before_load, 3),
+            "load_sha256_gbps": round(median(warm["before_load_sha256"]), 3),
+            "bare_grpc_gbps": round(before_bare, 3),
+            "ratio_vs_bare_grpc": round(before_load / before_bare, 3),
+            "agent_first_load_peak_rss_mb": before_rss[0],
+            "agent_peak_rss_mb": round(result["before_agent_peak_rss_mb"], 1),
+        },
     }
     print(f"agent load+verify+commit: {load:.2f} GB/s warm, {summary['cold_load_gbps']:.2f} "
           f"GB/s cold; {summary['ratio_vs_bare_grpc']:.2f} of bare gRPC (same malloc tuning), "
           f"{summary['ratio_vs_bare_grpc_default_malloc']:.2f} of a default-malloc sink")
-    print(f"agent peak RSS {summary['agent_peak_rss_mb']:.0f} MB (budget "
-          f"{summary['rss_budget_mb']:.0f} MB); 4 agents at once: {aggregate:.2f} GB/s "
-          f"aggregate warm, {summary['aggregate_4_agents_cold_gbps']:.2f} cold")
+    print(f"agent peak RSS: {rss[0]} MB after the first load, "
+          f"{summary['agent_peak_rss_mb']:.0f} MB over all {len(rss)} loads (budget "
+          f"{budget:.0f} MB); before: {before_rss[0]} / "
+          f"{summary['before']['agent_peak_rss_mb']:.0f} MB at {before_load:.2f} GB/s")
+    print(f"4 agents at once: {aggregate:.2f} GB/s aggregate warm, "
+          f"{summary['aggregate_4_agents_cold_gbps']:.2f} cold, peak RSS "
+          f"{summary['agents4_peak_rss_mb']:.0f} MB")
     summary["targets_met"] = {
         "load_ge_1gbps": load >= 1.0,
         "ratio_ge_0.8": load / bare >= 0.8,
-        "rss_within_budget": summary["agent_peak_rss_mb"] <= summary["rss_budget_mb"],
+        "rss_within_budget": summary["agent_peak_rss_mb"] <= budget,
     }
     return summary
 
@@ -327,9 +408,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--chunk-mib", type=int, default=4, choices=(1, 2, 4))
-    parser.add_argument("--role", choices=("grpc-sink", "tcp-sink", "sender"),
+    parser.add_argument("--chunk-mib", type=int, default=loader.DEFAULT_CHUNK_BYTES >> 20,
+                        choices=(1, 2, 4))
+    parser.add_argument("--before-chunk-mib", type=int, default=4, choices=(1, 2, 4),
+                        help="chunk size for the 'before' agent (the former default)")
+    parser.add_argument("--role", choices=("grpc-sink", "tcp-sink", "sender", "agent-before"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("agent_argv", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -339,6 +424,8 @@ def main() -> None:
         run_tcp_sink(args.size_mib << 20)
     elif args.role == "sender":
         run_sender(json.loads(args.config))
+    elif args.role == "agent-before":
+        run_before_agent(args.agent_argv)
     else:
         summary = report(run(args), args)
         print(json.dumps(summary), flush=True)

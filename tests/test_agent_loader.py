@@ -75,3 +75,54 @@ def test_receiver_verifies_size_and_digest(algorithm: str) -> None:
         over.write(memoryview(blob + b"!"))
     over.close()
     over.close()  # idempotent
+
+
+def test_default_chunks_are_small_and_within_the_protocol() -> None:
+    # 1 MiB: the low end of the 1-4 MiB the proto names (see "Memory" in agents/loader.py).
+    assert (1 << 20) <= loader.DEFAULT_CHUNK_BYTES <= loader.TRIM_AFTER_CHUNK_BYTES
+    assert loader.DEFAULT_CHUNK_BYTES <= 4 << 20 <= loader.MAX_CHUNK_BYTES
+    blob = b"z" * (3 * loader.DEFAULT_CHUNK_BYTES + 5)
+    stream = loader.load_messages(loader.make_header(blob, 0), blob)
+    assert len(stream) == 1 + 4
+    assert all(len(loader.chunk_payload(m)) <= loader.DEFAULT_CHUNK_BYTES for m in stream[1:])
+
+
+def test_release_heap_is_safe_to_call() -> None:
+    assert loader.release_heap() in (True, False)
+
+
+@pytest.mark.parametrize(("chunk", "trims"), [(loader.TRIM_AFTER_CHUNK_BYTES, 0),
+                                              (loader.TRIM_AFTER_CHUNK_BYTES + 1, 1)])
+def test_heap_is_trimmed_only_after_large_chunks(monkeypatch: pytest.MonkeyPatch, chunk: int,
+                                                 trims: int) -> None:
+    calls: list[None] = []
+    monkeypatch.setattr(loader, "release_heap", lambda: calls.append(None) or True)
+    blob = bytes(range(256)) * (2 * chunk // 256 + 1)
+    header = loader.validate_header(loader.make_header(blob, 0), 1)
+    for ending in ("finish", "close", "bad size"):
+        calls.clear()
+        receiver = loader.ShardReceiver(header, memoryview(bytearray(len(blob))))
+        for i in range(0, len(blob) - (ending == "bad size"), chunk):
+            receiver.write(memoryview(blob)[i : min(i + chunk, len(blob) - (ending == "bad size"))])
+        if ending == "close":
+            receiver.close()
+        elif ending == "bad size":
+            with pytest.raises(loader.LoadError, match="ended after"):
+                receiver.finish()
+        else:
+            assert receiver.finish() == header.digest
+        receiver.close()  # idempotent: at most one trim per load
+        assert len(calls) == trims, ending
+        assert receiver.trimmed == bool(trims)
+
+
+def test_receiver_lets_go_of_the_block_when_done() -> None:
+    # So `SramArena.free_block` can release the block's view at once (no BufferError).
+    blob = b"q" * 10_000
+    header = loader.validate_header(loader.make_header(blob, 0), 1)
+    target = bytearray(len(blob))
+    view = memoryview(target)
+    receiver = loader.ShardReceiver(header, view)
+    receiver.write(memoryview(blob))
+    assert receiver.finish() == header.digest and bytes(target) == blob
+    view.release()  # would raise BufferError if the receiver still exported it
