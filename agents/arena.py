@@ -83,8 +83,7 @@ class SramArena:
         self._lock = threading.Lock()
         self._accounted = 0
         self._region_size = _round_up(capacity, PAGE)
-        self._region = mmap.mmap(-1, self._region_size,
-                                 flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._region = mmap.mmap(-1, self._region_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         _advise_huge_pages(self._region)
         self._region_view = memoryview(self._region)
         # Free spans as sorted parallel lists of offsets and lengths.
@@ -102,8 +101,9 @@ class SramArena:
     def reserve(self, label: str, accounted: int, size: int) -> Block:
         """Account `accounted` bytes and allocate `size` writable bytes (≤ accounted)."""
         if size < 0 or accounted < size:
-            raise ValueError(f"a block accounts at least the bytes it stores ({accounted} < "
-                             f"{size})")
+            raise ValueError(
+                f"a block accounts at least the bytes it stores ({accounted} < {size})"
+            )
         with self._lock:
             if accounted > self.capacity - self._accounted:
                 raise ArenaExhausted(self.chip, label, accounted, self.free, self.capacity)
@@ -113,8 +113,7 @@ class SramArena:
             own = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             _advise_huge_pages(own)
             return Block(label, accounted, size, -1, memoryview(own)[:size], own)
-        return Block(label, accounted, size, offset,
-                     self._region_view[offset : offset + size])
+        return Block(label, accounted, size, offset, self._region_view[offset : offset + size])
 
     def free_block(self, block: Block) -> None:
         """Give a block's accounting and memory back (idempotent)."""

@@ -11,7 +11,7 @@ batches; anything that reduces (matrix products, norms, softmax) must go through
 
 Everything computes in float32; scalars are float32 too, so no float64 creeps into a result.
 BLAS must run single-threaded: a threaded gemv splits the output rows among threads, and a
-row's bits then depend on the split (see `agents.executor.pin_blas_threads`).
+row's bits then depend on the split (see `agents.blas_threads.pin_blas_threads`).
 """
 
 from __future__ import annotations
@@ -90,9 +90,7 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return out
 
 
-def mlp_partial(
-    xn: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray
-) -> np.ndarray:
+def mlp_partial(xn: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
     """Down-projection of the intermediate columns this weight slice holds (a partial sum)."""
     return matvec(down, swiglu(matvec(gate, xn), matvec(up, xn)))
 

@@ -144,12 +144,15 @@ def chunk_payload(message: bytes) -> memoryview:
     try:
         request = agent_pb2.LoadShardRequest.FromString(message)
     except DecodeError as exc:
-        raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"malformed LoadShardRequest message: {exc}") from None
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"malformed LoadShardRequest message: {exc}"
+        ) from None
     if request.WhichOneof("kind") != "chunk":
-        raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                        "expected a chunk message after the header, got "
-                        f"{request.WhichOneof('kind') or 'an empty message'}")
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "expected a chunk message after the header, got "
+            f"{request.WhichOneof('kind') or 'an empty message'}",
+        )
     return memoryview(request.chunk)
 
 
@@ -158,11 +161,13 @@ def parse_header_message(message: bytes) -> agent_pb2.LoadShardHeader:
     try:
         request = agent_pb2.LoadShardRequest.FromString(message)
     except DecodeError as exc:
-        raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"malformed LoadShardRequest header: {exc}") from None
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"malformed LoadShardRequest header: {exc}"
+        ) from None
     if request.WhichOneof("kind") != "header":
-        raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                        "the first LoadShard message must be the header")
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT, "the first LoadShard message must be the header"
+        )
     return request.header
 
 
@@ -206,22 +211,27 @@ def validate_header(raw: agent_pb2.LoadShardHeader, chips: int) -> ShardHeader:
         return LoadError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
     if not _HEX64.fullmatch(raw.shard_id):
-        raise bad(f"header.shard_id must be the blob's lowercase sha256 hex, got "
-                  f"{raw.shard_id[:80]!r}")
+        raise bad(
+            f"header.shard_id must be the blob's lowercase sha256 hex, got {raw.shard_id[:80]!r}"
+        )
     if raw.chip >= chips:
         raise bad(f"header.chip {raw.chip} does not exist (this node has chips 0..{chips - 1})")
     if raw.size_bytes <= 0:
         raise bad("header.size_bytes must be positive")
     algorithm = raw.digest_algorithm or "sha256"
     if algorithm not in DIGEST_ALGORITHMS:
-        raise bad(f"header.digest_algorithm {algorithm!r} is not one of "
-                  f"{', '.join(DIGEST_ALGORITHMS)}")
+        raise bad(
+            f"header.digest_algorithm {algorithm!r} is not one of {', '.join(DIGEST_ALGORITHMS)}"
+        )
     digest = raw.digest or (raw.shard_id if algorithm == "sha256" else "")
     if not _HEX64.fullmatch(digest):
-        raise bad(f"header.digest must be 64 lowercase hex digits of the {algorithm} digest, "
-                  f"got {raw.digest[:80]!r}")
-    return ShardHeader(raw.shard_id, raw.chip, raw.size_bytes, algorithm, digest, raw.virtual,
-                       raw.declared_bytes)
+        raise bad(
+            f"header.digest must be 64 lowercase hex digits of the {algorithm} digest, "
+            f"got {raw.digest[:80]!r}"
+        )
+    return ShardHeader(
+        raw.shard_id, raw.chip, raw.size_bytes, algorithm, digest, raw.virtual, raw.declared_bytes
+    )
 
 
 # --- heap release ----------------------------------------------------------------------------
@@ -273,8 +283,7 @@ class Digester:
         self._hash = new_hash(algorithm)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cancelled = False
-        self._thread = threading.Thread(target=self._run, name=f"digest-{algorithm}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"digest-{algorithm}", daemon=True)
         self._thread.start()
 
     def update(self, view: memoryview) -> None:
@@ -326,8 +335,10 @@ class ShardReceiver:
                 f" bytes but the stream carries more (at least {end})",
             )
         if len(payload) > MAX_CHUNK_BYTES:
-            raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}")
+            raise LoadError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}",
+            )
         np.copyto(self._target_array[start:end], np.frombuffer(payload, dtype=np.uint8))
         self._digester.update(self._target[start:end])
         self.largest_chunk = max(self.largest_chunk, len(payload))
@@ -392,15 +403,26 @@ def new_hash_hex(blob: bytes | memoryview, algorithm: str) -> str:
     return str(h.hexdigest())
 
 
-def make_header(blob: bytes | memoryview, chip: int, *, algorithm: str = "blake3",
-                virtual: bool = False, declared_bytes: int = 0,
-                shard_id: str | None = None) -> agent_pb2.LoadShardHeader:
+def make_header(
+    blob: bytes | memoryview,
+    chip: int,
+    *,
+    algorithm: str = "blake3",
+    virtual: bool = False,
+    declared_bytes: int = 0,
+    shard_id: str | None = None,
+) -> agent_pb2.LoadShardHeader:
     """A header for `blob`: its sha256 content address and the chosen verification digest."""
     sha = shard_id or new_hash_hex(blob, "sha256")
     digest = sha if algorithm == "sha256" else blob_digest(blob, algorithm)
     return agent_pb2.LoadShardHeader(
-        shard_id=sha, chip=chip, size_bytes=len(blob), digest_algorithm=algorithm,
-        digest=digest, virtual=virtual, declared_bytes=declared_bytes,
+        shard_id=sha,
+        chip=chip,
+        size_bytes=len(blob),
+        digest_algorithm=algorithm,
+        digest=digest,
+        virtual=virtual,
+        declared_bytes=declared_bytes,
     )
 
 
@@ -415,20 +437,33 @@ def file_digest(path: str | Path, algorithm: str) -> str:
     return str(h.hexdigest())
 
 
-def make_file_header(path: str | Path, chip: int, *, shard_id: str,
-                     algorithm: str = "blake3", virtual: bool = False,
-                     declared_bytes: int = 0) -> agent_pb2.LoadShardHeader:
+def make_file_header(
+    path: str | Path,
+    chip: int,
+    *,
+    shard_id: str,
+    algorithm: str = "blake3",
+    virtual: bool = False,
+    declared_bytes: int = 0,
+) -> agent_pb2.LoadShardHeader:
     """A header for a blob in the shard store (`shard_id` is its sha256 name there)."""
     digest = shard_id if algorithm == "sha256" else file_digest(path, algorithm)
     return agent_pb2.LoadShardHeader(
-        shard_id=shard_id, chip=chip, size_bytes=Path(path).stat().st_size,
-        digest_algorithm=algorithm, digest=digest, virtual=virtual,
+        shard_id=shard_id,
+        chip=chip,
+        size_bytes=Path(path).stat().st_size,
+        digest_algorithm=algorithm,
+        digest=digest,
+        virtual=virtual,
         declared_bytes=declared_bytes,
     )
 
 
-def load_messages(header: agent_pb2.LoadShardHeader, blob: bytes | memoryview,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
+def load_messages(
+    header: agent_pb2.LoadShardHeader,
+    blob: bytes | memoryview,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[bytes]:
     """The serialized stream for one load, pre-framed (build once, send many times)."""
     view = memoryview(blob)
     return [header_message(header)] + [
@@ -436,8 +471,9 @@ def load_messages(header: agent_pb2.LoadShardHeader, blob: bytes | memoryview,
     ]
 
 
-def file_messages(header: agent_pb2.LoadShardHeader, path: str | Path,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+def file_messages(
+    header: agent_pb2.LoadShardHeader, path: str | Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[bytes]:
     """The serialized stream for a blob on disk, read chunk by chunk (constant memory)."""
     yield header_message(header)
     with open(path, "rb") as f:
@@ -448,13 +484,15 @@ def file_messages(header: agent_pb2.LoadShardHeader, path: str | Path,
 def load_call(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
     """`LoadShard` taking pre-serialized request messages (identity serializer)."""
     return channel.stream_unary(
-        LOAD_METHOD, request_serializer=None,
+        LOAD_METHOD,
+        request_serializer=None,
         response_deserializer=agent_pb2.LoadShardResponse.FromString,
     )
 
 
-def send_load(channel: grpc.Channel, messages: Iterable[bytes], *,
-              timeout: float | None = None) -> agent_pb2.LoadShardResponse:
+def send_load(
+    channel: grpc.Channel, messages: Iterable[bytes], *, timeout: float | None = None
+) -> agent_pb2.LoadShardResponse:
     """Stream a load; raises `grpc.RpcError` with the agent's status on failure."""
     response: agent_pb2.LoadShardResponse = load_call(channel)(iter(messages), timeout=timeout)
     return response
@@ -462,5 +500,7 @@ def send_load(channel: grpc.Channel, messages: Iterable[bytes], *,
 
 def channel_options() -> list[tuple[str, int]]:
     """Channel options for loads: messages up to a chunk plus framing."""
-    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]

@@ -48,11 +48,13 @@ def tune_malloc() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return all((
-        mallopt(_M_ARENA_MAX, 1),
-        mallopt(_M_MMAP_THRESHOLD, 16 << 20),
-        mallopt(_M_TRIM_THRESHOLD, 16 << 20),
-    ))
+    return all(
+        (
+            mallopt(_M_ARENA_MAX, 1),
+            mallopt(_M_MMAP_THRESHOLD, 16 << 20),
+            mallopt(_M_TRIM_THRESHOLD, 16 << 20),
+        )
+    )
 
 
 def parse_bytes(text: str) -> int:
@@ -74,8 +76,15 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def run_agent(node: str, chips: int, profile: str, listen: str, *,
-              sram_bytes: int | None = None, load_idle_timeout: float = 60.0) -> int:
+def run_agent(
+    node: str,
+    chips: int,
+    profile: str,
+    listen: str,
+    *,
+    sram_bytes: int | None = None,
+    load_idle_timeout: float = 60.0,
+) -> int:
     """Serve one node's chips until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input.
 
     `sram_bytes` overrides the profile's SRAM per chip (tests and benchmarks that need a
@@ -88,8 +97,11 @@ def run_agent(node: str, chips: int, profile: str, listen: str, *,
         print(f"agent: {exc}", file=sys.stderr)
         return 2
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        logging.basicConfig(
+            level=logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        )
     tune_malloc()
     _pin_blas()
     stop = threading.Event()
@@ -113,7 +125,7 @@ def run_agent(node: str, chips: int, profile: str, listen: str, *,
 def _pin_blas() -> None:
     """Also pin OpenBLAS at run time, in case numpy was imported before this module."""
     with contextlib.suppress(ImportError):
-        from agents.executor import pin_blas_threads
+        from agents.blas_threads import pin_blas_threads
 
         pin_blas_threads()
 
@@ -144,25 +156,44 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         "agent",
         help="run a node agent: serve this node's chips over gRPC",
         description="Run a node agent. Prints 'listening on HOST:PORT' once serving; stops "
-                    "gracefully on SIGTERM/SIGINT.",
+        "gracefully on SIGTERM/SIGINT.",
     )
     parser.add_argument("--node", required=True, help="node name (as in the topology)")
     parser.add_argument("--chips", type=_chip_count, default=8, help="chips on this node")
-    parser.add_argument("--profile", default="dev", choices=profile_names(),
-                        help="chip profile: SRAM capacity per chip (default dev)")
-    parser.add_argument("--listen", default="127.0.0.1:0",
-                        help="HOST:PORT to serve on; port 0 picks a free port")
-    parser.add_argument("--sram-bytes", type=parse_bytes, default=None,
-                        help="override the profile's SRAM per chip, e.g. 300MiB")
-    parser.add_argument("--load-idle-timeout", type=_positive_seconds, default=60.0,
-                        help="cancel a load whose client sends nothing for this many seconds")
+    parser.add_argument(
+        "--profile",
+        default="dev",
+        choices=profile_names(),
+        help="chip profile: SRAM capacity per chip (default dev)",
+    )
+    parser.add_argument(
+        "--listen", default="127.0.0.1:0", help="HOST:PORT to serve on; port 0 picks a free port"
+    )
+    parser.add_argument(
+        "--sram-bytes",
+        type=parse_bytes,
+        default=None,
+        help="override the profile's SRAM per chip, e.g. 300MiB",
+    )
+    parser.add_argument(
+        "--load-idle-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        help="cancel a load whose client sends nothing for this many seconds",
+    )
     parser.set_defaults(handler=cmd_agent)
     return parser
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    return run_agent(args.node, args.chips, args.profile, args.listen,
-                     sram_bytes=args.sram_bytes, load_idle_timeout=args.load_idle_timeout)
+    return run_agent(
+        args.node,
+        args.chips,
+        args.profile,
+        args.listen,
+        sram_bytes=args.sram_bytes,
+        load_idle_timeout=args.load_idle_timeout,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ Roles by position in the ring:
   ring (the last stage's sampled token for this tick's slot; `journal.on_token`, and the token
   is streamed to the `Generate` caller), then asks the journal what to feed the slot: a whole
   prompt (prefill), one token (decode) or nothing (a bubble, an empty frame);
-* the last stage samples: greedy or seeded (`executor.sample_token`, indexed by the token's
+* the last stage samples: greedy or seeded (`agents.sampling.sample_token`, indexed by the token's
   sequence position, as the reference executor does) and sends token + logits row back;
 * a stage that is both (one stage) does both in one tick.
 
@@ -51,15 +51,17 @@ from typing import Protocol
 
 import numpy as np
 
-from agents.executor import Activation, ExecutionError, Sampling, Stepper, sample_token
+from agents.activation import Activation
+from agents.execution_error import ExecutionError
+from agents.executor import Stepper
 from agents.journal import Journal, JournalError, QueueFull, TokenEvent
 from agents.lockstep import GENESIS, Frame, Phase, ProtocolError, Schedule, StageMachine
+from agents.sampling import GREEDY, Sampling, sample_token
 
 log = logging.getLogger("lockstep.pipeline")
 
 SAMPLING = struct.Struct("<dQq")  # temperature, seed, sequence index of the token to sample
 TOKEN = struct.Struct("<q")
-GREEDY = Sampling()
 
 __all__ = [
     "JournalError",

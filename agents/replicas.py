@@ -24,13 +24,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from agents import executor
-from agents.executor import Activation, Sampling, Stepper, TensorParallelGroup
+from agents.activation import Activation
+from agents.execution_error import ExecutionError
+from agents.executor import Stepper, TensorParallelGroup
 from agents.interconnect import GrpcLink
 from agents.journal import Journal, JournalError, QueueFull
 from agents.loader import LoadError
 from agents.lockstep import Schedule
 from agents.pipeline import LocalLink, StageRunner
+from agents.sampling import Sampling
 from protos import agent_pb2
 
 log = logging.getLogger("lockstep.agent")
@@ -59,11 +61,9 @@ class GuardedStepper:
             for guard in self.guards:
                 stack.enter_context(guard.chip.exec_lock)
                 if guard.chip.failed_reason is not None:
-                    raise executor.ExecutionError(
-                        f"chip {guard.name} failed: {guard.chip.failed_reason}"
-                    )
+                    raise ExecutionError(f"chip {guard.name} failed: {guard.chip.failed_reason}")
                 if guard.shard_id not in guard.chip.held:
-                    raise executor.ExecutionError(
+                    raise ExecutionError(
                         f"chip {guard.name} no longer holds shard {guard.shard_id[:12]}"
                     )
             return self.inner.step(batch)
@@ -250,7 +250,7 @@ class ReplicaHost:
             programs.append(program)
         try:
             inner = programs[0] if len(programs) == 1 else TensorParallelGroup(programs)
-        except executor.ExecutionError as exc:
+        except ExecutionError as exc:
             raise LoadError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"stage {a.stage}: {exc}"
             ) from None

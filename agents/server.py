@@ -41,6 +41,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agents.arena import ArenaExhausted, Block, SramArena
+from agents.execution_error import ExecutionError
+from agents.executor import MANIFEST_KEY
 from agents.interconnect import SERVICE_NAME as LINK_SERVICE_NAME
 from agents.interconnect import LinkService, ping
 from agents.interconnect import handlers as link_handlers
@@ -59,7 +61,6 @@ from protos import agent_pb2
 log = logging.getLogger("lockstep.agent")
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
-MANIFEST_KEY = "lockstep.manifest"
 _R = TypeVar("_R")
 
 
@@ -99,16 +100,19 @@ class Chip:
 
     def check_healthy(self, action: str) -> None:
         if self.failed_reason is not None:
-            raise LoadError(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"chip {self.index} is failed ({self.failed_reason}): cannot "
-                            f"{action}")
+            raise LoadError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"chip {self.index} is failed ({self.failed_reason}): cannot {action}",
+            )
 
     def usage(self) -> str:
         """What occupies the chip, for error messages; call with `lock` held."""
         used = sum(e.header.reserved_bytes for e in self.held.values())
         loading = sum(f.receiver.header.reserved_bytes for f in self.loading.values())
-        return (f"chip {self.index} holds {len(self.held)} shard(s) ({used} bytes) and has "
-                f"{len(self.loading)} load(s) in flight ({loading} bytes)")
+        return (
+            f"chip {self.index} holds {len(self.held)} shard(s) ({used} bytes) and has "
+            f"{len(self.loading)} load(s) in flight ({loading} bytes)"
+        )
 
     def snapshot(self) -> agent_pb2.ChipStatus:
         """Status of the chip; call with `lock` held."""
@@ -116,27 +120,38 @@ class Chip:
         loading = sum(f.receiver.header.reserved_bytes for f in self.loading.values())
         return agent_pb2.ChipStatus(
             chip=self.index,
-            health=(agent_pb2.CHIP_HEALTH_FAILED if self.failed_reason is not None
-                    else agent_pb2.CHIP_HEALTH_HEALTHY),
+            health=(
+                agent_pb2.CHIP_HEALTH_FAILED
+                if self.failed_reason is not None
+                else agent_pb2.CHIP_HEALTH_HEALTHY
+            ),
             failure_reason=self.failed_reason or "",
             sram_capacity_bytes=self.arena.capacity,
             sram_used_bytes=used,
             sram_loading_bytes=loading,
             sram_free_bytes=self.arena.free,
             shards=[_held_message(e) for e in self.held.values()],
-            loads=[agent_pb2.LoadProgress(
-                shard_id=f.receiver.header.shard_id, bytes_loaded=f.receiver.bytes_loaded,
-                bytes_total=f.receiver.header.size_bytes,
-                reserved_bytes=f.receiver.header.reserved_bytes,
-            ) for f in self.loading.values()],
+            loads=[
+                agent_pb2.LoadProgress(
+                    shard_id=f.receiver.header.shard_id,
+                    bytes_loaded=f.receiver.bytes_loaded,
+                    bytes_total=f.receiver.header.size_bytes,
+                    reserved_bytes=f.receiver.header.reserved_bytes,
+                )
+                for f in self.loading.values()
+            ],
         )
 
 
 def _held_message(entry: HeldEntry) -> agent_pb2.HeldShard:
     h = entry.header
     return agent_pb2.HeldShard(
-        shard_id=h.shard_id, size_bytes=h.size_bytes, reserved_bytes=h.reserved_bytes,
-        virtual=h.virtual, digest_algorithm=h.algorithm, digest=entry.digest,
+        shard_id=h.shard_id,
+        size_bytes=h.size_bytes,
+        reserved_bytes=h.reserved_bytes,
+        virtual=h.virtual,
+        digest_algorithm=h.algorithm,
+        digest=entry.digest,
         loaded_unix_ms=entry.loaded_unix_ms,
     )
 
@@ -169,8 +184,15 @@ class AgentService:
     that stalls mid-stream and would otherwise hold its reservation forever.
     """
 
-    def __init__(self, node: str, profile: str, chips: int, sram_bytes: int, *,
-                 load_idle_timeout: float = 60.0) -> None:
+    def __init__(
+        self,
+        node: str,
+        profile: str,
+        chips: int,
+        sram_bytes: int,
+        *,
+        load_idle_timeout: float = 60.0,
+    ) -> None:
         if chips < 1:
             raise ValueError(f"a node needs at least one chip, got {chips}")
         self.node = node
@@ -202,26 +224,35 @@ class AgentService:
                     stalled = [f for f in chip.loading.values() if f.touched < deadline]
                 for flight in stalled:
                     flight.idle = True
-                    log.warning("chip %d: %s idle for %.1f s, cancelling", chip.index,
-                                flight.receiver.header.label, self.load_idle_timeout)
+                    log.warning(
+                        "chip %d: %s idle for %.1f s, cancelling",
+                        chip.index,
+                        flight.receiver.header.label,
+                        self.load_idle_timeout,
+                    )
                     flight.context.cancel()
 
     def _chip(self, index: int) -> Chip:
         if index >= len(self.chips):
-            raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"chip {index} does not exist (chips 0..{len(self.chips) - 1})")
+            raise LoadError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"chip {index} does not exist (chips 0..{len(self.chips) - 1})",
+            )
         return self.chips[index]
 
     # --- LoadShard ------------------------------------------------------------------------
 
     @_rpc
-    def LoadShard(self, requests: Iterator[bytes], context: grpc.ServicerContext
-                  ) -> agent_pb2.LoadShardResponse:
+    def LoadShard(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> agent_pb2.LoadShardResponse:
         started = time.perf_counter()
         first = next(requests, None)
         if first is None:
-            raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                            "empty LoadShard stream: the first message must be the header")
+            raise LoadError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "empty LoadShard stream: the first message must be the header",
+            )
         header = validate_header(parse_header_message(first), len(self.chips))
         chip = self.chips[header.chip]
         flight = self._begin_load(chip, header, context)
@@ -237,8 +268,13 @@ class AgentService:
         finally:
             if not committed:
                 self._abort_load(chip, header, flight)
-        log.info("chip %d: loaded %s (%d bytes) in %.3f s", chip.index, header.label,
-                 header.size_bytes, time.perf_counter() - started)
+        log.info(
+            "chip %d: loaded %s (%d bytes) in %.3f s",
+            chip.index,
+            header.label,
+            header.size_bytes,
+            time.perf_counter() - started,
+        )
         return _response(header, entry, started, already=False)
 
     def _receive(self, chip: Chip, flight: InFlight, requests: Iterator[bytes]) -> None:
@@ -252,39 +288,45 @@ class AgentService:
                 flight.receiver.write(chunk_payload(message))
         except grpc.RpcError:
             if flight.idle:
-                raise LoadError(grpc.StatusCode.CANCELLED,
-                                f"chip {chip.index}: {header.label}: no data for "
-                                f"{self.load_idle_timeout} s, load cancelled") from None
+                raise LoadError(
+                    grpc.StatusCode.CANCELLED,
+                    f"chip {chip.index}: {header.label}: no data for "
+                    f"{self.load_idle_timeout} s, load cancelled",
+                ) from None
             raise
 
-    def _begin_load(self, chip: Chip, header: ShardHeader, context: grpc.ServicerContext
-                    ) -> HeldEntry | InFlight:
+    def _begin_load(
+        self, chip: Chip, header: ShardHeader, context: grpc.ServicerContext
+    ) -> HeldEntry | InFlight:
         """Reserve SRAM and register the load; the held entry if the chip already has it."""
         with chip.lock:
             chip.check_healthy("load " + header.label)
             held = chip.held.get(header.shard_id)
             if held is not None:
                 if held.header.size_bytes != header.size_bytes:
-                    raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"chip {chip.index} holds {header.label} with "
-                                    f"{held.header.size_bytes} bytes; the header says "
-                                    f"{header.size_bytes}")
+                    raise LoadError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"chip {chip.index} holds {header.label} with "
+                        f"{held.header.size_bytes} bytes; the header says "
+                        f"{header.size_bytes}",
+                    )
                 return held
             if header.shard_id in chip.loading:
-                raise LoadError(grpc.StatusCode.ABORTED,
-                                f"chip {chip.index}: {header.label} is already being loaded")
+                raise LoadError(
+                    grpc.StatusCode.ABORTED,
+                    f"chip {chip.index}: {header.label} is already being loaded",
+                )
             try:
-                block = chip.arena.reserve(header.label, header.reserved_bytes,
-                                           header.size_bytes)
+                block = chip.arena.reserve(header.label, header.reserved_bytes, header.size_bytes)
             except ArenaExhausted as exc:
-                raise LoadError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; {chip.usage()}"
-                                ) from None
+                raise LoadError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; {chip.usage()}"
+                ) from None
             flight = InFlight(ShardReceiver(header, block.view), block, context)
             chip.loading[header.shard_id] = flight
         return flight
 
-    def _commit(self, chip: Chip, header: ShardHeader, flight: InFlight, digest: str
-                ) -> HeldEntry:
+    def _commit(self, chip: Chip, header: ShardHeader, flight: InFlight, digest: str) -> HeldEntry:
         with chip.lock:
             chip.check_healthy("commit " + header.label)
             entry = HeldEntry(header, flight.block, digest, int(time.time() * 1000))
@@ -302,8 +344,9 @@ class AgentService:
     # --- UnloadShard, Status, MarkChipFailed ----------------------------------------------
 
     @_rpc
-    def UnloadShard(self, request: agent_pb2.UnloadShardRequest,
-                    context: grpc.ServicerContext) -> agent_pb2.UnloadShardResponse:
+    def UnloadShard(
+        self, request: agent_pb2.UnloadShardRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.UnloadShardResponse:
         chip = self._chip(request.chip)
         with chip.exec_lock, chip.lock:
             entry = chip.held.pop(request.shard_id, None)
@@ -315,8 +358,9 @@ class AgentService:
         return agent_pb2.UnloadShardResponse(freed_bytes=entry.header.reserved_bytes)
 
     @_rpc
-    def Status(self, request: agent_pb2.StatusRequest, context: grpc.ServicerContext
-               ) -> agent_pb2.StatusResponse:
+    def Status(
+        self, request: agent_pb2.StatusRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.StatusResponse:
         chips = []
         for chip in self.chips:
             with chip.lock:
@@ -326,8 +370,9 @@ class AgentService:
         return agent_pb2.StatusResponse(node=self.node, profile=self.profile, chips=chips)
 
     @_rpc
-    def MarkChipFailed(self, request: agent_pb2.MarkChipFailedRequest,
-                       context: grpc.ServicerContext) -> agent_pb2.MarkChipFailedResponse:
+    def MarkChipFailed(
+        self, request: agent_pb2.MarkChipFailedRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.MarkChipFailedResponse:
         chip = self._chip(request.chip)
         with chip.exec_lock, chip.lock:
             lost = list(chip.held)
@@ -340,16 +385,21 @@ class AgentService:
                     chip.arena.free_block(entry.block)
                 chip.held.clear()
             status = chip.snapshot()
-        log.warning("chip %d: %s", chip.index,
-                    "recovered" if request.recover else f"failed ({chip.failed_reason})")
+        log.warning(
+            "chip %d: %s",
+            chip.index,
+            "recovered" if request.recover else f"failed ({chip.failed_reason})",
+        )
         return agent_pb2.MarkChipFailedResponse(chip=status, shards_lost=lost)
 
     # --- Execute --------------------------------------------------------------------------
 
     @_rpc
-    def Execute(self, request: agent_pb2.ExecuteRequest, context: grpc.ServicerContext
-                ) -> agent_pb2.ExecuteResponse:
+    def Execute(
+        self, request: agent_pb2.ExecuteRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.ExecuteResponse:
         from agents import executor
+        from agents.activation import Activation
 
         chip = self._chip(request.chip)
         started = time.perf_counter()
@@ -361,13 +411,14 @@ class AgentService:
                     raise _not_held(chip, request.shard_id)
             program = _program_of(chip, entry, executor)
             try:
-                batch = executor.Activation.from_bytes(request.activation)
+                batch = Activation.from_bytes(request.activation)
                 output = program.step(batch).to_bytes()
-            except executor.ExecutionError as exc:
-                raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"chip {chip.index}: {entry.header.label}: {exc}") from None
-        return agent_pb2.ExecuteResponse(activation=output,
-                                         seconds=time.perf_counter() - started)
+            except ExecutionError as exc:
+                raise LoadError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"chip {chip.index}: {entry.header.label}: {exc}",
+                ) from None
+        return agent_pb2.ExecuteResponse(activation=output, seconds=time.perf_counter() - started)
 
     # --- the lockstep pipeline (agents.replicas) ---------------------------------------------
 
@@ -434,64 +485,80 @@ def _build_program(chip: Chip, entry: HeldEntry) -> Any:
 def _program_of(chip: Chip, entry: HeldEntry, executor: Any) -> Any:
     """The shard's stage program, built on first use (weights are views into the arena)."""
     if entry.header.virtual:
-        raise LoadError(grpc.StatusCode.FAILED_PRECONDITION,
-                        f"chip {chip.index}: {entry.header.label} is virtual (manifest only): it "
-                        f"accounts {entry.header.reserved_bytes} bytes of SRAM but has no "
-                        "weights to execute")
+        raise LoadError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"chip {chip.index}: {entry.header.label} is virtual (manifest only): it "
+            f"accounts {entry.header.reserved_bytes} bytes of SRAM but has no "
+            "weights to execute",
+        )
     if entry.program is None:
         try:
             entry.program = executor.load_shard(entry.block.view)
-        except executor.ExecutionError as exc:
-            raise LoadError(grpc.StatusCode.FAILED_PRECONDITION,
-                            f"chip {chip.index}: {entry.header.label} cannot run: {exc}"
-                            ) from None
+        except ExecutionError as exc:
+            raise LoadError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"chip {chip.index}: {entry.header.label} cannot run: {exc}",
+            ) from None
     return entry.program
 
 
 def _not_held(chip: Chip, shard_id: str) -> LoadError:
     loading = " (a load of it is in progress)" if shard_id in chip.loading else ""
-    return LoadError(grpc.StatusCode.NOT_FOUND,
-                     f"chip {chip.index} does not hold shard {shard_id[:64]!r}{loading}")
+    return LoadError(
+        grpc.StatusCode.NOT_FOUND,
+        f"chip {chip.index} does not hold shard {shard_id[:64]!r}{loading}",
+    )
 
 
-def _response(header: ShardHeader, entry: HeldEntry, started: float, *, already: bool
-              ) -> agent_pb2.LoadShardResponse:
+def _response(
+    header: ShardHeader, entry: HeldEntry, started: float, *, already: bool
+) -> agent_pb2.LoadShardResponse:
     return agent_pb2.LoadShardResponse(
-        shard_id=header.shard_id, chip=header.chip, already_loaded=already,
+        shard_id=header.shard_id,
+        chip=header.chip,
+        already_loaded=already,
         bytes_received=0 if already else header.size_bytes,
-        reserved_bytes=entry.header.reserved_bytes, digest_algorithm=entry.header.algorithm,
-        digest=entry.digest, seconds=time.perf_counter() - started,
+        reserved_bytes=entry.header.reserved_bytes,
+        digest_algorithm=entry.header.algorithm,
+        digest=entry.digest,
+        seconds=time.perf_counter() - started,
         message="already loaded" if already else "loaded and verified",
     )
 
 
 def _check_blob(header: ShardHeader, view: memoryview) -> None:
     """The blob must be safetensors; a manifest, if any, must agree with the header."""
-    from agents.executor import ExecutionError, parse_header
+    from agents.safetensors_codec import parse_header
 
     try:
         parsed = parse_header(view, len(view))
     except ExecutionError as exc:
-        raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"chip {header.chip}: {header.label}: {exc}") from None
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"chip {header.chip}: {header.label}: {exc}"
+        ) from None
     raw = parsed.metadata.get(MANIFEST_KEY)
     if raw is None:
         return
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"chip {header.chip}: {header.label}: manifest is not JSON: {exc}"
-                        ) from None
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"chip {header.chip}: {header.label}: manifest is not JSON: {exc}",
+        ) from None
     if "virtual" in manifest and bool(manifest["virtual"]) != header.virtual:
-        raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"chip {header.chip}: {header.label}: header says virtual="
-                        f"{header.virtual}, the manifest says {bool(manifest['virtual'])}")
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"chip {header.chip}: {header.label}: header says virtual="
+            f"{header.virtual}, the manifest says {bool(manifest['virtual'])}",
+        )
     declared = manifest.get("declared_bytes")
     if header.virtual and isinstance(declared, int) and header.declared_bytes < declared:
-        raise LoadError(grpc.StatusCode.INVALID_ARGUMENT,
-                        f"chip {header.chip}: {header.label}: header declares "
-                        f"{header.declared_bytes} bytes, the manifest {declared}")
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"chip {header.chip}: {header.label}: header declares "
+            f"{header.declared_bytes} bytes, the manifest {declared}",
+        )
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -500,36 +567,58 @@ def _check_blob(header: ShardHeader, view: memoryview) -> None:
 def _handlers(service: AgentService) -> grpc.GenericRpcHandler:
     def unary(name: str, request_type: Any, response_type: Any) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
-            getattr(service, name), request_deserializer=request_type.FromString,
-            response_serializer=response_type.SerializeToString)
+            getattr(service, name),
+            request_deserializer=request_type.FromString,
+            response_serializer=response_type.SerializeToString,
+        )
 
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        "LoadShard": grpc.stream_unary_rpc_method_handler(
-            service.LoadShard, request_deserializer=None,
-            response_serializer=agent_pb2.LoadShardResponse.SerializeToString),
-        "UnloadShard": unary("UnloadShard", agent_pb2.UnloadShardRequest,
-                             agent_pb2.UnloadShardResponse),
-        "Status": unary("Status", agent_pb2.StatusRequest, agent_pb2.StatusResponse),
-        "Execute": unary("Execute", agent_pb2.ExecuteRequest, agent_pb2.ExecuteResponse),
-        "MarkChipFailed": unary("MarkChipFailed", agent_pb2.MarkChipFailedRequest,
-                                agent_pb2.MarkChipFailedResponse),
-        "ConfigureReplica": unary("ConfigureReplica", agent_pb2.ConfigureReplicaRequest,
-                                  agent_pb2.ConfigureReplicaResponse),
-        "StartEpoch": unary("StartEpoch", agent_pb2.StartEpochRequest,
-                            agent_pb2.StartEpochResponse),
-        "Halt": unary("Halt", agent_pb2.HaltRequest, agent_pb2.HaltResponse),
-        "RemoveReplica": unary("RemoveReplica", agent_pb2.RemoveReplicaRequest,
-                               agent_pb2.RemoveReplicaResponse),
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            service.Generate, request_deserializer=agent_pb2.GenerateRequest.FromString,
-            response_serializer=agent_pb2.GenerateResponse.SerializeToString),
-        "LinkPing": unary("LinkPing", agent_pb2.LinkPingRequest, agent_pb2.LinkPingResponse),
-    })
+    return grpc.method_handlers_generic_handler(
+        SERVICE_NAME,
+        {
+            "LoadShard": grpc.stream_unary_rpc_method_handler(
+                service.LoadShard,
+                request_deserializer=None,
+                response_serializer=agent_pb2.LoadShardResponse.SerializeToString,
+            ),
+            "UnloadShard": unary(
+                "UnloadShard", agent_pb2.UnloadShardRequest, agent_pb2.UnloadShardResponse
+            ),
+            "Status": unary("Status", agent_pb2.StatusRequest, agent_pb2.StatusResponse),
+            "Execute": unary("Execute", agent_pb2.ExecuteRequest, agent_pb2.ExecuteResponse),
+            "MarkChipFailed": unary(
+                "MarkChipFailed", agent_pb2.MarkChipFailedRequest, agent_pb2.MarkChipFailedResponse
+            ),
+            "ConfigureReplica": unary(
+                "ConfigureReplica",
+                agent_pb2.ConfigureReplicaRequest,
+                agent_pb2.ConfigureReplicaResponse,
+            ),
+            "StartEpoch": unary(
+                "StartEpoch", agent_pb2.StartEpochRequest, agent_pb2.StartEpochResponse
+            ),
+            "Halt": unary("Halt", agent_pb2.HaltRequest, agent_pb2.HaltResponse),
+            "RemoveReplica": unary(
+                "RemoveReplica", agent_pb2.RemoveReplicaRequest, agent_pb2.RemoveReplicaResponse
+            ),
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                service.Generate,
+                request_deserializer=agent_pb2.GenerateRequest.FromString,
+                response_serializer=agent_pb2.GenerateResponse.SerializeToString,
+            ),
+            "LinkPing": unary("LinkPing", agent_pb2.LinkPingRequest, agent_pb2.LinkPingResponse),
+        },
+    )
 
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Cap gRPC's read-ahead during a load: bandwidth probing grows the flow-control window on
+    # a long-lived connection and buffered messages pile up in the heap while the copy and
+    # digest lag (measured: per-load peak RSS stepping 350 -> 402 MiB over 100 loads by
+    # default, flat at 340-356 MiB with these, same throughput).
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 8 << 20),
     # A fixed --listen port must not be silently shared by two agents.
     ("grpc.so_reuseport", 0),
     # Notice clients that vanished without closing (a broken stream frees its reservation).
@@ -556,18 +645,21 @@ class AgentServer:
         self.service.close()
 
 
-def start_server(service: AgentService, listen: str, *, max_workers: int | None = None
-                 ) -> AgentServer:
+def start_server(
+    service: AgentService, listen: str, *, max_workers: int | None = None
+) -> AgentServer:
     """Bind `listen` (HOST:PORT, port 0 = any free port), start serving, return the port."""
     workers = max_workers or max(16, 2 * len(service.chips) + 8)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
-                                                    thread_name_prefix="agent-rpc"),
-                         options=SERVER_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
+        options=SERVER_OPTIONS,
+    )
     server.add_generic_rpc_handlers((_handlers(service), link_handlers(service.links)))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, LINK_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (SERVICE_NAME, LINK_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")

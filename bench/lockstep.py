@@ -44,7 +44,8 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from agents import loader  # noqa: E402
-from agents.executor import ReferenceExecutor, Request, Sampling, generate  # noqa: E402
+from agents.executor import ReferenceExecutor  # noqa: E402
+from agents.sampling import Request, Sampling, generate  # noqa: E402
 from bench.shard_load import processes  # noqa: E402
 from orchestrator.compiler import compile_plan  # noqa: E402
 from orchestrator.serving import bring_up, configure_requests  # noqa: E402

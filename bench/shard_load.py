@@ -88,8 +88,13 @@ def run_grpc_sink(tuned: bool) -> None:
         return str(sum(len(m) for m in requests)).encode()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=options)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "bench.Sink", {"Put": grpc.stream_unary_rpc_method_handler(put)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bench.Sink", {"Put": grpc.stream_unary_rpc_method_handler(put)}
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)
@@ -147,9 +152,11 @@ def timed(fn: Callable[[], Any], receiver_pid: int, size: int) -> dict[str, floa
     rx0, tx0, t0 = cpu_seconds(receiver_pid), time.process_time(), time.perf_counter()
     fn()
     elapsed = time.perf_counter() - t0
-    return {"gbps": size / elapsed / GB,
-            "sender_cores": (time.process_time() - tx0) / elapsed,
-            "receiver_cores": (cpu_seconds(receiver_pid) - rx0) / elapsed}
+    return {
+        "gbps": size / elapsed / GB,
+        "sender_cores": (time.process_time() - tx0) / elapsed,
+        "receiver_cores": (cpu_seconds(receiver_pid) - rx0) / elapsed,
+    }
 
 
 def run_sender(cfg: dict[str, Any]) -> None:
@@ -164,11 +171,15 @@ def run_sender(cfg: dict[str, Any]) -> None:
     before_messages = loader.load_messages(b3, blob, before_chunk)
     before_sha_messages = [loader.header_message(sha), *before_messages[1:]]
     options = loader.channel_options()
-    agents = {name: grpc.insecure_channel(cfg[name], options=options)
-              for name in ("agent", "agent_before")}
+    agents = {
+        name: grpc.insecure_channel(cfg[name], options=options)
+        for name in ("agent", "agent_before")
+    }
     stubs = {name: agent_pb2_grpc.AgentStub(channel) for name, channel in agents.items()}
-    sinks = {name: grpc.insecure_channel(addr, options=options).stream_unary(SINK_METHOD)
-             for name, addr in cfg["sinks"].items()}
+    sinks = {
+        name: grpc.insecure_channel(addr, options=options).stream_unary(SINK_METHOD)
+        for name, addr in cfg["sinks"].items()
+    }
     for put in sinks.values():
         put(iter(messages[:2]))  # connect and warm up the channel
     for stub in stubs.values():
@@ -193,8 +204,11 @@ def run_sender(cfg: dict[str, Any]) -> None:
         load("before_load_sha256", "agent_before", before_sha_messages)
         for name, put in sinks.items():
             record(name, lambda put=put: put(iter(messages)), pids[name])
-        record("bare_grpc_before_chunks", lambda: sinks["bare_grpc"](iter(before_messages)),
-               pids["bare_grpc"])
+        record(
+            "bare_grpc_before_chunks",
+            lambda: sinks["bare_grpc"](iter(before_messages)),
+            pids["bare_grpc"],
+        )
         record("raw_tcp", lambda: _tcp_send(cfg["tcp"], blob, chunk), pids["raw_tcp"])
     aggregate = _aggregate(cfg["agents4"], messages, b3.shard_id, cfg["reps"], options)
     print(json.dumps({"size": size, "samples": samples, "aggregate": aggregate}), flush=True)
@@ -212,8 +226,13 @@ def _tcp_send(address: str, blob: bytes, chunk: int) -> None:
             raise ConnectionError("TCP sink did not acknowledge")
 
 
-def _aggregate(addresses: list[str], messages: list[bytes], shard_id: str, reps: int,
-               options: list[tuple[str, int]]) -> list[float]:
+def _aggregate(
+    addresses: list[str],
+    messages: list[bytes],
+    shard_id: str,
+    reps: int,
+    options: list[tuple[str, int]],
+) -> list[float]:
     """Seconds to load the shard into every agent at once, one sender thread each."""
     channels = [grpc.insecure_channel(a, options=options) for a in addresses]
     stubs = [agent_pb2_grpc.AgentStub(c) for c in channels]
@@ -239,8 +258,13 @@ def processes() -> Iterator[Callable[..., tuple[subprocess.Popen[str], str]]]:
     started: list[subprocess.Popen[str]] = []
 
     def start(*args: str) -> tuple[subprocess.Popen[str], str]:
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         started.append(proc)
         assert proc.stdout is not None
         line = proc.stdout.readline().strip()
@@ -278,8 +302,18 @@ def make_blob(size_mib: int) -> bytes:
 
 
 def agent_args(node: str, sram_mib: int) -> tuple[str, ...]:
-    return ("--node", node, "--chips", "1", "--profile", "dev",
-            "--sram-bytes", f"{sram_mib}MiB", "--listen", "127.0.0.1:0")
+    return (
+        "--node",
+        node,
+        "--chips",
+        "1",
+        "--profile",
+        "dev",
+        "--sram-bytes",
+        f"{sram_mib}MiB",
+        "--listen",
+        "127.0.0.1:0",
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,24 +323,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         blob_path = Path(tmp) / "shard.safetensors"
         blob_path.write_bytes(make_blob(args.size_mib))
         agent, agent_addr = start("-m", "agents.main", *agent_args("bench0", sram_mib))
-        before, before_addr = start(me, "--role", "agent-before", "--",
-                                    *agent_args("before0", sram_mib))
+        before, before_addr = start(
+            me, "--role", "agent-before", "--", *agent_args("before0", sram_mib)
+        )
         tuned, tuned_addr = start(me, "--role", "grpc-sink", "--tuned")
         plain, plain_addr = start(me, "--role", "grpc-sink")
         tcp, tcp_addr = start(me, "--role", "tcp-sink", "--size-mib", str(sram_mib))
-        agents4 = [start("-m", "agents.main", *agent_args(f"bench{i + 1}", sram_mib))
-                   for i in range(4)]
+        agents4 = [
+            start("-m", "agents.main", *agent_args(f"bench{i + 1}", sram_mib)) for i in range(4)
+        ]
         cfg = {
-            "blob": str(blob_path), "chunk_mib": args.chunk_mib,
-            "before_chunk_mib": args.before_chunk_mib, "reps": args.reps,
-            "agent": agent_addr, "agent_before": before_addr, "tcp": tcp_addr,
+            "blob": str(blob_path),
+            "chunk_mib": args.chunk_mib,
+            "before_chunk_mib": args.before_chunk_mib,
+            "reps": args.reps,
+            "agent": agent_addr,
+            "agent_before": before_addr,
+            "tcp": tcp_addr,
             "agents4": [a for _, a in agents4],
             "sinks": {"bare_grpc": tuned_addr, "bare_grpc_default": plain_addr},
-            "pids": {"agent": agent.pid, "agent_before": before.pid, "bare_grpc": tuned.pid,
-                     "bare_grpc_default": plain.pid, "raw_tcp": tcp.pid},
+            "pids": {
+                "agent": agent.pid,
+                "agent_before": before.pid,
+                "bare_grpc": tuned.pid,
+                "bare_grpc_default": plain.pid,
+                "raw_tcp": tcp.pid,
+            },
         }
-        out = subprocess.run([sys.executable, me, "--role", "sender", "--config", json.dumps(cfg)],
-                             cwd=ROOT, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, me, "--role", "sender", "--config", json.dumps(cfg)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         result = json.loads(out.strip().splitlines()[-1])
         result["agent_peak_rss_mb"] = peak_rss_mb(agent.pid)
         result["before_agent_peak_rss_mb"] = peak_rss_mb(before.pid)
@@ -321,27 +371,35 @@ def median(samples: list[dict[str, float]], key: str = "gbps") -> float:
 def cpu_per_gb(samples: list[dict[str, float]]) -> dict[str, float]:
     """Median cores used by each side and core-seconds per GB on both sides together."""
     sender, receiver = median(samples, "sender_cores"), median(samples, "receiver_cores")
-    return {"sender_cores": round(sender, 2), "receiver_cores": round(receiver, 2),
-            "core_s_per_gb": round((sender + receiver) / median(samples), 3)}
+    return {
+        "sender_cores": round(sender, 2),
+        "receiver_cores": round(receiver, 2),
+        "core_s_per_gb": round((sender + receiver) / median(samples), 3),
+    }
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     samples, size = result["samples"], result["size"]
     warm = {name: runs[1:] for name, runs in samples.items()}
-    print(f"shard {size / (1 << 20):.1f} MiB, chunks {args.chunk_mib} MiB (before: "
-          f"{args.before_chunk_mib} MiB), {args.reps} warm repetitions (medians), sender in its "
-          "own process")
-    print(f"{'path':24s} {'GB/s':>6s} {'sender cores':>13s} {'receiver cores':>15s} "
-          f"{'core-s/GB':>10s}  samples")
+    print(
+        f"shard {size / (1 << 20):.1f} MiB, chunks {args.chunk_mib} MiB (before: "
+        f"{args.before_chunk_mib} MiB), {args.reps} warm repetitions (medians), sender in its "
+        "own process"
+    )
+    print(
+        f"{'path':24s} {'GB/s':>6s} {'sender cores':>13s} {'receiver cores':>15s} "
+        f"{'core-s/GB':>10s}  samples"
+    )
     for name, runs in warm.items():
         cpu = cpu_per_gb(runs)
-        print(f"{name:24s} {median(runs):6.2f} {cpu['sender_cores']:13.2f} "
-              f"{cpu['receiver_cores']:15.2f} {cpu['core_s_per_gb']:10.3f}  "
-              + " ".join(f"{s['gbps']:.2f}" for s in runs))
+        print(
+            f"{name:24s} {median(runs):6.2f} {cpu['sender_cores']:13.2f} "
+            f"{cpu['receiver_cores']:15.2f} {cpu['core_s_per_gb']:10.3f}  "
+            + " ".join(f"{s['gbps']:.2f}" for s in runs)
+        )
 
     def rss_after_each(prefix: str) -> list[int]:
-        pairs = zip(samples[prefix + "load_blake3"], samples[prefix + "load_sha256"],
-                    strict=True)
+        pairs = zip(samples[prefix + "load_blake3"], samples[prefix + "load_sha256"], strict=True)
         return [round(s["receiver_peak_rss_mb"]) for pair in pairs for s in pair]
 
     rss, before_rss = rss_after_each(""), rss_after_each("before_")
@@ -373,8 +431,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "aggregate_4_agents_gbps": round(aggregate, 3),
         "aggregate_4_agents_cold_gbps": round(4 * size / agg[0] / GB, 3),
         "agents4_peak_rss_mb": round(result["agents4_peak_rss_mb"], 1),
-        "cpu": {name: cpu_per_gb(warm[name])
-                for name in ("load_blake3", "load_sha256", "bare_grpc", "raw_tcp")},
+        "cpu": {
+            name: cpu_per_gb(warm[name])
+            for name in ("load_blake3", "load_sha256", "bare_grpc", "raw_tcp")
+        },
         "before": {
             "chunk_mib": args.before_chunk_mib,
             "heap_trim": False,
@@ -386,16 +446,22 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             "agent_peak_rss_mb": round(result["before_agent_peak_rss_mb"], 1),
         },
     }
-    print(f"agent load+verify+commit: {load:.2f} GB/s warm, {summary['cold_load_gbps']:.2f} "
-          f"GB/s cold; {summary['ratio_vs_bare_grpc']:.2f} of bare gRPC (same malloc tuning), "
-          f"{summary['ratio_vs_bare_grpc_default_malloc']:.2f} of a default-malloc sink")
-    print(f"agent peak RSS: {rss[0]} MB after the first load, "
-          f"{summary['agent_peak_rss_mb']:.0f} MB over all {len(rss)} loads (budget "
-          f"{budget:.0f} MB); before: {before_rss[0]} / "
-          f"{summary['before']['agent_peak_rss_mb']:.0f} MB at {before_load:.2f} GB/s")
-    print(f"4 agents at once: {aggregate:.2f} GB/s aggregate warm, "
-          f"{summary['aggregate_4_agents_cold_gbps']:.2f} cold, peak RSS "
-          f"{summary['agents4_peak_rss_mb']:.0f} MB")
+    print(
+        f"agent load+verify+commit: {load:.2f} GB/s warm, {summary['cold_load_gbps']:.2f} "
+        f"GB/s cold; {summary['ratio_vs_bare_grpc']:.2f} of bare gRPC (same malloc tuning), "
+        f"{summary['ratio_vs_bare_grpc_default_malloc']:.2f} of a default-malloc sink"
+    )
+    print(
+        f"agent peak RSS: {rss[0]} MB after the first load, "
+        f"{summary['agent_peak_rss_mb']:.0f} MB over all {len(rss)} loads (budget "
+        f"{budget:.0f} MB); before: {before_rss[0]} / "
+        f"{summary['before']['agent_peak_rss_mb']:.0f} MB at {before_load:.2f} GB/s"
+    )
+    print(
+        f"4 agents at once: {aggregate:.2f} GB/s aggregate warm, "
+        f"{summary['aggregate_4_agents_cold_gbps']:.2f} cold, peak RSS "
+        f"{summary['agents4_peak_rss_mb']:.0f} MB"
+    )
     summary["targets_met"] = {
         "load_ge_1gbps": load >= 1.0,
         "ratio_ge_0.8": load / bare >= 0.8,
@@ -408,12 +474,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=256)
-    parser.add_argument("--chunk-mib", type=int, default=loader.DEFAULT_CHUNK_BYTES >> 20,
-                        choices=(1, 2, 4))
-    parser.add_argument("--before-chunk-mib", type=int, default=4, choices=(1, 2, 4),
-                        help="chunk size for the 'before' agent (the former default)")
-    parser.add_argument("--role", choices=("grpc-sink", "tcp-sink", "sender", "agent-before"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--chunk-mib", type=int, default=loader.DEFAULT_CHUNK_BYTES >> 20, choices=(1, 2, 4)
+    )
+    parser.add_argument(
+        "--before-chunk-mib",
+        type=int,
+        default=4,
+        choices=(1, 2, 4),
+        help="chunk size for the 'before' agent (the former default)",
+    )
+    parser.add_argument(
+        "--role",
+        choices=("grpc-sink", "tcp-sink", "sender", "agent-before"),
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("agent_argv", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)

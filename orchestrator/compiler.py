@@ -39,17 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.executor import (
-    MANIFEST_KEY,
-    SHARD_FORMAT,
+from agents.executor import MANIFEST_KEY, SHARD_FORMAT
+from agents.layout import (
     PieceSpec,
-    TensorEntry,
     TensorSlice,
     checkpoint_tensor_shapes,
-    encode_header,
     piece_tensors,
     stage_pieces,
 )
+from agents.safetensors_codec import TensorEntry, encode_header
 from orchestrator.shard_store import ShardStore, StoredBlob, canonical_json
 from orchestrator.weights import SeededWeights, WeightSource, open_checkpoint, precision_dtype
 from placement.errors import InputError
@@ -82,10 +80,15 @@ class ChipBinding:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "deployment": self.deployment, "chip": self.chip, "replica": self.replica,
-            "stage": self.stage, "stages": self.stages, "tick_offset": self.tick_offset,
+            "deployment": self.deployment,
+            "chip": self.chip,
+            "replica": self.replica,
+            "stage": self.stage,
+            "stages": self.stages,
+            "tick_offset": self.tick_offset,
             "tp": {"rank": self.tp_rank, "size": self.tp_size, "group": list(self.tp_group)},
-            "upstream": list(self.upstream), "downstream": list(self.downstream),
+            "upstream": list(self.upstream),
+            "downstream": list(self.downstream),
         }
 
 
@@ -102,8 +105,14 @@ class ShardRef:
     binding: ChipBinding
 
 
-def compile_plan(plan: Plan, model_cfg: ModelConfig, source: WeightInput | None,
-                 store_dir: str | Path, *, virtual: bool | None = None) -> list[ShardRef]:
+def compile_plan(
+    plan: Plan,
+    model_cfg: ModelConfig,
+    source: WeightInput | None,
+    store_dir: str | Path,
+    *,
+    virtual: bool | None = None,
+) -> list[ShardRef]:
     """Compile every chip's shard of `plan` into the store at `store_dir`.
 
     `virtual` None decides by size: a seeded model above `VIRTUAL_AUTO_BYTES` at the plan's
@@ -124,12 +133,18 @@ def compile_plan(plan: Plan, model_cfg: ModelConfig, source: WeightInput | None,
                 blob = built.get(shard.recipe) or store.lookup(shard.recipe) or shard.write(store)
                 built[shard.recipe] = blob
                 store.remember(shard.recipe, blob)
-                refs.append(ShardRef(
-                    shard_id=f"{plan.deployment}/replica-{stage.replica}/stage-{stage.index}/"
-                             f"rank-{rank}",
-                    chip=chip, size_bytes=blob.size_bytes, sha256=blob.sha256, path=blob.path,
-                    virtual=virtual, binding=binding(plan, stage, rank),
-                ))
+                refs.append(
+                    ShardRef(
+                        shard_id=f"{plan.deployment}/replica-{stage.replica}/stage-{stage.index}/"
+                        f"rank-{rank}",
+                        chip=chip,
+                        size_bytes=blob.size_bytes,
+                        sha256=blob.sha256,
+                        path=blob.path,
+                        virtual=virtual,
+                        binding=binding(plan, stage, rank),
+                    )
+                )
     return refs
 
 
@@ -143,10 +158,17 @@ def binding(plan: Plan, stage: StagePlan, rank: int) -> ChipBinding:
     ring = plan.replica_stages(stage.replica)
     position = next(i for i, s in enumerate(ring) if s.index == stage.index)
     return ChipBinding(
-        deployment=plan.deployment, chip=stage.chips[rank], replica=stage.replica,
-        stage=stage.index, stages=len(ring), tick_offset=stage.index, tp_rank=rank,
-        tp_size=len(stage.chips), tp_group=stage.chips,
-        upstream=ring[position - 1].chips, downstream=ring[(position + 1) % len(ring)].chips,
+        deployment=plan.deployment,
+        chip=stage.chips[rank],
+        replica=stage.replica,
+        stage=stage.index,
+        stages=len(ring),
+        tick_offset=stage.index,
+        tp_rank=rank,
+        tp_size=len(stage.chips),
+        tp_group=stage.chips,
+        upstream=ring[position - 1].chips,
+        downstream=ring[(position + 1) % len(ring)].chips,
     )
 
 
@@ -160,17 +182,26 @@ def check_plan(plan: Plan, cfg: ModelConfig) -> None:
         for stage in plan.replica_stages(replica):
             where = f"stages[replica={replica}, index={stage.index}]"
             for cut in (stage.first, stage.last):
-                if not (0 <= cut.op < len(ops) and ops[cut.op].name == cut.name
-                        and 0 <= cut.chunk < cut.chunks):
-                    raise InputError(f"op cut {cut.label} (op {cut.op}) is not an op of "
-                                     f"{cfg.name}", field=where)
+                if not (
+                    0 <= cut.op < len(ops)
+                    and ops[cut.op].name == cut.name
+                    and 0 <= cut.chunk < cut.chunks
+                ):
+                    raise InputError(
+                        f"op cut {cut.label} (op {cut.op}) is not an op of {cfg.name}", field=where
+                    )
             if len(stage.chips) != plan.tensor_parallel:
-                raise InputError(f"has {len(stage.chips)} chips, tensorParallel is "
-                                 f"{plan.tensor_parallel}", field=where)
+                raise InputError(
+                    f"has {len(stage.chips)} chips, tensorParallel is {plan.tensor_parallel}",
+                    field=where,
+                )
             specs = stage_pieces(cfg, stage.first, stage.last, plan.tensor_parallel)
             if specs[0].cursor != cursor:
-                raise InputError(f"starts at {stage.first.label}, but the previous stage "
-                                 f"ends before op {cursor[0]} chunk {cursor[1]}", field=where)
+                raise InputError(
+                    f"starts at {stage.first.label}, but the previous stage "
+                    f"ends before op {cursor[0]} chunk {cursor[1]}",
+                    field=where,
+                )
             cursor = specs[-1].next_cursor
         if cursor != (len(ops), 0):
             raise InputError(f"replica {replica} ends before the last op", field="stages")
@@ -184,11 +215,13 @@ def _auto_virtual(plan: Plan, cfg: ModelConfig, source: WeightInput | None) -> b
     return cfg.parameter_count() * PRECISION_BYTES[plan.precision] > VIRTUAL_AUTO_BYTES
 
 
-def _open_source(source: WeightInput | None, cfg: ModelConfig, precision: str,
-                 stack: contextlib.ExitStack) -> WeightSource:
+def _open_source(
+    source: WeightInput | None, cfg: ModelConfig, precision: str, stack: contextlib.ExitStack
+) -> WeightSource:
     if source is None:
-        raise InputError("real shards need weights: a seed or a checkpoint directory",
-                         field="source")
+        raise InputError(
+            "real shards need weights: a seed or a checkpoint directory", field="source"
+        )
     if isinstance(source, bool):
         raise InputError(f"a weight seed is an integer, got {source!r}", field="source")
     if isinstance(source, int):
@@ -209,15 +242,19 @@ class ShardProgram:
     recipe: str
 
     @classmethod
-    def build(cls, plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int,
-              weights: WeightSource | None) -> ShardProgram:
+    def build(
+        cls, plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weights: WeightSource | None
+    ) -> ShardProgram:
         specs = stage_pieces(cfg, stage.first, stage.last, len(stage.chips))
         slices = _rank_slices(cfg, specs, rank)
         shapes = checkpoint_tensor_shapes(cfg)
         virtual_dtype = VIRTUAL_DTYPES.get(plan.precision, "F16")
         entries = tuple(
-            TensorEntry(name, weights.dtype_of(ts.source) if weights else virtual_dtype,
-                        ts.shape(shapes[ts.source]))
+            TensorEntry(
+                name,
+                weights.dtype_of(ts.source) if weights else virtual_dtype,
+                ts.shape(shapes[ts.source]),
+            )
             for name, ts in sorted(slices.items())
         )
         manifest = {
@@ -230,8 +267,15 @@ class ShardProgram:
             "tp": {"rank": rank, "size": len(stage.chips)},
             "serving": {"max_batch": plan.max_batch, "max_context": plan.max_context},
             "ops": [s.to_dict() | {"rank_units": list(s.ranks[rank])} for s in specs],
-            "tensors": {e.name: {"dtype": e.dtype, "shape": list(e.shape),
-                                 **slices[e.name].to_dict(), "sha256": None} for e in entries},
+            "tensors": {
+                e.name: {
+                    "dtype": e.dtype,
+                    "shape": list(e.shape),
+                    **slices[e.name].to_dict(),
+                    "sha256": None,
+                }
+                for e in entries
+            },
             "virtual": weights is None,
             "declared_bytes": stage.sram_bytes_per_chip,
             "weight_bytes": sum(e.nbytes for e in entries),
@@ -243,8 +287,10 @@ class ShardProgram:
         return cls(manifest, slices, entries, weights, recipe)
 
     def manifest_with(self, digests: dict[str, str] | None) -> dict[str, Any]:
-        tensors = {name: info | {"sha256": digests[name] if digests else None}
-                   for name, info in self.manifest["tensors"].items()}
+        tensors = {
+            name: info | {"sha256": digests[name] if digests else None}
+            for name, info in self.manifest["tensors"].items()
+        }
         return self.manifest | {"tensors": tensors}
 
     def write(self, store: ShardStore) -> StoredBlob:

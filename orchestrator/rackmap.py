@@ -178,11 +178,19 @@ def _failed_refs(failed: Iterable[str], topology: Topology) -> set[ChipRef]:
 
 # Kinds, in legend order.
 PLACED, SPARE, FAILED, CORDONED, USED, FREE = (
-    "placed", "spare", "failed", "cordoned", "used", "free"
+    "placed",
+    "spare",
+    "failed",
+    "cordoned",
+    "used",
+    "free",
 )
 HIT = "hit"  # counter only: plan chips drawn as failed or cordoned
 _KIND_FILL = {
-    SPARE: SPARE_FILL, FAILED: FAILED_FILL, CORDONED: CORDONED_FILL, USED: USED_FILL,
+    SPARE: SPARE_FILL,
+    FAILED: FAILED_FILL,
+    CORDONED: CORDONED_FILL,
+    USED: USED_FILL,
     FREE: FREE_FILL,
 }
 _KIND_LABEL = {
@@ -194,9 +202,7 @@ _KIND_LABEL = {
 }
 
 
-def _classify(
-    state: ChipState, placed: _Placed | None, plan_spare: bool, is_failed: bool
-) -> str:
+def _classify(state: ChipState, placed: _Placed | None, plan_spare: bool, is_failed: bool) -> str:
     if is_failed or state is ChipState.FAILED:
         return FAILED
     if state is ChipState.CORDONED:
@@ -210,8 +216,9 @@ def _classify(
     return FREE
 
 
-def _tooltip(chip_id: str, kind: str, placed: _Placed | None, plan: Plan | None,
-             plan_spare: bool) -> str:
+def _tooltip(
+    chip_id: str, kind: str, placed: _Placed | None, plan: Plan | None, plan_spare: bool
+) -> str:
     """Hover text. Stage and rank numbers are 0-based, as in `lpuctl plan` and the plan file."""
     if kind == PLACED:
         state_text = "placed"
@@ -310,10 +317,11 @@ def _grid(topology: Topology, sc: _Scale) -> _Grid:
     y = 0
     for row in range(rows):
         tops.append(y)
-        y += max(heights[row * cols:(row + 1) * cols]) + rack_gap
+        y += max(heights[row * cols : (row + 1) * cols]) + rack_gap
     width = cols * (rack_w + rack_gap) - rack_gap
-    return _Grid(cols, rack_w, heights, rack_gap, label_w, title_h, tuple(tops), width,
-                 max(0, y - rack_gap))
+    return _Grid(
+        cols, rack_w, heights, rack_gap, label_w, title_h, tuple(tops), width, max(0, y - rack_gap)
+    )
 
 
 # --- the drawing --------------------------------------------------------------------------
@@ -350,8 +358,11 @@ def render_rack_map(plan: Plan | None, topology: Topology, failed: Iterable[str]
     racks_svg: list[str] = []
     step = sc.chip + sc.gap
     for rack in range(len(topology.rack_names)):
-        racks_svg.append(_rack_svg(rack, topology, plan, placed, plan_spares, failed_refs,
-                                   counts, sc, grid, step))
+        racks_svg.append(
+            _rack_svg(
+                rack, topology, plan, placed, plan_spares, failed_refs, counts, sc, grid, step
+            )
+        )
 
     header = _header_lines(plan, topology, counts, unknown)
     replicas = plan.replicas if plan is not None else 0
@@ -373,8 +384,11 @@ def render_rack_map(plan: Plan | None, topology: Topology, failed: Iterable[str]
     grid_y = legend_y + legend_h + 12
     width = content_w + 2 * MARGIN
     height = grid_y + grid.height + MARGIN
-    title = f"Lockstep rack map: {plan.deployment}" if plan is not None else (
-        "Lockstep rack map: topology")
+    title = (
+        f"Lockstep rack map: {plan.deployment}"
+        if plan is not None
+        else ("Lockstep rack map: topology")
+    )
 
     out: list[str] = [
         '<?xml version="1.0" encoding="UTF-8"?>\n',
@@ -382,10 +396,15 @@ def render_rack_map(plan: Plan | None, topology: Topology, failed: Iterable[str]
         f'viewBox="0 0 {width} {height}" '
         'font-family="DejaVu Sans, Helvetica, Arial, sans-serif" fill="#222222">\n',
         f"<title>{escape(title)}</title>\n",
-        "<defs>", _DEFS, _legend_gradients(plan, replicas), "</defs>\n",
+        "<defs>",
+        _DEFS,
+        _legend_gradients(plan, replicas),
+        "</defs>\n",
         f'<rect width="{width}" height="{height}" fill="#ffffff"/>\n',
         *(line + "\n" for line in head_svg),
-        f'<g transform="translate({MARGIN},{legend_y})">', legend_svg, "</g>\n",
+        f'<g transform="translate({MARGIN},{legend_y})">',
+        legend_svg,
+        "</g>\n",
         f'<g transform="translate({MARGIN},{grid_y})">\n',
         *racks_svg,
         "</g>\n</svg>\n",
@@ -394,9 +413,16 @@ def render_rack_map(plan: Plan | None, topology: Topology, failed: Iterable[str]
 
 
 def _rack_svg(
-    rack: int, topology: Topology, plan: Plan | None, placed: dict[ChipRef, _Placed],
-    plan_spares: set[ChipRef], failed_refs: set[ChipRef], counts: dict[str, int],
-    sc: _Scale, grid: _Grid, step: int,
+    rack: int,
+    topology: Topology,
+    plan: Plan | None,
+    placed: dict[ChipRef, _Placed],
+    plan_spares: set[ChipRef],
+    failed_refs: set[ChipRef],
+    counts: dict[str, int],
+    sc: _Scale,
+    grid: _Grid,
+    step: int,
 ) -> str:
     """One rack box: a titled frame, then one labelled row of chip squares per node."""
     x0, y0 = grid.origin(rack)
@@ -459,8 +485,11 @@ def _header_lines(
     prof = topology.profile
     racks = len(topology.rack_names)
     node_counts = sorted(set(topology.nodes_per_rack))
-    nodes_text = (f"{node_counts[0]} nodes" if len(node_counts) == 1
-                  else f"{node_counts[0]}–{node_counts[-1]} nodes")
+    nodes_text = (
+        f"{node_counts[0]} nodes"
+        if len(node_counts) == 1
+        else f"{node_counts[0]}–{node_counts[-1]} nodes"
+    )
     topo_line = (
         f"Topology: profile {prof.name} · {racks} rack{'s' if racks != 1 else ''} × {nodes_text}"
         f" × {prof.chips_per_node} chips = {topology.chip_count} chips · "
@@ -476,22 +505,31 @@ def _header_lines(
             hit = counts[HIT]
             state_line += f" · {hit} plan chip{' is' if hit == 1 else 's are'} failed or cordoned"
     if plan is None:
-        return [(16.0, True, "Lockstep topology"), (12.0, False, topo_line),
-                (12.0, False, state_line)]
+        return [
+            (16.0, True, "Lockstep topology"),
+            (12.0, False, topo_line),
+            (12.0, False, state_line),
+        ]
     pred = plan.predicted
     over = (plan.chips_used / plan.chips_lower_bound - 1.0) * 100 if plan.chips_lower_bound else 0
     lines: list[tuple[float, bool, str]] = [
         (16.0, True, f"Deployment {plan.deployment} · {plan.model} · {plan.precision}"),
-        (12.0, False,
-         f"{plan.replicas} replica{'s' if plan.replicas != 1 else ''} × "
-         f"{plan.pipeline_stages} pipeline stages × TP {plan.tensor_parallel} · "
-         f"{plan.chips_used} chips used vs lower bound {plan.chips_lower_bound} "
-         f"(+{over:.1f}%) · {len(plan.spares)} spares · context {plan.max_context}, "
-         f"batch {plan.max_batch}"),
-        (12.0, False,
-         f"Predicted {pred.tokens_per_second_per_user:,.1f} tokens/s per user · "
-         f"{pred.tokens_per_second:,.1f} tokens/s total · "
-         f"{pred.latency_ms_per_token:.3f} ms/token"),
+        (
+            12.0,
+            False,
+            f"{plan.replicas} replica{'s' if plan.replicas != 1 else ''} × "
+            f"{plan.pipeline_stages} pipeline stages × TP {plan.tensor_parallel} · "
+            f"{plan.chips_used} chips used vs lower bound {plan.chips_lower_bound} "
+            f"(+{over:.1f}%) · {len(plan.spares)} spares · context {plan.max_context}, "
+            f"batch {plan.max_batch}",
+        ),
+        (
+            12.0,
+            False,
+            f"Predicted {pred.tokens_per_second_per_user:,.1f} tokens/s per user · "
+            f"{pred.tokens_per_second:,.1f} tokens/s total · "
+            f"{pred.latency_ms_per_token:.3f} ms/token",
+        ),
         (12.0, False, topo_line),
         (12.0, False, state_line),
     ]
@@ -516,8 +554,9 @@ def _legend_gradients(plan: Plan | None, replicas: int) -> str:
     return "".join(parts)
 
 
-def _legend(plan: Plan | None, replicas: int, counts: dict[str, int],
-            width: int) -> tuple[str, int]:
+def _legend(
+    plan: Plan | None, replicas: int, counts: dict[str, int], width: int
+) -> tuple[str, int]:
     """Legend items flowing left to right, wrapping at `width`; returns (svg, height)."""
     font = 11.0
     row_h = 20
@@ -551,11 +590,14 @@ def _legend(plan: Plan | None, replicas: int, counts: dict[str, int],
         y += row_h
         items: list[tuple[str, int, str]] = []
         for r in range(min(replicas, LEGEND_REPLICAS)):
-            items.append((
-                f'<rect x="{{x}}" y="{{y}}" width="48" height="{sw}" fill="url(#g-r{r})" '
-                f'stroke="{CHIP_STROKE}" stroke-width="0.8"/>',
-                48, f"replica {r}",
-            ))
+            items.append(
+                (
+                    f'<rect x="{{x}}" y="{{y}}" width="48" height="{sw}" fill="url(#g-r{r})" '
+                    f'stroke="{CHIP_STROKE}" stroke-width="0.8"/>',
+                    48,
+                    f"replica {r}",
+                )
+            )
         if replicas > LEGEND_REPLICAS:
             items.append(("", 0, f"+{replicas - LEGEND_REPLICAS} more replicas"))
         y = flow(items, y)
@@ -567,19 +609,25 @@ def _legend(plan: Plan | None, replicas: int, counts: dict[str, int],
     y += row_h
     state_items: list[tuple[str, int, str]] = []
     if plan is not None:
-        state_items.append((
-            f'<rect x="{{x}}" y="{{y}}" width="{sw}" height="{sw}" '
-            f'fill="{stage_colour(0, replicas, 0, 2)}" stroke="{CHIP_STROKE}" '
-            'stroke-width="0.8"/>',
-            sw, f"placed by this plan ({counts[PLACED]})",
-        ))
+        state_items.append(
+            (
+                f'<rect x="{{x}}" y="{{y}}" width="{sw}" height="{sw}" '
+                f'fill="{stage_colour(0, replicas, 0, 2)}" stroke="{CHIP_STROKE}" '
+                'stroke-width="0.8"/>',
+                sw,
+                f"placed by this plan ({counts[PLACED]})",
+            )
+        )
     for kind in (SPARE, FAILED, CORDONED, USED, FREE):
         stroke = {SPARE: SPARE_STROKE, FAILED: FAILED_STROKE}.get(kind, CHIP_STROKE)
         dash = ' stroke-dasharray="2 1"' if kind == SPARE else ""
-        state_items.append((
-            f'<rect x="{{x}}" y="{{y}}" width="{sw}" height="{sw}" fill="{_KIND_FILL[kind]}" '
-            f'stroke="{stroke}" stroke-width="0.8"{dash}/>',
-            sw, f"{_KIND_LABEL[kind]} ({counts[kind]})",
-        ))
+        state_items.append(
+            (
+                f'<rect x="{{x}}" y="{{y}}" width="{sw}" height="{sw}" fill="{_KIND_FILL[kind]}" '
+                f'stroke="{stroke}" stroke-width="0.8"{dash}/>',
+                sw,
+                f"{_KIND_LABEL[kind]} ({counts[kind]})",
+            )
+        )
     y = flow(state_items, y)
     return "".join(parts), y

@@ -30,13 +30,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from agents.executor import (
-    MANIFEST_KEY,
-    STORAGE_DTYPES,
-    TensorEntry,
-    encode_header,
-    parse_header,
-)
+from agents.executor import MANIFEST_KEY
+from agents.safetensors_codec import STORAGE_DTYPES, TensorEntry, encode_header, parse_header
 
 PLACEHOLDER_DIGEST = "0" * 64
 _READ_CHUNK = 1 << 20
@@ -49,8 +44,9 @@ class StoreError(RuntimeError):
 class SafetensorsFileWriter:
     """Write a safetensors file tensor by tensor, in the order `order` gives."""
 
-    def __init__(self, out: IO[bytes], entries: Sequence[TensorEntry],
-                 metadata: Mapping[str, str] | None) -> None:
+    def __init__(
+        self, out: IO[bytes], entries: Sequence[TensorEntry], metadata: Mapping[str, str] | None
+    ) -> None:
         self._out = out
         prefix, self.order = encode_header(entries, metadata)
         self._header_len = len(prefix)
@@ -62,8 +58,10 @@ class SafetensorsFileWriter:
         for entry in self.order:
             array = np.ascontiguousarray(produce(entry), dtype=STORAGE_DTYPES[entry.dtype])
             if tuple(array.shape) != entry.shape:
-                raise ValueError(f"tensor {entry.name}: produced shape {list(array.shape)}, "
-                                 f"declared {list(entry.shape)}")
+                raise ValueError(
+                    f"tensor {entry.name}: produced shape {list(array.shape)}, "
+                    f"declared {list(entry.shape)}"
+                )
             data = array.reshape(-1).view(np.uint8).data
             digests[entry.name] = hashlib.sha256(data).hexdigest()
             self._out.write(data)
@@ -105,9 +103,12 @@ def atomic_file(final: Path, tmp_dir: Path | None = None) -> Iterator[IO[bytes]]
     os.replace(path, final)
 
 
-def write_safetensors(path: Path, entries: Sequence[TensorEntry],
-                      metadata: Mapping[str, str] | None,
-                      produce: Callable[[TensorEntry], np.ndarray]) -> dict[str, str]:
+def write_safetensors(
+    path: Path,
+    entries: Sequence[TensorEntry],
+    metadata: Mapping[str, str] | None,
+    produce: Callable[[TensorEntry], np.ndarray],
+) -> dict[str, str]:
     """Stream a safetensors file to `path` atomically; returns the tensors' sha256 digests."""
     with atomic_file(path) as out:
         return SafetensorsFileWriter(out, entries, metadata).write_all(produce)
@@ -159,13 +160,18 @@ class ShardStore:
     def has(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
-    def put(self, entries: Sequence[TensorEntry], manifest_for: ManifestFor,
-            produce: Callable[[TensorEntry], np.ndarray]) -> StoredBlob:
+    def put(
+        self,
+        entries: Sequence[TensorEntry],
+        manifest_for: ManifestFor,
+        produce: Callable[[TensorEntry], np.ndarray],
+    ) -> StoredBlob:
         """Stream a shard into the store; returns its address (an existing blob is kept)."""
         placeholders = {e.name: PLACEHOLDER_DIGEST for e in entries}
         with staged_file(self.tmp) as (out, staged):
-            writer = SafetensorsFileWriter(out, entries,
-                                           _shard_metadata(manifest_for(placeholders)))
+            writer = SafetensorsFileWriter(
+                out, entries, _shard_metadata(manifest_for(placeholders))
+            )
             digests = writer.write_all(produce)
             writer.rewrite_header(entries, _shard_metadata(manifest_for(digests)))
         try:

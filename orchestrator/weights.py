@@ -3,7 +3,7 @@
 A generated checkpoint is what `save_pretrained` would write for a Llama/Mistral/Mixtral model:
 `config.json` plus `model.safetensors`, or `model-0000i-of-0000n.safetensors` files and a
 `model.safetensors.index.json` when the weights exceed `max_file_bytes`. Tensor names and
-`[out, in]` shapes come from `agents.executor.checkpoint_tensor_shapes`, the one place the
+`[out, in]` shapes come from `agents.layout.checkpoint_tensor_shapes`, the one place the
 executor and the compiler also take them from.
 
 Reproducibility: every tensor is drawn from its own `Generator(PCG64(SeedSequence([seed,
@@ -37,14 +37,9 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from agents.executor import (
-    STORAGE_DTYPES,
-    ExecutionError,
-    TensorEntry,
-    TensorSlice,
-    checkpoint_tensor_shapes,
-    decode_f32,
-)
+from agents.execution_error import ExecutionError
+from agents.layout import TensorSlice, checkpoint_tensor_shapes
+from agents.safetensors_codec import STORAGE_DTYPES, TensorEntry, decode_f32
 from orchestrator.shard_store import atomic_file, read_safetensors_header, write_safetensors
 from placement.errors import InputError
 from placement.models import ModelConfig, model_from_hf_config
@@ -87,7 +82,7 @@ def precision_dtype(precision: str) -> str:
 
 def _name_words(name: str) -> list[int]:
     digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+    return [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
 
 
 def _init_std(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> float:
@@ -133,11 +128,11 @@ class SeededWeights(Mapping[str, np.ndarray]):
 
     def __init__(self, cfg: ModelConfig, seed: int, dtype: str = "F16") -> None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise InputError(f"a weight seed is a non-negative integer, got {seed!r}",
-                             field="seed")
+            raise InputError(f"a weight seed is a non-negative integer, got {seed!r}", field="seed")
         if dtype not in _TORCH_DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(_TORCH_DTYPES)}, got {dtype!r}",
-                             field="dtype")
+            raise InputError(
+                f"dtype must be one of {', '.join(_TORCH_DTYPES)}, got {dtype!r}", field="dtype"
+            )
         self.cfg, self.seed, self.dtype = cfg, seed, dtype
         self.shapes = checkpoint_tensor_shapes(cfg)
         # The compiler cuts each tensor for several ranks and chunks in a row: keep the most
@@ -150,8 +145,10 @@ class SeededWeights(Mapping[str, np.ndarray]):
             return self._cache[name]
         array = seeded_tensor(self.cfg, self.seed, name, self.dtype)
         self._cache[name] = array
-        while sum(a.nbytes for a in self._cache.values()) > SEEDED_CACHE_BYTES \
-                and len(self._cache) > 1:
+        while (
+            sum(a.nbytes for a in self._cache.values()) > SEEDED_CACHE_BYTES
+            and len(self._cache) > 1
+        ):
             self._cache.popitem(last=False)
         return array
 
@@ -162,8 +159,13 @@ class SeededWeights(Mapping[str, np.ndarray]):
         return np.ascontiguousarray(ts.take(self.raw(ts.source)))
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"kind": "seed", "seed": self.seed, "dtype": self.dtype,
-                "generator": GENERATOR_VERSION, "config": self.cfg.to_dict()}
+        return {
+            "kind": "seed",
+            "seed": self.seed,
+            "dtype": self.dtype,
+            "generator": GENERATOR_VERSION,
+            "config": self.cfg.to_dict(),
+        }
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self.shapes:
@@ -199,25 +201,33 @@ class CheckpointFiles:
     files: tuple[Path, ...]  # weight files, then the index if any, then config.json
 
 
-def write_checkpoint(cfg: ModelConfig, out_dir: str | Path, seed: int, precision: str = "fp16",
-                     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> CheckpointFiles:
+def write_checkpoint(
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    seed: int,
+    precision: str = "fp16",
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> CheckpointFiles:
     """Write the seeded model as a Hugging Face checkpoint, one tensor in memory at a time."""
     dtype = precision_dtype(precision)
     weights = SeededWeights(cfg, seed, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = _pack(cfg, dtype, max_file_bytes)
-    names = [SINGLE_FILE] if len(groups) == 1 else [
-        f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))
-    ]
+    names = (
+        [SINGLE_FILE]
+        if len(groups) == 1
+        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    )
     written = []
     for file_name, entries in zip(names, groups, strict=True):
-        write_safetensors(out / file_name, entries, {"format": "pt"},
-                          lambda e: weights.raw(e.name))
+        write_safetensors(out / file_name, entries, {"format": "pt"}, lambda e: weights.raw(e.name))
         written.append(out / file_name)
     if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(e.nbytes for g in groups for e in g)},
-                 "weight_map": {e.name: f for f, g in zip(names, groups, strict=True) for e in g}}
+        index = {
+            "metadata": {"total_size": sum(e.nbytes for g in groups for e in g)},
+            "weight_map": {e.name: f for f, g in zip(names, groups, strict=True) for e in g},
+        }
         written.append(_write_json(out / INDEX_FILE, index))
     written.append(_write_json(out / CONFIG_FILE, hf_config(cfg, dtype)))
     return CheckpointFiles(out, tuple(written))
@@ -262,8 +272,7 @@ class Checkpoint(Mapping[str, np.ndarray]):
     `raw_slice` copies just a slice in stored form. Use as a context manager or call `close`.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], cfg: ModelConfig | None = None
-                 ) -> None:
+    def __init__(self, directory: str | os.PathLike[str], cfg: ModelConfig | None = None) -> None:
         self.directory = Path(directory)
         self.cfg = cfg if cfg is not None else _config_from_dir(self.directory)
         if cfg is not None:
@@ -284,8 +293,11 @@ class Checkpoint(Mapping[str, np.ndarray]):
             wf = self._open(path)
             for name in names:
                 if name not in wf.entries:
-                    raise InputError("the index maps this tensor to a file that lacks it",
-                                     source=str(path), field=name)
+                    raise InputError(
+                        "the index maps this tensor to a file that lacks it",
+                        source=str(path),
+                        field=name,
+                    )
                 self._where[name] = wf
             if not names:  # single-file checkpoint: the file's own tensors
                 self._where |= {name: wf for name in wf.entries}
@@ -308,24 +320,37 @@ class Checkpoint(Mapping[str, np.ndarray]):
             wf = self._where.get(name)
             if wf is None:
                 source = self.directory / (INDEX_FILE if len(self._files) > 1 else SINGLE_FILE)
-                raise InputError(f"tensor is missing; the model config needs it with shape "
-                                 f"{list(shape)}", source=str(source), field=name)
+                raise InputError(
+                    f"tensor is missing; the model config needs it with shape {list(shape)}",
+                    source=str(source),
+                    field=name,
+                )
             entry = wf.entries[name]
             if entry.shape != shape:
-                raise InputError(f"shape {list(entry.shape)} does not match the model config, "
-                                 f"which needs {list(shape)}", source=str(wf.path), field=name)
+                raise InputError(
+                    f"shape {list(entry.shape)} does not match the model config, "
+                    f"which needs {list(shape)}",
+                    source=str(wf.path),
+                    field=name,
+                )
             if entry.dtype not in _TORCH_DTYPES:
-                raise InputError(f"dtype {entry.dtype} is not supported (F32, F16 or BF16)",
-                                 source=str(wf.path), field=name)
+                raise InputError(
+                    f"dtype {entry.dtype} is not supported (F32, F16 or BF16)",
+                    source=str(wf.path),
+                    field=name,
+                )
         for name, wf in self._where.items():
             if name in self.shapes or name.endswith(_IGNORED_SUFFIXES):
                 continue
             if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
                 continue
-            raise InputError("unexpected tensor: the model config has no such weight "
-                             f"({self.cfg.num_hidden_layers} layers, "
-                             f"{self.cfg.num_local_experts or 'no'} experts)",
-                             source=str(wf.path), field=name)
+            raise InputError(
+                "unexpected tensor: the model config has no such weight "
+                f"({self.cfg.num_hidden_layers} layers, "
+                f"{self.cfg.num_local_experts or 'no'} experts)",
+                source=str(wf.path),
+                field=name,
+            )
 
     def close(self) -> None:
         self._files.clear()
@@ -353,8 +378,13 @@ class Checkpoint(Mapping[str, np.ndarray]):
         return np.ascontiguousarray(wf.handle.get_slice(ts.source)[tuple(index)])
 
     def _mapped(self, wf: _WeightFile, entry: TensorEntry) -> np.ndarray:
-        return np.memmap(wf.path, dtype=STORAGE_DTYPES[entry.dtype], mode="r",
-                         offset=wf.data_start + entry.offsets[0], shape=entry.shape)
+        return np.memmap(
+            wf.path,
+            dtype=STORAGE_DTYPES[entry.dtype],
+            mode="r",
+            offset=wf.data_start + entry.offsets[0],
+            shape=entry.shape,
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """Identity of the files (header digest, size, mtime): what a compile recipe keys on."""
@@ -400,8 +430,9 @@ def _weight_map(directory: Path) -> dict[str, list[str]]:
             if not isinstance(weight_map, dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise InputError("index is not JSON with a weight_map object",
-                             source=str(index)) from None
+            raise InputError(
+                "index is not JSON with a weight_map object", source=str(index)
+            ) from None
         files: dict[str, list[str]] = {}
         for name, file_name in weight_map.items():
             if not isinstance(file_name, str) or "/" in file_name or file_name.startswith("."):
@@ -410,8 +441,9 @@ def _weight_map(directory: Path) -> dict[str, list[str]]:
         return files
     if (directory / SINGLE_FILE).is_file():
         return {SINGLE_FILE: []}
-    raise InputError(f"no {SINGLE_FILE} or {INDEX_FILE} in the checkpoint directory",
-                     source=str(directory))
+    raise InputError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in the checkpoint directory", source=str(directory)
+    )
 
 
 def _config_from_dir(directory: Path) -> ModelConfig:
@@ -426,6 +458,9 @@ def _check_config_file(directory: Path, cfg: ModelConfig) -> None:
     found = model_from_hf_config(path, name=cfg.name)
     for f in fields(cfg):
         if f.name != "name" and getattr(found, f.name) != getattr(cfg, f.name):
-            raise InputError(f"is {getattr(found, f.name)!r} in the checkpoint but "
-                             f"{getattr(cfg, f.name)!r} in the model config",
-                             source=str(path), field=f.name)
+            raise InputError(
+                f"is {getattr(found, f.name)!r} in the checkpoint but "
+                f"{getattr(cfg, f.name)!r} in the model config",
+                source=str(path),
+                field=f.name,
+            )

@@ -118,7 +118,7 @@ class AgentServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Execute(self, request, context):
-        """Run the stage program of a held shard on one activation (agents.executor.Activation blob).
+        """Run the stage program of a held shard on one activation (agents.activation.Activation blob).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -70,10 +70,14 @@ def stale_files() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protos.generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 if the committed generated code is stale")
+    parser = argparse.ArgumentParser(
+        prog="python -m protos.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the committed generated code is stale"
+    )
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_files()

@@ -31,8 +31,13 @@ STARTUP_SECONDS = 20.0
 T = TypeVar("T")
 
 
-def wait_for(probe: Callable[[], T], *, timeout: float = 10.0, interval: float = 0.01,
-             what: str = "condition") -> T:
+def wait_for(
+    probe: Callable[[], T],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.01,
+    what: str = "condition",
+) -> T:
     """Poll `probe` until it returns something truthy; fail with its last value at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -92,21 +97,38 @@ class AgentCluster:
         self.agents: list[AgentProcess] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="lockstep-agents-")
 
-    def start(self, node: str, *, chips: int = 8, profile: str = "dev",
-              extra: Sequence[str] = ()) -> AgentProcess:
+    def start(
+        self, node: str, *, chips: int = 8, profile: str = "dev", extra: Sequence[str] = ()
+    ) -> AgentProcess:
         err_path = Path(self._tmp.name) / f"{node}.stderr"
         with open(err_path, "w") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "agents.main", "--node", node, "--chips", str(chips),
-                 "--profile", profile, "--listen", "127.0.0.1:0", *extra],
-                cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "agents.main",
+                    "--node",
+                    node,
+                    "--chips",
+                    str(chips),
+                    "--profile",
+                    profile,
+                    "--listen",
+                    "127.0.0.1:0",
+                    *extra,
+                ],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
         try:
             line = read_line(proc, STARTUP_SECONDS)
             if not line.startswith("listening on 127.0.0.1:"):
-                raise AssertionError(f"agent {node} printed {line!r}; stderr:\n"
-                                     f"{err_path.read_text()}")
+                raise AssertionError(
+                    f"agent {node} printed {line!r}; stderr:\n{err_path.read_text()}"
+                )
         except BaseException:
             proc.kill()
             proc.wait()
@@ -148,14 +170,15 @@ def make_virtual_shard(declared_bytes: int, seed: int = 0) -> bytes:
     return save({}, metadata={"lockstep.manifest": json.dumps(meta)})
 
 
-def messages(blob: bytes, chip: int, *, chunk: int = 256 << 10, algorithm: str = "blake3",
-             **header: Any) -> list[bytes]:
-    return loader.load_messages(loader.make_header(blob, chip, algorithm=algorithm, **header),
-                                blob, chunk)
+def messages(
+    blob: bytes, chip: int, *, chunk: int = 256 << 10, algorithm: str = "blake3", **header: Any
+) -> list[bytes]:
+    return loader.load_messages(
+        loader.make_header(blob, chip, algorithm=algorithm, **header), blob, chunk
+    )
 
 
-def load(agent: AgentProcess, blob: bytes, chip: int, **kwargs: Any
-         ) -> agent_pb2.LoadShardResponse:
+def load(agent: AgentProcess, blob: bytes, chip: int, **kwargs: Any) -> agent_pb2.LoadShardResponse:
     return loader.send_load(agent.channel, messages(blob, chip, **kwargs), timeout=30)
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from conftest_agents import AgentCluster, AgentProcess, load
 
-from agents.executor import Activation, load_shard, run_pipeline
+from agents.activation import Activation
+from agents.executor import load_shard, run_pipeline
 from orchestrator.compiler import ShardRef, compile_plan
 from placement.models import MODEL_PRESETS
 from placement.planner import PlanRequest, make_plan
@@ -28,8 +29,17 @@ TINY = MODEL_PRESETS["tiny-llama"]
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[ShardRef]:
-    request = PlanRequest("exec", TINY, "fp16", replicas=1, max_context=64, max_batch=4,
-                          tensor_parallel=1, spread="none", spares_per_rack=0)
+    request = PlanRequest(
+        "exec",
+        TINY,
+        "fp16",
+        replicas=1,
+        max_context=64,
+        max_batch=4,
+        tensor_parallel=1,
+        spread="none",
+        spares_per_rack=0,
+    )
     plan = make_plan(request, preset_topology(2, "dev"))
     refs = compile_plan(plan, TINY, 11, tmp_path_factory.mktemp("store"))
     return sorted(refs, key=lambda r: r.binding.stage)
@@ -50,8 +60,9 @@ def where(ref: ShardRef, agents: dict[str, AgentProcess]) -> tuple[AgentProcess,
     return agents[node], int(chip.removeprefix("chip-"))
 
 
-def test_pipeline_through_agents_matches_in_process(compiled: list[ShardRef],
-                                                    agents: dict[str, AgentProcess]) -> None:
+def test_pipeline_through_agents_matches_in_process(
+    compiled: list[ShardRef], agents: dict[str, AgentProcess]
+) -> None:
     for ref in compiled:
         agent, chip = where(ref, agents)
         blob = Path(ref.path).read_bytes()
@@ -63,8 +74,9 @@ def test_pipeline_through_agents_matches_in_process(compiled: list[ShardRef],
     data = batch.to_bytes()
     for ref in compiled:
         agent, chip = where(ref, agents)
-        reply = agent.stub.Execute(agent_pb2.ExecuteRequest(
-            chip=chip, shard_id=ref.sha256, activation=data), timeout=30)
+        reply = agent.stub.Execute(
+            agent_pb2.ExecuteRequest(chip=chip, shard_id=ref.sha256, activation=data), timeout=30
+        )
         data = reply.activation
     remote = Activation.from_bytes(data)
 
@@ -75,20 +87,24 @@ def test_pipeline_through_agents_matches_in_process(compiled: list[ShardRef],
     np.testing.assert_array_equal(remote.logits, local.logits)  # bit-identical
 
 
-def test_execute_rejects_a_bad_activation(compiled: list[ShardRef],
-                                          agents: dict[str, AgentProcess]) -> None:
+def test_execute_rejects_a_bad_activation(
+    compiled: list[ShardRef], agents: dict[str, AgentProcess]
+) -> None:
     ref = compiled[0]
     agent, chip = where(ref, agents)
     if not any(s.shard_id == ref.sha256 for s in agent.chip(chip).shards):
         load(agent, Path(ref.path).read_bytes(), chip)
     with pytest.raises(grpc.RpcError) as info:
-        agent.stub.Execute(agent_pb2.ExecuteRequest(chip=chip, shard_id=ref.sha256,
-                                                    activation=b"not safetensors"), timeout=30)
+        agent.stub.Execute(
+            agent_pb2.ExecuteRequest(chip=chip, shard_id=ref.sha256, activation=b"not safetensors"),
+            timeout=30,
+        )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"chip {chip}" in str(info.value.details())
 
 
 def _manifest_json(blob: bytes) -> str:
-    from agents.executor import MANIFEST_KEY, parse_header
+    from agents.executor import MANIFEST_KEY
+    from agents.safetensors_codec import parse_header
 
     return parse_header(blob, len(blob)).metadata[MANIFEST_KEY]

@@ -38,19 +38,26 @@ def test_header_validation_names_the_field() -> None:
         "shard_id": agent_pb2.LoadShardHeader(shard_id="ABC", chip=0, size_bytes=1),
         "chip": agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=2, size_bytes=1),
         "size_bytes": agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0),
-        "digest_algorithm": agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0,
-                                                      size_bytes=1, digest_algorithm="crc"),
-        "digest": agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0, size_bytes=1,
-                                            digest_algorithm="blake3"),
+        "digest_algorithm": agent_pb2.LoadShardHeader(
+            shard_id=good.shard_id, chip=0, size_bytes=1, digest_algorithm="crc"
+        ),
+        "digest": agent_pb2.LoadShardHeader(
+            shard_id=good.shard_id, chip=0, size_bytes=1, digest_algorithm="blake3"
+        ),
     }
     for field, header in cases.items():
         with pytest.raises(loader.LoadError, match=field):
             loader.validate_header(header, 2)
-    sha = loader.validate_header(agent_pb2.LoadShardHeader(
-        shard_id=good.shard_id, chip=0, size_bytes=100), 1)
+    sha = loader.validate_header(
+        agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0, size_bytes=100), 1
+    )
     assert (sha.algorithm, sha.digest) == ("sha256", good.shard_id)
-    virtual = loader.validate_header(agent_pb2.LoadShardHeader(
-        shard_id=good.shard_id, chip=0, size_bytes=100, virtual=True, declared_bytes=10_000), 1)
+    virtual = loader.validate_header(
+        agent_pb2.LoadShardHeader(
+            shard_id=good.shard_id, chip=0, size_bytes=100, virtual=True, declared_bytes=10_000
+        ),
+        1,
+    )
     assert virtual.reserved_bytes == 10_000
 
 
@@ -91,10 +98,12 @@ def test_release_heap_is_safe_to_call() -> None:
     assert loader.release_heap() in (True, False)
 
 
-@pytest.mark.parametrize(("chunk", "trims"), [(loader.TRIM_AFTER_CHUNK_BYTES, 0),
-                                              (loader.TRIM_AFTER_CHUNK_BYTES + 1, 1)])
-def test_heap_is_trimmed_only_after_large_chunks(monkeypatch: pytest.MonkeyPatch, chunk: int,
-                                                 trims: int) -> None:
+@pytest.mark.parametrize(
+    ("chunk", "trims"), [(loader.TRIM_AFTER_CHUNK_BYTES, 0), (loader.TRIM_AFTER_CHUNK_BYTES + 1, 1)]
+)
+def test_heap_is_trimmed_only_after_large_chunks(
+    monkeypatch: pytest.MonkeyPatch, chunk: int, trims: int
+) -> None:
     calls: list[None] = []
     monkeypatch.setattr(loader, "release_heap", lambda: calls.append(None) or True)
     blob = bytes(range(256)) * (2 * chunk // 256 + 1)

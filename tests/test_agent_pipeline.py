@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from conftest_agents import AgentCluster, AgentProcess, load, wait_for
 
-from agents.executor import ReferenceExecutor, Sampling, plan_layout
+from agents.executor import ReferenceExecutor
 from agents.interconnect import EXCHANGE, frame_checksum
+from agents.layout import plan_layout
+from agents.sampling import Sampling
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.serving import bring_up, configure_requests
 from orchestrator.weights import SeededWeights

@@ -67,13 +67,17 @@ def clean_chips(request: pytest.FixtureRequest) -> Iterator[None]:
     for agent in request.getfixturevalue("nodes"):
         for chip in agent.status().chips:
             if chip.health != agent_pb2.CHIP_HEALTH_HEALTHY:
-                agent.stub.MarkChipFailed(agent_pb2.MarkChipFailedRequest(chip=chip.chip,
-                                                                          recover=True))
+                agent.stub.MarkChipFailed(
+                    agent_pb2.MarkChipFailedRequest(chip=chip.chip, recover=True)
+                )
             for shard in chip.shards:
-                agent.stub.UnloadShard(agent_pb2.UnloadShardRequest(chip=chip.chip,
-                                                                    shard_id=shard.shard_id))
-        wait_for(lambda a=agent: all(not c.loads and c.sram_used_bytes == 0
-                                     for c in a.status().chips), what="clean chips")
+                agent.stub.UnloadShard(
+                    agent_pb2.UnloadShardRequest(chip=chip.chip, shard_id=shard.shard_id)
+                )
+        wait_for(
+            lambda a=agent: all(not c.loads and c.sram_used_bytes == 0 for c in a.status().chips),
+            what="clean chips",
+        )
 
 
 def expect_error(code: grpc.StatusCode, call: object, *args: object, **kwargs: object) -> str:
@@ -106,8 +110,20 @@ def test_reflection_lists_the_agent_service(n0: AgentProcess) -> None:
     reply = next(iter(stub.ServerReflectionInfo(iter([request]), timeout=5)))
     names = {s.name for s in reply.list_services_response.service}
     assert {"lockstep.agent.v1.Agent", "grpc.health.v1.Health"} <= names
-    files = next(iter(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
-        file_containing_symbol="lockstep.agent.v1.Agent")]), timeout=5)))
+    files = next(
+        iter(
+            stub.ServerReflectionInfo(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(
+                            file_containing_symbol="lockstep.agent.v1.Agent"
+                        )
+                    ]
+                ),
+                timeout=5,
+            )
+        )
+    )
     assert files.file_descriptor_response.file_descriptor_proto
 
 
@@ -150,8 +166,11 @@ def test_sha256_verification_and_plain_protobuf_client(n0: AgentProcess) -> None
 
 
 def test_concurrent_loads_to_many_chips_of_two_agents(nodes: list[AgentProcess]) -> None:
-    jobs = [(agent, chip, make_shard(MiB + chip * 4096, seed=10 * n + chip))
-            for n, agent in enumerate(nodes) for chip in range(8)]
+    jobs = [
+        (agent, chip, make_shard(MiB + chip * 4096, seed=10 * n + chip))
+        for n, agent in enumerate(nodes)
+        for chip in range(8)
+    ]
     errors: list[BaseException] = []
 
     def run(agent: AgentProcess, chip: int, blob: bytes) -> None:
@@ -188,16 +207,21 @@ def test_progress_visible_while_loading_and_commit_is_atomic(n0: AgentProcess) -
     stream = PausedStream(messages(blob, 5, chunk=128 << 10), pause_after=4)
     future = loader.load_call(n0.channel).future(iter(stream), timeout=30)
     try:
-        chip = wait_for(lambda: (c := n0.chip(5)).loads and c.loads[0].bytes_loaded > 0 and c,
-                        what="load progress")
+        chip = wait_for(
+            lambda: (c := n0.chip(5)).loads and c.loads[0].bytes_loaded > 0 and c,
+            what="load progress",
+        )
         progress = chip.loads[0]
         assert progress.shard_id == shard_id(blob) and progress.bytes_total == len(blob)
         assert 0 < progress.bytes_loaded < len(blob)
         assert not chip.shards and chip.sram_used_bytes == 0
         assert chip.sram_loading_bytes == len(blob)
         assert chip.sram_free_bytes == DEV_SRAM - len(blob)
-        expect_error(grpc.StatusCode.NOT_FOUND, n0.stub.Execute,
-                     agent_pb2.ExecuteRequest(chip=5, shard_id=shard_id(blob)))
+        expect_error(
+            grpc.StatusCode.NOT_FOUND,
+            n0.stub.Execute,
+            agent_pb2.ExecuteRequest(chip=5, shard_id=shard_id(blob)),
+        )
         # The same shard onto the same chip while the first load is in flight.
         details = expect_error(grpc.StatusCode.ABORTED, load, n0, blob, 5)
         assert "already being loaded" in details
@@ -251,15 +275,24 @@ def test_malformed_streams_are_invalid_argument(n0: AgentProcess) -> None:
         "empty stream": [],
         "chunk first": [loader.frame_chunk(blob)],
         "unknown chip": loader.load_messages(loader.make_header(blob, 99), blob),
-        "bad shard id": [loader.header_message(agent_pb2.LoadShardHeader(
-            shard_id="not-a-digest", chip=0, size_bytes=len(blob)))],
-        "bad algorithm": [loader.header_message(agent_pb2.LoadShardHeader(
-            shard_id=header.shard_id, chip=0, size_bytes=len(blob), digest_algorithm="md5"))],
+        "bad shard id": [
+            loader.header_message(
+                agent_pb2.LoadShardHeader(shard_id="not-a-digest", chip=0, size_bytes=len(blob))
+            )
+        ],
+        "bad algorithm": [
+            loader.header_message(
+                agent_pb2.LoadShardHeader(
+                    shard_id=header.shard_id, chip=0, size_bytes=len(blob), digest_algorithm="md5"
+                )
+            )
+        ],
         "second header": [loader.header_message(header), loader.header_message(header)],
     }
     for name, stream in cases.items():
-        details = expect_error(grpc.StatusCode.INVALID_ARGUMENT, loader.send_load, n0.channel,
-                               stream)
+        details = expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT, loader.send_load, n0.channel, stream
+        )
         assert details, name
     assert_clean(n0, 0)
 
@@ -295,9 +328,13 @@ def test_killed_client_process_frees_its_load(n0: AgentProcess) -> None:
         "print('streaming', flush=True)\n"
         "threading.Event().wait(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script, n0.address], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, n0.address],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
+    )
     try:
         assert read_line(proc, 20) == "streaming"
         wait_for(lambda: n0.chip(7).loads, what="the client's load to be in flight")
@@ -332,13 +369,22 @@ def test_over_capacity_is_resource_exhausted(n0: AgentProcess) -> None:
 
 def test_unknown_shard_is_not_found(n0: AgentProcess) -> None:
     unknown = "ab" * 32
-    details = expect_error(grpc.StatusCode.NOT_FOUND, n0.stub.UnloadShard,
-                           agent_pb2.UnloadShardRequest(chip=0, shard_id=unknown))
+    details = expect_error(
+        grpc.StatusCode.NOT_FOUND,
+        n0.stub.UnloadShard,
+        agent_pb2.UnloadShardRequest(chip=0, shard_id=unknown),
+    )
     assert "chip 0 does not hold" in details
-    expect_error(grpc.StatusCode.NOT_FOUND, n0.stub.Execute,
-                 agent_pb2.ExecuteRequest(chip=0, shard_id=unknown))
-    expect_error(grpc.StatusCode.INVALID_ARGUMENT, n0.stub.UnloadShard,
-                 agent_pb2.UnloadShardRequest(chip=42, shard_id=unknown))
+    expect_error(
+        grpc.StatusCode.NOT_FOUND,
+        n0.stub.Execute,
+        agent_pb2.ExecuteRequest(chip=0, shard_id=unknown),
+    )
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        n0.stub.UnloadShard,
+        agent_pb2.UnloadShardRequest(chip=42, shard_id=unknown),
+    )
 
 
 def test_failed_chip_refuses_loads_and_executes(n0: AgentProcess) -> None:
@@ -350,8 +396,11 @@ def test_failed_chip_refuses_loads_and_executes(n0: AgentProcess) -> None:
     assert reply.chip.failure_reason == "ECC storm" and reply.chip.sram_used_bytes == 0
     details = expect_error(grpc.StatusCode.FAILED_PRECONDITION, load, n0, blob, 3)
     assert "chip 3 is failed (ECC storm)" in details
-    expect_error(grpc.StatusCode.FAILED_PRECONDITION, n0.stub.Execute,
-                 agent_pb2.ExecuteRequest(chip=3, shard_id=shard_id(blob)))
+    expect_error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        n0.stub.Execute,
+        agent_pb2.ExecuteRequest(chip=3, shard_id=shard_id(blob)),
+    )
     assert_clean(n0, 3)
     assert n0.chip(2).health == agent_pb2.CHIP_HEALTH_HEALTHY  # other chips unaffected
     n0.stub.MarkChipFailed(agent_pb2.MarkChipFailedRequest(chip=3, recover=True))
@@ -383,11 +432,15 @@ def test_virtual_shard_accounts_declared_bytes(n0: AgentProcess) -> None:
     assert chip.sram_used_bytes == declared and chip.shards[0].virtual
     assert chip.shards[0].size_bytes == len(blob)
     second = make_virtual_shard(MiB, seed=1)
-    details = expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, load, n0, second, 4,
-                           virtual=True, declared_bytes=MiB)
+    details = expect_error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED, load, n0, second, 4, virtual=True, declared_bytes=MiB
+    )
     assert f"needs {MiB} bytes" in details
-    details = expect_error(grpc.StatusCode.FAILED_PRECONDITION, n0.stub.Execute,
-                           agent_pb2.ExecuteRequest(chip=4, shard_id=shard_id(blob)))
+    details = expect_error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        n0.stub.Execute,
+        agent_pb2.ExecuteRequest(chip=4, shard_id=shard_id(blob)),
+    )
     assert "virtual" in details
     # The header must agree with the manifest.
     details = expect_error(grpc.StatusCode.INVALID_ARGUMENT, load, n0, second, 5)
@@ -437,7 +490,11 @@ def test_sigterm_stops_gracefully_with_exit_zero(cluster: AgentCluster) -> None:
 
 
 def test_bad_flags_exit_2_with_a_message() -> None:
-    done = subprocess.run([sys.executable, "-m", "agents.main", "--node", "x", "--profile",
-                           "dev", "--chips", "0"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "agents.main", "--node", "x", "--profile", "dev", "--chips", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 2 and "--chips" in done.stderr and not done.stdout

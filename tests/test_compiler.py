@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from agents.executor import (
-    MANIFEST_KEY,
-    ExecutionError,
-    TensorEntry,
-    load_stage_program,
-    read_shard,
-    verify_shard_tensors,
-)
+from agents.execution_error import ExecutionError
+from agents.executor import MANIFEST_KEY, load_stage_program, read_shard, verify_shard_tensors
+from agents.safetensors_codec import TensorEntry
 from orchestrator.compiler import ShardRef, chip_manifest, compile_plan
 from orchestrator.shard_store import ShardStore
 from orchestrator.weights import SeededWeights, write_checkpoint
@@ -31,14 +26,26 @@ TINY = MODEL_PRESETS["tiny-llama"]
 
 
 def tiny_plan(tp: int | None, replicas: int = 1, precision: str = "fp16") -> Plan:
-    request = PlanRequest("demo", TINY, precision, replicas=replicas, max_context=64,
-                          max_batch=4, tensor_parallel=tp, spread="none", spares_per_rack=0)
+    request = PlanRequest(
+        "demo",
+        TINY,
+        precision,
+        replicas=replicas,
+        max_context=64,
+        max_batch=4,
+        tensor_parallel=tp,
+        spread="none",
+        spares_per_rack=0,
+    )
     return make_plan(request, preset_topology(2, "dev"))
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_compile_tp1_two_replicas(tmp_path: Path) -> None:
@@ -92,9 +99,12 @@ def test_tp_slices_reassemble_the_checkpoint(tmp_path: Path) -> None:
     plan = tiny_plan(2)
     refs = compile_plan(plan, TINY, 11, tmp_path)
     seeded = SeededWeights(TINY, 11, "F16")
-    stage = next(s for s in plan.replica_stages(0)
-                 if any(n.endswith("attention") for n in (s.first.name, s.last.name))
-                 and s.first.op < s.last.op)
+    stage = next(
+        s
+        for s in plan.replica_stages(0)
+        if any(n.endswith("attention") for n in (s.first.name, s.last.name))
+        and s.first.op < s.last.op
+    )
     ranks = [read_shard(r.path.read_bytes()) for r in refs if r.binding.stage == stage.index]
     layer = next(o["layer"] for o in ranks[0][0]["ops"] if o["kind"] == "attention")
     spec = next(o for o in ranks[0][0]["ops"] if o["kind"] == "attention")
@@ -119,10 +129,10 @@ def test_recompile_is_a_no_op(tmp_path: Path) -> None:
     # Without the recipe index the blobs are rebuilt — to the same addresses.
     for recipe in (tmp_path / "recipes").iterdir():
         recipe.unlink()
-    assert [r.sha256 for r in compile_plan(plan, TINY, 11, tmp_path)] == [
-        r.sha256 for r in first]
+    assert [r.sha256 for r in compile_plan(plan, TINY, 11, tmp_path)] == [r.sha256 for r in first]
     assert {k: v for k, v in _tree(tmp_path).items() if k.startswith("sha256")} == {
-        k: v for k, v in before.items() if k.startswith("sha256")}
+        k: v for k, v in before.items() if k.startswith("sha256")
+    }
 
 
 def test_checkpoint_and_seed_compile_to_the_same_blobs(tmp_path: Path) -> None:
@@ -135,8 +145,17 @@ def test_checkpoint_and_seed_compile_to_the_same_blobs(tmp_path: Path) -> None:
 
 def test_virtual_shards_for_a_70b_model(tmp_path: Path) -> None:
     cfg = MODEL_PRESETS["llama-3-70b"]
-    request = PlanRequest("big", cfg, "int8", replicas=1, max_context=2048, max_batch=1,
-                          tensor_parallel=None, spread="none", spares_per_rack=0)
+    request = PlanRequest(
+        "big",
+        cfg,
+        "int8",
+        replicas=1,
+        max_context=2048,
+        max_batch=1,
+        tensor_parallel=None,
+        spread="none",
+        spares_per_rack=0,
+    )
     plan = make_plan(request, preset_topology(8, "groq-rack"))
     refs = compile_plan(plan, cfg, 0, tmp_path)  # a seed: too large, so virtual automatically
     assert len(refs) == plan.chips_used > 300
@@ -148,8 +167,7 @@ def test_virtual_shards_for_a_70b_model(tmp_path: Path) -> None:
         assert manifest["virtual"] is True
         assert manifest["declared_bytes"] == stage.sram_bytes_per_chip
         assert 0 < manifest["weight_bytes"] <= stage.sram_bytes_per_chip
-        assert all(t["sha256"] is None and t["dtype"] == "I8"
-                   for t in manifest["tensors"].values())
+        assert all(t["sha256"] is None and t["dtype"] == "I8" for t in manifest["tensors"].values())
     manifest = ShardStore(tmp_path).manifest(refs[5].sha256)
     with pytest.raises(ExecutionError, match="virtual"):
         load_stage_program(manifest, {})
@@ -176,11 +194,13 @@ def test_store_never_exposes_a_partial_blob(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="disk on fire"):
         store.put(entries, lambda digests: {"digests": dict(digests)}, produce)
     assert not list(store.blobs.iterdir()) and not list(store.tmp.iterdir())
-    blob = store.put(entries, lambda digests: {"digests": dict(digests)},
-                     lambda e: np.full(4, 1.5, np.float32))
+    blob = store.put(
+        entries, lambda digests: {"digests": dict(digests)}, lambda e: np.full(4, 1.5, np.float32)
+    )
     assert store.verify(blob.sha256)
-    assert store.manifest(blob.sha256)["digests"]["a"] == store.manifest(
-        blob.sha256)["digests"]["b"]
+    assert (
+        store.manifest(blob.sha256)["digests"]["a"] == store.manifest(blob.sha256)["digests"]["b"]
+    )
     with open(blob.path, "r+b") as f:  # flip one byte of tensor data
         f.seek(-1, os.SEEK_END)
         f.write(b"\x00")
@@ -189,4 +209,10 @@ def test_store_never_exposes_a_partial_blob(tmp_path: Path) -> None:
 
 def test_shard_ref_shape() -> None:
     assert [f for f in ShardRef.__dataclass_fields__][:6] == [
-        "shard_id", "chip", "size_bytes", "sha256", "path", "virtual"]
+        "shard_id",
+        "chip",
+        "size_bytes",
+        "sha256",
+        "path",
+        "virtual",
+    ]

@@ -20,26 +20,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from agents.activation import ACTIVATION_KEY, Activation
+from agents.blas_threads import pin_blas_threads
+from agents.execution_error import ExecutionError
 from agents.executor import (
-    ACTIVATION_KEY,
     CHUNKED_LOGITS_RTOL,
-    Activation,
-    ExecutionError,
     ReferenceExecutor,
-    Request,
-    Sampling,
     Stepper,
     TensorParallelGroup,
-    checkpoint_tensor_shapes,
-    encode_safetensors,
-    generate,
     load_shard,
-    pin_blas_threads,
-    plan_layout,
     run_pipeline,
-    sample_token,
 )
 from agents.kernels import attend, rms_norm, route
+from agents.layout import checkpoint_tensor_shapes, plan_layout
+from agents.safetensors_codec import encode_safetensors
+from agents.sampling import Request, Sampling, generate, sample_token
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS, ModelConfig, build_ops
@@ -48,16 +43,35 @@ from placement.planner import PlanRequest, make_plan
 from placement.topology import preset_topology
 
 TINY = MODEL_PRESETS["tiny-llama"]
-MOE = ModelConfig("tiny-mixtral", 512, 128, 256, 2, 4, 2, num_local_experts=4,
-                  num_experts_per_tok=2, max_position_embeddings=512)
+MOE = ModelConfig(
+    "tiny-mixtral",
+    512,
+    128,
+    256,
+    2,
+    4,
+    2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+)
 SEED = 21
 PROMPT = (5, 17, 1024, 3, 4000, 77, 9)
 Step = Callable[[Activation], Activation]
 
 
 def make(cfg: ModelConfig, tp: int | None, racks: int = 2) -> Plan:
-    request = PlanRequest(cfg.name, cfg, "fp16", replicas=1, max_context=64, max_batch=4,
-                          tensor_parallel=tp, spread="none", spares_per_rack=0)
+    request = PlanRequest(
+        cfg.name,
+        cfg,
+        "fp16",
+        replicas=1,
+        max_context=64,
+        max_batch=4,
+        tensor_parallel=tp,
+        spread="none",
+        spares_per_rack=0,
+    )
     return make_plan(request, preset_topology(racks, "dev"))
 
 
@@ -75,21 +89,33 @@ def custom_plan(cfg: ModelConfig, starts: Sequence[tuple[int, int, int]], tp: in
             ends.append((op - 1, 0, 1))
     ends.append((len(ops) - 1, 0, 1))
     stages = tuple(
-        StagePlan(0, i, OpCut(b[0], ops[b[0]].name, b[1], b[2]),
-                  OpCut(e[0], ops[e[0]].name, e[1], e[2]),
-                  tuple(f"rack-0/node-{i}/chip-{r}" for r in range(tp)), 1 << 20, 2 << 20, 0.0, 0)
+        StagePlan(
+            0,
+            i,
+            OpCut(b[0], ops[b[0]].name, b[1], b[2]),
+            OpCut(e[0], ops[e[0]].name, e[1], e[2]),
+            tuple(f"rack-0/node-{i}/chip-{r}" for r in range(tp)),
+            1 << 20,
+            2 << 20,
+            0.0,
+            0,
+        )
         for i, (b, e) in enumerate(zip(begins, ends, strict=True))
     )
-    return replace(make(cfg, 1), stages=stages, pipeline_stages=len(stages), replicas=1,
-                   tensor_parallel=tp)
+    return replace(
+        make(cfg, 1), stages=stages, pipeline_stages=len(stages), replicas=1, tensor_parallel=tp
+    )
 
 
 def pipeline(plan: Plan, refs: Sequence[ShardRef]) -> Step:
     """Load every chip's shard of replica 0 and chain the stages, activations as bytes."""
     stages: list[Stepper] = []
     for stage in plan.replica_stages(0):
-        programs = [load_shard(r.path.read_bytes()) for r in refs
-                    if r.binding.replica == 0 and r.binding.stage == stage.index]
+        programs = [
+            load_shard(r.path.read_bytes())
+            for r in refs
+            if r.binding.replica == 0 and r.binding.stage == stage.index
+        ]
         stages.append(programs[0] if len(programs) == 1 else TensorParallelGroup(programs))
     return lambda batch: run_pipeline(stages, batch, via_bytes=True)
 
@@ -154,8 +180,11 @@ def test_chunked_and_tp_plans(tp: int, tmp_path: Path) -> None:
 
 def test_batch_composition_does_not_change_bits(tmp_path: Path) -> None:
     step = compiled(make(TINY, 2), TINY, tmp_path)
-    requests = [Request((1, 2, 3), 4, slot=2), Request(PROMPT, 3, slot=0),
-                Request((4095, 0, 8, 8, 8), 5, Sampling(1.0, 9), slot=3)]
+    requests = [
+        Request((1, 2, 3), 4, slot=2),
+        Request(PROMPT, 3, slot=0),
+        Request((4095, 0, 8, 8, 8), 5, Sampling(1.0, 9), slot=3),
+    ]
     together = generate(step, requests)
     for request, got in zip(requests, together, strict=True):
         alone = generate(step, [replace(request, slot=1)])[0]
@@ -211,18 +240,18 @@ def test_moe_stage_boundaries_between_and_inside_experts(case: str, tmp_path: Pa
 # --- an independent float64 implementation, to check the semantics themselves --------------
 
 
-def naive_logits(cfg: ModelConfig, weights: Mapping[str, np.ndarray],
-                 tokens: Sequence[int]) -> np.ndarray:
+def naive_logits(
+    cfg: ModelConfig, weights: Mapping[str, np.ndarray], tokens: Sequence[int]
+) -> np.ndarray:
     """Llama/Mixtral forward over a whole sequence in float64 (HF conventions)."""
     w = {k: np.asarray(weights[k], np.float64) for k in checkpoint_tensor_shapes(cfg)}
     lm = w.get("lm_head.weight", w["model.embed_tokens.weight"])
-    n, hd, heads, kvh = len(tokens), cfg.head_dim, cfg.num_attention_heads, \
-        cfg.num_key_value_heads
+    n, hd, heads, kvh = len(tokens), cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
     angles = np.outer(np.arange(n), 1.0 / cfg.rope_theta ** (np.arange(0, hd, 2) / hd))
     cos, sin = np.cos(np.tile(angles, 2))[:, None], np.sin(np.tile(angles, 2))[:, None]
 
     def rope(t: np.ndarray) -> np.ndarray:
-        return t * cos + np.concatenate([-t[..., hd // 2:], t[..., :hd // 2]], -1) * sin
+        return t * cos + np.concatenate([-t[..., hd // 2 :], t[..., : hd // 2]], -1) * sin
 
     def norm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
         return g * x / np.sqrt((x * x).mean(-1, keepdims=True) + cfg.rms_norm_eps)
@@ -245,15 +274,18 @@ def naive_logits(cfg: ModelConfig, weights: Mapping[str, np.ndarray],
         v = (h @ w[p + "self_attn.v_proj.weight"].T).reshape(n, kvh, hd)
         k, v = np.repeat(k, heads // kvh, 1), np.repeat(v, heads // kvh, 1)
         probs = softmax(np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + causal)
-        x = x + np.einsum("hts,shd->thd", probs, v).reshape(n, -1) @ w[
-            p + "self_attn.o_proj.weight"].T
+        x = (
+            x
+            + np.einsum("hts,shd->thd", probs, v).reshape(n, -1)
+            @ w[p + "self_attn.o_proj.weight"].T
+        )
         h = norm(x, w[p + "post_attention_layernorm.weight"])
         if not cfg.is_moe:
             x = x + swiglu(h, *(w[p + f"mlp.{m}_proj.weight"] for m in ("gate", "up", "down")))
             continue
         probs = softmax(h @ w[p + "block_sparse_moe.gate.weight"].T)
         for row in range(n):
-            top = np.argsort(-probs[row])[:cfg.num_experts_per_tok]
+            top = np.argsort(-probs[row])[: cfg.num_experts_per_tok]
             for e in top:
                 ep = f"{p}block_sparse_moe.experts.{e}."
                 y = swiglu(h[row], w[ep + "w1.weight"], w[ep + "w3.weight"], w[ep + "w2.weight"])
@@ -270,23 +302,33 @@ def test_reference_matches_float64_semantics(cfg: ModelConfig) -> None:
 
 # --- activation wire format ---------------------------------------------------------------
 
-WEIRD_FLOATS = hnp.from_dtype(np.dtype(np.float32), allow_nan=True, allow_infinity=True,
-                              allow_subnormal=True)
+WEIRD_FLOATS = hnp.from_dtype(
+    np.dtype(np.float32), allow_nan=True, allow_infinity=True, allow_subnormal=True
+)
 
 
 @st.composite
 def activations(draw: st.DrawFn) -> Activation:
     rows = draw(st.integers(0, 4))
-    ints = hnp.arrays(np.int32, rows, elements=st.integers(-2**31, 2**31 - 1))
+    ints = hnp.arrays(np.int32, rows, elements=st.integers(-(2**31), 2**31 - 1))
 
-    def maybe(shape: tuple[int, ...], elements: st.SearchStrategy[float] = WEIRD_FLOATS
-              ) -> np.ndarray | None:
+    def maybe(
+        shape: tuple[int, ...], elements: st.SearchStrategy[float] = WEIRD_FLOATS
+    ) -> np.ndarray | None:
         return draw(st.none() | hnp.arrays(np.float32, shape, elements=elements))
 
     ids = draw(st.none() | hnp.arrays(np.int32, (rows, 2), elements=st.integers(0, 7)))
-    return Activation(draw(ints), draw(ints), draw(ints), maybe((rows, 6)), maybe((rows, 6)),
-                      ids, maybe((rows, 2)), maybe((rows, draw(st.integers(0, 5)))),
-                      (draw(st.integers(0, 1000)), draw(st.integers(0, 200))))
+    return Activation(
+        draw(ints),
+        draw(ints),
+        draw(ints),
+        maybe((rows, 6)),
+        maybe((rows, 6)),
+        ids,
+        maybe((rows, 2)),
+        maybe((rows, draw(st.integers(0, 5)))),
+        (draw(st.integers(0, 1000)), draw(st.integers(0, 200))),
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -295,8 +337,16 @@ def test_activation_round_trips_bit_exactly(act: Activation) -> None:
     data = act.to_bytes()
     back = Activation.from_bytes(data)
     assert back.cursor == act.cursor
-    for name in ("slots", "positions", "tokens", "hidden", "partial", "route_ids",
-                 "route_weights", "logits"):
+    for name in (
+        "slots",
+        "positions",
+        "tokens",
+        "hidden",
+        "partial",
+        "route_ids",
+        "route_weights",
+        "logits",
+    ):
         a, b = getattr(act, name), getattr(back, name)
         assert (a is None and b is None) or same_bits(a, b), name
     assert back.to_bytes() == data
@@ -305,15 +355,21 @@ def test_activation_round_trips_bit_exactly(act: Activation) -> None:
 def test_activation_format_errors() -> None:
     act = Activation.for_tokens([0], [0], [1])
     with pytest.raises(ExecutionError, match="version 2"):
-        Activation.from_bytes(encode_safetensors(
-            {"slots": act.slots, "positions": act.positions, "tokens": act.tokens},
-            {ACTIVATION_KEY: '{"version": 2, "cursor": [0, 0]}'}))
+        Activation.from_bytes(
+            encode_safetensors(
+                {"slots": act.slots, "positions": act.positions, "tokens": act.tokens},
+                {ACTIVATION_KEY: '{"version": 2, "cursor": [0, 0]}'},
+            )
+        )
     with pytest.raises(ExecutionError, match="not a safetensors blob"):
         Activation.from_bytes(b"\xff" * 12)
     with pytest.raises(ExecutionError, match="rows"):
-        Activation.from_bytes(encode_safetensors(
-            {"slots": act.slots, "positions": act.positions, "tokens": np.zeros(2, np.int32)},
-            {ACTIVATION_KEY: '{"version": 1, "cursor": [0, 0]}'}))
+        Activation.from_bytes(
+            encode_safetensors(
+                {"slots": act.slots, "positions": act.positions, "tokens": np.zeros(2, np.int32)},
+                {ACTIVATION_KEY: '{"version": 1, "cursor": [0, 0]}'},
+            )
+        )
 
 
 # --- misuse is a clear error ------------------------------------------------------------------

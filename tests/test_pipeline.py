@@ -20,19 +20,19 @@ import numpy as np
 import pytest
 from conftest_agents import wait_for
 
+from agents.activation import Activation
+from agents.execution_error import ExecutionError
 from agents.executor import (
     CHUNKED_LOGITS_RTOL,
-    Activation,
-    ExecutionError,
     ReferenceExecutor,
-    Sampling,
     Stepper,
     TensorParallelGroup,
     load_shard,
-    plan_layout,
 )
 from agents.journal import JournalError, QueueFull
+from agents.layout import plan_layout
 from agents.pipeline import StageRunner, local_ring, running
+from agents.sampling import Sampling
 from orchestrator.compiler import compile_plan
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS

@@ -12,8 +12,11 @@ from protos.generate import REPO_ROOT, generate
 def test_committed_generated_code_is_fresh(tmp_path: Path) -> None:
     fresh = generate(tmp_path)
     assert fresh, "no .proto sources found"
-    stale = [str(p.relative_to(tmp_path)) for p in fresh
-             if not filecmp.cmp(p, REPO_ROOT / p.relative_to(tmp_path), shallow=False)]
+    stale = [
+        str(p.relative_to(tmp_path))
+        for p in fresh
+        if not filecmp.cmp(p, REPO_ROOT / p.relative_to(tmp_path), shallow=False)
+    ]
     assert not stale, f"stale generated code, run `python -m protos.generate`: {stale}"
 
 
@@ -21,8 +24,18 @@ def test_generated_modules_import_as_a_package() -> None:
     service = agent_pb2.DESCRIPTOR.services_by_name["Agent"]
     assert service.full_name == "lockstep.agent.v1.Agent"
     assert {m.name for m in service.methods} == {
-        "LoadShard", "UnloadShard", "Status", "Execute", "MarkChipFailed",
-        "ConfigureReplica", "StartEpoch", "Halt", "RemoveReplica", "Generate", "LinkPing"}
+        "LoadShard",
+        "UnloadShard",
+        "Status",
+        "Execute",
+        "MarkChipFailed",
+        "ConfigureReplica",
+        "StartEpoch",
+        "Halt",
+        "RemoveReplica",
+        "Generate",
+        "LinkPing",
+    }
     assert hasattr(agent_pb2_grpc, "AgentStub")
     link = interconnect_pb2.DESCRIPTOR.services_by_name["Link"]
     assert link.full_name == "lockstep.interconnect.v1.Link"

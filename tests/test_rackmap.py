@@ -41,9 +41,7 @@ def small() -> tuple[Plan, Topology]:
 def big() -> tuple[Plan, Topology]:
     """The largest published system: 145 racks, 10,440 chips, one 405B replica."""
     topo = preset_topology(145, "groq-rack")
-    plan = make_plan(
-        PlanRequest("big", model_preset("llama-3.1-405b"), "int8", 1, 4096, 8), topo
-    )
+    plan = make_plan(PlanRequest("big", model_preset("llama-3.1-405b"), "int8", 1, 4096, 8), topo)
     return plan, topo
 
 
@@ -73,7 +71,7 @@ def _texts(root: ET.Element) -> str:
 
 def _hls(fill: str) -> tuple[float, float, float]:
     assert fill.startswith("#") and len(fill) == 7, fill
-    r, g, b = (int(fill[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    r, g, b = (int(fill[i : i + 2], 16) / 255 for i in (1, 3, 5))
     return colorsys.rgb_to_hls(r, g, b)
 
 
@@ -92,8 +90,9 @@ def test_every_chip_once_with_the_fill_of_its_state(small: tuple[Plan, Topology]
     topo = _states_topology(topo)
     root = _parse(render_rack_map(plan, topo))
     chips = _chips(root)
-    assert set(chips) == {topo.chip_id(r) for rack, node in topo.iter_nodes()
-                          for r in topo.node_chips(rack, node)}
+    assert set(chips) == {
+        topo.chip_id(r) for rack, node in topo.iter_nodes() for r in topo.node_chips(rack, node)
+    }
     fill = {chip: rect.get("fill") for chip, rect in chips.items()}
     assert fill["rack-0/node-0/chip-5"] == FAILED_FILL
     assert fill["rack-1/node-1/chip-0"] == CORDONED_FILL
@@ -143,11 +142,25 @@ def test_tooltips_name_chip_state_stage_ops_and_sram(small: tuple[Plan, Topology
 def test_header_and_legend(small: tuple[Plan, Topology]) -> None:
     plan, topo = small
     text = _texts(_parse(render_rack_map(plan, _states_topology(topo))))
-    for needle in ("demo", "tiny-llama", "2 replicas × 12 pipeline stages × TP 1",
-                   f"lower bound {plan.chips_lower_bound}", "tokens/s per user",
-                   "replica 0", "replica 1", "stage 0 → stage 11", "placed by this plan",
-                   "spare", "failed (1)", "cordoned (8)", "used by other deployments (1)",
-                   "free", "rack-0", "rack-1", "node-2"):
+    for needle in (
+        "demo",
+        "tiny-llama",
+        "2 replicas × 12 pipeline stages × TP 1",
+        f"lower bound {plan.chips_lower_bound}",
+        "tokens/s per user",
+        "replica 0",
+        "replica 1",
+        "stage 0 → stage 11",
+        "placed by this plan",
+        "spare",
+        "failed (1)",
+        "cordoned (8)",
+        "used by other deployments (1)",
+        "free",
+        "rack-0",
+        "rack-1",
+        "node-2",
+    ):
         assert needle in text, needle
 
 
@@ -187,6 +200,9 @@ def test_largest_system_stays_small(big: tuple[Plan, Topology]) -> None:
     chips = _chips(_parse(svg))
     assert len(chips) == topo.chip_count == 10_440
     assert chips["rack-3/node-4/chip-2"].get("fill") == FAILED_FILL
-    placed = [c for c, r in chips.items() if r.get("fill", "").startswith("#")
-              and r.get("fill") not in (FREE_FILL, USED_FILL)]
+    placed = [
+        c
+        for c, r in chips.items()
+        if r.get("fill", "").startswith("#") and r.get("fill") not in (FREE_FILL, USED_FILL)
+    ]
     assert len(placed) == plan.chips_used - 1

@@ -980,8 +980,9 @@ def test_random_bytes_raise_only_spec_error(blob: bytes) -> None:
     ],
 )
 def test_pipeline_stages(value: str, expected: int | None, fragment: str | None) -> None:
-    text = BASE.replace("    tensorParallel: auto\n",
-                        f"    tensorParallel: auto\n    pipelineStages: {value}\n")
+    text = BASE.replace(
+        "    tensorParallel: auto\n", f"    tensorParallel: auto\n    pipelineStages: {value}\n"
+    )
     if fragment is None:
         assert parse_deployment(text, "p.yaml").pipeline_stages == expected
         return

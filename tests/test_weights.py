@@ -12,7 +12,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from agents.executor import TensorSlice, checkpoint_tensor_shapes, decode_f32
+from agents.layout import TensorSlice, checkpoint_tensor_shapes
+from agents.safetensors_codec import decode_f32
 from orchestrator.weights import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -25,8 +26,18 @@ from placement.errors import InputError
 from placement.models import MODEL_PRESETS, ModelConfig, model_from_hf_config
 
 MICRO = ModelConfig("micro-llama", 256, 64, 96, 2, 4, 2, max_position_embeddings=128)
-MICRO_MOE = ModelConfig("micro-mixtral", 128, 32, 48, 2, 4, 2, num_local_experts=3,
-                        num_experts_per_tok=2, tie_word_embeddings=True)
+MICRO_MOE = ModelConfig(
+    "micro-mixtral",
+    128,
+    32,
+    48,
+    2,
+    4,
+    2,
+    num_local_experts=3,
+    num_experts_per_tok=2,
+    tie_word_embeddings=True,
+)
 
 # sha256 of model.safetensors of MICRO, seed 0, fp16. If this changes, seeded checkpoints are no
 # longer the same bytes as before (numpy's generator or the writer changed): bump
@@ -35,8 +46,7 @@ GOLDEN_MICRO_FP16 = "4842233021454fe4c7fd355418e54d4408f7940c2196b23ba717018f6c8
 
 
 def _digests(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.iterdir())}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
@@ -118,8 +128,9 @@ def test_bf16_rounds_to_nearest_even() -> None:
     assert abs(back[4] - 3.0e-3) < 2e-5
 
 
-def _rewrite_without(path: Path, drop: str | None = None,
-                     replace: tuple[str, np.ndarray] | None = None) -> None:
+def _rewrite_without(
+    path: Path, drop: str | None = None, replace: tuple[str, np.ndarray] | None = None
+) -> None:
     with safe_open(str(path), framework="numpy") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys() if k != drop}  # noqa: SIM118
     if replace:
