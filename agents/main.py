@@ -35,11 +35,11 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 def tune_malloc() -> bool:
     """Keep gRPC's per-message buffers in warm heap memory (glibc only; False elsewhere).
 
-    gRPC Python hands every received message over as a fresh `bytes` (a 4 MiB chunk each).
+    gRPC Python hands every received message over as a fresh `bytes` (a 1-4 MiB chunk each).
     With glibc defaults such blocks are often mmapped or trimmed and faulted in anew per
     message, and per-thread malloc arenas keep freed chunks around: a bare gRPC sink measured
     1.0-1.5 GB/s and 200-250 MB peak RSS. One malloc arena and fixed 16 MiB mmap and trim
-    thresholds (so 4 MiB message buffers come from, and return to, a warm heap) made the same
+    thresholds (so chunk-sized message buffers come from, and return to, a warm heap) made the same
     sink 1.7-2.4 GB/s at 85-125 MB. bench/shard_load.py measures its bare-gRPC baseline both
     with this tuning (like for like) and without.
     """
