@@ -21,6 +21,7 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 from agents.server import AgentService, start_server  # noqa: E402
@@ -130,14 +131,19 @@ def _pin_blas() -> None:
         pin_blas_threads()
 
 
-def _chip_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if not 1 <= value <= 1024:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 1024, got {value}")
-    return value
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type` for a whole number in [low, high], with a message naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
 
 
 def _positive_seconds(text: str) -> float:
@@ -159,7 +165,7 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         "gracefully on SIGTERM/SIGINT.",
     )
     parser.add_argument("--node", required=True, help="node name (as in the topology)")
-    parser.add_argument("--chips", type=_chip_count, default=8, help="chips on this node")
+    parser.add_argument("--chips", type=whole_number(1, 1024), default=8, help="chips on this node")
     parser.add_argument(
         "--profile",
         default="dev",

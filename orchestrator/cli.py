@@ -23,7 +23,7 @@ from typing import NoReturn
 
 import yaml
 
-from agents.main import register_agent_command
+from agents.main import register_agent_command, whole_number
 from orchestrator.deployments import plan_request_from_spec
 from orchestrator.render import print_plan_table
 from orchestrator.spec import SpecError, load_deployment_file
@@ -31,7 +31,7 @@ from orchestrator.topology_file import DEFAULT_TOPOLOGY, load_topology_file
 from placement.errors import InputError, Unplaceable
 from placement.planner import make_plan
 from placement.profiles import profile_names
-from placement.topology import Topology, preset_topology
+from placement.topology import MAX_RACKS, Topology, preset_topology
 
 EXIT_OK, EXIT_UNPLACEABLE, EXIT_INVALID, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("-f", "--filename", required=True, help="deployment YAML (LPUDeployment)")
     where = plan.add_mutually_exclusive_group()
-    where.add_argument("--racks", type=_positive_int, help="a preset topology of N full racks")
+    where.add_argument(
+        "--racks", type=whole_number(1, MAX_RACKS), help="a preset topology of N full racks"
+    )
     where.add_argument("--topology", help="a topology YAML file")
     plan.add_argument(
         "--profile", choices=profile_names(), help="chip profile for --racks (default groq-rack)"
@@ -72,16 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=cmd_plan)
     register_agent_command(sub)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if not 1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 4096, got {value}")
-    return value
 
 
 def resolve_topology(args: argparse.Namespace) -> Topology:
