@@ -3,7 +3,7 @@
 Why a picture: a plan for a big model is thousands of chip ids; an operator deciding whether a
 placement is sane (is each replica kept inside a few racks? do the stages walk the racks in
 order? where are the spares relative to the chips they would replace?) sees it at a glance on a
-map and not at all in a YAML dump. `lpuctl plan --svg` / `lpuctl topology --svg` write this file;
+map and not at all in a YAML dump. `lpuctl plan --svg` writes this file;
 hovering a chip in a browser shows its id, state, replica/stage, op range and SRAM use.
 
 Encoding (the legend inside the picture says the same):
@@ -343,7 +343,7 @@ _DEFS = (
 def render_rack_map(plan: Plan | None, topology: Topology, failed: Iterable[str] = ()) -> str:
     """A complete standalone SVG document drawing `topology`, with `plan` laid over it.
 
-    `plan=None` draws chip states only (`lpuctl topology`). `failed` names chips (or whole
+    `plan=None` draws chip states only (a bare topology). `failed` names chips (or whole
     nodes) to draw as failed on top of the topology's own states — a failure report that has
     not yet been written back into the topology. Unknown ids in `failed` raise `InputError`;
     plan chip ids unknown to `topology` are listed in the header instead (a stale plan is still

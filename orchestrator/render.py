@@ -24,11 +24,19 @@ MAX_ROWS_PER_REPLICA = 24
 MAX_MAP_RACKS = 8
 
 
+class _PipeConsole(Console):
+    """rich exits 1 when the reader goes away (`lpuctl plan ... | head`), and 1 means "does
+    not fit" to lpuctl's callers: raise BrokenPipeError instead, which the CLI treats as done."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def _console() -> Console:
     """A console that keeps table rows on one line even when piped (rich assumes 80 columns)."""
     probe = Console()
     width = probe.width if probe.is_terminal else 160
-    return Console(highlight=False, soft_wrap=False, width=max(100, width))
+    return _PipeConsole(highlight=False, soft_wrap=False, width=max(100, width))
 
 
 def print_plan_table(plan: Plan, topology: Topology, console: Console | None = None) -> None:

@@ -19,7 +19,6 @@ and dotted field path, and can carry many problems at once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -32,6 +31,8 @@ import yaml
 from yaml.composer import Composer
 from yaml.events import AliasEvent, NodeEvent, ScalarEvent, StreamEndEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from placement.errors import field_path as format_path
 
 MAX_FILE_BYTES = 1 << 20
 """A deployment or topology is a page of text; anything bigger is a mistake or an attack."""
@@ -546,25 +547,6 @@ def plain_data(
 
 
 # --- paths and wording ----------------------------------------------------------------------
-
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
-
-
-def format_path(path: Sequence[Any]) -> str:
-    """`("spec", "placement", "racks", 1)` -> `spec.placement.racks[1]`.
-
-    Keys that are not identifiers (label keys such as `app.kubernetes.io/name`) are shown in
-    brackets and quotes so the path stays unambiguous.
-    """
-    out = ""
-    for element in path:
-        if isinstance(element, int):
-            out += f"[{element}]"
-        elif _IDENTIFIER.match(element) and len(element) <= 80:
-            out += f".{element}" if out else element
-        else:
-            out += f"[{json.dumps(clip(element, 80))}]"
-    return out
 
 
 def clip(text: str, limit: int = 60) -> str:

@@ -7,6 +7,10 @@ Both carry a message meant for a person; neither should ever surface as a traceb
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Sequence
+
 
 class PlacementError(Exception):
     """Base class of every error the planning core raises on purpose."""
@@ -39,3 +43,25 @@ class InputError(PlacementError):
 
 class Unplaceable(PlacementError):
     """A valid request that does not fit the cluster; the message gives the numbers."""
+
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+def field_path(path: Sequence[str | int]) -> str:
+    """`("spec", "placement", "racks", 1)` -> `spec.placement.racks[1]`.
+
+    Keys that are not identifiers (chip ids such as `rack-0/node-1/chip-3`, label keys) are
+    shown in brackets and quotes so the path stays unambiguous. Every file loader names fields
+    this way, so an error's field also finds its line.
+    """
+    out = ""
+    for element in path:
+        if isinstance(element, int):
+            out += f"[{element}]"
+        elif _IDENTIFIER.match(element) and len(element) <= 80:
+            out += f".{element}" if out else element
+        else:
+            clipped = element if len(element) <= 80 else element[:79] + "…"
+            out += f"[{json.dumps(clipped)}]"
+    return out

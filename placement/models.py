@@ -222,7 +222,7 @@ def model_from_hf_dict(raw: dict[str, Any], *, source: str, name: str) -> ModelC
             field="hidden_size",
         )
     experts = ints.get("num_local_experts", 0)
-    top_k = ints.get("num_experts_per_tok", 2 if experts else 0)
+    top_k = ints.get("num_experts_per_tok", min(2, experts))  # the Mixtral default
     if experts and top_k > experts:
         raise InputError(
             f"num_experts_per_tok ({top_k}) exceeds num_local_experts ({experts})",
@@ -282,9 +282,9 @@ class OpShape:
 class Op:
     """One op sized at a precision: the unit the partitioner places.
 
-    Large ops are cut into `chunk_count` chunks along `width` (heads for attention, columns for
-    MLP and experts, vocabulary rows for embedding and LM head) so that stage boundaries can fall
-    inside them; `chunk` is this piece's index.
+    The partitioner may cut a large op into chunks along its split dimension (`split_width`:
+    KV heads for attention, columns for MLP and experts, vocabulary rows for embedding and LM
+    head) so that stage boundaries can fall inside it.
     """
 
     name: str
@@ -295,14 +295,7 @@ class Op:
     flops_per_token: int
     activation_bytes_per_token: int
     context_flops_per_position: int = 0
-    chunk: int = 0
-    chunk_count: int = 1
-
-    @property
-    def label(self) -> str:
-        if self.chunk_count == 1:
-            return self.name
-        return f"{self.name}[{self.chunk + 1}/{self.chunk_count}]"
+    replicated_bytes: int = 0  # norm weights: every TP rank and every chunk holds a copy
 
 
 def _op_shapes(cfg: ModelConfig) -> list[OpShape]:
@@ -410,6 +403,7 @@ def build_ops(cfg: ModelConfig, precision: str) -> list[Op]:
                 flops_per_token=shape.flops_per_token,
                 activation_bytes_per_token=act,
                 context_flops_per_position=shape.context_flops_per_position,
+                replicated_bytes=shape.norm_params * NORM_BYTES,
             )
         )
     return ops

@@ -15,14 +15,16 @@ Each greedy step is a bisection on prefix sums: O(stages x log chunks) per probe
 
 Ops too large for one chip at width t are cut into chunks along heads, columns or vocabulary
 rows (`models.chunk_limits`), small enough (usable SRAM / `max_chunks_per_chip`) that packing
-wastes little; a stage boundary may then fall inside an op.
+wastes little; a stage boundary may then fall inside an op. A chunk is charged what its busiest
+TP rank holds: ceil(units / t) of its units (the layout splits a chunk's units among the ranks,
+the first ones taking one more) plus a copy of the norm weights.
 """
 
 from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,18 +75,27 @@ def build_chunk_table(
         )
     limits = chunk_limits(cfg)
     target = max(1, capacity // profile.max_chunks_per_chip)
-    op_bytes = np.array([op_sram_bytes(op, tp, cfg, work) for op in ops], dtype=np.int64)
+    split_bytes = np.array(
+        [op_sram_bytes(op, 1, cfg, work) - op.replicated_bytes for op in ops], dtype=np.int64
+    )
+    replicated = np.array([op.replicated_bytes for op in ops], dtype=np.int64)
     op_time = np.array([op_time_ps(op, tp, cfg, profile, work) for op in ops], dtype=np.int64)
     widths = np.array([split_width(cfg, op.kind) for op in ops], dtype=np.int64)
-    max_chunks = np.minimum(np.array([limits[op.kind] for op in ops], dtype=np.int64), widths)
-    counts = np.clip(-(-op_bytes // target), 1, max_chunks)
+    # At least `tp` units per chunk where the op has them, so every rank holds a share.
+    max_chunks = np.minimum(
+        np.array([limits[op.kind] for op in ops], dtype=np.int64), np.maximum(1, widths // tp)
+    )
+    counts = np.clip(-(-split_bytes // (target * tp)), 1, max_chunks)
     owner = np.repeat(np.arange(len(ops)), counts)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     within = np.arange(int(counts.sum())) - np.repeat(starts, counts)
     c, w = counts[owner], widths[owner]
     units = w // c + (within < w % c)
-    chunk_bytes = -(-(op_bytes[owner] * units) // w)
-    chunk_time = -(-(op_time[owner] * units) // w)
+    # A chunk's units are shared among the TP ranks, the first ones taking one more: the
+    # busiest rank holds ceil(units / tp) of them, plus a copy of the norm weights.
+    rank_units = -(-units // tp)
+    chunk_bytes = replicated[owner] + -(-(split_bytes[owner] * rank_units) // w)
+    chunk_time = -(-(op_time[owner] * tp * rank_units) // w)
     too_big = np.nonzero(chunk_bytes > capacity)[0]
     if too_big.size:
         first = int(too_big[0])
@@ -217,29 +228,31 @@ class TPChoice:
         return self.tp * self.stages
 
 
-def choose_partition(
+def ranked_partitions(
     ops: Sequence[Op],
     cfg: ModelConfig,
     profile: ChipProfile,
     work: Workload,
     tensor_parallel: int | None,
     pipeline_stages: int | None = None,
-) -> Partition:
-    """Pick the TP width (fewest chips, then smallest bottleneck) and its optimal partition.
+) -> Iterator[Partition]:
+    """Optimal partitions for each feasible TP width, best first: fewest chips, then the
+    smallest bottleneck. The mapper takes the first one the topology can hold.
 
     `pipeline_stages` asks for exactly that many stages (more stages than the fewest that fit
-    shorten the slowest stage); widths that cannot give that many are skipped.
+    shorten the slowest stage); widths that cannot give that many are skipped. Raises
+    `Unplaceable` with every width's reason when none is feasible.
     """
-    widths = (
-        [tensor_parallel]
-        if tensor_parallel
-        else [t for t in TP_WIDTHS if t <= profile.chips_per_node]
-    )
     if tensor_parallel and tensor_parallel > profile.chips_per_node:
         raise Unplaceable(
             f"tensorParallel {tensor_parallel} needs {tensor_parallel} chips in one node; "
             f"profile {profile.name} has {profile.chips_per_node} chips per node"
         )
+    widths = (
+        [tensor_parallel]
+        if tensor_parallel
+        else [t for t in TP_WIDTHS if t <= profile.chips_per_node]
+    )
     choices: list[TPChoice] = []
     reasons: list[str] = []
     for tp in widths:
@@ -259,17 +272,10 @@ def choose_partition(
         else:
             choices.append(TPChoice(tp, table, pipeline_stages))
     if not choices:
-        raise Unplaceable(reasons[-1])
-    fewest = min(c.chips for c in choices)
-    best: Partition | None = None
-    for choice in choices:
-        if choice.chips != fewest:
-            continue
-        candidate = optimal_partition(choice.table, choice.stages)
-        if best is None or candidate.bottleneck_ps < best.bottleneck_ps:
-            best = candidate
-    assert best is not None
-    return best
+        raise Unplaceable("; ".join(reasons))
+    for chips in sorted({c.chips for c in choices}):
+        same = [optimal_partition(c.table, c.stages) for c in choices if c.chips == chips]
+        yield from sorted(same, key=lambda p: p.bottleneck_ps)
 
 
 def lower_bound_chips(total_bytes: int, usable_per_chip: int) -> int:

@@ -19,10 +19,10 @@ from placement.cost import (
     ring_prediction,
     token_hop_bytes,
 )
-from placement.errors import InputError
-from placement.mapper import SPREADS, map_replicas
+from placement.errors import InputError, Unplaceable
+from placement.mapper import SPREADS, Mapping, map_replicas
 from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
-from placement.partition import Partition, choose_partition, lower_bound_chips
+from placement.partition import Partition, lower_bound_chips, ranked_partitions
 from placement.plan import OpCut, Plan, StagePlan
 from placement.topology import ChipRef, Topology
 
@@ -81,19 +81,8 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
     profile = topology.profile
     work = Workload(request.max_context, request.max_batch, request.precision)
     ops = build_ops(request.model, request.precision)
-    partition = choose_partition(
-        ops, request.model, profile, work, request.tensor_parallel, request.pipeline_stages
-    )
+    partition, mapping = _partition_and_map(request, topology, ops, work)
     tp = partition.table.tp
-    mapping = map_replicas(
-        topology,
-        stages=partition.stage_count,
-        tp=tp,
-        replicas=request.replicas,
-        spread=request.spread,
-        spares_per_rack=request.spares_per_rack,
-        racks=request.racks,
-    )
     stage_seconds = [partition.stage_time_ps(i) / PS for i in range(partition.stage_count)]
     stages: list[StagePlan] = []
     hops: list[list[float]] = []
@@ -146,9 +135,45 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
         sram_bytes_needed=needed,
         predicted=prediction,
         notes=tuple(
-            _explain(partition, chips_used, bound, request.replicas, profile.usable_sram_bytes)
+            _explain(partition, ops, chips_used, bound, request, profile.usable_sram_bytes)
         ),
     )
+
+
+def _partition_and_map(
+    request: PlanRequest, topology: Topology, ops: Sequence[Op], work: Workload
+) -> tuple[Partition, Mapping]:
+    """The best partition whose TP groups the topology can hold.
+
+    With `tensorParallel: auto` a wider TP may save chips on paper yet find too few nodes
+    with that many healthy free chips; the next width in the ranking is tried then. The
+    first (best) candidate's reason is reported when none fits.
+    """
+    first_error: Unplaceable | None = None
+    for partition in ranked_partitions(
+        ops,
+        request.model,
+        topology.profile,
+        work,
+        request.tensor_parallel,
+        request.pipeline_stages,
+    ):
+        try:
+            mapping = map_replicas(
+                topology,
+                stages=partition.stage_count,
+                tp=partition.table.tp,
+                replicas=request.replicas,
+                spread=request.spread,
+                spares_per_rack=request.spares_per_rack,
+                racks=request.racks,
+            )
+        except Unplaceable as exc:
+            first_error = first_error or exc
+            continue
+        return partition, mapping
+    assert first_error is not None
+    raise first_error
 
 
 def _stage_cuts(partition: Partition, ops: Sequence[Op], index: int) -> tuple[OpCut, OpCut]:
@@ -180,32 +205,58 @@ def replica_hops(
     return hops
 
 
-def _explain(partition: Partition, used: int, bound: int, replicas: int, usable: int) -> list[str]:
+_CUT_UNIT = {
+    "attention": "KV-head",
+    "mlp": "128-column",
+    "expert": "128-column",
+    "embedding": "128-row",
+    "lm_head": "128-row",
+}
+
+
+def _explain(
+    partition: Partition,
+    ops: Sequence[Op],
+    used: int,
+    bound: int,
+    request: PlanRequest,
+    usable: int,
+) -> list[str]:
     """Why the plan uses more chips than the SRAM lower bound, in numbers."""
     table = partition.table
-    ratio = used / bound
-    notes = [f"{used} chips against a lower bound of {bound} (x{ratio:.3f})"]
+    notes = [f"{used} chips against a lower bound of {bound} (x{used / bound:.3f})"]
     if used == bound:
         return notes
     tp = table.tp
-    stage_total = table.prefix_bytes[-1]
-    ideal_stages = -(-stage_total // table.capacity)
-    packing = partition.stage_count - ideal_stages
+    ideal_stages = -(-table.prefix_bytes[-1] // table.capacity)
+    extra = partition.stage_count - ideal_stages
     workspace = usable - table.capacity
     if workspace:
         notes.append(
             f"every chip keeps {workspace:,} bytes of activation buffers "
             f"({workspace / usable:.1%} of usable SRAM)"
         )
-    if packing:
+    if request.pipeline_stages is not None:
+        fewest = -(-table.prefix_bytes[-1] // table.capacity)
         notes.append(
-            f"contiguous stages cut only between op chunks: {packing} stage(s) per replica "
-            f"more than the bytes alone need ({ideal_stages})"
+            f"pipelineStages {request.pipeline_stages} was asked for (the bytes alone need "
+            f"{fewest})"
+        )
+    elif extra:
+        sizes = [table.segment_bytes(i, i + 1) for i in range(table.size)]
+        biggest = max(range(table.size), key=sizes.__getitem__)
+        op = ops[table.op_index[biggest]]
+        notes.append(
+            f"contiguous stages cut only between op chunks: {extra} stage(s) per replica more "
+            f"than the bytes alone need ({ideal_stages}); the largest piece that cannot be cut "
+            f"further is a {op.kind} chunk of {sizes[biggest] / 2**20:,.1f} MiB "
+            f"({sizes[biggest] / table.capacity:.0%} of a chip: {op.kind} ops are cut only at "
+            f"{_CUT_UNIT.get(op.kind, 'op')} boundaries)"
         )
     if tp > 1:
         notes.append(
             f"tensorParallel {tp}: every stage takes {tp} chips, and stage counts round up "
-            f"per TP group ({replicas} replicas x {partition.stage_count} stages x {tp})"
+            f"per TP group ({request.replicas} replicas x {partition.stage_count} stages x {tp})"
         )
     return notes
 

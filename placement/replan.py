@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from placement.errors import Unplaceable
-from placement.plan import Plan, StagePlan
+from placement.plan import Plan
 from placement.planner import prediction_for, stage_refs
 from placement.topology import ChipRef, ChipState, Topology
 
@@ -178,10 +178,3 @@ def _racks_by_distance(topology: Topology, rack: int) -> Iterator[int]:
     """The rack itself, then the others by index distance (ties: lower index first)."""
     count = len(topology.rack_names)
     return iter(sorted(range(count), key=lambda r: (abs(r - rack), r)))
-
-
-def stage_of_chip(plan: Plan, chip: str) -> StagePlan | None:
-    for stage in plan.stages:
-        if chip in stage.chips:
-            return stage
-    return None

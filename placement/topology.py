@@ -10,14 +10,13 @@ Links are implied by the profile's three link classes: chips of one node are ful
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from placement.errors import InputError
+from placement.errors import InputError, field_path
 from placement.profiles import ChipProfile, get_profile, profile_from_dict
 
 
@@ -63,9 +62,6 @@ class Topology:
 
     def chip_id(self, ref: ChipRef) -> str:
         return f"{self.rack_names[ref.rack]}/node-{ref.node}/chip-{ref.chip}"
-
-    def node_id(self, rack: int, node: int) -> str:
-        return f"{self.rack_names[rack]}/node-{node}"
 
     def rack_index(self, name: str) -> int | None:
         index: dict[str, int] = self._rack_index  # type: ignore[attr-defined]
@@ -239,7 +235,7 @@ def topology_from_dict(
         raise fail("must be a mapping of chip or node id to state", "chips")
     updates: dict[ChipRef, ChipState] = {}
     for key, value in chips_raw.items():
-        path = f"chips[{json.dumps(str(key))}]"
+        path = field_path(("chips", str(key)))
         try:
             state = ChipState(value)
         except ValueError:

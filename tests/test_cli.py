@@ -116,7 +116,7 @@ def test_real_process_exit_codes() -> None:
     assert fits.returncode == 0 and json.loads(fits.stdout)["replicas"] == 2
     too_big = lpuctl("plan", "-f", str(EXAMPLES / "llama3-70b.yaml"), "--racks", "8")
     assert too_big.returncode == 1
-    assert "needs 700 chips" in too_big.stderr and "free in 8 racks" in too_big.stderr
+    assert "needs 724 chips" in too_big.stderr and "free in 8 racks" in too_big.stderr
     bad = lpuctl("plan", "-f", str(BAD_FILES[0]))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert str(BAD_FILES[0]) in bad.stderr
@@ -158,6 +158,7 @@ def test_bad_flags_exit_2(
         ("profile: dev\nrack: 2\n", ":2: rack: unknown field 'rack'"),
         ("profile: dev\nracks: [{name: a, nodes: 0}]\n", "racks[0].nodes: must be a whole"),
         ("profile: dev\nracks: 1\nchips:\n  rack-0/node-7: failed\n", ":4: chips["),
+        ("profile: dev\nracks: 1\nchips:\n  foo: failed\n", ":4: chips.foo: 'foo' is not a chip"),
         ("profile: dev\nracks: 1\nchips: {rack-0/node-0/chip-1: melted}\n", "state must be"),
         ("profile: &p dev\nracks: *p\n", "aliases/anchors are not allowed"),
         ("profile: !!python/name:os.system dev\nracks: 1\n", "is not allowed"),

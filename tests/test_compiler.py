@@ -216,3 +216,42 @@ def test_shard_ref_shape() -> None:
         "path",
         "virtual",
     ]
+
+
+@pytest.mark.parametrize(
+    ("model", "profile", "racks", "tp", "precision", "context", "batch"),
+    [
+        ("tiny-llama", "dev", 4, 8, "fp16", 1024, 2),
+        ("tiny-llama", "dev", 4, 4, "fp16", 256, 4),
+        ("tiny-llama", "dev", 4, 2, "fp16", 512, 8),
+        ("llama-3-8b", "groq-rack", 8, 8, "fp16", 8192, 8),
+        ("mixtral-8x7b", "groq-rack", 20, 8, "fp16", 8192, 16),
+    ],
+)
+def test_every_rank_holds_no_more_than_the_plan_declares(
+    model: str, profile: str, racks: int, tp: int, precision: str, context: int, batch: int
+) -> None:
+    """What the compiled shards really put on each TP rank (weight slices + the KV cache of
+    its heads) stays within the SRAM the plan declares for the chip, itself within capacity."""
+    from agents.layout import stage_pieces
+    from orchestrator.compiler import ShardProgram
+    from placement.models import PRECISION_BYTES
+
+    cfg = MODEL_PRESETS[model]
+    topo = preset_topology(racks, profile)
+    request = PlanRequest(
+        "r", cfg, precision, 1, context, batch, tp, spread="none", spares_per_rack=0
+    )
+    plan = make_plan(request, topo)
+    width = PRECISION_BYTES[precision]
+    for stage in plan.stages:
+        assert stage.sram_bytes_per_chip <= topo.profile.usable_sram_bytes
+        for rank in range(len(stage.chips)):
+            program = ShardProgram.build(plan, cfg, stage, rank, None)
+            kv = 0
+            for piece in stage_pieces(cfg, stage.first, stage.last, len(stage.chips)):
+                if piece.kind == "attention":
+                    start, end = piece.ranks[rank]
+                    kv += (end - start) * cfg.head_dim * 2 * width * context * batch
+            held = program.manifest["weight_bytes"] + kv
+            assert held <= stage.sram_bytes_per_chip, (stage.index, rank)

@@ -211,10 +211,11 @@ def test_every_preset_plans_close_to_the_lower_bound(name: str) -> None:
     )
     ratio = plan.chips_used / plan.chips_lower_bound
     assert ratio >= 1.0
-    if name != "tiny-llama":
-        assert ratio <= 1.05, plan.notes
     if ratio > 1.0:
         assert plan.notes and "lower bound" in plan.notes[0]
+    if name != "tiny-llama" and ratio > 1.05:
+        # Beyond 5 %, the plan must say which piece could not be cut finer.
+        assert ratio <= 1.10 and any("cannot be cut" in n for n in plan.notes), plan.notes
 
 
 def test_faster_than_a_single_chip_has_memory_for() -> None:
@@ -274,3 +275,26 @@ def test_more_stages_never_slow_the_bottleneck() -> None:
     assert more.predicted.bottleneck_stage_ms <= fewest.predicted.bottleneck_stage_ms
     with pytest.raises(Unplaceable, match="needs at least"):
         make_plan(replace(request, pipeline_stages=fewest.pipeline_stages - 1), topo)
+
+
+def test_auto_tp_falls_back_to_a_width_the_topology_can_hold() -> None:
+    """On paper TP 2 needs fewest chips, but with three failed chips per node only two TP-2
+    groups fit in each node: auto must fall back to TP 1 rather than give up."""
+    topo = preset_topology(8, "groq-rack")
+    topo = topo.with_states(
+        {
+            ref: ChipState.FAILED
+            for rack, node in topo.iter_nodes()
+            for ref in list(topo.node_chips(rack, node))[:3]
+        }
+    )
+    request = PlanRequest(
+        "f", model_preset("llama-2-70b"), "int8", 1, 4096, 1, spread="none", spares_per_rack=0
+    )
+    on_paper = make_plan(request, preset_topology(8, "groq-rack"))
+    assert on_paper.tensor_parallel == 2
+    with pytest.raises(Unplaceable, match="tensorParallel 2"):
+        make_plan(replace(request, tensor_parallel=2), topo)
+    plan = make_plan(request, topo)
+    assert plan.tensor_parallel == 1
+    assert not set(plan.chips()) & {topo.chip_id(r) for r in topo.states}

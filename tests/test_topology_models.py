@@ -79,6 +79,8 @@ def test_topology_from_dict_with_states() -> None:
         ({"profile": {"sram_bytes": -1}, "racks": 1}, "profile.sram_bytes"),
         ({"profile": {"memory_efficiency": 2}, "racks": 1}, "at most 1.0"),
         ({"profile": {"warp_drive": 1}, "racks": 1}, "unknown profile field"),
+        ({"profile": {"chips_per_node": 100_000_000}, "racks": 1}, "at most 64"),
+        ({"profile": {"nodes_per_rack": 10**9}, "racks": 2}, "at most 1024"),
         ([1, 2], "must be a mapping"),
     ],
 )
