@@ -138,8 +138,7 @@ def _shortfall(
     spares_per_rack: int,
 ) -> str:
     need = stages * tp * replicas
-    free = 0
-    reserved = 0
+    free = reserved = groups = 0
     for rack in rack_order:
         spare_set = set(spare_nodes(topo, rack, spares_per_rack))
         for node in range(topo.nodes_per_rack[rack]):
@@ -148,16 +147,20 @@ def _shortfall(
                 reserved += n
             else:
                 free += n
+                groups += n // tp
     message = (
         f"needs {need:,} chips ({replicas} replica(s) x {stages} stages x tensorParallel {tp}), "
         f"{free:,} free in {len(rack_order)} racks"
     )
     if reserved:
         message += f" (after reserving {reserved:,} spare chips, sparesPerRack {spares_per_rack})"
-    if free >= need:
+    if free >= need and groups < stages * replicas:
         message += (
-            f"; only {done} of {replicas} replicas fit with spread: {spread}"
-            + (" (each replica needs racks of its own)" if spread == "rack" else "")
-            + (" and TP groups must lie inside one node" if tp > 1 else "")
+            f"; a TP group needs {tp} free chips in one node and the free chips form only "
+            f"{groups:,} such groups, {stages * replicas:,} needed"
+        )
+    elif free >= need:
+        message += f"; only {done} of {replicas} replicas fit with spread: {spread}" + (
+            " (each replica needs racks of its own)" if spread == "rack" else ""
         )
     return message
