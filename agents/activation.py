@@ -87,6 +87,10 @@ class Activation:
             version, cursor = meta["version"], tuple(int(c) for c in meta["cursor"])
         except (KeyError, TypeError, ValueError, json.JSONDecodeError):
             raise ExecutionError("not an activation blob: missing or bad metadata") from None
+        if len(cursor) != 2:
+            raise ExecutionError(
+                f"not an activation blob: cursor {list(cursor)} is not (op, chunk)"
+            )
         if version != ACTIVATION_VERSION:
             raise ExecutionError(
                 f"activation format version {version} is not supported "

@@ -188,6 +188,10 @@ class LinkService:
         acks: queue.SimpleQueue[interconnect_pb2.LinkAck | _End | None],
     ) -> None:
         bound: StageRunner | None = None
+
+        def send_ack(tick: int, epoch: int) -> None:
+            acks.put(interconnect_pb2.LinkAck(epoch=epoch, tick=tick))
+
         try:
             for msg in requests:
                 intact = frame_checksum(msg) == msg.checksum
@@ -225,11 +229,11 @@ class LinkService:
                     acks.put(_End(grpc.StatusCode.DATA_LOSS, error))
                     return
                 if runner is not bound:
+                    if bound is not None:
+                        bound.unbind_upstream(send_ack)
                     bound = runner
                     runner.set_upstream(
-                        lambda tick, epoch: acks.put(
-                            interconnect_pb2.LinkAck(epoch=epoch, tick=tick)
-                        ),
+                        send_ack,
                         lambda message: acks.put(_End(grpc.StatusCode.ABORTED, message)),
                     )
                 slot = None if msg.slot < 0 else msg.slot
@@ -239,6 +243,8 @@ class LinkService:
         except grpc.RpcError:
             pass  # the sender went away; its stage notices on its side
         finally:
+            if bound is not None:  # a later stream may bind the stage: stop feeding this one
+                bound.unbind_upstream(send_ack)
             acks.put(None)
 
 

@@ -25,16 +25,26 @@ Rules a stage follows:
 * every completed tick extends a hash chain over the stage's outputs:
   h_t = sha256(h_{t-1} || epoch-free tick || output digest), so two runs of the same requests
   have equal chains and the first differing link names the tick of a silent corruption.
+
+Chain log. Each stage keeps its last `chain_log_limit` (tick, head) pairs (default
+`DEFAULT_CHAIN_LOG_LIMIT`), a bounded memory. `resume(epoch, tick)` rewinds the chain to the
+head covering the completed ticks before `tick` (GENESIS if none) and drops the log's entries
+from `tick` on, so a halted and resumed stage has the same chain as a clean run; rewinding
+needs that head, so resuming at a tick whose predecessor fell out of the window raises
+`ProtocolError` naming the tick.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from itertools import zip_longest
 
 GENESIS = b"\x00" * 32
+DEFAULT_CHAIN_LOG_LIMIT = 4096  # (tick, head) pairs a stage keeps for resume and comparison
 
 
 class ProtocolError(Exception):
@@ -115,13 +125,20 @@ class StageMachine:
     chain: bytes = GENESIS
     acked: int = -1  # highest tick downstream acknowledged
     origin: int = 0  # the tick the current epoch started at: no upstream frame before it
+    chain_log_limit: int = DEFAULT_CHAIN_LOG_LIMIT
     _inputs: dict[int, Frame] = field(default_factory=dict)
     _ready: set[str] = field(default_factory=set)
-    _chain_log: list[tuple[int, bytes]] = field(default_factory=list)
+    _chain_log: deque[tuple[int, bytes]] = field(default_factory=deque)
+    # The head covering every completed tick below `_floor_tick` not in the log (entries that
+    # fell out of the window, or a chain handed to `resume`).
+    _floor_tick: int = 0
+    _floor_head: bytes = GENESIS
 
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError("the skew window W must be at least 1")
+        if self.chain_log_limit < 1:
+            raise ValueError("the chain log must keep at least one entry")
         if not 0 <= self.stage < self.schedule.stages:
             raise ValueError(f"stage {self.stage} outside 0..{self.schedule.stages - 1}")
 
@@ -147,6 +164,15 @@ class StageMachine:
         """Restart at a new epoch from `tick` (after failover): barrier again, old frames gone."""
         if epoch <= self.epoch:
             raise ProtocolError(f"epoch must increase: {epoch} after {self.epoch}")
+        if chain is None:
+            head = self._head_before(tick)
+            while self._chain_log and self._chain_log[-1][0] >= tick:
+                self._chain_log.pop()
+            self.chain = head
+        else:
+            self._chain_log.clear()
+            self._floor_tick, self._floor_head = tick, chain
+            self.chain = chain
         self.epoch = epoch
         self.next_tick = tick
         self.origin = tick
@@ -154,8 +180,18 @@ class StageMachine:
         self._ready.clear()
         self._inputs = {t: f for t, f in self._inputs.items() if f.epoch == epoch}
         self.acked = tick - 1
-        if chain is not None:
-            self.chain = chain
+
+    def _head_before(self, tick: int) -> bytes:
+        """The chain head covering every completed tick below `tick`."""
+        for done, head in reversed(self._chain_log):
+            if done < tick:
+                return head
+        if tick < self._floor_tick:
+            raise ProtocolError(
+                f"stage {self.stage}: cannot resume at tick {tick}: the chain head before it "
+                f"fell out of the {self.chain_log_limit}-entry chain log"
+            )
+        return self._floor_head
 
     # --- events -----------------------------------------------------------------------------
 
@@ -182,6 +218,11 @@ class StageMachine:
         """Downstream acknowledged consuming our output of `tick`: one more credit."""
         if epoch != self.epoch:
             return
+        if tick >= self.next_tick:
+            raise ProtocolError(
+                f"stage {self.stage}: acknowledgement of tick {tick}, never sent "
+                f"(next tick {self.next_tick})"
+            )
         self.acked = max(self.acked, tick)
 
     # --- what runs next ---------------------------------------------------------------------
@@ -211,12 +252,17 @@ class StageMachine:
 
     def complete(self, tick: int, output: bytes) -> bytes:
         """The adapter executed `tick` with this output; returns the new chain head."""
+        if self.phase is not Phase.RUNNING:
+            raise ProtocolError(f"stage {self.stage}: completed tick {tick} while {self.phase}")
         if tick != self.next_tick:
             raise ProtocolError(
                 f"stage {self.stage}: completed tick {tick}, expected {self.next_tick}"
             )
         self._inputs.pop(self.schedule.input_tick(self.stage, tick), None)
         self.chain = chain_step(self.chain, tick, output)
+        if len(self._chain_log) >= self.chain_log_limit:
+            dropped, head = self._chain_log.popleft()
+            self._floor_tick, self._floor_head = dropped + 1, head
         self._chain_log.append((tick, self.chain))
         self.next_tick += 1
         return self.chain
@@ -231,8 +277,12 @@ def chain_step(previous: bytes, tick: int, output: bytes) -> bytes:
 
 
 def first_divergence(a: Iterable[tuple[int, bytes]], b: Iterable[tuple[int, bytes]]) -> int | None:
-    """The first tick at which two chain logs differ (None if equal where both exist)."""
-    for (tick_a, head_a), (tick_b, head_b) in zip(a, b, strict=False):
+    """The first tick at which two chain logs differ, or None if they are equal. When one log
+    ends early, the first tick missing from it is the divergence."""
+    for entry_a, entry_b in zip_longest(a, b):
+        if entry_a is None or entry_b is None:
+            return (entry_a or entry_b)[0]
+        (tick_a, head_a), (tick_b, head_b) = entry_a, entry_b
         if tick_a != tick_b or head_a != head_b:
             return min(tick_a, tick_b)
     return None

@@ -55,7 +55,15 @@ from agents.activation import Activation
 from agents.execution_error import ExecutionError
 from agents.executor import Stepper
 from agents.journal import Journal, JournalError, QueueFull, TokenEvent
-from agents.lockstep import GENESIS, Frame, Phase, ProtocolError, Schedule, StageMachine
+from agents.lockstep import (
+    DEFAULT_CHAIN_LOG_LIMIT,
+    GENESIS,
+    Frame,
+    Phase,
+    ProtocolError,
+    Schedule,
+    StageMachine,
+)
 from agents.sampling import GREEDY, Sampling, sample_token
 
 log = logging.getLogger("lockstep.pipeline")
@@ -164,6 +172,7 @@ class TokenOut:
     event: TokenEvent | None
     logits: np.ndarray | None = None
     error: str | None = None
+    cancelled: bool = False  # the request was cancelled (not a stopped pipeline)
 
 
 @dataclass
@@ -198,12 +207,20 @@ class StageRunner:
         journal: Journal | None = None,
         vocab_size: int | None = None,
         epoch: int = 0,
+        chain_log_limit: int = DEFAULT_CHAIN_LOG_LIMIT,
     ) -> None:
         if (stage == 0) != (journal is not None):
             raise ValueError("stage 0, and only stage 0, holds the journal")
         self.label = label
         self.stage = stage
-        self.machine = StageMachine(stage, schedule, window, frozenset(replica_chips), epoch=epoch)
+        self.machine = StageMachine(
+            stage,
+            schedule,
+            window,
+            frozenset(replica_chips),
+            epoch=epoch,
+            chain_log_limit=chain_log_limit,
+        )
         self.stepper = stepper
         self.journal = journal
         self.vocab_size = vocab_size
@@ -230,6 +247,15 @@ class StageRunner:
         with self._cond:
             self._ack_upstream = ack
             self._stop_upstream = stop
+
+    def unbind_upstream(self, ack: Callable[[int, int], None]) -> None:
+        """Forget the upstream callbacks if `ack` is still the bound one (its link stream
+        ended): credits and stops then go nowhere until the next stream binds, instead of
+        into a dead stream's queue."""
+        with self._cond:
+            if self._ack_upstream is ack:
+                self._ack_upstream = None
+                self._stop_upstream = None
 
     def start(self) -> None:
         if self._downstream is None:
@@ -262,7 +288,11 @@ class StageRunner:
 
     def on_ack(self, tick: int, epoch: int) -> None:
         with self._cond:
-            self.machine.on_ack(tick, epoch)
+            try:
+                self.machine.on_ack(tick, epoch)
+            except ProtocolError as exc:
+                self._stop(f"{self.label}: {exc}")
+                return
             self._cond.notify_all()
 
     def fail(self, message: str) -> None:
@@ -281,6 +311,13 @@ class StageRunner:
     def halt(self) -> int:
         with self._cond:
             return self.machine.halt()
+
+    def enter_epoch(self, epoch: int, tick: int) -> None:
+        """`resume` at `epoch` unless the stage is already there (one check under the lock,
+        so two concurrent StartEpoch calls resume once)."""
+        with self._cond:
+            if epoch > self.machine.epoch:
+                self.resume(epoch, tick)
 
     def resume(self, epoch: int, tick: int) -> None:
         """Restart at a new epoch from `tick`; stage 0 replays every request in flight."""
@@ -338,7 +375,9 @@ class StageRunner:
             self.journal.cancel(request_id)
             stream = self._listeners.pop(request_id, None)
             if stream is not None:  # wake whoever still waits on it
-                stream.put(TokenOut(None, error=f"request {request_id!r} was cancelled"))
+                stream.put(
+                    TokenOut(None, error=f"request {request_id!r} was cancelled", cancelled=True)
+                )
             self._sampling.pop(request_id, None)
             self._cond.notify_all()
 

@@ -298,8 +298,7 @@ class ReplicaHost:
         rep = self._replica(req.deployment, req.replica)
         running = True
         for runner in rep.runners.values():
-            if req.epoch > runner.machine.epoch:
-                runner.resume(req.epoch, req.tick)
+            runner.enter_epoch(req.epoch, req.tick)
             running = runner.confirm_ready(list(req.ready_chips), req.epoch) and running
         return running
 
@@ -366,9 +365,12 @@ class ReplicaHost:
         remaining = context.time_remaining()
         timeout = remaining if remaining is not None else None
         if req.deadline_ms:
-            timeout = min(timeout or float("inf"), req.deadline_ms / 1e3)
+            deadline = req.deadline_ms / 1e3
+            timeout = deadline if timeout is None else min(timeout, deadline)
         try:
             for out in head.tokens(stream, timeout):
+                if out.cancelled:
+                    context.abort(grpc.StatusCode.CANCELLED, out.error or "cancelled")
                 if out.error is not None:
                     context.abort(grpc.StatusCode.ABORTED, f"the pipeline stopped: {out.error}")
                 assert out.event is not None

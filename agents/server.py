@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,7 @@ from agents.loader import (
     parse_header_message,
     validate_header,
 )
+from agents.lockstep import ProtocolError
 from agents.replicas import ReplicaHost
 from protos import agent_pb2
 
@@ -167,6 +169,8 @@ def _rpc(method: Callable[..., _R]) -> Callable[..., _R]:
             code, message = exc.code, exc.message
         except ArenaExhausted as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        except ProtocolError as exc:  # e.g. StartEpoch: an unknown chip, a non-increasing epoch
+            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
         except grpc.RpcError:
             code, message = grpc.StatusCode.CANCELLED, "the client ended the stream"
         log.warning("%s failed: %s %s", method.__name__, code.name, message)
@@ -322,7 +326,17 @@ class AgentService:
                 raise LoadError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; {chip.usage()}"
                 ) from None
-            flight = InFlight(ShardReceiver(header, block.view), block, context)
+            try:
+                flight = InFlight(ShardReceiver(header, block.view), block, context)
+            except LoadError:
+                chip.arena.free_block(block)  # nothing holds the block yet: give it back
+                raise
+            except Exception as exc:
+                chip.arena.free_block(block)
+                raise LoadError(
+                    grpc.StatusCode.INTERNAL,
+                    f"chip {chip.index}: {header.label}: could not start the load: {exc}",
+                ) from None
             chip.loading[header.shard_id] = flight
         return flight
 
@@ -413,7 +427,7 @@ class AgentService:
             try:
                 batch = Activation.from_bytes(request.activation)
                 output = program.step(batch).to_bytes()
-            except ExecutionError as exc:
+            except (ExecutionError, ValueError, struct.error) as exc:
                 raise LoadError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"chip {chip.index}: {entry.header.label}: {exc}",

@@ -10,9 +10,12 @@ In one run, on loopback:
   agent A when s < S/2 else agent B (so the ring has in-process and network links), served
   through `Generate` on stage 0's agent: one request, then maxBatch requests at once. The
   single-process `ReferenceExecutor` generates the same requests in this process (one
-  request; and the batch as one batched `generate` call) for the ratio.
+  request; and the batch as one batched `generate` call) for the ratio. Note what that ratio
+  compares: an in-process reference with no gRPC against a multi-process gRPC pipeline (the
+  JSON says so in `reference_kind`), so it is the pipeline's overhead, not a stage speedup.
 * identity: every pipeline's tokens and logits (streamed with `return_logits`) are compared
-  bit for bit with the reference's; `bit_identical_to_reference` is computed here.
+  bit for bit with the reference's; `bit_identical_to_reference` is computed here. A request
+  that fails or returns nothing fails the whole run (exit status 1, the reason on stderr).
 
 Medians over `--reps`. Prints a table, then one JSON line (last). Both agents and this
 process share the machine's cores, so multi-stage figures include that contention.
@@ -58,6 +61,8 @@ from protos import agent_pb2, agent_pb2_grpc  # noqa: E402
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED, MAX_BATCH, MAX_CONTEXT = 3, 4, 128
 STAGE_COUNTS = (1, 2, 4, 8)
+# What `ratio_vs_reference` divides by: the in-process ReferenceExecutor, not a 1-stage pipeline.
+REFERENCE_KIND = "in-process single executor"
 PROMPT_LEN = 8
 
 
@@ -174,21 +179,39 @@ def serve(
     )
 
 
+class BenchFailed(Exception):
+    """A request of the benchmark failed or never finished: the run proves nothing."""
+
+
 def timed_batch(
     stub: Any, deployment: str, tag: str, batch: list[tuple[int, ...]], n: int
 ) -> tuple[float, dict[int, tuple[tuple[int, ...], np.ndarray]]]:
+    """Serve `batch` concurrently; raises `BenchFailed` unless every request returned."""
     results: dict[int, tuple[tuple[int, ...], np.ndarray]] = {}
+    errors: dict[int, BaseException] = {}
 
     def one(i: int) -> None:
-        results[i] = serve(stub, deployment, f"{tag}-{i}", batch[i], n)
+        try:
+            results[i] = serve(stub, deployment, f"{tag}-{i}", batch[i], n)
+        except BaseException as exc:  # reported below, by the calling thread
+            errors[i] = exc
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(batch))]
     started = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    return time.perf_counter() - started, results
+        t.join(timeout=600)
+    seconds = time.perf_counter() - started
+    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
+    missing = sorted(set(range(len(batch))) - set(results))
+    if errors or stuck or missing:
+        detail = "; ".join(f"request {tag}-{i}: {errors[i]!r}" for i in sorted(errors))
+        raise BenchFailed(
+            f"{deployment}: {len(missing)} of {len(batch)} requests returned no result"
+            f" (still running: {stuck}){': ' + detail if detail else ''}"
+        )
+    return seconds, results
 
 
 def reference_runs(
@@ -276,6 +299,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             f"{value['batch']:>20.1f}{ratio['batch']:>8.2f}"
         )
     print(f"bit-identical to the reference: {result['identical']}")
+    print(
+        f"note: ratio = pipeline / reference, where the reference is {REFERENCE_KIND} "
+        "(no gRPC, no processes); the pipelines run as agent processes over gRPC"
+    )
     return {
         "bench": "lockstep",
         "hop_p50_ms": round(hops["hop_p50_ms"], 4),
@@ -287,6 +314,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "bit_identical_to_reference": result["identical"],
         "tokens_per_s": {k: {m: round(x, 1) for m, x in v.items()} for k, v in rates.items()},
         "ratio_vs_reference": ratios,
+        "reference_kind": REFERENCE_KIND,
         "max_batch": MAX_BATCH,
         "tokens_per_request": args.tokens,
         "reps": args.reps,
@@ -299,7 +327,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--pings", type=int, default=2000)
     args = parser.parse_args()
-    print(json.dumps(report(run(args), args)), flush=True)
+    try:
+        result = run(args)
+    except (BenchFailed, grpc.RpcError) as exc:
+        print(f"lockstep bench failed: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(json.dumps(report(result, args)), flush=True)
 
 
 if __name__ == "__main__":

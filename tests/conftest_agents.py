@@ -204,3 +204,30 @@ class PausedStream:
 
     def resume(self) -> None:
         self._resume.set()
+
+
+def run_in_threads(
+    target: Callable[..., object], jobs: Sequence[tuple[Any, ...]], timeout: float = 60.0
+) -> None:
+    """Run `target(*job)` for every job, each in its own thread; fail if a thread is still
+    running after `timeout` seconds, and re-raise the first exception a thread raised."""
+    errors: list[BaseException] = []
+
+    def wrapped(*args: Any) -> None:
+        try:
+            target(*args)
+        except BaseException as exc:  # re-raised by the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapped, args=job, daemon=True) for job in jobs]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    alive = [t.name for t in threads if t.is_alive()]
+    assert not alive, f"{len(alive)} thread(s) still running after {timeout} s: {alive}"
+    if errors:
+        if len(errors) > 1:
+            errors[0].add_note(f"and {len(errors) - 1} more thread(s) failed: {errors[1:]!r}")
+        raise errors[0]

@@ -8,14 +8,13 @@ single-process reference executor.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
 import pytest
-from conftest_agents import AgentCluster, AgentProcess, load, wait_for
+from conftest_agents import AgentCluster, AgentProcess, load, run_in_threads, wait_for
 
 from agents.executor import ReferenceExecutor
 from agents.interconnect import EXCHANGE, frame_checksum
@@ -136,11 +135,7 @@ def test_concurrent_requests_equal_solo_runs(
     def one(rid: str) -> None:
         results[rid] = generate(replica.head, rid, prompts[rid], 4, logits=False)[0]
 
-    threads = [threading.Thread(target=one, args=(rid,)) for rid in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_in_threads(one, [(rid,) for rid in prompts])
     for rid, prompt in prompts.items():
         assert results[rid] == reference.generate(prompt, 4).tokens, rid
 

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from conftest_agents import (
     make_virtual_shard,
     messages,
     read_line,
+    run_in_threads,
     shard_id,
     wait_for,
 )
@@ -171,20 +171,11 @@ def test_concurrent_loads_to_many_chips_of_two_agents(nodes: list[AgentProcess])
         for n, agent in enumerate(nodes)
         for chip in range(8)
     ]
-    errors: list[BaseException] = []
 
     def run(agent: AgentProcess, chip: int, blob: bytes) -> None:
-        try:
-            assert not load(agent, blob, chip).already_loaded
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        assert not load(agent, blob, chip).already_loaded
 
-    threads = [threading.Thread(target=run, args=job) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
+    run_in_threads(run, jobs)
     for agent, chip, blob in jobs:
         status = agent.chip(chip)
         assert [s.shard_id for s in status.shards] == [shard_id(blob)]

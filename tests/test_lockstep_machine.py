@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agents.lockstep import (
+    GENESIS,
     Frame,
     Phase,
     ProtocolError,
@@ -189,3 +190,77 @@ def test_resume_from_a_later_tick_needs_no_frame_from_before_it() -> None:
     head.on_frame(Frame(1, 10, None, b"t"))
     run = head.ready()
     assert run is not None and run.tick == 12 and run.input is not None
+
+
+def run_ticks(m: StageMachine, outputs: list[bytes]) -> None:
+    """Complete ticks on a single-stage machine (its own input is the ring: feed it)."""
+    for out in outputs:
+        run = m.ready()
+        assert run is not None
+        m.complete(run.tick, out)
+        m.on_frame(Frame(m.epoch, run.tick, run.slot, out))
+
+
+def single(limit: int = 4096) -> StageMachine:
+    m = StageMachine(0, Schedule(1, 1), 1, frozenset({"c"}), chain_log_limit=limit)
+    m.confirm_ready("c", 0)
+    return m
+
+
+def test_resume_rewinds_the_chain_to_a_clean_runs() -> None:
+    outputs = [bytes([i]) for i in range(8)]
+    clean = single()
+    run_ticks(clean, outputs)
+    resumed = single()
+    run_ticks(resumed, outputs[:6])
+    resumed.halt()
+    resumed.resume(epoch=1, tick=3)
+    assert [t for t, _ in resumed.chain_log()] == [0, 1, 2], "no duplicate ticks"
+    assert resumed.chain == clean.chain_log()[2][1]
+    resumed.confirm_ready("c", 1)
+    run_ticks(resumed, outputs[3:])
+    assert resumed.chain_log() == clean.chain_log()
+    assert resumed.chain == clean.chain
+    assert first_divergence(resumed.chain_log(), clean.chain_log()) is None
+    resumed.halt()
+    resumed.resume(epoch=2, tick=0)
+    assert resumed.chain_log() == [] and resumed.chain == GENESIS
+
+
+def test_chain_log_is_bounded_and_resume_outside_it_is_refused() -> None:
+    outputs = [bytes([i]) for i in range(10)]
+    clean = single()
+    run_ticks(clean, outputs)
+    m = single(limit=4)
+    run_ticks(m, outputs)
+    assert [t for t, _ in m.chain_log()] == [6, 7, 8, 9]
+    assert m.chain == clean.chain
+    m.halt()
+    with pytest.raises(ProtocolError, match="tick 5"):
+        m.resume(epoch=1, tick=5)
+    m.resume(epoch=1, tick=6)  # the head after tick 5 is the oldest the window still covers
+    assert m.chain == clean.chain_log()[5][1] and m.chain_log() == []
+    m.halt()
+    m.resume(epoch=2, tick=6)
+    assert m.chain == clean.chain_log()[5][1]
+
+
+def test_first_divergence_names_the_tick_a_shorter_log_misses() -> None:
+    a = [(0, b"a"), (1, b"b"), (2, b"c")]
+    assert first_divergence(a, a[:2]) == 2
+    assert first_divergence(a[:1], a) == 1
+    assert first_divergence([], a) == 0
+
+
+def test_complete_needs_running_and_acks_need_sent_ticks() -> None:
+    m = machines(2, 2, 2)[0]
+    with pytest.raises(ProtocolError, match="never sent"):
+        m.on_ack(0, 0)
+    m.complete(0, b"x")
+    m.on_ack(0, 0)
+    m.halt()
+    with pytest.raises(ProtocolError, match="halted"):
+        m.complete(1, b"y")
+    fresh = StageMachine(0, Schedule(1, 1), 1, frozenset({"c"}))
+    with pytest.raises(ProtocolError, match="barrier"):
+        fresh.complete(0, b"")

@@ -1,0 +1,65 @@
+"""bench/lockstep.py's bookkeeping: a failed request fails the run, the ratio says what it is."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from protos import agent_pb2
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    saved = list(sys.path)  # the script points sys.path[0] at the repository
+    saved_env = dict(os.environ)  # and pins BLAS threads
+    try:
+        import bench.lockstep as module
+    finally:
+        sys.path[:] = saved
+        os.environ.clear()
+        os.environ.update(saved_env)
+    yield module
+
+
+class FlakyStub:
+    """Answers every request with one token, except request `-1`, which fails."""
+
+    def Generate(self, request: agent_pb2.GenerateRequest, timeout: float) -> Any:
+        if request.request_id.endswith("-1"):
+            raise RuntimeError("link lost")
+        return [agent_pb2.GenerateResponse(token=7, logits=b"\0\0\0\0", finished=True)]
+
+
+def test_a_failed_request_fails_the_run(bench: ModuleType) -> None:
+    batch = [(1, 2)] * 3
+    with pytest.raises(bench.BenchFailed, match=r"1 of 3 requests.*link lost"):
+        bench.timed_batch(FlakyStub(), "d", "b0", batch, 1)
+
+
+def test_all_requests_returned(bench: ModuleType) -> None:
+    class Good(FlakyStub):
+        def Generate(self, request: agent_pb2.GenerateRequest, timeout: float) -> Any:
+            return [agent_pb2.GenerateResponse(token=7, logits=b"\0\0\0\0", finished=True)]
+
+    _, results = bench.timed_batch(Good(), "d", "b0", [(1,)] * 3, 1)
+    assert sorted(results) == [0, 1, 2]
+
+
+def test_report_names_what_the_ratio_divides_by(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hops = {k: 0.1 for k in ("hop_p50_ms", "hop_p99_ms", "round_trip_p50_ms", "round_trip_p99_ms")}
+    rates = {"reference": {"one": 10.0, "batch": 20.0}, "1_stages": {"one": 5.0, "batch": 10.0}}
+    out = bench.report(
+        {"hops": hops, "tokens_per_s": rates, "identical": True},
+        argparse.Namespace(tokens=4, reps=1),
+    )
+    assert out["ratio_vs_reference"] == {"1_stages": {"one": 0.5, "batch": 0.5}}
+    assert out["reference_kind"] == "in-process single executor"
+    assert "in-process single executor" in capsys.readouterr().out
