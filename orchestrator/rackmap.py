@@ -202,12 +202,14 @@ _KIND_LABEL = {
 }
 
 
-def _classify(state: ChipState, placed: _Placed | None, plan_spare: bool, is_failed: bool) -> str:
+def chip_kind(state: ChipState, placed: bool, plan_spare: bool, is_failed: bool = False) -> str:
+    """What a chip shows as on a rack map (SVG and text): failure and cordons win over the
+    plan's use of the chip, so an operator sees them first."""
     if is_failed or state is ChipState.FAILED:
         return FAILED
     if state is ChipState.CORDONED:
         return CORDONED
-    if placed is not None:
+    if placed:
         return PLACED  # a USED state here is this deployment holding its own chips
     if plan_spare or state is ChipState.SPARE:
         return SPARE
@@ -451,7 +453,7 @@ def _rack_svg(
             state = states.get(ref, ChipState.FREE)
             where = placed.get(ref)
             is_plan_spare = ref in plan_spares
-            kind = _classify(state, where, is_plan_spare, ref in failed_refs)
+            kind = chip_kind(state, where is not None, is_plan_spare, ref in failed_refs)
             counts[kind] += 1
             if where is not None and kind in (FAILED, CORDONED):
                 counts[HIT] += 1

@@ -6,8 +6,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from orchestrator.rackmap import CORDONED, FAILED, FREE, PLACED, SPARE, USED, chip_kind
 from placement.plan import Plan, StagePlan
-from placement.topology import ChipRef, ChipState, Topology
+from placement.topology import ChipRef, Topology
 
 MiB = 1 << 20
 REPLICA_COLOURS = (
@@ -147,20 +148,21 @@ def rack_map_text(plan: Plan | None, topology: Topology) -> Text:
     return text
 
 
+_GLYPHS = {
+    FAILED: ("X", "bold red"),
+    CORDONED: ("C", "dim"),
+    SPARE: ("S", "bold white"),
+    USED: ("U", "dim"),
+    FREE: (".", "dim"),
+}
+
+
 def _cell(
     topology: Topology, ref: ChipRef, owner: dict[str, tuple[int, int]], spares: set[str]
 ) -> tuple[str, str]:
     chip = topology.chip_id(ref)
-    state = topology.state(ref)
-    if state is ChipState.FAILED:
-        return "X", "bold red"
-    if chip in owner:
+    kind = chip_kind(topology.state(ref), chip in owner, chip in spares)
+    if kind == PLACED:
         replica, stage = owner[chip]
         return str(stage), REPLICA_COLOURS[replica % len(REPLICA_COLOURS)]
-    if chip in spares or state is ChipState.SPARE:
-        return "S", "bold white"
-    if state is ChipState.CORDONED:
-        return "C", "dim"
-    if state is ChipState.USED:
-        return "U", "dim"
-    return ".", "dim"
+    return _GLYPHS[kind]

@@ -83,37 +83,32 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
     ops = build_ops(request.model, request.precision)
     partition, mapping = _partition_and_map(request, topology, ops, work)
     tp = partition.table.tp
-    stage_seconds = [partition.stage_time_ps(i) / PS for i in range(partition.stage_count)]
+    count = partition.stage_count
+    stage_seconds = [partition.stage_time_ps(i) / PS for i in range(count)]
+    # Every replica runs the same stages; only their chips differ.
+    cuts = [_stage_cuts(partition, ops, i) for i in range(count)]
+    activation_out = [ops[last.op].activation_bytes_per_token for _, last in cuts]
+    workspace = profile.usable_sram_bytes - partition.table.capacity
+    sram = [partition.stage_bytes(i) + workspace for i in range(count)]
     stages: list[StagePlan] = []
     hops: list[list[float]] = []
     for replica, groups in enumerate(mapping.groups):
         for index, group in enumerate(groups):
-            first, last = _stage_cuts(partition, ops, index)
             stages.append(
                 StagePlan(
                     replica=replica,
                     index=index,
-                    first=first,
-                    last=last,
+                    first=cuts[index][0],
+                    last=cuts[index][1],
                     chips=tuple(topology.chip_id(ref) for ref in group),
                     refs=group,
-                    sram_bytes_per_chip=partition.stage_bytes(index)
-                    + (profile.usable_sram_bytes - partition.table.capacity),
+                    sram_bytes_per_chip=sram[index],
                     sram_capacity_bytes=profile.sram_bytes,
                     stage_seconds=stage_seconds[index],
-                    activation_bytes_out=ops[last.op].activation_bytes_per_token,
+                    activation_bytes_out=activation_out[index],
                 )
             )
-        hops.append(
-            replica_hops(
-                topology,
-                [g[0] for g in groups],
-                [
-                    ops[_stage_cuts(partition, ops, i)[1].op].activation_bytes_per_token
-                    for i in range(len(groups))
-                ],
-            )
-        )
+        hops.append(replica_hops(topology, [g[0] for g in groups], activation_out))
     prediction = ring_prediction([stage_seconds] * request.replicas, hops, request.max_batch)
     needed = request.replicas * sum(op_sram_bytes(op, 1, request.model, work) for op in ops)
     bound = lower_bound_chips(needed, profile.usable_sram_bytes)
@@ -190,18 +185,19 @@ def _stage_cuts(partition: Partition, ops: Sequence[Op], index: int) -> tuple[Op
 def replica_hops(
     topology: Topology, stage_chips: Sequence[ChipRef], activation_bytes: Sequence[int]
 ) -> list[float]:
-    """Seconds of every hop of a replica's ring: stage i to i+1, and the last back to 0."""
-    profile = topology.profile
-    hops = []
+    """Seconds of every hop of a replica's ring: stage i to i+1, and the last back to 0.
+
+    A one-stage replica has no hop: its sampled token stays on the chip.
+    """
     count = len(stage_chips)
+    if count == 1:
+        return []
+    hops = []
     for i in range(count):
         nxt = (i + 1) % count
         nbytes = activation_bytes[i] if nxt else token_hop_bytes()
-        if count == 1:
-            break
-        hops.append(
-            hop_seconds(profile, topology.hop_class(stage_chips[i], stage_chips[nxt]), nbytes)
-        )
+        hop = topology.hop_class(stage_chips[i], stage_chips[nxt])
+        hops.append(hop_seconds(topology.profile, hop, nbytes))
     return hops
 
 
