@@ -8,11 +8,14 @@ from placement.planner import PlanRequest
 
 
 def model_for_spec(spec: DeploymentSpec) -> ModelConfig:
-    """The model a spec names: a preset, or the Hugging Face config it points at."""
+    """The model a spec names: a preset, or the Hugging Face config it points at (as the
+    validator already read it, so the file is parsed once)."""
+    if spec.model is not None:
+        return spec.model
     if spec.model_preset:
         return model_preset(spec.model_preset)
     assert spec.model_config_path is not None  # the validator requires one of the two
-    return model_from_hf_config(spec.model_config_path, name=f"{spec.name}-model")
+    return model_from_hf_config(spec.model_config_path)
 
 
 def plan_request_from_spec(spec: DeploymentSpec) -> PlanRequest:

@@ -129,6 +129,9 @@ class DeploymentSpec:
     backoff_seconds: float = 1.0
     source: str = "<inline>"
     manifest: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # The model the validator resolved (the preset, or the config file read once, named after
+    # its directory); None for a spec built by hand.
+    model: ModelConfig | None = field(default=None, compare=False, hash=False, repr=False)
 
     def to_manifest(self) -> dict[str, Any]:
         """The full manifest (a fresh copy, safe to mutate) for storing or `kubectl apply`.
@@ -819,6 +822,7 @@ def _build(doc: dict[str, Any], source: str, result: _ModelCheck) -> DeploymentS
     stages = spec["parallelism"]["pipelineStages"]
     racks = placement.get("racks")
     return DeploymentSpec(
+        model=result.model,
         name=meta["name"],
         namespace=meta.get("namespace", _DEFAULT_NAMESPACE),
         model_preset=model.get("preset"),

@@ -184,3 +184,31 @@ def test_unwritable_svg_is_an_input_error(
         capsys, "plan", "-f", str(TINY), "--svg", str(tmp_path / "no" / "such" / "dir.svg")
     )
     assert code == 2 and "cannot write SVG" in err
+
+
+def test_hugging_face_config_deployment(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = tmp_path / "my-llama"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 4096,
+                "hidden_size": 256,
+                "intermediate_size": 704,
+                "num_hidden_layers": 8,
+                "num_attention_heads": 8,
+                "num_key_value_heads": 4,
+                "max_position_embeddings": 1024,
+            }
+        )
+    )
+    deployment = tmp_path / "d.yaml"
+    deployment.write_text(
+        "apiVersion: lpu.lockstep.dev/v1alpha1\nkind: LPUDeployment\nmetadata: {name: hf}\n"
+        "spec:\n  model: {config: my-llama/config.json}\n  serving: {maxContext: 256}\n"
+    )
+    code, out, err = run(capsys, "plan", "-f", str(deployment), "-o", "json")
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["model"] == "my-llama" and plan["chipsUsed"] >= plan["chipsLowerBound"]
