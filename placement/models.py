@@ -388,11 +388,9 @@ def build_ops(cfg: ModelConfig, precision: str) -> list[Op]:
     width = PRECISION_BYTES[precision]
     ops = []
     for shape in _op_shapes(cfg):
-        # Activation handed on: the hidden state; inside an MLP or expert cut by a stage
-        # boundary, the next piece also needs the partial sum, so twice that.
+        # Activation handed on after the whole op: the hidden state. (A stage boundary inside
+        # an op or a mixture of experts also hands on a partial sum: the planner adds it.)
         act = cfg.hidden_size * ACTIVATION_BYTES
-        if shape.kind in ("mlp", "expert"):
-            act *= 2
         ops.append(
             Op(
                 name=shape.name,

@@ -87,7 +87,7 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
     stage_seconds = [partition.stage_time_ps(i) / PS for i in range(count)]
     # Every replica runs the same stages; only their chips differ.
     cuts = [_stage_cuts(partition, ops, i) for i in range(count)]
-    activation_out = [ops[last.op].activation_bytes_per_token for _, last in cuts]
+    activation_out = [_activation_out(ops, last) for _, last in cuts]
     workspace = profile.usable_sram_bytes - partition.table.capacity
     sram = [partition.stage_bytes(i) + workspace for i in range(count)]
     stages: list[StagePlan] = []
@@ -169,6 +169,18 @@ def _partition_and_map(
         return partition, mapping
     assert first_error is not None
     raise first_error
+
+
+def _activation_out(ops: Sequence[Op], last: OpCut) -> int:
+    """Bytes per token a stage ending at `last` hands on: the hidden state, plus the partial
+    sum when it stops inside an op or between the experts of one layer."""
+    op = ops[last.op]
+    inside_op = last.chunk < last.chunks - 1
+    following = ops[last.op + 1] if last.op + 1 < len(ops) else None
+    inside_moe = (
+        following is not None and following.kind == "expert" and (following.layer == op.layer)
+    )
+    return op.activation_bytes_per_token * (2 if inside_op or inside_moe else 1)
 
 
 def _stage_cuts(partition: Partition, ops: Sequence[Op], index: int) -> tuple[OpCut, OpCut]:

@@ -298,3 +298,17 @@ def test_auto_tp_falls_back_to_a_width_the_topology_can_hold() -> None:
     plan = make_plan(request, topo)
     assert plan.tensor_parallel == 1
     assert not set(plan.chips()) & {topo.chip_id(r) for r in topo.states}
+
+
+def test_stage_hands_on_a_partial_sum_only_when_cut_inside_an_op() -> None:
+    hidden_bytes = 256 * 2  # tiny-llama hidden state at 16 bits
+    cut = make_plan(tiny_request(replicas=1), preset_topology(2, "dev"))
+    for stage in cut.stages[:-1]:
+        inside = stage.last.chunk < stage.last.chunks - 1
+        assert stage.activation_bytes_out == hidden_bytes * (2 if inside else 1)
+    assert any(s.last.chunk < s.last.chunks - 1 for s in cut.stages[:-1])
+    whole = make_plan(
+        tiny_request(replicas=1, pipeline_stages=4, spares_per_rack=0, spread="none"),
+        preset_topology(1, "dev-whole-ops"),
+    )
+    assert all(s.activation_bytes_out == hidden_bytes for s in whole.stages)
