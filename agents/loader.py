@@ -128,6 +128,16 @@ def _decode_varint(data: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("truncated varint")
 
 
+def _parse_request(message: bytes, what: str) -> agent_pb2.LoadShardRequest:
+    """A protobuf parse of one stream message; a malformed one is INVALID_ARGUMENT."""
+    try:
+        return agent_pb2.LoadShardRequest.FromString(message)
+    except DecodeError as exc:
+        raise LoadError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"malformed LoadShardRequest {what}: {exc}"
+        ) from None
+
+
 def chunk_payload(message: bytes) -> memoryview:
     """The payload of a serialized `LoadShardRequest{chunk}`, without copying it.
 
@@ -141,29 +151,19 @@ def chunk_payload(message: bytes) -> memoryview:
             length, pos = -1, 0
         if pos + length == len(message):
             return memoryview(message)[pos:]
-    try:
-        request = agent_pb2.LoadShardRequest.FromString(message)
-    except DecodeError as exc:
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"malformed LoadShardRequest message: {exc}"
-        ) from None
-    if request.WhichOneof("kind") != "chunk":
+    request = _parse_request(message, "message")
+    kind = request.WhichOneof("kind")
+    if kind != "chunk":
         raise LoadError(
             grpc.StatusCode.INVALID_ARGUMENT,
-            "expected a chunk message after the header, got "
-            f"{request.WhichOneof('kind') or 'an empty message'}",
+            f"expected a chunk message after the header, got {kind or 'an empty message'}",
         )
     return memoryview(request.chunk)
 
 
 def parse_header_message(message: bytes) -> agent_pb2.LoadShardHeader:
     """The header of the first message of a load stream."""
-    try:
-        request = agent_pb2.LoadShardRequest.FromString(message)
-    except DecodeError as exc:
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"malformed LoadShardRequest header: {exc}"
-        ) from None
+    request = _parse_request(message, "header")
     if request.WhichOneof("kind") != "header":
         raise LoadError(
             grpc.StatusCode.INVALID_ARGUMENT, "the first LoadShard message must be the header"

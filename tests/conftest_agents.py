@@ -24,6 +24,8 @@ import numpy as np
 from safetensors.numpy import save
 
 from agents import loader
+from placement.models import MODEL_PRESETS
+from placement.planner import PlanRequest
 from protos import agent_pb2, agent_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,3 +233,19 @@ def run_in_threads(
         if len(errors) > 1:
             errors[0].add_note(f"and {len(errors) - 1} more thread(s) failed: {errors[1:]!r}")
         raise errors[0]
+
+
+def tiny_request(name: str, *, tp: int = 1, stages: int | None = None) -> PlanRequest:
+    """The one-replica tiny-llama request the agent tests compile (context 64, batch 4)."""
+    return PlanRequest(
+        name,
+        MODEL_PRESETS["tiny-llama"],
+        "fp16",
+        replicas=1,
+        max_context=64,
+        max_batch=4,
+        tensor_parallel=tp,
+        pipeline_stages=stages,
+        spread="none",
+        spares_per_rack=0,
+    )

@@ -14,13 +14,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest_agents import AgentCluster, AgentProcess, load
+from conftest_agents import AgentCluster, AgentProcess, load, tiny_request
 
 from agents.activation import Activation
 from agents.executor import load_shard, run_pipeline
 from orchestrator.compiler import ShardRef, compile_plan
 from placement.models import MODEL_PRESETS
-from placement.planner import PlanRequest, make_plan
+from placement.planner import make_plan
 from placement.topology import preset_topology
 from protos import agent_pb2
 
@@ -29,18 +29,7 @@ TINY = MODEL_PRESETS["tiny-llama"]
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[ShardRef]:
-    request = PlanRequest(
-        "exec",
-        TINY,
-        "fp16",
-        replicas=1,
-        max_context=64,
-        max_batch=4,
-        tensor_parallel=1,
-        spread="none",
-        spares_per_rack=0,
-    )
-    plan = make_plan(request, preset_topology(2, "dev"))
+    plan = make_plan(tiny_request("exec"), preset_topology(2, "dev"))
     refs = compile_plan(plan, TINY, 11, tmp_path_factory.mktemp("store"))
     return sorted(refs, key=lambda r: r.binding.stage)
 

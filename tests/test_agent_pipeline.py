@@ -9,12 +9,19 @@ single-process reference executor.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import pytest
-from conftest_agents import AgentCluster, AgentProcess, load, run_in_threads, wait_for
+from conftest_agents import (
+    AgentCluster,
+    AgentProcess,
+    load,
+    run_in_threads,
+    tiny_request,
+    wait_for,
+)
 
 from agents.executor import ReferenceExecutor
 from agents.interconnect import EXCHANGE, frame_checksum
@@ -25,7 +32,7 @@ from orchestrator.serving import bring_up, configure_requests
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS
 from placement.plan import Plan
-from placement.planner import PlanRequest, make_plan
+from placement.planner import make_plan
 from placement.topology import preset_topology
 from protos import agent_pb2, interconnect_pb2
 
@@ -53,18 +60,7 @@ def placement(refs: list[ShardRef], agents: list[AgentProcess]) -> dict[str, tup
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
-    request = PlanRequest(
-        DEPLOYMENT,
-        TINY,
-        "fp16",
-        replicas=1,
-        max_context=64,
-        max_batch=4,
-        tensor_parallel=1,
-        spread="none",
-        spares_per_rack=0,
-    )
-    plan = make_plan(replace(request, pipeline_stages=4), preset_topology(1, "dev-whole-ops"))
+    plan = make_plan(tiny_request(DEPLOYMENT, stages=4), preset_topology(1, "dev-whole-ops"))
     refs = compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("store"))
     cluster = AgentCluster()
     try:
@@ -320,18 +316,7 @@ def test_tensor_parallel_stages_across_agents(
     """TP = 2, two stages: each stage's TP group inside one agent (chips 2-3), the stages on
     different agents. Bit-identical to the reference run with the plan's layout; both chips
     of a group report their stage's chain."""
-    request = PlanRequest(
-        "tp",
-        TINY,
-        "fp16",
-        replicas=1,
-        max_context=64,
-        max_batch=4,
-        tensor_parallel=2,
-        spread="none",
-        spares_per_rack=0,
-    )
-    plan = make_plan(replace(request, pipeline_stages=2), preset_topology(1, "dev-whole-ops"))
+    plan = make_plan(tiny_request("tp", tp=2, stages=2), preset_topology(1, "dev-whole-ops"))
     refs = compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("tp-store"))
     agents = replica.agents
     where = {r.chip: (agents[r.binding.stage].address, 2 + r.binding.tp_rank) for r in refs}
