@@ -148,6 +148,18 @@ def test_status_shows_epoch_tick_and_chain_per_chip(replica: Replica) -> None:
     assert sorted(seen) == [0, 1, 2, 3]
 
 
+def copy_on_chips(replica: Replica, offset: int) -> dict[str, tuple[str, int]]:
+    """Load the replica's shards again on the same agents, `offset` chips further, and return
+    that placement: a chip serves one replica, so a second replica needs chips of its own."""
+    by_address = {a.address: a for a in replica.agents}
+    where = {}
+    for ref in replica.refs:
+        address, chip = replica.where[ref.chip]
+        load(by_address[address], ref.path.read_bytes(), chip + offset)
+        where[ref.chip] = (address, chip + offset)
+    return where
+
+
 def invalid(agent: AgentProcess, **fields: object) -> grpc.RpcError:
     request = agent_pb2.GenerateRequest(
         **(
@@ -177,7 +189,7 @@ def test_bad_requests_are_invalid_argument(replica: Replica) -> None:
 def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
     """A second replica of the same shards, configured but never started: requests wait."""
     requests = configure_requests(
-        replica.plan, replica.refs, replica.where, deployment="held", queue_limit=1
+        replica.plan, replica.refs, copy_on_chips(replica, 4), deployment="held", queue_limit=1
     )
     by_address = {a.address: a for a in replica.agents}
     for address, request in requests.items():
@@ -276,12 +288,13 @@ def test_jittered_network_links_change_no_token_and_no_chain(
     stubs = {a.address: a.stub for a in replica.agents}
     work = [((5, 17, 1024), Sampling()), ((8, 9), Sampling(0.7, 3))]
     runs = []
+    where = copy_on_chips(replica, 6)
     for seed in range(3):
         name = f"jitter-{seed}"
         requests = configure_requests(
             replica.plan,
             replica.refs,
-            replica.where,
+            where,
             deployment=name,
             jitter_ms=3.0,
             jitter_seed=seed,
