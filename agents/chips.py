@@ -42,7 +42,7 @@ from agents.errors import (
     ResourceExhausted,
 )
 from agents.execution_error import ExecutionError
-from agents.text import quote
+from agents.text import clip, quote
 
 if TYPE_CHECKING:
     from agents.executor import StageProgram
@@ -270,7 +270,7 @@ class Chip:
         with self.lock:
             if self.bound_to is not None and self.bound_to != owner:
                 raise AlreadyExists(
-                    f"chip {self.index} is bound to replica {quote(self.bound_to)}: "
+                    f"chip {self.index} is bound to replica {clip(self.bound_to, 300)}: "
                     "a chip serves at most one replica (RemoveReplica that one first)"
                 )
             self.bound_to = owner

@@ -139,7 +139,7 @@ def test_a_chip_is_bound_to_one_replica_at_a_time() -> None:
     [chip] = make_chips(1, 1 << 20)
     chip.bind("'a'/replica-0")
     chip.bind("'a'/replica-0")  # the same replica again: fine
-    with pytest.raises(errors.AlreadyExists, match=r"chip 0 is bound to replica .*'a'/replica-0"):
+    with pytest.raises(errors.AlreadyExists, match=r"chip 0 is bound to replica 'a'/replica-0"):
         chip.bind("'b'/replica-0")
     chip.release("'b'/replica-0")  # not the holder: no effect
     assert chip.bound_to == "'a'/replica-0"
