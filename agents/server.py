@@ -103,6 +103,13 @@ def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, message: str)
         context.cancel()
 
 
+def _aborted(context: grpc.ServicerContext, exc: BaseException) -> bool:
+    """Whether `exc` is `context.abort`'s own (grpc raises a bare `Exception()` after setting
+    the status on the call's state; the status must then pass through unchanged)."""
+    state = getattr(context, "_state", None)
+    return bool(getattr(state, "aborted", False)) or (type(exc) is Exception and not exc.args)
+
+
 def _rpc(method: Callable[..., _R]) -> Callable[..., _R]:
     """Turn the service's exceptions into gRPC statuses whose message names the node."""
 
@@ -433,8 +440,22 @@ class AgentService:
         self, request: agent_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[agent_pb2.GenerateResponse]:
         """Validation and admission happen here (errors map through `_rpc`); the stream of
-        tokens is the returned iterator."""
-        return self.replicas.generate(request, context)
+        tokens is the returned iterator, whose errors map through the same table."""
+        return self._mapped(self.replicas.generate(request, context), context, "Generate")
+
+    def _mapped(
+        self, responses: Iterator[_R], context: grpc.ServicerContext, name: str
+    ) -> Iterator[_R]:
+        """`responses`, with an exception raised while streaming turned into a status like
+        `_rpc` does (a status the stream already set with `context.abort` passes through)."""
+        try:
+            yield from responses
+        except Exception as exc:
+            if _aborted(context, exc):  # the stream set its status itself
+                raise
+            code, message = status_of(exc)
+            log.warning("%s failed: %s %s", name, code.name, message)
+            context.abort(code, f"node {self.node}: {message}")
 
     @_rpc
     def LinkPing(
@@ -448,6 +469,8 @@ class AgentService:
                 f"LinkPing payload_bytes {request.payload_bytes} is over the limit of "
                 f"{s.ping_max_payload_bytes}"
             )
+        peer = peer_key(context)  # a ping holds a worker as long as a stream: admit it as one
+        self.streams.enter(peer, "LinkPing")
         try:
             one_way, round_trip = ping(request.peer, request.count, request.payload_bytes)
         except grpc.RpcError as exc:
@@ -457,6 +480,8 @@ class AgentService:
                 f"LinkPing to {quote(request.peer)} failed: "
                 f"{code.name if code else 'error'} {clip(details or '')}"
             ) from None
+        finally:
+            self.streams.leave(peer)
         return agent_pb2.LinkPingResponse(one_way_ms=one_way, round_trip_ms=round_trip)
 
 

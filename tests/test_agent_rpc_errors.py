@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -40,8 +41,18 @@ class Aborted(Exception):
 
 
 class FakeContext:
+    """The parts of `grpc.ServicerContext` the service uses; `abort` marks the state aborted
+    the way grpc's does."""
+
+    def __init__(self) -> None:
+        self._state = SimpleNamespace(aborted=False)
+
     def abort(self, code: grpc.StatusCode, message: str) -> None:
+        self._state.aborted = True
         raise Aborted(code, message)
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
 
     def time_remaining(self) -> float | None:
         return None
@@ -344,3 +355,30 @@ def test_an_unexpected_exception_is_internal_with_one_line(
     assert err.code is grpc.StatusCode.INTERNAL
     assert "RuntimeError: surprise" in err.message and "second line" not in err.message
     assert "Traceback" not in caplog.text and "second line" not in caplog.text
+
+
+def test_an_exception_while_streaming_tokens_maps_through_the_table(
+    service: AgentService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host_replica(service)
+
+    def broken(*args: Any) -> Iterator[Any]:
+        raise RuntimeError("stream broke")
+        yield
+
+    monkeypatch.setattr(service.replicas, "_stream_tokens", broken)
+    err = generate(service, FakeContext(), max_tokens=2)
+    assert err.code is grpc.StatusCode.INTERNAL and "RuntimeError: stream broke" in err.message
+
+
+def test_link_ping_to_nowhere_is_unavailable_and_holds_a_stream_place(
+    service: AgentService,
+) -> None:
+    request = agent_pb2.LinkPingRequest(peer="127.0.0.1:1", count=1)
+    err = call(service.LinkPing, request)
+    assert err.code is grpc.StatusCode.UNAVAILABLE and "127.0.0.1:1" in err.message
+    assert service.streams.total == 0, "the ping gave its place back"
+    for _ in range(service.settings.max_streams_per_peer):
+        service.streams.enter("ipv4:127.0.0.1", "LoadShard")
+    err = call(service.LinkPing, request)
+    assert err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "max_streams_per_peer" in err.message
