@@ -116,6 +116,7 @@ class ReplicaHost:
         self.settings = settings
         self._lock = threading.Lock()
         self._replicas: dict[tuple[str, int], Replica] = {}
+        self._configuring: set[tuple[str, int]] = set()  # keys whose ConfigureReplica runs
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -162,11 +163,19 @@ class ReplicaHost:
         key = (req.deployment, req.replica)
         self._check_request(req)
         with self._lock:
-            if key in self._replicas:
+            if key in self._replicas or key in self._configuring:
                 raise AlreadyExists(
                     f"deployment {quote(req.deployment)} replica {req.replica} is "
                     "already configured (RemoveReplica first)"
                 )
+            self._configuring.add(key)
+        try:
+            return self._configure(req, key)
+        finally:
+            with self._lock:
+                self._configuring.discard(key)
+
+    def _configure(self, req: agent_pb2.ConfigureReplicaRequest, key: tuple[str, int]) -> list[str]:
         owner = owner_label(req.deployment, req.replica)
         schedule = Schedule(req.stages, req.max_batch)
         runners: dict[int, StageRunner] = {}

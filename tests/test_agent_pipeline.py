@@ -412,3 +412,27 @@ def test_execute_on_a_serving_chip_is_refused_and_changes_no_token(
         assert "serves replica 'ring'/replica-0" in str(info.value.details())
     after, _ = generate(head, "iso-after", prompt, 4, logits=False)
     assert before == after == reference.generate(prompt, 4).tokens
+
+
+def test_concurrent_configures_of_one_replica_configure_it_once(replica: Replica) -> None:
+    where = copy_on_chips(replica, 4)
+    requests = configure_requests(replica.plan, replica.refs, where, deployment="race")
+    head = replica.head
+    codes: list[str] = []
+
+    def configure() -> None:
+        try:
+            head.stub.ConfigureReplica(requests[head.address], timeout=30)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+
+    run_in_threads(configure, [()] * 6)
+    try:
+        assert sorted(codes) == ["ALREADY_EXISTS"] * 5 + ["OK"], codes
+        stages = [
+            p.stage for c in head.status().chips for p in c.pipelines if p.deployment == "race"
+        ]
+        assert sorted(stages) == sorted({a.stage for a in requests[head.address].assignments})
+    finally:
+        head.stub.RemoveReplica(agent_pb2.RemoveReplicaRequest(deployment="race"), timeout=30)
