@@ -20,7 +20,7 @@ import numpy as np
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def pin_blas_threads() -> int | None:
+def pin_blas_threads(threads: int = 1) -> int | None:
     """Make BLAS single-threaded, for this process and the processes it starts.
 
     A threaded gemv splits output rows among threads and the split changes a row's bits, so
@@ -30,12 +30,12 @@ def pin_blas_threads() -> int | None:
     reports afterwards, or None when the BLAS library cannot be queried.
     """
     for var in BLAS_THREAD_VARS:
-        os.environ[var] = "1"
+        os.environ[var] = str(threads)
     api = _openblas_api()
     if api is None:
         return None
     setter, getter = api
-    setter(1)
+    setter(threads)
     return int(getter())
 
 

@@ -79,6 +79,7 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from agents.errors import DataLoss, InvalidArgument
 from protos import agent_pb2
 
 DIGEST_ALGORITHMS = ("sha256", "blake3")
@@ -90,15 +91,6 @@ LOAD_METHOD = "/lockstep.agent.v1.Agent/LoadShard"
 _HEADER_TAG = 0x0A  # field 1, length-delimited
 _CHUNK_TAG = 0x12  # field 2, length-delimited
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class LoadError(Exception):
-    """A load that must end with a gRPC status; the message names chip, shard and numbers."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 # --- framing ---------------------------------------------------------------------------------
@@ -133,9 +125,7 @@ def _parse_request(message: bytes, what: str) -> agent_pb2.LoadShardRequest:
     try:
         return agent_pb2.LoadShardRequest.FromString(message)
     except DecodeError as exc:
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"malformed LoadShardRequest {what}: {exc}"
-        ) from None
+        raise InvalidArgument(f"malformed LoadShardRequest {what}: {exc}") from None
 
 
 def chunk_payload(message: bytes) -> memoryview:
@@ -154,8 +144,7 @@ def chunk_payload(message: bytes) -> memoryview:
     request = _parse_request(message, "message")
     kind = request.WhichOneof("kind")
     if kind != "chunk":
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT,
+        raise InvalidArgument(
             f"expected a chunk message after the header, got {kind or 'an empty message'}",
         )
     return memoryview(request.chunk)
@@ -165,9 +154,7 @@ def parse_header_message(message: bytes) -> agent_pb2.LoadShardHeader:
     """The header of the first message of a load stream."""
     request = _parse_request(message, "header")
     if request.WhichOneof("kind") != "header":
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT, "the first LoadShard message must be the header"
-        )
+        raise InvalidArgument("the first LoadShard message must be the header")
     return request.header
 
 
@@ -207,8 +194,8 @@ class ShardHeader:
 def validate_header(raw: agent_pb2.LoadShardHeader, chips: int) -> ShardHeader:
     """Check a header's fields; INVALID_ARGUMENT naming the field when one is wrong."""
 
-    def bad(message: str) -> LoadError:
-        return LoadError(grpc.StatusCode.INVALID_ARGUMENT, message)
+    def bad(message: str) -> InvalidArgument:
+        return InvalidArgument(message)
 
     if not _HEX64.fullmatch(raw.shard_id):
         raise bad(
@@ -329,14 +316,12 @@ class ShardReceiver:
     def write(self, payload: memoryview) -> None:
         start, end = self.bytes_loaded, self.bytes_loaded + len(payload)
         if end > self.header.size_bytes:
-            raise LoadError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidArgument(
                 f"chip {self.header.chip}: {self.header.label} declared {self.header.size_bytes}"
                 f" bytes but the stream carries more (at least {end})",
             )
         if len(payload) > MAX_CHUNK_BYTES:
-            raise LoadError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise InvalidArgument(
                 f"chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}",
             )
         np.copyto(self._target_array[start:end], np.frombuffer(payload, dtype=np.uint8))
@@ -354,8 +339,7 @@ class ShardReceiver:
         try:
             if self.bytes_loaded != header.size_bytes:
                 self._digester.close()
-                raise LoadError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                raise InvalidArgument(
                     f"chip {header.chip}: {header.label} declared {header.size_bytes} bytes, "
                     f"the stream ended after {self.bytes_loaded}",
                 )
@@ -363,8 +347,7 @@ class ShardReceiver:
         finally:
             self._release()
         if actual != header.digest:
-            raise LoadError(
-                grpc.StatusCode.DATA_LOSS,
+            raise DataLoss(
                 f"chip {header.chip}: {header.label} failed verification: {header.algorithm} "
                 f"of the received bytes is {actual}, the header declares {header.digest}",
             )

@@ -5,28 +5,30 @@ Also runnable as `python -m agents.main ...` (same flags). Prints exactly one li
 gracefully (health NOT_SERVING, in-flight calls get a grace period) and exits 0. Logs go to
 stderr.
 
-BLAS threads are pinned to one before numpy can be imported (below, first thing): a threaded
-gemv changes result bits with the thread split, and DESIGN.md requires deterministic kernels.
+This module is imported by `lpuctl` to build its `agent` flags, so at import time it touches
+nothing: no gRPC, no numpy, no environment. `run_agent` pins BLAS to `settings.blas_threads`
+(one: a threaded gemv changes result bits with the thread split, and DESIGN.md requires
+deterministic kernels) before it imports the server, and with it numpy.
 """
 
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import logging
 import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"
+from agents.settings import DEFAULT_SETTINGS, AgentSettings
+from placement.errors import InputError
+from placement.profiles import get_profile, profile_names
 
-import argparse  # noqa: E402 - after the BLAS environment on purpose
-import contextlib  # noqa: E402
-import ctypes  # noqa: E402
-import logging  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-from agents.server import AgentService, start_server  # noqa: E402
-from placement.errors import InputError  # noqa: E402
-from placement.profiles import get_profile, profile_names  # noqa: E402
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 log = logging.getLogger("lockstep.agent")
 
@@ -84,13 +86,13 @@ def run_agent(
     listen: str,
     *,
     sram_bytes: int | None = None,
-    load_idle_timeout: float = 60.0,
+    settings: AgentSettings = DEFAULT_SETTINGS,
 ) -> int:
     """Serve one node's chips until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input.
 
     `sram_bytes` overrides the profile's SRAM per chip (tests and benchmarks that need a
-    capacity between the `dev` and `groq-rack` presets); a load that receives nothing for
-    `load_idle_timeout` seconds is cancelled.
+    capacity between the `dev` and `groq-rack` presets); every other default and bound is in
+    `settings`.
     """
     try:
         capacity = sram_bytes or get_profile(profile).sram_bytes
@@ -104,11 +106,17 @@ def run_agent(
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
         )
     tune_malloc()
-    _pin_blas()
+    pin_blas(settings.blas_threads)
+    from agents.server import AgentService, start_server  # numpy and gRPC: after the pin
+
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    service = AgentService(node, profile, chips, capacity, load_idle_timeout=load_idle_timeout)
+    try:
+        service = AgentService(node, profile, chips, capacity, settings=settings)
+    except ValueError as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 2
     try:
         agent = start_server(service, listen)
     except (OSError, RuntimeError) as exc:
@@ -123,12 +131,14 @@ def run_agent(
     return 0
 
 
-def _pin_blas() -> None:
-    """Also pin OpenBLAS at run time, in case numpy was imported before this module."""
-    with contextlib.suppress(ImportError):
-        from agents.blas_threads import pin_blas_threads
+def pin_blas(threads: int) -> None:
+    """Pin BLAS threads: the environment first (it only counts before numpy is imported),
+    then OpenBLAS at run time, in case numpy was imported already."""
+    for var in BLAS_THREAD_VARS:
+        os.environ[var] = str(threads)
+    from agents.blas_threads import pin_blas_threads
 
-        pin_blas_threads()
+    pin_blas_threads(threads)
 
 
 def whole_number(low: int, high: int) -> Callable[[str], int]:
@@ -184,8 +194,8 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--load-idle-timeout",
         type=_positive_seconds,
-        default=60.0,
-        help="cancel a load whose client sends nothing for this many seconds",
+        default=DEFAULT_SETTINGS.load_idle_timeout,
+        help="end a load whose client sends nothing (header or chunk) for this many seconds",
     )
     parser.set_defaults(handler=cmd_agent)
     return parser
@@ -198,7 +208,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         args.profile,
         args.listen,
         sram_bytes=args.sram_bytes,
-        load_idle_timeout=args.load_idle_timeout,
+        settings=dataclasses.replace(DEFAULT_SETTINGS, load_idle_timeout=args.load_idle_timeout),
     )
 
 

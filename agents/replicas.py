@@ -10,6 +10,14 @@ the barrier. `Generate` enters at stage 0 and streams tokens as they come back r
 While a stage steps it holds its chips' execution locks and checks they are healthy and still
 hold their shards, so `UnloadShard` and `MarkChipFailed` never free weights under a running
 kernel, and a failed chip stops its stage with an error naming it.
+
+Isolation: ConfigureReplica binds every chip it names to the replica (`Chip.bind`) before it
+builds anything, and refuses (ALREADY_EXISTS, naming the chip and the replica holding it) a
+chip bound to another replica; RemoveReplica, or a configuration that fails, releases them.
+So a program instance and its KV cache belong to exactly one replica.
+
+Errors are the classes of `agents.errors`; client-chosen names are quoted through
+`agents.text.quote` (bounded).
 """
 
 from __future__ import annotations
@@ -25,25 +33,34 @@ import grpc
 import numpy as np
 
 from agents.activation import Activation
+from agents.chips import Chip
+from agents.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from agents.execution_error import ExecutionError
 from agents.executor import Stepper, TensorParallelGroup
 from agents.interconnect import GrpcLink
 from agents.journal import Journal, JournalError, QueueFull
-from agents.loader import LoadError
 from agents.lockstep import Schedule
 from agents.pipeline import LocalLink, StageRunner
 from agents.sampling import Sampling
+from agents.settings import DEFAULT_SETTINGS, AgentSettings
+from agents.text import quote
+from placement.models import ModelConfig
 from protos import agent_pb2
 
 log = logging.getLogger("lockstep.agent")
-DEFAULT_QUEUE_FACTOR = 4  # queue_limit 0 in ConfigureReplica: 4 x maxBatch may wait
 
 
 @dataclass
 class ChipGuard:
     """A chip of a stage and the shard it must still hold while the stage steps."""
 
-    chip: Any  # agents.server.Chip (not imported: server imports this module)
+    chip: Chip
     shard_id: str
     name: str
 
@@ -77,19 +94,29 @@ class Replica:
     chips: dict[int, tuple[int, str]]  # chip index -> (stage, chip name)
     vocab_size: int
 
+    @property
+    def owner(self) -> str:
+        return owner_label(self.deployment, self.replica)
 
-def _invalid(message: str) -> LoadError:
-    return LoadError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+def owner_label(deployment: str, replica: int) -> str:
+    """The name a bound chip gives for the replica holding it (bounded)."""
+    return f"{quote(deployment)}/replica-{replica}"
+
+
+def _invalid(message: str) -> InvalidArgument:
+    return InvalidArgument(message)
 
 
 class ReplicaHost:
     """Every replica stage hosted by one agent (see the module docstring)."""
 
-    def __init__(self, chips: Sequence[Any], program_of: Any) -> None:
+    def __init__(self, chips: Sequence[Chip], settings: AgentSettings = DEFAULT_SETTINGS) -> None:
         self.chips = chips
-        self.program_of = program_of  # (chip, held entry) -> StageProgram
+        self.settings = settings
         self._lock = threading.Lock()
         self._replicas: dict[tuple[str, int], Replica] = {}
+        self._configuring: set[tuple[str, int]] = set()  # keys whose ConfigureReplica runs
 
     # --- lookups ------------------------------------------------------------------------------
 
@@ -103,7 +130,7 @@ class ReplicaHost:
             found = self._replicas.get((deployment, replica))
         if found is None:
             raise _invalid(
-                f"deployment {deployment!r} replica {replica} is not configured on this agent"
+                f"deployment {quote(deployment)} replica {replica} is not configured on this agent"
             )
         return found
 
@@ -136,22 +163,36 @@ class ReplicaHost:
         key = (req.deployment, req.replica)
         self._check_request(req)
         with self._lock:
-            if key in self._replicas:
-                raise LoadError(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"deployment {req.deployment!r} replica {req.replica} is "
-                    "already configured (RemoveReplica first)",
+            if key in self._replicas or key in self._configuring:
+                raise AlreadyExists(
+                    f"deployment {quote(req.deployment)} replica {req.replica} is "
+                    "already configured (RemoveReplica first)"
                 )
+            self._configuring.add(key)
+        try:
+            return self._configure(req, key)
+        finally:
+            with self._lock:
+                self._configuring.discard(key)
+
+    def _configure(self, req: agent_pb2.ConfigureReplicaRequest, key: tuple[str, int]) -> list[str]:
+        owner = owner_label(req.deployment, req.replica)
         schedule = Schedule(req.stages, req.max_batch)
         runners: dict[int, StageRunner] = {}
         chips: dict[int, tuple[int, str]] = {}
         vocab = 0
+        bound: list[Chip] = []
         try:
+            for index in sorted({c for a in req.assignments for c in a.chips}):
+                self.chips[index].bind(owner)
+                bound.append(self.chips[index])
             vocab = self._build(req, schedule, runners, chips)
             self._wire(req, runners)
         except BaseException:
             for runner in runners.values():
                 runner.close()
+            for chip in bound:
+                chip.release(owner)
             raise
         with self._lock:
             self._replicas[key] = Replica(req.deployment, req.replica, runners, chips, vocab)
@@ -171,14 +212,15 @@ class ReplicaHost:
         for a in req.assignments:
             stepper, cfg = self._stepper(req, a)
             vocab = cfg.vocab_size
-            queue_limit = req.queue_limit or DEFAULT_QUEUE_FACTOR * req.max_batch
+            queue_limit = req.queue_limit or self.settings.queue_factor * req.max_batch
             eos = req.eos_token_id if req.HasField("eos_token_id") else None
             runners[a.stage] = StageRunner(
                 label=f"{req.deployment}/replica-{req.replica}/stage-{a.stage} "
                 f"(chip {', '.join(a.chip_names)})",
                 stage=a.stage,
                 schedule=schedule,
-                window=req.window,
+                window=req.window or self.settings.window,
+                chain_log_limit=self.settings.chain_log_limit,
                 replica_chips=list(req.replica_chips),
                 stepper=stepper,
                 journal=Journal(req.max_batch, req.max_context, queue_limit, eos)
@@ -193,16 +235,23 @@ class ReplicaHost:
     def _check_request(self, req: agent_pb2.ConfigureReplicaRequest) -> None:
         if not req.deployment:
             raise _invalid("deployment must not be empty")
-        if req.stages < 1 or req.max_batch < 1 or req.max_context < 2 or req.window < 1:
+        if req.stages < 1 or req.max_batch < 1 or req.max_context < 2 or req.window < 0:
             raise _invalid(
-                f"stages ({req.stages}), max_batch ({req.max_batch}) and window "
-                f"({req.window}) must be at least 1, max_context ({req.max_context})"
-                " at least 2"
+                f"stages ({req.stages}) and max_batch ({req.max_batch}) must be at least 1, "
+                f"max_context ({req.max_context}) at least 2, window ({req.window}) at least "
+                f"0 (0: the agent's default, {self.settings.window})"
             )
         if not req.assignments:
             raise _invalid("no stage assignments")
         seen = set()
+        chips_seen: set[int] = set()
         for a in req.assignments:
+            for index in a.chips:
+                if index >= len(self.chips):
+                    raise _invalid(f"chip {index} does not exist (chips 0..{len(self.chips) - 1})")
+                if index in chips_seen:
+                    raise _invalid(f"chip {index} is assigned twice")
+                chips_seen.add(index)
             if a.stage >= req.stages or a.stage in seen:
                 raise _invalid(f"stage {a.stage} is outside 0..{req.stages - 1} or assigned twice")
             seen.add(a.stage)
@@ -218,30 +267,27 @@ class ReplicaHost:
 
     def _stepper(
         self, req: agent_pb2.ConfigureReplicaRequest, a: agent_pb2.StageAssignment
-    ) -> tuple[Stepper, Any]:
+    ) -> tuple[Stepper, ModelConfig]:
         guards, programs = [], []
         for index, shard_id, name in zip(a.chips, a.shard_ids, a.chip_names, strict=True):
-            if index >= len(self.chips):
-                raise _invalid(f"chip {index} does not exist (chips 0..{len(self.chips) - 1})")
             chip = self.chips[index]
             with chip.lock:
                 chip.check_healthy(f"run stage {a.stage}")
                 entry = chip.held.get(shard_id)
             if entry is None:
-                raise LoadError(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"chip {index} ({name}) does not hold shard {shard_id[:64]!r}",
+                raise NotFound(
+                    f"chip {index} ({quote(name)}) does not hold shard {quote(shard_id, 64)}"
                 )
-            program = self.program_of(chip, entry)
+            with chip.exec_lock:
+                program = chip.program(entry)
             serving = program.serving
             if (
                 program.stage != a.stage
                 or serving.max_batch != req.max_batch
                 or serving.max_context != req.max_context
             ):
-                raise LoadError(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"chip {index} ({name}): shard {shard_id[:12]} is stage "
+                raise FailedPrecondition(
+                    f"chip {index} ({quote(name)}): shard {shard_id[:12]} is stage "
                     f"{program.stage} for maxBatch {serving.max_batch}, maxContext "
                     f"{serving.max_context}; asked to run stage {a.stage} with "
                     f"{req.max_batch}/{req.max_context}",
@@ -251,12 +297,9 @@ class ReplicaHost:
         try:
             inner = programs[0] if len(programs) == 1 else TensorParallelGroup(programs)
         except ExecutionError as exc:
-            raise LoadError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"stage {a.stage}: {exc}"
-            ) from None
+            raise FailedPrecondition(f"stage {a.stage}: {exc}") from None
         if len(programs) == 1 and programs[0].tp_size != 1:
-            raise LoadError(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            raise FailedPrecondition(
                 f"stage {a.stage} is {programs[0].tp_size}-way tensor-parallel: "
                 "assign all its ranks' chips (a TP group runs inside one agent)",
             )
@@ -310,9 +353,11 @@ class ReplicaHost:
         with self._lock:
             rep = self._replicas.pop((deployment, replica), None)
         if rep is None:
-            raise _invalid(f"deployment {deployment!r} replica {replica} is not configured")
+            raise _invalid(f"deployment {quote(deployment)} replica {replica} is not configured")
         for runner in rep.runners.values():
             runner.close()
+        for index in rep.chips:
+            self.chips[index].release(rep.owner)
 
     def close(self) -> None:
         with self._lock:
@@ -329,7 +374,7 @@ class ReplicaHost:
         head = rep.runners.get(0)
         if head is None:
             raise _invalid(
-                f"this agent does not host stage 0 of {req.deployment!r} replica "
+                f"this agent does not host stage 0 of {quote(req.deployment)} replica "
                 f"{req.replica}: send Generate to the agent that does"
             )
         if req.prompt_text and not req.prompt_ids:
@@ -344,7 +389,7 @@ class ReplicaHost:
         except JournalError as exc:
             raise _invalid(str(exc)) from None
         except QueueFull as exc:
-            raise LoadError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            raise ResourceExhausted(str(exc)) from None
         return self._stream_tokens(head, req, stream, context)
 
     def _stream_tokens(

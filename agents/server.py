@@ -1,23 +1,23 @@
 """The node agent's gRPC service: per-chip SRAM, streaming shard loads, status, execution.
 
-State per chip (`Chip`): its `SramArena`, the committed shards, the loads in flight and its
-health. A load goes through three steps and only the last one makes it visible:
+One job per module: the chip tables (reserve, commit, abort, unload, fail) are
+`agents.chips`; the exception → status-code table is `agents.status_codes`; the admission of
+streams is `agents.streams`; the settings are `agents.settings`; start-up is `agents.main`.
+This module is the servicer (`AgentService`) and `start_server`.
 
-1. header → validate, then under the chip lock: refuse if the chip failed, answer "already
-   loaded" if the chip holds the shard, reserve SRAM (RESOURCE_EXHAUSTED if it does not fit)
-   and register the load as in flight (Status shows its byte progress);
-2. chunks → written straight into the reserved block and digested (`agents.loader`);
-3. end of stream → size and digest verified, the safetensors header parsed out of the arena,
-   then under the chip lock the in-flight entry is replaced by the committed shard.
+Errors: every method raises the classes of `agents.errors` (or the domain errors the table
+knows); `_rpc` turns them into a status whose message names the node and is bounded. An
+exception the table does not know is a bug: INTERNAL with one line, the traceback at debug.
 
-Whatever ends a load early — a broken or cancelled stream, a bad digest, a wrong size, too many
-bytes, the chip failing meanwhile — the `finally` of `load_shard` stops the digest thread and
-frees the block and its accounting, so nothing half-loaded is ever held or executable.
+Nothing can hold the agent:
 
-Locks: `Chip.lock` guards the chip's tables (short critical sections, never held while
-receiving); `Chip.exec_lock` serializes executions on the chip (a stage program owns KV-cache
-state) and is taken by unload and fail before they free memory a program may be reading.
-Order: exec_lock, then lock.
+* every streaming call (LoadShard, Generate, Link/Exchange, health Watch, reflection) passes
+  `StreamLimit` when it starts: at most `max_streams_per_peer` per peer (`peer_key`) and
+  `max_streams` in all, refused at once with RESOURCE_EXHAUSTED beyond; the worker pool has
+  `unary_reserve` more threads than streams may take, so Status and health always find one;
+* a load whose client sends nothing — no header, or no chunk — for `load_idle_timeout` is
+  ended with DEADLINE_EXCEEDED and frees everything (a watchdog thread);
+* LinkPing's count and payload and Execute's input are bounded.
 
 Why the service is registered by hand instead of with `agent_pb2_grpc.add_AgentServicer_to_
 server`: LoadShard takes its requests as raw bytes (identity deserializer) so chunk payloads
@@ -27,6 +27,7 @@ reach the arena without a protobuf copy; the other methods use the generated mes
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import struct
@@ -34,14 +35,20 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agents.arena import ArenaExhausted, Block, SramArena
+from agents.chips import Chip, ChipSnapshot, HeldEntry, InFlight, make_chips
+from agents.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+)
 from agents.execution_error import ExecutionError
 from agents.executor import MANIFEST_KEY
 from agents.interconnect import SERVICE_NAME as LINK_SERVICE_NAME
@@ -49,15 +56,17 @@ from agents.interconnect import LinkService, ping
 from agents.interconnect import handlers as link_handlers
 from agents.loader import (
     MAX_MESSAGE_BYTES,
-    LoadError,
     ShardHeader,
     ShardReceiver,
     chunk_payload,
     parse_header_message,
     validate_header,
 )
-from agents.lockstep import ProtocolError
 from agents.replicas import ReplicaHost
+from agents.settings import DEFAULT_SETTINGS, AgentSettings
+from agents.status_codes import status_of
+from agents.streams import StreamGate
+from agents.text import clip, quote
 from protos import agent_pb2
 
 log = logging.getLogger("lockstep.agent")
@@ -66,83 +75,81 @@ SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 _R = TypeVar("_R")
 
 
-@dataclass
-class HeldEntry:
-    """A committed shard: its verified header, its arena block and, once built, its program."""
+def peer_key(context: grpc.ServicerContext) -> str:
+    """Who is calling, for per-peer bounds: the transport address without its port.
 
-    header: ShardHeader
-    block: Block
-    digest: str
-    loaded_unix_ms: int
-    program: Any = None
-
-
-@dataclass
-class InFlight:
-    """A load between reservation and commit; `touched` is when its last message arrived."""
-
-    receiver: ShardReceiver
-    block: Block
-    context: grpc.ServicerContext
-    touched: float = field(default_factory=time.monotonic)
-    idle: bool = False
+    The one place a peer is named (mTLS will replace this with the authenticated identity).
+    Without the port, because one client opens as many connections as it likes.
+    """
+    peer = context.peer() or "unknown"
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rsplit(":", 1)[0]
+    return peer
 
 
-@dataclass
-class Chip:
-    """One chip of the node: SRAM arena, shard tables and health."""
+def end_call(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End a call from another thread with `code` (the handler's blocked read then raises).
 
-    index: int
-    arena: SramArena
-    held: dict[str, HeldEntry] = field(default_factory=dict)
-    loading: dict[str, InFlight] = field(default_factory=dict)
-    failed_reason: str | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    exec_lock: threading.Lock = field(default_factory=threading.Lock)
+    `ServicerContext.cancel` always sends CANCELLED; the call object underneath can cancel
+    with a status, which is what the client should see (e.g. DEADLINE_EXCEEDED for an idle
+    stream). Falls back to a plain cancel if that object is not there.
+    """
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        from grpc._cython import cygrpc
 
-    def check_healthy(self, action: str) -> None:
-        if self.failed_reason is not None:
-            raise LoadError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"chip {self.index} is failed ({self.failed_reason}): cannot {action}",
+        call.cancel(getattr(cygrpc.StatusCode, code.name.lower()), message)  # type: ignore[union-attr]
+    except Exception:
+        context.cancel()
+
+
+def _aborted(context: grpc.ServicerContext, exc: BaseException) -> bool:
+    """Whether `exc` is `context.abort`'s own (grpc raises a bare `Exception()` after setting
+    the status on the call's state; the status must then pass through unchanged)."""
+    state = getattr(context, "_state", None)
+    return bool(getattr(state, "aborted", False)) or (type(exc) is Exception and not exc.args)
+
+
+def _rpc(method: Callable[..., _R]) -> Callable[..., _R]:
+    """Turn the service's exceptions into gRPC statuses whose message names the node."""
+
+    @functools.wraps(method)
+    def wrapper(self: AgentService, request: Any, context: grpc.ServicerContext) -> _R:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            code, message = status_of(exc)
+        log.warning("%s failed: %s %s", method.__name__, code.name, message)
+        context.abort(code, f"node {self.node}: {message}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+def _chip_message(snap: ChipSnapshot) -> agent_pb2.ChipStatus:
+    return agent_pb2.ChipStatus(
+        chip=snap.index,
+        health=(
+            agent_pb2.CHIP_HEALTH_FAILED
+            if snap.failed_reason is not None
+            else agent_pb2.CHIP_HEALTH_HEALTHY
+        ),
+        failure_reason=snap.failed_reason or "",
+        sram_capacity_bytes=snap.capacity,
+        sram_used_bytes=snap.used,
+        sram_loading_bytes=snap.loading,
+        sram_free_bytes=snap.free,
+        shards=[_held_message(e) for e in snap.held],
+        loads=[
+            agent_pb2.LoadProgress(
+                shard_id=f.shard_id,
+                bytes_loaded=f.bytes_loaded,
+                bytes_total=f.bytes_total,
+                reserved_bytes=f.reserved_bytes,
             )
-
-    def usage(self) -> str:
-        """What occupies the chip, for error messages; call with `lock` held."""
-        used = sum(e.header.reserved_bytes for e in self.held.values())
-        loading = sum(f.receiver.header.reserved_bytes for f in self.loading.values())
-        return (
-            f"chip {self.index} holds {len(self.held)} shard(s) ({used} bytes) and has "
-            f"{len(self.loading)} load(s) in flight ({loading} bytes)"
-        )
-
-    def snapshot(self) -> agent_pb2.ChipStatus:
-        """Status of the chip; call with `lock` held."""
-        used = sum(e.header.reserved_bytes for e in self.held.values())
-        loading = sum(f.receiver.header.reserved_bytes for f in self.loading.values())
-        return agent_pb2.ChipStatus(
-            chip=self.index,
-            health=(
-                agent_pb2.CHIP_HEALTH_FAILED
-                if self.failed_reason is not None
-                else agent_pb2.CHIP_HEALTH_HEALTHY
-            ),
-            failure_reason=self.failed_reason or "",
-            sram_capacity_bytes=self.arena.capacity,
-            sram_used_bytes=used,
-            sram_loading_bytes=loading,
-            sram_free_bytes=self.arena.free,
-            shards=[_held_message(e) for e in self.held.values()],
-            loads=[
-                agent_pb2.LoadProgress(
-                    shard_id=f.receiver.header.shard_id,
-                    bytes_loaded=f.receiver.bytes_loaded,
-                    bytes_total=f.receiver.header.size_bytes,
-                    reserved_bytes=f.receiver.header.reserved_bytes,
-                )
-                for f in self.loading.values()
-            ],
-        )
+            for f in snap.loads
+        ],
+    )
 
 
 def _held_message(entry: HeldEntry) -> agent_pb2.HeldShard:
@@ -158,35 +165,8 @@ def _held_message(entry: HeldEntry) -> agent_pb2.HeldShard:
     )
 
 
-def _rpc(method: Callable[..., _R]) -> Callable[..., _R]:
-    """Turn the service's exceptions into gRPC statuses whose message names the node."""
-
-    @functools.wraps(method)
-    def wrapper(self: AgentService, request: Any, context: grpc.ServicerContext) -> _R:
-        try:
-            return method(self, request, context)
-        except LoadError as exc:
-            code, message = exc.code, exc.message
-        except ArenaExhausted as exc:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-        except ProtocolError as exc:  # e.g. StartEpoch: an unknown chip, a non-increasing epoch
-            code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-        except grpc.RpcError:
-            code, message = grpc.StatusCode.CANCELLED, "the client ended the stream"
-        log.warning("%s failed: %s %s", method.__name__, code.name, message)
-        context.abort(code, f"node {self.node}: {message}")
-        raise AssertionError("unreachable: context.abort raises")
-
-    return wrapper
-
-
 class AgentService:
-    """The `lockstep.agent.v1.Agent` servicer of one node.
-
-    `load_idle_timeout`: a load whose client sends nothing for this long is cancelled and its
-    SRAM freed. A vanished peer is noticed by TCP and keepalive; this catches a live client
-    that stalls mid-stream and would otherwise hold its reservation forever.
-    """
+    """The `lockstep.agent.v1.Agent` servicer of one node; `settings` holds every bound."""
 
     def __init__(
         self,
@@ -195,18 +175,24 @@ class AgentService:
         chips: int,
         sram_bytes: int,
         *,
-        load_idle_timeout: float = 60.0,
+        settings: AgentSettings = DEFAULT_SETTINGS,
     ) -> None:
-        if chips < 1:
-            raise ValueError(f"a node needs at least one chip, got {chips}")
         self.node = node
         self.profile = profile
-        self.chips = [Chip(i, SramArena(i, sram_bytes)) for i in range(chips)]
-        self.load_idle_timeout = load_idle_timeout
-        self.replicas = ReplicaHost(self.chips, _build_program)
+        self.settings = settings
+        self.chips = make_chips(chips, sram_bytes)
+        self.replicas = ReplicaHost(self.chips, settings)
         self.links = LinkService(self.replicas.resolve, node)
+        self.streams = StreamGate(settings.max_streams, settings.max_streams_per_peer)
         self._closed = threading.Event()
+        self._waiting_lock = threading.Lock()
+        self._waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}  # loads without header
+        self._ids = itertools.count()
         threading.Thread(target=self._reap_idle_loads, name="idle-loads", daemon=True).start()
+
+    @property
+    def load_idle_timeout(self) -> float:
+        return self.settings.load_idle_timeout
 
     def close(self) -> None:
         """Stop the idle-load watchdog and every pipeline stage."""
@@ -220,28 +206,39 @@ class AgentService:
         self.links.close()
 
     def _reap_idle_loads(self) -> None:
-        interval = min(1.0, self.load_idle_timeout / 4)
+        """End loads whose client sent nothing — header or chunk — for the idle timeout."""
+        timeout = self.load_idle_timeout
+        interval = min(1.0, timeout / 4)
         while not self._closed.wait(interval):
-            deadline = time.monotonic() - self.load_idle_timeout
+            deadline = time.monotonic() - timeout
+            with self._waiting_lock:
+                silent = [
+                    (key, ctx) for key, (since, ctx) in self._waiting.items() if since < deadline
+                ]
+                for key, _ in silent:
+                    del self._waiting[key]
+            for _, ctx in silent:
+                log.warning("a load sent no header for %.1f s, ending it", timeout)
+                end_call(
+                    ctx,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"node {self.node}: no LoadShard header within {timeout} s",
+                )
             for chip in self.chips:
-                with chip.lock:
-                    stalled = [f for f in chip.loading.values() if f.touched < deadline]
-                for flight in stalled:
+                for flight in chip.stalled_loads(deadline):
                     flight.idle = True
+                    label = flight.receiver.header.label
                     log.warning(
-                        "chip %d: %s idle for %.1f s, cancelling",
-                        chip.index,
-                        flight.receiver.header.label,
-                        self.load_idle_timeout,
+                        "chip %d: %s idle for %.1f s, cancelling", chip.index, label, timeout
                     )
-                    flight.context.cancel()
+                    flight.cancel(
+                        f"node {self.node}: chip {chip.index}: {label}: no data for "
+                        f"{timeout} s, load ended"
+                    )
 
     def _chip(self, index: int) -> Chip:
-        if index >= len(self.chips):
-            raise LoadError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"chip {index} does not exist (chips 0..{len(self.chips) - 1})",
-            )
+        if not 0 <= index < len(self.chips):
+            raise InvalidArgument(f"chip {index} does not exist (chips 0..{len(self.chips) - 1})")
         return self.chips[index]
 
     # --- LoadShard ------------------------------------------------------------------------
@@ -251,27 +248,26 @@ class AgentService:
         self, requests: Iterator[bytes], context: grpc.ServicerContext
     ) -> agent_pb2.LoadShardResponse:
         started = time.perf_counter()
-        first = next(requests, None)
-        if first is None:
-            raise LoadError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "empty LoadShard stream: the first message must be the header",
-            )
+        first = self._first_message(requests, context)
         header = validate_header(parse_header_message(first), len(self.chips))
         chip = self.chips[header.chip]
-        flight = self._begin_load(chip, header, context)
+
+        def cancel(message: str) -> None:
+            end_call(context, grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+        flight = chip.begin_load(header, ShardReceiver, cancel)
         if isinstance(flight, HeldEntry):
             return _response(header, flight, started, already=True)
         committed = False
         try:
             self._receive(chip, flight, requests)
-            digest = flight.receiver.finish()
+            digest = flight.receiver.finish()  # type: ignore[attr-defined]
             _check_blob(header, flight.block.view)
-            entry = self._commit(chip, header, flight, digest)
+            entry = chip.commit(flight, digest)
             committed = True
         finally:
             if not committed:
-                self._abort_load(chip, header, flight)
+                chip.abort(flight)
         log.info(
             "chip %d: loaded %s (%d bytes) in %.3f s",
             chip.index,
@@ -281,79 +277,46 @@ class AgentService:
         )
         return _response(header, entry, started, already=False)
 
+    def _first_message(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """The header message, waited for at most the idle timeout (then DEADLINE_EXCEEDED)."""
+        key = next(self._ids)
+        with self._waiting_lock:
+            self._waiting[key] = (time.monotonic(), context)
+        try:
+            first = next(requests, None)
+        except grpc.RpcError:
+            with self._waiting_lock:
+                timed_out = key not in self._waiting
+            if timed_out:
+                raise DeadlineExceeded(
+                    f"no LoadShard header within {self.load_idle_timeout} s"
+                ) from None
+            raise
+        finally:
+            with self._waiting_lock:
+                self._waiting.pop(key, None)
+        if first is None:
+            raise InvalidArgument("empty LoadShard stream: the first message must be the header")
+        return first
+
     def _receive(self, chip: Chip, flight: InFlight, requests: Iterator[bytes]) -> None:
         """Write every chunk of the stream into the reserved block."""
         header = flight.receiver.header
+        receiver: ShardReceiver = flight.receiver  # type: ignore[assignment]
         try:
             for message in requests:
                 flight.touched = time.monotonic()
                 if chip.failed_reason is not None:
-                    chip.check_healthy("finish loading " + header.label)
-                flight.receiver.write(chunk_payload(message))
+                    with chip.lock:
+                        chip.check_healthy("finish loading " + header.label)
+                receiver.write(chunk_payload(message))
         except grpc.RpcError:
             if flight.idle:
-                raise LoadError(
-                    grpc.StatusCode.CANCELLED,
+                raise DeadlineExceeded(
                     f"chip {chip.index}: {header.label}: no data for "
-                    f"{self.load_idle_timeout} s, load cancelled",
+                    f"{self.load_idle_timeout} s, load ended"
                 ) from None
             raise
-
-    def _begin_load(
-        self, chip: Chip, header: ShardHeader, context: grpc.ServicerContext
-    ) -> HeldEntry | InFlight:
-        """Reserve SRAM and register the load; the held entry if the chip already has it."""
-        with chip.lock:
-            chip.check_healthy("load " + header.label)
-            held = chip.held.get(header.shard_id)
-            if held is not None:
-                if held.header.size_bytes != header.size_bytes:
-                    raise LoadError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"chip {chip.index} holds {header.label} with "
-                        f"{held.header.size_bytes} bytes; the header says "
-                        f"{header.size_bytes}",
-                    )
-                return held
-            if header.shard_id in chip.loading:
-                raise LoadError(
-                    grpc.StatusCode.ABORTED,
-                    f"chip {chip.index}: {header.label} is already being loaded",
-                )
-            try:
-                block = chip.arena.reserve(header.label, header.reserved_bytes, header.size_bytes)
-            except ArenaExhausted as exc:
-                raise LoadError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; {chip.usage()}"
-                ) from None
-            try:
-                flight = InFlight(ShardReceiver(header, block.view), block, context)
-            except LoadError:
-                chip.arena.free_block(block)  # nothing holds the block yet: give it back
-                raise
-            except Exception as exc:
-                chip.arena.free_block(block)
-                raise LoadError(
-                    grpc.StatusCode.INTERNAL,
-                    f"chip {chip.index}: {header.label}: could not start the load: {exc}",
-                ) from None
-            chip.loading[header.shard_id] = flight
-        return flight
-
-    def _commit(self, chip: Chip, header: ShardHeader, flight: InFlight, digest: str) -> HeldEntry:
-        with chip.lock:
-            chip.check_healthy("commit " + header.label)
-            entry = HeldEntry(header, flight.block, digest, int(time.time() * 1000))
-            del chip.loading[header.shard_id]
-            chip.held[header.shard_id] = entry
-        return entry
-
-    def _abort_load(self, chip: Chip, header: ShardHeader, flight: InFlight) -> None:
-        flight.receiver.close()
-        with chip.lock:
-            if chip.loading.get(header.shard_id) is flight:
-                del chip.loading[header.shard_id]
-        chip.arena.free_block(flight.block)
 
     # --- UnloadShard, Status, MarkChipFailed ----------------------------------------------
 
@@ -362,12 +325,7 @@ class AgentService:
         self, request: agent_pb2.UnloadShardRequest, context: grpc.ServicerContext
     ) -> agent_pb2.UnloadShardResponse:
         chip = self._chip(request.chip)
-        with chip.exec_lock, chip.lock:
-            entry = chip.held.pop(request.shard_id, None)
-            if entry is None:
-                raise _not_held(chip, request.shard_id)
-            entry.program = None
-            chip.arena.free_block(entry.block)
+        entry = chip.unload(request.shard_id)
         log.info("chip %d: unloaded %s", chip.index, entry.header.label)
         return agent_pb2.UnloadShardResponse(freed_bytes=entry.header.reserved_bytes)
 
@@ -377,10 +335,9 @@ class AgentService:
     ) -> agent_pb2.StatusResponse:
         chips = []
         for chip in self.chips:
-            with chip.lock:
-                snapshot = chip.snapshot()
-            snapshot.pipelines.extend(self.replicas.chip_status(chip.index))
-            chips.append(snapshot)
+            message = _chip_message(chip.snapshot())
+            message.pipelines.extend(self.replicas.chip_status(chip.index))
+            chips.append(message)
         return agent_pb2.StatusResponse(node=self.node, profile=self.profile, chips=chips)
 
     @_rpc
@@ -388,23 +345,14 @@ class AgentService:
         self, request: agent_pb2.MarkChipFailedRequest, context: grpc.ServicerContext
     ) -> agent_pb2.MarkChipFailedResponse:
         chip = self._chip(request.chip)
-        with chip.exec_lock, chip.lock:
-            lost = list(chip.held)
-            if request.recover:
-                chip.failed_reason, lost = None, []
-            else:
-                chip.failed_reason = request.reason or "marked failed"
-                for entry in chip.held.values():
-                    entry.program = None
-                    chip.arena.free_block(entry.block)
-                chip.held.clear()
-            status = chip.snapshot()
-        log.warning(
-            "chip %d: %s",
-            chip.index,
-            "recovered" if request.recover else f"failed ({chip.failed_reason})",
-        )
-        return agent_pb2.MarkChipFailedResponse(chip=status, shards_lost=lost)
+        if request.recover:
+            snap, lost = chip.recover(), []
+            log.warning("chip %d: recovered", chip.index)
+        else:
+            reason = clip(request.reason or "marked failed", self.settings.text_limit)
+            lost, snap = chip.fail(reason)
+            log.warning("chip %d: failed (%s)", chip.index, reason)
+        return agent_pb2.MarkChipFailedResponse(chip=_chip_message(snap), shards_lost=lost)
 
     # --- Execute --------------------------------------------------------------------------
 
@@ -412,25 +360,44 @@ class AgentService:
     def Execute(
         self, request: agent_pb2.ExecuteRequest, context: grpc.ServicerContext
     ) -> agent_pb2.ExecuteResponse:
-        from agents import executor
+        """Run one batch through a held shard's program — only on a chip no replica is bound to.
+
+        Why refuse rather than give Execute its own program instance and KV cache: a second
+        instance needs a second KV cache the size the plan reserved for the replica, which the
+        chip's SRAM accounting does not have (accounting it would make Execute fail or evict
+        for reasons unrelated to the request); and Execute is a test and benchmark door for
+        shards being brought up, not a serving path. Refusing keeps a serving chip's program
+        and cache reachable only by its replica, so nothing else can change served tokens.
+        """
         from agents.activation import Activation
 
         chip = self._chip(request.chip)
+        limit = self.settings.max_execute_bytes
+        if len(request.activation) > limit:
+            raise InvalidArgument(
+                f"Execute activation of {len(request.activation)} bytes exceeds {limit}"
+            )
         started = time.perf_counter()
         with chip.exec_lock:
-            with chip.lock:
-                chip.check_healthy(f"execute shard {request.shard_id[:12]}")
-                entry = chip.held.get(request.shard_id)
-                if entry is None:
-                    raise _not_held(chip, request.shard_id)
-            program = _program_of(chip, entry, executor)
+            entry = chip.entry_for(request.shard_id, f"execute shard {request.shard_id[:12]}")
+            if chip.bound_to is not None:
+                raise FailedPrecondition(
+                    f"chip {chip.index} serves replica {chip.bound_to}: Execute runs only on "
+                    "chips no replica is bound to (RemoveReplica first)"
+                )
+            program = chip.program(entry)
             try:
                 batch = Activation.from_bytes(request.activation)
+            except Exception as exc:  # untrusted bytes: any failure to parse is the input's
+                raise InvalidArgument(
+                    f"chip {chip.index}: {entry.header.label}: malformed activation: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            try:
                 output = program.step(batch).to_bytes()
-            except (ExecutionError, ValueError, struct.error) as exc:
-                raise LoadError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"chip {chip.index}: {entry.header.label}: {exc}",
+            except (ExecutionError, ValueError, TypeError, OverflowError, struct.error) as exc:
+                raise InvalidArgument(
+                    f"chip {chip.index}: {entry.header.label}: {type(exc).__name__}: {exc}"
                 ) from None
         return agent_pb2.ExecuteResponse(activation=output, seconds=time.perf_counter() - started)
 
@@ -443,7 +410,7 @@ class AgentService:
         ready = self.replicas.configure(request)
         log.info(
             "%s replica %d: stages %s configured",
-            request.deployment,
+            quote(request.deployment, self.settings.text_limit),
             request.replica,
             [a.stage for a in request.assignments],
         )
@@ -473,55 +440,49 @@ class AgentService:
         self, request: agent_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[agent_pb2.GenerateResponse]:
         """Validation and admission happen here (errors map through `_rpc`); the stream of
-        tokens is the returned iterator."""
-        return self.replicas.generate(request, context)
+        tokens is the returned iterator, whose errors map through the same table."""
+        return self._mapped(self.replicas.generate(request, context), context, "Generate")
+
+    def _mapped(
+        self, responses: Iterator[_R], context: grpc.ServicerContext, name: str
+    ) -> Iterator[_R]:
+        """`responses`, with an exception raised while streaming turned into a status like
+        `_rpc` does (a status the stream already set with `context.abort` passes through)."""
+        try:
+            yield from responses
+        except Exception as exc:
+            if _aborted(context, exc):  # the stream set its status itself
+                raise
+            code, message = status_of(exc)
+            log.warning("%s failed: %s %s", name, code.name, message)
+            context.abort(code, f"node {self.node}: {message}")
 
     @_rpc
     def LinkPing(
         self, request: agent_pb2.LinkPingRequest, context: grpc.ServicerContext
     ) -> agent_pb2.LinkPingResponse:
-        if not request.peer or not 1 <= request.count <= 100_000:
-            raise LoadError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "LinkPing needs a peer and a count from 1 to 100000",
+        s = self.settings
+        if not request.peer or not 1 <= request.count <= s.ping_max_count:
+            raise InvalidArgument(f"LinkPing needs a peer and a count from 1 to {s.ping_max_count}")
+        if not 0 <= request.payload_bytes <= s.ping_max_payload_bytes:
+            raise InvalidArgument(
+                f"LinkPing payload_bytes {request.payload_bytes} is over the limit of "
+                f"{s.ping_max_payload_bytes}"
             )
-        one_way, round_trip = ping(request.peer, request.count, request.payload_bytes)
-        return agent_pb2.LinkPingResponse(one_way_ms=one_way, round_trip_ms=round_trip)
-
-
-def _build_program(chip: Chip, entry: HeldEntry) -> Any:
-    from agents import executor
-
-    with chip.exec_lock:
-        return _program_of(chip, entry, executor)
-
-
-def _program_of(chip: Chip, entry: HeldEntry, executor: Any) -> Any:
-    """The shard's stage program, built on first use (weights are views into the arena)."""
-    if entry.header.virtual:
-        raise LoadError(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"chip {chip.index}: {entry.header.label} is virtual (manifest only): it "
-            f"accounts {entry.header.reserved_bytes} bytes of SRAM but has no "
-            "weights to execute",
-        )
-    if entry.program is None:
+        peer = peer_key(context)  # a ping holds a worker as long as a stream: admit it as one
+        self.streams.enter(peer, "LinkPing")
         try:
-            entry.program = executor.load_shard(entry.block.view)
-        except ExecutionError as exc:
-            raise LoadError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"chip {chip.index}: {entry.header.label} cannot run: {exc}",
+            one_way, round_trip = ping(request.peer, request.count, request.payload_bytes)
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else None
+            details = exc.details() if isinstance(exc, grpc.Call) else ""
+            raise Unavailable(
+                f"LinkPing to {quote(request.peer)} failed: "
+                f"{code.name if code else 'error'} {clip(details or '')}"
             ) from None
-    return entry.program
-
-
-def _not_held(chip: Chip, shard_id: str) -> LoadError:
-    loading = " (a load of it is in progress)" if shard_id in chip.loading else ""
-    return LoadError(
-        grpc.StatusCode.NOT_FOUND,
-        f"chip {chip.index} does not hold shard {shard_id[:64]!r}{loading}",
-    )
+        finally:
+            self.streams.leave(peer)
+        return agent_pb2.LinkPingResponse(one_way_ms=one_way, round_trip_ms=round_trip)
 
 
 def _response(
@@ -541,41 +502,118 @@ def _response(
 
 
 def _check_blob(header: ShardHeader, view: memoryview) -> None:
-    """The blob must be safetensors; a manifest, if any, must agree with the header."""
+    """The blob must be safetensors; a manifest, if any, must agree with the header.
+
+    The blob is untrusted bytes: any failure to parse it is INVALID_ARGUMENT (never UNKNOWN).
+    """
     from agents.safetensors_codec import parse_header
 
+    where = f"chip {header.chip}: {header.label}"
     try:
         parsed = parse_header(view, len(view))
-    except ExecutionError as exc:
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"chip {header.chip}: {header.label}: {exc}"
+        raw = parsed.metadata.get(MANIFEST_KEY)
+    except Exception as exc:
+        raise InvalidArgument(
+            f"{where}: not a valid safetensors blob: {type(exc).__name__}: {exc}"
         ) from None
-    raw = parsed.metadata.get(MANIFEST_KEY)
     if raw is None:
         return
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"chip {header.chip}: {header.label}: manifest is not JSON: {exc}",
-        ) from None
+    except (json.JSONDecodeError, TypeError, RecursionError) as exc:
+        raise InvalidArgument(f"{where}: manifest is not JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise InvalidArgument(
+            f"{where}: manifest must be a JSON object, got {type(manifest).__name__}"
+        )
     if "virtual" in manifest and bool(manifest["virtual"]) != header.virtual:
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"chip {header.chip}: {header.label}: header says virtual="
-            f"{header.virtual}, the manifest says {bool(manifest['virtual'])}",
+        raise InvalidArgument(
+            f"{where}: header says virtual={header.virtual}, the manifest says "
+            f"{bool(manifest['virtual'])}"
         )
     declared = manifest.get("declared_bytes")
     if header.virtual and isinstance(declared, int) and header.declared_bytes < declared:
-        raise LoadError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"chip {header.chip}: {header.label}: header declares "
-            f"{header.declared_bytes} bytes, the manifest {declared}",
+        raise InvalidArgument(
+            f"{where}: header declares {header.declared_bytes} bytes, the manifest {declared}"
         )
 
 
 # --- the server ------------------------------------------------------------------------------
+
+
+class StreamLimit(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Admit every streaming call through the `StreamGate` when it starts (see the module
+    docstring): over a bound it ends at once with RESOURCE_EXHAUSTED, before its handler can
+    block a worker on a silent client. The count is released when the call ends, however."""
+
+    def __init__(self, gate: StreamGate, node: str) -> None:
+        self.gate = gate
+        self.node = node
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or not (handler.request_streaming or handler.response_streaming):
+            return handler
+        method = str(details.method).rsplit("/", 1)[-1]
+        if handler.request_streaming and handler.response_streaming:
+            kind = "stream_stream"
+        elif handler.request_streaming:
+            kind = "stream_unary"
+        else:
+            kind = "unary_stream"
+        behavior = getattr(handler, kind)
+        guarded = self._guard(behavior, method, streaming_response=handler.response_streaming)
+        return handler._replace(**{kind: guarded})  # type: ignore[no-any-return]
+
+    def _guard(
+        self, behavior: Callable[..., Any], method: str, *, streaming_response: bool
+    ) -> Callable[..., Any]:
+        gate, node = self.gate, self.node
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            peer = peer_key(context)
+            try:
+                gate.enter(peer, method)
+            except Exception as exc:
+                code, message = status_of(exc)
+                log.warning("%s refused: %s", method, message)
+                context.abort(code, f"node {node}: {message}")
+            done = threading.Lock()
+            released = False
+
+            def release() -> None:
+                nonlocal released
+                with done:
+                    if released:
+                        return
+                    released = True
+                gate.leave(peer)
+
+            if not context.add_callback(release):  # the call already ended
+                release()
+                return None
+            try:
+                result = behavior(request, context)
+            except BaseException:
+                release()
+                raise
+            if not streaming_response:
+                release()
+                return result
+            return _released_after(result, release)
+
+        return guarded
+
+
+def _released_after(responses: Iterator[Any], release: Callable[[], None]) -> Iterator[Any]:
+    try:
+        yield from responses
+    finally:
+        release()
 
 
 def _handlers(service: AgentService) -> grpc.GenericRpcHandler:
@@ -662,10 +700,15 @@ class AgentServer:
 def start_server(
     service: AgentService, listen: str, *, max_workers: int | None = None
 ) -> AgentServer:
-    """Bind `listen` (HOST:PORT, port 0 = any free port), start serving, return the port."""
-    workers = max_workers or max(16, 2 * len(service.chips) + 8)
+    """Bind `listen` (HOST:PORT, port 0 = any free port), start serving, return the port.
+
+    The worker pool is `settings.workers` (every allowed stream plus the unary reserve), so
+    streams can never take the workers Status and health need.
+    """
+    workers = max_workers or service.settings.workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
+        interceptors=(StreamLimit(service.streams, service.node),),
         options=SERVER_OPTIONS,
     )
     server.add_generic_rpc_handlers((_handlers(service), link_handlers(service.links)))

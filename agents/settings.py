@@ -3,6 +3,9 @@
 `AgentSettings()` is what `lpuctl agent` runs with; tests and benchmarks pass a modified copy
 (`dataclasses.replace`). Nothing else in `agents/` keeps a default of its own: a module that
 needs a bound takes the settings (or the one field) from its caller.
+
+This module imports nothing but the standard library on purpose: `lpuctl` builds its `agent`
+flags from these defaults without importing gRPC or numpy, and without touching BLAS.
 """
 
 from __future__ import annotations
@@ -12,10 +15,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class AgentSettings:
-    """Defaults and bounds of one agent (see the README's agent section for the reasons)."""
+    """Defaults and bounds of one agent (see the README's agent section for the reasons).
+
+    Streams. A streaming RPC (LoadShard, Generate, Link/Exchange) holds one server worker
+    thread for as long as it is open, whether or not its client sends anything. So the number
+    of open streams is bounded per peer and in all, checked when a stream starts (a stream
+    over a bound fails at once with RESOURCE_EXHAUSTED), and the worker pool has
+    `unary_reserve` threads more than `max_streams`: Status, health and the other unary calls
+    always find a free worker, however many hostile streams are open.
+    """
 
     # --- execution ---------------------------------------------------------------------------
     blas_threads: int = 1  # deterministic reductions: one BLAS thread per kernel call
+    max_execute_bytes: int = 8 << 20  # an Execute activation larger is INVALID_ARGUMENT
 
     # --- shard loads -------------------------------------------------------------------------
     load_idle_timeout: float = 60.0  # seconds a load may go without a message (header included)
@@ -25,7 +37,44 @@ class AgentSettings:
     chain_log_limit: int = 4096  # (tick, head) pairs a stage keeps for resume and comparison
     queue_factor: int = 4  # ConfigureReplica queue_limit 0: this many x maxBatch may wait
 
+    # --- LinkPing (a diagnostic: bounded so it cannot be used to fill memory or a CPU) -------
+    ping_max_count: int = 10_000
+    ping_max_payload_bytes: int = 1 << 20
+
+    # --- streams and the worker pool ---------------------------------------------------------
+    max_streams: int = 64  # open streaming RPCs in all
+    max_streams_per_peer: int = 32  # open streaming RPCs of one peer (`agents.server.peer_key`)
+    unary_reserve: int = 16  # workers beyond max_streams, kept for unary calls and refusals
+
+    # --- messages ----------------------------------------------------------------------------
+    text_limit: int = 200  # characters of a client-supplied string echoed in errors and logs
+
     # --- security ----------------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        for name in (
+            "blas_threads",
+            "max_execute_bytes",
+            "window",
+            "chain_log_limit",
+            "queue_factor",
+            "ping_max_count",
+            "max_streams",
+            "max_streams_per_peer",
+            "unary_reserve",
+            "text_limit",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"AgentSettings.{name} must be at least 1")
+        if not self.load_idle_timeout > 0:
+            raise ValueError("AgentSettings.load_idle_timeout must be positive")
+        if self.ping_max_payload_bytes < 0:
+            raise ValueError("AgentSettings.ping_max_payload_bytes must not be negative")
+
+    @property
+    def workers(self) -> int:
+        """The server's worker pool: every allowed stream plus the unary reserve."""
+        return self.max_streams + self.unary_reserve
 
 
 DEFAULT_SETTINGS = AgentSettings()

@@ -6,6 +6,8 @@ import grpc
 import pytest
 
 from agents import loader
+from agents.errors import AgentError
+from agents.status_codes import status_of
 from protos import agent_pb2
 
 
@@ -23,10 +25,10 @@ def test_non_canonical_chunk_falls_back_to_a_parse() -> None:
     wire = b"\x18\x01" + loader.frame_chunk(b"abc")
     assert bytes(loader.chunk_payload(wire)) == b"abc"
     header = loader.header_message(agent_pb2.LoadShardHeader(shard_id="x"))
-    with pytest.raises(loader.LoadError) as info:
+    with pytest.raises(AgentError) as info:
         loader.chunk_payload(header)
-    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    with pytest.raises(loader.LoadError):
+    assert status_of(info.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(AgentError):
         loader.chunk_payload(b"\x12\xff")  # truncated
 
 
@@ -46,7 +48,7 @@ def test_header_validation_names_the_field() -> None:
         ),
     }
     for field, header in cases.items():
-        with pytest.raises(loader.LoadError, match=field):
+        with pytest.raises(AgentError, match=field):
             loader.validate_header(header, 2)
     sha = loader.validate_header(
         agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0, size_bytes=100), 1
@@ -73,12 +75,12 @@ def test_receiver_verifies_size_and_digest(algorithm: str) -> None:
 
     corrupt = loader.ShardReceiver(header, memoryview(bytearray(len(blob))))
     corrupt.write(memoryview(b"\xff" + blob[1:]))
-    with pytest.raises(loader.LoadError) as info:
+    with pytest.raises(AgentError) as info:
         corrupt.finish()
-    assert info.value.code == grpc.StatusCode.DATA_LOSS
+    assert status_of(info.value)[0] == grpc.StatusCode.DATA_LOSS
 
     over = loader.ShardReceiver(header, memoryview(bytearray(len(blob))))
-    with pytest.raises(loader.LoadError, match="carries more"):
+    with pytest.raises(AgentError, match="carries more"):
         over.write(memoryview(blob + b"!"))
     over.close()
     over.close()  # idempotent
@@ -116,7 +118,7 @@ def test_heap_is_trimmed_only_after_large_chunks(
         if ending == "close":
             receiver.close()
         elif ending == "bad size":
-            with pytest.raises(loader.LoadError, match="ended after"):
+            with pytest.raises(AgentError, match="ended after"):
                 receiver.finish()
         else:
             assert receiver.finish() == header.digest

@@ -148,6 +148,18 @@ def test_status_shows_epoch_tick_and_chain_per_chip(replica: Replica) -> None:
     assert sorted(seen) == [0, 1, 2, 3]
 
 
+def copy_on_chips(replica: Replica, offset: int) -> dict[str, tuple[str, int]]:
+    """Load the replica's shards again on the same agents, `offset` chips further, and return
+    that placement: a chip serves one replica, so a second replica needs chips of its own."""
+    by_address = {a.address: a for a in replica.agents}
+    where = {}
+    for ref in replica.refs:
+        address, chip = replica.where[ref.chip]
+        load(by_address[address], ref.path.read_bytes(), chip + offset)
+        where[ref.chip] = (address, chip + offset)
+    return where
+
+
 def invalid(agent: AgentProcess, **fields: object) -> grpc.RpcError:
     request = agent_pb2.GenerateRequest(
         **(
@@ -177,7 +189,7 @@ def test_bad_requests_are_invalid_argument(replica: Replica) -> None:
 def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
     """A second replica of the same shards, configured but never started: requests wait."""
     requests = configure_requests(
-        replica.plan, replica.refs, replica.where, deployment="held", queue_limit=1
+        replica.plan, replica.refs, copy_on_chips(replica, 4), deployment="held", queue_limit=1
     )
     by_address = {a.address: a for a in replica.agents}
     for address, request in requests.items():
@@ -276,12 +288,13 @@ def test_jittered_network_links_change_no_token_and_no_chain(
     stubs = {a.address: a.stub for a in replica.agents}
     work = [((5, 17, 1024), Sampling()), ((8, 9), Sampling(0.7, 3))]
     runs = []
+    where = copy_on_chips(replica, 6)
     for seed in range(3):
         name = f"jitter-{seed}"
         requests = configure_requests(
             replica.plan,
             replica.refs,
-            replica.where,
+            where,
             deployment=name,
             jitter_ms=3.0,
             jitter_seed=seed,
@@ -345,3 +358,81 @@ def test_tensor_parallel_stages_across_agents(
             stubs[address].RemoveReplica(
                 agent_pb2.RemoveReplicaRequest(deployment="tp"), timeout=30
             )
+
+
+# --- isolation: a chip serves one replica (issue 7) ------------------------------------------
+
+
+def test_a_chip_bound_to_a_replica_is_refused_to_another(replica: Replica) -> None:
+    """Configuring a second replica on the serving chips names the chip and the holder and
+    changes nothing; once the holder is removed the same request succeeds (chips released)."""
+    requests = configure_requests(replica.plan, replica.refs, replica.where, deployment="intruder")
+    head = replica.head
+    with pytest.raises(grpc.RpcError) as info:
+        head.stub.ConfigureReplica(requests[head.address], timeout=30)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "chip 0 is bound to replica 'ring'/replica-0" in str(info.value.details())
+    assert {p.deployment for c in head.status().chips for p in c.pipelines} == {DEPLOYMENT}
+    tokens, _ = generate(head, "still-served", (2, 7, 1), 3, logits=False)
+    assert len(tokens) == 3
+
+
+def test_a_removed_replica_releases_its_chips(replica: Replica) -> None:
+    where = copy_on_chips(replica, 4)
+    stubs = {a.address: a.stub for a in replica.agents}
+    for name in ("first", "second"):  # the second binds the chips the first released
+        requests = configure_requests(replica.plan, replica.refs, where, deployment=name)
+        bring_up(stubs, requests)
+        for address in requests:
+            stubs[address].RemoveReplica(
+                agent_pb2.RemoveReplicaRequest(deployment=name), timeout=30
+            )
+
+
+def test_execute_on_a_serving_chip_is_refused_and_changes_no_token(
+    replica: Replica, reference: ReferenceExecutor
+) -> None:
+    """Execute would step the replica's program and KV cache; on a bound chip it is refused
+    (FAILED_PRECONDITION naming the replica), and the served tokens stay the reference's."""
+    from agents.activation import Activation
+
+    head = replica.head
+    prompt = (9, 9, 2, 6)
+    before, _ = generate(head, "iso-before", prompt, 4, logits=False)
+    stage0 = next(r for r in replica.refs if r.binding.stage == 0)
+    chip = replica.where[stage0.chip][1]
+    shard = load(head, stage0.path.read_bytes(), chip).shard_id  # already held: its id
+    for slot in range(4):  # every KV slot a request could be using
+        act = Activation.for_tokens([slot], [0], [5]).to_bytes()
+        with pytest.raises(grpc.RpcError) as info:
+            head.stub.Execute(
+                agent_pb2.ExecuteRequest(chip=chip, shard_id=shard, activation=act), timeout=30
+            )
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "serves replica 'ring'/replica-0" in str(info.value.details())
+    after, _ = generate(head, "iso-after", prompt, 4, logits=False)
+    assert before == after == reference.generate(prompt, 4).tokens
+
+
+def test_concurrent_configures_of_one_replica_configure_it_once(replica: Replica) -> None:
+    where = copy_on_chips(replica, 4)
+    requests = configure_requests(replica.plan, replica.refs, where, deployment="race")
+    head = replica.head
+    codes: list[str] = []
+
+    def configure() -> None:
+        try:
+            head.stub.ConfigureReplica(requests[head.address], timeout=30)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+
+    run_in_threads(configure, [()] * 6)
+    try:
+        assert sorted(codes) == ["ALREADY_EXISTS"] * 5 + ["OK"], codes
+        stages = [
+            p.stage for c in head.status().chips for p in c.pipelines if p.deployment == "race"
+        ]
+        assert sorted(stages) == sorted({a.stage for a in requests[head.address].assignments})
+    finally:
+        head.stub.RemoveReplica(agent_pb2.RemoveReplicaRequest(deployment="race"), timeout=30)

@@ -4,11 +4,13 @@ UNKNOWN) and leaves nothing reserved."""
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import struct
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -25,6 +27,7 @@ from agents.pipeline import StageRunner
 from agents.replicas import Replica
 from agents.safetensors_codec import encode_safetensors
 from agents.server import AgentService, HeldEntry
+from agents.settings import AgentSettings
 from protos import agent_pb2
 
 MiB = 1 << 20
@@ -38,8 +41,18 @@ class Aborted(Exception):
 
 
 class FakeContext:
+    """The parts of `grpc.ServicerContext` the service uses; `abort` marks the state aborted
+    the way grpc's does."""
+
+    def __init__(self) -> None:
+        self._state = SimpleNamespace(aborted=False)
+
     def abort(self, code: grpc.StatusCode, message: str) -> None:
+        self._state.aborted = True
         raise Aborted(code, message)
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
 
     def time_remaining(self) -> float | None:
         return None
@@ -229,3 +242,143 @@ def test_an_ended_link_stream_no_longer_takes_the_stages_credits() -> None:
     runner.set_upstream(lambda t, e: newer.append((t, e)), lambda m: None)  # a newer stream
     service._read(iter([]), queue.SimpleQueue())  # an older stream ending binds nothing
     assert runner._ack_upstream is not None, "an ending stream only unbinds its own callback"
+
+
+# --- malformed fields and echoed strings (issue 7) -------------------------------------------
+
+
+def hold_raising_shard(service: AgentService, chip_index: int = 0) -> None:
+    chip = service.chips[chip_index]
+    block = chip.arena.reserve("x", 16, 16)
+    header = type("H", (), {"virtual": False, "label": "shard x", "reserved_bytes": 16})()
+    entry = HeldEntry(header, block, "d", 0)  # type: ignore[arg-type]
+    entry.program = RaisingProgram(AssertionError("never stepped"))  # type: ignore[assignment]
+    chip.held["x"] = entry
+
+
+@pytest.mark.parametrize("cursor", ["1e400", "-1e400", "NaN", '"a"', "[1e400, 0]", "{}"])
+def test_an_execute_cursor_out_of_range_is_invalid_argument(
+    service: AgentService, cursor: str
+) -> None:
+    """JSON numbers such as 1e400 parse to inf; int(inf) raises OverflowError, which used to
+    escape as UNKNOWN."""
+    hold_raising_shard(service)
+    act = Activation.for_tokens([0], [0], [1])
+    meta = f'{{"version": {ACTIVATION_VERSION}, "cursor": {cursor}}}'
+    blob = encode_safetensors(act._arrays(), {ACTIVATION_KEY: meta})
+    err = call(service.Execute, agent_pb2.ExecuteRequest(chip=0, shard_id="x", activation=blob))
+    assert err.code is grpc.StatusCode.INVALID_ARGUMENT, err.message
+    assert "activation" in err.message
+
+
+def test_an_execute_input_over_the_bound_is_refused_before_parsing() -> None:
+    svc = AgentService("t0", "dev", 1, 4 * MiB, settings=AgentSettings(max_execute_bytes=1000))
+    try:
+        hold_raising_shard(svc)
+        request = agent_pb2.ExecuteRequest(chip=0, shard_id="x", activation=bytes(1001))
+        err = call(svc.Execute, request)
+        assert err.code is grpc.StatusCode.INVALID_ARGUMENT and "exceeds 1000" in err.message
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("chip", [2, 1 << 31, (1 << 32) - 1])
+def test_a_chip_index_out_of_range_is_invalid_argument(service: AgentService, chip: int) -> None:
+    for method, request in [
+        (service.Execute, agent_pb2.ExecuteRequest(chip=chip, shard_id="x")),
+        (service.UnloadShard, agent_pb2.UnloadShardRequest(chip=chip, shard_id="x")),
+        (service.MarkChipFailed, agent_pb2.MarkChipFailedRequest(chip=chip)),
+    ]:
+        err = call(method, request)
+        assert err.code is grpc.StatusCode.INVALID_ARGUMENT and "does not exist" in err.message
+
+
+HUGE = "d" * (4 << 20)
+
+
+def test_a_4mb_name_is_clipped_in_errors_and_logs(
+    service: AgentService, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="lockstep")
+    calls = [
+        (service.RemoveReplica, agent_pb2.RemoveReplicaRequest(deployment=HUGE)),
+        (service.Halt, agent_pb2.HaltRequest(deployment=HUGE)),
+        (service.StartEpoch, agent_pb2.StartEpochRequest(deployment=HUGE)),
+        (service.UnloadShard, agent_pb2.UnloadShardRequest(chip=0, shard_id=HUGE)),
+        (service.Execute, agent_pb2.ExecuteRequest(chip=0, shard_id=HUGE)),
+    ]
+    for method, request in calls:
+        err = call(method, request)
+        assert err.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        assert "ddd" in err.message and len(err.message) < 2000, len(err.message)
+    with pytest.raises(Aborted) as info:
+        service.Generate(agent_pb2.GenerateRequest(deployment=HUGE, prompt_ids=[1]), FakeContext())
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert len(info.value.message) < 2000
+    assert caplog.records and max(len(r.getMessage()) for r in caplog.records) < 2000
+
+
+def test_a_4mb_failure_reason_is_clipped_in_status(service: AgentService) -> None:
+    reply = service.MarkChipFailed(
+        agent_pb2.MarkChipFailedRequest(chip=1, reason=HUGE), FakeContext()
+    )
+    assert reply.chip.failure_reason.startswith("ddd")
+    assert len(reply.chip.failure_reason) < 300
+    status = service.Status(agent_pb2.StatusRequest(), FakeContext())
+    assert len(status.chips[1].failure_reason) < 300
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"peer": "127.0.0.1:1", "count": 10_001}, "count from 1 to 10000"),
+        ({"peer": "127.0.0.1:1", "count": 0}, "count from 1 to 10000"),
+        ({"peer": "", "count": 1}, "needs a peer"),
+        ({"peer": "127.0.0.1:1", "count": 1, "payload_bytes": (1 << 20) + 1}, "payload_bytes"),
+        ({"peer": "127.0.0.1:1", "count": 1, "payload_bytes": 512 << 20}, "payload_bytes"),
+    ],
+)
+def test_link_ping_is_capped(service: AgentService, fields: dict[str, Any], words: str) -> None:
+    err = call(service.LinkPing, agent_pb2.LinkPingRequest(**fields))
+    assert err.code is grpc.StatusCode.INVALID_ARGUMENT and words in err.message
+
+
+def test_an_unexpected_exception_is_internal_with_one_line(
+    service: AgentService, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(index: int) -> Any:
+        raise RuntimeError("surprise\nsecond line")
+
+    monkeypatch.setattr(service.replicas, "chip_status", broken)
+    caplog.set_level(logging.WARNING, logger="lockstep")
+    err = call(service.Status, agent_pb2.StatusRequest())
+    assert err.code is grpc.StatusCode.INTERNAL
+    assert "RuntimeError: surprise" in err.message and "second line" not in err.message
+    assert "Traceback" not in caplog.text and "second line" not in caplog.text
+
+
+def test_an_exception_while_streaming_tokens_maps_through_the_table(
+    service: AgentService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host_replica(service)
+
+    def broken(*args: Any) -> Iterator[Any]:
+        raise RuntimeError("stream broke")
+        yield
+
+    monkeypatch.setattr(service.replicas, "_stream_tokens", broken)
+    err = generate(service, FakeContext(), max_tokens=2)
+    assert err.code is grpc.StatusCode.INTERNAL and "RuntimeError: stream broke" in err.message
+
+
+def test_link_ping_to_nowhere_is_unavailable_and_holds_a_stream_place(
+    service: AgentService,
+) -> None:
+    request = agent_pb2.LinkPingRequest(peer="127.0.0.1:1", count=1)
+    err = call(service.LinkPing, request)
+    assert err.code is grpc.StatusCode.UNAVAILABLE and "127.0.0.1:1" in err.message
+    assert service.streams.total == 0, "the ping gave its place back"
+    for _ in range(service.settings.max_streams_per_peer):
+        service.streams.enter("ipv4:127.0.0.1", "LoadShard")
+    err = call(service.LinkPing, request)
+    assert err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "max_streams_per_peer" in err.message
