@@ -313,9 +313,13 @@ class _Reader:
         self.lines = text.splitlines() if text is not None else []
 
     def error(self, key: str, message: str) -> InputError:
-        leaf = key.rsplit(".", 1)[-1]
-        needle = re.compile(r'"' + re.escape(leaf) + r'"\s*:')
-        line = next((i + 1 for i, t in enumerate(self.lines) if needle.search(t)), None)
+        """The line is that of the key, or of its enclosing key when the key is missing."""
+        line = None
+        for part in reversed(key.split(".")):
+            needle = re.compile(r'"' + re.escape(part) + r'"\s*:')
+            line = next((i + 1 for i, t in enumerate(self.lines) if needle.search(t)), None)
+            if line is not None:
+                break
         return InputError(message, source=self.source, field=key, line=line)
 
     def positive_int(self, key: str, value: Any) -> int:
