@@ -25,12 +25,22 @@ from typing import Any
 import numpy as np
 import pytest
 from golden.seeded import seeded_tensors
+from safetensors.numpy import save_file
 
-from agents.executor import ReferenceExecutor
+from agents.activation import Activation
+from agents.executor import (
+    ReferenceExecutor,
+    Stepper,
+    TensorParallelGroup,
+    load_shard,
+    run_pipeline,
+)
 from agents.layout import checkpoint_tensor_shapes
+from agents.sampling import GREEDY, Request, generate
+from orchestrator.compiler import compile_plan
 from placement.models import NO_ROPE_SCALING, ModelConfig, model_from_hf_config
 from placement.planner import PlanRequest, make_plan
-from placement.topology import preset_topology
+from placement.topology import preset_topology, topology_from_dict
 
 FIXTURES = Path(__file__).parent / "golden" / "fixtures"
 GOLDEN_RTOL = 1e-5
@@ -142,3 +152,47 @@ def test_4x_and_5x_spellings_read_the_same(name: str, tmp_path: Path) -> None:
     path.write_text(json.dumps(to_4x_spelling(five), indent=1))
     cfg, _ = load_case(name)
     assert model_from_hf_config(path, name=name) == cfg
+
+
+def checkpoint_dir(name: str, golden: dict[str, Any], tmp_path: Path) -> Path:
+    """The fixture as a Hugging Face checkpoint directory: its config.json, seeded weights."""
+    out = tmp_path / name
+    out.mkdir()
+    (out / "config.json").write_text((FIXTURES / name / "config.json").read_text())
+    shapes = {k: tuple(v) for k, v in golden["tensors"].items()}
+    save_file(seeded_tensors(shapes, golden["seed"]), str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("name", ["llama-llama3", "llama-yarn", "mixtral"])
+@pytest.mark.parametrize("sram_kib", [96, 48])
+def test_compiled_pipeline_matches_transformers(name: str, sram_kib: int, tmp_path: Path) -> None:
+    """Config file -> plan -> shards compiled from a checkpoint -> stage programs in a chain.
+
+    96 KiB chips cut these models into 2 to 5 stages (chunk cuts inside ops included); 48 KiB
+    chips add TP 2. The rope scaling reaches every stage through its shard manifest.
+    """
+    cfg, golden = load_case(name)
+    topo = topology_from_dict(
+        {"profile": {"base": "dev", "sram_bytes": sram_kib << 10}, "racks": 1}, source="t"
+    )
+    plan = make_plan(PlanRequest(name, cfg, "fp16", 1, 32, 1, spares_per_rack=0), topo)
+    assert plan.pipeline_stages >= 2
+    refs = compile_plan(plan, cfg, checkpoint_dir(name, golden, tmp_path), tmp_path / "store")
+    stages: list[Stepper] = []
+    for stage in plan.replica_stages(0):
+        programs = [load_shard(r.path.read_bytes()) for r in refs if r.binding.stage == stage.index]
+        assert all(p.cfg.rope == cfg.rope for p in programs)
+        stages.append(programs[0] if len(programs) == 1 else TensorParallelGroup(programs))
+
+    def step(batch: Activation) -> Activation:
+        return run_pipeline(stages, batch, via_bytes=True)
+
+    for entry in golden["prompts"]:
+        sequence = entry["prompt"] + entry["generated"][:-1]
+        n = len(sequence)
+        got = step(Activation.for_tokens([0] * n, range(n), sequence)).require_logits()
+        want = golden_logits(entry)
+        assert float(np.abs(got - want).max() / np.abs(want).max()) <= GOLDEN_RTOL
+        request = Request(tuple(entry["prompt"]), len(entry["generated"]), GREEDY, 0)
+        assert list(generate(step, [request])[0].tokens) == entry["generated"]

@@ -18,7 +18,9 @@ def seeded_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
     """One float32 tensor: norm weights near 1, biases small, matrices ~ N(0, 1/fan_in).
 
     Scales are chosen so that logits of a 2-layer model are O(1) and differ clearly between
-    tokens: greedy decoding then has no near-ties that float32 noise could flip.
+    tokens: greedy decoding then has no near-ties that float32 noise could flip. Values are
+    rounded to float16 (and stored as float32), so a deployment at fp16 holds exactly the
+    weights transformers ran in float32.
     """
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     normal = rng.standard_normal(shape)
@@ -30,7 +32,7 @@ def seeded_tensor(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
         values = normal
     else:
         values = normal / np.sqrt(shape[-1])
-    return values.astype(np.float32)
+    return values.astype(np.float16).astype(np.float32)
 
 
 def seeded_tensors(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
