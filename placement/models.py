@@ -1,10 +1,13 @@
 """Model architectures and the op list the partitioner cuts into pipeline stages.
 
-A model is described by the handful of numbers of a Hugging Face Llama/Mistral/Mixtral
-`config.json`. From them `build_ops` derives an ordered list of ops finer than layers
-(embedding, per layer attention and MLP — or router plus one op per expert —, final norm, LM
-head), each with its parameter bytes at a precision, KV-cache bytes per token, FLOPs per token and
-the activation bytes it hands to the next op. Presets carry the published configs.
+A model is described by the numbers of a Hugging Face `config.json` (Llama, Mistral, Mixtral,
+Qwen2, Qwen3; transformers 4.x or 5.x spelling). `model_from_hf_config` reads every key that
+changes the computation or refuses it, naming file, line, key, value and what is supported;
+a key the file leaves out takes the default transformers 5.x gives that architecture. From a
+`ModelConfig`, `build_ops` derives an ordered list of ops finer than layers (embedding, per
+layer attention and MLP — or router plus one op per expert —, final norm, LM head), each with
+its parameter bytes at a precision, KV-cache bytes per token, FLOPs per token and the
+activation bytes it hands to the next op. Presets carry the published configs.
 """
 
 from __future__ import annotations
@@ -470,7 +473,9 @@ def _experts(reader: _Reader, arch: _Arch) -> tuple[int, int]:
     if not arch.moe:
         for key in ("num_local_experts", "num_experts_per_tok"):
             if raw.get(key) not in (None, 0):
-                raise reader.error(key, "experts are only supported with MixtralForCausalLM")
+                raise reader.error(
+                    key, f"{raw[key]!r}: experts are only supported with MixtralForCausalLM"
+                )
         return 0, 0
     experts = reader.positive_int("num_local_experts", raw.get("num_local_experts", 8))
     top_k = reader.positive_int("num_experts_per_tok", raw.get("num_experts_per_tok", 2))
@@ -496,7 +501,9 @@ def _rope(reader: _Reader, arch: _Arch, max_pos: int) -> tuple[float, RopeScalin
     if not isinstance(params, dict):
         raise reader.error(key, f"must be an object, got {params!r}")
     if any(isinstance(v, dict) for v in params.values()):
-        raise reader.error(key, "per-layer-type rope parameters are not supported")
+        raise reader.error(
+            key, "per-layer-type rope parameters are not supported; supported: one flat object"
+        )
     top_theta = raw.get("rope_theta")
     theta = arch.rope_theta
     if top_theta is not None:

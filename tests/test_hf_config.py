@@ -276,3 +276,54 @@ def test_yarn_rope_scales_cos_and_sin_by_its_attention_factor() -> None:
     inv = rope_inv_freq(16, 10000.0, rope)
     plain = rope_inv_freq(16, 10000.0)
     assert inv[0] == plain[0] and np.isclose(inv[-1], plain[-1] / 4)
+
+
+# --- through lpuctl ------------------------------------------------------------------------
+
+DEPLOYMENT = """apiVersion: lpu.lockstep.dev/v1alpha1
+kind: LPUDeployment
+metadata:
+  name: golden
+spec:
+  model:
+    config: config.json
+  precision: fp16
+  replicas: 1
+  serving:
+    maxContext: 32
+    maxBatch: 1
+"""
+
+
+@pytest.mark.parametrize(
+    ("rope", "fragment"),
+    [
+        (
+            {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0},
+            "rope_parameters.rope_type: rope type 'longrope' is not supported; supported: "
+            "default, linear, dynamic, llama3, yarn",
+        ),
+        (None, ""),
+    ],
+)
+def test_lpuctl_plan_reads_the_5x_file_or_exits_2_naming_the_key(
+    rope: dict[str, Any] | None, fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator.cli import main
+
+    golden = Path(__file__).parent / "golden" / "fixtures" / "llama-llama3" / "config.json"
+    raw = json.loads(golden.read_text())
+    if rope is not None:
+        raw["rope_parameters"] = rope
+    (tmp_path / "config.json").write_text(json.dumps(raw, indent=2))
+    (tmp_path / "deploy.yaml").write_text(DEPLOYMENT)
+    code = main(["plan", "-f", str(tmp_path / "deploy.yaml"), "-o", "json"])
+    out, err = capsys.readouterr()
+    if rope is None:
+        assert code == 0 and json.loads(out)["pipelineStages"] >= 1
+    else:
+        line = 1 + next(
+            i for i, t in enumerate(json.dumps(raw, indent=2).splitlines()) if '"rope_type"' in t
+        )
+        assert code == 2 and out == "" and "Traceback" not in err
+        assert f"{tmp_path / 'config.json'}:{line}: {fragment}" in err
