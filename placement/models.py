@@ -462,6 +462,83 @@ def model_from_hf_dict(
     )
 
 
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """`cfg` as a transformers 5.x `config.json` dict (`rope_parameters` spelling).
+
+    The inverse of `model_from_hf_dict`: reading the result back gives `cfg` again. The
+    architecture is the one whose fixed features match the flags (Qwen3: q/k norm; Qwen2: q/k/v
+    biases without an o bias, or a window from a later layer on; Mixtral: experts; Mistral: a
+    window on every layer; Llama otherwise). Raises `ValueError` for a combination no supported
+    architecture has.
+    """
+    if cfg.is_moe:
+        name = "MixtralForCausalLM"
+    elif cfg.qk_norm:
+        name = "Qwen3ForCausalLM"
+    elif (cfg.qkv_bias and not cfg.o_bias) or cfg.window_from_layer:
+        name = "Qwen2ForCausalLM"
+    elif cfg.attention_window:
+        name = "MistralForCausalLM"
+    else:
+        name = "LlamaForCausalLM"
+    arch = _ARCHITECTURES[name]
+    biased = cfg.qkv_bias or cfg.o_bias
+    if (biased and not (arch.has_attention_bias or arch.qkv_bias)) or (
+        arch.has_attention_bias and cfg.qkv_bias != cfg.o_bias
+    ):
+        raise ValueError(f"{cfg.name}: no supported architecture has these projection biases")
+    if cfg.qk_norm and cfg.window_from_layer:
+        raise ValueError(f"{cfg.name}: Qwen3 windows are not written by this function")
+    out: dict[str, Any] = {
+        "architectures": [name],
+        "model_type": arch.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "rope_parameters": _rope_parameters(cfg),
+    }
+    if arch.has_attention_bias:
+        out["attention_bias"] = cfg.o_bias
+    if arch.moe:
+        out["num_local_experts"] = cfg.num_local_experts
+        out["num_experts_per_tok"] = cfg.num_experts_per_tok
+    if arch.qwen_windows:
+        out["use_sliding_window"] = bool(cfg.attention_window)
+        out["sliding_window"] = cfg.attention_window or None
+        out["max_window_layers"] = cfg.window_from_layer
+    elif arch.model_type != "llama":
+        out["sliding_window"] = cfg.attention_window or None
+    return out
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+    rope = cfg.rope
+    out: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": rope.rope_type}
+    if rope.rope_type in ("linear", "dynamic", "llama3", "yarn"):
+        out["factor"] = rope.factor
+    if rope.rope_type in ("linear", "llama3", "yarn"):
+        out["original_max_position_embeddings"] = rope.original_max_position_embeddings
+    if rope.rope_type == "llama3":
+        out["low_freq_factor"] = rope.low_freq_factor
+        out["high_freq_factor"] = rope.high_freq_factor
+    if rope.rope_type == "yarn":
+        out |= {
+            "beta_fast": rope.beta_fast,
+            "beta_slow": rope.beta_slow,
+            "attention_factor": rope.attention_factor,
+            "truncate": rope.truncate,
+        }
+    return out
+
+
 def _experts(reader: _Reader, arch: _Arch) -> tuple[int, int]:
     """Mixtral routing: softmax over all experts, top-k, weights renormalized to sum to one.
 

@@ -24,6 +24,7 @@ from placement.models import (
     RopeScaling,
     build_ops,
     model_from_hf_config,
+    to_hf_config,
 )
 
 PUBLISHED_PARAMETERS = {
@@ -327,3 +328,43 @@ def test_lpuctl_plan_reads_the_5x_file_or_exits_2_naming_the_key(
         )
         assert code == 2 and out == "" and "Traceback" not in err
         assert f"{tmp_path / 'config.json'}:{line}: {fragment}" in err
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_presets_round_trip_through_a_5x_config(name: str, tmp_path: Path) -> None:
+    cfg = MODEL_PRESETS[name]
+    written = to_hf_config(cfg)
+    assert "rope_theta" not in written and written["rope_parameters"]["rope_theta"]
+    assert model_from_hf_config(write(tmp_path, written), name=name) == cfg
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        replace(MODEL_PRESETS["tiny-llama"], rope=RopeScaling("linear", 2.0, 1024)),
+        replace(MODEL_PRESETS["tiny-llama"], rope=RopeScaling("dynamic", 4.0, 1024)),
+        replace(MODEL_PRESETS["tiny-llama"], qkv_bias=True, o_bias=True),
+        replace(MODEL_PRESETS["qwen2.5-0.5b"], attention_window=4096, window_from_layer=21),
+        replace(MODEL_PRESETS["mixtral-8x7b"], attention_window=4096),
+    ],
+    ids=["linear", "dynamic", "llama-bias", "qwen2-window", "mixtral-window"],
+)
+def test_variants_round_trip(cfg: ModelConfig, tmp_path: Path) -> None:
+    assert model_from_hf_config(write(tmp_path, to_hf_config(cfg)), name=cfg.name) == cfg
+
+
+def test_yarn_round_trips(tmp_path: Path) -> None:
+    raw = LLAMA_31_4X | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "mscale": 0.7,
+                                          "mscale_all_dim": 1.0, "beta_fast": 16}}  # fmt: skip
+    cfg = model_from_hf_config(write(tmp_path, raw), name="y")
+    # mscale/mscale_all_dim: (0.1 * 0.7 * ln 4 + 1) / (0.1 * 1.0 * ln 4 + 1)
+    assert cfg.rope.attention_factor == pytest.approx(
+        (0.07 * np.log(4) + 1) / (0.1 * np.log(4) + 1)
+    )
+    assert cfg.rope.beta_fast == 16 and cfg.rope.original_max_position_embeddings == 131072
+    assert model_from_hf_config(write(tmp_path, to_hf_config(cfg)), name="y") == cfg
+
+
+def test_unrepresentable_flags_are_refused() -> None:
+    with pytest.raises(ValueError, match="projection biases"):
+        to_hf_config(replace(MODEL_PRESETS["mixtral-8x7b"], qkv_bias=True))
