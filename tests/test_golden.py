@@ -44,7 +44,15 @@ from placement.topology import preset_topology, topology_from_dict
 
 FIXTURES = Path(__file__).parent / "golden" / "fixtures"
 GOLDEN_RTOL = 1e-5
-RUNNABLE = ("llama-default", "llama-llama3", "llama-linear", "llama-yarn", "mistral", "mixtral")
+RUNNABLE = (
+    "llama-default",
+    "llama-llama3",
+    "llama-linear",
+    "llama-yarn",
+    "llama-dynamic",
+    "mistral",
+    "mixtral",
+)
 """Cases the executor runs today. llama-tied-bias (attention_bias), qwen2 (q/k/v bias) and
 qwen3 (q/k RMSNorm) plan but do not execute yet: their extra tensors are not in the layout."""
 ALL_CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "golden.json").is_file())
@@ -127,6 +135,7 @@ def test_greedy_tokens_equal_transformers(name: str) -> None:
         ("llama-llama3", {"rope": NO_ROPE_SCALING}),
         ("llama-yarn", {"rope": NO_ROPE_SCALING}),
         ("llama-linear", {"rope": NO_ROPE_SCALING}),
+        ("llama-dynamic", {"rope": NO_ROPE_SCALING}),
         ("mixtral", {"rope_theta": 10000.0}),
     ],
 )

@@ -86,6 +86,15 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
             }
         },
     ),
+    # max_position_embeddings 8: the prompts (5 and 7 tokens) fit, generation goes beyond it.
+    "llama-dynamic": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "max_position_embeddings": 8,
+            "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        },
+    ),
     "llama-tied-bias": (
         "LlamaConfig",
         "LlamaForCausalLM",
@@ -100,6 +109,11 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
 }
+
+INCREMENTAL = {"llama-dynamic"}
+"""Cases decoded token by token with the KV cache, the way transformers' dynamic rope matches
+Lockstep's (each position rotated with the base of the sequence ending there). Other cases
+recompute the whole sequence each step and take all logits from one final forward pass."""
 
 
 def _encode(array: np.ndarray) -> str:
@@ -130,7 +144,7 @@ def make_case(name: str) -> None:
         shutil.copy(Path(tmp) / "config.json", out / "config.json")
     prompts = []
     with torch.no_grad():
-        for prompt in PROMPTS:
+        for prompt in PROMPTS if name not in INCREMENTAL else ():
             tokens = list(prompt)
             for _ in range(NEW_TOKENS):
                 ids = torch.tensor([tokens])
@@ -146,8 +160,29 @@ def make_case(name: str) -> None:
                     "logits_f32_b64": _encode(logits),
                 }
             )
+        for prompt in PROMPTS if name in INCREMENTAL else ():
+            out_ids = model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+            rows, cache = [out_ids.logits[0]], out_ids.past_key_values
+            tokens = [*prompt, int(torch.argmax(rows[-1][-1]))]
+            for _ in range(NEW_TOKENS - 1):
+                step = model(
+                    input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True
+                )
+                rows.append(step.logits[0])
+                cache = step.past_key_values
+                tokens.append(int(torch.argmax(rows[-1][-1])))
+            logits = torch.cat(rows).numpy()
+            prompts.append(
+                {
+                    "prompt": list(prompt),
+                    "generated": tokens[len(prompt) :],
+                    "logits_shape": list(logits.shape),
+                    "logits_f32_b64": _encode(logits),
+                }
+            )
     golden = {
         "case": name,
+        "decoding": "incremental" if name in INCREMENTAL else "recompute",
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "architecture": model_cls,
