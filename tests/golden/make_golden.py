@@ -165,9 +165,7 @@ def make_case(name: str) -> None:
             rows, cache = [out_ids.logits[0]], out_ids.past_key_values
             tokens = [*prompt, int(torch.argmax(rows[-1][-1]))]
             for _ in range(NEW_TOKENS - 1):
-                step = model(
-                    input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True
-                )
+                step = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True)
                 rows.append(step.logits[0])
                 cache = step.past_key_values
                 tokens.append(int(torch.argmax(rows[-1][-1])))
