@@ -247,7 +247,7 @@ class _Arch:
     rope_theta: float
     rms_norm_eps: float
     max_position_embeddings: int
-    sliding_window: int | None  # default when the key is absent
+    sliding_window: int | None  # default when the key is absent (Qwen: with use_sliding_window)
     qkv_bias: bool  # always on (Qwen2) — otherwise attention_bias decides
     qk_norm: bool
     has_attention_bias: bool  # reads `attention_bias` (q, k, v and o biases)
@@ -263,8 +263,8 @@ _ARCHITECTURES: dict[str, _Arch] = {
     "MixtralForCausalLM": _Arch(
         "mixtral", 1e6, 1e-5, 131072, None, False, False, False, False, True
     ),
-    "Qwen2ForCausalLM": _Arch("qwen2", 1e4, 1e-6, 32768, None, True, False, False, True, False),
-    "Qwen3ForCausalLM": _Arch("qwen3", 1e4, 1e-6, 32768, None, False, True, True, True, False),
+    "Qwen2ForCausalLM": _Arch("qwen2", 1e4, 1e-6, 32768, 4096, True, False, False, True, False),
+    "Qwen3ForCausalLM": _Arch("qwen3", 1e4, 1e-6, 32768, 4096, False, True, True, True, False),
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCHITECTURES)
 _BY_MODEL_TYPE = {a.model_type: name for name, a in _ARCHITECTURES.items()}
@@ -524,7 +524,7 @@ def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_theta": cfg.rope_theta, "rope_type": rope.rope_type}
     if rope.rope_type in ("linear", "dynamic", "llama3", "yarn"):
         out["factor"] = rope.factor
-    if rope.rope_type in ("linear", "llama3", "yarn"):
+    if rope.rope_type in ("llama3", "yarn"):
         out["original_max_position_embeddings"] = rope.original_max_position_embeddings
     if rope.rope_type == "llama3":
         out["low_freq_factor"] = rope.low_freq_factor
@@ -625,9 +625,10 @@ def _rope(reader: _Reader, arch: _Arch, max_pos: int) -> tuple[float, RopeScalin
         else reader.positive_int(f"{key}.original_max_position_embeddings", orig_value)
     )
     if rope_type in ("linear", "dynamic"):
-        # Dynamic NTK scales from max_position_embeddings, as transformers does.
+        # Dynamic NTK scales from max_position_embeddings, as transformers does; linear scaling
+        # uses no length at all.
         return theta, RopeScaling(
-            rope_type, number("factor"), max_pos if rope_type == "dynamic" else original
+            rope_type, number("factor"), max_pos if rope_type == "dynamic" else 0
         )
     if rope_type == "llama3":
         low, high = number("low_freq_factor"), number("high_freq_factor")
@@ -681,7 +682,7 @@ def _sliding_window(reader: _Reader, arch: _Arch, layers: int) -> tuple[int, int
     if arch.qwen_windows:
         use = raw.get("use_sliding_window")
         if use is not None and reader.boolean("use_sliding_window", use):
-            value = raw.get("sliding_window")
+            value = raw.get("sliding_window", arch.sliding_window)
     window = 0 if value is None else reader.positive_int("sliding_window", value)
     if not arch.qwen_windows or not window:
         return window, 0

@@ -206,6 +206,8 @@ def test_qwen2_windows_follow_max_window_layers_and_layer_types(tmp_path: Path) 
     assert [cfg.window_of_layer(i) for i in range(4)] == [0, 0, 0, 32]
     off = model_from_hf_config(write(tmp_path, QWEN2 | {"use_sliding_window": False}))
     assert off.attention_window == 0
+    absent = {k: v for k, v in QWEN2.items() if k != "sliding_window"}
+    assert model_from_hf_config(write(tmp_path, absent)).attention_window == 4096
     mixed = ["sliding_attention", "full_attention"] * 2
     with pytest.raises(InputError, match="layer_types: sliding_attention layers must all follow"):
         model_from_hf_config(write(tmp_path, QWEN2 | {"layer_types": mixed}))
@@ -341,7 +343,7 @@ def test_presets_round_trip_through_a_5x_config(name: str, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     "cfg",
     [
-        replace(MODEL_PRESETS["tiny-llama"], rope=RopeScaling("linear", 2.0, 1024)),
+        replace(MODEL_PRESETS["tiny-llama"], rope=RopeScaling("linear", 2.0)),
         replace(MODEL_PRESETS["tiny-llama"], rope=RopeScaling("dynamic", 4.0, 1024)),
         replace(MODEL_PRESETS["tiny-llama"], qkv_bias=True, o_bias=True),
         replace(MODEL_PRESETS["qwen2.5-0.5b"], attention_window=4096, window_from_layer=21),
