@@ -35,10 +35,11 @@ from agents.executor import (
     load_shard,
     run_pipeline,
 )
+from agents.kernels import rope_inv_freq
 from agents.layout import checkpoint_tensor_shapes
 from agents.sampling import GREEDY, Request, generate
 from orchestrator.compiler import compile_plan
-from placement.models import NO_ROPE_SCALING, ModelConfig, model_from_hf_config
+from placement.models import NO_ROPE_SCALING, ModelConfig, model_from_hf_config, model_from_hf_dict
 from placement.planner import PlanRequest, make_plan
 from placement.topology import preset_topology, topology_from_dict
 
@@ -205,3 +206,21 @@ def test_compiled_pipeline_matches_transformers(name: str, sram_kib: int, tmp_pa
         assert float(np.abs(got - want).max() / np.abs(want).max()) <= GOLDEN_RTOL
         request = Request(tuple(entry["prompt"]), len(entry["generated"]), GREEDY, 0)
         assert list(generate(step, [request])[0].tokens) == entry["generated"]
+
+
+ROPE_GOLDEN = json.loads((FIXTURES / "rope_inv_freq.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_GOLDEN["models"]))
+def test_rope_frequencies_of_real_presets_match_transformers(name: str) -> None:
+    """llama3 scaling of Llama 3.1/3.2, yarn and linear at real head_dim and theta.
+
+    transformers computes in float32, Lockstep in float64: 1e-6 relative is float32 rounding.
+    """
+    entry = ROPE_GOLDEN["models"][name]
+    cfg = model_from_hf_dict(entry["config"], source=name, name=name)
+    want = np.frombuffer(base64.b64decode(entry["inv_freq_f32_b64"]), dtype="<f4")
+    got = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope)
+    assert got.shape == want.shape and cfg.rope.rope_type != "default"
+    assert float(np.max(np.abs(got - want) / want)) <= 1e-6
+    assert cfg.rope.attention_factor == pytest.approx(entry["attention_factor"], rel=1e-12)

@@ -16,6 +16,7 @@ Run it in a virtualenv with torch and transformers (the `golden` extra of pyproj
     .venv/bin/pip install -e '.[golden]'
     .venv/bin/python tests/golden/make_golden.py            # every case
     .venv/bin/python tests/golden/make_golden.py mixtral    # some
+    .venv/bin/python tests/golden/make_golden.py rope       # only rope_inv_freq.json
 """
 
 from __future__ import annotations
@@ -195,7 +196,68 @@ def make_case(name: str) -> None:
     print(f"{name}: {golden['num_parameters']} parameters, tokens {tokens}")
 
 
+ROPE_FIXTURE = FIXTURES / "rope_inv_freq.json"
+
+
+def make_rope_fixture() -> None:
+    """transformers' inverse frequencies and attention factor for the rope-scaled presets.
+
+    Checks the rope formulas at real scale (head_dim 64/128, theta 5e5, factors 8 and 32), which
+    the tiny models cannot: each preset is written with `placement.models.to_hf_config`, read by
+    transformers' AutoConfig, and passed to transformers' own rope init function.
+    """
+    from dataclasses import replace
+
+    import transformers
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from placement.models import MODEL_PRESETS, RopeScaling, to_hf_config
+
+    llama3 = MODEL_PRESETS["llama-3-8b"]
+    models = {n: c for n, c in MODEL_PRESETS.items() if c.rope.rope_type != "default"}
+    models["llama-3-8b+yarn"] = replace(llama3, rope=RopeScaling("yarn", 4.0, 8192))
+    models["llama-3-8b+yarn-beta"] = replace(
+        llama3, rope=RopeScaling("yarn", 16.0, 4096, beta_fast=16.0, attention_factor=1.2)
+    )
+    models["llama-3-8b+linear"] = replace(llama3, rope=RopeScaling("linear", 4.0))
+    configs = {name: to_hf_config(cfg) for name, cfg in models.items()}
+    # Written by hand: the attention factor from mscale/mscale_all_dim (DeepSeek-style yarn).
+    configs["llama-3-8b+yarn-mscale"] = to_hf_config(llama3) | {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 500000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "mscale": 0.707,
+            "mscale_all_dim": 1.0,
+            "beta_fast": 32,
+            "beta_slow": 1,
+        }
+    }
+    entries = {}
+    for name, config in configs.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(config))
+            hf = AutoConfig.from_pretrained(tmp)
+        inv_freq, attention = ROPE_INIT_FUNCTIONS[hf.rope_parameters["rope_type"]](hf, "cpu")
+        entries[name] = {
+            "config": config,
+            "inv_freq_f32_b64": _encode(inv_freq.numpy()),
+            "attention_factor": float(attention),
+        }
+    ROPE_FIXTURE.write_text(
+        json.dumps({"transformers_version": transformers.__version__, "models": entries}, indent=1)
+        + "\n"
+    )
+    print(f"rope: {', '.join(entries)}")
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["rope"] or not argv:
+        make_rope_fixture()
+        if argv:
+            return 0
     names = argv or list(CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
