@@ -316,13 +316,17 @@ class _Reader:
         self.lines = text.splitlines() if text is not None else []
 
     def error(self, key: str, message: str) -> InputError:
-        """The line is that of the key, or of its enclosing key when the key is missing."""
-        line = None
-        for part in reversed(key.split(".")):
+        """The line is that of the key (a nested key searched after its parent's line), or of
+        its enclosing key when the key is missing."""
+        line, start = None, 0
+        for part in key.split("."):
             needle = re.compile(r'"' + re.escape(part) + r'"\s*:')
-            line = next((i + 1 for i, t in enumerate(self.lines) if needle.search(t)), None)
-            if line is not None:
+            found = next(
+                (i for i in range(start, len(self.lines)) if needle.search(self.lines[i])), None
+            )
+            if found is None:
                 break
+            line, start = found + 1, found + 1
         return InputError(message, source=self.source, field=key, line=line)
 
     def positive_int(self, key: str, value: Any) -> int:

@@ -370,3 +370,13 @@ def test_yarn_round_trips(tmp_path: Path) -> None:
 def test_unrepresentable_flags_are_refused() -> None:
     with pytest.raises(ValueError, match="projection biases"):
         to_hf_config(replace(MODEL_PRESETS["mixtral-8x7b"], qkv_bias=True))
+
+
+def test_a_nested_key_is_found_after_its_parent(tmp_path: Path) -> None:
+    raw = LLAMA_31_4X | {"rope_parameters": {"rope_theta": 1e6}, "rope_scaling": None}
+    path = write(tmp_path, raw)
+    with pytest.raises(InputError) as info:
+        model_from_hf_config(path)
+    lines = path.read_text().splitlines()
+    assert info.value.line is not None
+    assert '"rope_theta": 1000000.0' in lines[info.value.line - 1]
