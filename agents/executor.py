@@ -44,8 +44,8 @@ from agents.kernels import (
     attend,
     matvec,
     mlp_partial,
+    model_rope_table,
     rms_norm,
-    rope_table,
     route,
 )
 from agents.layout import (
@@ -479,7 +479,7 @@ def load_stage_program(
 
     rank = int(_manifest_field(manifest, "tp", "rank"))
     size = int(_manifest_field(manifest, "tp", "size"))
-    rope = rope_table(cfg.head_dim, cfg.rope_theta, serving.max_context)
+    rope = model_rope_table(cfg, serving.max_context)
     specs = [PieceSpec.from_dict(raw) for raw in _manifest_field(manifest, "ops")]
     if not 0 <= rank < size or any(len(s.ranks) != size for s in specs):
         raise ExecutionError(f"shard manifest: TP rank {rank} of {size} does not match its ops")
@@ -559,7 +559,7 @@ class ReferenceExecutor:
                 full[ts.source] = as_f32(array)
             return np.ascontiguousarray(ts.take(full[ts.source]))
 
-        rope = rope_table(cfg.head_dim, cfg.rope_theta, self.serving.max_context)
+        rope = model_rope_table(cfg, self.serving.max_context)
         specs = list(layout) if layout is not None else whole_layout(cfg)
         self.pieces = [
             _Piece(

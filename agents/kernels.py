@@ -16,7 +16,11 @@ row's bits then depend on the split (see `agents.blas_threads.pin_blas_threads`)
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from placement.models import ModelConfig, RopeScaling
 
 F32 = np.float32
 _ONE = F32(1.0)
@@ -41,16 +45,91 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def rope_table(head_dim: int, theta: float, positions: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_inv_freq(head_dim: int, theta: float, rope: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies `[head_dim / 2]` (float64) of a position-independent rope type.
+
+    The formulas are transformers 5.x `modeling_rope_utils` (`_compute_*_parameters`), in
+    float64 where transformers uses float32 (so tables differ from transformers' by float32
+    rounding, not by formula). `dynamic` depends on the position: see `rope_table`.
+    """
+    rope = rope or RopeScaling()
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old = float(rope.original_max_position_embeddings)
+        low_wavelen, high_wavelen = old / rope.low_freq_factor, old / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        out: np.ndarray = np.where(medium, smoothed, scaled)
+        return out
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, rope)
+    return inv_freq
+
+
+def _yarn_inv_freq(dim: int, base: float, rope: RopeScaling) -> np.ndarray:
+    def correction_dim(rotations: float) -> float:
+        orig = rope.original_max_position_embeddings
+        return (dim * math.log(orig / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation_factor = 1 - ramp
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    interpolation = 1.0 / (rope.factor * pos_freqs)
+    out: np.ndarray = (
+        interpolation * (1 - extrapolation_factor) + (1.0 / pos_freqs) * extrapolation_factor
+    )
+    return out
+
+
+def rope_table(
+    head_dim: int, theta: float, positions: int, rope: RopeScaling | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin tables `[positions, head_dim]` for rotate-half rotary embeddings.
 
     Angles are computed in float64 and rounded once to float32, so every program of a
-    deployment (and the reference executor) builds the same table bit for bit.
+    deployment (and the reference executor) builds the same table bit for bit. yarn's
+    attention factor multiplies cos and sin, as transformers does.
+
+    `dynamic` (NTK): transformers recomputes the base from the longest position of the current
+    forward call, so its prefill of a prompt longer than `original_max_position_embeddings`
+    rotates early positions with the stretched base. A position here always uses the base for a
+    sequence ending at that position — what transformers computes when decoding token by
+    token — so a row's bits never depend on how a prompt was cut into steps. Within the
+    original context both are the plain default rope.
     """
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = np.outer(np.arange(positions, dtype=np.float64), inv_freq)
+    rope = rope or RopeScaling()
+    pos = np.arange(positions, dtype=np.float64)
+    if rope.rope_type == "dynamic":
+        orig = rope.original_max_position_embeddings
+        seq_len = np.maximum(pos + 1, orig)
+        base = theta * ((rope.factor * seq_len / orig) - (rope.factor - 1)) ** (
+            head_dim / (head_dim - 2)
+        )
+        exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+        angles = pos[:, None] / (base[:, None] ** exponents[None, :])
+    else:
+        angles = np.outer(pos, rope_inv_freq(head_dim, theta, rope))
     angles = np.concatenate([angles, angles], axis=1)
-    return np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+    scale = rope.attention_factor
+    return (np.cos(angles) * scale).astype(F32), (np.sin(angles) * scale).astype(F32)
+
+
+def model_rope_table(cfg: ModelConfig, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """`rope_table` for a model's head_dim, theta and scaling."""
+    return rope_table(cfg.head_dim, cfg.rope_theta, positions, cfg.rope)
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Cost model: SRAM bytes and per-token time of every op, and the pipeline's predicted speed.
 
 Per op, at tensor-parallel width t, for one decoded token of one sequence whose cache is full
-(`max_context` positions — the worst case, so predictions are conservative):
+(`max_context` positions — the worst case, so predictions are conservative; a sliding-window
+layer caches and attends over at most its window):
 
 * memory time  = (weights/t + KV of that sequence/t) / (SRAM bandwidth x memory efficiency)
 * compute time = (FLOPs + attention FLOPs over the context)/t / (peak ops x compute efficiency)
@@ -47,7 +48,7 @@ def op_sram_bytes(op: Op, tp: int, cfg: ModelConfig, work: Workload) -> int:
     intermediates, logits, one head's attention scores). It is counted per op, not shared
     between ops on a chip: conservative, and additive, which keeps the partitioner exact.
     """
-    kv = op.kv_bytes_per_token * work.max_context * work.max_batch
+    kv = op.kv_bytes_per_token * op.cached_positions(work.max_context) * work.max_batch
     scratch = _scratch_bytes_per_row(op, cfg, work) * work.max_batch
     return math.ceil((op.param_bytes + kv + scratch) / tp)
 
@@ -56,7 +57,7 @@ def _scratch_bytes_per_row(op: Op, cfg: ModelConfig, work: Workload) -> int:
     if op.kind == "attention":
         q_dim = cfg.num_attention_heads * cfg.head_dim
         kv_dim = cfg.num_key_value_heads * cfg.head_dim
-        return 4 * (q_dim + 2 * kv_dim + work.max_context)
+        return 4 * (q_dim + 2 * kv_dim + op.cached_positions(work.max_context))
     if op.kind in ("mlp", "expert"):
         return 4 * 2 * cfg.intermediate_size
     if op.kind == "router":
@@ -78,9 +79,10 @@ def op_time_ps(op: Op, tp: int, cfg: ModelConfig, profile: ChipProfile, work: Wo
         weights = weights * cfg.num_experts_per_tok / cfg.num_local_experts
     elif op.kind == "embedding":
         weights = cfg.hidden_size * (op.param_bytes / max(1, cfg.vocab_size * cfg.hidden_size))
-    kv_read = op.kv_bytes_per_token * work.max_context
+    cached = op.cached_positions(work.max_context)
+    kv_read = op.kv_bytes_per_token * cached
     memory_s = (weights + kv_read) / tp / (profile.sram_bandwidth * profile.memory_efficiency)
-    flops = op.flops_per_token + op.context_flops_per_position * work.max_context
+    flops = op.flops_per_token + op.context_flops_per_position * cached
     peak = profile.peak_ops[work.precision]
     compute_s = flops / tp / (peak * profile.compute_efficiency)
     seconds = max(memory_s, compute_s)

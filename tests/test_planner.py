@@ -214,8 +214,10 @@ def test_every_preset_plans_close_to_the_lower_bound(name: str) -> None:
     if ratio > 1.0:
         assert plan.notes and "lower bound" in plan.notes[0]
     if name != "tiny-llama" and ratio > 1.05:
-        # Beyond 5 %, the plan must say which piece could not be cut finer.
-        assert ratio <= 1.10 and any("cannot be cut" in n for n in plan.notes), plan.notes
+        # Beyond 5 %, the plan must say which piece could not be cut finer; a model of a few
+        # chips (Llama-3.2-1B: 7) may be one chip over whatever the ratio.
+        close = ratio <= 1.10 or plan.chips_used - plan.chips_lower_bound <= 1
+        assert close and any("cannot be cut" in n for n in plan.notes), plan.notes
 
 
 def test_faster_than_a_single_chip_has_memory_for() -> None:

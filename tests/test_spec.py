@@ -750,8 +750,9 @@ def test_hf_config_and_checkpoint_resolve_against_the_file_directory(
     assert spec.model_config_path == str(model_dir / "config.json")
     assert spec.checkpoint_path == str(model_dir / "weights")
     assert spec.manifest["spec"]["model"]["config"] == str(model_dir / "config.json")
-    # The HF config has no max_position_embeddings: the importer's default (4096) applies.
-    with pytest.raises(SpecError, match=r"context window \(4096 tokens"):
+    # The HF config has no max_position_embeddings: transformers' LlamaConfig default (2048)
+    # applies, as it would when transformers loads the file.
+    with pytest.raises(SpecError, match=r"context window \(2048 tokens"):
         parse_deployment(
             variant("preset: llama-3-8b", "config: config.json", "4096", "5000"),
             "<stdin>",

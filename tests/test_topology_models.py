@@ -126,7 +126,7 @@ def test_hf_config_import_equals_preset(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unsupported model_type"),
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "unsupported architecture"),
         ({"hidden_size": "big"}, "hidden_size: must be an integer"),
         ({"num_hidden_layers": 0}, "num_hidden_layers: must be between"),
         ({"num_key_value_heads": 7}, "multiple of num_key_value_heads"),
