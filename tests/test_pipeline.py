@@ -290,7 +290,7 @@ def test_a_stopped_stage_stops_the_ring_and_ends_requests_with_the_reason(store:
         assert outs[-1].error is not None and "stage 2" in outs[-1].error
         assert "injected kernel fault" in outs[-1].error
         wait_for(
-            lambda: all(r.status().phase == "halted" for r in runners),
+            lambda: all(r.status().phase == "failed" for r in runners),
             timeout=10,
             what="every stage to stop",
         )
