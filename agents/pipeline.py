@@ -69,6 +69,7 @@ from agents.stage_core import (
     Fail,
     FrameArrived,
     Halt,
+    RejectCode,
     RejectFrame,
     ReportStop,
     Resume,
@@ -263,6 +264,7 @@ class StageRunner:
         self._ack_upstream: Callable[[int, int], None] | None = None
         self._stop_upstream: Callable[[str], None] | None = None
         self._upstream_incarnation: int | None = None  # None: no stream bound since start
+        self._replaced: Callable[[str], None] | None = None
         self._streams: dict[str, queue.SimpleQueue[TokenOut]] = {}
         self._on_stop: list[Callable[[str], None]] = []
         self._closed = False
@@ -296,31 +298,35 @@ class StageRunner:
             self._upstream_incarnation = LOCAL_UPSTREAM
 
     def bind_upstream(
-        self, incarnation: int, ack: Callable[[int, int], None], stop: Callable[[str], None]
+        self,
+        incarnation: int,
+        ack: Callable[[int, int], None],
+        stop: Callable[[str], None],
+        replaced: Callable[[str], None],
     ) -> str | None:
         """Bind a network stream from the upstream stage; None when bound, else why not.
 
         A stream takes over only with an incarnation newer than every one bound before (a
         restarted sender); an older or equal one — a stale or second sender — is refused, and
-        so is any stream when the upstream stage is in this process."""
+        so is any stream when the upstream stage is in this process. The stream replaced is
+        told through its `replaced` callback (outside the lock)."""
         with self._cond:
             held = self._upstream_incarnation
             if held == LOCAL_UPSTREAM:
                 return f"{self.label}: its upstream stage runs in the same agent"
             if held is not None and incarnation <= held:
                 return (
-                    f"{self.label}: an upstream stream of incarnation {held} is bound; "
+                    f"{self.label}: an upstream stream of incarnation {held} was bound; "
                     f"incarnation {incarnation} does not replace it"
                 )
+            previous = self._replaced
             self._ack_upstream = ack
             self._stop_upstream = stop
+            self._replaced = replaced
             self._upstream_incarnation = incarnation
-            return None
-
-    def bound(self, ack: Callable[[int, int], None]) -> bool:
-        """Whether `ack` is still the bound acknowledgement path (not replaced)."""
-        with self._cond:
-            return self._ack_upstream is ack
+        if previous is not None:
+            previous(f"{self.label}: replaced by an upstream stream of incarnation {incarnation}")
+        return None
 
     def unbind_upstream(self, ack: Callable[[int, int], None]) -> None:
         """Forget the upstream callbacks if `ack` is still the bound one (its link stream
@@ -328,8 +334,12 @@ class StageRunner:
         into a dead stream's queue."""
         with self._cond:
             if self._ack_upstream is ack:
-                self._ack_upstream = None
-                self._stop_upstream = None
+                self._unbind()
+
+    def _unbind(self) -> None:
+        self._ack_upstream = None
+        self._stop_upstream = None
+        self._replaced = None
 
     def on_stop(self, callback: Callable[[str], None]) -> None:
         """Call `callback(reason)` (from the stage's thread) when the stage stops with an
@@ -379,12 +389,31 @@ class StageRunner:
                 self._cond.notify_all()
         return rejected
 
-    def on_frame(self, frame: Frame) -> RejectFrame | None:
+    def on_frame(
+        self, frame: Frame, via: Callable[[int, int], None] | None = None
+    ) -> RejectFrame | None:
         """Hand an upstream frame to the core; the rejection (the stage then stopped, the
-        reason in `error`) when it is refused."""
+        reason in `error`) when it is refused. `via`: the network stream's acknowledgement
+        callback — a frame of a stream no longer bound is refused (ABORTED) untouched."""
         with self._cond:
+            if via is not None and self._ack_upstream is not via:
+                return RejectFrame(
+                    RejectCode.ABORTED, f"{self.label}: this upstream stream was replaced"
+                )
             rejected = self._apply(FrameArrived(frame))
+            if rejected and via is not None:
+                self._unbind()  # the stream ends with the rejection, not with the stop
         return rejected[0] if rejected else None
+
+    def fail_via(self, via: Callable[[int, int], None], message: str) -> bool:
+        """`fail` on behalf of a network stream, only while it is the bound one (which then
+        ends with its own status rather than with the stop report)."""
+        with self._cond:
+            if self._ack_upstream is not via:
+                return False
+            self._unbind()
+            self._apply(Fail(message))
+            return True
 
     def on_ack(self, tick: int, epoch: int) -> None:
         with self._cond:
@@ -410,9 +439,13 @@ class StageRunner:
         the lock, so two concurrent StartEpoch calls resume once); stage 0 replays every
         request in flight."""
         with self._cond:
-            self._apply(Resume(epoch, tick))
+            if epoch > self.core.machine.epoch:
+                self.resume(epoch, tick)
 
-    resume = enter_epoch
+    def resume(self, epoch: int, tick: int) -> None:
+        """Restart at a new epoch from `tick`; stage 0 replays every request in flight."""
+        with self._cond:
+            self._apply(Resume(epoch, tick))
 
     def status(self) -> StageStatus:
         with self._cond:

@@ -14,6 +14,7 @@ kernel, and a failed chip stops its stage with an error naming it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ import grpc
 import numpy as np
 
 from agents.activation import Activation
+from agents.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from agents.execution_error import ExecutionError
 from agents.executor import Stepper, TensorParallelGroup
 from agents.interconnect import GrpcLink
@@ -33,6 +35,7 @@ from agents.loader import LoadError
 from agents.lockstep import Schedule
 from agents.pipeline import LocalLink, StageRunner
 from agents.sampling import Sampling
+from agents.stage_core import Stopped
 from protos import agent_pb2
 
 log = logging.getLogger("lockstep.agent")
@@ -76,6 +79,15 @@ class Replica:
     runners: dict[int, StageRunner]
     chips: dict[int, tuple[int, str]]  # chip index -> (stage, chip name)
     vocab_size: int
+
+
+def _stop_others(runners: dict[int, StageRunner], stopped: int, reason: str) -> None:
+    """A stage stopped: the replica is in error, so its other stages on this agent stop too
+    (Status shows the reason on every chip of it, and stage 0's clients are ended at once
+    even when the stage that failed is not upstream of it here)."""
+    for stage, runner in runners.items():
+        if stage != stopped:
+            runner.fail(f"replica stopped: {reason}")
 
 
 def _invalid(message: str) -> LoadError:
@@ -267,6 +279,7 @@ class ReplicaHost:
     ) -> None:
         by_stage = {a.stage: a for a in req.assignments}
         for stage, runner in runners.items():
+            runner.on_stop(functools.partial(_stop_others, runners, stage))
             down = (stage + 1) % req.stages
             seed = req.jitter_seed * 1000 + stage
             address = by_stage[stage].downstream_address
@@ -332,8 +345,10 @@ class ReplicaHost:
                 f"this agent does not host stage 0 of {req.deployment!r} replica "
                 f"{req.replica}: send Generate to the agent that does"
             )
-        if req.prompt_text and not req.prompt_ids:
-            raise _invalid("this model has no tokenizer: send prompt_ids (token ids)")
+        if req.prompt_text and req.prompt_ids:
+            raise InvalidArgument("send prompt_text or prompt_ids, not both")
+        if req.prompt_text:
+            raise InvalidArgument("this model has no tokenizer: send prompt_ids (token ids)")
         try:
             stream = head.submit(
                 req.request_id,
@@ -341,10 +356,12 @@ class ReplicaHost:
                 req.max_tokens,
                 Sampling(req.temperature, req.seed),
             )
+        except Stopped as exc:
+            raise FailedPrecondition(str(exc)) from None
         except JournalError as exc:
-            raise _invalid(str(exc)) from None
+            raise InvalidArgument(str(exc)) from None
         except QueueFull as exc:
-            raise LoadError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            raise ResourceExhausted(str(exc)) from None
         return self._stream_tokens(head, req, stream, context)
 
     def _stream_tokens(

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import struct
 import threading
 import time
@@ -42,6 +43,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from agents.arena import ArenaExhausted, Block, SramArena
+from agents.errors import AgentError
 from agents.execution_error import ExecutionError
 from agents.executor import MANIFEST_KEY
 from agents.interconnect import SERVICE_NAME as LINK_SERVICE_NAME
@@ -167,6 +169,11 @@ def _rpc(method: Callable[..., _R]) -> Callable[..., _R]:
             return method(self, request, context)
         except LoadError as exc:
             code, message = exc.code, exc.message
+        except AgentError as exc:  # agents.errors: the class names its status code
+            code = getattr(
+                grpc.StatusCode, re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).upper()
+            )
+            message = exc.message
         except ArenaExhausted as exc:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
         except ProtocolError as exc:  # e.g. StartEpoch: an unknown chip, a non-increasing epoch

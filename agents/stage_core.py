@@ -49,6 +49,12 @@ from agents.sampling import GREEDY, Sampling, check_sampling
 
 TOKEN = struct.Struct("<q")
 
+
+class Stopped(JournalError):
+    """A request sent to a stage that stopped (FAILED_PRECONDITION: the replica must be
+    brought back at a new epoch first)."""
+
+
 # --- events ----------------------------------------------------------------------------------
 
 
@@ -223,6 +229,7 @@ class RejectCode(StrEnum):
     FAILED_PRECONDITION = "FAILED_PRECONDITION"  # wrong epoch, slot, stale or duplicate tick
     OUT_OF_RANGE = "OUT_OF_RANGE"  # tick beyond the credit window
     INVALID_ARGUMENT = "INVALID_ARGUMENT"  # a payload that cannot be decoded
+    ABORTED = "ABORTED"  # the stream was replaced by a newer one (decided by the adapter)
 
 
 @dataclass
@@ -474,7 +481,7 @@ class StageCore:
         if self.journal is None:
             raise JournalError(f"{self.label} is not stage 0: requests enter at stage 0")
         if self.error:
-            raise JournalError(f"the pipeline is stopped: {self.error}")
+            raise Stopped(f"the pipeline is stopped: {self.error}")
         try:
             check_sampling(req.sampling)
         except ValueError as exc:
