@@ -202,7 +202,7 @@ def execute(stepper: Stepper, is_last: bool, action: Execute) -> bytes:
         w = action.work
         n = len(w.tokens)
         act = Activation.for_tokens(
-            [action.slot] * n, range(w.start_position, w.start_position + n), w.tokens
+            [w.slot] * n, range(w.start_position, w.start_position + n), w.tokens
         )
         sampling, index = w.sampling, w.sample_index
     elif action.slot is not None and action.payload:

@@ -159,6 +159,7 @@ class Work:
     samples (`sample_index`: the sequence position of the token it samples)."""
 
     request_id: str
+    slot: int
     tokens: tuple[int, ...]
     start_position: int
     sampling: Sampling
@@ -455,6 +456,7 @@ class StageCore:
             return None
         return Work(
             feed.request_id,
+            slot,
             feed.tokens,
             feed.start_position,
             self._sampling.get(feed.request_id, GREEDY),
