@@ -169,6 +169,9 @@ def test_bad_requests_are_invalid_argument(replica: Replica) -> None:
         ({"deployment": "nope"}, "not configured"),
         ({"prompt_ids": [], "prompt_text": "hi"}, "tokenizer"),
         ({"prompt_ids": [TINY.vocab_size]}, "vocabulary"),
+        ({"prompt_text": "hi"}, "not both"),  # prompt_ids [1, 2] as well
+        ({"temperature": 1e-310}, "temperature"),  # its softmax is NaN
+        ({"temperature": float("nan")}, "temperature"),
     ]:
         error = invalid(replica.head, **fields)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
