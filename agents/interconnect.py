@@ -11,10 +11,19 @@ Why CRC-32 (zlib) and not a cryptographic digest: the link guards against accide
 not an adversary, and zlib.crc32 runs at ~4 GB/s on one core (machine-facts.md), far below a
 frame's cost; the per-chip hash chains (sha256) are the end-to-end check.
 
-Threads: the sender's stream is fed from a queue (`send` never blocks on the network); one
-thread per link reads acknowledgements. On the server side one thread per stream reads frames
-and hands them to the stage (`StageRunner.on_frame` only takes a lock and notifies), while the
-handler's own thread writes the acknowledgements back.
+Who may feed a stage: a stream names its target (deployment, replica, stage) and its sender's
+incarnation once, in its metadata (`target_metadata`). `LinkService` resolves the stage at
+open, asks its `authorize(context, runner)` hook whether the peer may feed it (default: allow;
+with TLS the peer certificate and the replica's link secret decide), binds the stream as the
+stage's upstream only if its incarnation is newer than any bound before, and then checks every
+frame before the stage sees it (target, checksum, then the stage core's epoch, credit window
+and slot). The status codes are listed in `protos/interconnect.proto`.
+
+Threads: the sender's stream is fed from a queue (`send` never blocks on the network) and sends
+heartbeats while idle; one thread per link reads acknowledgements. On the server side one
+thread per stream reads frames and hands them to the stage (`StageRunner.on_frame` only takes a
+lock), while the handler's own thread writes the acknowledgements back and ends the stream
+after `idle_timeout` without a frame.
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
-"""The lockstep adapter: runs one pipeline stage around the pure `agents.lockstep` machine.
+"""The lockstep adapter: runs one pipeline stage around the pure `agents.stage_core`.
 
 A `StageRunner` owns one stage of one replica (a TP group is one stage, stepped as one
-`TensorParallelGroup` with its fixed rank-order reduction). It has a thread that waits on a
-condition variable until the `StageMachine` says a tick may run (input arrived, downstream
-credit, barrier passed), executes the tick outside the lock, records the output in the hash
-chain, sends the output frame downstream and acknowledges the consumed frame upstream.
-Frames and acknowledgements arrive from links (`LocalLink` in process, `agents.interconnect`
-over gRPC), which only call `on_frame` / `on_ack`.
+`TensorParallelGroup` with its fixed rank-order reduction). Every decision — which tick may
+run, what stage 0 feeds, whether a frame is admitted, what a stop does — is made by its
+`StageCore` (events in, actions out; it owns the `StageMachine` and stage 0's `Journal`). The
+runner only feeds it events under one lock and executes the actions: its one thread runs a
+tick's kernels (`execute`), sends the output frame downstream, acknowledges upstream and
+reports stops; tokens and ended streams go straight into the callers' queues. Frames and
+acknowledgements arrive from links (`LocalLink` in process, `agents.interconnect` over gRPC),
+which only call `on_frame` / `on_ack`.
 
 Roles by position in the ring:
 
@@ -14,20 +16,24 @@ Roles by position in the ring:
   ring (the last stage's sampled token for this tick's slot; `journal.on_token`, and the token
   is streamed to the `Generate` caller), then asks the journal what to feed the slot: a whole
   prompt (prefill), one token (decode) or nothing (a bubble, an empty frame);
-* the last stage samples: greedy or seeded (`agents.sampling.sample_token`, indexed by the token's
-  sequence position, as the reference executor does) and sends token + logits row back;
+* the last stage samples: greedy or seeded (`agents.sampling.sample_token`, at the index stage 0
+  sends along — the journal's `Feed.sample_index`, the token's sequence position, as the
+  reference executor does) and sends token + logits row back;
 * a stage that is both (one stage) does both in one tick.
 
 Payloads: stage to stage `SAMPLING` header (temperature, seed, sequence index — the last
 stage needs them and only stage 0 knows the request) followed by the `Activation` blob; last
 stage to stage 0 the token (int64) and the float32 logits row. Bubbles are empty payloads.
 
-Stops: a stage that stops on an error (a corrupted frame, a protocol violation, a failing
-kernel or chip) reports it upstream (`set_upstream`'s stop callback: an in-process call, or the
-link stream ending with ABORTED), stage by stage, until stage 0 ends every `Generate` stream
-with the reason, which names the chip and the tick. A stopped replica is brought back by the
-control plane (RemoveReplica, ConfigureReplica, StartEpoch at a new epoch); `Halt` and a new
-epoch (`resume`) stop and restart the stages without tearing the links down.
+Stops: a stage that stops — a rejected frame, an exception of any type while running a tick
+(a malformed payload or a failing kernel or chip), a broken link — keeps the reason (Status
+shows phase `failed` and the error), ends every waiting `Generate` stream at once and reports
+upstream (`set_upstream`/`bind_upstream`'s stop callback: an in-process call, or the link
+stream ending with ABORTED), stage by stage, until stage 0 ends every `Generate` stream with
+the reason, which names the chip and the tick. `on_stop` lets the replica host stop the
+replica's other stages on the same agent. A stopped replica is brought back by the control
+plane (RemoveReplica, ConfigureReplica, StartEpoch at a new epoch); `Halt` and a new epoch
+(`enter_epoch`) stop and restart the stages without tearing the links down.
 
 Idle pipeline: stage 0 runs a tick only while its journal holds work (queued or in-flight
 requests, including tokens still in the ring). With no work it stops at its next tick; every
