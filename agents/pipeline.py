@@ -358,10 +358,17 @@ class StageRunner:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the thread, close the downstream link, end the bound upstream stream (it
+        would otherwise keep this stage, its program and KV cache referenced while its
+        sender's heartbeats keep it open) and end every waiting request."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
             streams, self._streams = list(self._streams.values()), {}
+            upstream = self._replaced
+            self._unbind()
+        if upstream is not None:
+            upstream(f"{self.label}: the replica was removed")
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         if self._downstream is not None:

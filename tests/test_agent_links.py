@@ -8,6 +8,7 @@ configures its own replica on chips 4-7 and removes it. Status codes: see
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -379,6 +380,37 @@ def test_only_a_newer_incarnation_takes_over_a_stage(setup: Setup) -> None:
         if second.ident is not None:
             second.join(30)
         setup.remove("takeover", requests)
+
+
+def test_removing_a_replica_ends_its_bound_link_streams(setup: Setup) -> None:
+    """A removed stage must not stay referenced (program, KV cache) by a stream kept open."""
+    setup.configure("gone", standard(setup, 4))
+    bubble = link_frame("gone", 0, 2, Frame(0, 0, None, b""))
+    done = threading.Event()
+    ends: list[grpc.RpcError | None] = []
+    holder = threading.Thread(
+        target=lambda: ends.append(
+            try_exchange(setup.b, held_open([bubble], done), ("gone", 0, 2), incarnation=7)
+        )
+    )
+    holder.start()
+    try:
+
+        def bound() -> bool:
+            error = try_exchange(setup.b, [bubble], ("gone", 0, 2), incarnation=3)
+            return error is not None and "incarnation 7" in str(error.details())
+
+        wait_for(bound, what="the stream to bind")
+        setup.remove("gone", [setup.b.address])
+        holder.join(30)
+        assert ends and ends[0] is not None and ends[0].code() == grpc.StatusCode.ABORTED
+        assert "removed" in str(ends[0].details())
+    finally:
+        done.set()
+        holder.join(30)
+        for agent in (setup.a, setup.b):
+            with contextlib.suppress(grpc.RpcError):  # b's part is gone unless a step failed
+                setup.remove("gone", [agent.address])
 
 
 # --- idle streams (an in-process Link service with a short idle timeout) ------------------------
