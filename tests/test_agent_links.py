@@ -259,8 +259,13 @@ def test_a_frame_beyond_the_stage_stops_the_replica_and_aborts_its_clients_at_on
         here = pipelines(setup.a, "doomed")
         assert {p.stage for p in here} == {0, 1}
         assert all(p.phase == "failed" and words in p.error for p in here), here
-        again = exchange(setup.a, [link_frame("doomed", 0, 0, Frame(0, 0, None, b""))], None)
-        assert again.code() == grpc.StatusCode.INVALID_ARGUMENT
+        late = agent_pb2.GenerateRequest(
+            deployment="doomed", request_id="late", prompt_ids=[1], max_tokens=1
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(setup.a.stub.Generate(late, timeout=30))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "stopped" in str(info.value.details())
         ring_healthy(setup)
     finally:
         setup.remove("doomed", requests)
