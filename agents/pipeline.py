@@ -65,6 +65,7 @@ from agents.journal import Journal, JournalError, QueueFull, TokenEvent
 from agents.lockstep import DEFAULT_CHAIN_LOG_LIMIT, GENESIS, Frame, Schedule, StageMachine
 from agents.sampling import GREEDY, Sampling, sample_token
 from agents.stage_core import (
+    TOKEN,
     AckArrived,
     Action,
     Cancel,
@@ -92,7 +93,6 @@ from agents.stage_core import (
 log = logging.getLogger("lockstep.pipeline")
 
 SAMPLING = struct.Struct("<dQq")  # temperature, seed, sequence index of the token to sample
-TOKEN = struct.Struct("<q")
 
 __all__ = [
     "JournalError",

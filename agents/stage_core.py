@@ -47,7 +47,7 @@ from agents.lockstep import (
 )
 from agents.sampling import GREEDY, Sampling, check_sampling
 
-TOKEN = struct.Struct("<q")
+TOKEN = struct.Struct("<q")  # the ring's way back: the sampled token, then its float32 logits
 
 
 class Stopped(JournalError):
@@ -522,6 +522,7 @@ class StageCore:
         self._listeners.clear()
 
     def listeners(self) -> Sequence[str]:
+        """The requests whose streams are open (stage 0)."""
         return sorted(self._listeners)
 
 
