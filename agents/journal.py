@@ -65,7 +65,9 @@ class Feed:
     tokens: tuple[int, ...]
     start_position: int
     prefill: bool
-    sample_index: int  # index of the token the last stage will sample (for seeded sampling)
+    # The sequence position of the token the last stage will sample: the one index seeded
+    # sampling draws at (`agents.sampling.sample_token`), as the reference executor does.
+    sample_index: int
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ class Journal:
                 (entry.tokens[-1],),
                 entry.next_position,
                 prefill=False,
-                sample_index=len(entry.tokens),
+                sample_index=len(entry.prompt) + len(entry.tokens),
             )
         if not self._queue:
             return None
@@ -169,9 +171,7 @@ class Journal:
         entry.awaiting = True
         self._by_slot[slot] = entry
         context = entry.context
-        return Feed(
-            slot, entry.request_id, context, 0, prefill=True, sample_index=len(entry.tokens)
-        )
+        return Feed(slot, entry.request_id, context, 0, prefill=True, sample_index=len(context))
 
     def on_token(self, slot: int, token: int) -> TokenEvent:
         """The last stage's sampled token for `slot` came back round the ring."""

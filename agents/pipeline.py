@@ -1,12 +1,14 @@
-"""The lockstep adapter: runs one pipeline stage around the pure `agents.lockstep` machine.
+"""The lockstep adapter: runs one pipeline stage around the pure `agents.stage_core`.
 
 A `StageRunner` owns one stage of one replica (a TP group is one stage, stepped as one
-`TensorParallelGroup` with its fixed rank-order reduction). It has a thread that waits on a
-condition variable until the `StageMachine` says a tick may run (input arrived, downstream
-credit, barrier passed), executes the tick outside the lock, records the output in the hash
-chain, sends the output frame downstream and acknowledges the consumed frame upstream.
-Frames and acknowledgements arrive from links (`LocalLink` in process, `agents.interconnect`
-over gRPC), which only call `on_frame` / `on_ack`.
+`TensorParallelGroup` with its fixed rank-order reduction). Every decision — which tick may
+run, what stage 0 feeds, whether a frame is admitted, what a stop does — is made by its
+`StageCore` (events in, actions out; it owns the `StageMachine` and stage 0's `Journal`). The
+runner only feeds it events under one lock and executes the actions: its one thread runs a
+tick's kernels (`execute`), sends the output frame downstream, acknowledges upstream and
+reports stops; tokens and ended streams go straight into the callers' queues. Frames and
+acknowledgements arrive from links (`LocalLink` in process, `agents.interconnect` over gRPC),
+which only call `on_frame` / `on_ack`.
 
 Roles by position in the ring:
 
@@ -14,20 +16,24 @@ Roles by position in the ring:
   ring (the last stage's sampled token for this tick's slot; `journal.on_token`, and the token
   is streamed to the `Generate` caller), then asks the journal what to feed the slot: a whole
   prompt (prefill), one token (decode) or nothing (a bubble, an empty frame);
-* the last stage samples: greedy or seeded (`agents.sampling.sample_token`, indexed by the token's
-  sequence position, as the reference executor does) and sends token + logits row back;
+* the last stage samples: greedy or seeded (`agents.sampling.sample_token`, at the index stage 0
+  sends along — the journal's `Feed.sample_index`, the token's sequence position, as the
+  reference executor does) and sends token + logits row back;
 * a stage that is both (one stage) does both in one tick.
 
 Payloads: stage to stage `SAMPLING` header (temperature, seed, sequence index — the last
 stage needs them and only stage 0 knows the request) followed by the `Activation` blob; last
 stage to stage 0 the token (int64) and the float32 logits row. Bubbles are empty payloads.
 
-Stops: a stage that stops on an error (a corrupted frame, a protocol violation, a failing
-kernel or chip) reports it upstream (`set_upstream`'s stop callback: an in-process call, or the
-link stream ending with ABORTED), stage by stage, until stage 0 ends every `Generate` stream
-with the reason, which names the chip and the tick. A stopped replica is brought back by the
-control plane (RemoveReplica, ConfigureReplica, StartEpoch at a new epoch); `Halt` and a new
-epoch (`resume`) stop and restart the stages without tearing the links down.
+Stops: a stage that stops — a rejected frame, an exception of any type while running a tick
+(a malformed payload or a failing kernel or chip), a broken link — keeps the reason (Status
+shows phase `failed` and the error), ends every waiting `Generate` stream at once and reports
+upstream (`set_upstream`/`bind_upstream`'s stop callback: an in-process call, or the link
+stream ending with ABORTED), stage by stage, until stage 0 ends every `Generate` stream with
+the reason, which names the chip and the tick. `on_stop` lets the replica host stop the
+replica's other stages on the same agent. A stopped replica is brought back by the control
+plane (RemoveReplica, ConfigureReplica, StartEpoch at a new epoch); `Halt` and a new epoch
+(`enter_epoch`) stop and restart the stages without tearing the links down.
 
 Idle pipeline: stage 0 runs a tick only while its journal holds work (queued or in-flight
 requests, including tokens still in the ring). With no work it stops at its next tick; every
@@ -45,8 +51,9 @@ import random
 import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -55,21 +62,37 @@ from agents.activation import Activation
 from agents.execution_error import ExecutionError
 from agents.executor import Stepper
 from agents.journal import Journal, JournalError, QueueFull, TokenEvent
-from agents.lockstep import (
-    DEFAULT_CHAIN_LOG_LIMIT,
-    GENESIS,
-    Frame,
-    Phase,
-    ProtocolError,
-    Schedule,
-    StageMachine,
-)
+from agents.lockstep import DEFAULT_CHAIN_LOG_LIMIT, GENESIS, Frame, Schedule, StageMachine
 from agents.sampling import GREEDY, Sampling, sample_token
+from agents.stage_core import (
+    TOKEN,
+    AckArrived,
+    Action,
+    Cancel,
+    ChipsReady,
+    EndRequest,
+    Event,
+    Execute,
+    Fail,
+    FrameArrived,
+    Halt,
+    RejectCode,
+    RejectFrame,
+    ReportStop,
+    Resume,
+    SendAck,
+    SendFrame,
+    StageCore,
+    StreamToken,
+    Submit,
+    TickExecuted,
+    TickFailed,
+    describe,
+)
 
 log = logging.getLogger("lockstep.pipeline")
 
 SAMPLING = struct.Struct("<dQq")  # temperature, seed, sequence index of the token to sample
-TOKEN = struct.Struct("<q")
 
 __all__ = [
     "JournalError",
@@ -107,11 +130,6 @@ def decode_work(payload: bytes) -> tuple[Sampling, int, Activation]:
 
 def encode_token(token: int, logits: np.ndarray) -> bytes:
     return TOKEN.pack(token) + np.ascontiguousarray(logits, dtype="<f4").tobytes()
-
-
-def decode_token(payload: bytes) -> tuple[int, np.ndarray]:
-    (token,) = TOKEN.unpack_from(payload)
-    return int(token), np.frombuffer(payload, dtype="<f4", offset=TOKEN.size)
 
 
 # --- links inside one process ----------------------------------------------------------------
@@ -184,16 +202,38 @@ class StageStatus:
     error: str
 
 
-@dataclass
-class _Stage0Tick:
-    """What stage 0 decided under the lock for one tick: tokens to stream, work to run."""
-
-    events: list[tuple[TokenEvent, np.ndarray]] = field(default_factory=list)
-    work: tuple[Sampling, int, Activation] | None = None
+def execute(stepper: Stepper, is_last: bool, action: Execute) -> bytes:
+    """The stage's output payload for one tick (pure given its inputs and KV caches)."""
+    if action.work is not None:
+        w = action.work
+        n = len(w.tokens)
+        act = Activation.for_tokens(
+            [w.slot] * n, range(w.start_position, w.start_position + n), w.tokens
+        )
+        sampling, index = w.sampling, w.sample_index
+    elif action.slot is not None and action.payload:
+        sampling, index, act = decode_work(action.payload)
+    else:
+        return b""
+    out = stepper.step(act)
+    if not is_last:
+        return encode_work(sampling, index, out)
+    if out.logits is None:
+        raise ExecutionError(f"the last stage ended at op/chunk {out.cursor} without logits")
+    row = out.logits[-1]
+    return encode_token(sample_token(row, sampling, index), row)
 
 
 class StageRunner:
-    """One stage of one replica, driven by its own thread (see the module docstring)."""
+    """One stage of one replica: the thread-and-queue adapter around `StageCore`.
+
+    Every event (a frame, an acknowledgement, a request, a control call, a finished tick) goes
+    through `StageCore.handle` under one lock. Of the actions it returns, those that only put
+    into a caller's queue (tokens, ended streams) are done at once, under the lock, so a stop
+    reaches waiting clients immediately; the others — run a tick, send a frame, acknowledge,
+    report a stop upstream — go to an outbox that the stage's one thread executes in order,
+    outside the lock (the ring is a cycle: no lock is held while calling another stage).
+    """
 
     def __init__(
         self,
@@ -209,31 +249,46 @@ class StageRunner:
         epoch: int = 0,
         chain_log_limit: int = DEFAULT_CHAIN_LOG_LIMIT,
     ) -> None:
-        if (stage == 0) != (journal is not None):
-            raise ValueError("stage 0, and only stage 0, holds the journal")
-        self.label = label
-        self.stage = stage
-        self.machine = StageMachine(
+        self.core = StageCore(
+            label,
             stage,
             schedule,
             window,
             frozenset(replica_chips),
+            journal=journal,
+            vocab_size=vocab_size,
             epoch=epoch,
             chain_log_limit=chain_log_limit,
         )
+        self.label = label
+        self.stage = stage
         self.stepper = stepper
-        self.journal = journal
-        self.vocab_size = vocab_size
         self.is_last = stage == schedule.stages - 1
-        self.error = ""
         self._cond = threading.Condition()
+        self._outbox: deque[Action] = deque()
         self._downstream: FrameSink | None = None
         self._ack_upstream: Callable[[int, int], None] | None = None
         self._stop_upstream: Callable[[str], None] | None = None
-        self._sampling: dict[str, Sampling] = {}
-        self._listeners: dict[str, queue.SimpleQueue[TokenOut]] = {}
+        self._upstream_incarnation: int | None = None  # None: no stream bound since start
+        self._replaced: Callable[[str], None] | None = None
+        self._streams: dict[str, queue.SimpleQueue[TokenOut]] = {}
+        self._on_stop: list[Callable[[str], None]] = []
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"stage-{label}", daemon=True)
+
+    # --- views ----------------------------------------------------------------------------
+
+    @property
+    def machine(self) -> StageMachine:
+        return self.core.machine
+
+    @property
+    def journal(self) -> Journal | None:
+        return self.core.journal
+
+    @property
+    def error(self) -> str:
+        return self.core.error
 
     # --- wiring ---------------------------------------------------------------------------
 
@@ -241,21 +296,61 @@ class StageRunner:
         self._downstream = downstream
 
     def set_upstream(self, ack: Callable[[int, int], None], stop: Callable[[str], None]) -> None:
-        """Where credits for consumed frames go, and where a stop of this stage is reported
-        (the upstream's link); the latest one wins. Stops travel upstream stage by stage, so
-        they reach stage 0, whose `Generate` callers then end with the reason."""
+        """Where credits for consumed frames go, and where a stop of this stage is reported:
+        an upstream stage in this process (set once, when the replica is wired)."""
         with self._cond:
             self._ack_upstream = ack
             self._stop_upstream = stop
+            self._upstream_incarnation = LOCAL_UPSTREAM
+
+    def bind_upstream(
+        self,
+        incarnation: int,
+        ack: Callable[[int, int], None],
+        stop: Callable[[str], None],
+        replaced: Callable[[str], None],
+    ) -> str | None:
+        """Bind a network stream from the upstream stage; None when bound, else why not.
+
+        A stream takes over only with an incarnation newer than every one bound before (a
+        restarted sender); an older or equal one — a stale or second sender — is refused, and
+        so is any stream when the upstream stage is in this process. The stream replaced is
+        told through its `replaced` callback (outside the lock)."""
+        with self._cond:
+            held = self._upstream_incarnation
+            if held == LOCAL_UPSTREAM:
+                return f"{self.label}: its upstream stage runs in the same agent"
+            if held is not None and incarnation <= held:
+                return (
+                    f"{self.label}: an upstream stream of incarnation {held} was bound; "
+                    f"incarnation {incarnation} does not replace it"
+                )
+            previous = self._replaced
+            self._ack_upstream = ack
+            self._stop_upstream = stop
+            self._replaced = replaced
+            self._upstream_incarnation = incarnation
+        if previous is not None:
+            previous(f"{self.label}: replaced by an upstream stream of incarnation {incarnation}")
+        return None
 
     def unbind_upstream(self, ack: Callable[[int, int], None]) -> None:
         """Forget the upstream callbacks if `ack` is still the bound one (its link stream
-        ended): credits and stops then go nowhere until the next stream binds, instead of
+        ended): credits and stops then go nowhere until a newer stream binds, instead of
         into a dead stream's queue."""
         with self._cond:
             if self._ack_upstream is ack:
-                self._ack_upstream = None
-                self._stop_upstream = None
+                self._unbind()
+
+    def _unbind(self) -> None:
+        self._ack_upstream = None
+        self._stop_upstream = None
+        self._replaced = None
+
+    def on_stop(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(reason)` (from the stage's thread) when the stage stops with an
+        error: the replica host stops the replica's other stages on this agent."""
+        self._on_stop.append(callback)
 
     def start(self) -> None:
         if self._downstream is None:
@@ -263,79 +358,116 @@ class StageRunner:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the thread, close the downstream link, end the bound upstream stream (it
+        would otherwise keep this stage, its program and KV cache referenced while its
+        sender's heartbeats keep it open) and end every waiting request."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            streams, self._streams = list(self._streams.values()), {}
+            upstream = self._replaced
+            self._unbind()
+        if upstream is not None:
+            upstream(f"{self.label}: the replica was removed")
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         if self._downstream is not None:
             self._downstream.close()
-        self._fail_listeners("the pipeline was removed")
+        for stream in streams:
+            stream.put(TokenOut(None, error="the pipeline was removed"))
 
-    # --- events from links and the control plane -------------------------------------------
+    # --- events ---------------------------------------------------------------------------
 
-    def on_frame(self, frame: Frame) -> bool:
-        """Hand an upstream frame to the machine; False (and the stage stopped, the reason
-        in `error`) when it breaks the protocol."""
+    def _apply(self, event: Event) -> list[RejectFrame]:
+        """Hand one event to the core (lock held); queue-only actions now, the rest to the
+        outbox. Returns the frame rejections, for the link to end its stream with."""
+        rejected = []
+        for action in self.core.handle(event):
+            if isinstance(action, StreamToken):
+                stream = self._streams.get(action.event.request_id)
+                if action.event.finished:
+                    self._streams.pop(action.event.request_id, None)
+                if stream is not None:
+                    stream.put(TokenOut(action.event, action.logits))
+            elif isinstance(action, EndRequest):
+                stream = self._streams.pop(action.request_id, None)
+                if stream is not None:
+                    stream.put(TokenOut(None, error=action.reason, cancelled=action.cancelled))
+            elif isinstance(action, RejectFrame):
+                rejected.append(action)
+            else:
+                if isinstance(action, ReportStop):
+                    log.error("%s", action.reason)
+                self._outbox.append(action)
+                self._cond.notify_all()
+        return rejected
+
+    def on_frame(
+        self, frame: Frame, via: Callable[[int, int], None] | None = None
+    ) -> RejectFrame | None:
+        """Hand an upstream frame to the core; the rejection (the stage then stopped, the
+        reason in `error`) when it is refused. `via`: the network stream's acknowledgement
+        callback — a frame of a stream no longer bound is refused (ABORTED) untouched."""
         with self._cond:
-            try:
-                self.machine.on_frame(frame)
-            except ProtocolError as exc:
-                self._stop(f"{self.label}: {exc}")
+            if via is not None and self._ack_upstream is not via:
+                return RejectFrame(
+                    RejectCode.ABORTED, f"{self.label}: this upstream stream was replaced"
+                )
+            rejected = self._apply(FrameArrived(frame))
+            if rejected and via is not None:
+                self._unbind()  # the stream ends with the rejection, not with the stop
+        return rejected[0] if rejected else None
+
+    def fail_via(self, via: Callable[[int, int], None], message: str) -> bool:
+        """`fail` on behalf of a network stream, only while it is the bound one (which then
+        ends with its own status rather than with the stop report)."""
+        with self._cond:
+            if self._ack_upstream is not via:
                 return False
-            self._cond.notify_all()
+            self._unbind()
+            self._apply(Fail(message))
             return True
 
     def on_ack(self, tick: int, epoch: int) -> None:
         with self._cond:
-            try:
-                self.machine.on_ack(tick, epoch)
-            except ProtocolError as exc:
-                self._stop(f"{self.label}: {exc}")
-                return
-            self._cond.notify_all()
+            self._apply(AckArrived(tick, epoch))
 
     def fail(self, message: str) -> None:
         """Stop the stage with a reason (a link detected corruption); shown in status."""
         with self._cond:
-            self._stop(message)
+            self._apply(Fail(message))
 
     def confirm_ready(self, chips: Sequence[str], epoch: int) -> bool:
         with self._cond:
-            running = False
-            for chip in chips:
-                running = self.machine.confirm_ready(chip, epoch)
-            self._cond.notify_all()
-            return running
+            self._apply(ChipsReady(tuple(chips), epoch))
+            return self.core.running and self.core.machine.epoch == epoch
 
     def halt(self) -> int:
         with self._cond:
-            return self.machine.halt()
+            self._apply(Halt())
+            return self.core.last_tick
 
     def enter_epoch(self, epoch: int, tick: int) -> None:
-        """`resume` at `epoch` unless the stage is already there (one check under the lock,
-        so two concurrent StartEpoch calls resume once)."""
+        """Restart at `epoch` from `tick` unless the stage is already there (one check under
+        the lock, so two concurrent StartEpoch calls resume once); stage 0 replays every
+        request in flight."""
         with self._cond:
-            if epoch > self.machine.epoch:
+            if epoch > self.core.machine.epoch:
                 self.resume(epoch, tick)
 
     def resume(self, epoch: int, tick: int) -> None:
         """Restart at a new epoch from `tick`; stage 0 replays every request in flight."""
         with self._cond:
-            self.machine.resume(epoch, tick)
-            self.error = ""
-            if self.journal is not None:
-                self.journal.replay()
-            self._cond.notify_all()
+            self._apply(Resume(epoch, tick))
 
     def status(self) -> StageStatus:
         with self._cond:
-            m = self.machine
-            return StageStatus(m.epoch, m.next_tick - 1, m.chain, m.phase.value, self.error)
+            m = self.core.machine
+            return StageStatus(m.epoch, m.next_tick - 1, m.chain, self.core.phase, self.error)
 
     def chain_log(self) -> list[tuple[int, bytes]]:
         with self._cond:
-            return self.machine.chain_log()
+            return self.core.machine.chain_log()
 
     # --- requests (stage 0) -----------------------------------------------------------------
 
@@ -348,38 +480,17 @@ class StageRunner:
     ) -> queue.SimpleQueue[TokenOut]:
         """Queue a request; its tokens arrive on the returned queue. Raises `JournalError`
         (bad request) or `QueueFull` (admission bound reached)."""
-        if self.journal is None:
-            raise JournalError(f"{self.label} is not stage 0: requests enter at stage 0")
         stream: queue.SimpleQueue[TokenOut] = queue.SimpleQueue()
+        event = Submit(request_id, tuple(int(t) for t in prompt), max_tokens, sampling)
         with self._cond:
-            if self.error:
-                raise JournalError(f"the pipeline is stopped: {self.error}")
-            self.journal.submit(
-                request_id,
-                tuple(int(t) for t in prompt),
-                max_tokens,
-                temperature=sampling.temperature,
-                seed=sampling.seed,
-                vocab_size=self.vocab_size,
-            )
-            self._sampling[request_id] = sampling
-            self._listeners[request_id] = stream
-            self._cond.notify_all()
+            self._apply(event)
+            self._streams[request_id] = stream
         return stream
 
     def cancel(self, request_id: str) -> None:
         """Drop a request (deadline passed, client gone); its slot frees when idle."""
-        if self.journal is None:
-            return
         with self._cond:
-            self.journal.cancel(request_id)
-            stream = self._listeners.pop(request_id, None)
-            if stream is not None:  # wake whoever still waits on it
-                stream.put(
-                    TokenOut(None, error=f"request {request_id!r} was cancelled", cancelled=True)
-                )
-            self._sampling.pop(request_id, None)
-            self._cond.notify_all()
+            self._apply(Cancel(request_id))
 
     def tokens(
         self, stream: queue.SimpleQueue[TokenOut], timeout: float | None
@@ -396,118 +507,50 @@ class StageRunner:
             if out.error is not None or (out.event is not None and out.event.finished):
                 return
 
-    # --- the tick loop ----------------------------------------------------------------------
-
-    def _may_run(self) -> bool:
-        """Stage 0 ticks only while it has work (see the module docstring)."""
-        return self.journal is None or not self.journal.idle
+    # --- the thread: executes the core's actions ----------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and (not self._may_run() or self.machine.ready() is None):
+                while not self._closed and not self._outbox:
                     self._cond.wait()
                 if self._closed:
                     return
-                run = self.machine.ready()
-                assert run is not None
-                epoch = self.machine.epoch
-                try:
-                    prepared = self._stage0_prepare(run.slot, run.input) if self.journal else None
-                except JournalError as exc:
-                    self._stop(f"{self.label}: tick {run.tick}: {exc}")
-                    continue
+                action = self._outbox.popleft()
             try:
-                output = self._execute(run.slot, run.input, prepared)
-            except (ExecutionError, ValueError, struct.error) as exc:
+                self._perform(action)
+            except Exception as exc:  # a link or callback failed: the stage stops, visibly
                 with self._cond:
-                    self._stop(f"{self.label}: tick {run.tick}: {exc}")
-                continue
-            with self._cond:
-                # Halted meanwhile: the tick never happened (the epoch restarts before it).
-                current = self.machine.epoch == epoch and self.machine.phase is Phase.RUNNING
-                if current:
-                    self.machine.complete(run.tick, output)
-                if prepared is not None:  # tokens the journal took are real, halted or not
-                    self._stream(prepared.events)
-                if not current:
-                    continue
-                ack = self._ack_upstream if self.stage > 0 else None
-            assert self._downstream is not None
-            self._downstream.send(Frame(epoch, run.tick, run.slot, output))
-            if ack is not None and run.input is not None:
-                ack(run.input.tick, epoch)
+                    self._apply(Fail(f"{self.label}: {describe(exc)}"))
 
-    def _stop(self, message: str) -> None:
-        """Halt with a reason; call with the lock held."""
-        if not self.error:
-            self.error = message
-            log.error("%s", message)
-            if self._stop_upstream is not None:  # not under our lock: the ring is a cycle
-                threading.Thread(
-                    target=self._stop_upstream, args=(message,), daemon=True, name="stop-upstream"
-                ).start()
-        self.machine.halt()
-        self._fail_listeners(message)
-        self._cond.notify_all()
-
-    def _fail_listeners(self, message: str) -> None:
-        for stream in self._listeners.values():
-            stream.put(TokenOut(None, error=message))
-        self._listeners.clear()
-
-    def _stage0_prepare(self, slot: int | None, ring: Frame | None) -> _Stage0Tick:
-        """Take the token coming back round the ring, then choose what this tick feeds."""
-        journal = self.journal
-        assert journal is not None
-        prepared = _Stage0Tick()
-        if slot is None:
-            return prepared
-        if ring is not None and ring.payload:
-            token, logits = decode_token(ring.payload)
-            if journal.cancelled(slot):
-                journal.drop_cancelled(slot)
+    def _perform(self, action: Action) -> None:
+        if isinstance(action, Execute):
+            try:
+                output = execute(self.stepper, self.is_last, action)
+            except Exception as exc:  # any type: a payload or kernel fault stops the stage
+                result: Event = TickFailed(action.tick, action.epoch, describe(exc))
             else:
-                prepared.events.append((journal.on_token(slot, token), logits))
-        feed = journal.feed(slot)
-        if feed is not None:
-            n = len(feed.tokens)
-            act = Activation.for_tokens(
-                [slot] * n, range(feed.start_position, feed.start_position + n), feed.tokens
-            )
-            sampling = self._sampling.get(feed.request_id, GREEDY)
-            prepared.work = (sampling, feed.start_position + n, act)
-        return prepared
+                result = TickExecuted(action.tick, action.epoch, output)
+            with self._cond:
+                self._apply(result)
+        elif isinstance(action, SendFrame):
+            assert self._downstream is not None
+            self._downstream.send(action.frame)
+        elif isinstance(action, SendAck):
+            with self._cond:
+                ack = self._ack_upstream
+            if ack is not None:
+                ack(action.tick, action.epoch)
+        elif isinstance(action, ReportStop):
+            with self._cond:
+                stop = self._stop_upstream
+            if stop is not None:
+                stop(action.reason)
+            for callback in self._on_stop:
+                callback(action.reason)
 
-    def _stream(self, events: list[tuple[TokenEvent, np.ndarray]]) -> None:
-        for event, logits in events:
-            stream = self._listeners.get(event.request_id)
-            if event.finished:
-                self._listeners.pop(event.request_id, None)
-                self._sampling.pop(event.request_id, None)
-            if stream is not None:
-                stream.put(TokenOut(event, logits))
 
-    def _execute(
-        self, slot: int | None, frame: Frame | None, prepared: _Stage0Tick | None
-    ) -> bytes:
-        """The stage's output payload for one tick (pure given its inputs and KV caches)."""
-        if prepared is not None:
-            work = prepared.work
-        elif slot is not None and frame is not None and frame.payload:
-            work = decode_work(frame.payload)
-        else:
-            work = None
-        if work is None:
-            return b""
-        sampling, index, act = work
-        out = self.stepper.step(act)
-        if not self.is_last:
-            return encode_work(sampling, index, out)
-        if out.logits is None:
-            raise ExecutionError(f"the last stage ended at op/chunk {out.cursor} without logits")
-        row = out.logits[-1]
-        return encode_token(sample_token(row, sampling, index), row)
+LOCAL_UPSTREAM = -1  # `_upstream_incarnation` of a stage fed by a stage of this process
 
 
 def chain_hex(head: bytes) -> str:

@@ -22,6 +22,7 @@ Errors are the classes of `agents.errors`; client-chosen names are quoted throug
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -49,6 +50,7 @@ from agents.lockstep import Schedule
 from agents.pipeline import LocalLink, StageRunner
 from agents.sampling import Sampling
 from agents.settings import DEFAULT_SETTINGS, AgentSettings
+from agents.stage_core import Stopped
 from agents.text import quote
 from placement.models import ModelConfig
 from protos import agent_pb2
@@ -106,6 +108,15 @@ def owner_label(deployment: str, replica: int) -> str:
 
 def _invalid(message: str) -> InvalidArgument:
     return InvalidArgument(message)
+
+
+def _stop_others(runners: dict[int, StageRunner], stopped: int, reason: str) -> None:
+    """A stage stopped: the replica is in error, so its other stages on this agent stop too
+    (Status shows the reason on every chip of it, and stage 0's clients are ended at once
+    even when the stage that failed is not upstream of it here)."""
+    for stage, runner in runners.items():
+        if stage != stopped:
+            runner.fail(f"replica stopped: {reason}")
 
 
 class ReplicaHost:
@@ -310,6 +321,7 @@ class ReplicaHost:
     ) -> None:
         by_stage = {a.stage: a for a in req.assignments}
         for stage, runner in runners.items():
+            runner.on_stop(functools.partial(_stop_others, runners, stage))
             down = (stage + 1) % req.stages
             seed = req.jitter_seed * 1000 + stage
             address = by_stage[stage].downstream_address
@@ -377,8 +389,10 @@ class ReplicaHost:
                 f"this agent does not host stage 0 of {quote(req.deployment)} replica "
                 f"{req.replica}: send Generate to the agent that does"
             )
-        if req.prompt_text and not req.prompt_ids:
-            raise _invalid("this model has no tokenizer: send prompt_ids (token ids)")
+        if req.prompt_text and req.prompt_ids:
+            raise InvalidArgument("send prompt_text or prompt_ids, not both")
+        if req.prompt_text:
+            raise InvalidArgument("this model has no tokenizer: send prompt_ids (token ids)")
         try:
             stream = head.submit(
                 req.request_id,
@@ -386,8 +400,10 @@ class ReplicaHost:
                 req.max_tokens,
                 Sampling(req.temperature, req.seed),
             )
+        except Stopped as exc:
+            raise FailedPrecondition(str(exc)) from None
         except JournalError as exc:
-            raise _invalid(str(exc)) from None
+            raise InvalidArgument(str(exc)) from None
         except QueueFull as exc:
             raise ResourceExhausted(str(exc)) from None
         return self._stream_tokens(head, req, stream, context)

@@ -8,6 +8,7 @@ through prefill and decode; the lockstep pipeline's last stage uses `sample_toke
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,22 @@ class Sampling:
 GREEDY = Sampling()
 """The default: pick the most likely token."""
 
+MIN_TEMPERATURE = 1e-6
+"""The smallest non-zero temperature accepted. Below it `logits / T` overflows float64 for
+ordinary logit gaps (a gap of 1e3 at T = 1e-306 is 1e309 = inf), the softmax becomes NaN and
+the draw degenerates to the last token id. Such temperatures are refused, not clamped: a
+caller asking for 1e-310 most likely meant greedy (0) and should say so."""
+
+
+def check_sampling(sampling: Sampling) -> None:
+    """Raise ValueError unless the softmax at this temperature can be computed: 0 (greedy) or
+    a finite value from `MIN_TEMPERATURE` up."""
+    t = sampling.temperature
+    if not math.isfinite(t) or t < 0 or 0 < t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t}"
+        )
+
 
 def sample_token(logits: np.ndarray, sampling: Sampling, index: int) -> int:
     """The token to put at sequence position `index`, from the logits of the row before it.
@@ -35,7 +52,8 @@ def sample_token(logits: np.ndarray, sampling: Sampling, index: int) -> int:
     Seeded sampling draws from `PCG64([seed, index])`, so a request's tokens depend only on
     its seed and its logits — not on timing, batch or replica.
     """
-    if sampling.temperature <= 0:
+    check_sampling(sampling)
+    if sampling.temperature == 0:
         return int(np.argmax(logits))
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([sampling.seed, index])))
     z = logits.astype(np.float64) / sampling.temperature

@@ -182,7 +182,9 @@ class AgentService:
         self.settings = settings
         self.chips = make_chips(chips, sram_bytes)
         self.replicas = ReplicaHost(self.chips, settings)
-        self.links = LinkService(self.replicas.resolve, node)
+        self.links = LinkService(
+            self.replicas.resolve, node, idle_timeout=self.settings.link_idle_timeout
+        )
         self.streams = StreamGate(settings.max_streams, settings.max_streams_per_peer)
         self._closed = threading.Event()
         self._waiting_lock = threading.Lock()

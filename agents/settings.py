@@ -36,6 +36,11 @@ class AgentSettings:
     window: int = 2  # default credit window W when ConfigureReplica leaves it 0
     chain_log_limit: int = 4096  # (tick, head) pairs a stage keeps for resume and comparison
     queue_factor: int = 4  # ConfigureReplica queue_limit 0: this many x maxBatch may wait
+    # A Link stream that sends no frame for this long is ended (DEADLINE_EXCEEDED): a peer
+    # cannot hold a server thread with a silent stream. Senders of idle (but healthy) links
+    # send a heartbeat every `link_heartbeat` seconds, well inside it.
+    link_idle_timeout: float = 30.0
+    link_heartbeat: float = 5.0
 
     # --- LinkPing (a diagnostic: bounded so it cannot be used to fill memory or a CPU) -------
     ping_max_count: int = 10_000

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/interconnect.proto\x12\x18lockstep.interconnect.v1\"\xaf\x01\n\tLinkFrame\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x10\n\x08to_stage\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0c\n\x04tick\x18\x05 \x01(\x03\x12\x0c\n\x04slot\x18\x06 \x01(\x05\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\r\x12\x0c\n\x04ping\x18\t \x01(\x08\x12\x0f\n\x07sent_ns\x18\n \x01(\x03\";\n\x07LinkAck\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0c\n\x04tick\x18\x02 \x01(\x03\x12\x13\n\x0breceived_ns\x18\x03 \x01(\x03\x32^\n\x04Link\x12V\n\x08\x45xchange\x12#.lockstep.interconnect.v1.LinkFrame\x1a!.lockstep.interconnect.v1.LinkAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protos/interconnect.proto\x12\x18lockstep.interconnect.v1\"\xc2\x01\n\tLinkFrame\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0f\n\x07replica\x18\x02 \x01(\r\x12\x10\n\x08to_stage\x18\x03 \x01(\r\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x0c\n\x04tick\x18\x05 \x01(\x03\x12\x0c\n\x04slot\x18\x06 \x01(\x05\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\r\x12\x0c\n\x04ping\x18\t \x01(\x08\x12\x0f\n\x07sent_ns\x18\n \x01(\x03\x12\x11\n\theartbeat\x18\x0b \x01(\x08\";\n\x07LinkAck\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0c\n\x04tick\x18\x02 \x01(\x03\x12\x13\n\x0breceived_ns\x18\x03 \x01(\x03\x32^\n\x04Link\x12V\n\x08\x45xchange\x12#.lockstep.interconnect.v1.LinkFrame\x1a!.lockstep.interconnect.v1.LinkAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.interconnect_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LINKFRAME']._serialized_start=56
-  _globals['_LINKFRAME']._serialized_end=231
-  _globals['_LINKACK']._serialized_start=233
-  _globals['_LINKACK']._serialized_end=292
-  _globals['_LINK']._serialized_start=294
-  _globals['_LINK']._serialized_end=388
+  _globals['_LINKFRAME']._serialized_end=250
+  _globals['_LINKACK']._serialized_start=252
+  _globals['_LINKACK']._serialized_end=311
+  _globals['_LINK']._serialized_start=313
+  _globals['_LINK']._serialized_end=407
 # @@protoc_insertion_point(module_scope)

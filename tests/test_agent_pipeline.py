@@ -8,6 +8,7 @@ single-process reference executor.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from conftest_agents import (
 )
 
 from agents.executor import ReferenceExecutor
-from agents.interconnect import EXCHANGE, frame_checksum
+from agents.interconnect import EXCHANGE, frame_checksum, target_metadata
 from agents.layout import plan_layout
 from agents.sampling import Sampling
 from orchestrator.compiler import ShardRef, compile_plan
@@ -180,6 +181,9 @@ def test_bad_requests_are_invalid_argument(replica: Replica) -> None:
         ({"deployment": "nope"}, "not configured"),
         ({"prompt_ids": [], "prompt_text": "hi"}, "tokenizer"),
         ({"prompt_ids": [TINY.vocab_size]}, "vocabulary"),
+        ({"prompt_text": "hi"}, "not both"),  # prompt_ids [1, 2] as well
+        ({"temperature": 1e-310}, "temperature"),  # its softmax is NaN
+        ({"temperature": float("nan")}, "temperature"),
     ]:
         error = invalid(replica.head, **fields)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
@@ -224,7 +228,7 @@ def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
                     EXCHANGE,
                     request_serializer=interconnect_pb2.LinkFrame.SerializeToString,
                     response_deserializer=interconnect_pb2.LinkAck.FromString,
-                )(iter([frame]), timeout=30)
+                )(iter([frame]), timeout=30, metadata=target_metadata("held", 0, 2, time.time_ns()))
             )
         assert info.value.code() == grpc.StatusCode.DATA_LOSS
         assert "tick 0" in str(info.value.details())

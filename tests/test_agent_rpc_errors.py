@@ -20,7 +20,7 @@ from conftest_agents import make_shard, messages
 from agents import server as server_mod
 from agents.activation import ACTIVATION_KEY, ACTIVATION_VERSION, Activation
 from agents.arena import SramArena
-from agents.interconnect import LinkService, link_frame
+from agents.interconnect import LinkService, Target, link_frame
 from agents.journal import Journal
 from agents.lockstep import Frame, Schedule
 from agents.pipeline import StageRunner
@@ -234,14 +234,23 @@ def test_an_ended_link_stream_no_longer_takes_the_stages_credits() -> None:
         stepper=IdleStepper(),  # type: ignore[arg-type]
     )
     service = LinkService(lambda d, r, s: runner, "t0")
-    frame = link_frame("d", 0, 1, Frame(0, 0, 0, b""))
-    first: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    service._read(iter([frame]), first)  # the stream delivers one frame, then ends
+    frame = link_frame("d", 0, 1, Frame(0, 0, None, b""))
+    target = Target("d", 0, 1, 1)
+
+    def first(tick: int, epoch: int) -> None:
+        raise AssertionError("the first stream consumed nothing")
+
+    assert runner.bind_upstream(1, first, lambda m: None, lambda m: None) is None
+    service._read(iter([frame]), queue.SimpleQueue(), (target, runner), first, [0.0])
     assert runner._ack_upstream is None and runner._stop_upstream is None
     newer: list[tuple[int, int]] = []
-    runner.set_upstream(lambda t, e: newer.append((t, e)), lambda m: None)  # a newer stream
-    service._read(iter([]), queue.SimpleQueue())  # an older stream ending binds nothing
-    assert runner._ack_upstream is not None, "an ending stream only unbinds its own callback"
+
+    def second(tick: int, epoch: int) -> None:
+        newer.append((tick, epoch))
+
+    assert runner.bind_upstream(2, second, lambda m: None, lambda m: None) is None
+    service._read(iter([]), queue.SimpleQueue(), (target, runner), first, [0.0])
+    assert runner._ack_upstream is second, "an ending stream only unbinds its own callback"
 
 
 # --- malformed fields and echoed strings (issue 7) -------------------------------------------

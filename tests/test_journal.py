@@ -13,13 +13,13 @@ def test_prefill_then_decode_then_free_slot_for_next() -> None:
     j.submit("b", (9,), max_tokens=1)
     feed = j.feed(0)
     assert feed is not None and feed.prefill and feed.tokens == (1, 2, 3)
-    assert feed.start_position == 0 and feed.sample_index == 0
+    assert feed.start_position == 0 and feed.sample_index == 3
     assert j.feed(0) is None, "waiting for the token: bubble"
     event = j.on_token(0, 7)
     assert (event.request_id, event.token, event.index, event.finished) == ("a", 7, 0, False)
     feed = j.feed(0)
     assert feed is not None and not feed.prefill
-    assert feed.tokens == (7,) and feed.start_position == 3 and feed.sample_index == 1
+    assert feed.tokens == (7,) and feed.start_position == 3 and feed.sample_index == 4
     assert j.on_token(0, 8).finished
     feed = j.feed(0)
     assert feed is not None and feed.request_id == "b" and feed.prefill
@@ -78,7 +78,7 @@ def test_replay_reprefills_prompt_and_tokens_in_slot_order() -> None:
     assert [e.request_id for e in replayed] == ["a", "b"]
     first = j.feed(1)
     assert first is not None and first.request_id == "a" and first.prefill
-    assert first.tokens == (1, 2, 10) and first.sample_index == 1
+    assert first.tokens == (1, 2, 10) and first.sample_index == 3
     second = j.feed(0)
     assert second is not None and second.request_id == "b" and second.tokens == (3, 20)
     third = j.feed(2)

@@ -290,9 +290,33 @@ def test_a_stopped_stage_stops_the_ring_and_ends_requests_with_the_reason(store:
         assert outs[-1].error is not None and "stage 2" in outs[-1].error
         assert "injected kernel fault" in outs[-1].error
         wait_for(
-            lambda: all(r.status().phase == "halted" for r in runners),
+            lambda: all(r.status().phase == "failed" for r in runners),
             timeout=10,
             what="every stage to stop",
         )
         with pytest.raises(JournalError, match="stopped"):
             head.submit("late", (1,), 1)
+
+
+class RaisingStepper:
+    """A stage whose step raises a TypeError (not an ExecutionError): a malformed payload."""
+
+    def step(self, batch: Activation) -> Activation:
+        raise TypeError("unsupported operand")
+
+
+def test_an_exception_of_any_type_stops_the_stage_visibly(store: Path) -> None:
+    stages = steppers(shard_paths(2, 1, store))
+    stages[1] = RaisingStepper()
+    runners = local_ring(
+        stages, slots=MAX_BATCH, max_context=MAX_CONTEXT, vocab_size=TINY.vocab_size
+    )
+    head = runners[0]
+    streams = [head.submit(f"r{i}", (1, 2, 3), 4) for i in range(6)]  # 4 slots, 2 queued
+    with running(runners):
+        for stream in streams:
+            outs = list(head.tokens(stream, timeout=30))
+            assert outs[-1].error is not None and "TypeError" in outs[-1].error
+        status = runners[1].status()
+        assert status.phase == "failed" and "TypeError: unsupported operand" in status.error
+        assert runners[1]._thread.is_alive(), "the stage thread survives to report and close"
