@@ -31,9 +31,12 @@ from typing import Any
 
 import grpc
 
+from agents.errors import AgentError, PermissionDenied
 from agents.lockstep import Frame
 from agents.pipeline import Jitter, StageRunner
 from protos import interconnect_pb2
+from security.certs import Credentials
+from security.tls import link_metadata, open_channel
 
 log = logging.getLogger("lockstep.link")
 
@@ -91,15 +94,20 @@ class GrpcLink:
         on_error: Callable[[str], None],
         jitter_ms: float = 0.0,
         seed: int = 0,
+        creds: Credentials | None = None,
+        peer: str | None = None,
+        secret: bytes = b"",
     ) -> None:
+        """`creds`: this agent's certificate (None: plaintext); `peer`: the downstream agent's
+        identity, checked against its certificate; `secret`: the replica's link secret."""
         self._route = (deployment, replica, to_stage)
         self._address = address
         self._on_error = on_error
         self._closing = False
         self._out: queue.SimpleQueue[interconnect_pb2.LinkFrame | None] = queue.SimpleQueue()
         self._jitter = Jitter(self._put, jitter_ms, seed) if jitter_ms > 0 else None
-        self._channel = grpc.insecure_channel(address, options=LINK_OPTIONS)
-        self._responses = _stream(self._channel)(self._requests())
+        self._channel = open_channel(address, creds, peer=peer, options=LINK_OPTIONS)
+        self._responses = _stream(self._channel)(self._requests(), metadata=link_metadata(secret))
         self._reader = threading.Thread(
             target=self._read_acks, args=(on_ack,), name=f"link-acks-{to_stage}", daemon=True
         )
@@ -147,9 +155,17 @@ class _End:
 class LinkService:
     """The receiving side: `resolve(deployment, replica, stage)` finds the stage runner."""
 
-    def __init__(self, resolve: Callable[[str, int, int], StageRunner | None], node: str) -> None:
+    def __init__(
+        self,
+        resolve: Callable[[str, int, int], StageRunner | None],
+        node: str,
+        authorize: Callable[[grpc.ServicerContext, StageRunner], None] | None = None,
+    ) -> None:
+        """`authorize(context, runner)` raises `AgentError` when the stream's peer may not feed
+        `runner` (None: everyone may, the plaintext mode)."""
         self.resolve = resolve
         self.node = node
+        self.authorize = authorize
         self._lock = threading.Lock()
         self._open: set[queue.SimpleQueue[interconnect_pb2.LinkAck | _End | None]] = set()
         self._closed = False
@@ -171,7 +187,7 @@ class LinkService:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node} is stopping")
             self._open.add(acks)
         threading.Thread(
-            target=self._read, args=(requests, acks), name="link-frames", daemon=True
+            target=self._read, args=(requests, acks, context), name="link-frames", daemon=True
         ).start()
         try:
             while (item := acks.get()) is not None:
@@ -186,6 +202,7 @@ class LinkService:
         self,
         requests: Iterator[interconnect_pb2.LinkFrame],
         acks: queue.SimpleQueue[interconnect_pb2.LinkAck | _End | None],
+        context: grpc.ServicerContext | None = None,
     ) -> None:
         bound: StageRunner | None = None
 
@@ -228,6 +245,18 @@ class LinkService:
                     runner.fail(error)
                     acks.put(_End(grpc.StatusCode.DATA_LOSS, error))
                     return
+                if runner is not bound and self.authorize is not None:
+                    try:
+                        self.authorize(context, runner)  # type: ignore[arg-type]
+                    except AgentError as exc:
+                        code = (
+                            grpc.StatusCode.PERMISSION_DENIED
+                            if isinstance(exc, PermissionDenied)
+                            else grpc.StatusCode.UNAUTHENTICATED
+                        )
+                        log.warning("refused a link: %s", exc.message)
+                        acks.put(_End(code, exc.message))
+                        return
                 if runner is not bound:
                     if bound is not None:
                         bound.unbind_upstream(send_ack)
@@ -261,10 +290,13 @@ def handlers(service: LinkService) -> grpc.GenericRpcHandler:
     )
 
 
-def ping(address: str, count: int, payload_bytes: int) -> tuple[list[float], list[float]]:
+def ping(
+    address: str, count: int, payload_bytes: int, creds: Credentials | None = None
+) -> tuple[list[float], list[float]]:
     """Probe a link: `count` frames of `payload_bytes`, one at a time, each waiting for its
     acknowledgement. Returns one-way (sent → received, the host-wide monotonic clock) and
-    round-trip latencies in milliseconds. The first frame (stream set-up) is not counted."""
+    round-trip latencies in milliseconds. The first frame (stream set-up) is not counted.
+    `creds`: this agent's certificate (mutual TLS with any agent of the cluster)."""
     payload = bytes(payload_bytes)
     go: queue.SimpleQueue[bool] = queue.SimpleQueue()
     stamps: dict[int, int] = {}
@@ -278,7 +310,7 @@ def ping(address: str, count: int, payload_bytes: int) -> tuple[list[float], lis
             yield msg
 
     one_way, round_trip = [], []
-    with grpc.insecure_channel(address, options=LINK_OPTIONS) as channel:
+    with open_channel(address, creds, options=LINK_OPTIONS) as channel:
         go.put(True)
         for ack in _stream(channel)(requests(), timeout=120):
             now = time.monotonic_ns()

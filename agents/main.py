@@ -17,6 +17,7 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402 - after the BLAS environment on purpose
 import contextlib  # noqa: E402
 import ctypes  # noqa: E402
+import ipaddress  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -27,6 +28,8 @@ from typing import Any  # noqa: E402
 from agents.server import AgentService, start_server  # noqa: E402
 from placement.errors import InputError  # noqa: E402
 from placement.profiles import get_profile, profile_names  # noqa: E402
+from security.certs import CertError, ensure_agent  # noqa: E402
+from security.tls import server_credentials  # noqa: E402
 
 log = logging.getLogger("lockstep.agent")
 
@@ -85,18 +88,46 @@ def run_agent(
     *,
     sram_bytes: int | None = None,
     load_idle_timeout: float = 60.0,
+    certs: str | None = None,
+    insecure: bool = False,
 ) -> int:
     """Serve one node's chips until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input.
 
     `sram_bytes` overrides the profile's SRAM per chip (tests and benchmarks that need a
     capacity between the `dev` and `groq-rack` presets); a load that receives nothing for
     `load_idle_timeout` seconds is cancelled.
+
+    Mutual TLS with the certificates in `certs` (default `default_certs_dir()`): the node's
+    own certificate is loaded from there, and created together with the cluster CA when the
+    directory has none (the embedded default; in production the control plane issues it).
+    `insecure` serves plaintext with no authorization, on loopback addresses only.
     """
     try:
         capacity = sram_bytes or get_profile(profile).sram_bytes
     except InputError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
+    creds = None
+    if insecure:
+        if not is_loopback_listen(listen):
+            print(
+                f"agent: --insecure is refused on {listen}: plaintext is allowed only on a "
+                "loopback address (127.0.0.1, ::1, localhost)",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            "agent: WARNING: --insecure: plaintext gRPC with NO authentication; any local "
+            "process can drive this agent. Never use outside a development machine.",
+            file=sys.stderr,
+        )
+    else:
+        directory = certs or default_certs_dir()
+        try:
+            creds = ensure_agent(directory, node)
+        except (CertError, ValueError, OSError) as exc:
+            print(f"agent: certificates in {directory}: {exc}", file=sys.stderr)
+            return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO,
@@ -108,9 +139,13 @@ def run_agent(
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    service = AgentService(node, profile, chips, capacity, load_idle_timeout=load_idle_timeout)
+    service = AgentService(
+        node, profile, chips, capacity, load_idle_timeout=load_idle_timeout, tls=creds
+    )
     try:
-        agent = start_server(service, listen)
+        agent = start_server(
+            service, listen, credentials=None if creds is None else server_credentials(creds)
+        )
     except (OSError, RuntimeError) as exc:
         print(f"agent: cannot listen on {listen}: {exc}", file=sys.stderr)
         return 1
@@ -121,6 +156,22 @@ def run_agent(
     log.info("node %s: stopping", node)
     agent.stop()
     return 0
+
+
+def default_certs_dir() -> str:
+    """`$LOCKSTEP_CERTS` or `~/.lockstep/certs`: where `lpuctl agent` finds its certificates."""
+    return os.environ.get("LOCKSTEP_CERTS") or os.path.expanduser("~/.lockstep/certs")
+
+
+def is_loopback_listen(listen: str) -> bool:
+    """Whether HOST:PORT binds a loopback address only (`localhost`, 127.0.0.0/8, `[::1]`)."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _pin_blas() -> None:
@@ -187,6 +238,18 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         default=60.0,
         help="cancel a load whose client sends nothing for this many seconds",
     )
+    security = parser.add_mutually_exclusive_group()
+    security.add_argument(
+        "--certs",
+        metavar="DIR",
+        help="certificate directory (default $LOCKSTEP_CERTS or ~/.lockstep/certs); the "
+        "cluster CA and this node's certificate are created there if missing",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext with no authentication (loopback addresses only; prints a warning)",
+    )
     parser.set_defaults(handler=cmd_agent)
     return parser
 
@@ -199,6 +262,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         args.listen,
         sram_bytes=args.sram_bytes,
         load_idle_timeout=args.load_idle_timeout,
+        certs=args.certs,
+        insecure=args.insecure,
     )
 
 

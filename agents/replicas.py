@@ -18,7 +18,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -34,6 +34,7 @@ from agents.lockstep import Schedule
 from agents.pipeline import LocalLink, StageRunner
 from agents.sampling import Sampling
 from protos import agent_pb2
+from security.certs import Credentials
 
 log = logging.getLogger("lockstep.agent")
 DEFAULT_QUEUE_FACTOR = 4  # queue_limit 0 in ConfigureReplica: 4 x maxBatch may wait
@@ -76,6 +77,8 @@ class Replica:
     runners: dict[int, StageRunner]
     chips: dict[int, tuple[int, str]]  # chip index -> (stage, chip name)
     vocab_size: int
+    link_secret: bytes = b""
+    upstream: dict[int, str] = field(default_factory=dict)  # stage -> upstream agent identity
 
 
 def _invalid(message: str) -> LoadError:
@@ -85,9 +88,12 @@ def _invalid(message: str) -> LoadError:
 class ReplicaHost:
     """Every replica stage hosted by one agent (see the module docstring)."""
 
-    def __init__(self, chips: Sequence[Any], program_of: Any) -> None:
+    def __init__(
+        self, chips: Sequence[Any], program_of: Any, tls: Credentials | None = None
+    ) -> None:
         self.chips = chips
         self.program_of = program_of  # (chip, held entry) -> StageProgram
+        self.tls = tls  # this agent's certificate for outgoing links (None: plaintext)
         self._lock = threading.Lock()
         self._replicas: dict[tuple[str, int], Replica] = {}
 
@@ -97,6 +103,14 @@ class ReplicaHost:
         with self._lock:
             found = self._replicas.get((deployment, replica))
         return None if found is None else found.runners.get(stage)
+
+    def link_policy(self, runner: StageRunner) -> tuple[str, bytes] | None:
+        """(configured upstream identity, link secret) of the replica stage `runner` runs."""
+        with self._lock:
+            for rep in self._replicas.values():
+                if rep.runners.get(runner.stage) is runner:
+                    return rep.upstream.get(runner.stage, ""), rep.link_secret
+        return None
 
     def _replica(self, deployment: str, replica: int) -> Replica:
         with self._lock:
@@ -154,7 +168,15 @@ class ReplicaHost:
                 runner.close()
             raise
         with self._lock:
-            self._replicas[key] = Replica(req.deployment, req.replica, runners, chips, vocab)
+            self._replicas[key] = Replica(
+                req.deployment,
+                req.replica,
+                runners,
+                chips,
+                vocab,
+                req.link_secret,
+                {a.stage: a.upstream_identity for a in req.assignments},
+            )
         for runner in runners.values():
             runner.start()
         return [name for a in req.assignments for name in a.chip_names]
@@ -289,6 +311,9 @@ class ReplicaHost:
                         on_error=runner.fail,
                         jitter_ms=req.jitter_ms,
                         seed=seed,
+                        creds=self.tls,
+                        peer=by_stage[stage].downstream_identity or None,
+                        secret=req.link_secret,
                     )
                 )
 

@@ -47,6 +47,7 @@ from agents.executor import MANIFEST_KEY
 from agents.interconnect import SERVICE_NAME as LINK_SERVICE_NAME
 from agents.interconnect import LinkService, ping
 from agents.interconnect import handlers as link_handlers
+from agents.link_auth import link_authorizer
 from agents.loader import (
     MAX_MESSAGE_BYTES,
     LoadError,
@@ -59,6 +60,8 @@ from agents.loader import (
 from agents.lockstep import ProtocolError
 from agents.replicas import ReplicaHost
 from protos import agent_pb2
+from security.certs import Credentials
+from security.tls import AuthorizationInterceptor
 
 log = logging.getLogger("lockstep.agent")
 
@@ -196,15 +199,23 @@ class AgentService:
         sram_bytes: int,
         *,
         load_idle_timeout: float = 60.0,
+        tls: Credentials | None = None,
     ) -> None:
+        """`tls`: this agent's certificate, for the links it opens and the Link streams it
+        authorizes (None: plaintext links, no link authorization)."""
         if chips < 1:
             raise ValueError(f"a node needs at least one chip, got {chips}")
         self.node = node
         self.profile = profile
         self.chips = [Chip(i, SramArena(i, sram_bytes)) for i in range(chips)]
         self.load_idle_timeout = load_idle_timeout
-        self.replicas = ReplicaHost(self.chips, _build_program)
-        self.links = LinkService(self.replicas.resolve, node)
+        self.tls = tls
+        self.replicas = ReplicaHost(self.chips, _build_program, tls)
+        self.links = LinkService(
+            self.replicas.resolve,
+            node,
+            None if tls is None else link_authorizer(self.replicas.link_policy),
+        )
         self._closed = threading.Event()
         threading.Thread(target=self._reap_idle_loads, name="idle-loads", daemon=True).start()
 
@@ -485,7 +496,7 @@ class AgentService:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "LinkPing needs a peer and a count from 1 to 100000",
             )
-        one_way, round_trip = ping(request.peer, request.count, request.payload_bytes)
+        one_way, round_trip = ping(request.peer, request.count, request.payload_bytes, self.tls)
         return agent_pb2.LinkPingResponse(one_way_ms=one_way, round_trip_ms=round_trip)
 
 
@@ -660,13 +671,22 @@ class AgentServer:
 
 
 def start_server(
-    service: AgentService, listen: str, *, max_workers: int | None = None
+    service: AgentService,
+    listen: str,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    max_workers: int | None = None,
 ) -> AgentServer:
-    """Bind `listen` (HOST:PORT, port 0 = any free port), start serving, return the port."""
+    """Bind `listen` (HOST:PORT, port 0 = any free port), start serving, return the port.
+
+    With `credentials` (`security.tls.server_credentials`) the port speaks mutual TLS and every
+    call passes the authorization table (`security.identity.METHOD_ROLES`); None is plaintext
+    with no authorization (`lpuctl agent --insecure`, loopback only)."""
     workers = max_workers or max(16, 2 * len(service.chips) + 8)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
         options=SERVER_OPTIONS,
+        interceptors=[] if credentials is None else [AuthorizationInterceptor(service.node)],
     )
     server.add_generic_rpc_handlers((_handlers(service), link_handlers(service.links)))
     health_servicer = health.HealthServicer()
@@ -674,7 +694,10 @@ def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, LINK_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()

@@ -19,6 +19,7 @@ from conftest_agents import (
     AgentProcess,
     load,
     run_in_threads,
+    secure_channel,
     tiny_request,
     wait_for,
 )
@@ -35,6 +36,7 @@ from placement.plan import Plan
 from placement.planner import make_plan
 from placement.topology import preset_topology
 from protos import agent_pb2, interconnect_pb2
+from security.tls import link_metadata
 
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED = 5
@@ -47,6 +49,10 @@ class Replica:
     refs: list[ShardRef]
     agents: list[AgentProcess]
     where: dict[str, tuple[str, int]]
+
+    @property
+    def nodes(self) -> dict[str, str]:
+        return {a.address: a.node for a in self.agents}
 
     @property
     def head(self) -> AgentProcess:
@@ -71,7 +77,7 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
             address, chip = where[ref.chip]
             load(by_address[address], ref.path.read_bytes(), chip)
         stubs = {a.address: a.stub for a in agents}
-        bring_up(stubs, configure_requests(plan, refs, where, window=2))
+        bring_up(stubs, configure_requests(plan, refs, where, window=2, nodes=cluster.nodes()))
         yield Replica(plan, refs, agents, where)
     finally:
         cluster.close()
@@ -177,7 +183,12 @@ def test_bad_requests_are_invalid_argument(replica: Replica) -> None:
 def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
     """A second replica of the same shards, configured but never started: requests wait."""
     requests = configure_requests(
-        replica.plan, replica.refs, replica.where, deployment="held", queue_limit=1
+        replica.plan,
+        replica.refs,
+        replica.where,
+        deployment="held",
+        queue_limit=1,
+        nodes=replica.nodes,
     )
     by_address = {a.address: a for a in replica.agents}
     for address, request in requests.items():
@@ -206,13 +217,16 @@ def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
             deployment="held", to_stage=2, epoch=0, tick=0, slot=-1, payload=b"x"
         )
         frame.checksum = frame_checksum(frame) ^ 1
-        with pytest.raises(grpc.RpcError) as info:
+        # As stage 2's configured upstream (the first agent), with the replica's link secret.
+        upstream = secure_channel(second.address, second.node, identity=head.identity)
+        secret = link_metadata(requests[head.address].link_secret)
+        with upstream, pytest.raises(grpc.RpcError) as info:
             list(
-                second.channel.stream_stream(
+                upstream.stream_stream(
                     EXCHANGE,
                     request_serializer=interconnect_pb2.LinkFrame.SerializeToString,
                     response_deserializer=interconnect_pb2.LinkAck.FromString,
-                )(iter([frame]), timeout=30)
+                )(iter([frame]), timeout=30, metadata=secret)
             )
         assert info.value.code() == grpc.StatusCode.DATA_LOSS
         assert "tick 0" in str(info.value.details())
@@ -285,6 +299,7 @@ def test_jittered_network_links_change_no_token_and_no_chain(
             deployment=name,
             jitter_ms=3.0,
             jitter_seed=seed,
+            nodes=replica.nodes,
         )
         bring_up(stubs, requests)
         try:
@@ -323,7 +338,7 @@ def test_tensor_parallel_stages_across_agents(
     for ref in refs:
         load(agents[ref.binding.stage], ref.path.read_bytes(), 2 + ref.binding.tp_rank)
     stubs = {a.address: a.stub for a in agents}
-    requests = configure_requests(plan, refs, where)
+    requests = configure_requests(plan, refs, where, nodes=replica.nodes)
     bring_up(stubs, requests)
     try:
         layout = ReferenceExecutor(
