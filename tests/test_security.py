@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from agents.errors import PermissionDenied, Unauthenticated
 from agents.link_auth import link_authorizer
 from agents.main import is_loopback_listen
 from orchestrator.cli import main as lpuctl
+from orchestrator.serving import configure_requests
 from protos import agent_pb2, interconnect_pb2
 from security import certs
 from security.identity import (
@@ -240,3 +242,27 @@ def test_lpuctl_certs_init_twice_is_idempotent(
 )
 def test_loopback_listen_addresses(listen: str, loopback: bool) -> None:
     assert is_loopback_listen(listen) is loopback
+
+
+def _ref(stage: int, chip: str) -> Any:
+    binding = SimpleNamespace(replica=0, stage=stage, stages=3, tp_rank=0)
+    return SimpleNamespace(binding=binding, chip=chip, sha256=f"{stage:064x}")
+
+
+def test_configure_requests_name_the_neighbours_and_a_fresh_secret_per_replica() -> None:
+    """Stages 0-1 on agent A (n0), stage 2 on agent B (n1): 0 is fed by n1 over the network,
+    1 by stage 0 in process (no identity), 2 by n0."""
+    plan = SimpleNamespace(deployment="d", max_batch=4, max_context=64)
+    refs = [_ref(0, "c0"), _ref(1, "c1"), _ref(2, "c2")]
+    where = {"c0": ("A", 0), "c1": ("A", 1), "c2": ("B", 0)}
+    nodes = {"A": "n0", "B": "n1"}
+    first = configure_requests(plan, refs, where, nodes=nodes)  # type: ignore[arg-type]
+    stages = {a.stage: a for r in first.values() for a in r.assignments}
+    assert [stages[s].upstream_identity for s in range(3)] == [N1, "", N0]
+    assert [stages[s].downstream_identity for s in range(3)] == ["", N1, N0]
+    secrets = {r.link_secret for r in first.values()}
+    assert len(secrets) == 1 and len(secrets.pop()) == 32
+    again = configure_requests(plan, refs, where, nodes=nodes)  # type: ignore[arg-type]
+    assert again["A"].link_secret != first["A"].link_secret
+    plain = configure_requests(plan, refs, where)  # type: ignore[arg-type]
+    assert all(not a.upstream_identity for r in plain.values() for a in r.assignments)
