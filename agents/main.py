@@ -1,6 +1,8 @@
 """Agent entry point: `lpuctl agent --node n0 --chips 8 --profile dev --listen 127.0.0.1:0`.
 
-Also runnable as `python -m agents.main ...` (same flags). Prints exactly one line to stdout,
+Also runnable as `python -m agents.main ...` (same flags). Serves mutual TLS with the
+certificates in `--certs DIR` (created on first start for the embedded default), or plaintext
+behind `--insecure`, loopback only. Prints exactly one line to stdout,
 `listening on HOST:PORT` with the bound port, then serves until SIGTERM or SIGINT, stops
 gracefully (health NOT_SERVING, in-flight calls get a grace period) and exits 0. Logs go to
 stderr.
