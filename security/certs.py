@@ -305,8 +305,30 @@ def ensure_agent(
     identity = agent_identity(node)
     if not paths_for(directory, identity)[0].exists():
         init_ca(directory, settings)
+    if (directory / CA_KEY).exists():  # can issue: renew when missing, due or of another CA
         issue(directory, identity, settings)
-    return load(directory, identity)
+    creds = load(directory, identity)
+    check_current(creds)
+    return creds
+
+
+def check_current(creds: Credentials, now: dt.datetime | None = None) -> None:
+    """CertError unless `creds`' certificate is within its validity period and was issued by
+    the CA it trusts: a peer could not accept it, so failing at start names the cause."""
+    now = _now(now)
+    try:
+        cert = x509.load_pem_x509_certificate(creds.cert_pem)
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(creds.ca_pem))
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise CertError(
+            f"the certificate of {creds.identity} is not issued by the CA beside it ({exc})"
+        ) from None
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise CertError(
+            f"the certificate of {creds.identity} is valid {cert.not_valid_before_utc:%Y-%m-%d} "
+            f"to {cert.not_valid_after_utc:%Y-%m-%d}, not now: issue a new one "
+            "('lpuctl certs issue DIR --node NAME --rotate')"
+        )
 
 
 def load(directory: str | Path, identity: str) -> Credentials:

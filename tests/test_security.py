@@ -266,3 +266,21 @@ def test_configure_requests_name_the_neighbours_and_a_fresh_secret_per_replica()
     assert again["A"].link_secret != first["A"].link_secret
     plain = configure_requests(plan, refs, where)  # type: ignore[arg-type]
     assert all(not a.upstream_identity for r in plain.values() for a in r.assignments)
+
+
+def test_an_agent_renews_a_due_certificate_and_refuses_an_unusable_one(tmp_path: Path) -> None:
+    certs.init_ca(tmp_path)
+    certs.issue(tmp_path, N0, days=-1)  # expired yesterday
+    renewed = certs.ensure_agent(tmp_path, "n0")  # the CA key is here: renewed on start
+    assert _cert(tmp_path / "agents/n0.crt").not_valid_after_utc > dt.datetime.now(dt.UTC)
+    assert renewed.cert_pem == (tmp_path / "agents/n0.crt").read_bytes()
+    # Production layout: no CA key beside the agent's files, so nothing can renew it.
+    certs.issue(tmp_path, N0, days=-1)
+    (tmp_path / "ca.key").unlink()
+    with pytest.raises(certs.CertError, match="not now: issue a new one"):
+        certs.ensure_agent(tmp_path, "n0")
+    other = tmp_path / "other"
+    certs.init_ca(other)
+    (tmp_path / "ca.crt").write_bytes((other / "ca.crt").read_bytes())
+    with pytest.raises(certs.CertError, match="not issued by the CA"):
+        certs.ensure_agent(tmp_path, "n0")
