@@ -4,11 +4,11 @@ An identity is a SPIFFE-style URI carried as the URI subject-alternative name of
 issued by the cluster CA:
 
 - `spiffe://lockstep/control-plane` — the control plane (lpuctl, the operator, the gateway);
-- `spiffe://lockstep/agent/<node>` — the node agent of `<node>`.
+- `spiffe://lockstep/agent/<node>` — the node agent of `<node>` (e.g. `rack-0/node-3`).
 
 Every certificate also carries a DNS name derived from its identity (`control-plane.lockstep`,
-`<node>.agent.lockstep`) and agents the shared `agent.lockstep`: gRPC clients verify a server's
-certificate by host name, so a client that knows which agent it dials sets
+`<node>.agent.lockstep` with `/` as `.`) and agents the shared `agent.lockstep`: gRPC clients
+verify a server's certificate by host name, so a client that knows which agent it dials sets
 `grpc.ssl_target_name_override` to that agent's DNS name (and gets exactly that agent), one
 that only knows "an agent of this cluster" (a LinkPing probe) uses the shared one.
 
@@ -33,8 +33,10 @@ AGENT_DNS_SUFFIX = f".agent.{TRUST_DOMAIN}"
 ANY_AGENT_DNS = f"agent.{TRUST_DOMAIN}"
 CONTROL_PLANE_DNS = f"control-plane.{TRUST_DOMAIN}"
 
-# Node names become file names (agents/<node>.crt) and URI/DNS labels: keep them plain.
-_NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+# Node names become file paths (agents/<node>.crt), URI paths and DNS labels: plain segments,
+# `/`-separated like the topology's node ids (`rack-0/node-3`, up to 4 segments).
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}"
+_NODE = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT}){{0,3}}")
 
 # gRPC metadata key of the per-replica link secret (lower case, as gRPC requires).
 LINK_SECRET_KEY = "x-lockstep-link-secret"
@@ -50,8 +52,8 @@ def check_node_name(node: str) -> str:
     """`node` if it is usable in a file name, a URI and a DNS label; ValueError otherwise."""
     if not _NODE.fullmatch(node):
         raise ValueError(
-            f"node name {node[:80]!r} must be 1-63 letters, digits, '-' or '_', "
-            "starting with a letter or digit"
+            f"node name {node[:80]!r} must be 1-4 '/'-separated parts of 1-63 letters, "
+            "digits, '-' or '_', each starting with a letter or digit (e.g. rack-0/node-3)"
         )
     return node
 
@@ -65,7 +67,8 @@ def dns_name(identity: str) -> str:
     if identity == CONTROL_PLANE:
         return CONTROL_PLANE_DNS
     if identity.startswith(AGENT_PREFIX):
-        return check_node_name(identity.removeprefix(AGENT_PREFIX)) + AGENT_DNS_SUFFIX
+        node = check_node_name(identity.removeprefix(AGENT_PREFIX))
+        return node.replace("/", ".") + AGENT_DNS_SUFFIX  # segments have no dots: one-to-one
     raise ValueError(f"not a Lockstep identity: {identity[:120]!r}")
 
 

@@ -156,7 +156,7 @@ class AgentCluster:
         insecure: bool = False,
     ) -> AgentProcess:
         security = ["--insecure"] if insecure else ["--certs", str(session_certs())]
-        err_path = Path(self._tmp.name) / f"{node}.stderr"
+        err_path = Path(self._tmp.name) / f"{node.replace('/', '.')}.stderr"
         with open(err_path, "w") as err:
             proc = subprocess.Popen(
                 [

@@ -79,7 +79,8 @@ def test_identities_roles_and_names() -> None:
     assert role_of(None) is None and role_of("spiffe://lockstep/agent/") is None
     assert dns_name(N0) == "n0.agent.lockstep"
     assert dns_name(CONTROL_PLANE) == "control-plane.lockstep"
-    for bad in ("", "../etc", "a/b", "-x", "x" * 64, "n 0"):
+    assert dns_name(agent_identity("rack-0/node-3")) == "rack-0.node-3.agent.lockstep"
+    for bad in ("", "../etc", "a//b", "/a", "a/", "-x", "x" * 64, "n 0", "a.b", "a/b/c/d/e"):
         with pytest.raises(ValueError, match="node name"):
             agent_identity(bad)
 
@@ -167,6 +168,16 @@ def test_certificate_directory_layout_modes_and_names(tmp_path: Path) -> None:
         assert san.get_values_for_type(x509.UniformResourceIdentifier) == [identity]
         assert dns in san.get_values_for_type(x509.DNSName)
         assert cert.not_valid_after_utc - cert.not_valid_before_utc > dt.timedelta(days=300)
+
+
+def test_topology_node_ids_get_nested_files(tmp_path: Path) -> None:
+    creds = certs.ensure_agent(tmp_path, "rack-0/node-3")
+    assert creds.identity == "spiffe://lockstep/agent/rack-0/node-3"
+    assert (tmp_path / "agents" / "rack-0" / "node-3.crt").read_bytes() == creds.cert_pem
+    san = _cert(tmp_path / "agents/rack-0/node-3.crt").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert "rack-0.node-3.agent.lockstep" in san.value.get_values_for_type(x509.DNSName)
 
 
 def test_creation_is_idempotent_and_rotation_issues_anew(tmp_path: Path) -> None:
