@@ -52,6 +52,8 @@ from agents.lockstep import Frame
 from agents.pipeline import Jitter, StageRunner
 from agents.settings import DEFAULT_SETTINGS
 from protos import interconnect_pb2
+from security.certs import Credentials
+from security.tls import link_metadata, open_channel
 
 log = logging.getLogger("lockstep.link")
 
@@ -155,9 +157,15 @@ def _stream(channel: grpc.Channel) -> Callable[..., Any]:
     )
 
 
-def insecure_link_channel(address: str) -> grpc.Channel:
-    """The plaintext channel factory (loopback and tests); TLS passes its own factory."""
-    return grpc.insecure_channel(address, options=LINK_OPTIONS)
+def link_channels(
+    creds: Credentials | None = None, peer: str | None = None
+) -> Callable[[str], grpc.Channel]:
+    """A channel factory for links: mutual TLS with this agent's `creds`, the downstream
+    agent's certificate checked against `peer` (its identity); plaintext when `creds` is None."""
+    return lambda address: open_channel(address, creds, peer=peer, options=LINK_OPTIONS)
+
+
+insecure_link_channel = link_channels()
 
 
 class GrpcLink:
@@ -187,7 +195,11 @@ class GrpcLink:
         incarnation: int | None = None,
         heartbeat: float = DEFAULT_SETTINGS.link_heartbeat,
         channel_factory: Callable[[str], grpc.Channel] = insecure_link_channel,
+        secret: bytes = b"",
     ) -> None:
+        """`channel_factory`: see `link_channels`; `secret`: the replica's link secret, sent
+        in the stream's metadata (the receiver also checks this agent's certificate)."""
+        self._secret = secret
         self._route = (deployment, replica, to_stage)
         self._address = address
         self._on_ack = on_ack
@@ -217,7 +229,10 @@ class GrpcLink:
                 return
             self._responses = _stream(self._channel)(
                 self._requests(),
-                metadata=target_metadata(*self._route, self.incarnation),
+                metadata=(
+                    *target_metadata(*self._route, self.incarnation),
+                    *link_metadata(self._secret),
+                ),
             )
         threading.Thread(
             target=self._read_acks, name=f"link-acks-{self._route[2]}", daemon=True
@@ -502,10 +517,13 @@ def handlers(service: LinkService) -> grpc.GenericRpcHandler:
     )
 
 
-def ping(address: str, count: int, payload_bytes: int) -> tuple[list[float], list[float]]:
+def ping(
+    address: str, count: int, payload_bytes: int, creds: Credentials | None = None
+) -> tuple[list[float], list[float]]:
     """Probe a link: `count` frames of `payload_bytes`, one at a time, each waiting for its
     acknowledgement. Returns one-way (sent → received, the host-wide monotonic clock) and
-    round-trip latencies in milliseconds. The first frame (stream set-up) is not counted."""
+    round-trip latencies in milliseconds. The first frame (stream set-up) is not counted.
+    `creds`: this agent's certificate (mutual TLS with any agent of the cluster)."""
     payload = bytes(payload_bytes)
     go: queue.SimpleQueue[bool] = queue.SimpleQueue()
     stamps: dict[int, int] = {}
@@ -519,7 +537,7 @@ def ping(address: str, count: int, payload_bytes: int) -> tuple[list[float], lis
             yield msg
 
     one_way, round_trip = [], []
-    with grpc.insecure_channel(address, options=LINK_OPTIONS) as channel:
+    with open_channel(address, creds, options=LINK_OPTIONS) as channel:
         go.put(True)
         for ack in _stream(channel)(requests(), timeout=120):
             now = time.monotonic_ns()

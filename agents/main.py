@@ -1,6 +1,8 @@
 """Agent entry point: `lpuctl agent --node n0 --chips 8 --profile dev --listen 127.0.0.1:0`.
 
-Also runnable as `python -m agents.main ...` (same flags). Prints exactly one line to stdout,
+Also runnable as `python -m agents.main ...` (same flags). Serves mutual TLS with the
+certificates in `--certs DIR` (created on first start for the embedded default), or plaintext
+behind `--insecure`, loopback only. Prints exactly one line to stdout,
 `listening on HOST:PORT` with the bound port, then serves until SIGTERM or SIGINT, stops
 gracefully (health NOT_SERVING, in-flight calls get a grace period) and exits 0. Logs go to
 stderr.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -87,18 +90,48 @@ def run_agent(
     *,
     sram_bytes: int | None = None,
     settings: AgentSettings = DEFAULT_SETTINGS,
+    certs: str | None = None,
+    insecure: bool = False,
 ) -> int:
     """Serve one node's chips until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input.
 
     `sram_bytes` overrides the profile's SRAM per chip (tests and benchmarks that need a
     capacity between the `dev` and `groq-rack` presets); every other default and bound is in
     `settings`.
+
+    Mutual TLS with the certificates in `certs` (default `default_certs_dir()`): the node's
+    own certificate is loaded from there, and created together with the cluster CA when the
+    directory has none (the embedded default; in production the control plane issues it).
+    `insecure` serves plaintext with no authorization, on loopback addresses only.
     """
     try:
         capacity = sram_bytes or get_profile(profile).sram_bytes
     except InputError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
+    creds = None
+    if insecure:
+        if not is_loopback_listen(listen):
+            print(
+                f"agent: --insecure is refused on {listen}: plaintext is allowed only on a "
+                "loopback address (127.0.0.1, ::1, localhost)",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            "agent: WARNING: --insecure: plaintext gRPC with NO authentication; any local "
+            "process can drive this agent. Never use outside a development machine.",
+            file=sys.stderr,
+        )
+    else:
+        from security.certs import CertError, ensure_agent  # cryptography: only when serving
+
+        directory = certs or default_certs_dir()
+        try:
+            creds = ensure_agent(directory, node)
+        except (CertError, ValueError, OSError) as exc:
+            print(f"agent: certificates in {directory}: {exc}", file=sys.stderr)
+            return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO,
@@ -108,17 +141,20 @@ def run_agent(
     tune_malloc()
     pin_blas(settings.blas_threads)
     from agents.server import AgentService, start_server  # numpy and gRPC: after the pin
+    from security.tls import server_credentials
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        service = AgentService(node, profile, chips, capacity, settings=settings)
+        service = AgentService(node, profile, chips, capacity, settings=settings, tls=creds)
     except ValueError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
     try:
-        agent = start_server(service, listen)
+        agent = start_server(
+            service, listen, credentials=None if creds is None else server_credentials(creds)
+        )
     except (OSError, RuntimeError) as exc:
         print(f"agent: cannot listen on {listen}: {exc}", file=sys.stderr)
         return 1
@@ -129,6 +165,22 @@ def run_agent(
     log.info("node %s: stopping", node)
     agent.stop()
     return 0
+
+
+def default_certs_dir() -> str:
+    """`$LOCKSTEP_CERTS` or `~/.lockstep/certs`: where `lpuctl agent` finds its certificates."""
+    return os.environ.get("LOCKSTEP_CERTS") or os.path.expanduser("~/.lockstep/certs")
+
+
+def is_loopback_listen(listen: str) -> bool:
+    """Whether HOST:PORT binds a loopback address only (`localhost`, 127.0.0.0/8, `[::1]`)."""
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def pin_blas(threads: int) -> None:
@@ -197,6 +249,18 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_SETTINGS.load_idle_timeout,
         help="end a load whose client sends nothing (header or chunk) for this many seconds",
     )
+    security = parser.add_mutually_exclusive_group()
+    security.add_argument(
+        "--certs",
+        metavar="DIR",
+        help="certificate directory (default $LOCKSTEP_CERTS or ~/.lockstep/certs); the "
+        "cluster CA and this node's certificate are created there if missing",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext with no authentication (loopback addresses only; prints a warning)",
+    )
     parser.set_defaults(handler=cmd_agent)
     return parser
 
@@ -209,6 +273,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
         args.listen,
         sram_bytes=args.sram_bytes,
         settings=dataclasses.replace(DEFAULT_SETTINGS, load_idle_timeout=args.load_idle_timeout),
+        certs=args.certs,
+        insecure=args.insecure,
     )
 
 

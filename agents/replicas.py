@@ -27,7 +27,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -44,7 +44,7 @@ from agents.errors import (
 )
 from agents.execution_error import ExecutionError
 from agents.executor import Stepper, TensorParallelGroup
-from agents.interconnect import GrpcLink
+from agents.interconnect import GrpcLink, link_channels
 from agents.journal import Journal, JournalError, QueueFull
 from agents.lockstep import Schedule
 from agents.pipeline import LocalLink, StageRunner
@@ -54,6 +54,7 @@ from agents.stage_core import Stopped
 from agents.text import quote
 from placement.models import ModelConfig
 from protos import agent_pb2
+from security.certs import Credentials
 
 log = logging.getLogger("lockstep.agent")
 
@@ -95,6 +96,8 @@ class Replica:
     runners: dict[int, StageRunner]
     chips: dict[int, tuple[int, str]]  # chip index -> (stage, chip name)
     vocab_size: int
+    link_secret: bytes = b""
+    upstream: dict[int, str] = field(default_factory=dict)  # stage -> upstream agent identity
 
     @property
     def owner(self) -> str:
@@ -122,9 +125,15 @@ def _stop_others(runners: dict[int, StageRunner], stopped: int, reason: str) -> 
 class ReplicaHost:
     """Every replica stage hosted by one agent (see the module docstring)."""
 
-    def __init__(self, chips: Sequence[Chip], settings: AgentSettings = DEFAULT_SETTINGS) -> None:
+    def __init__(
+        self,
+        chips: Sequence[Chip],
+        settings: AgentSettings = DEFAULT_SETTINGS,
+        tls: Credentials | None = None,
+    ) -> None:
         self.chips = chips
         self.settings = settings
+        self.tls = tls  # this agent's certificate for outgoing links (None: plaintext)
         self._lock = threading.Lock()
         self._replicas: dict[tuple[str, int], Replica] = {}
         self._configuring: set[tuple[str, int]] = set()  # keys whose ConfigureReplica runs
@@ -135,6 +144,14 @@ class ReplicaHost:
         with self._lock:
             found = self._replicas.get((deployment, replica))
         return None if found is None else found.runners.get(stage)
+
+    def link_policy(self, runner: StageRunner) -> tuple[str, bytes] | None:
+        """(configured upstream identity, link secret) of the replica stage `runner` runs."""
+        with self._lock:
+            for rep in self._replicas.values():
+                if rep.runners.get(runner.stage) is runner:
+                    return rep.upstream.get(runner.stage, ""), rep.link_secret
+        return None
 
     def _replica(self, deployment: str, replica: int) -> Replica:
         with self._lock:
@@ -206,7 +223,15 @@ class ReplicaHost:
                 chip.release(owner)
             raise
         with self._lock:
-            self._replicas[key] = Replica(req.deployment, req.replica, runners, chips, vocab)
+            self._replicas[key] = Replica(
+                req.deployment,
+                req.replica,
+                runners,
+                chips,
+                vocab,
+                req.link_secret,
+                {a.stage: a.upstream_identity for a in req.assignments},
+            )
         for runner in runners.values():
             runner.start()
         return [name for a in req.assignments for name in a.chip_names]
@@ -344,6 +369,10 @@ class ReplicaHost:
                         on_error=runner.fail,
                         jitter_ms=req.jitter_ms,
                         seed=seed,
+                        channel_factory=link_channels(
+                            self.tls, by_stage[stage].downstream_identity or None
+                        ),
+                        secret=req.link_secret,
                     )
                 )
 

@@ -52,8 +52,9 @@ from agents.errors import (
 from agents.execution_error import ExecutionError
 from agents.executor import MANIFEST_KEY
 from agents.interconnect import SERVICE_NAME as LINK_SERVICE_NAME
-from agents.interconnect import LinkService, ping
+from agents.interconnect import LinkService, allow_all, ping
 from agents.interconnect import handlers as link_handlers
+from agents.link_auth import link_authorizer
 from agents.loader import (
     MAX_MESSAGE_BYTES,
     ShardHeader,
@@ -68,6 +69,8 @@ from agents.status_codes import status_of
 from agents.streams import StreamGate
 from agents.text import clip, quote
 from protos import agent_pb2
+from security.certs import Credentials
+from security.tls import AuthorizationInterceptor, peer_identity
 
 log = logging.getLogger("lockstep.agent")
 
@@ -76,11 +79,12 @@ _R = TypeVar("_R")
 
 
 def peer_key(context: grpc.ServicerContext) -> str:
-    """Who is calling, for per-peer bounds: the transport address without its port.
-
-    The one place a peer is named (mTLS will replace this with the authenticated identity).
-    Without the port, because one client opens as many connections as it likes.
-    """
+    """Who is calling, for per-peer bounds: the certificate identity under mutual TLS, else
+    the transport address without its port (one client opens as many connections as it
+    likes). The one place a peer is named."""
+    identity = peer_identity(context)
+    if identity is not None:
+        return identity
     peer = context.peer() or "unknown"
     if peer.startswith(("ipv4:", "ipv6:")):
         return peer.rsplit(":", 1)[0]
@@ -176,14 +180,21 @@ class AgentService:
         sram_bytes: int,
         *,
         settings: AgentSettings = DEFAULT_SETTINGS,
+        tls: Credentials | None = None,
     ) -> None:
+        """`tls`: this agent's certificate, for the links it opens and the Link streams it
+        authorizes (None: plaintext links, no link authorization)."""
         self.node = node
         self.profile = profile
         self.settings = settings
+        self.tls = tls
         self.chips = make_chips(chips, sram_bytes)
-        self.replicas = ReplicaHost(self.chips, settings)
+        self.replicas = ReplicaHost(self.chips, settings, tls)
         self.links = LinkService(
-            self.replicas.resolve, node, idle_timeout=self.settings.link_idle_timeout
+            self.replicas.resolve,
+            node,
+            authorize=allow_all if tls is None else link_authorizer(self.replicas.link_policy),
+            idle_timeout=self.settings.link_idle_timeout,
         )
         self.streams = StreamGate(settings.max_streams, settings.max_streams_per_peer)
         self._closed = threading.Event()
@@ -474,7 +485,7 @@ class AgentService:
         peer = peer_key(context)  # a ping holds a worker as long as a stream: admit it as one
         self.streams.enter(peer, "LinkPing")
         try:
-            one_way, round_trip = ping(request.peer, request.count, request.payload_bytes)
+            one_way, round_trip = ping(request.peer, request.count, request.payload_bytes, self.tls)
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             details = exc.details() if isinstance(exc, grpc.Call) else ""
@@ -700,17 +711,27 @@ class AgentServer:
 
 
 def start_server(
-    service: AgentService, listen: str, *, max_workers: int | None = None
+    service: AgentService,
+    listen: str,
+    *,
+    credentials: grpc.ServerCredentials | None = None,
+    max_workers: int | None = None,
 ) -> AgentServer:
     """Bind `listen` (HOST:PORT, port 0 = any free port), start serving, return the port.
 
     The worker pool is `settings.workers` (every allowed stream plus the unary reserve), so
-    streams can never take the workers Status and health need.
+    streams can never take the workers Status and health need. With `credentials`
+    (`security.tls.server_credentials`) the port speaks mutual TLS and every call passes the
+    authorization table (`security.identity.METHOD_ROLES`) before it may take a stream place;
+    None is plaintext with no authorization (`lpuctl agent --insecure`, loopback only).
     """
     workers = max_workers or service.settings.workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
-        interceptors=(StreamLimit(service.streams, service.node),),
+        interceptors=(
+            *(() if credentials is None else (AuthorizationInterceptor(service.node),)),
+            StreamLimit(service.streams, service.node),
+        ),
         options=SERVER_OPTIONS,
     )
     server.add_generic_rpc_handlers((_handlers(service), link_handlers(service.links)))
@@ -719,7 +740,10 @@ def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, LINK_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()

@@ -17,6 +17,12 @@ In one run, on loopback:
   bit for bit with the reference's; `bit_identical_to_reference` is computed here. A request
   that fails or returns nothing fails the whole run (exit status 1, the reason on stderr).
 
+Everything above runs twice in the same run: on a pair of agents speaking mutual TLS (the
+default; a CA made for the run, this process dialling as the control plane, the agents' links
+authenticated by certificate and link secret) and on a pair started with `--insecure`. The
+headline figures are the TLS ones; `plaintext` and `tls_cost_ratio` (TLS / plaintext for
+latencies, plaintext / TLS for rates: above 1 means TLS is slower) give the cost.
+
 Medians over `--reps`. Prints a table, then one JSON line (last). Both agents and this
 process share the machine's cores, so multi-stage figures include that contention.
 
@@ -37,6 +43,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -57,6 +64,9 @@ from placement.models import MODEL_PRESETS  # noqa: E402
 from placement.planner import PlanRequest, make_plan  # noqa: E402
 from placement.topology import preset_topology  # noqa: E402
 from protos import agent_pb2, agent_pb2_grpc  # noqa: E402
+from security import certs as certs_mod  # noqa: E402
+from security.identity import agent_identity  # noqa: E402
+from security.tls import open_channel  # noqa: E402
 
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED, MAX_BATCH, MAX_CONTEXT = 3, 4, 128
@@ -66,7 +76,8 @@ REFERENCE_KIND = "in-process single executor"
 PROMPT_LEN = 8
 
 
-def agent_args(node: str) -> tuple[str, ...]:
+def agent_args(node: str, certs: Path | None) -> tuple[str, ...]:
+    """An 8-chip agent: TLS with the certificates in `certs`, plaintext when None."""
     return (
         "-m",
         "agents.main",
@@ -80,6 +91,7 @@ def agent_args(node: str) -> tuple[str, ...]:
         "96MiB",
         "--listen",
         "127.0.0.1:0",
+        *(("--insecure",) if certs is None else ("--certs", str(certs))),
     )
 
 
@@ -115,9 +127,25 @@ def hop_latency(stubs: list[Any], addresses: list[str], pings: int, reps: int) -
 # --- serving ---------------------------------------------------------------------------------
 
 
-def deploy(
-    stages: int, stubs: list[Any], addresses: list[str], store: Path
-) -> tuple[str, list[str]]:
+@dataclass
+class Pair:
+    """Two agents (node names n0, n1) and how to dial them."""
+
+    addresses: list[str]
+    certs: Path | None
+
+    def channel(self, i: int, **options: Any) -> grpc.Channel:
+        opts = loader.channel_options() if options.get("load") else []
+        if self.certs is None:
+            return grpc.insecure_channel(self.addresses[i], options=opts)
+        creds = certs_mod.load_control_plane(self.certs)
+        return open_channel(self.addresses[i], creds, peer=agent_identity(f"n{i}"), options=opts)
+
+    def nodes(self) -> dict[str, str] | None:
+        return None if self.certs is None else {a: f"n{i}" for i, a in enumerate(self.addresses)}
+
+
+def deploy(stages: int, stubs: list[Any], pair: Pair, store: Path) -> tuple[str, list[str]]:
     """Compile, load and start a replica of `stages` stages: its name, the agents used."""
     name = f"s{stages}"
     request = PlanRequest(
@@ -134,6 +162,7 @@ def deploy(
     )
     plan = make_plan(request, preset_topology(1, "dev-whole-ops"))
     refs = compile_plan(plan, TINY, SEED, store)
+    addresses = pair.addresses
     half = max(1, stages // 2)
     where = {
         r.chip: (
@@ -143,7 +172,7 @@ def deploy(
         for r in refs
     }
     by_address = dict(zip(addresses, stubs, strict=True))
-    channels = {a: grpc.insecure_channel(a, options=loader.channel_options()) for a in addresses}
+    channels = {a: pair.channel(i, load=True) for i, a in enumerate(addresses)}
     for ref in refs:
         address, chip = where[ref.chip]
         blob = ref.path.read_bytes()
@@ -153,7 +182,7 @@ def deploy(
         loader.send_load(channels[address], messages, timeout=120)
     for channel in channels.values():
         channel.close()
-    requests = configure_requests(plan, refs, where, window=2)
+    requests = configure_requests(plan, refs, where, window=2, nodes=pair.nodes())
     bring_up(by_address, requests)
     return name, list(requests)
 
@@ -236,16 +265,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         TINY, SeededWeights(TINY, SEED, "F16"), max_batch=MAX_BATCH, max_context=MAX_CONTEXT
     )
     ref_rates, solo = reference_runs(ref, batch, n, args.reps)
-    tokens_per_s: dict[str, dict[str, float]] = {"reference": ref_rates}
+    with tempfile.TemporaryDirectory() as tmp:
+        certs = Path(tmp) / "certs"
+        certs_mod.init_cluster(certs)
+        tls = run_pair(args, certs, Path(tmp) / "tls", batch, solo)
+        plain = run_pair(args, None, Path(tmp) / "plain", batch, solo)
+    return {
+        "hops": tls["hops"],
+        "tokens_per_s": {"reference": ref_rates, **tls["tokens_per_s"]},
+        "identical": tls["identical"] and plain["identical"],
+        "plaintext": plain,
+    }
+
+
+def run_pair(
+    args: argparse.Namespace,
+    certs: Path | None,
+    store: Path,
+    batch: list[tuple[int, ...]],
+    solo: list[Any],
+) -> dict[str, Any]:
+    """Hops and serving on a fresh pair of agents (TLS with `certs`, plaintext when None)."""
+    n = args.tokens
+    tokens_per_s: dict[str, dict[str, float]] = {}
     identical = True
-    with tempfile.TemporaryDirectory() as tmp, processes() as start:
-        started = [start(*agent_args(f"n{i}")) for i in range(2)]
-        addresses = [address for _, address in started]
-        channels = [grpc.insecure_channel(a) for a in addresses]
+    store.mkdir()
+    with processes() as start:
+        started = [start(*agent_args(f"n{i}", certs)) for i in range(2)]
+        pair = Pair([address for _, address in started], certs)
+        addresses = pair.addresses
+        channels = [pair.channel(i) for i in range(2)]
         stubs = [agent_pb2_grpc.AgentStub(c) for c in channels]
         hops = hop_latency(stubs, addresses, args.pings, args.reps)
         for stages in STAGE_COUNTS:
-            name, used = deploy(stages, stubs, addresses, Path(tmp))
+            name, used = deploy(stages, stubs, pair, store)
             head = stubs[0]
             serve(head, name, "warm", batch[0], 4)
             one, many = [], []
@@ -303,6 +356,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         f"note: ratio = pipeline / reference, where the reference is {REFERENCE_KIND} "
         "(no gRPC, no processes); the pipelines run as agent processes over gRPC"
     )
+    extra = tls_cost(result)
     return {
         "bench": "lockstep",
         "hop_p50_ms": round(hops["hop_p50_ms"], 4),
@@ -318,6 +372,50 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "max_batch": MAX_BATCH,
         "tokens_per_request": args.tokens,
         "reps": args.reps,
+        "transport": "mutual TLS",
+        **extra,
+    }
+
+
+def tls_cost(result: dict[str, Any]) -> dict[str, Any]:
+    """The plaintext pair's figures and the cost of TLS as ratios (above 1: TLS is slower)."""
+    plain = result.get("plaintext")
+    if plain is None:
+        return {}
+    hops, plain_hops = result["hops"], plain["hops"]
+    rates, plain_rates = result["tokens_per_s"], plain["tokens_per_s"]
+    print(
+        f"plaintext (--insecure): hop p50 {plain_hops['hop_p50_ms']:.3f} ms, p99 "
+        f"{plain_hops['hop_p99_ms']:.3f} ms; round trip p50 "
+        f"{plain_hops['round_trip_p50_ms']:.3f} ms"
+    )
+    for key, value in plain_rates.items():
+        print(f"{key + ' plain':<12}{value['one']:>18.1f}{'':>8}{value['batch']:>20.1f}")
+    cost = {
+        "hop_p50": hops["hop_p50_ms"] / plain_hops["hop_p50_ms"],
+        "hop_p99": hops["hop_p99_ms"] / plain_hops["hop_p99_ms"],
+        "round_trip_p50": hops["round_trip_p50_ms"] / plain_hops["round_trip_p50_ms"],
+        **{
+            f"{key}_{mode}_tokens_per_s": plain_rates[key][mode] / rates[key][mode]
+            for key in plain_rates
+            for mode in ("one", "batch")
+        },
+    }
+    print(
+        f"TLS cost: hop p50 x{cost['hop_p50']:.2f}, round trip p50 x"
+        f"{cost['round_trip_p50']:.2f} (TLS / plaintext)"
+    )
+    return {
+        "plaintext": {
+            "hop_p50_ms": round(plain_hops["hop_p50_ms"], 4),
+            "hop_p99_ms": round(plain_hops["hop_p99_ms"], 4),
+            "round_trip_p50_ms": round(plain_hops["round_trip_p50_ms"], 4),
+            "round_trip_p99_ms": round(plain_hops["round_trip_p99_ms"], 4),
+            "tokens_per_s": {
+                k: {m: round(x, 1) for m, x in v.items()} for k, v in plain_rates.items()
+            },
+        },
+        "tls_cost_ratio": {k: round(v, 3) for k, v in cost.items()},
     }
 
 

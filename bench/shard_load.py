@@ -2,9 +2,12 @@
 
 One 256 MiB shard (a real safetensors blob) is sent, in the same run and interleaved rep by rep,
 
-* to an agent (`python -m agents.main`, one chip): LoadShard with BLAKE3 verification (the
-  default) and with sha256 verification, each followed by an (untimed) UnloadShard, in
-  `loader.DEFAULT_CHUNK_BYTES` chunks (1 MiB);
+* to an agent (`python -m agents.main`, one chip) over mutual TLS (the default; certificates
+  from a CA made for the run, the sender dialling as the control plane): LoadShard with BLAKE3
+  verification (the default) and with sha256 verification, each followed by an (untimed)
+  UnloadShard, in `loader.DEFAULT_CHUNK_BYTES` chunks (1 MiB);
+* to an identical agent started with `--insecure` (plaintext), BLAKE3: the TLS cost is the
+  ratio of the two (`tls_cost_ratio` = plaintext GB/s / TLS GB/s);
 * to a "before" agent, for a before/after in the same run: the agent as it was before the
   RSS fix — loaded in the former 4 MiB chunks (`--before-chunk-mib`) and with the heap trim
   after large-chunk loads disabled (`loader.release_heap`);
@@ -29,8 +32,11 @@ both sides) once both cores are busy, so the load-vs-bare ratio is bounded by th
 stream's CPU cost over the load's (which adds the copy into the arena and the digest); the
 `cpu` entry of the JSON gives core-seconds per GB per path.
 
-Targets (issue 3): load+verify ≥ 1.0 GB/s, ≥ 0.8 of the bare gRPC stream, agent peak RSS ≤
-shard size + 150 MB. The last line of output is one JSON object with the figures.
+The "before" agent and the sinks are plaintext (they are baselines of the transport); the four
+agents of the aggregate speak TLS.
+
+Targets (issue 3, 7): load+verify ≥ 1.0 GB/s with TLS, ≥ 0.8 of the bare gRPC stream, agent
+peak RSS ≤ shard size + 150 MB. The last line of output is one JSON object with the figures.
 
 Run: `.venv/bin/python bench/shard_load.py [--reps 5] [--size-mib 256] [--chunk-mib 1]`.
 """
@@ -61,6 +67,9 @@ import grpc  # noqa: E402
 
 from agents import loader  # noqa: E402
 from protos import agent_pb2, agent_pb2_grpc  # noqa: E402
+from security import certs as certs_mod  # noqa: E402
+from security.identity import agent_identity  # noqa: E402
+from security.tls import open_channel  # noqa: E402
 
 SINK_METHOD = "/bench.Sink/Put"
 GB = 1e9
@@ -172,8 +181,8 @@ def run_sender(cfg: dict[str, Any]) -> None:
     before_sha_messages = [loader.header_message(sha), *before_messages[1:]]
     options = loader.channel_options()
     agents = {
-        name: grpc.insecure_channel(cfg[name], options=options)
-        for name in ("agent", "agent_before")
+        name: _channel(cfg, cfg[name], cfg["tls_nodes"].get(name))
+        for name in ("agent", "agent_plain", "agent_before")
     }
     stubs = {name: agent_pb2_grpc.AgentStub(channel) for name, channel in agents.items()}
     sinks = {
@@ -200,6 +209,7 @@ def run_sender(cfg: dict[str, Any]) -> None:
     for _ in range(cfg["reps"] + 1):  # the first agent load is the cold one
         load("load_blake3", "agent", messages)
         load("load_sha256", "agent", sha_messages)
+        load("load_blake3_plaintext", "agent_plain", messages)
         load("before_load_blake3", "agent_before", before_messages)
         load("before_load_sha256", "agent_before", before_sha_messages)
         for name, put in sinks.items():
@@ -210,8 +220,17 @@ def run_sender(cfg: dict[str, Any]) -> None:
             pids["bare_grpc"],
         )
         record("raw_tcp", lambda: _tcp_send(cfg["tcp"], blob, chunk), pids["raw_tcp"])
-    aggregate = _aggregate(cfg["agents4"], messages, b3.shard_id, cfg["reps"], options)
+    aggregate = _aggregate(cfg, messages, b3.shard_id, cfg["reps"])
     print(json.dumps({"size": size, "samples": samples, "aggregate": aggregate}), flush=True)
+
+
+def _channel(cfg: dict[str, Any], address: str, node: str | None) -> grpc.Channel:
+    """Mutual TLS as the control plane to the agent of `node`; plaintext when None."""
+    options = loader.channel_options()
+    if node is None:
+        return grpc.insecure_channel(address, options=options)
+    creds = certs_mod.load_control_plane(cfg["certs"])
+    return open_channel(address, creds, peer=agent_identity(node), options=options)
 
 
 def _tcp_send(address: str, blob: bytes, chunk: int) -> None:
@@ -226,15 +245,9 @@ def _tcp_send(address: str, blob: bytes, chunk: int) -> None:
             raise ConnectionError("TCP sink did not acknowledge")
 
 
-def _aggregate(
-    addresses: list[str],
-    messages: list[bytes],
-    shard_id: str,
-    reps: int,
-    options: list[tuple[str, int]],
-) -> list[float]:
-    """Seconds to load the shard into every agent at once, one sender thread each."""
-    channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+def _aggregate(cfg: dict[str, Any], messages: list[bytes], shard_id: str, reps: int) -> list[float]:
+    """Seconds to load the shard into every agent at once (TLS), one sender thread each."""
+    channels = [_channel(cfg, a, node) for node, a in cfg["agents4"]]
     stubs = [agent_pb2_grpc.AgentStub(c) for c in channels]
     for stub in stubs:
         stub.Status(agent_pb2.StatusRequest())
@@ -301,8 +314,11 @@ def make_blob(size_mib: int) -> bytes:
     return save({"w": weights}, metadata={"lockstep.manifest": json.dumps(manifest)})
 
 
-def agent_args(node: str, sram_mib: int) -> tuple[str, ...]:
+def agent_args(node: str, sram_mib: int, certs: Path | None) -> tuple[str, ...]:
+    """Flags of a one-chip agent: TLS with the certificates in `certs`, plaintext when None."""
+    security = ("--insecure",) if certs is None else ("--certs", str(certs))
     return (
+        *security,
         "--node",
         node,
         "--chips",
@@ -322,28 +338,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, processes() as start:
         blob_path = Path(tmp) / "shard.safetensors"
         blob_path.write_bytes(make_blob(args.size_mib))
-        agent, agent_addr = start("-m", "agents.main", *agent_args("bench0", sram_mib))
+        certs = Path(tmp) / "certs"
+        certs_mod.init_cluster(certs)
+        agent, agent_addr = start("-m", "agents.main", *agent_args("bench0", sram_mib, certs))
+        plain_agent, plain_agent_addr = start(
+            "-m", "agents.main", *agent_args("plain0", sram_mib, None)
+        )
         before, before_addr = start(
-            me, "--role", "agent-before", "--", *agent_args("before0", sram_mib)
+            me, "--role", "agent-before", "--", *agent_args("before0", sram_mib, None)
         )
         tuned, tuned_addr = start(me, "--role", "grpc-sink", "--tuned")
         plain, plain_addr = start(me, "--role", "grpc-sink")
         tcp, tcp_addr = start(me, "--role", "tcp-sink", "--size-mib", str(sram_mib))
-        agents4 = [
-            start("-m", "agents.main", *agent_args(f"bench{i + 1}", sram_mib)) for i in range(4)
-        ]
+        names4 = [f"bench{i + 1}" for i in range(4)]
+        agents4 = [start("-m", "agents.main", *agent_args(n, sram_mib, certs)) for n in names4]
         cfg = {
             "blob": str(blob_path),
             "chunk_mib": args.chunk_mib,
             "before_chunk_mib": args.before_chunk_mib,
             "reps": args.reps,
+            "certs": str(certs),
+            "tls_nodes": {"agent": "bench0"},
             "agent": agent_addr,
+            "agent_plain": plain_agent_addr,
             "agent_before": before_addr,
             "tcp": tcp_addr,
-            "agents4": [a for _, a in agents4],
+            "agents4": [(n, a) for n, (_, a) in zip(names4, agents4, strict=True)],
             "sinks": {"bare_grpc": tuned_addr, "bare_grpc_default": plain_addr},
             "pids": {
                 "agent": agent.pid,
+                "agent_plain": plain_agent.pid,
                 "agent_before": before.pid,
                 "bare_grpc": tuned.pid,
                 "bare_grpc_default": plain.pid,
@@ -406,6 +430,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print(f"agent peak RSS (MiB) after each load, blake3/sha256 alternating: {rss}")
     print(f"before (no trim, {args.before_chunk_mib} MiB chunks): {before_rss}")
     load, bare = median(warm["load_blake3"]), median(warm["bare_grpc"])
+    plain = median(warm["load_blake3_plaintext"])
     before_load = median(warm["before_load_blake3"])
     before_bare = median(warm["bare_grpc_before_chunks"])
     agg = result["aggregate"]
@@ -418,6 +443,8 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "reps": args.reps,
         "load_gbps": round(load, 3),
         "load_sha256_gbps": round(median(warm["load_sha256"]), 3),
+        "load_plaintext_gbps": round(plain, 3),
+        "tls_cost_ratio": round(plain / load, 3),
         "cold_load_gbps": round(samples["load_blake3"][0]["gbps"], 3),
         "bare_grpc_gbps": round(bare, 3),
         "bare_grpc_default_malloc_gbps": round(median(warm["bare_grpc_default"]), 3),
@@ -433,7 +460,13 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "agents4_peak_rss_mb": round(result["agents4_peak_rss_mb"], 1),
         "cpu": {
             name: cpu_per_gb(warm[name])
-            for name in ("load_blake3", "load_sha256", "bare_grpc", "raw_tcp")
+            for name in (
+                "load_blake3",
+                "load_sha256",
+                "load_blake3_plaintext",
+                "bare_grpc",
+                "raw_tcp",
+            )
         },
         "before": {
             "chunk_mib": args.before_chunk_mib,
@@ -446,6 +479,10 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             "agent_peak_rss_mb": round(result["before_agent_peak_rss_mb"], 1),
         },
     }
+    print(
+        f"mutual TLS: {load:.2f} GB/s, plaintext (--insecure): {plain:.2f} GB/s; TLS costs "
+        f"{plain / load:.2f}x"
+    )
     print(
         f"agent load+verify+commit: {load:.2f} GB/s warm, {summary['cold_load_gbps']:.2f} "
         f"GB/s cold; {summary['ratio_vs_bare_grpc']:.2f} of bare gRPC (same malloc tuning), "
@@ -463,7 +500,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         f"{summary['agents4_peak_rss_mb']:.0f} MB"
     )
     summary["targets_met"] = {
-        "load_ge_1gbps": load >= 1.0,
+        "load_ge_1gbps_with_tls": load >= 1.0,
         "ratio_ge_0.8": load / bare >= 0.8,
         "rss_within_budget": summary["agent_peak_rss_mb"] <= budget,
     }

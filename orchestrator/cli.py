@@ -24,6 +24,7 @@ from typing import NoReturn
 import yaml
 
 from agents.main import register_agent_command, whole_number
+from orchestrator.certs_cmd import register_certs_command
 from orchestrator.deployments import plan_request_from_spec
 from orchestrator.render import print_plan_table
 from orchestrator.spec import SpecError, load_deployment_file
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--svg", help="also write the rack map as SVG to this path")
     plan.set_defaults(handler=cmd_plan)
     register_agent_command(sub)
+    register_certs_command(sub)
     return parser
 
 

@@ -10,12 +10,14 @@ collects every chip's ready confirmation and hands the full set to each agent's 
 
 from __future__ import annotations
 
+import secrets
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 from orchestrator.compiler import ShardRef
 from placement.plan import Plan
 from protos import agent_pb2, agent_pb2_grpc
+from security.identity import LINK_SECRET_BYTES, agent_identity
 
 
 def configure_requests(
@@ -30,10 +32,21 @@ def configure_requests(
     queue_limit: int = 0,
     jitter_ms: float = 0.0,
     jitter_seed: int = 0,
+    nodes: Mapping[str, str] | None = None,
+    link_secret: bytes | None = None,
 ) -> dict[str, agent_pb2.ConfigureReplicaRequest]:
     """One request per agent address; `where` maps each plan chip id to (address, index).
 
-    `deployment` overrides the plan's name (a second replica set of the same shards)."""
+    `deployment` overrides the plan's name (a second replica set of the same shards).
+    `nodes` maps each agent address to its node name: every stage then names the identity of
+    its remote upstream agent (the only one whose Link it accepts) and downstream agent (whose
+    certificate its link checks); without it agents with mutual TLS refuse every link. The
+    replica's link secret is random (`secrets.token_bytes`) unless `link_secret` is given."""
+    secret = secrets.token_bytes(LINK_SECRET_BYTES) if link_secret is None else link_secret
+
+    def identity(address: str) -> str:
+        return agent_identity(nodes[address]) if nodes is not None and address in nodes else ""
+
     mine = sorted(
         (r for r in refs if r.binding.replica == replica),
         key=lambda r: (r.binding.stage, r.binding.tp_rank),
@@ -65,9 +78,11 @@ def configure_requests(
                 queue_limit=queue_limit,
                 jitter_ms=jitter_ms,
                 jitter_seed=jitter_seed,
+                link_secret=secret,
             ),
         )
         down = home[(stage + 1) % stages]
+        up = home[(stage - 1) % stages]
         request.assignments.append(
             agent_pb2.StageAssignment(
                 stage=stage,
@@ -75,6 +90,8 @@ def configure_requests(
                 shard_ids=[r.sha256 for r in by_stage[stage]],
                 chip_names=[r.chip for r in by_stage[stage]],
                 downstream_address="" if down == address else down,
+                upstream_identity="" if up == address else identity(up),
+                downstream_identity="" if down == address else identity(down),
             )
         )
     return requests

@@ -2,13 +2,20 @@
 
 Not a pytest conftest (imported explicitly by `tests/test_agent*.py`): every agent started
 through `AgentCluster` is terminated and reaped when the cluster closes, even on failure.
+
+Agents speak mutual TLS by default, with certificates from one cluster CA made once per test
+session (`session_certs()`); the test's channels use the control-plane certificate. A test
+that needs plaintext says so (`start(..., insecure=True)`).
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +34,9 @@ from agents import loader
 from placement.models import MODEL_PRESETS
 from placement.planner import PlanRequest
 from protos import agent_pb2, agent_pb2_grpc
+from security import certs as certs_mod
+from security.identity import CONTROL_PLANE, agent_identity
+from security.tls import open_channel
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 20.0
@@ -51,20 +61,57 @@ def wait_for(
         time.sleep(interval)
 
 
+@functools.cache
+def session_certs() -> Path:
+    """The test session's certificate directory: cluster CA and control-plane certificate, made
+    once per process (removed at exit). Agents started with it create their own certificates."""
+    path = Path(tempfile.mkdtemp(prefix="lockstep-certs-"))
+    atexit.register(shutil.rmtree, path, True)
+    certs_mod.init_cluster(path)
+    return path
+
+
+def credentials(identity: str = CONTROL_PLANE, directory: Path | None = None) -> Any:
+    """`identity`'s credentials from the session CA (issued on first use)."""
+    directory = directory or session_certs()
+    certs_mod.issue(directory, identity)
+    return certs_mod.load(directory, identity)
+
+
+def secure_channel(
+    address: str, node: str | None, *, identity: str = CONTROL_PLANE
+) -> grpc.Channel:
+    """A mutual-TLS channel to the agent of `node` (None: any agent), dialling as `identity`."""
+    return open_channel(
+        address,
+        credentials(identity),
+        peer=None if node is None else agent_identity(node),
+        options=loader.channel_options(),
+    )
+
+
 @dataclass
 class AgentProcess:
-    """One `python -m agents.main` process and a channel to it."""
+    """One `python -m agents.main` process and a channel to it (as the control plane)."""
 
     node: str
     proc: subprocess.Popen[str]
     address: str
     stderr_path: Path
+    insecure: bool = False
     channel: grpc.Channel = field(init=False)
     stub: agent_pb2_grpc.AgentStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = grpc.insecure_channel(self.address, options=loader.channel_options())
+        if self.insecure:
+            self.channel = grpc.insecure_channel(self.address, options=loader.channel_options())
+        else:
+            self.channel = secure_channel(self.address, self.node)
         self.stub = agent_pb2_grpc.AgentStub(self.channel)
+
+    @property
+    def identity(self) -> str:
+        return agent_identity(self.node)
 
     @property
     def pid(self) -> int:
@@ -100,9 +147,16 @@ class AgentCluster:
         self._tmp = tempfile.TemporaryDirectory(prefix="lockstep-agents-")
 
     def start(
-        self, node: str, *, chips: int = 8, profile: str = "dev", extra: Sequence[str] = ()
+        self,
+        node: str,
+        *,
+        chips: int = 8,
+        profile: str = "dev",
+        extra: Sequence[str] = (),
+        insecure: bool = False,
     ) -> AgentProcess:
-        err_path = Path(self._tmp.name) / f"{node}.stderr"
+        security = ["--insecure"] if insecure else ["--certs", str(session_certs())]
+        err_path = Path(self._tmp.name) / f"{node.replace('/', '.')}.stderr"
         with open(err_path, "w") as err:
             proc = subprocess.Popen(
                 [
@@ -117,6 +171,7 @@ class AgentCluster:
                     profile,
                     "--listen",
                     "127.0.0.1:0",
+                    *security,
                     *extra,
                 ],
                 cwd=ROOT,
@@ -135,9 +190,13 @@ class AgentCluster:
             proc.kill()
             proc.wait()
             raise
-        agent = AgentProcess(node, proc, line.removeprefix("listening on "), err_path)
+        agent = AgentProcess(node, proc, line.removeprefix("listening on "), err_path, insecure)
         self.agents.append(agent)
         return agent
+
+    def nodes(self) -> dict[str, str]:
+        """Address → node name of every agent (`configure_requests(..., nodes=...)`)."""
+        return {a.address: a.node for a in self.agents}
 
     def close(self) -> None:
         for agent in self.agents:

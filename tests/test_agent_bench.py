@@ -63,3 +63,22 @@ def test_report_names_what_the_ratio_divides_by(
     assert out["ratio_vs_reference"] == {"1_stages": {"one": 0.5, "batch": 0.5}}
     assert out["reference_kind"] == "in-process single executor"
     assert "in-process single executor" in capsys.readouterr().out
+
+
+def test_report_states_the_tls_cost_against_the_plaintext_pair(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hops = {k: 0.2 for k in ("hop_p50_ms", "hop_p99_ms", "round_trip_p50_ms", "round_trip_p99_ms")}
+    plain_hops = {k: v / 2 for k, v in hops.items()}
+    rates = {"reference": {"one": 10.0, "batch": 20.0}, "1_stages": {"one": 5.0, "batch": 10.0}}
+    plain = {"hops": plain_hops, "tokens_per_s": {"1_stages": {"one": 10.0, "batch": 15.0}}}
+    out = bench.report(
+        {"hops": hops, "tokens_per_s": rates, "identical": True, "plaintext": plain},
+        argparse.Namespace(tokens=4, reps=1),
+    )
+    assert out["transport"] == "mutual TLS"
+    assert out["tls_cost_ratio"]["hop_p50"] == 2.0
+    assert out["tls_cost_ratio"]["1_stages_one_tokens_per_s"] == 2.0
+    assert out["tls_cost_ratio"]["1_stages_batch_tokens_per_s"] == 1.5
+    assert out["plaintext"]["hop_p50_ms"] == 0.1
+    assert "TLS cost: hop p50 x2.00" in capsys.readouterr().out

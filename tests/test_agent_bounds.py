@@ -17,13 +17,24 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest_agents import AgentCluster, AgentProcess, load, make_shard, messages, wait_for
+from conftest_agents import (
+    AgentCluster,
+    AgentProcess,
+    credentials,
+    load,
+    make_shard,
+    messages,
+    secure_channel,
+    wait_for,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agents import loader
 from agents.interconnect import EXCHANGE
 from agents.settings import DEFAULT_SETTINGS
 from protos import agent_pb2, interconnect_pb2
+from security.identity import agent_identity
+from security.tls import open_channel
 
 MiB = 1 << 20
 PER_PEER = DEFAULT_SETTINGS.max_streams_per_peer
@@ -69,11 +80,18 @@ def test_status_and_health_answer_within_100ms_while_100_hostile_streams_are_ope
 ) -> None:
     agent = cluster.start("hostile", chips=2)
     release = threading.Event()
-    channels = [grpc.insecure_channel(agent.address) for _ in range(10)]
+    # Two authenticated peers: the control plane (loads) and another agent (links); each may
+    # hold PER_PEER streams, so 2 x (50 - PER_PEER) of the 100 are refused at once.
+    control = [secure_channel(agent.address, agent.node) for _ in range(5)]
+    rogue = [
+        secure_channel(agent.address, agent.node, identity=agent_identity("rogue"))
+        for _ in range(5)
+    ]
+    channels = [*control, *rogue]
     load_calls, link_calls = [], []
     try:
         for i in range(100):  # 50 loads that never send a header, 50 links that never send
-            channel = channels[i % len(channels)]
+            channel = control[i % 5] if i % 2 else rogue[i % 5]
             if i % 2:
                 load_calls.append(
                     loader.load_call(channel).future(iter(Silent(release)), timeout=60)
@@ -86,14 +104,14 @@ def test_status_and_health_answer_within_100ms_while_100_hostile_streams_are_ope
             return [c for c in calls if c.done()]
 
         done = wait_for(
-            lambda: len(refused()) >= 100 - PER_PEER and refused(),
+            lambda: len(refused()) >= 2 * (50 - PER_PEER) and refused(),
             timeout=30,
-            what=f"{100 - PER_PEER} streams to be refused",
+            what=f"{2 * (50 - PER_PEER)} streams to be refused",
         )
-        assert len(done) == 100 - PER_PEER, "exactly the streams over the per-peer bound end"
+        assert len(done) == 2 * (50 - PER_PEER), "exactly the streams over the per-peer bound end"
         for call in done:
             assert call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "max_streams_per_peer" in str(call.details())
+            assert "max_streams" in str(call.details()), call.details()
 
         health = health_pb2_grpc.HealthStub(agent.channel)
         agent.status()  # warm the client's channel
@@ -221,7 +239,9 @@ def test_malformed_blobs_are_invalid_argument_and_change_nothing(
 def test_a_4mb_deployment_name_gives_a_bounded_error_and_log_line(plain: AgentProcess) -> None:
     huge = "n" * (4 << 20)
     options = [("grpc.max_send_message_length", 16 << 20)]
-    with grpc.insecure_channel(plain.address, options=options) as channel:
+    with open_channel(
+        plain.address, credentials(), peer=plain.identity, options=options
+    ) as channel:
         from protos import agent_pb2_grpc
 
         stub = agent_pb2_grpc.AgentStub(channel)

@@ -9,6 +9,7 @@ configures its own replica on chips 4-7 and removes it. Status codes: see
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -18,7 +19,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest_agents import AgentCluster, AgentProcess, load, tiny_request, wait_for
+from conftest_agents import (
+    AgentCluster,
+    AgentProcess,
+    load,
+    secure_channel,
+    tiny_request,
+    wait_for,
+)
 
 from agents.activation import Activation
 from agents.executor import ReferenceExecutor, load_shard
@@ -41,6 +49,7 @@ from placement.plan import Plan
 from placement.planner import make_plan
 from placement.topology import preset_topology
 from protos import agent_pb2, interconnect_pb2
+from security.tls import link_metadata
 
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED = 9
@@ -66,7 +75,13 @@ class Setup:
     ) -> dict[str, agent_pb2.ConfigureReplicaRequest]:
         """Configure a replica (its barrier still closed: nothing runs)."""
         requests = configure_requests(
-            self.plan, self.refs, self.where(layout), deployment=name, window=window
+            self.plan,
+            self.refs,
+            self.where(layout),
+            deployment=name,
+            window=window,
+            nodes=self.nodes,
+            link_secret=secret_of(name),
         )
         for address, request in requests.items():
             self.agent(address).stub.ConfigureReplica(request, timeout=30)
@@ -80,6 +95,21 @@ class Setup:
 
     def agent(self, address: str) -> AgentProcess:
         return self.a if address == self.a.address else self.b
+
+    @property
+    def nodes(self) -> dict[str, str]:
+        return {x.address: x.node for x in (self.a, self.b)}
+
+
+def secret_of(deployment: str) -> bytes:
+    """Each test replica's link secret (fixed, so a test stream can present it)."""
+    return hashlib.sha256(deployment.encode()).digest()
+
+
+# Agent address -> the other agent: a test stream speaks as the configured upstream of the
+# stage it feeds (its certificate and the replica's secret), the way a faulty or compromised
+# upstream would; what it sends is then up to the frame checks.
+OTHER: dict[str, AgentProcess] = {}
 
 
 def standard(s: Setup, base: int) -> dict[int, tuple[AgentProcess, int]]:
@@ -99,8 +129,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             for chip in range(8):
                 load(agent, by_stage[chip % 4], chip)
         s = Setup(plan, refs, a, b)
+        OTHER.update({a.address: b, b.address: a})
         stubs = {x.address: x.stub for x in (a, b)}
-        bring_up(stubs, configure_requests(plan, refs, s.where(standard(s, 0))))
+        requests = configure_requests(
+            plan, refs, s.where(standard(s, 0)), nodes=s.nodes, link_secret=secret_of(RING)
+        )
+        bring_up(stubs, requests)
         yield s
     finally:
         cluster.close()
@@ -123,18 +157,27 @@ def try_exchange(
     frames: Iterable[interconnect_pb2.LinkFrame],
     target: tuple[str, int, int] | None,
     incarnation: int | None = None,
+    sender: AgentProcess | None = None,
 ) -> grpc.RpcError | None:
-    """Send `frames` on one Link stream; the status the agent ended it with (None: OK)."""
-    metadata = () if target is None else target_metadata(*target, incarnation or time.time_ns())
-    call = agent.channel.stream_stream(
-        EXCHANGE,
-        request_serializer=interconnect_pb2.LinkFrame.SerializeToString,
-        response_deserializer=interconnect_pb2.LinkAck.FromString,
-    )(iter(frames), timeout=30, metadata=metadata)
-    try:
-        list(call)
-    except grpc.RpcError as exc:
-        return exc
+    """Send `frames` on one Link stream as `sender` (default: the other agent), with the
+    target replica's secret; the status the agent ended it with (None: OK)."""
+    metadata: tuple[tuple[str, str], ...] = ()
+    if target is not None:
+        metadata = (
+            *target_metadata(*target, incarnation or time.time_ns()),
+            *link_metadata(secret_of(target[0])),
+        )
+    identity = (sender or OTHER[agent.address]).identity
+    with secure_channel(agent.address, agent.node, identity=identity) as channel:
+        call = channel.stream_stream(
+            EXCHANGE,
+            request_serializer=interconnect_pb2.LinkFrame.SerializeToString,
+            response_deserializer=interconnect_pb2.LinkAck.FromString,
+        )(iter(frames), timeout=30, metadata=metadata)
+        try:
+            list(call)
+        except grpc.RpcError as exc:
+            return exc
     return None
 
 
@@ -143,8 +186,9 @@ def exchange(
     frames: Iterable[interconnect_pb2.LinkFrame],
     target: tuple[str, int, int] | None,
     incarnation: int | None = None,
+    sender: AgentProcess | None = None,
 ) -> grpc.RpcError:
-    error = try_exchange(agent, frames, target, incarnation)
+    error = try_exchange(agent, frames, target, incarnation, sender)
     assert error is not None, "the stream was not refused"
     return error
 
@@ -206,9 +250,11 @@ def test_a_rogue_stream_with_a_valid_crc_cannot_inject_a_token(
     older = exchange(setup.a, [token], (RING, 0, 0), incarnation=1)
     assert older.code() == grpc.StatusCode.FAILED_PRECONDITION, older.details()
     assert "does not replace" in str(older.details())
-    local = exchange(setup.a, [link_frame(RING, 0, 1, Frame(0, 0, None, b""))], (RING, 0, 1))
-    assert local.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "same agent" in str(local.details())
+    local = exchange(  # stage 1's upstream, stage 0, is on the same agent
+        setup.a, [link_frame(RING, 0, 1, Frame(0, 0, None, b""))], (RING, 0, 1), sender=setup.a
+    )
+    assert local.code() == grpc.StatusCode.PERMISSION_DENIED, local.details()
+    assert "no remote upstream" in str(local.details())
     unknown = exchange(setup.a, [token], ("nope", 0, 0))
     assert unknown.code() == grpc.StatusCode.NOT_FOUND
     bare = exchange(setup.a, [token], None)

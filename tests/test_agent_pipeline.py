@@ -20,6 +20,7 @@ from conftest_agents import (
     AgentProcess,
     load,
     run_in_threads,
+    secure_channel,
     tiny_request,
     wait_for,
 )
@@ -36,6 +37,7 @@ from placement.plan import Plan
 from placement.planner import make_plan
 from placement.topology import preset_topology
 from protos import agent_pb2, interconnect_pb2
+from security.tls import link_metadata
 
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED = 5
@@ -48,6 +50,10 @@ class Replica:
     refs: list[ShardRef]
     agents: list[AgentProcess]
     where: dict[str, tuple[str, int]]
+
+    @property
+    def nodes(self) -> dict[str, str]:
+        return {a.address: a.node for a in self.agents}
 
     @property
     def head(self) -> AgentProcess:
@@ -72,7 +78,7 @@ def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
             address, chip = where[ref.chip]
             load(by_address[address], ref.path.read_bytes(), chip)
         stubs = {a.address: a.stub for a in agents}
-        bring_up(stubs, configure_requests(plan, refs, where, window=2))
+        bring_up(stubs, configure_requests(plan, refs, where, window=2, nodes=cluster.nodes()))
         yield Replica(plan, refs, agents, where)
     finally:
         cluster.close()
@@ -193,7 +199,12 @@ def test_bad_requests_are_invalid_argument(replica: Replica) -> None:
 def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
     """A second replica of the same shards, configured but never started: requests wait."""
     requests = configure_requests(
-        replica.plan, replica.refs, copy_on_chips(replica, 4), deployment="held", queue_limit=1
+        replica.plan,
+        replica.refs,
+        copy_on_chips(replica, 4),
+        deployment="held",
+        queue_limit=1,
+        nodes=replica.nodes,
     )
     by_address = {a.address: a for a in replica.agents}
     for address, request in requests.items():
@@ -222,13 +233,20 @@ def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
             deployment="held", to_stage=2, epoch=0, tick=0, slot=-1, payload=b"x"
         )
         frame.checksum = frame_checksum(frame) ^ 1
-        with pytest.raises(grpc.RpcError) as info:
+        # As stage 2's configured upstream (the first agent), with the replica's link secret.
+        upstream = secure_channel(second.address, second.node, identity=head.identity)
+        secret = link_metadata(requests[head.address].link_secret)
+        with upstream, pytest.raises(grpc.RpcError) as info:
             list(
-                second.channel.stream_stream(
+                upstream.stream_stream(
                     EXCHANGE,
                     request_serializer=interconnect_pb2.LinkFrame.SerializeToString,
                     response_deserializer=interconnect_pb2.LinkAck.FromString,
-                )(iter([frame]), timeout=30, metadata=target_metadata("held", 0, 2, time.time_ns()))
+                )(
+                    iter([frame]),
+                    timeout=30,
+                    metadata=(*target_metadata("held", 0, 2, time.time_ns()), *secret),
+                )
             )
         assert info.value.code() == grpc.StatusCode.DATA_LOSS
         assert "tick 0" in str(info.value.details())
@@ -302,6 +320,7 @@ def test_jittered_network_links_change_no_token_and_no_chain(
             deployment=name,
             jitter_ms=3.0,
             jitter_seed=seed,
+            nodes=replica.nodes,
         )
         bring_up(stubs, requests)
         try:
@@ -340,7 +359,7 @@ def test_tensor_parallel_stages_across_agents(
     for ref in refs:
         load(agents[ref.binding.stage], ref.path.read_bytes(), 2 + ref.binding.tp_rank)
     stubs = {a.address: a.stub for a in agents}
-    requests = configure_requests(plan, refs, where)
+    requests = configure_requests(plan, refs, where, nodes=replica.nodes)
     bring_up(stubs, requests)
     try:
         layout = ReferenceExecutor(

@@ -26,6 +26,7 @@ from conftest_agents import (
     messages,
     read_line,
     run_in_threads,
+    session_certs,
     shard_id,
     wait_for,
 )
@@ -312,7 +313,10 @@ def test_killed_client_process_frees_its_load(n0: AgentProcess) -> None:
         "import grpc\n"
         "from conftest_agents import make_shard, messages, PausedStream\n"
         "from agents import loader\n"
-        "ch = grpc.insecure_channel(sys.argv[1], options=loader.channel_options())\n"
+        "from security import certs, tls\n"
+        "cp = certs.load_control_plane(sys.argv[2])\n"
+        "ch = tls.open_channel(sys.argv[1], cp, peer=sys.argv[3],\n"
+        "                      options=loader.channel_options())\n"
         "s = PausedStream(messages(make_shard(1 << 20, seed=13), 7, chunk=1 << 17), 3)\n"
         "f = loader.load_call(ch).future(iter(s))\n"
         "s.paused.wait(10)\n"
@@ -320,7 +324,7 @@ def test_killed_client_process_frees_its_load(n0: AgentProcess) -> None:
         "threading.Event().wait(60)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, n0.address],
+        [sys.executable, "-c", script, n0.address, str(session_certs()), n0.identity],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,

@@ -1,0 +1,1 @@
+"""Cluster identities: the CA, certificates, TLS credentials and who may call what."""
