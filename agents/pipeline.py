@@ -52,7 +52,6 @@ from typing import Protocol
 import numpy as np
 
 from agents.activation import Activation
-from agents.execution_error import ExecutionError
 from agents.executor import Stepper
 from agents.journal import Journal, JournalError, QueueFull, TokenEvent
 from agents.lockstep import (
@@ -65,6 +64,7 @@ from agents.lockstep import (
     StageMachine,
 )
 from agents.sampling import GREEDY, Sampling, sample_token
+from shardformat.errors import ExecutionError
 
 log = logging.getLogger("lockstep.pipeline")
 

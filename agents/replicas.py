@@ -25,7 +25,6 @@ import grpc
 import numpy as np
 
 from agents.activation import Activation
-from agents.execution_error import ExecutionError
 from agents.executor import Stepper, TensorParallelGroup
 from agents.interconnect import GrpcLink
 from agents.journal import Journal, JournalError, QueueFull
@@ -34,6 +33,7 @@ from agents.lockstep import Schedule
 from agents.pipeline import LocalLink, StageRunner
 from agents.sampling import Sampling
 from protos import agent_pb2
+from shardformat.errors import ExecutionError
 
 log = logging.getLogger("lockstep.agent")
 DEFAULT_QUEUE_FACTOR = 4  # queue_limit 0 in ConfigureReplica: 4 x maxBatch may wait

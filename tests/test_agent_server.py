@@ -6,6 +6,7 @@ held, no load in flight, SRAM used back to its previous value.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -153,7 +154,7 @@ def test_load_status_unload_roundtrip(n0: AgentProcess) -> None:
 
 
 def test_sha256_verification_and_plain_protobuf_client(n0: AgentProcess) -> None:
-    """sha256 mode verifies the content address; the generated stub interoperates."""
+    """sha256 mode verifies the audit digest (and the BLAKE3 id); the generated stub works."""
     blob = make_shard(300_000, seed=2)
     header = loader.make_header(blob, 1, algorithm="sha256")
     requests = [agent_pb2.LoadShardRequest(header=header)] + [
@@ -161,8 +162,39 @@ def test_sha256_verification_and_plain_protobuf_client(n0: AgentProcess) -> None
         for i in range(0, len(blob), 100_000)
     ]
     reply = n0.stub.LoadShard(iter(requests), timeout=30)
-    assert reply.digest == shard_id(blob) and reply.digest_algorithm == "sha256"
+    assert reply.digest == hashlib.sha256(blob).hexdigest() and reply.digest_algorithm == "sha256"
+    assert reply.shard_id == shard_id(blob)
     assert [s.shard_id for s in n0.chip(1).shards] == [shard_id(blob)]
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_tampered_blob_under_the_real_id_is_refused(n0: AgentProcess, algorithm: str) -> None:
+    """Bytes that are not what the shard id says are DATA_LOSS and nothing is held, even when
+    the header's own digest (sha256 of the tampered bytes) matches; the real blob then loads."""
+    blob = make_shard(MiB, seed=30)
+    tampered = bytearray(blob)
+    tampered[-1] ^= 0xFF  # a weight byte: still a valid safetensors blob
+    header = loader.make_header(bytes(tampered), 6, algorithm=algorithm, shard_id=shard_id(blob))
+    stream = loader.load_messages(header, bytes(tampered), 256 << 10)
+    details = expect_error(grpc.StatusCode.DATA_LOSS, loader.send_load, n0.channel, stream)
+    assert "the shard id" in details and "nothing was committed" in details
+    assert_clean(n0, 6)
+    assert not n0.chip(6).shards
+    reply = load(n0, blob, 6)
+    assert not reply.already_loaded and reply.shard_id == shard_id(blob)
+    assert [s.shard_id for s in n0.chip(6).shards] == [shard_id(blob)]
+    # "Already loaded" only for a header that describes the held shard.
+    again = load(n0, blob, 6)
+    assert again.already_loaded
+    wrong = loader.make_header(blob, 6, virtual=True, declared_bytes=len(blob))
+    details = expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        loader.send_load,
+        n0.channel,
+        loader.load_messages(wrong, blob),
+    )
+    assert "virtual=False" in details and "virtual=True" in details
+    assert n0.chip(6).sram_used_bytes == len(blob)
 
 
 def test_concurrent_loads_to_many_chips_of_two_agents(nodes: list[AgentProcess]) -> None:

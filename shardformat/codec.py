@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from agents.execution_error import ExecutionError
-from agents.kernels import F32, as_f32
+from shardformat.errors import ExecutionError
+
+F32 = np.float32
 
 STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
     "F32": np.dtype("<f4"),
@@ -175,7 +176,7 @@ def decode_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Stored weights as float32 for compute: F32 zero-copy, F16 and BF16 widened exactly."""
     if dtype == "F32":
         # numpy runs unaligned arrays through its own loops instead of BLAS (other bits).
-        return as_f32(raw) if raw.flags.aligned else raw.astype(F32)
+        return np.ascontiguousarray(raw, dtype=F32) if raw.flags.aligned else raw.astype(F32)
     if dtype == "F16":
         return raw.astype(F32)
     if dtype == "BF16":

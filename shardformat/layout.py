@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from agents.execution_error import ExecutionError
 from placement.models import ModelConfig, Op, build_ops, split_width
 from placement.plan import OpCut, Plan
+from shardformat.errors import ExecutionError
 
 EMBEDDING, ATTENTION, MLP, ROUTER, EXPERT, FINAL_NORM, LM_HEAD = (
     "embedding",
