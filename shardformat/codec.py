@@ -1,14 +1,25 @@
 """A zero-copy safetensors codec for in-memory blobs: shards, activations, checkpoints.
 
-The `safetensors` library reads files; shards arrive as buffers (an SRAM arena) and
-activations as bytes, and numpy has no bfloat16, so the (tiny) format is encoded and parsed
-here: headers are encoded byte-for-byte reproducibly, tensors are numpy views into the blob,
-and stored dtypes are widened to float32 only for compute (`decode_f32`).
+Why not only the `safetensors` package: it reads files and writes whole dicts of arrays held
+in memory, while shards arrive as buffers (an SRAM arena), are written tensor by tensor (the
+compiler streams, never holding more than one tensor), and may hold BF16 (numpy has none). So
+the (tiny) format is encoded and parsed here: headers are encoded byte-for-byte reproducibly
+(and read back by `safetensors.safe_open`, which reads checkpoints and checks ours in the
+tests), tensors are numpy views into the blob, and stored dtypes are widened to float32 only
+for compute (`decode_f32`).
+
+Parsing is defensive, because the bytes come from the network: whatever the header holds —
+not JSON, not UTF-8, not an object, a `__metadata__` that is not a map of strings, an unknown
+dtype, a shape of 2**64 or -1, offsets outside the data, overlapping or leaving holes, a
+length prefix beyond the blob — `parse_header` raises `ExecutionError` with a message, never
+another exception (tests/test_shardformat.py fuzzes it). The rules are the `safetensors`
+package's: the tensors tile the data section exactly, in offset order.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +50,10 @@ _TAG_OF_DTYPE = {
     np.dtype("u1"): "U8",
 }
 _MAX_HEADER_BYTES = 100 << 20
+MAX_DIMS = 16
+MAX_TENSOR_BYTES = 1 << 48
+"""Bound on one tensor's declared size (256 TiB): far above any chip, far below overflow."""
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * STORAGE_DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * STORAGE_DTYPES[self.dtype].itemsize
 
 
 def encode_header(
@@ -119,42 +134,109 @@ def parse_header(prefix: bytes | memoryview, total_size: int | None = None) -> S
     """Parse the header at the start of a safetensors blob (no tensor views).
 
     `prefix` must hold at least the 8-byte length and the header; `total_size` (the blob's
-    length) lets offsets be checked against the end of the data.
+    length) lets offsets be checked against the end of the data. Any malformation raises
+    `ExecutionError` (see the module docstring).
     """
-    view = memoryview(prefix)
+    view = memoryview(prefix).cast("B")
     if len(view) < 8:
         raise ExecutionError("not a safetensors blob: shorter than its 8-byte header length")
     (length,) = struct.unpack("<Q", view[:8])
     if length > _MAX_HEADER_BYTES or 8 + length > len(view):
-        raise ExecutionError(f"not a safetensors blob: header length {length} is out of range")
-    try:
-        header = json.loads(bytes(view[8 : 8 + length]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExecutionError(f"not a safetensors blob: header is not JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise ExecutionError("not a safetensors blob: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_size = None if total_size is None else total_size - 8 - length
-    entries = {name: _entry_from_header(name, raw, data_size) for name, raw in header.items()}
-    return SafetensorsView(dict(metadata), entries, {}, 8 + length)
-
-
-def _entry_from_header(name: str, raw: Any, data_size: int | None) -> TensorEntry:
-    try:
-        dtype = str(raw["dtype"])
-        shape = tuple(int(d) for d in raw["shape"])
-        start, end = (int(o) for o in raw["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise ExecutionError(f"tensor {name}: malformed header entry {raw!r}") from None
-    if dtype not in STORAGE_DTYPES:
-        raise ExecutionError(f"tensor {name}: unsupported dtype {dtype}")
-    entry = TensorEntry(name, dtype, shape, (start, end))
-    if end - start != entry.nbytes or start < 0 or (data_size is not None and end > data_size):
         raise ExecutionError(
-            f"tensor {name}: data offsets {start}..{end} do not fit shape {list(shape)} "
-            f"{dtype} within the blob"
+            f"not a safetensors blob: header length {length} is out of range "
+            f"(the blob has {len(view) - 8} bytes after the length prefix)"
+        )
+    try:
+        header = json.loads(
+            bytes(view[8 : 8 + length]).decode("utf-8"), parse_constant=_no_constant
+        )
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError
+        raise ExecutionError(f"not a safetensors blob: header is not UTF-8 JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ExecutionError(
+            f"not a safetensors blob: header is a JSON {type(header).__name__}, not an object"
+        )
+    metadata = _metadata(header.pop("__metadata__", {}))
+    data_size = None if total_size is None else total_size - 8 - length
+    entries = {name: _entry_from_header(name, raw) for name, raw in header.items()}
+    _check_tiling(entries, data_size)
+    return SafetensorsView(metadata, entries, {}, 8 + length)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _metadata(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ExecutionError(
+            f"safetensors __metadata__ must be an object of strings, got {type(raw).__name__}"
+        )
+    for key, value in raw.items():
+        if not isinstance(value, str):
+            raise ExecutionError(
+                f"safetensors __metadata__[{key[:80]!r}] must be a string, "
+                f"got {type(value).__name__}"
+            )
+    return raw
+
+
+def _entry_from_header(name: str, raw: Any) -> TensorEntry:
+    label = f"tensor {name[:80]!r}"
+    if not isinstance(raw, dict) or set(raw) != _ENTRY_KEYS:
+        keys = sorted(k[:20] for k in raw)[:5] if isinstance(raw, dict) else type(raw).__name__
+        raise ExecutionError(
+            f"{label}: a header entry is an object with dtype, shape and data_offsets, got {keys}"
+        )
+    dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
+        raise ExecutionError(f"{label}: unsupported dtype {str(dtype)[:20]!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_whole(d) for d in shape):
+        raise ExecutionError(
+            f"{label}: shape must be a list of at most {MAX_DIMS} non-negative integers"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)):
+        raise ExecutionError(f"{label}: data_offsets must be two non-negative integers")
+    start, end = offsets
+    itemsize = STORAGE_DTYPES[dtype].itemsize
+    if any(d > MAX_TENSOR_BYTES for d in shape) or math.prod(shape) * itemsize > MAX_TENSOR_BYTES:
+        raise ExecutionError(f"{label}: shape {_show(shape)} exceeds {MAX_TENSOR_BYTES} bytes")
+    entry = TensorEntry(name, dtype, tuple(shape), (start, end))
+    if end < start or end - start != entry.nbytes:
+        raise ExecutionError(
+            f"{label}: data offsets {_show([start, end])} do not fit shape {_show(shape)} "
+            f"{dtype} ({entry.nbytes} bytes)"
         )
     return entry
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _show(values: Sequence[int]) -> str:
+    shown = [v if v < 1 << 64 else f"<{v.bit_length()} bits>" for v in values]
+    return str(shown)[:200]
+
+
+def _check_tiling(entries: Mapping[str, TensorEntry], data_size: int | None) -> None:
+    """The tensors must tile the data section in offset order: no overlap, no hole, and end
+    exactly at the end of the blob when its size is known (the `safetensors` rule)."""
+    cursor = 0
+    for entry in sorted(entries.values(), key=lambda e: e.offsets):
+        start, end = entry.offsets
+        if start != cursor:
+            what = "overlaps the previous tensor" if start < cursor else "leaves a hole before it"
+            raise ExecutionError(
+                f"tensor {entry.name[:80]!r}: data offsets {_show([start, end])} {what} "
+                f"(expected to start at {cursor})"
+            )
+        cursor = end
+    if data_size is not None and cursor != data_size:
+        raise ExecutionError(
+            f"not a safetensors blob: the tensors cover {cursor} bytes of data, "
+            f"the blob holds {data_size}"
+        )
 
 
 def parse_safetensors(buffer: bytes | bytearray | memoryview | Any) -> SafetensorsView:

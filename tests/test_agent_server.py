@@ -7,8 +7,10 @@ held, no load in flight, SRAM used back to its previous value.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -318,6 +320,40 @@ def test_malformed_streams_are_invalid_argument(n0: AgentProcess) -> None:
         )
         assert details, name
     assert_clean(n0, 0)
+
+
+def _raw_blob(header: object, data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@pytest.mark.parametrize(
+    ("blob", "match"),
+    [
+        (
+            _raw_blob({"w": {"dtype": "U8", "shape": [2**64], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "exceeds",
+        ),
+        (_raw_blob({"__metadata__": ["x"]}), "__metadata__ must be an object"),
+        (_raw_blob({"__metadata__": {"lockstep.manifest": "7"}}), "got int"),
+        (_raw_blob({"__metadata__": {"lockstep.manifest": "[]"}}), "got list"),
+        (
+            _raw_blob({"__metadata__": {"lockstep.manifest": '{"format": "lockstep.shard/9"}'}}),
+            "unknown version",
+        ),
+        (_raw_blob([1, 2, 3]), "not an object"),
+        (struct.pack("<Q", 2**40) + b"{}", "header length"),
+    ],
+)
+def test_malformed_blobs_are_invalid_argument(n0: AgentProcess, blob: bytes, match: str) -> None:
+    """Bytes that verify but are not a well-formed shard: INVALID_ARGUMENT naming the fault,
+    nothing held, and the agent keeps serving."""
+    details = expect_error(grpc.StatusCode.INVALID_ARGUMENT, load, n0, blob, 7)
+    assert match in details, details
+    assert_clean(n0, 7)
+    assert not n0.chip(7).shards
+    good = make_shard(4096, seed=40)
+    assert load(n0, good, 7).shard_id == shard_id(good)
 
 
 def test_cancelled_stream_frees_everything(n0: AgentProcess) -> None:
