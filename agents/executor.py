@@ -4,7 +4,7 @@ A stage program runs the `PieceSpec`s of its stage (`shardformat.layout`) for on
 `Activation`s (`agents.activation`); a `TensorParallelGroup` steps a stage's ranks together,
 and the `ReferenceExecutor` runs the whole model — or any plan's layout — in one process, as
 the oracle stage-by-stage execution is checked against. Shards are safetensors blobs
-(`shardformat.codec`) with a JSON manifest in their metadata.
+(`shardformat.codec`) with a typed manifest (`shardformat.manifest`) in their metadata.
 
 Determinism — the contract of DESIGN.md "Lockstep and determinism":
 
