@@ -357,7 +357,7 @@ def _tensor(raw: Any, where: str, virtual: Any) -> TensorInfo:
     obj = _object(raw, where)
     _no_unknown(obj, where, {"dtype", "shape", "source", "axis", "range", "sha256"})
     dtype = _key(obj, "dtype", where)
-    if dtype not in STORAGE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
         raise ExecutionError(f"shard manifest: {where}.dtype {str(dtype)[:20]!r} is unknown")
     shape_raw = _key(obj, "shape", where)
     if not isinstance(shape_raw, list) or len(shape_raw) > 8:

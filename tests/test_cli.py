@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -237,5 +238,7 @@ def test_agent_subcommand_runs_the_agent_entry_point_by_name() -> None:
         timeout=60,
         cwd=ROOT,
         check=True,
+        # Other tests import agents.main in this process, which pins BLAS in os.environ.
+        env={k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"},
     )
     assert probe.stdout.strip().endswith("[] None"), probe.stdout[-300:]

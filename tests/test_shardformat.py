@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import struct
 from typing import Any
 
@@ -34,7 +35,11 @@ from shardformat.layout import whole_layout
 from shardformat.manifest import FORMAT, MANIFEST_KEY, Manifest, TensorInfo
 
 TINY = MODEL_PRESETS["tiny-llama"]
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")),  # more for a longer hunt
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def blob_of(header: Any, data: bytes = b"") -> bytes:
