@@ -344,6 +344,15 @@ def _raw_blob(header: object, data: bytes = b"") -> bytes:
         (_raw_blob([1, 2, 3]), "not an object"),
         (struct.pack("<Q", 2**40) + b"{}", "header length"),
     ],
+    ids=[
+        "shape-2**64",
+        "metadata-list",
+        "manifest-number",
+        "manifest-list",
+        "manifest-version",
+        "header-list",
+        "header-length",
+    ],
 )
 def test_malformed_blobs_are_invalid_argument(n0: AgentProcess, blob: bytes, match: str) -> None:
     """Bytes that verify but are not a well-formed shard: INVALID_ARGUMENT naming the fault,
