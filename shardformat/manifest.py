@@ -195,12 +195,15 @@ class Manifest:
             },
         )
         model = _object(_key(top, "model", "manifest"), "model")
+        _no_unknown(model, "model", {"name", "config"})
         stages = _int(top, "stages", "manifest", low=1)
         stage = _int(top, "stage", "manifest", high=stages - 1)
         tp = _object(_key(top, "tp", "manifest"), "tp")
+        _no_unknown(tp, "tp", {"rank", "size"})
         tp_size = _int(tp, "size", "tp", low=1, high=1 << 16)
         tp_rank = _int(tp, "rank", "tp", high=tp_size - 1)
         serving = _object(_key(top, "serving", "manifest"), "serving")
+        _no_unknown(serving, "serving", {"max_batch", "max_context"})
         ops_raw = _key(top, "ops", "manifest")
         if not isinstance(ops_raw, list):
             raise ExecutionError(f"shard manifest: ops must be a list, got {_kind(ops_raw)}")

@@ -276,6 +276,8 @@ def _doc(**changes: Any) -> dict[str, Any]:
         (_doc(**{"tensors__model.norm.weight__shape": [2**64]}), r"shape\[0\]"),
         (_doc(**{"tensors__model.norm.weight__sha256": None}), "sha256 must be 64"),
         (_doc(extra=1), "unknown keys"),
+        (_doc(tp__group=["c0"]), "tp has unknown keys"),
+        (_doc(serving=None), "serving must be an object, got null"),
     ],
 )
 def test_malformed_manifests_name_the_field(doc: Any, match: str) -> None:
