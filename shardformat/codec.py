@@ -1,12 +1,12 @@
 """A zero-copy safetensors codec for in-memory blobs: shards, activations, checkpoints.
 
-Why not only the `safetensors` package: it reads files and writes whole dicts of arrays held
-in memory, while shards arrive as buffers (an SRAM arena), are written tensor by tensor (the
-compiler streams, never holding more than one tensor), and may hold BF16 (numpy has none). So
-the (tiny) format is encoded and parsed here: headers are encoded byte-for-byte reproducibly
-(and read back by `safetensors.safe_open`, which reads checkpoints and checks ours in the
-tests), tensors are numpy views into the blob, and stored dtypes are widened to float32 only
-for compute (`decode_f32`).
+The `safetensors` package writes whole dicts of arrays held in memory (`encode_safetensors`
+uses it: activations, small blobs) and reads files (`safetensors.safe_open`: checkpoints). The
+rest is here, because shards are written tensor by tensor (the compiler streams, never holding
+more than one tensor: `encode_header` gives the reproducible header and the data order), arrive
+as buffers (an SRAM arena) to be parsed in place, and may hold BF16 (numpy has none): tensors
+are numpy views into the blob, and stored dtypes are widened to float32 only for compute
+(`decode_f32`).
 
 Parsing is defensive, because the bytes come from the network: whatever the header holds —
 not JSON, not UTF-8, not an object, a `__metadata__` that is not a map of strings, an unknown
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save as save_numpy
 
 from shardformat.errors import ExecutionError
 
@@ -105,19 +106,15 @@ def encode_header(
 def encode_safetensors(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
 ) -> bytes:
-    """An in-memory safetensors blob of numpy arrays (F32/F16/I32/I64/I8/U8)."""
-    entries = []
+    """An in-memory safetensors blob of numpy arrays (F32/F16/I32/I64/I8/U8), written by the
+    `safetensors` package (the arrays are all in memory here, so nothing needs streaming)."""
+    arrays = {}
     for name, array in tensors.items():
-        tag = _TAG_OF_DTYPE.get(array.dtype.newbyteorder("<"))
-        if tag is None:
+        little = array.dtype.newbyteorder("<")
+        if little not in _TAG_OF_DTYPE:
             raise ExecutionError(f"tensor {name}: cannot encode dtype {array.dtype}")
-        entries.append(TensorEntry(name, tag, tuple(array.shape)))
-    prefix, placed = encode_header(entries, metadata)
-    parts = [prefix]
-    for entry in placed:
-        array = tensors[entry.name]
-        parts.append(np.ascontiguousarray(array, dtype=STORAGE_DTYPES[entry.dtype]).tobytes())
-    return b"".join(parts)
+        arrays[name] = np.ascontiguousarray(array, dtype=little)
+    return bytes(save_numpy(arrays, metadata=dict(metadata) if metadata else None))
 
 
 @dataclass(frozen=True)
