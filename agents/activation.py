@@ -14,8 +14,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from agents.execution_error import ExecutionError
-from agents.safetensors_codec import encode_safetensors, parse_safetensors
+from shardformat.codec import encode_safetensors, parse_safetensors
+from shardformat.errors import ExecutionError
 
 ACTIVATION_KEY = "lockstep.activation"
 ACTIVATION_VERSION = 1

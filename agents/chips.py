@@ -41,8 +41,8 @@ from agents.errors import (
     NotFound,
     ResourceExhausted,
 )
-from agents.execution_error import ExecutionError
 from agents.text import clip, quote
+from shardformat.errors import ExecutionError
 
 if TYPE_CHECKING:
     from agents.executor import StageProgram
@@ -154,10 +154,17 @@ class Chip:
             self.check_healthy("load " + header.label)
             held = self.held.get(header.shard_id)
             if held is not None:
-                if held.header.size_bytes != header.size_bytes:
+                # The held shard was verified under this id (every commit is: the id is the
+                # blob's BLAKE3), so the id alone proves its bytes; a header that describes it
+                # otherwise is refused.
+                if (held.header.size_bytes, held.header.virtual) != (
+                    header.size_bytes,
+                    header.virtual,
+                ):
                     raise InvalidArgument(
                         f"chip {self.index} holds {header.label} with "
-                        f"{held.header.size_bytes} bytes; the header says {header.size_bytes}"
+                        f"{held.header.size_bytes} bytes, virtual={held.header.virtual}; the "
+                        f"header says {header.size_bytes} bytes, virtual={header.virtual}"
                     )
                 return held
             if header.shard_id in self.loading:

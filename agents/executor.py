@@ -1,10 +1,10 @@
 """Stage programs: run a compiled shard's slice of the model on numpy, bit-deterministically.
 
-A stage program runs the `PieceSpec`s of its stage (`agents.layout`) for one TP rank, on
+A stage program runs the `PieceSpec`s of its stage (`shardformat.layout`) for one TP rank, on
 `Activation`s (`agents.activation`); a `TensorParallelGroup` steps a stage's ranks together,
 and the `ReferenceExecutor` runs the whole model — or any plan's layout — in one process, as
 the oracle stage-by-stage execution is checked against. Shards are safetensors blobs
-(`agents.safetensors_codec`) with a JSON manifest in their metadata.
+(`shardformat.codec`) with a typed manifest (`shardformat.manifest`) in their metadata.
 
 Determinism — the contract of DESIGN.md "Lockstep and determinism":
 
@@ -27,7 +27,6 @@ Determinism — the contract of DESIGN.md "Lockstep and determinism":
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -36,7 +35,6 @@ import numpy as np
 
 from agents.activation import Activation
 from agents.blas_threads import pin_blas_threads
-from agents.execution_error import ExecutionError
 from agents.kernels import (
     F32,
     apply_rope,
@@ -48,7 +46,11 @@ from agents.kernels import (
     rms_norm,
     route,
 )
-from agents.layout import (
+from agents.sampling import GREEDY, Generation, Request, Sampling, generate
+from placement.models import ModelConfig
+from shardformat.codec import SafetensorsView, decode_f32, parse_safetensors
+from shardformat.errors import ExecutionError
+from shardformat.layout import (
     ATTENTION,
     EMBEDDING,
     EXPERT,
@@ -62,12 +64,8 @@ from agents.layout import (
     piece_tensors,
     whole_layout,
 )
-from agents.safetensors_codec import SafetensorsView, decode_f32, parse_safetensors
-from agents.sampling import GREEDY, Generation, Request, Sampling, generate
-from placement.models import ModelConfig
+from shardformat.manifest import MANIFEST_KEY, Manifest
 
-MANIFEST_KEY = "lockstep.manifest"
-SHARD_FORMAT = "lockstep.shard/1"
 CHUNKED_LOGITS_RTOL = 1e-4
 """Bound on max |Δlogit| / max |logit| between a chunked or TP plan and the whole-model
 reference (measured ≤ 3.5e-7 — a few float32 ulps — on tiny-llama and a tiny Mixtral at TP 1,
@@ -379,7 +377,7 @@ class StageProgram:
     """
 
     cfg: ModelConfig
-    manifest: dict[str, Any]
+    manifest: Manifest
     stage: int
     tp_rank: int
     tp_size: int
@@ -435,36 +433,21 @@ def run_pipeline(
     return batch
 
 
-def _manifest_field(manifest: Mapping[str, Any], *path: str) -> Any:
-    value: Any = manifest
-    for key in path:
-        if not isinstance(value, Mapping) or key not in value:
-            raise ExecutionError(f"shard manifest lacks {'.'.join(path)}")
-        value = value[key]
-    return value
-
-
-def load_stage_program(
-    manifest: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
-) -> StageProgram:
-    """Build a chip's program from its shard manifest and tensors (views into the shard).
+def load_stage_program(manifest: Manifest, tensors: Mapping[str, np.ndarray]) -> StageProgram:
+    """Build a chip's program from its (parsed, checked) manifest and tensors (views into the
+    shard).
 
     F32 tensors are used in place; F16/BF16 ones are widened to float32 once, here.
     """
-    if manifest.get("format") != SHARD_FORMAT:
-        raise ExecutionError(f"shard format {manifest.get('format')!r} is not {SHARD_FORMAT!r}")
-    if manifest.get("virtual"):
+    if manifest.virtual:
         raise ExecutionError(
             "a virtual shard has no weights: account its declared_bytes of "
             "SRAM, it cannot be executed"
         )
     pin_blas_threads()
-    cfg = ModelConfig(**_manifest_field(manifest, "model", "config"))
-    serving = Serving(
-        int(_manifest_field(manifest, "serving", "max_batch")),
-        int(_manifest_field(manifest, "serving", "max_context")),
-    )
-    table = _manifest_field(manifest, "tensors")
+    cfg = manifest.config
+    serving = Serving(manifest.max_batch, manifest.max_context)
+    table = manifest.tensors
     shapes = checkpoint_tensor_shapes(cfg)
 
     def get(ts: TensorSlice) -> np.ndarray:
@@ -475,42 +458,38 @@ def load_stage_program(
             raise ExecutionError(
                 f"shard tensor {ts.name} has shape {list(raw.shape)}, its op needs {list(expected)}"
             )
-        return decode_f32(raw, table[ts.name]["dtype"])
+        return decode_f32(raw, table[ts.name].dtype)
 
-    rank = int(_manifest_field(manifest, "tp", "rank"))
-    size = int(_manifest_field(manifest, "tp", "size"))
+    rank, size = manifest.tp_rank, manifest.tp_size
     rope = model_rope_table(cfg, serving.max_context)
-    specs = [PieceSpec.from_dict(raw) for raw in _manifest_field(manifest, "ops")]
-    if not 0 <= rank < size or any(len(s.ranks) != size for s in specs):
-        raise ExecutionError(f"shard manifest: TP rank {rank} of {size} does not match its ops")
-    pieces = [_Piece(s, [_build_part(cfg, s, rank, get, serving, rope)]) for s in specs]
-    return StageProgram(
-        cfg, dict(manifest), int(_manifest_field(manifest, "stage")), rank, size, serving, pieces
-    )
+    specs = list(manifest.ops)
+    try:
+        pieces = [_Piece(s, [_build_part(cfg, s, rank, get, serving, rope)]) for s in specs]
+    except (KeyError, IndexError, ValueError, ArithmeticError) as exc:
+        if isinstance(exc, ExecutionError):
+            raise
+        raise ExecutionError(f"shard manifest does not fit model {cfg.name}: {exc!r}") from None
+    return StageProgram(cfg, manifest, manifest.stage, rank, size, serving, pieces)
 
 
 def read_shard(
     blob: bytes | bytearray | memoryview | Any,
-) -> tuple[dict[str, Any], SafetensorsView]:
+) -> tuple[Manifest, SafetensorsView]:
     """The manifest and tensor views of a shard blob held in memory (e.g. an SRAM arena)."""
     view = parse_safetensors(blob)
     if MANIFEST_KEY not in view.metadata:
         raise ExecutionError(f"not a Lockstep shard: no {MANIFEST_KEY} in the metadata")
-    try:
-        manifest = json.loads(view.metadata[MANIFEST_KEY])
-    except json.JSONDecodeError as exc:
-        raise ExecutionError(f"shard manifest is not JSON: {exc}") from None
+    manifest = Manifest.from_json(view.metadata[MANIFEST_KEY])
+    manifest.check_entries(view.entries)
     return manifest, view
 
 
-def verify_shard_tensors(
-    manifest: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
-) -> list[str]:
-    """Names of tensors whose sha256 differs from the manifest's (empty when all match)."""
+def verify_shard_tensors(manifest: Manifest, tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of tensors whose sha256 (the audit digest) differs from the manifest's."""
     bad = []
-    for name, info in _manifest_field(manifest, "tensors").items():
+    for name, info in manifest.tensors.items():
         raw = tensors.get(name)
-        if raw is None or hashlib.sha256(raw.tobytes()).hexdigest() != info.get("sha256"):
+        if raw is None or hashlib.sha256(raw.tobytes()).hexdigest() != info.sha256:
             bad.append(name)
     return bad
 

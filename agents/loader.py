@@ -8,19 +8,24 @@ protobuf encodes it, tag 0x12 + varint length + payload; `chunk_payload` reads i
 zero-copy memoryview, so a standard protobuf client (e.g. `agent_pb2_grpc.AgentStub`) and
 this module's pre-framed sender interoperate.
 
-Digest decision. The content address of a shard stays the sha256 of its blob (the shard
-store names blobs by it). For verifying a load the header names the algorithm:
+Digest decision. The content address of a shard — its shard id — is the BLAKE3 of its blob
+(`shardformat.address`; the shard store names blobs by it), and every load proves it: the
+receiver hashes the bytes it committed with BLAKE3 and refuses the load with DATA_LOSS, nothing
+held, unless the digest equals the shard id. One pass both verifies the transfer and proves
+the id. On this 2-core machine the receiving agent's CPU is the limit of a load (gRPC's own
+receive copies, the copy into the arena and the digest all share it with the sender), so the
+digest must be cheap: BLAKE3 runs at 3.4-4.9 GB/s on one core against hashlib sha256's
+1.4-1.6 GB/s; in bench/shard_load.py a load verifies at 1.1-1.3 GB/s with BLAKE3 and
+0.95-1.05 GB/s with sha256, so only BLAKE3 meets the 1.0 GB/s target reliably. The header's
+`digest_algorithm`:
 
-* "blake3" (the default of `make_header` and `make_file_header`): on this 2-core machine the
-  receiving agent's CPU is the limit of a load (gRPC's own receive copies, the copy into the
-  arena and the digest all share it with the sender), so the digest must be cheap. BLAKE3
-  runs at 3.4-4.9 GB/s on one core against hashlib sha256's 1.4-1.6 GB/s; in
-  bench/shard_load.py a load verifies at 1.1-1.3 GB/s with BLAKE3 and 0.95-1.05 GB/s with
-  sha256, so only BLAKE3 meets the 1.0 GB/s target reliably. The sender computes the BLAKE3
-  digest of a blob once (`blob_digest`, `file_digest`: all cores); the store may cache it.
-  It proves the agent holds exactly the bytes the sender read from the store.
-* "sha256": verifies against the content address itself — the end-to-end audit option, at
-  the cost above.
+* "blake3" (the default, also when empty): the digest is the shard id (an empty `digest`
+  means it; any other value can never verify and is refused up front).
+* "sha256": an audit digest on top — the agent checks the sha256 the header declares AND the
+  BLAKE3 shard id (two digest threads), at the cost above.
+
+"Already loaded" is answered only for a shard id the chip holds, and every held shard was
+verified under its id at commit, so the id alone proves what the chip holds.
 
 Hashing runs in a helper thread pipelined with the receive loop (hashlib and blake3 release
 the GIL on large buffers): the receive loop copies chunk k into the arena while chunk k-1 is
@@ -81,6 +86,7 @@ from google.protobuf.message import DecodeError
 
 from agents.errors import DataLoss, InvalidArgument
 from protos import agent_pb2
+from shardformat.address import SHARD_ID_ALGORITHM, file_shard_id, shard_id_of
 
 DIGEST_ALGORITHMS = ("sha256", "blake3")
 DEFAULT_CHUNK_BYTES = 1 << 20  # see "Memory" above: smaller peaks and faster than 4 MiB
@@ -199,18 +205,24 @@ def validate_header(raw: agent_pb2.LoadShardHeader, chips: int) -> ShardHeader:
 
     if not _HEX64.fullmatch(raw.shard_id):
         raise bad(
-            f"header.shard_id must be the blob's lowercase sha256 hex, got {raw.shard_id[:80]!r}"
+            f"header.shard_id must be the blob's lowercase BLAKE3 hex, got {raw.shard_id[:80]!r}"
         )
     if raw.chip >= chips:
         raise bad(f"header.chip {raw.chip} does not exist (this node has chips 0..{chips - 1})")
     if raw.size_bytes <= 0:
         raise bad("header.size_bytes must be positive")
-    algorithm = raw.digest_algorithm or "sha256"
+    algorithm = raw.digest_algorithm or SHARD_ID_ALGORITHM
     if algorithm not in DIGEST_ALGORITHMS:
         raise bad(
-            f"header.digest_algorithm {algorithm!r} is not one of {', '.join(DIGEST_ALGORITHMS)}"
+            f"header.digest_algorithm {algorithm[:40]!r} is not one of "
+            f"{', '.join(DIGEST_ALGORITHMS)}"
         )
-    digest = raw.digest or (raw.shard_id if algorithm == "sha256" else "")
+    digest = raw.digest or (raw.shard_id if algorithm == SHARD_ID_ALGORITHM else "")
+    if algorithm == SHARD_ID_ALGORITHM and digest != raw.shard_id:
+        raise InvalidArgument(
+            f"header.digest {digest[:80]!r} is not the shard id: with blake3 the digest is "
+            "the shard id (leave it empty)"
+        )
     if not _HEX64.fullmatch(digest):
         raise bad(
             f"header.digest must be 64 lowercase hex digits of the {algorithm} digest, "
@@ -267,6 +279,7 @@ class Digester:
     _DONE = object()
 
     def __init__(self, algorithm: str) -> None:
+        self.algorithm = algorithm
         self._hash = new_hash(algorithm)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cancelled = False
@@ -296,7 +309,8 @@ class Digester:
 
 
 class ShardReceiver:
-    """Writes a load's chunks into its arena block in order, digesting what was written.
+    """Writes a load's chunks into its arena block in order, digesting what was written:
+    always with BLAKE3 (the shard id), and with sha256 as well when the header asks for it.
 
     `bytes_loaded` is read by Status from other threads (an int: atomic under the GIL).
     """
@@ -308,7 +322,8 @@ class ShardReceiver:
         # numpy's copy releases the GIL (a memoryview slice assignment does not), so gRPC's
         # thread can assemble the next message while this one is copied.
         self._target_array = np.frombuffer(target, dtype=np.uint8)
-        self._digester = Digester(header.algorithm)
+        algorithms = dict.fromkeys((SHARD_ID_ALGORITHM, header.algorithm))
+        self._digesters = [Digester(a) for a in algorithms]
         self._released = False
         self.largest_chunk = 0
         self.trimmed = False
@@ -325,12 +340,14 @@ class ShardReceiver:
                 f"chunk of {len(payload)} bytes exceeds {MAX_CHUNK_BYTES}",
             )
         np.copyto(self._target_array[start:end], np.frombuffer(payload, dtype=np.uint8))
-        self._digester.update(self._target[start:end])
+        for digester in self._digesters:
+            digester.update(self._target[start:end])
         self.largest_chunk = max(self.largest_chunk, len(payload))
         self.bytes_loaded = end
 
     def finish(self) -> str:
-        """Check the size and the digest once the stream has ended; the verified digest.
+        """Check the size and the digests once the stream has ended: the BLAKE3 must be the
+        shard id, and a sha256 asked for must be the header's. Returns the header's digest.
 
         Either way the receiver then lets go of the block's memory and, after a load in large
         chunks, trims the heap (`release_heap`): the stream's buffers are all free by then.
@@ -338,25 +355,33 @@ class ShardReceiver:
         header = self.header
         try:
             if self.bytes_loaded != header.size_bytes:
-                self._digester.close()
+                self._close_digesters()
                 raise InvalidArgument(
                     f"chip {header.chip}: {header.label} declared {header.size_bytes} bytes, "
                     f"the stream ended after {self.bytes_loaded}",
                 )
-            actual = self._digester.hexdigest()
+            actual = {d.algorithm: d.hexdigest() for d in self._digesters}
         finally:
             self._release()
-        if actual != header.digest:
-            raise DataLoss(
-                f"chip {header.chip}: {header.label} failed verification: {header.algorithm} "
-                f"of the received bytes is {actual}, the header declares {header.digest}",
-            )
-        return actual
+        expected = {SHARD_ID_ALGORITHM: header.shard_id, header.algorithm: header.digest}
+        for algorithm, digest in expected.items():
+            if actual[algorithm] != digest:
+                what = "the shard id" if algorithm == SHARD_ID_ALGORITHM else "the header's"
+                raise DataLoss(
+                    f"chip {header.chip}: {header.label} failed verification: {algorithm} of "
+                    f"the received bytes is {actual[algorithm]}, {what} is {digest}; "
+                    "nothing was committed"
+                )
+        return actual[header.algorithm]
 
     def close(self) -> None:
-        """Abort: stop the digest thread and release memory (idempotent)."""
-        self._digester.close()
+        """Abort: stop the digest threads and release memory (idempotent)."""
+        self._close_digesters()
         self._release()
+
+    def _close_digesters(self) -> None:
+        for digester in self._digesters:
+            digester.close()
 
     def _release(self) -> None:
         """Drop the receiver's views of the block (so `SramArena.free_block` can release its
@@ -376,7 +401,7 @@ class ShardReceiver:
 def blob_digest(blob: bytes | memoryview, algorithm: str) -> str:
     """Hex digest of a whole blob (BLAKE3 on all cores: this is the sender's one pass)."""
     if algorithm == "blake3":
-        return blake3.blake3(blob, max_threads=blake3.blake3.AUTO).hexdigest()
+        return shard_id_of(blob)
     return new_hash_hex(blob, algorithm)
 
 
@@ -395,11 +420,11 @@ def make_header(
     declared_bytes: int = 0,
     shard_id: str | None = None,
 ) -> agent_pb2.LoadShardHeader:
-    """A header for `blob`: its sha256 content address and the chosen verification digest."""
-    sha = shard_id or new_hash_hex(blob, "sha256")
-    digest = sha if algorithm == "sha256" else blob_digest(blob, algorithm)
+    """A header for `blob`: its shard id (BLAKE3) and the chosen verification digest."""
+    sid = shard_id or shard_id_of(blob)
+    digest = sid if algorithm == SHARD_ID_ALGORITHM else blob_digest(blob, algorithm)
     return agent_pb2.LoadShardHeader(
-        shard_id=sha,
+        shard_id=sid,
         chip=chip,
         size_bytes=len(blob),
         digest_algorithm=algorithm,
@@ -412,7 +437,7 @@ def make_header(
 def file_digest(path: str | Path, algorithm: str) -> str:
     """Hex digest of a blob on disk (BLAKE3 memory-maps it and uses every core)."""
     if algorithm == "blake3":
-        return str(blake3.blake3(max_threads=blake3.blake3.AUTO).update_mmap(path).hexdigest())
+        return file_shard_id(path)
     h = new_hash(algorithm)
     with open(path, "rb") as f:
         while data := f.read(DEFAULT_CHUNK_BYTES):
@@ -429,8 +454,8 @@ def make_file_header(
     virtual: bool = False,
     declared_bytes: int = 0,
 ) -> agent_pb2.LoadShardHeader:
-    """A header for a blob in the shard store (`shard_id` is its sha256 name there)."""
-    digest = shard_id if algorithm == "sha256" else file_digest(path, algorithm)
+    """A header for a blob in the shard store (`shard_id` is its BLAKE3 name there)."""
+    digest = shard_id if algorithm == SHARD_ID_ALGORITHM else file_digest(path, algorithm)
     return agent_pb2.LoadShardHeader(
         shard_id=shard_id,
         chip=chip,

@@ -59,7 +59,6 @@ from typing import Protocol
 import numpy as np
 
 from agents.activation import Activation
-from agents.execution_error import ExecutionError
 from agents.executor import Stepper
 from agents.journal import Journal, JournalError, QueueFull, TokenEvent
 from agents.lockstep import DEFAULT_CHAIN_LOG_LIMIT, GENESIS, Frame, Schedule, StageMachine
@@ -89,6 +88,7 @@ from agents.stage_core import (
     TickFailed,
     describe,
 )
+from shardformat.errors import ExecutionError
 
 log = logging.getLogger("lockstep.pipeline")
 

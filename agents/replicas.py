@@ -42,7 +42,6 @@ from agents.errors import (
     NotFound,
     ResourceExhausted,
 )
-from agents.execution_error import ExecutionError
 from agents.executor import Stepper, TensorParallelGroup
 from agents.interconnect import GrpcLink, link_channels
 from agents.journal import Journal, JournalError, QueueFull
@@ -55,6 +54,7 @@ from agents.text import quote
 from placement.models import ModelConfig
 from protos import agent_pb2
 from security.certs import Credentials
+from shardformat.errors import ExecutionError
 
 log = logging.getLogger("lockstep.agent")
 

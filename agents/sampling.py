@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agents.activation import Activation
-from agents.execution_error import ExecutionError
+from shardformat.errors import ExecutionError
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import struct
 import threading
@@ -49,8 +48,6 @@ from agents.errors import (
     InvalidArgument,
     Unavailable,
 )
-from agents.execution_error import ExecutionError
-from agents.executor import MANIFEST_KEY
 from agents.interconnect import SERVICE_NAME as LINK_SERVICE_NAME
 from agents.interconnect import LinkService, allow_all, ping
 from agents.interconnect import handlers as link_handlers
@@ -71,6 +68,9 @@ from agents.text import clip, quote
 from protos import agent_pb2
 from security.certs import Credentials
 from security.tls import AuthorizationInterceptor, peer_identity
+from shardformat.codec import parse_header
+from shardformat.errors import ExecutionError
+from shardformat.manifest import manifest_of_metadata
 
 log = logging.getLogger("lockstep.agent")
 
@@ -515,39 +515,26 @@ def _response(
 
 
 def _check_blob(header: ShardHeader, view: memoryview) -> None:
-    """The blob must be safetensors; a manifest, if any, must agree with the header.
-
-    The blob is untrusted bytes: any failure to parse it is INVALID_ARGUMENT (never UNKNOWN).
-    """
-    from agents.safetensors_codec import parse_header
-
+    """The blob must be safetensors; a manifest, if any, must parse (`Manifest.from_json`
+    checks every field), list exactly the blob's tensors, and agree with the header."""
     where = f"chip {header.chip}: {header.label}"
     try:
         parsed = parse_header(view, len(view))
-        raw = parsed.metadata.get(MANIFEST_KEY)
-    except Exception as exc:
-        raise InvalidArgument(
-            f"{where}: not a valid safetensors blob: {type(exc).__name__}: {exc}"
-        ) from None
-    if raw is None:
+        manifest = manifest_of_metadata(parsed.metadata)
+        if manifest is not None:
+            manifest.check_entries(parsed.entries)
+    except ExecutionError as exc:
+        raise InvalidArgument(f"{where}: {exc}") from None
+    if manifest is None:
         return
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, TypeError, RecursionError) as exc:
-        raise InvalidArgument(f"{where}: manifest is not JSON: {exc}") from None
-    if not isinstance(manifest, dict):
+    if manifest.virtual != header.virtual:
         raise InvalidArgument(
-            f"{where}: manifest must be a JSON object, got {type(manifest).__name__}"
+            f"{where}: header says virtual={header.virtual}, the manifest says {manifest.virtual}"
         )
-    if "virtual" in manifest and bool(manifest["virtual"]) != header.virtual:
+    if header.virtual and header.declared_bytes < manifest.declared_bytes:
         raise InvalidArgument(
-            f"{where}: header says virtual={header.virtual}, the manifest says "
-            f"{bool(manifest['virtual'])}"
-        )
-    declared = manifest.get("declared_bytes")
-    if header.virtual and isinstance(declared, int) and header.declared_bytes < declared:
-        raise InvalidArgument(
-            f"{where}: header declares {header.declared_bytes} bytes, the manifest {declared}"
+            f"{where}: header declares {header.declared_bytes} bytes, "
+            f"the manifest {manifest.declared_bytes}"
         )
 
 

@@ -16,10 +16,10 @@ import grpc
 
 from agents import errors
 from agents.arena import ArenaExhausted
-from agents.execution_error import ExecutionError
 from agents.journal import JournalError, QueueFull
 from agents.lockstep import ProtocolError
 from agents.text import clip
+from shardformat.errors import ExecutionError
 
 log = logging.getLogger("lockstep.agent")
 

@@ -306,12 +306,33 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def make_blob(size_mib: int) -> bytes:
+    """One uint8 tensor of `size_mib` MiB under a well-formed manifest (the agent checks it)."""
+    import hashlib
+
     import numpy as np
     from safetensors.numpy import save
 
+    from placement.models import MODEL_PRESETS
+    from shardformat.manifest import MANIFEST_KEY, Manifest, TensorInfo
+
     weights = np.random.default_rng(0).integers(0, 256, size=size_mib << 20, dtype=np.uint8)
-    manifest = {"format": "bench", "virtual": False, "declared_bytes": 0}
-    return save({"w": weights}, metadata={"lockstep.manifest": json.dumps(manifest)})
+    digest = hashlib.sha256(weights).hexdigest()
+    manifest = Manifest(
+        model_name="tiny-llama",
+        config=MODEL_PRESETS["tiny-llama"],
+        precision="fp16",
+        stage=0,
+        stages=1,
+        tick_offset=0,
+        tp_rank=0,
+        tp_size=1,
+        max_batch=1,
+        max_context=16,
+        ops=(),
+        tensors={"w": TensorInfo("U8", (weights.size,), "w", None, (0, 0), digest)},
+        weight_bytes=weights.size,
+    )
+    return save({"w": weights}, metadata={MANIFEST_KEY: manifest.to_json()})
 
 
 def agent_args(node: str, sram_mib: int, certs: Path | None) -> tuple[str, ...]:

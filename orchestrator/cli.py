@@ -13,17 +13,17 @@ No traceback reaches the user unless asked for.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import yaml
 
-from agents.main import register_agent_command, whole_number
 from orchestrator.certs_cmd import register_certs_command
 from orchestrator.deployments import plan_request_from_spec
 from orchestrator.render import print_plan_table
@@ -35,6 +35,13 @@ from placement.profiles import profile_names
 from placement.topology import MAX_RACKS, Topology, preset_topology
 
 EXIT_OK, EXIT_UNPLACEABLE, EXIT_INVALID, EXIT_INTERNAL = 0, 1, 2, 3
+AGENT_ENTRY_MODULE = "agents.main"
+"""The process entry point `lpuctl agent` runs, by name.
+
+The control plane never imports the agent's code (an import-linter contract): `lpuctl agent
+ARGS` hands ARGS to `AGENT_ENTRY_MODULE`'s `main(argv)`, imported only then, exactly as
+`python -m agents.main ARGS` would run it. The agent owns its flags (and `lpuctl agent --help`
+prints them), so `lpuctl plan` never loads gRPC nor pins BLAS threads."""
 
 
 class _UsageError(Exception):
@@ -76,9 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
     plan.add_argument("--svg", help="also write the rack map as SVG to this path")
     plan.set_defaults(handler=cmd_plan)
-    register_agent_command(sub)
+    agent = sub.add_parser(
+        "agent",
+        help="run a node agent: serve this node's chips over gRPC (flags: lpuctl agent --help)",
+        add_help=False,
+    )
+    agent.set_defaults(handler=lambda _: run_agent([]))
     register_certs_command(sub)
     return parser
+
+
+def whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse `type` for a whole number in [low, high], with a message naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return parse
+
+
+def run_agent(argv: Sequence[str]) -> int:
+    """Run the agent's process entry point by module name (see `AGENT_ENTRY_MODULE`)."""
+    entry = importlib.import_module(AGENT_ENTRY_MODULE)
+    code: int = entry.main(list(argv))
+    return code
 
 
 def resolve_topology(args: argparse.Namespace) -> Topology:
@@ -131,7 +165,10 @@ def _write_svg(path: str, plan: object, topology: Topology) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["agent"]:  # the agent parses its own flags
+            return run_agent(argv[1:])
         args = parser.parse_args(argv)
         code: int = args.handler(args)
         return code

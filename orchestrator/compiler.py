@@ -3,20 +3,8 @@
 Every chip of the plan (each TP rank of each stage of each replica) gets a `ShardRef`. The shard
 itself is ONE safetensors blob: the chip's weight slices (its chunk range of every op it runs,
 cut again for its TP rank; norms replicated) plus, in the `__metadata__` key
-`lockstep.manifest`, the program manifest as canonical JSON:
-
-    format        "lockstep.shard/1"
-    model         {name, config: ModelConfig fields}
-    precision     the plan's precision; tensors carry their stored dtype
-    stage, stages, tick_offset (= stage index)
-    tp            {rank, size}
-    serving       {max_batch, max_context}  (KV-cache geometry)
-    ops           [{op, name, kind, layer, chunks, chunk_first, chunk_last, units [start, end),
-                    width, ranks [[start, end) per TP rank], rank_units}]
-    tensors       {name: {dtype, shape, source, axis, range, sha256}}
-    virtual       false, or true for a manifest-only shard (no tensor data, sha256 null)
-    declared_bytes  the plan's SRAM bytes per chip (weights + KV cache + workspace)
-    weight_bytes    bytes of the tensors (declared for virtual shards)
+`lockstep.manifest`, the program manifest (`shardformat.manifest.Manifest`, whose docstring
+gives the wire shape). The blob's shard id is its BLAKE3 digest (`shardformat.address`).
 
 What a blob deliberately does NOT hold is where it runs: deployment, replica, chip ids, TP
 group and upstream/downstream peers are the `ChipBinding` of its `ShardRef`. The blob is then a
@@ -39,20 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agents.executor import MANIFEST_KEY, SHARD_FORMAT
-from agents.layout import (
+from orchestrator.shard_store import ShardStore, StoredBlob, canonical_json
+from orchestrator.weights import SeededWeights, WeightSource, open_checkpoint, precision_dtype
+from placement.errors import InputError
+from placement.models import PRECISION_BYTES, ModelConfig, build_ops
+from placement.plan import Plan, StagePlan
+from shardformat.codec import TensorEntry, encode_header
+from shardformat.layout import (
     PieceSpec,
     TensorSlice,
     checkpoint_tensor_shapes,
     piece_tensors,
     stage_pieces,
 )
-from agents.safetensors_codec import TensorEntry, encode_header
-from orchestrator.shard_store import ShardStore, StoredBlob, canonical_json
-from orchestrator.weights import SeededWeights, WeightSource, open_checkpoint, precision_dtype
-from placement.errors import InputError
-from placement.models import PRECISION_BYTES, ModelConfig, build_ops
-from placement.plan import Plan, StagePlan
+from shardformat.manifest import MANIFEST_KEY, Manifest, tensor_infos
 
 VIRTUAL_AUTO_BYTES = 1 << 30
 """Seeded models larger than this compile to virtual shards unless told otherwise."""
@@ -94,12 +82,15 @@ class ChipBinding:
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One chip's shard: the blob's address and the chip's binding."""
+    """One chip's shard: the blob's address and the chip's binding.
 
-    shard_id: str
+    `shard_id` is the content address (the BLAKE3 of the blob, what agents load it under);
+    `label` names the chip's place in the plan (deployment/replica/stage/rank) for people."""
+
+    label: str
     chip: str
     size_bytes: int
-    sha256: str
+    shard_id: str
     path: Path
     virtual: bool
     binding: ChipBinding
@@ -135,11 +126,11 @@ def compile_plan(
                 store.remember(shard.recipe, blob)
                 refs.append(
                     ShardRef(
-                        shard_id=f"{plan.deployment}/replica-{stage.replica}/stage-{stage.index}/"
+                        label=f"{plan.deployment}/replica-{stage.replica}/stage-{stage.index}/"
                         f"rank-{rank}",
                         chip=chip,
                         size_bytes=blob.size_bytes,
-                        sha256=blob.sha256,
+                        shard_id=blob.shard_id,
                         path=blob.path,
                         virtual=virtual,
                         binding=binding(plan, stage, rank),
@@ -150,7 +141,8 @@ def compile_plan(
 
 def chip_manifest(ref: ShardRef, store_dir: str | Path) -> dict[str, Any]:
     """What an agent loads for a chip: the blob's manifest plus the chip's `binding`."""
-    return ShardStore(store_dir).manifest(ref.sha256) | {"binding": ref.binding.to_dict()}
+    manifest = ShardStore(store_dir).manifest(ref.shard_id)
+    return manifest.to_dict() | {"binding": ref.binding.to_dict()}
 
 
 def binding(plan: Plan, stage: StagePlan, rank: int) -> ChipBinding:
@@ -235,7 +227,7 @@ def _open_source(
 class ShardProgram:
     """One chip's shard before it is written: manifest (digests pending) and tensor slices."""
 
-    manifest: dict[str, Any]
+    manifest: Manifest
     slices: dict[str, TensorSlice]
     entries: tuple[TensorEntry, ...]
     weights: WeightSource | None
@@ -257,46 +249,36 @@ class ShardProgram:
             )
             for name, ts in sorted(slices.items())
         )
-        manifest = {
-            "format": SHARD_FORMAT,
-            "model": {"name": cfg.name, "config": cfg.to_dict()},
-            "precision": plan.precision,
-            "stage": stage.index,
-            "stages": plan.pipeline_stages,
-            "tick_offset": stage.index,
-            "tp": {"rank": rank, "size": len(stage.chips)},
-            "serving": {"max_batch": plan.max_batch, "max_context": plan.max_context},
-            "ops": [s.to_dict() | {"rank_units": list(s.ranks[rank])} for s in specs],
-            "tensors": {
-                e.name: {
-                    "dtype": e.dtype,
-                    "shape": list(e.shape),
-                    **slices[e.name].to_dict(),
-                    "sha256": None,
-                }
-                for e in entries
-            },
-            "virtual": weights is None,
-            "declared_bytes": stage.sram_bytes_per_chip,
-            "weight_bytes": sum(e.nbytes for e in entries),
-        }
+        manifest = Manifest(
+            model_name=cfg.name,
+            config=cfg,
+            precision=plan.precision,
+            stage=stage.index,
+            stages=plan.pipeline_stages,
+            tick_offset=stage.index,
+            tp_rank=rank,
+            tp_size=len(stage.chips),
+            max_batch=plan.max_batch,
+            max_context=plan.max_context,
+            ops=tuple(specs),
+            tensors=tensor_infos(entries, {e.name: slices[e.name].to_dict() for e in entries}),
+            virtual=weights is None,
+            declared_bytes=stage.sram_bytes_per_chip,
+            weight_bytes=sum(e.nbytes for e in entries),
+        )
         source = weights.fingerprint() if weights else {"kind": "virtual"}
         recipe = hashlib.sha256(
-            canonical_json({"program": manifest, "source": source}).encode("ascii")
+            canonical_json({"program": manifest.to_dict(), "source": source}).encode("ascii")
         ).hexdigest()
         return cls(manifest, slices, entries, weights, recipe)
 
-    def manifest_with(self, digests: dict[str, str] | None) -> dict[str, Any]:
-        tensors = {
-            name: info | {"sha256": digests[name] if digests else None}
-            for name, info in self.manifest["tensors"].items()
-        }
-        return self.manifest | {"tensors": tensors}
+    def manifest_with(self, digests: dict[str, str] | None) -> Manifest:
+        return self.manifest.with_digests(digests)
 
     def write(self, store: ShardStore) -> StoredBlob:
         """Write the blob: a manifest-only one if virtual, else stream the slices."""
         if self.weights is None:
-            prefix, _ = encode_header([], {MANIFEST_KEY: canonical_json(self.manifest)})
+            prefix, _ = encode_header([], {MANIFEST_KEY: self.manifest.to_json()})
             return store.put_bytes(prefix)
         weights = self.weights
 

@@ -87,7 +87,7 @@ def configure_requests(
             agent_pb2.StageAssignment(
                 stage=stage,
                 chips=[where[r.chip][1] for r in by_stage[stage]],
-                shard_ids=[r.sha256 for r in by_stage[stage]],
+                shard_ids=[r.shard_id for r in by_stage[stage]],
                 chip_names=[r.chip for r in by_stage[stage]],
                 downstream_address="" if down == address else down,
                 upstream_identity="" if up == address else identity(up),

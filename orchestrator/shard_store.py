@@ -1,10 +1,11 @@
-"""Content-addressed shard store: one safetensors blob per distinct shard, named by its sha256.
+"""Content-addressed shard store: one safetensors blob per distinct shard, named by its shard id.
 
-Layout of `store_dir`:
+The shard id is the BLAKE3 digest of the whole blob (`shardformat.address`: why BLAKE3). Layout
+of `store_dir`:
 
-    sha256/<hex>.safetensors   the blobs; <hex> is the sha256 of the whole file
-    recipes/<hex>.json         recipe key -> blob digest (what makes re-compiling a no-op)
-    tmp/                       blobs being written; renamed into sha256/ once complete
+    blake3/<hex>.safetensors   the blobs; <hex> is the shard id, the BLAKE3 of the whole file
+    recipes/<hex>.json         recipe key -> shard id and size (what makes re-compiling a no-op)
+    tmp/                       blobs being written; renamed into blake3/ once complete
 
 Blobs are written to `tmp/` and renamed into place (atomic on one filesystem), so a reader never
 sees a half-written shard, and two compilers racing to write the same blob are harmless. An
@@ -30,8 +31,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from agents.executor import MANIFEST_KEY
-from agents.safetensors_codec import STORAGE_DTYPES, TensorEntry, encode_header, parse_header
+from shardformat.address import SHARD_ID, file_shard_id, shard_id_of
+from shardformat.codec import STORAGE_DTYPES, TensorEntry, encode_header, parse_header
+from shardformat.errors import ExecutionError
+from shardformat.manifest import MANIFEST_KEY, Manifest
 
 PLACEHOLDER_DIGEST = "0" * 64
 _READ_CHUNK = 1 << 20
@@ -115,6 +118,7 @@ def write_safetensors(
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a file: the audit digest (the store names blobs by their BLAKE3)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_READ_CHUNK):
@@ -134,12 +138,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, Tenso
 
 @dataclass(frozen=True)
 class StoredBlob:
-    sha256: str
+    shard_id: str
     size_bytes: int
     path: Path
 
 
-ManifestFor = Callable[[Mapping[str, str]], dict[str, Any]]
+ManifestFor = Callable[[Mapping[str, str]], Manifest]
 """Builds a shard manifest from tensor digests (placeholders first, then the real ones)."""
 
 
@@ -148,17 +152,19 @@ class ShardStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.blobs = self.root / "sha256"
+        self.blobs = self.root / "blake3"
         self.recipes = self.root / "recipes"
         self.tmp = self.root / "tmp"
         for d in (self.blobs, self.recipes, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
 
-    def blob_path(self, digest: str) -> Path:
-        return self.blobs / f"{digest}.safetensors"
+    def blob_path(self, shard_id: str) -> Path:
+        if not SHARD_ID.fullmatch(shard_id):
+            raise StoreError(f"not a shard id (64 lowercase hex digits): {shard_id[:80]!r}")
+        return self.blobs / f"{shard_id}.safetensors"
 
-    def has(self, digest: str) -> bool:
-        return self.blob_path(digest).is_file()
+    def has(self, shard_id: str) -> bool:
+        return self.blob_path(shard_id).is_file()
 
     def put(
         self,
@@ -182,7 +188,7 @@ class ShardStore:
 
     def put_bytes(self, blob: bytes) -> StoredBlob:
         """Store a blob held in memory (small manifest-only shards)."""
-        digest = hashlib.sha256(blob).hexdigest()
+        digest = shard_id_of(blob)
         final = self.blob_path(digest)
         if not final.is_file():
             with atomic_file(final, self.tmp) as out:
@@ -190,7 +196,7 @@ class ShardStore:
         return StoredBlob(digest, len(blob), final)
 
     def _adopt(self, staged: Path) -> StoredBlob:
-        digest = file_sha256(staged)
+        digest = file_shard_id(staged)
         final = self.blob_path(digest)
         size = staged.stat().st_size
         if final.is_file():
@@ -199,21 +205,27 @@ class ShardStore:
             os.replace(staged, final)
         return StoredBlob(digest, size, final)
 
-    def verify(self, digest: str) -> bool:
-        """Whether the blob exists and still hashes to its name."""
-        path = self.blob_path(digest)
-        return path.is_file() and file_sha256(path) == digest
+    def verify(self, shard_id: str) -> bool:
+        """Whether the blob exists and still hashes to its name (its BLAKE3)."""
+        path = self.blob_path(shard_id)
+        return path.is_file() and file_shard_id(path) == shard_id
 
-    def manifest(self, digest: str) -> dict[str, Any]:
-        """The shard manifest of a stored blob, reading only its header."""
-        metadata, _, _ = read_safetensors_header(self.blob_path(digest))
-        if MANIFEST_KEY not in metadata:
-            raise StoreError(f"blob {digest} has no {MANIFEST_KEY} metadata")
-        manifest: dict[str, Any] = json.loads(metadata[MANIFEST_KEY])
-        return manifest
+    def sha256(self, shard_id: str) -> str:
+        """The sha256 of a stored blob: the audit digest, for tools that want one."""
+        return file_sha256(self.blob_path(shard_id))
 
-    def read(self, digest: str) -> bytes:
-        return self.blob_path(digest).read_bytes()
+    def manifest(self, shard_id: str) -> Manifest:
+        """The shard manifest of a stored blob, reading only its header (checked in full)."""
+        try:
+            metadata, _, _ = read_safetensors_header(self.blob_path(shard_id))
+            if MANIFEST_KEY not in metadata:
+                raise StoreError(f"blob {shard_id} has no {MANIFEST_KEY} metadata")
+            return Manifest.from_json(metadata[MANIFEST_KEY])
+        except ExecutionError as exc:
+            raise StoreError(f"blob {shard_id}: {exc}") from None
+
+    def read(self, shard_id: str) -> bytes:
+        return self.blob_path(shard_id).read_bytes()
 
     # --- recipes: what was compiled from what ---------------------------------------------
 
@@ -222,8 +234,9 @@ class ShardStore:
         path = self.recipes / f"{recipe}.json"
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            blob = StoredBlob(str(raw["sha256"]), int(raw["size"]), self.blob_path(raw["sha256"]))
-        except (FileNotFoundError, KeyError, ValueError, TypeError):
+            shard_id = str(raw["shard_id"])
+            blob = StoredBlob(shard_id, int(raw["size"]), self.blob_path(shard_id))
+        except (FileNotFoundError, KeyError, ValueError, TypeError, StoreError):
             return None
         try:
             if blob.path.stat().st_size == blob.size_bytes:
@@ -234,16 +247,16 @@ class ShardStore:
 
     def remember(self, recipe: str, blob: StoredBlob) -> None:
         path = self.recipes / f"{recipe}.json"
-        text = json.dumps({"sha256": blob.sha256, "size": blob.size_bytes}, sort_keys=True)
+        text = json.dumps({"shard_id": blob.shard_id, "size": blob.size_bytes}, sort_keys=True)
         if path.is_file() and path.read_text(encoding="utf-8") == text:
             return
         with atomic_file(path, self.tmp) as out:
             out.write(text.encode("utf-8"))
 
 
-def _shard_metadata(manifest: Mapping[str, Any]) -> dict[str, str]:
+def _shard_metadata(manifest: Manifest) -> dict[str, str]:
     """The one metadata key of a shard: its manifest as canonical JSON."""
-    return {MANIFEST_KEY: canonical_json(manifest)}
+    return {MANIFEST_KEY: manifest.to_json()}
 
 
 def canonical_json(value: Any) -> str:

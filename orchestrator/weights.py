@@ -3,7 +3,7 @@
 A generated checkpoint is what `save_pretrained` would write for a Llama/Mistral/Mixtral model:
 `config.json` plus `model.safetensors`, or `model-0000i-of-0000n.safetensors` files and a
 `model.safetensors.index.json` when the weights exceed `max_file_bytes`. Tensor names and
-`[out, in]` shapes come from `agents.layout.checkpoint_tensor_shapes`, the one place the
+`[out, in]` shapes come from `shardformat.layout.checkpoint_tensor_shapes`, the one place the
 executor and the compiler also take them from.
 
 Reproducibility: every tensor is drawn from its own `Generator(PCG64(SeedSequence([seed,
@@ -37,12 +37,12 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from agents.execution_error import ExecutionError
-from agents.layout import TensorSlice, checkpoint_tensor_shapes
-from agents.safetensors_codec import STORAGE_DTYPES, TensorEntry, decode_f32
 from orchestrator.shard_store import atomic_file, read_safetensors_header, write_safetensors
 from placement.errors import InputError
 from placement.models import ModelConfig, model_from_hf_config
+from shardformat.codec import STORAGE_DTYPES, TensorEntry, decode_f32
+from shardformat.errors import ExecutionError
+from shardformat.layout import TensorSlice, checkpoint_tensor_shapes
 
 PRECISION_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 """Checkpoint storage dtype of each precision that has one (int8/fp8 need quantization)."""

@@ -11,8 +11,9 @@ that needs plaintext says so (`start(..., insecure=True)`).
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
-import json
+import hashlib
 import os
 import selectors
 import shutil
@@ -37,6 +38,8 @@ from protos import agent_pb2, agent_pb2_grpc
 from security import certs as certs_mod
 from security.identity import CONTROL_PLANE, agent_identity
 from security.tls import open_channel
+from shardformat.address import shard_id_of
+from shardformat.manifest import MANIFEST_KEY, Manifest, TensorInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_SECONDS = 20.0
@@ -218,17 +221,38 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 # --- shards ---------------------------------------------------------------------------------
 
 
+def sample_manifest(tensors: dict[str, TensorInfo], **fields: Any) -> Manifest:
+    """A well-formed manifest (tiny-llama, no ops) listing `tensors`; `fields` override."""
+    base = Manifest(
+        model_name="tiny-llama",
+        config=MODEL_PRESETS["tiny-llama"],
+        precision="fp16",
+        stage=0,
+        stages=1,
+        tick_offset=0,
+        tp_rank=0,
+        tp_size=1,
+        max_batch=1,
+        max_context=16,
+        ops=(),
+        tensors=tensors,
+    )
+    return dataclasses.replace(base, **fields)
+
+
 def make_shard(nbytes: int, seed: int = 0, **manifest: Any) -> bytes:
     """A real safetensors blob with one uint8 tensor of `nbytes` and a Lockstep manifest."""
     weights = np.random.default_rng(seed).integers(0, 256, size=nbytes, dtype=np.uint8)
-    meta = {"format": "test", "virtual": False, "declared_bytes": 0} | manifest
-    return save({"w": weights}, metadata={"lockstep.manifest": json.dumps(meta)})
+    info = TensorInfo("U8", (nbytes,), "w", None, (0, 0), hashlib.sha256(weights).hexdigest())
+    meta = sample_manifest({"w": info}, **manifest)
+    return save({"w": weights}, metadata={MANIFEST_KEY: meta.to_json()})
 
 
 def make_virtual_shard(declared_bytes: int, seed: int = 0) -> bytes:
     """A manifest-only blob standing in for `declared_bytes` of weights."""
-    meta = {"format": "test", "virtual": True, "declared_bytes": declared_bytes, "seed": seed}
-    return save({}, metadata={"lockstep.manifest": json.dumps(meta)})
+    info = TensorInfo("I8", (seed + 1,), "w", None, (0, 0), None)
+    meta = sample_manifest({"w": info}, virtual=True, declared_bytes=declared_bytes)
+    return save({}, metadata={MANIFEST_KEY: meta.to_json()})
 
 
 def messages(
@@ -244,7 +268,8 @@ def load(agent: AgentProcess, blob: bytes, chip: int, **kwargs: Any) -> agent_pb
 
 
 def shard_id(blob: bytes) -> str:
-    return loader.new_hash_hex(blob, "sha256")
+    """The shard id of a blob: its BLAKE3."""
+    return shard_id_of(blob)
 
 
 class PausedStream:

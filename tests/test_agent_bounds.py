@@ -25,6 +25,7 @@ from conftest_agents import (
     make_shard,
     messages,
     secure_channel,
+    shard_id,
     wait_for,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -142,7 +143,7 @@ def test_status_and_health_answer_within_100ms_while_100_hostile_streams_are_ope
     blob = make_shard(MiB, seed=3)
     wait_for(lambda: _loads(agent, blob), timeout=20, what="a load after the hostile streams")
     agent.stub.UnloadShard(
-        agent_pb2.UnloadShardRequest(chip=0, shard_id=loader.new_hash_hex(blob, "sha256"))
+        agent_pb2.UnloadShardRequest(chip=0, shard_id=shard_id(blob))
     )
     assert_clean(agent)
 

@@ -15,13 +15,13 @@ import pytest
 from agents import errors
 from agents.arena import ArenaExhausted
 from agents.chips import make_chips
-from agents.execution_error import ExecutionError
 from agents.journal import JournalError, QueueFull
 from agents.lockstep import ProtocolError
 from agents.settings import AgentSettings
 from agents.status_codes import MESSAGE_LIMIT, status_of
 from agents.streams import StreamGate
 from agents.text import clip, quote
+from shardformat.errors import ExecutionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

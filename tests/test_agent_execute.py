@@ -57,14 +57,14 @@ def test_pipeline_through_agents_matches_in_process(
         blob = Path(ref.path).read_bytes()
         declared = json.loads(_manifest_json(blob))["declared_bytes"]
         reply = load(agent, blob, chip, declared_bytes=declared)
-        assert reply.shard_id == ref.sha256 and reply.reserved_bytes == max(declared, len(blob))
+        assert reply.shard_id == ref.shard_id and reply.reserved_bytes == max(declared, len(blob))
 
     batch = Activation.for_tokens([0, 0, 0, 1], [0, 1, 2, 0], [5, 17, 3, 9])
     data = batch.to_bytes()
     for ref in compiled:
         agent, chip = where(ref, agents)
         reply = agent.stub.Execute(
-            agent_pb2.ExecuteRequest(chip=chip, shard_id=ref.sha256, activation=data), timeout=30
+            agent_pb2.ExecuteRequest(chip=chip, shard_id=ref.shard_id, activation=data), timeout=30
         )
         data = reply.activation
     remote = Activation.from_bytes(data)
@@ -81,11 +81,13 @@ def test_execute_rejects_a_bad_activation(
 ) -> None:
     ref = compiled[0]
     agent, chip = where(ref, agents)
-    if not any(s.shard_id == ref.sha256 for s in agent.chip(chip).shards):
+    if not any(s.shard_id == ref.shard_id for s in agent.chip(chip).shards):
         load(agent, Path(ref.path).read_bytes(), chip)
     with pytest.raises(grpc.RpcError) as info:
         agent.stub.Execute(
-            agent_pb2.ExecuteRequest(chip=chip, shard_id=ref.sha256, activation=b"not safetensors"),
+            agent_pb2.ExecuteRequest(
+                chip=chip, shard_id=ref.shard_id, activation=b"not safetensors"
+            ),
             timeout=30,
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -94,6 +96,6 @@ def test_execute_rejects_a_bad_activation(
 
 def _manifest_json(blob: bytes) -> str:
     from agents.executor import MANIFEST_KEY
-    from agents.safetensors_codec import parse_header
+    from shardformat.codec import parse_header
 
     return parse_header(blob, len(blob)).metadata[MANIFEST_KEY]

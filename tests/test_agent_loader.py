@@ -6,9 +6,10 @@ import grpc
 import pytest
 
 from agents import loader
-from agents.errors import AgentError
+from agents.errors import AgentError, DataLoss, InvalidArgument
 from agents.status_codes import status_of
 from protos import agent_pb2
+from shardformat.address import shard_id_of
 
 
 @pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 4 << 20, 2**40])
@@ -44,16 +45,25 @@ def test_header_validation_names_the_field() -> None:
             shard_id=good.shard_id, chip=0, size_bytes=1, digest_algorithm="crc"
         ),
         "digest": agent_pb2.LoadShardHeader(
-            shard_id=good.shard_id, chip=0, size_bytes=1, digest_algorithm="blake3"
+            shard_id=good.shard_id, chip=0, size_bytes=1, digest_algorithm="sha256"
         ),
     }
     for field, header in cases.items():
         with pytest.raises(AgentError, match=field):
             loader.validate_header(header, 2)
-    sha = loader.validate_header(
+    # With blake3 the digest is the shard id: any other one could never verify.
+    with pytest.raises(InvalidArgument, match=r"header\.digest"):
+        loader.validate_header(
+            agent_pb2.LoadShardHeader(
+                shard_id=good.shard_id, chip=0, size_bytes=1, digest="ab" * 32
+            ),
+            2,
+        )
+    assert good.shard_id == shard_id_of(blob)
+    default = loader.validate_header(
         agent_pb2.LoadShardHeader(shard_id=good.shard_id, chip=0, size_bytes=100), 1
     )
-    assert (sha.algorithm, sha.digest) == ("sha256", good.shard_id)
+    assert (default.algorithm, default.digest) == ("blake3", good.shard_id)
     virtual = loader.validate_header(
         agent_pb2.LoadShardHeader(
             shard_id=good.shard_id, chip=0, size_bytes=100, virtual=True, declared_bytes=10_000
@@ -75,15 +85,27 @@ def test_receiver_verifies_size_and_digest(algorithm: str) -> None:
 
     corrupt = loader.ShardReceiver(header, memoryview(bytearray(len(blob))))
     corrupt.write(memoryview(b"\xff" + blob[1:]))
-    with pytest.raises(AgentError) as info:
+    with pytest.raises(DataLoss, match="blake3 of the received bytes"):
         corrupt.finish()
-    assert status_of(info.value)[0] == grpc.StatusCode.DATA_LOSS
 
     over = loader.ShardReceiver(header, memoryview(bytearray(len(blob))))
     with pytest.raises(AgentError, match="carries more"):
         over.write(memoryview(blob + b"!"))
     over.close()
     over.close()  # idempotent
+
+
+def test_sha256_load_also_proves_the_blake3_shard_id() -> None:
+    """A header whose sha256 matches tampered bytes still fails: the id is BLAKE3-checked."""
+    blob = bytes(range(256)) * 64
+    tampered = b"\xff" + blob[1:]
+    header = loader.make_header(tampered, 0, algorithm="sha256", shard_id=shard_id_of(blob))
+    receiver = loader.ShardReceiver(
+        loader.validate_header(header, 1), memoryview(bytearray(len(blob)))
+    )
+    receiver.write(memoryview(tampered))
+    with pytest.raises(DataLoss, match="the shard id"):
+        receiver.finish()
 
 
 def test_default_chunks_are_small_and_within_the_protocol() -> None:

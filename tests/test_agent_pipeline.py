@@ -27,7 +27,6 @@ from conftest_agents import (
 
 from agents.executor import ReferenceExecutor
 from agents.interconnect import EXCHANGE, frame_checksum, target_metadata
-from agents.layout import plan_layout
 from agents.sampling import Sampling
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.serving import bring_up, configure_requests
@@ -38,6 +37,7 @@ from placement.planner import make_plan
 from placement.topology import preset_topology
 from protos import agent_pb2, interconnect_pb2
 from security.tls import link_metadata
+from shardformat.layout import plan_layout
 
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED = 5

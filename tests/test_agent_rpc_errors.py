@@ -25,10 +25,10 @@ from agents.journal import Journal
 from agents.lockstep import Frame, Schedule
 from agents.pipeline import StageRunner
 from agents.replicas import Replica
-from agents.safetensors_codec import encode_safetensors
 from agents.server import AgentService, HeldEntry
 from agents.settings import AgentSettings
 from protos import agent_pb2
+from shardformat.codec import encode_safetensors
 
 MiB = 1 << 20
 

@@ -6,8 +6,11 @@ held, no load in flight, SRAM used back to its previous value.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -154,7 +157,7 @@ def test_load_status_unload_roundtrip(n0: AgentProcess) -> None:
 
 
 def test_sha256_verification_and_plain_protobuf_client(n0: AgentProcess) -> None:
-    """sha256 mode verifies the content address; the generated stub interoperates."""
+    """sha256 mode verifies the audit digest (and the BLAKE3 id); the generated stub works."""
     blob = make_shard(300_000, seed=2)
     header = loader.make_header(blob, 1, algorithm="sha256")
     requests = [agent_pb2.LoadShardRequest(header=header)] + [
@@ -162,8 +165,39 @@ def test_sha256_verification_and_plain_protobuf_client(n0: AgentProcess) -> None
         for i in range(0, len(blob), 100_000)
     ]
     reply = n0.stub.LoadShard(iter(requests), timeout=30)
-    assert reply.digest == shard_id(blob) and reply.digest_algorithm == "sha256"
+    assert reply.digest == hashlib.sha256(blob).hexdigest() and reply.digest_algorithm == "sha256"
+    assert reply.shard_id == shard_id(blob)
     assert [s.shard_id for s in n0.chip(1).shards] == [shard_id(blob)]
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_tampered_blob_under_the_real_id_is_refused(n0: AgentProcess, algorithm: str) -> None:
+    """Bytes that are not what the shard id says are DATA_LOSS and nothing is held, even when
+    the header's own digest (sha256 of the tampered bytes) matches; the real blob then loads."""
+    blob = make_shard(MiB, seed=30)
+    tampered = bytearray(blob)
+    tampered[-1] ^= 0xFF  # a weight byte: still a valid safetensors blob
+    header = loader.make_header(bytes(tampered), 6, algorithm=algorithm, shard_id=shard_id(blob))
+    stream = loader.load_messages(header, bytes(tampered), 256 << 10)
+    details = expect_error(grpc.StatusCode.DATA_LOSS, loader.send_load, n0.channel, stream)
+    assert "the shard id" in details and "nothing was committed" in details
+    assert_clean(n0, 6)
+    assert not n0.chip(6).shards
+    reply = load(n0, blob, 6)
+    assert not reply.already_loaded and reply.shard_id == shard_id(blob)
+    assert [s.shard_id for s in n0.chip(6).shards] == [shard_id(blob)]
+    # "Already loaded" only for a header that describes the held shard.
+    again = load(n0, blob, 6)
+    assert again.already_loaded
+    wrong = loader.make_header(blob, 6, virtual=True, declared_bytes=len(blob))
+    details = expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        loader.send_load,
+        n0.channel,
+        loader.load_messages(wrong, blob),
+    )
+    assert "virtual=False" in details and "virtual=True" in details
+    assert n0.chip(6).sram_used_bytes == len(blob)
 
 
 def test_concurrent_loads_to_many_chips_of_two_agents(nodes: list[AgentProcess]) -> None:
@@ -287,6 +321,49 @@ def test_malformed_streams_are_invalid_argument(n0: AgentProcess) -> None:
         )
         assert details, name
     assert_clean(n0, 0)
+
+
+def _raw_blob(header: object, data: bytes = b"") -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@pytest.mark.parametrize(
+    ("blob", "match"),
+    [
+        (
+            _raw_blob({"w": {"dtype": "U8", "shape": [2**64], "data_offsets": [0, 8]}}, b"\0" * 8),
+            "exceeds",
+        ),
+        (_raw_blob({"__metadata__": ["x"]}), "__metadata__ must be an object"),
+        (_raw_blob({"__metadata__": {"lockstep.manifest": "7"}}), "got int"),
+        (_raw_blob({"__metadata__": {"lockstep.manifest": "[]"}}), "got list"),
+        (
+            _raw_blob({"__metadata__": {"lockstep.manifest": '{"format": "lockstep.shard/9"}'}}),
+            "unknown version",
+        ),
+        (_raw_blob([1, 2, 3]), "not an object"),
+        (struct.pack("<Q", 2**40) + b"{}", "header length"),
+    ],
+    ids=[
+        "shape-2**64",
+        "metadata-list",
+        "manifest-number",
+        "manifest-list",
+        "manifest-version",
+        "header-list",
+        "header-length",
+    ],
+)
+def test_malformed_blobs_are_invalid_argument(n0: AgentProcess, blob: bytes, match: str) -> None:
+    """Bytes that verify but are not a well-formed shard: INVALID_ARGUMENT naming the fault,
+    nothing held, and the agent keeps serving."""
+    details = expect_error(grpc.StatusCode.INVALID_ARGUMENT, load, n0, blob, 7)
+    assert match in details, details
+    assert_clean(n0, 7)
+    assert not n0.chip(7).shards
+    good = make_shard(4096, seed=40)
+    assert load(n0, good, 7).shard_id == shard_id(good)
 
 
 def test_cancelled_stream_frees_everything(n0: AgentProcess) -> None:
@@ -422,7 +499,7 @@ def test_virtual_shard_accounts_declared_bytes(n0: AgentProcess) -> None:
     declared = MiB + MiB // 2
     blob = make_virtual_shard(declared)
     reply = load(n0, blob, 4, virtual=True, declared_bytes=declared)
-    assert reply.reserved_bytes == declared and reply.bytes_received == len(blob) < 1024
+    assert reply.reserved_bytes == declared and reply.bytes_received == len(blob) < 4096
     chip = n0.chip(4)
     assert chip.sram_used_bytes == declared and chip.shards[0].virtual
     assert chip.shards[0].size_bytes == len(blob)

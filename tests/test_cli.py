@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -212,3 +213,32 @@ def test_hugging_face_config_deployment(tmp_path: Path, capsys: pytest.CaptureFi
     assert code == 0, err
     plan = json.loads(out)
     assert plan["model"] == "my-llama" and plan["chipsUsed"] >= plan["chipsLowerBound"]
+
+
+def test_agent_subcommand_runs_the_agent_entry_point_by_name() -> None:
+    """`lpuctl agent` hands its flags to `agents.main` (imported only then): the agent's own
+    help and flag errors, and `lpuctl plan` never loads the agent, gRPC or BLAS pinning."""
+    helped = lpuctl("agent", "--help")
+    assert helped.returncode == 0 and "--node" in helped.stdout and "--sram-bytes" in helped.stdout
+    bad = lpuctl("agent", "--node", "x", "--chips", "0")
+    assert bad.returncode == 2 and "--chips" in bad.stderr and "Traceback" not in bad.stderr
+    listed = lpuctl("--help")
+    assert "agent" in listed.stdout
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, os; from orchestrator.cli import main; main(['plan', '-f', sys.argv[1]]);"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('agents', 'grpc'));"
+            "print(bad, os.environ.get('OPENBLAS_NUM_THREADS'))",
+            str(TINY),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=True,
+        # Other tests import agents.main in this process, which pins BLAS in os.environ.
+        env={k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"},
+    )
+    assert probe.stdout.strip().endswith("[] None"), probe.stdout[-300:]

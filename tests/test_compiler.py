@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors import safe_open
 
-from agents.execution_error import ExecutionError
-from agents.executor import MANIFEST_KEY, load_stage_program, read_shard, verify_shard_tensors
-from agents.safetensors_codec import TensorEntry
-from orchestrator.compiler import ShardRef, chip_manifest, compile_plan
+from agents.executor import load_stage_program, read_shard, verify_shard_tensors
+from orchestrator.compiler import ShardProgram, ShardRef, chip_manifest, compile_plan
 from orchestrator.shard_store import ShardStore
 from orchestrator.weights import SeededWeights, write_checkpoint
 from placement.errors import InputError
@@ -21,6 +21,10 @@ from placement.models import MODEL_PRESETS
 from placement.plan import Plan
 from placement.planner import PlanRequest, make_plan
 from placement.topology import preset_topology
+from shardformat.address import shard_id_of
+from shardformat.codec import TensorEntry
+from shardformat.errors import ExecutionError
+from shardformat.manifest import MANIFEST_KEY, Manifest, TensorInfo
 
 TINY = MODEL_PRESETS["tiny-llama"]
 
@@ -56,14 +60,14 @@ def test_compile_tp1_two_replicas(tmp_path: Path) -> None:
     store = ShardStore(tmp_path)
     by_stage: dict[int, set[str]] = {}
     for ref in refs:
-        assert ref.path == tmp_path / "sha256" / f"{ref.sha256}.safetensors"
+        assert ref.path == tmp_path / "blake3" / f"{ref.shard_id}.safetensors"
         assert ref.size_bytes == ref.path.stat().st_size and not ref.virtual
-        by_stage.setdefault(ref.binding.stage, set()).add(ref.sha256)
+        by_stage.setdefault(ref.binding.stage, set()).add(ref.shard_id)
     # Replicas run identical programs: one blob per stage, shared by both replicas' chips.
     assert all(len(digests) == 1 for digests in by_stage.values())
-    assert len(list((tmp_path / "sha256").iterdir())) == plan.pipeline_stages
-    for digest in {r.sha256 for r in refs}:
-        assert store.verify(digest)
+    assert len(list((tmp_path / "blake3").iterdir())) == plan.pipeline_stages
+    for digest in {r.shard_id for r in refs}:
+        assert store.verify(digest) and shard_id_of(store.read(digest)) == digest
         manifest, view = read_shard(store.read(digest))
         assert verify_shard_tensors(manifest, view.tensors) == []
     assert not list((tmp_path / "tmp").iterdir())
@@ -106,12 +110,12 @@ def test_tp_slices_reassemble_the_checkpoint(tmp_path: Path) -> None:
         and s.first.op < s.last.op
     )
     ranks = [read_shard(r.path.read_bytes()) for r in refs if r.binding.stage == stage.index]
-    layer = next(o["layer"] for o in ranks[0][0]["ops"] if o["kind"] == "attention")
-    spec = next(o for o in ranks[0][0]["ops"] if o["kind"] == "attention")
+    spec = next(o for o in ranks[0][0].ops if o.kind == "attention")
+    layer = spec.layer
     q_name = f"model.layers.{layer}.self_attn.q_proj.weight"
     o_name = f"model.layers.{layer}.self_attn.o_proj.weight"
     rows_per_head = TINY.num_attention_heads // TINY.num_key_value_heads * TINY.head_dim
-    lo, hi = (u * rows_per_head for u in spec["units"])
+    lo, hi = (u * rows_per_head for u in (spec.start, spec.end))
     q = np.concatenate([view.tensors[q_name] for _, view in ranks if q_name in view.tensors])
     o = np.concatenate([view.tensors[o_name] for _, view in ranks if o_name in view.tensors], 1)
     assert np.array_equal(q, seeded[q_name][lo:hi])
@@ -129,9 +133,11 @@ def test_recompile_is_a_no_op(tmp_path: Path) -> None:
     # Without the recipe index the blobs are rebuilt — to the same addresses.
     for recipe in (tmp_path / "recipes").iterdir():
         recipe.unlink()
-    assert [r.sha256 for r in compile_plan(plan, TINY, 11, tmp_path)] == [r.sha256 for r in first]
-    assert {k: v for k, v in _tree(tmp_path).items() if k.startswith("sha256")} == {
-        k: v for k, v in before.items() if k.startswith("sha256")
+    assert [r.shard_id for r in compile_plan(plan, TINY, 11, tmp_path)] == [
+        r.shard_id for r in first
+    ]
+    assert {k: v for k, v in _tree(tmp_path).items() if k.startswith("blake3")} == {
+        k: v for k, v in before.items() if k.startswith("blake3")
     }
 
 
@@ -140,7 +146,7 @@ def test_checkpoint_and_seed_compile_to_the_same_blobs(tmp_path: Path) -> None:
     write_checkpoint(TINY, tmp_path / "ckpt", seed=11, max_file_bytes=4 << 20)
     from_seed = compile_plan(plan, TINY, 11, tmp_path / "a")
     from_ckpt = compile_plan(plan, TINY, tmp_path / "ckpt", tmp_path / "b")
-    assert [r.sha256 for r in from_seed] == [r.sha256 for r in from_ckpt]
+    assert [r.shard_id for r in from_seed] == [r.shard_id for r in from_ckpt]
 
 
 def test_virtual_shards_for_a_70b_model(tmp_path: Path) -> None:
@@ -168,7 +174,7 @@ def test_virtual_shards_for_a_70b_model(tmp_path: Path) -> None:
         assert manifest["declared_bytes"] == stage.sram_bytes_per_chip
         assert 0 < manifest["weight_bytes"] <= stage.sram_bytes_per_chip
         assert all(t["sha256"] is None and t["dtype"] == "I8" for t in manifest["tensors"].values())
-    manifest = ShardStore(tmp_path).manifest(refs[5].sha256)
+    manifest = ShardStore(tmp_path).manifest(refs[5].shard_id)
     with pytest.raises(ExecutionError, match="virtual"):
         load_stage_program(manifest, {})
 
@@ -191,28 +197,35 @@ def test_store_never_exposes_a_partial_blob(tmp_path: Path) -> None:
             raise OSError("disk on fire")
         return np.zeros(4, np.float32)
 
+    def manifest_for(digests: Mapping[str, str]) -> Manifest:
+        base = ShardProgram.build(tiny_plan(1), TINY, tiny_plan(1).stages[0], 0, None).manifest
+        tensors = {e.name: TensorInfo("F32", (4,), e.name, None, (0, 4), None) for e in entries}
+        return dataclasses.replace(base, tensors=tensors, virtual=False).with_digests(digests)
+
     with pytest.raises(OSError, match="disk on fire"):
-        store.put(entries, lambda digests: {"digests": dict(digests)}, produce)
+        store.put(entries, manifest_for, produce)
     assert not list(store.blobs.iterdir()) and not list(store.tmp.iterdir())
-    blob = store.put(
-        entries, lambda digests: {"digests": dict(digests)}, lambda e: np.full(4, 1.5, np.float32)
-    )
-    assert store.verify(blob.sha256)
+    blob = store.put(entries, manifest_for, lambda e: np.full(4, 1.5, np.float32))
+    assert store.verify(blob.shard_id) and blob.path.parent.name == "blake3"
+    tensors = store.manifest(blob.shard_id).tensors
     assert (
-        store.manifest(blob.sha256)["digests"]["a"] == store.manifest(blob.sha256)["digests"]["b"]
+        tensors["a"].sha256
+        == tensors["b"].sha256
+        == store.manifest(blob.shard_id).tensors["a"].sha256
     )
+    assert tensors["a"].sha256 is not None and len(tensors["a"].sha256) == 64
     with open(blob.path, "r+b") as f:  # flip one byte of tensor data
         f.seek(-1, os.SEEK_END)
         f.write(b"\x00")
-    assert not store.verify(blob.sha256)
+    assert not store.verify(blob.shard_id)
 
 
 def test_shard_ref_shape() -> None:
     assert [f for f in ShardRef.__dataclass_fields__][:6] == [
-        "shard_id",
+        "label",
         "chip",
         "size_bytes",
-        "sha256",
+        "shard_id",
         "path",
         "virtual",
     ]
@@ -233,9 +246,9 @@ def test_every_rank_holds_no_more_than_the_plan_declares(
 ) -> None:
     """What the compiled shards really put on each TP rank (weight slices + the KV cache of
     its heads) stays within the SRAM the plan declares for the chip, itself within capacity."""
-    from agents.layout import stage_pieces
     from orchestrator.compiler import ShardProgram
     from placement.models import PRECISION_BYTES
+    from shardformat.layout import stage_pieces
 
     cfg = MODEL_PRESETS[model]
     topo = preset_topology(racks, profile)
@@ -253,5 +266,5 @@ def test_every_rank_holds_no_more_than_the_plan_declares(
                 if piece.kind == "attention":
                     start, end = piece.ranks[rank]
                     kv += (end - start) * cfg.head_dim * 2 * width * context * batch
-            held = program.manifest["weight_bytes"] + kv
+            held = program.manifest.weight_bytes + kv
             assert held <= stage.sram_bytes_per_chip, (stage.index, rank)

@@ -22,7 +22,6 @@ from hypothesis.extra import numpy as hnp
 
 from agents.activation import ACTIVATION_KEY, Activation
 from agents.blas_threads import pin_blas_threads
-from agents.execution_error import ExecutionError
 from agents.executor import (
     CHUNKED_LOGITS_RTOL,
     ReferenceExecutor,
@@ -32,8 +31,6 @@ from agents.executor import (
     run_pipeline,
 )
 from agents.kernels import attend, rms_norm, route
-from agents.layout import checkpoint_tensor_shapes, plan_layout
-from agents.safetensors_codec import encode_safetensors
 from agents.sampling import Request, Sampling, generate, sample_token
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.weights import SeededWeights
@@ -41,6 +38,9 @@ from placement.models import MODEL_PRESETS, ModelConfig, build_ops
 from placement.plan import OpCut, Plan, StagePlan
 from placement.planner import PlanRequest, make_plan
 from placement.topology import preset_topology
+from shardformat.codec import encode_safetensors
+from shardformat.errors import ExecutionError
+from shardformat.layout import checkpoint_tensor_shapes, plan_layout
 
 TINY = MODEL_PRESETS["tiny-llama"]
 MOE = ModelConfig(

@@ -36,12 +36,12 @@ from agents.executor import (
     run_pipeline,
 )
 from agents.kernels import rope_inv_freq
-from agents.layout import checkpoint_tensor_shapes
 from agents.sampling import GREEDY, Request, generate
 from orchestrator.compiler import compile_plan
 from placement.models import NO_ROPE_SCALING, ModelConfig, model_from_hf_config, model_from_hf_dict
 from placement.planner import PlanRequest, make_plan
 from placement.topology import preset_topology, topology_from_dict
+from shardformat.layout import checkpoint_tensor_shapes
 
 FIXTURES = Path(__file__).parent / "golden" / "fixtures"
 GOLDEN_RTOL = 1e-5

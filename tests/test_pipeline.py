@@ -21,7 +21,6 @@ import pytest
 from conftest_agents import wait_for
 
 from agents.activation import Activation
-from agents.execution_error import ExecutionError
 from agents.executor import (
     CHUNKED_LOGITS_RTOL,
     ReferenceExecutor,
@@ -30,7 +29,6 @@ from agents.executor import (
     load_shard,
 )
 from agents.journal import JournalError, QueueFull
-from agents.layout import plan_layout
 from agents.pipeline import StageRunner, local_ring, running
 from agents.sampling import Sampling
 from orchestrator.compiler import compile_plan
@@ -39,6 +37,8 @@ from placement.models import MODEL_PRESETS
 from placement.plan import Plan
 from placement.planner import PlanRequest, make_plan
 from placement.topology import preset_topology
+from shardformat.errors import ExecutionError
+from shardformat.layout import plan_layout
 
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED = 21

@@ -257,7 +257,7 @@ def test_loopback_listen_addresses(listen: str, loopback: bool) -> None:
 
 def _ref(stage: int, chip: str) -> Any:
     binding = SimpleNamespace(replica=0, stage=stage, stages=3, tp_rank=0)
-    return SimpleNamespace(binding=binding, chip=chip, sha256=f"{stage:064x}")
+    return SimpleNamespace(binding=binding, chip=chip, shard_id=f"{stage:064x}")
 
 
 def test_configure_requests_name_the_neighbours_and_a_fresh_secret_per_replica() -> None:

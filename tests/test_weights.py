@@ -12,8 +12,6 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from agents.layout import TensorSlice, checkpoint_tensor_shapes
-from agents.safetensors_codec import decode_f32
 from orchestrator.weights import (
     INDEX_FILE,
     SINGLE_FILE,
@@ -24,6 +22,8 @@ from orchestrator.weights import (
 )
 from placement.errors import InputError
 from placement.models import MODEL_PRESETS, ModelConfig, model_from_hf_config
+from shardformat.codec import decode_f32
+from shardformat.layout import TensorSlice, checkpoint_tensor_shapes
 
 MICRO = ModelConfig("micro-llama", 256, 64, 96, 2, 4, 2, max_position_embeddings=128)
 MICRO_MOE = ModelConfig(

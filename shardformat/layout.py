@@ -12,15 +12,15 @@ run any plan's pieces in one process), so slicing and execution can never disagr
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from agents.execution_error import ExecutionError
 from placement.models import ModelConfig, Op, build_ops, split_width
 from placement.plan import OpCut, Plan
+from shardformat.errors import ExecutionError
 
 EMBEDDING, ATTENTION, MLP, ROUTER, EXPERT, FINAL_NORM, LM_HEAD = (
     "embedding",
@@ -99,26 +99,6 @@ class PieceSpec:
             "width": self.width,
             "ranks": [list(r) for r in self.ranks],
         }
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> PieceSpec:
-        try:
-            start, end = (int(u) for u in raw["units"])
-            return cls(
-                op=int(raw["op"]),
-                name=str(raw["name"]),
-                kind=str(raw["kind"]),
-                layer=int(raw["layer"]),
-                chunks=int(raw["chunks"]),
-                chunk_first=int(raw["chunk_first"]),
-                chunk_last=int(raw["chunk_last"]),
-                start=start,
-                end=end,
-                width=int(raw["width"]),
-                ranks=tuple((int(a), int(b)) for a, b in raw["ranks"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ExecutionError(f"malformed op entry {dict(raw)!r}: {exc}") from None
 
 
 def make_piece(
