@@ -142,9 +142,7 @@ def test_status_and_health_answer_within_100ms_while_100_hostile_streams_are_ope
     # Every stream's count came back: a real load, then the agent is as it was.
     blob = make_shard(MiB, seed=3)
     wait_for(lambda: _loads(agent, blob), timeout=20, what="a load after the hostile streams")
-    agent.stub.UnloadShard(
-        agent_pb2.UnloadShardRequest(chip=0, shard_id=shard_id(blob))
-    )
+    agent.stub.UnloadShard(agent_pb2.UnloadShardRequest(chip=0, shard_id=shard_id(blob)))
     assert_clean(agent)
 
 
