@@ -135,8 +135,9 @@ def make_file_header(
 
 
 def declared_bytes_of(path: str | Path) -> int:
-    """The weight bytes a virtual (manifest-only) shard on disk stands for, from its manifest;
-    0 for a real shard. A load header of a virtual shard must declare them."""
+    """The SRAM bytes the plan budgets for a shard's chip (weights + KV cache + workspace),
+    from the manifest of the blob at `path`. A load header declares them, so the agent
+    reserves the whole budget (for a virtual, manifest-only shard it must)."""
     with open(path, "rb") as f:
         length = f.read(8)
         size = int.from_bytes(length, "little") if len(length) == 8 else 0
@@ -144,7 +145,7 @@ def declared_bytes_of(path: str | Path) -> int:
     manifest = manifest_of_metadata(parse_header(prefix).metadata)
     if manifest is None:
         raise ValueError(f"{path}: not a Lockstep shard (no manifest)")
-    return manifest.declared_bytes if manifest.virtual else 0
+    return manifest.declared_bytes
 
 
 # --- streams ---------------------------------------------------------------------------------
@@ -212,13 +213,13 @@ def load_file(
     timeout: float | None = None,
 ) -> agent_pb2.LoadShardResponse:
     """Load the shard-store blob at `path` (named `shard_id`) onto `chip` of the agent behind
-    `channel`; a virtual shard's header declares the bytes its manifest stands for."""
+    `channel`; the header declares the chip's SRAM budget from the shard's manifest."""
     header = make_file_header(
         path,
         chip,
         shard_id=shard_id,
         algorithm=algorithm,
         virtual=virtual,
-        declared_bytes=declared_bytes_of(path) if virtual else 0,
+        declared_bytes=declared_bytes_of(path),
     )
     return send_load(channel, file_messages(header, path, chunk_bytes), timeout=timeout)

@@ -64,7 +64,8 @@ DEFAULT_BRING_UP = BringUpOptions()
 @dataclass(frozen=True)
 class ShardLoad:
     """What happened to one shard: `held` when the chip had it before (nothing sent),
-    `already_loaded` when the agent said so after the header, else `bytes_loaded` moved."""
+    `already_loaded` when the agent said so after the header, else `bytes_loaded` moved;
+    `reserved_bytes` is the SRAM the chip accounts for it (the plan's budget for the chip)."""
 
     address: str
     chip: int
@@ -73,6 +74,7 @@ class ShardLoad:
     held: bool
     already_loaded: bool
     bytes_loaded: int
+    reserved_bytes: int
 
 
 @dataclass(frozen=True)
@@ -230,13 +232,13 @@ def load_shards(
         status = agent_pb2_grpc.AgentStub(channel).Status(
             agent_pb2.StatusRequest(), timeout=options.rpc_timeout
         )
-        held = {c.chip: {s.shard_id for s in c.shards} for c in status.chips}
+        held = {c.chip: {s.shard_id: s.reserved_bytes for s in c.shards} for c in status.chips}
         done = []
         for index, ref, chip in by_agent[address]:
-            if ref.shard_id in held.get(chip, ()):
-                done.append(
-                    (index, ShardLoad(address, chip, ref.shard_id, ref.label, True, False, 0))
-                )
+            reserved = held.get(chip, {}).get(ref.shard_id)
+            if reserved is not None:
+                load = ShardLoad(address, chip, ref.shard_id, ref.label, True, False, 0, reserved)
+                done.append((index, load))
                 continue
             reply = load_file(
                 channel,
@@ -249,7 +251,14 @@ def load_shards(
             )
             moved = 0 if reply.already_loaded else reply.bytes_received
             load = ShardLoad(
-                address, chip, ref.shard_id, ref.label, False, reply.already_loaded, moved
+                address,
+                chip,
+                ref.shard_id,
+                ref.label,
+                False,
+                reply.already_loaded,
+                moved,
+                reply.reserved_bytes,
             )
             done.append((index, load))
         return done

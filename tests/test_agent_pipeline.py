@@ -26,6 +26,7 @@ from agent_helpers import (
 from agents.executor import ReferenceExecutor
 from agents.interconnect import EXCHANGE, frame_checksum, target_metadata
 from agents.sampling import Sampling
+from orchestrator.agent_client import declared_bytes_of
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.serving import (
     BringUpError,
@@ -180,6 +181,10 @@ def test_bring_up_loaded_every_shard_and_started_every_stage(replica: Replica) -
         (r.shard_id, False, False) for r in replica.refs
     ]
     assert [x.bytes_loaded for x in up.loads] == [r.size_bytes for r in replica.refs]
+    budgets = [declared_bytes_of(r.path) for r in replica.refs]
+    assert [x.reserved_bytes for x in up.loads] == [
+        max(r.size_bytes, b) for r, b in zip(replica.refs, budgets, strict=True)
+    ]
     assert len({bytes(r.link_secret) for r in up.requests.values()}) == 1
 
 
