@@ -95,7 +95,7 @@ class ReplicaUp:
 
     @property
     def link_secret(self) -> bytes:
-        return next(iter(self.requests.values())).link_secret
+        return bytes(next(iter(self.requests.values())).link_secret)
 
 
 @dataclass
