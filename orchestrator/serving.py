@@ -44,7 +44,9 @@ from security.identity import LINK_SECRET_BYTES, agent_identity
 
 @dataclass(frozen=True)
 class BringUpOptions:
-    """How a replica is brought up. `link_secret` None draws a fresh random one."""
+    """How a replica is brought up. `link_secret` None draws a fresh random one;
+    `digest_algorithm` "sha256" adds an audit digest to the BLAKE3 proof of every load;
+    `max_parallel_agents` bounds the agents loaded at once (one thread each)."""
 
     window: int = 2
     epoch: int = 0
@@ -54,6 +56,8 @@ class BringUpOptions:
     jitter_seed: int = 0
     link_secret: bytes | None = None
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    digest_algorithm: str = "blake3"
+    max_parallel_agents: int = 32
     rpc_timeout: float = 60.0
     load_timeout: float = 300.0
 
@@ -247,6 +251,7 @@ def load_shards(
                 shard_id=ref.shard_id,
                 virtual=ref.virtual,
                 chunk_bytes=options.chunk_bytes,
+                algorithm=options.digest_algorithm,
                 timeout=options.load_timeout,
             )
             moved = 0 if reply.already_loaded else reply.bytes_received
@@ -267,7 +272,8 @@ def load_shards(
         return []
     results: list[tuple[int, ShardLoad]] = []
     failures: list[BringUpError] = []
-    with futures.ThreadPoolExecutor(len(by_agent), thread_name_prefix="load") as pool:
+    workers = max(1, min(len(by_agent), options.max_parallel_agents))
+    with futures.ThreadPoolExecutor(workers, thread_name_prefix="load") as pool:
         jobs = {pool.submit(load_agent, address): address for address in by_agent}
         for job in futures.as_completed(jobs):
             try:

@@ -192,7 +192,15 @@ def test_load_shards_skips_the_shards_a_chip_holds(replica: Replica) -> None:
     """Loading the same placement twice sends nothing the second time (Status says the chips
     hold the shards), and every chip holds its shard once."""
     where = shifted(replica, 6)
-    load_shards(replica.refs, where, replica.channels)
+    first = load_shards(
+        replica.refs, where, replica.channels, options=BringUpOptions(digest_algorithm="sha256")
+    )
+    by_address = {a.address: a for a in replica.agents}
+    for done in first:
+        (held,) = by_address[done.address].chip(done.chip).shards
+        assert held.shard_id == done.shard_id
+        if not done.held:  # loaded now: with the sha256 audit digest on top of the BLAKE3 id
+            assert held.digest_algorithm == "sha256" and done.bytes_loaded > 0
     used = {a.address: [c.sram_used_bytes for c in a.status().chips] for a in replica.agents}
     again = load_shards(replica.refs, where, replica.channels)
     assert [(x.held, x.bytes_loaded) for x in again] == [(True, 0)] * len(replica.refs)
