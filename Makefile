@@ -37,10 +37,11 @@ lint: $(DEV_STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 
+## bench: every benchmark, each run as a module (`python -m bench.NAME`)
 bench: $(RUNTIME_STAMP)
-	$(BIN)/python bench/placement.py
-	$(BIN)/python bench/shard_load.py
-	$(BIN)/python bench/lockstep.py
+	$(BIN)/python -m bench.placement
+	$(BIN)/python -m bench.shard_load
+	$(BIN)/python -m bench.lockstep
 
 ## protos: regenerate protos/*_pb2*.py with the pinned grpcio-tools (a test fails when stale)
 protos: $(DEV_STAMP)

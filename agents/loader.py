@@ -1,12 +1,11 @@
-"""Streaming shard loading: the wire framing, digest verification, and the sending side.
+"""Receiving a shard load: header validation, the receiver that writes chunks into the arena,
+and digest verification — the agent's side of `LoadShard`.
 
-The wire format is `LoadShardRequest` of `protos/agent.proto`: a `header`, then the blob as
-`chunk` messages. Both ends move chunks as raw bytes (identity (de)serializers) instead of
-protobuf objects, because parsing a `bytes` field copies it (machine-facts.md: 0.5-1.1 GB/s
-with protobuf messages against 1.1-1.5 GB/s passed through). A chunk message is, exactly as
-protobuf encodes it, tag 0x12 + varint length + payload; `chunk_payload` reads it as a
-zero-copy memoryview, so a standard protobuf client (e.g. `agent_pb2_grpc.AgentStub`) and
-this module's pre-framed sender interoperate.
+The wire framing (header and chunk messages, zero-copy chunk parsing) is protocol knowledge
+both ends share: it lives in `protos.load_stream`, and the sending side (headers with the
+shard id, file streams, the pre-framed call) in `orchestrator.agent_client`. This module
+re-exports the framing names the service uses (`chunk_payload`, `parse_header_message`, the
+size limits) so the server imports its load path from one place.
 
 Digest decision. The content address of a shard — its shard id — is the BLAKE3 of its blob
 (`shardformat.address`; the shard store names blobs by it), and every load proves it: the
@@ -74,103 +73,23 @@ import hashlib
 import queue
 import re
 import threading
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import blake3
-import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from agents.errors import DataLoss, InvalidArgument
 from protos import agent_pb2
-from shardformat.address import SHARD_ID_ALGORITHM, file_shard_id, shard_id_of
+from protos.load_stream import MAX_CHUNK_BYTES as MAX_CHUNK_BYTES
+from protos.load_stream import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from protos.load_stream import chunk_payload as chunk_payload
+from protos.load_stream import parse_header_message as parse_header_message
+from shardformat.address import SHARD_ID_ALGORITHM
 
 DIGEST_ALGORITHMS = ("sha256", "blake3")
-DEFAULT_CHUNK_BYTES = 1 << 20  # see "Memory" above: smaller peaks and faster than 4 MiB
 TRIM_AFTER_CHUNK_BYTES = 1 << 20  # a load with a larger chunk ends with `release_heap`
-MAX_CHUNK_BYTES = 8 << 20
-MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64
-LOAD_METHOD = "/lockstep.agent.v1.Agent/LoadShard"
-_HEADER_TAG = 0x0A  # field 1, length-delimited
-_CHUNK_TAG = 0x12  # field 2, length-delimited
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-# --- framing ---------------------------------------------------------------------------------
-
-
-def encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _decode_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while pos < len(data) and shift < 64:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError("truncated varint")
-
-
-def _parse_request(message: bytes, what: str) -> agent_pb2.LoadShardRequest:
-    """A protobuf parse of one stream message; a malformed one is INVALID_ARGUMENT."""
-    try:
-        return agent_pb2.LoadShardRequest.FromString(message)
-    except DecodeError as exc:
-        raise InvalidArgument(f"malformed LoadShardRequest {what}: {exc}") from None
-
-
-def chunk_payload(message: bytes) -> memoryview:
-    """The payload of a serialized `LoadShardRequest{chunk}`, without copying it.
-
-    Falls back to a protobuf parse (a copy) for encodings other than the canonical single
-    field, so any conforming client works.
-    """
-    if message[:1] == bytes([_CHUNK_TAG]):
-        try:
-            length, pos = _decode_varint(message, 1)
-        except ValueError:
-            length, pos = -1, 0
-        if pos + length == len(message):
-            return memoryview(message)[pos:]
-    request = _parse_request(message, "message")
-    kind = request.WhichOneof("kind")
-    if kind != "chunk":
-        raise InvalidArgument(
-            f"expected a chunk message after the header, got {kind or 'an empty message'}",
-        )
-    return memoryview(request.chunk)
-
-
-def parse_header_message(message: bytes) -> agent_pb2.LoadShardHeader:
-    """The header of the first message of a load stream."""
-    request = _parse_request(message, "header")
-    if request.WhichOneof("kind") != "header":
-        raise InvalidArgument("the first LoadShard message must be the header")
-    return request.header
-
-
-def frame_chunk(data: bytes | memoryview) -> bytes:
-    """A serialized `LoadShardRequest{chunk: data}` (one copy of `data`)."""
-    return b"".join((bytes([_CHUNK_TAG]), encode_varint(len(data)), data))
-
-
-def header_message(header: agent_pb2.LoadShardHeader) -> bytes:
-    return bytes(agent_pb2.LoadShardRequest(header=header).SerializeToString())
 
 
 # --- header validation -----------------------------------------------------------------------
@@ -393,122 +312,3 @@ class ShardReceiver:
         self._target = memoryview(b"")
         if self.largest_chunk > TRIM_AFTER_CHUNK_BYTES:
             self.trimmed = release_heap()
-
-
-# --- the sending side ------------------------------------------------------------------------
-
-
-def blob_digest(blob: bytes | memoryview, algorithm: str) -> str:
-    """Hex digest of a whole blob (BLAKE3 on all cores: this is the sender's one pass)."""
-    if algorithm == "blake3":
-        return shard_id_of(blob)
-    return new_hash_hex(blob, algorithm)
-
-
-def new_hash_hex(blob: bytes | memoryview, algorithm: str) -> str:
-    h = new_hash(algorithm)
-    h.update(blob)
-    return str(h.hexdigest())
-
-
-def make_header(
-    blob: bytes | memoryview,
-    chip: int,
-    *,
-    algorithm: str = "blake3",
-    virtual: bool = False,
-    declared_bytes: int = 0,
-    shard_id: str | None = None,
-) -> agent_pb2.LoadShardHeader:
-    """A header for `blob`: its shard id (BLAKE3) and the chosen verification digest."""
-    sid = shard_id or shard_id_of(blob)
-    digest = sid if algorithm == SHARD_ID_ALGORITHM else blob_digest(blob, algorithm)
-    return agent_pb2.LoadShardHeader(
-        shard_id=sid,
-        chip=chip,
-        size_bytes=len(blob),
-        digest_algorithm=algorithm,
-        digest=digest,
-        virtual=virtual,
-        declared_bytes=declared_bytes,
-    )
-
-
-def file_digest(path: str | Path, algorithm: str) -> str:
-    """Hex digest of a blob on disk (BLAKE3 memory-maps it and uses every core)."""
-    if algorithm == "blake3":
-        return file_shard_id(path)
-    h = new_hash(algorithm)
-    with open(path, "rb") as f:
-        while data := f.read(DEFAULT_CHUNK_BYTES):
-            h.update(data)
-    return str(h.hexdigest())
-
-
-def make_file_header(
-    path: str | Path,
-    chip: int,
-    *,
-    shard_id: str,
-    algorithm: str = "blake3",
-    virtual: bool = False,
-    declared_bytes: int = 0,
-) -> agent_pb2.LoadShardHeader:
-    """A header for a blob in the shard store (`shard_id` is its BLAKE3 name there)."""
-    digest = shard_id if algorithm == SHARD_ID_ALGORITHM else file_digest(path, algorithm)
-    return agent_pb2.LoadShardHeader(
-        shard_id=shard_id,
-        chip=chip,
-        size_bytes=Path(path).stat().st_size,
-        digest_algorithm=algorithm,
-        digest=digest,
-        virtual=virtual,
-        declared_bytes=declared_bytes,
-    )
-
-
-def load_messages(
-    header: agent_pb2.LoadShardHeader,
-    blob: bytes | memoryview,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> list[bytes]:
-    """The serialized stream for one load, pre-framed (build once, send many times)."""
-    view = memoryview(blob)
-    return [header_message(header)] + [
-        frame_chunk(view[i : i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)
-    ]
-
-
-def file_messages(
-    header: agent_pb2.LoadShardHeader, path: str | Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[bytes]:
-    """The serialized stream for a blob on disk, read chunk by chunk (constant memory)."""
-    yield header_message(header)
-    with open(path, "rb") as f:
-        while data := f.read(chunk_bytes):
-            yield frame_chunk(data)
-
-
-def load_call(channel: grpc.Channel) -> grpc.StreamUnaryMultiCallable:
-    """`LoadShard` taking pre-serialized request messages (identity serializer)."""
-    return channel.stream_unary(
-        LOAD_METHOD,
-        request_serializer=None,
-        response_deserializer=agent_pb2.LoadShardResponse.FromString,
-    )
-
-
-def send_load(
-    channel: grpc.Channel, messages: Iterable[bytes], *, timeout: float | None = None
-) -> agent_pb2.LoadShardResponse:
-    """Stream a load; raises `grpc.RpcError` with the agent's status on failure."""
-    response: agent_pb2.LoadShardResponse = load_call(channel)(iter(messages), timeout=timeout)
-    return response
-
-
-def channel_options() -> list[tuple[str, int]]:
-    """Channel options for loads: messages up to a chunk plus framing."""
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]

@@ -19,6 +19,7 @@ from agents.arena import ArenaExhausted
 from agents.journal import JournalError, QueueFull
 from agents.lockstep import ProtocolError
 from agents.text import clip
+from protos.load_stream import FramingError
 from shardformat.errors import ExecutionError
 
 log = logging.getLogger("lockstep.agent")
@@ -43,6 +44,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a replica's request queue is full
     (JournalError, grpc.StatusCode.INVALID_ARGUMENT),  # a request the journal cannot take
     (ExecutionError, grpc.StatusCode.INVALID_ARGUMENT),  # malformed activation or batch
+    (FramingError, grpc.StatusCode.INVALID_ARGUMENT),  # a malformed LoadShard message
     (ProtocolError, grpc.StatusCode.FAILED_PRECONDITION),  # e.g. unknown chip, old epoch
     (grpc.RpcError, grpc.StatusCode.CANCELLED),  # the client's stream broke under us
 )

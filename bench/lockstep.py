@@ -26,7 +26,7 @@ latencies, plaintext / TLS for rates: above 1 means TLS is slower) give the cost
 Medians over `--reps`. Prints a table, then one JSON line (last). Both agents and this
 process share the machine's cores, so multi-stage figures include that contention.
 
-Run: `.venv/bin/python bench/lockstep.py [--reps 3] [--tokens 32] [--pings 2000]`.
+Run: `.venv/bin/python -m bench.lockstep [--reps 3] [--tokens 32] [--pings 2000]`.
 """
 
 from __future__ import annotations
@@ -47,26 +47,21 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)
-
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
-from agents import loader  # noqa: E402
 from agents.executor import ReferenceExecutor  # noqa: E402
 from agents.sampling import Request, Sampling, generate  # noqa: E402
 from bench.shard_load import processes  # noqa: E402
+from orchestrator.agent_client import dial  # noqa: E402
 from orchestrator.compiler import compile_plan  # noqa: E402
-from orchestrator.serving import bring_up, configure_requests  # noqa: E402
+from orchestrator.serving import bring_up_replica, remove_replica  # noqa: E402
 from orchestrator.weights import SeededWeights  # noqa: E402
 from placement.models import MODEL_PRESETS  # noqa: E402
 from placement.planner import PlanRequest, make_plan  # noqa: E402
 from placement.topology import preset_topology  # noqa: E402
 from protos import agent_pb2, agent_pb2_grpc  # noqa: E402
 from security import certs as certs_mod  # noqa: E402
-from security.identity import agent_identity  # noqa: E402
-from security.tls import open_channel  # noqa: E402
 
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED, MAX_BATCH, MAX_CONTEXT = 3, 4, 128
@@ -134,18 +129,18 @@ class Pair:
     addresses: list[str]
     certs: Path | None
 
-    def channel(self, i: int, **options: Any) -> grpc.Channel:
-        opts = loader.channel_options() if options.get("load") else []
-        if self.certs is None:
-            return grpc.insecure_channel(self.addresses[i], options=opts)
-        creds = certs_mod.load_control_plane(self.certs)
-        return open_channel(self.addresses[i], creds, peer=agent_identity(f"n{i}"), options=opts)
+    def channel(self, i: int) -> grpc.Channel:
+        """The control plane's channel to agent i (mutual TLS, or plaintext without certs)."""
+        creds = None if self.certs is None else certs_mod.load_control_plane(self.certs)
+        return dial(self.addresses[i], creds, f"n{i}")
 
     def nodes(self) -> dict[str, str] | None:
         return None if self.certs is None else {a: f"n{i}" for i, a in enumerate(self.addresses)}
 
 
-def deploy(stages: int, stubs: list[Any], pair: Pair, store: Path) -> tuple[str, list[str]]:
+def deploy(
+    stages: int, channels: dict[str, grpc.Channel], pair: Pair, store: Path
+) -> tuple[str, list[str]]:
     """Compile, load and start a replica of `stages` stages: its name, the agents used."""
     name = f"s{stages}"
     request = PlanRequest(
@@ -171,20 +166,8 @@ def deploy(stages: int, stubs: list[Any], pair: Pair, store: Path) -> tuple[str,
         )
         for r in refs
     }
-    by_address = dict(zip(addresses, stubs, strict=True))
-    channels = {a: pair.channel(i, load=True) for i, a in enumerate(addresses)}
-    for ref in refs:
-        address, chip = where[ref.chip]
-        blob = ref.path.read_bytes()
-        messages = loader.load_messages(
-            loader.make_header(blob, chip, algorithm="blake3"), blob, 1 << 20
-        )
-        loader.send_load(channels[address], messages, timeout=120)
-    for channel in channels.values():
-        channel.close()
-    requests = configure_requests(plan, refs, where, window=2, nodes=pair.nodes())
-    bring_up(by_address, requests)
-    return name, list(requests)
+    up = bring_up_replica(plan, refs, where, channels, nodes=pair.nodes())
+    return name, up.addresses
 
 
 def serve(
@@ -295,10 +278,11 @@ def run_pair(
         pair = Pair([address for _, address in started], certs)
         addresses = pair.addresses
         channels = [pair.channel(i) for i in range(2)]
+        by_address = dict(zip(addresses, channels, strict=True))
         stubs = [agent_pb2_grpc.AgentStub(c) for c in channels]
         hops = hop_latency(stubs, addresses, args.pings, args.reps)
         for stages in STAGE_COUNTS:
-            name, used = deploy(stages, stubs, pair, store)
+            name, used = deploy(stages, by_address, pair, store)
             head = stubs[0]
             serve(head, name, "warm", batch[0], 4)
             one, many = [], []
@@ -321,10 +305,7 @@ def run_pair(
                 "one": statistics.median(one),
                 "batch": statistics.median(many),
             }
-            for address in used:
-                stubs[addresses.index(address)].RemoveReplica(
-                    agent_pb2.RemoveReplicaRequest(deployment=name), timeout=30
-                )
+            remove_replica(by_address, name, used)
         for channel in channels:
             channel.close()
     return {"hops": hops, "tokens_per_s": tokens_per_s, "identical": identical}

@@ -10,7 +10,7 @@ the incremental path saves.
 Targets (issue 2): 405B on 145 racks under 1 s; re-plan under 10 ms; chipsUsed within 5 % of
 the lower bound or explained. The last line of output is one JSON object with the figures.
 
-Run: `make bench` or `.venv/bin/python bench/placement.py [--repeats N]`.
+Run: `make bench` or `.venv/bin/python -m bench.placement [--repeats N]`.
 """
 
 from __future__ import annotations
@@ -18,19 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the
-# `placement` package: put the project root first instead.
-sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from placement.errors import Unplaceable  # noqa: E402
-from placement.models import model_preset  # noqa: E402
-from placement.planner import PlanRequest, make_plan  # noqa: E402
-from placement.replan import replan_failed  # noqa: E402
-from placement.topology import ChipState, preset_topology  # noqa: E402
+from placement.errors import Unplaceable
+from placement.models import model_preset
+from placement.planner import PlanRequest, make_plan
+from placement.replan import replan_failed
+from placement.topology import ChipState, preset_topology
 
 MODELS = ("llama-3-8b", "llama-3-70b", "llama-3.1-405b", "mixtral-8x7b")
 RACKS = (1, 8, 145)

@@ -5,7 +5,7 @@ One 256 MiB shard (a real safetensors blob) is sent, in the same run and interle
 * to an agent (`python -m agents.main`, one chip) over mutual TLS (the default; certificates
   from a CA made for the run, the sender dialling as the control plane): LoadShard with BLAKE3
   verification (the default) and with sha256 verification, each followed by an (untimed)
-  UnloadShard, in `loader.DEFAULT_CHUNK_BYTES` chunks (1 MiB);
+  UnloadShard, in `load_stream.DEFAULT_CHUNK_BYTES` chunks (1 MiB);
 * to an identical agent started with `--insecure` (plaintext), BLAKE3: the TLS cost is the
   ratio of the two (`tls_cost_ratio` = plaintext GB/s / TLS GB/s);
 * to a "before" agent, for a before/after in the same run: the agent as it was before the
@@ -38,7 +38,7 @@ agents of the aggregate speak TLS.
 Targets (issue 3, 7): load+verify ≥ 1.0 GB/s with TLS, ≥ 0.8 of the bare gRPC stream, agent
 peak RSS ≤ shard size + 150 MB. The last line of output is one JSON object with the figures.
 
-Run: `.venv/bin/python bench/shard_load.py [--reps 5] [--size-mib 256] [--chunk-mib 1]`.
+Run: `.venv/bin/python -m bench.shard_load [--reps 5] [--size-mib 256] [--chunk-mib 1]`.
 """
 
 from __future__ import annotations
@@ -60,16 +60,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from agents import loader
+from orchestrator import agent_client
+from protos import agent_pb2, agent_pb2_grpc, load_stream
+from security import certs as certs_mod
+from security.identity import agent_identity
+from security.tls import open_channel
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)
-
-import grpc  # noqa: E402
-
-from agents import loader  # noqa: E402
-from protos import agent_pb2, agent_pb2_grpc  # noqa: E402
-from security import certs as certs_mod  # noqa: E402
-from security.identity import agent_identity  # noqa: E402
-from security.tls import open_channel  # noqa: E402
 
 SINK_METHOD = "/bench.Sink/Put"
 GB = 1e9
@@ -85,7 +85,7 @@ def run_grpc_sink(tuned: bool) -> None:
     (`agents.server.SERVER_OPTIONS`: message limits and, whatever they become, the flow-control
     settings that decide how much the transport buffers).
     """
-    options = [("grpc.max_receive_message_length", loader.MAX_MESSAGE_BYTES)]
+    options = [("grpc.max_receive_message_length", load_stream.MAX_MESSAGE_BYTES)]
     if tuned:
         from agents.main import tune_malloc
         from agents.server import SERVER_OPTIONS
@@ -173,13 +173,13 @@ def run_sender(cfg: dict[str, Any]) -> None:
     blob = Path(cfg["blob"]).read_bytes()
     size = len(blob)
     chunk, before_chunk = cfg["chunk_mib"] << 20, cfg["before_chunk_mib"] << 20
-    b3 = loader.make_header(blob, 0, algorithm="blake3")
-    sha = loader.make_header(blob, 0, algorithm="sha256", shard_id=b3.shard_id)
-    messages = loader.load_messages(b3, blob, chunk)
-    sha_messages = [loader.header_message(sha), *messages[1:]]
-    before_messages = loader.load_messages(b3, blob, before_chunk)
-    before_sha_messages = [loader.header_message(sha), *before_messages[1:]]
-    options = loader.channel_options()
+    b3 = agent_client.make_header(blob, 0, algorithm="blake3")
+    sha = agent_client.make_header(blob, 0, algorithm="sha256", shard_id=b3.shard_id)
+    messages = load_stream.load_messages(b3, blob, chunk)
+    sha_messages = [load_stream.header_message(sha), *messages[1:]]
+    before_messages = load_stream.load_messages(b3, blob, before_chunk)
+    before_sha_messages = [load_stream.header_message(sha), *before_messages[1:]]
+    options = agent_client.channel_options()
     agents = {
         name: _channel(cfg, cfg[name], cfg["tls_nodes"].get(name))
         for name in ("agent", "agent_plain", "agent_before")
@@ -202,7 +202,7 @@ def run_sender(cfg: dict[str, Any]) -> None:
         samples.setdefault(name, []).append(sample)
 
     def load(name: str, agent: str, stream: list[bytes]) -> None:
-        record(name, lambda: loader.send_load(agents[agent], stream), cfg["pids"][agent])
+        record(name, lambda: agent_client.send_load(agents[agent], stream), cfg["pids"][agent])
         stubs[agent].UnloadShard(unload)
 
     pids = cfg["pids"]
@@ -226,7 +226,7 @@ def run_sender(cfg: dict[str, Any]) -> None:
 
 def _channel(cfg: dict[str, Any], address: str, node: str | None) -> grpc.Channel:
     """Mutual TLS as the control plane to the agent of `node`; plaintext when None."""
-    options = loader.channel_options()
+    options = agent_client.channel_options()
     if node is None:
         return grpc.insecure_channel(address, options=options)
     creds = certs_mod.load_control_plane(cfg["certs"])
@@ -255,7 +255,7 @@ def _aggregate(cfg: dict[str, Any], messages: list[bytes], shard_id: str, reps: 
     with futures.ThreadPoolExecutor(len(channels)) as pool:
         for _ in range(reps + 1):
             started = time.perf_counter()
-            list(pool.map(lambda c: loader.send_load(c, messages), channels))
+            list(pool.map(lambda c: agent_client.send_load(c, messages), channels))
             seconds.append(time.perf_counter() - started)
             for stub in stubs:
                 stub.UnloadShard(agent_pb2.UnloadShardRequest(chip=0, shard_id=shard_id))
@@ -355,7 +355,7 @@ def agent_args(node: str, sram_mib: int, certs: Path | None) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sram_mib = args.size_mib + 16
-    me = str(Path(__file__).resolve())
+    me = ("-m", "bench.shard_load")  # the helper processes run this module in a role
     with tempfile.TemporaryDirectory() as tmp, processes() as start:
         blob_path = Path(tmp) / "shard.safetensors"
         blob_path.write_bytes(make_blob(args.size_mib))
@@ -366,11 +366,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "-m", "agents.main", *agent_args("plain0", sram_mib, None)
         )
         before, before_addr = start(
-            me, "--role", "agent-before", "--", *agent_args("before0", sram_mib, None)
+            *me, "--role", "agent-before", "--", *agent_args("before0", sram_mib, None)
         )
-        tuned, tuned_addr = start(me, "--role", "grpc-sink", "--tuned")
-        plain, plain_addr = start(me, "--role", "grpc-sink")
-        tcp, tcp_addr = start(me, "--role", "tcp-sink", "--size-mib", str(sram_mib))
+        tuned, tuned_addr = start(*me, "--role", "grpc-sink", "--tuned")
+        plain, plain_addr = start(*me, "--role", "grpc-sink")
+        tcp, tcp_addr = start(*me, "--role", "tcp-sink", "--size-mib", str(sram_mib))
         names4 = [f"bench{i + 1}" for i in range(4)]
         agents4 = [start("-m", "agents.main", *agent_args(n, sram_mib, certs)) for n in names4]
         cfg = {
@@ -396,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
         }
         out = subprocess.run(
-            [sys.executable, me, "--role", "sender", "--config", json.dumps(cfg)],
+            [sys.executable, *me, "--role", "sender", "--config", json.dumps(cfg)],
             cwd=ROOT,
             check=True,
             capture_output=True,
@@ -533,7 +533,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--size-mib", type=int, default=256)
     parser.add_argument(
-        "--chunk-mib", type=int, default=loader.DEFAULT_CHUNK_BYTES >> 20, choices=(1, 2, 4)
+        "--chunk-mib", type=int, default=load_stream.DEFAULT_CHUNK_BYTES >> 20, choices=(1, 2, 4)
     )
     parser.add_argument(
         "--before-chunk-mib",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -16,12 +15,10 @@ from protos import agent_pb2
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    saved = list(sys.path)  # the script points sys.path[0] at the repository
-    saved_env = dict(os.environ)  # and pins BLAS threads
+    saved_env = dict(os.environ)  # the module pins BLAS threads when imported
     try:
         import bench.lockstep as module
     finally:
-        sys.path[:] = saved
         os.environ.clear()
         os.environ.update(saved_env)
     yield module

@@ -17,22 +17,21 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest_agents import (
+from agent_helpers import (
     AgentCluster,
     AgentProcess,
     credentials,
     load,
     make_shard,
     messages,
-    secure_channel,
     shard_id,
     wait_for,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agents import loader
 from agents.interconnect import EXCHANGE
 from agents.settings import DEFAULT_SETTINGS
+from orchestrator import agent_client
 from protos import agent_pb2, interconnect_pb2
 from security.identity import agent_identity
 from security.tls import open_channel
@@ -42,12 +41,8 @@ PER_PEER = DEFAULT_SETTINGS.max_streams_per_peer
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[AgentCluster]:
-    agents = AgentCluster()
-    try:
-        yield agents
-    finally:
-        agents.close()
+def cluster(agent_cluster: AgentCluster) -> AgentCluster:
+    return agent_cluster
 
 
 class Silent:
@@ -83,11 +78,8 @@ def test_status_and_health_answer_within_100ms_while_100_hostile_streams_are_ope
     release = threading.Event()
     # Two authenticated peers: the control plane (loads) and another agent (links); each may
     # hold PER_PEER streams, so 2 x (50 - PER_PEER) of the 100 are refused at once.
-    control = [secure_channel(agent.address, agent.node) for _ in range(5)]
-    rogue = [
-        secure_channel(agent.address, agent.node, identity=agent_identity("rogue"))
-        for _ in range(5)
-    ]
+    control = [agent.dial() for _ in range(5)]
+    rogue = [agent.dial(identity=agent_identity("rogue")) for _ in range(5)]
     channels = [*control, *rogue]
     load_calls, link_calls = [], []
     try:
@@ -95,7 +87,7 @@ def test_status_and_health_answer_within_100ms_while_100_hostile_streams_are_ope
             channel = control[i % 5] if i % 2 else rogue[i % 5]
             if i % 2:
                 load_calls.append(
-                    loader.load_call(channel).future(iter(Silent(release)), timeout=60)
+                    agent_client.load_call(channel).future(iter(Silent(release)), timeout=60)
                 )
             else:
                 link_calls.append(exchange(channel)(iter(Silent(release)), timeout=60))
@@ -163,7 +155,7 @@ def test_a_load_that_sends_no_header_is_ended_and_frees_its_stream(
     release = threading.Event()
     try:
         first = [
-            loader.load_call(agent.channel).future(iter(Silent(release)), timeout=30)
+            agent_client.load_call(agent.channel).future(iter(Silent(release)), timeout=30)
             for _ in range(PER_PEER + 4)
         ]
         for call in first:
@@ -176,7 +168,7 @@ def test_a_load_that_sends_no_header_is_ended_and_frees_its_stream(
         assert "no LoadShard header within 0.5 s" in str(timed_out.details())
         # The ended streams gave their places back: as many silent streams fit again.
         second = [
-            loader.load_call(agent.channel).future(iter(Silent(release)), timeout=30)
+            agent_client.load_call(agent.channel).future(iter(Silent(release)), timeout=30)
             for _ in range(PER_PEER)
         ]
         for call in second:
@@ -229,7 +221,7 @@ def test_malformed_blobs_are_invalid_argument_and_change_nothing(
     plain: AgentProcess, blob: bytes
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
-        loader.send_load(plain.channel, messages(blob, 1), timeout=30)
+        agent_client.send_load(plain.channel, messages(blob, 1), timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert_clean(plain)
     assert "Traceback" not in plain.stderr()
@@ -239,7 +231,7 @@ def test_a_4mb_deployment_name_gives_a_bounded_error_and_log_line(plain: AgentPr
     huge = "n" * (4 << 20)
     options = [("grpc.max_send_message_length", 16 << 20)]
     with open_channel(
-        plain.address, credentials(), peer=plain.identity, options=options
+        plain.address, credentials(plain.certs), peer=plain.identity, options=options
     ) as channel:
         from protos import agent_pb2_grpc
 

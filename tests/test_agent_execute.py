@@ -8,17 +8,17 @@ identical to running the same blobs' stage programs in this process.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest_agents import AgentCluster, AgentProcess, load, tiny_request
+from agent_helpers import AgentCluster, AgentProcess, load, tiny_request
 
 from agents.activation import Activation
 from agents.executor import load_shard, run_pipeline
 from orchestrator.compiler import ShardRef, compile_plan
+from orchestrator.serving import load_shards
 from placement.models import MODEL_PRESETS
 from placement.planner import make_plan
 from placement.topology import preset_topology
@@ -35,13 +35,9 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[ShardRef]:
 
 
 @pytest.fixture(scope="module")
-def agents(compiled: list[ShardRef]) -> Iterator[dict[str, AgentProcess]]:
+def agents(compiled: list[ShardRef], agent_cluster: AgentCluster) -> dict[str, AgentProcess]:
     nodes = sorted({ref.chip.rsplit("/", 1)[0] for ref in compiled})
-    cluster = AgentCluster()
-    try:
-        yield {node: cluster.start(f"n{i}") for i, node in enumerate(nodes)}
-    finally:
-        cluster.close()
+    return {node: agent_cluster.start(f"n{i}") for i, node in enumerate(nodes)}
 
 
 def where(ref: ShardRef, agents: dict[str, AgentProcess]) -> tuple[AgentProcess, int]:
@@ -52,12 +48,14 @@ def where(ref: ShardRef, agents: dict[str, AgentProcess]) -> tuple[AgentProcess,
 def test_pipeline_through_agents_matches_in_process(
     compiled: list[ShardRef], agents: dict[str, AgentProcess]
 ) -> None:
-    for ref in compiled:
-        agent, chip = where(ref, agents)
-        blob = Path(ref.path).read_bytes()
-        declared = json.loads(_manifest_json(blob))["declared_bytes"]
-        reply = load(agent, blob, chip, declared_bytes=declared)
-        assert reply.shard_id == ref.shard_id and reply.reserved_bytes == max(declared, len(blob))
+    places = {ref.chip: where(ref, agents) for ref in compiled}
+    channels = {agent.address: agent.channel for agent in agents.values()}
+    loads = load_shards(compiled, {k: (a.address, c) for k, (a, c) in places.items()}, channels)
+    for ref, done in zip(compiled, loads, strict=True):
+        declared = json.loads(_manifest_json(Path(ref.path).read_bytes()))["declared_bytes"]
+        assert done.shard_id == ref.shard_id and not done.held
+        assert done.bytes_loaded == ref.size_bytes
+        assert done.reserved_bytes == max(declared, ref.size_bytes) > ref.size_bytes
 
     batch = Activation.for_tokens([0, 0, 0, 1], [0, 1, 2, 0], [5, 17, 3, 9])
     data = batch.to_bytes()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest_agents import run_in_threads
+from agent_helpers import run_in_threads
 
 
 def test_exceptions_in_threads_are_re_raised() -> None:

@@ -19,14 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest_agents import (
-    AgentCluster,
-    AgentProcess,
-    load,
-    secure_channel,
-    tiny_request,
-    wait_for,
-)
+from agent_helpers import AgentCluster, AgentProcess, load, tiny_request, wait_for
 
 from agents.activation import Activation
 from agents.executor import ReferenceExecutor, load_shard
@@ -42,7 +35,14 @@ from agents.lockstep import Frame, Schedule
 from agents.pipeline import StageRunner, encode_work
 from agents.sampling import Sampling
 from orchestrator.compiler import ShardRef, compile_plan
-from orchestrator.serving import bring_up, configure_requests
+from orchestrator.serving import (
+    BringUpError,
+    BringUpOptions,
+    bring_up_replica,
+    configure_replica,
+    configure_requests,
+    remove_replica,
+)
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS
 from placement.plan import Plan
@@ -83,15 +83,11 @@ class Setup:
             nodes=self.nodes,
             link_secret=secret_of(name),
         )
-        for address, request in requests.items():
-            self.agent(address).stub.ConfigureReplica(request, timeout=30)
+        configure_replica(self.channels, requests)
         return requests
 
     def remove(self, name: str, requests: Iterable[str]) -> None:
-        for address in requests:
-            self.agent(address).stub.RemoveReplica(
-                agent_pb2.RemoveReplicaRequest(deployment=name), timeout=30
-            )
+        remove_replica(self.channels, name, list(requests))
 
     def agent(self, address: str) -> AgentProcess:
         return self.a if address == self.a.address else self.b
@@ -99,6 +95,10 @@ class Setup:
     @property
     def nodes(self) -> dict[str, str]:
         return {x.address: x.node for x in (self.a, self.b)}
+
+    @property
+    def channels(self) -> dict[str, grpc.Channel]:
+        return {x.address: x.channel for x in (self.a, self.b)}
 
 
 def secret_of(deployment: str) -> bytes:
@@ -118,26 +118,25 @@ def standard(s: Setup, base: int) -> dict[int, tuple[AgentProcess, int]]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+def setup(tmp_path_factory: pytest.TempPathFactory, agent_cluster: AgentCluster) -> Setup:
     plan = make_plan(tiny_request(RING, stages=4), preset_topology(1, "dev-whole-ops"))
     refs = compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("store"))
     by_stage = {r.binding.stage: r.path.read_bytes() for r in refs}
-    cluster = AgentCluster()
-    try:
-        a, b = (cluster.start(f"k{i}", extra=["--sram-bytes", "64MiB"]) for i in range(2))
-        for agent in (a, b):
-            for chip in range(8):
-                load(agent, by_stage[chip % 4], chip)
-        s = Setup(plan, refs, a, b)
-        OTHER.update({a.address: b, b.address: a})
-        stubs = {x.address: x.stub for x in (a, b)}
-        requests = configure_requests(
-            plan, refs, s.where(standard(s, 0)), nodes=s.nodes, link_secret=secret_of(RING)
-        )
-        bring_up(stubs, requests)
-        yield s
-    finally:
-        cluster.close()
+    a, b = (agent_cluster.start(f"k{i}", extra=["--sram-bytes", "64MiB"]) for i in range(2))
+    for agent in (a, b):
+        for chip in range(8):
+            load(agent, by_stage[chip % 4], chip)
+    s = Setup(plan, refs, a, b)
+    OTHER.update({a.address: b, b.address: a})
+    bring_up_replica(
+        plan,
+        refs,
+        s.where(standard(s, 0)),
+        s.channels,
+        nodes=s.nodes,
+        options=BringUpOptions(link_secret=secret_of(RING)),
+    )
+    return s
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +167,7 @@ def try_exchange(
             *link_metadata(secret_of(target[0])),
         )
     identity = (sender or OTHER[agent.address]).identity
-    with secure_channel(agent.address, agent.node, identity=identity) as channel:
+    with agent.dial(identity=identity) as channel:
         call = channel.stream_stream(
             EXCHANGE,
             request_serializer=interconnect_pb2.LinkFrame.SerializeToString,
@@ -460,7 +459,7 @@ def test_removing_a_replica_ends_its_bound_link_streams(setup: Setup) -> None:
         done.set()
         holder.join(30)
         for agent in (setup.a, setup.b):
-            with contextlib.suppress(grpc.RpcError):  # b's part is gone unless a step failed
+            with contextlib.suppress(BringUpError):  # b's part is gone unless a step failed
                 setup.remove("gone", [agent.address])
 
 

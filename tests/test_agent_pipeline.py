@@ -9,18 +9,16 @@ single-process reference executor.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import pytest
-from conftest_agents import (
+from agent_helpers import (
     AgentCluster,
     AgentProcess,
     load,
     run_in_threads,
-    secure_channel,
     tiny_request,
     wait_for,
 )
@@ -28,8 +26,18 @@ from conftest_agents import (
 from agents.executor import ReferenceExecutor
 from agents.interconnect import EXCHANGE, frame_checksum, target_metadata
 from agents.sampling import Sampling
+from orchestrator.agent_client import declared_bytes_of
 from orchestrator.compiler import ShardRef, compile_plan
-from orchestrator.serving import bring_up, configure_requests
+from orchestrator.serving import (
+    BringUpError,
+    BringUpOptions,
+    ReplicaUp,
+    bring_up_replica,
+    configure_replica,
+    configure_requests,
+    load_shards,
+    remove_replica,
+)
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS
 from placement.plan import Plan
@@ -50,10 +58,15 @@ class Replica:
     refs: list[ShardRef]
     agents: list[AgentProcess]
     where: dict[str, tuple[str, int]]
+    up: ReplicaUp
 
     @property
     def nodes(self) -> dict[str, str]:
         return {a.address: a.node for a in self.agents}
+
+    @property
+    def channels(self) -> dict[str, grpc.Channel]:
+        return {a.address: a.channel for a in self.agents}
 
     @property
     def head(self) -> AgentProcess:
@@ -66,22 +79,13 @@ def placement(refs: list[ShardRef], agents: list[AgentProcess]) -> dict[str, tup
 
 
 @pytest.fixture(scope="module")
-def replica(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+def replica(tmp_path_factory: pytest.TempPathFactory, agent_cluster: AgentCluster) -> Replica:
     plan = make_plan(tiny_request(DEPLOYMENT, stages=4), preset_topology(1, "dev-whole-ops"))
     refs = compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("store"))
-    cluster = AgentCluster()
-    try:
-        agents = [cluster.start(f"n{i}", extra=["--sram-bytes", "64MiB"]) for i in range(2)]
-        where = placement(refs, agents)
-        by_address = {a.address: a for a in agents}
-        for ref in refs:
-            address, chip = where[ref.chip]
-            load(by_address[address], ref.path.read_bytes(), chip)
-        stubs = {a.address: a.stub for a in agents}
-        bring_up(stubs, configure_requests(plan, refs, where, window=2, nodes=cluster.nodes()))
-        yield Replica(plan, refs, agents, where)
-    finally:
-        cluster.close()
+    agents = [agent_cluster.start(f"n{i}", extra=["--sram-bytes", "64MiB"]) for i in range(2)]
+    where = placement(refs, agents)
+    up = bring_up_replica(plan, refs, where, agent_cluster.channels(), nodes=agent_cluster.nodes())
+    return Replica(plan, refs, agents, where, up)
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +159,69 @@ def test_status_shows_epoch_tick_and_chain_per_chip(replica: Replica) -> None:
     assert sorted(seen) == [0, 1, 2, 3]
 
 
+def shifted(replica: Replica, offset: int) -> dict[str, tuple[str, int]]:
+    """The replica's placement moved `offset` chips further on the same agents."""
+    return {name: (address, chip + offset) for name, (address, chip) in replica.where.items()}
+
+
 def copy_on_chips(replica: Replica, offset: int) -> dict[str, tuple[str, int]]:
     """Load the replica's shards again on the same agents, `offset` chips further, and return
     that placement: a chip serves one replica, so a second replica needs chips of its own."""
-    by_address = {a.address: a for a in replica.agents}
-    where = {}
-    for ref in replica.refs:
-        address, chip = replica.where[ref.chip]
-        load(by_address[address], ref.path.read_bytes(), chip + offset)
-        where[ref.chip] = (address, chip + offset)
+    where = shifted(replica, offset)
+    load_shards(replica.refs, where, replica.channels)
     return where
+
+
+def test_bring_up_loaded_every_shard_and_started_every_stage(replica: Replica) -> None:
+    up = replica.up
+    assert up.deployment == DEPLOYMENT and up.epoch == 0
+    assert sorted(up.addresses) == sorted(a.address for a in replica.agents)
+    assert sorted(up.ready_chips) == sorted(r.chip for r in replica.refs)
+    assert [(x.shard_id, x.held, x.already_loaded) for x in up.loads] == [
+        (r.shard_id, False, False) for r in replica.refs
+    ]
+    assert [x.bytes_loaded for x in up.loads] == [r.size_bytes for r in replica.refs]
+    budgets = [declared_bytes_of(r.path) for r in replica.refs]
+    assert [x.reserved_bytes for x in up.loads] == [
+        max(r.size_bytes, b) for r, b in zip(replica.refs, budgets, strict=True)
+    ]
+    assert len({bytes(r.link_secret) for r in up.requests.values()}) == 1
+
+
+def test_load_shards_skips_the_shards_a_chip_holds(replica: Replica) -> None:
+    """Loading the same placement twice sends nothing the second time (Status says the chips
+    hold the shards), and every chip holds its shard once."""
+    where = shifted(replica, 6)
+    first = load_shards(
+        replica.refs, where, replica.channels, options=BringUpOptions(digest_algorithm="sha256")
+    )
+    by_address = {a.address: a for a in replica.agents}
+    for done in first:
+        (held,) = by_address[done.address].chip(done.chip).shards
+        assert held.shard_id == done.shard_id
+        if not done.held:  # loaded now: with the sha256 audit digest on top of the BLAKE3 id
+            assert held.digest_algorithm == "sha256" and done.bytes_loaded > 0
+    used = {a.address: [c.sram_used_bytes for c in a.status().chips] for a in replica.agents}
+    again = load_shards(replica.refs, where, replica.channels)
+    assert [(x.held, x.bytes_loaded) for x in again] == [(True, 0)] * len(replica.refs)
+    for agent in replica.agents:
+        assert [c.sram_used_bytes for c in agent.status().chips] == used[agent.address]
+    for ref in replica.refs:
+        address, chip = where[ref.chip]
+        agent = next(a for a in replica.agents if a.address == address)
+        assert [s.shard_id for s in agent.chip(chip).shards] == [ref.shard_id]
+
+
+def test_a_failed_load_names_the_step_the_agent_and_the_status(replica: Replica) -> None:
+    where = {name: (address, chip + 40) for name, (address, chip) in replica.where.items()}
+    with pytest.raises(BringUpError) as info:
+        bring_up_replica(replica.plan, replica.refs, where, replica.channels, deployment="x")
+    error = info.value
+    assert error.step == "load" and error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.address == replica.agents[0].address and "chip 40" in error.details
+    assert not any(
+        p.deployment == "x" for a in replica.agents for c in a.status().chips for p in c.pipelines
+    )
 
 
 def invalid(agent: AgentProcess, **fields: object) -> grpc.RpcError:
@@ -206,9 +263,7 @@ def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
         queue_limit=1,
         nodes=replica.nodes,
     )
-    by_address = {a.address: a for a in replica.agents}
-    for address, request in requests.items():
-        by_address[address].stub.ConfigureReplica(request, timeout=30)
+    configure_replica(replica.channels, requests)
     head = replica.head
     try:
         late = invalid(head, deployment="held", request_id="late", deadline_ms=300)
@@ -234,7 +289,7 @@ def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
         )
         frame.checksum = frame_checksum(frame) ^ 1
         # As stage 2's configured upstream (the first agent), with the replica's link secret.
-        upstream = secure_channel(second.address, second.node, identity=head.identity)
+        upstream = second.dial(identity=head.identity)
         secret = link_metadata(requests[head.address].link_secret)
         with upstream, pytest.raises(grpc.RpcError) as info:
             list(
@@ -261,10 +316,7 @@ def test_deadline_full_queue_and_corruption(replica: Replica) -> None:
         )[0]
         assert "checksum" in held.error and replica.refs[2].chip in held.error
     finally:
-        for address in requests:
-            by_address[address].stub.RemoveReplica(
-                agent_pb2.RemoveReplicaRequest(deployment="held"), timeout=30
-            )
+        remove_replica(replica.channels, "held", list(requests))
 
 
 def test_halt_and_resume_at_a_new_epoch(replica: Replica, reference: ReferenceExecutor) -> None:
@@ -307,22 +359,20 @@ def test_jittered_network_links_change_no_token_and_no_chain(
 ) -> None:
     """Three fresh replicas of the same shards, every link (in-process and gRPC) delaying
     frames by up to 3 ms with a different seed: same tokens, same chains on every chip."""
-    stubs = {a.address: a.stub for a in replica.agents}
     work = [((5, 17, 1024), Sampling()), ((8, 9), Sampling(0.7, 3))]
     runs = []
-    where = copy_on_chips(replica, 6)
+    where = shifted(replica, 6)
     for seed in range(3):
         name = f"jitter-{seed}"
-        requests = configure_requests(
+        up = bring_up_replica(
             replica.plan,
             replica.refs,
             where,
-            deployment=name,
-            jitter_ms=3.0,
-            jitter_seed=seed,
+            replica.channels,
             nodes=replica.nodes,
+            deployment=name,
+            options=BringUpOptions(jitter_ms=3.0, jitter_seed=seed),
         )
-        bring_up(stubs, requests)
         try:
             tokens = [
                 generate(
@@ -337,10 +387,7 @@ def test_jittered_network_links_change_no_token_and_no_chain(
             )
             runs.append((tokens, chains))
         finally:
-            for address in requests:
-                stubs[address].RemoveReplica(
-                    agent_pb2.RemoveReplicaRequest(deployment=name), timeout=30
-                )
+            remove_replica(replica.channels, name, up.addresses)
     assert runs[1] == runs[0] and runs[2] == runs[0]
     assert runs[0][0] == [reference.generate(p, 4, s).tokens for p, s in work]
     assert all(tick > 8 for tick, _ in runs[0][1].values())
@@ -356,11 +403,7 @@ def test_tensor_parallel_stages_across_agents(
     refs = compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("tp-store"))
     agents = replica.agents
     where = {r.chip: (agents[r.binding.stage].address, 2 + r.binding.tp_rank) for r in refs}
-    for ref in refs:
-        load(agents[ref.binding.stage], ref.path.read_bytes(), 2 + ref.binding.tp_rank)
-    stubs = {a.address: a.stub for a in agents}
-    requests = configure_requests(plan, refs, where, nodes=replica.nodes)
-    bring_up(stubs, requests)
+    up = bring_up_replica(plan, refs, where, replica.channels, nodes=replica.nodes)
     try:
         layout = ReferenceExecutor(
             TINY,
@@ -377,10 +420,7 @@ def test_tensor_parallel_stages_across_agents(
             heads = {p.chain_head for c in agent.status().chips[2:4] for p in c.pipelines}
             assert len(heads) == 1
     finally:
-        for address in requests:
-            stubs[address].RemoveReplica(
-                agent_pb2.RemoveReplicaRequest(deployment="tp"), timeout=30
-            )
+        remove_replica(replica.channels, "tp", up.addresses)
 
 
 # --- isolation: a chip serves one replica (issue 7) ------------------------------------------
@@ -391,25 +431,21 @@ def test_a_chip_bound_to_a_replica_is_refused_to_another(replica: Replica) -> No
     changes nothing; once the holder is removed the same request succeeds (chips released)."""
     requests = configure_requests(replica.plan, replica.refs, replica.where, deployment="intruder")
     head = replica.head
-    with pytest.raises(grpc.RpcError) as info:
-        head.stub.ConfigureReplica(requests[head.address], timeout=30)
-    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert "chip 0 is bound to replica 'ring'/replica-0" in str(info.value.details())
+    with pytest.raises(BringUpError) as info:
+        configure_replica(replica.channels, requests)
+    assert info.value.step == "configure" and info.value.address == head.address
+    assert info.value.code == grpc.StatusCode.ALREADY_EXISTS and info.value.done == []
+    assert "chip 0 is bound to replica 'ring'/replica-0" in info.value.details
     assert {p.deployment for c in head.status().chips for p in c.pipelines} == {DEPLOYMENT}
     tokens, _ = generate(head, "still-served", (2, 7, 1), 3, logits=False)
     assert len(tokens) == 3
 
 
 def test_a_removed_replica_releases_its_chips(replica: Replica) -> None:
-    where = copy_on_chips(replica, 4)
-    stubs = {a.address: a.stub for a in replica.agents}
+    where = shifted(replica, 4)
     for name in ("first", "second"):  # the second binds the chips the first released
-        requests = configure_requests(replica.plan, replica.refs, where, deployment=name)
-        bring_up(stubs, requests)
-        for address in requests:
-            stubs[address].RemoveReplica(
-                agent_pb2.RemoveReplicaRequest(deployment=name), timeout=30
-            )
+        up = bring_up_replica(replica.plan, replica.refs, where, replica.channels, deployment=name)
+        remove_replica(replica.channels, name, up.addresses)
 
 
 def test_execute_on_a_serving_chip_is_refused_and_changes_no_token(

@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest_agents import make_shard, messages
+from agent_helpers import make_shard, messages
 
 from agents import server as server_mod
 from agents.activation import ACTIVATION_KEY, ACTIVATION_VERSION, Activation

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest_agents import (
+from agent_helpers import (
     ROOT,
     AgentCluster,
     AgentProcess,
@@ -29,27 +29,22 @@ from conftest_agents import (
     messages,
     read_line,
     run_in_threads,
-    session_certs,
     shard_id,
     wait_for,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from agents import loader
-from protos import agent_pb2
+from orchestrator import agent_client
+from protos import agent_pb2, load_stream
 
 MiB = 1 << 20
 DEV_SRAM = 2 * MiB
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[AgentCluster]:
-    agents = AgentCluster()
-    try:
-        yield agents
-    finally:
-        agents.close()
+def cluster(agent_cluster: AgentCluster) -> AgentCluster:
+    return agent_cluster
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +154,7 @@ def test_load_status_unload_roundtrip(n0: AgentProcess) -> None:
 def test_sha256_verification_and_plain_protobuf_client(n0: AgentProcess) -> None:
     """sha256 mode verifies the audit digest (and the BLAKE3 id); the generated stub works."""
     blob = make_shard(300_000, seed=2)
-    header = loader.make_header(blob, 1, algorithm="sha256")
+    header = agent_client.make_header(blob, 1, algorithm="sha256")
     requests = [agent_pb2.LoadShardRequest(header=header)] + [
         agent_pb2.LoadShardRequest(chunk=blob[i : i + 100_000])
         for i in range(0, len(blob), 100_000)
@@ -177,9 +172,11 @@ def test_tampered_blob_under_the_real_id_is_refused(n0: AgentProcess, algorithm:
     blob = make_shard(MiB, seed=30)
     tampered = bytearray(blob)
     tampered[-1] ^= 0xFF  # a weight byte: still a valid safetensors blob
-    header = loader.make_header(bytes(tampered), 6, algorithm=algorithm, shard_id=shard_id(blob))
-    stream = loader.load_messages(header, bytes(tampered), 256 << 10)
-    details = expect_error(grpc.StatusCode.DATA_LOSS, loader.send_load, n0.channel, stream)
+    header = agent_client.make_header(
+        bytes(tampered), 6, algorithm=algorithm, shard_id=shard_id(blob)
+    )
+    stream = load_stream.load_messages(header, bytes(tampered), 256 << 10)
+    details = expect_error(grpc.StatusCode.DATA_LOSS, agent_client.send_load, n0.channel, stream)
     assert "the shard id" in details and "nothing was committed" in details
     assert_clean(n0, 6)
     assert not n0.chip(6).shards
@@ -189,12 +186,12 @@ def test_tampered_blob_under_the_real_id_is_refused(n0: AgentProcess, algorithm:
     # "Already loaded" only for a header that describes the held shard.
     again = load(n0, blob, 6)
     assert again.already_loaded
-    wrong = loader.make_header(blob, 6, virtual=True, declared_bytes=len(blob))
+    wrong = agent_client.make_header(blob, 6, virtual=True, declared_bytes=len(blob))
     details = expect_error(
         grpc.StatusCode.INVALID_ARGUMENT,
-        loader.send_load,
+        agent_client.send_load,
         n0.channel,
-        loader.load_messages(wrong, blob),
+        load_stream.load_messages(wrong, blob),
     )
     assert "virtual=False" in details and "virtual=True" in details
     assert n0.chip(6).sram_used_bytes == len(blob)
@@ -222,7 +219,7 @@ def test_idempotent_reload_returns_at_once(n0: AgentProcess) -> None:
     first = load(n0, blob, 4)
     used = n0.chip(4).sram_used_bytes
     # The reload's stream is never consumed past the header.
-    second = loader.send_load(n0.channel, PausedStream(messages(blob, 4), 1), timeout=10)
+    second = agent_client.send_load(n0.channel, PausedStream(messages(blob, 4), 1), timeout=10)
     assert (first.already_loaded, second.already_loaded) == (False, True)
     assert second.message == "already loaded" and second.bytes_received == 0
     assert n0.chip(4).sram_used_bytes == used and len(n0.chip(4).shards) == 1
@@ -231,7 +228,7 @@ def test_idempotent_reload_returns_at_once(n0: AgentProcess) -> None:
 def test_progress_visible_while_loading_and_commit_is_atomic(n0: AgentProcess) -> None:
     blob = make_shard(MiB, seed=4)
     stream = PausedStream(messages(blob, 5, chunk=128 << 10), pause_after=4)
-    future = loader.load_call(n0.channel).future(iter(stream), timeout=30)
+    future = agent_client.load_call(n0.channel).future(iter(stream), timeout=30)
     try:
         chip = wait_for(
             lambda: (c := n0.chip(5)).loads and c.loads[0].bytes_loaded > 0 and c,
@@ -266,7 +263,7 @@ def test_corrupted_chunk_is_data_loss(n0: AgentProcess) -> None:
     bad = bytearray(stream[3])
     bad[-1] ^= 0xFF
     stream[3] = bytes(bad)
-    details = expect_error(grpc.StatusCode.DATA_LOSS, loader.send_load, n0.channel, stream)
+    details = expect_error(grpc.StatusCode.DATA_LOSS, agent_client.send_load, n0.channel, stream)
     assert "chip 0" in details and "blake3" in details and "node n0" in details
     assert_clean(n0, 0)
 
@@ -275,10 +272,10 @@ def test_corrupted_chunk_is_data_loss(n0: AgentProcess) -> None:
 def test_wrong_digest_is_data_loss(n0: AgentProcess, algorithm: str) -> None:
     blob = make_shard(MiB, seed=6)
     other = make_shard(MiB, seed=7)
-    header = loader.make_header(other, 0, algorithm=algorithm)  # digests of another blob
+    header = agent_client.make_header(other, 0, algorithm=algorithm)  # digests of another blob
     header.size_bytes = len(blob)
-    stream = loader.load_messages(header, blob, 256 << 10)
-    details = expect_error(grpc.StatusCode.DATA_LOSS, loader.send_load, n0.channel, stream)
+    stream = load_stream.load_messages(header, blob, 256 << 10)
+    details = expect_error(grpc.StatusCode.DATA_LOSS, agent_client.send_load, n0.channel, stream)
     assert "failed verification" in details
     assert_clean(n0, 0)
 
@@ -286,38 +283,42 @@ def test_wrong_digest_is_data_loss(n0: AgentProcess, algorithm: str) -> None:
 def test_short_and_long_streams_are_rejected(n0: AgentProcess) -> None:
     blob = make_shard(MiB, seed=8)
     short = messages(blob, 3)[:-1]
-    details = expect_error(grpc.StatusCode.INVALID_ARGUMENT, loader.send_load, n0.channel, short)
+    details = expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, agent_client.send_load, n0.channel, short
+    )
     assert "stream ended after" in details
-    long = [*messages(blob, 3), loader.frame_chunk(b"extra")]
-    details = expect_error(grpc.StatusCode.INVALID_ARGUMENT, loader.send_load, n0.channel, long)
+    long = [*messages(blob, 3), load_stream.frame_chunk(b"extra")]
+    details = expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, agent_client.send_load, n0.channel, long
+    )
     assert "carries more" in details
     assert_clean(n0, 3)
 
 
 def test_malformed_streams_are_invalid_argument(n0: AgentProcess) -> None:
     blob = make_shard(4096, seed=9)
-    header = loader.make_header(blob, 0)
+    header = agent_client.make_header(blob, 0)
     cases = {
         "empty stream": [],
-        "chunk first": [loader.frame_chunk(blob)],
-        "unknown chip": loader.load_messages(loader.make_header(blob, 99), blob),
+        "chunk first": [load_stream.frame_chunk(blob)],
+        "unknown chip": load_stream.load_messages(agent_client.make_header(blob, 99), blob),
         "bad shard id": [
-            loader.header_message(
+            load_stream.header_message(
                 agent_pb2.LoadShardHeader(shard_id="not-a-digest", chip=0, size_bytes=len(blob))
             )
         ],
         "bad algorithm": [
-            loader.header_message(
+            load_stream.header_message(
                 agent_pb2.LoadShardHeader(
                     shard_id=header.shard_id, chip=0, size_bytes=len(blob), digest_algorithm="md5"
                 )
             )
         ],
-        "second header": [loader.header_message(header), loader.header_message(header)],
+        "second header": [load_stream.header_message(header), load_stream.header_message(header)],
     }
     for name, stream in cases.items():
         details = expect_error(
-            grpc.StatusCode.INVALID_ARGUMENT, loader.send_load, n0.channel, stream
+            grpc.StatusCode.INVALID_ARGUMENT, agent_client.send_load, n0.channel, stream
         )
         assert details, name
     assert_clean(n0, 0)
@@ -371,7 +372,7 @@ def test_cancelled_stream_frees_everything(n0: AgentProcess) -> None:
     before = n0.chip(6).sram_used_bytes
     blob = make_shard(MiB, seed=12)
     stream = PausedStream(messages(blob, 6, chunk=128 << 10), pause_after=3)
-    future = loader.load_call(n0.channel).future(iter(stream), timeout=30)
+    future = agent_client.load_call(n0.channel).future(iter(stream), timeout=30)
     try:
         wait_for(lambda: n0.chip(6).loads, what="the load to be in flight")
         future.cancel()
@@ -383,25 +384,25 @@ def test_cancelled_stream_frees_everything(n0: AgentProcess) -> None:
     assert len(n0.chip(6).shards) == 1
 
 
-def test_killed_client_process_frees_its_load(n0: AgentProcess) -> None:
+def test_killed_client_process_frees_its_load(n0: AgentProcess, session_certs: Path) -> None:
     """A client process dying mid-stream (connection reset) leaves nothing behind."""
     script = (
         "import sys, threading\n"
         "import grpc\n"
-        "from conftest_agents import make_shard, messages, PausedStream\n"
-        "from agents import loader\n"
+        "from agent_helpers import make_shard, messages, PausedStream\n"
+        "from orchestrator import agent_client\n"
         "from security import certs, tls\n"
         "cp = certs.load_control_plane(sys.argv[2])\n"
         "ch = tls.open_channel(sys.argv[1], cp, peer=sys.argv[3],\n"
-        "                      options=loader.channel_options())\n"
+        "                      options=agent_client.channel_options())\n"
         "s = PausedStream(messages(make_shard(1 << 20, seed=13), 7, chunk=1 << 17), 3)\n"
-        "f = loader.load_call(ch).future(iter(s))\n"
+        "f = agent_client.load_call(ch).future(iter(s))\n"
         "s.paused.wait(10)\n"
         "print('streaming', flush=True)\n"
         "threading.Event().wait(60)\n"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, n0.address, str(session_certs()), n0.identity],
+        [sys.executable, "-c", script, n0.address, str(session_certs), n0.identity],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -482,7 +483,7 @@ def test_failed_chip_refuses_loads_and_executes(n0: AgentProcess) -> None:
 def test_chip_failing_mid_load_aborts_the_load(n0: AgentProcess) -> None:
     blob = make_shard(MiB, seed=18)
     stream = PausedStream(messages(blob, 2, chunk=128 << 10), pause_after=3)
-    future = loader.load_call(n0.channel).future(iter(stream), timeout=30)
+    future = agent_client.load_call(n0.channel).future(iter(stream), timeout=30)
     try:
         wait_for(lambda: n0.chip(2).loads, what="the load to be in flight")
         n0.stub.MarkChipFailed(agent_pb2.MarkChipFailedRequest(chip=2, reason="test"))
@@ -526,7 +527,7 @@ def test_stalled_client_is_cancelled_after_the_idle_timeout(cluster: AgentCluste
     agent = cluster.start("idle", chips=1, extra=("--load-idle-timeout", "0.3"))
     blob = make_shard(MiB, seed=19)
     stream = PausedStream(messages(blob, 0, chunk=128 << 10), pause_after=2)
-    future = loader.load_call(agent.channel).future(iter(stream), timeout=30)
+    future = agent_client.load_call(agent.channel).future(iter(stream), timeout=30)
     try:
         wait_for(lambda: agent.chip(0).loads, what="the load to be in flight")
         wait_for(lambda: not agent.chip(0).loads, timeout=10, what="the idle load to be reaped")
@@ -544,9 +545,9 @@ def test_load_from_a_file_on_disk(n0: AgentProcess, tmp_path: Path) -> None:
     blob = make_shard(3 * MiB // 2, seed=20)
     path = tmp_path / f"{shard_id(blob)}.safetensors"
     path.write_bytes(blob)
-    header = loader.make_file_header(path, 0, shard_id=shard_id(blob))
-    assert header.digest == loader.blob_digest(blob, "blake3")
-    reply = loader.send_load(n0.channel, loader.file_messages(header, path), timeout=30)
+    header = agent_client.make_file_header(path, 0, shard_id=shard_id(blob))
+    assert header.digest == agent_client.blob_digest(blob, "blake3")
+    reply = agent_client.send_load(n0.channel, agent_client.file_messages(header, path), timeout=30)
     assert reply.bytes_received == len(blob) and n0.chip(0).sram_used_bytes == len(blob)
 
 

@@ -13,30 +13,21 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest_agents import (
-    ROOT,
-    AgentCluster,
-    AgentProcess,
-    credentials,
-    load,
-    secure_channel,
-    session_certs,
-    tiny_request,
-)
+from agent_helpers import ROOT, AgentCluster, AgentProcess, credentials, tiny_request
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agents.executor import ReferenceExecutor
 from agents.interconnect import EXCHANGE, frame_checksum, target_metadata
-from agents.loader import channel_options
+from orchestrator.agent_client import channel_options
 from orchestrator.compiler import compile_plan
-from orchestrator.serving import bring_up, configure_requests
+from orchestrator.serving import BringUpOptions, bring_up_replica
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS
 from placement.planner import make_plan
@@ -69,30 +60,28 @@ class Ring:
 
 
 @pytest.fixture(scope="module")
-def ring(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ring]:
+def ring(tmp_path_factory: pytest.TempPathFactory, agent_cluster: AgentCluster) -> Ring:
     plan = make_plan(tiny_request(DEPLOYMENT, stages=2), preset_topology(1, "dev-whole-ops"))
     refs = compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("store"))
-    cluster = AgentCluster()
-    try:
-        agents = [cluster.start(f"n{i}", extra=["--sram-bytes", "64MiB"]) for i in range(2)]
-        where = {r.chip: (agents[r.binding.stage].address, 0) for r in refs}
-        for ref in refs:
-            load(agents[ref.binding.stage], ref.path.read_bytes(), 0)
-        requests = configure_requests(
-            plan, refs, where, window=2, nodes=cluster.nodes(), link_secret=SECRET
-        )
-        ups = {a.stage: a.upstream_identity for r in requests.values() for a in r.assignments}
-        assert ups == {0: agent_identity("n1"), 1: agent_identity("n0")}
-        bring_up({a.address: a.stub for a in agents}, requests)
-        reference = ReferenceExecutor(
-            TINY, SeededWeights(TINY, SEED, "F16"), max_batch=4, max_context=64
-        )
-        expected = reference.generate(PROMPT, 4).tokens
-        ring = Ring(agents, expected)
-        assert ring.served_tokens() == expected
-        yield ring
-    finally:
-        cluster.close()
+    agents = [agent_cluster.start(f"n{i}", extra=["--sram-bytes", "64MiB"]) for i in range(2)]
+    where = {r.chip: (agents[r.binding.stage].address, 0) for r in refs}
+    up = bring_up_replica(
+        plan,
+        refs,
+        where,
+        agent_cluster.channels(),
+        nodes=agent_cluster.nodes(),
+        options=BringUpOptions(link_secret=SECRET),
+    )
+    ups = {a.stage: a.upstream_identity for r in up.requests.values() for a in r.assignments}
+    assert ups == {0: agent_identity("n1"), 1: agent_identity("n0")}
+    reference = ReferenceExecutor(
+        TINY, SeededWeights(TINY, SEED, "F16"), max_batch=4, max_context=64
+    )
+    expected = reference.generate(PROMPT, 4).tokens
+    ring = Ring(agents, expected)
+    assert ring.served_tokens() == expected
+    return ring
 
 
 def status_as(agent: AgentProcess, channel: grpc.Channel) -> agent_pb2.StatusResponse:
@@ -120,12 +109,14 @@ def test_a_certificate_from_another_ca_fails_the_handshake(ring: Ring, tmp_path:
     assert agent.status().chips[0].shards  # still serving, still holding its shard
 
 
-def test_an_expired_certificate_fails_the_handshake(ring: Ring, tmp_path: Path) -> None:
+def test_an_expired_certificate_fails_the_handshake(
+    ring: Ring, tmp_path: Path, session_certs: Path
+) -> None:
     """Same CA, control-plane identity, expired yesterday."""
     directory = tmp_path / "expired"
     directory.mkdir()
     for name in ("ca.crt", "ca.key"):
-        shutil.copy(session_certs() / name, directory / name)
+        shutil.copy(session_certs / name, directory / name)
     certs.issue(directory, CONTROL_PLANE, days=-1)
     expired = certs.load_control_plane(directory)
     cert = x509.load_pem_x509_certificate(expired.cert_pem)
@@ -135,9 +126,9 @@ def test_an_expired_certificate_fails_the_handshake(ring: Ring, tmp_path: Path) 
     assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_no_client_certificate_or_plaintext_fails(ring: Ring) -> None:
+def test_no_client_certificate_or_plaintext_fails(ring: Ring, session_certs: Path) -> None:
     agent = ring.agents[0]
-    ca_only = grpc.ssl_channel_credentials(root_certificates=credentials().ca_pem)
+    ca_only = grpc.ssl_channel_credentials(root_certificates=credentials(session_certs).ca_pem)
     anonymous = grpc.secure_channel(
         agent.address, ca_only, options=[("grpc.ssl_target_name_override", "n0.agent.lockstep")]
     )
@@ -148,7 +139,7 @@ def test_no_client_certificate_or_plaintext_fails(ring: Ring) -> None:
 
 def test_the_agent_certificate_is_checked_against_the_dialled_node(ring: Ring) -> None:
     """The control plane dialling n0's address but expecting n1 refuses n0's certificate."""
-    wrong = secure_channel(ring.agents[0].address, "n1")
+    wrong = ring.agents[0].dial(node="n1")
     assert refused_status(ring.agents[0], wrong).code() == grpc.StatusCode.UNAVAILABLE
 
 
@@ -191,7 +182,7 @@ def test_an_agent_certificate_may_not_call_admin_rpcs(ring: Ring, identity: str)
     """Halt, RemoveReplica and Generate would all have changed the served replica."""
     agent = ring.agents[0]
     before = agent.status()
-    with secure_channel(agent.address, agent.node, identity=identity) as channel:
+    with agent.dial(identity=identity) as channel:
         stub = agent_pb2_grpc.AgentStub(channel)
         for method, call in _admin_calls():
             with pytest.raises(grpc.RpcError) as info:
@@ -229,7 +220,7 @@ def _link(
         deployment=DEPLOYMENT, to_stage=stage, epoch=0, tick=10**6, slot=-1, payload=b"x"
     )
     frame.checksum = frame_checksum(frame)
-    with secure_channel(target.address, target.node, identity=identity) as channel:
+    with target.dial(identity=identity) as channel:
         exchange = channel.stream_stream(
             EXCHANGE,
             request_serializer=interconnect_pb2.LinkFrame.SerializeToString,
@@ -291,34 +282,30 @@ def test_insecure_and_certs_are_exclusive(tmp_path: Path) -> None:
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
 
 
-def test_an_insecure_agent_on_loopback_warns_and_serves_plaintext() -> None:
-    cluster = AgentCluster()
-    try:
-        agent = cluster.start("plain", chips=1, insecure=True)
-        assert "WARNING: --insecure" in agent.stderr()
-        assert len(agent.status().chips) == 1
-        with grpc.insecure_channel(agent.address, options=channel_options()) as channel:
-            stub = agent_pb2_grpc.AgentStub(channel)
-            assert stub.Status(agent_pb2.StatusRequest(), timeout=10).chips
-    finally:
-        cluster.close()
+def test_an_insecure_agent_on_loopback_warns_and_serves_plaintext(
+    fresh_agent_cluster: AgentCluster,
+) -> None:
+    agent = fresh_agent_cluster.start("plain", chips=1, insecure=True)
+    assert "WARNING: --insecure" in agent.stderr()
+    assert len(agent.status().chips) == 1
+    with grpc.insecure_channel(agent.address, options=channel_options()) as channel:
+        stub = agent_pb2_grpc.AgentStub(channel)
+        assert stub.Status(agent_pb2.StatusRequest(), timeout=10).chips
 
 
-def test_an_agent_creates_the_ca_and_its_certificate_on_first_start(tmp_path: Path) -> None:
+def test_an_agent_creates_the_ca_and_its_certificate_on_first_start(
+    tmp_path: Path, fresh_agent_cluster: AgentCluster
+) -> None:
     directory = tmp_path / "fresh"
-    cluster = AgentCluster()
-    try:
-        agent = cluster.start("first", chips=1, extra=["--certs", str(directory)])
-        ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
-        cert = x509.load_pem_x509_certificate((directory / "agents" / "first.crt").read_bytes())
-        cert.verify_directly_issued_by(ca)
-        assert (directory / "ca.key").stat().st_mode & 0o077 == 0
-        # The control plane of that cluster (issued from the new CA) is accepted.
-        certs.issue(directory, CONTROL_PLANE)
-        cp = certs.load_control_plane(directory)
-        channel = open_channel(agent.address, cp, peer=agent.identity, options=channel_options())
-        assert len(status_as(agent, channel).chips) == 1
-        # The session's control plane is of another cluster.
-        assert refused_status(agent, agent.channel).code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        cluster.close()
+    agent = fresh_agent_cluster.start("first", chips=1, extra=["--certs", str(directory)])
+    ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((directory / "agents" / "first.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert (directory / "ca.key").stat().st_mode & 0o077 == 0
+    # The control plane of that cluster (issued from the new CA) is accepted.
+    certs.issue(directory, CONTROL_PLANE)
+    cp = certs.load_control_plane(directory)
+    channel = open_channel(agent.address, cp, peer=agent.identity, options=channel_options())
+    assert len(status_as(agent, channel).chips) == 1
+    # The session's control plane is of another cluster.
+    assert refused_status(agent, agent.channel).code() == grpc.StatusCode.UNAVAILABLE

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest_agents import wait_for
+from agent_helpers import wait_for
 
 from agents.activation import Activation
 from agents.executor import (

@@ -44,7 +44,7 @@ def test_generated_modules_import_as_a_package() -> None:
 
 
 def test_chunk_wire_format_is_what_the_agent_parses() -> None:
-    from agents.loader import chunk_payload, frame_chunk
+    from protos.load_stream import chunk_payload, frame_chunk
 
     payload = bytes(range(256)) * 1000
     wire = agent_pb2.LoadShardRequest(chunk=payload).SerializeToString()

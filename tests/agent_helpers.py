@@ -1,22 +1,22 @@
 """Helpers for agent tests: agent processes on loopback, test shards, polling with deadlines.
 
-Not a pytest conftest (imported explicitly by `tests/test_agent*.py`): every agent started
-through `AgentCluster` is terminated and reaped when the cluster closes, even on failure.
+A plain module (tests import it by name: pytest puts `tests/` on the path). What has a set-up
+and a teardown is a fixture in `tests/conftest.py`: the session's certificates
+(`session_certs`) and agent clusters (`agent_cluster` per module, `fresh_agent_cluster` per
+test), which terminate and reap every agent they started, even on failure. This module holds
+the classes those fixtures hand out and pure helpers (shards, streams, polling, threads).
 
 Agents speak mutual TLS by default, with certificates from one cluster CA made once per test
-session (`session_certs()`); the test's channels use the control-plane certificate. A test
-that needs plaintext says so (`start(..., insecure=True)`).
+session; the test's channels use the control-plane certificate (`AgentProcess.dial` opens one
+as another identity). A test that needs plaintext says so (`start(..., insecure=True)`).
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import functools
 import hashlib
 import os
 import selectors
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,13 +31,12 @@ import grpc
 import numpy as np
 from safetensors.numpy import save
 
-from agents import loader
+from orchestrator import agent_client
 from placement.models import MODEL_PRESETS
 from placement.planner import PlanRequest
 from protos import agent_pb2, agent_pb2_grpc
 from security import certs as certs_mod
 from security.identity import CONTROL_PLANE, agent_identity
-from security.tls import open_channel
 from shardformat.address import shard_id_of
 from shardformat.manifest import MANIFEST_KEY, Manifest, TensorInfo
 
@@ -64,33 +63,10 @@ def wait_for(
         time.sleep(interval)
 
 
-@functools.cache
-def session_certs() -> Path:
-    """The test session's certificate directory: cluster CA and control-plane certificate, made
-    once per process (removed at exit). Agents started with it create their own certificates."""
-    path = Path(tempfile.mkdtemp(prefix="lockstep-certs-"))
-    atexit.register(shutil.rmtree, path, True)
-    certs_mod.init_cluster(path)
-    return path
-
-
-def credentials(identity: str = CONTROL_PLANE, directory: Path | None = None) -> Any:
-    """`identity`'s credentials from the session CA (issued on first use)."""
-    directory = directory or session_certs()
-    certs_mod.issue(directory, identity)
-    return certs_mod.load(directory, identity)
-
-
-def secure_channel(
-    address: str, node: str | None, *, identity: str = CONTROL_PLANE
-) -> grpc.Channel:
-    """A mutual-TLS channel to the agent of `node` (None: any agent), dialling as `identity`."""
-    return open_channel(
-        address,
-        credentials(identity),
-        peer=None if node is None else agent_identity(node),
-        options=loader.channel_options(),
-    )
+def credentials(certs: Path, identity: str = CONTROL_PLANE) -> certs_mod.Credentials:
+    """`identity`'s credentials from the CA in `certs` (issued on first use)."""
+    certs_mod.issue(certs, identity)
+    return certs_mod.load(certs, identity)
 
 
 @dataclass
@@ -101,16 +77,23 @@ class AgentProcess:
     proc: subprocess.Popen[str]
     address: str
     stderr_path: Path
+    certs: Path
     insecure: bool = False
     channel: grpc.Channel = field(init=False)
     stub: agent_pb2_grpc.AgentStub = field(init=False)
 
     def __post_init__(self) -> None:
         if self.insecure:
-            self.channel = grpc.insecure_channel(self.address, options=loader.channel_options())
+            self.channel = agent_client.dial(self.address, None)
         else:
-            self.channel = secure_channel(self.address, self.node)
+            self.channel = self.dial()
         self.stub = agent_pb2_grpc.AgentStub(self.channel)
+
+    def dial(self, *, identity: str = CONTROL_PLANE, node: str | None = "") -> grpc.Channel:
+        """A new mutual-TLS channel to this agent dialling as `identity` (from the session CA),
+        expecting the certificate of `node` (default: this agent's; None: any agent)."""
+        expected = self.node if node == "" else node
+        return agent_client.dial(self.address, credentials(self.certs, identity), expected)
 
     @property
     def identity(self) -> str:
@@ -143,9 +126,11 @@ class AgentProcess:
 
 
 class AgentCluster:
-    """Starts agents; `close()` stops and reaps every one of them."""
+    """Starts agents with the certificates in `certs`; `close()` stops and reaps every one of
+    them (the `agent_cluster` fixtures call it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, certs: Path) -> None:
+        self.certs = certs
         self.agents: list[AgentProcess] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="lockstep-agents-")
 
@@ -158,7 +143,7 @@ class AgentCluster:
         extra: Sequence[str] = (),
         insecure: bool = False,
     ) -> AgentProcess:
-        security = ["--insecure"] if insecure else ["--certs", str(session_certs())]
+        security = ["--insecure"] if insecure else ["--certs", str(self.certs)]
         err_path = Path(self._tmp.name) / f"{node.replace('/', '.')}.stderr"
         with open(err_path, "w") as err:
             proc = subprocess.Popen(
@@ -193,13 +178,18 @@ class AgentCluster:
             proc.kill()
             proc.wait()
             raise
-        agent = AgentProcess(node, proc, line.removeprefix("listening on "), err_path, insecure)
+        address = line.removeprefix("listening on ")
+        agent = AgentProcess(node, proc, address, err_path, self.certs, insecure)
         self.agents.append(agent)
         return agent
 
     def nodes(self) -> dict[str, str]:
-        """Address → node name of every agent (`configure_requests(..., nodes=...)`)."""
+        """Address → node name of every agent (`bring_up_replica(..., nodes=...)`)."""
         return {a.address: a.node for a in self.agents}
+
+    def channels(self) -> dict[str, grpc.Channel]:
+        """Address → the control plane's channel of every agent (`bring_up_replica`)."""
+        return {a.address: a.channel for a in self.agents}
 
     def close(self) -> None:
         for agent in self.agents:
@@ -258,13 +248,12 @@ def make_virtual_shard(declared_bytes: int, seed: int = 0) -> bytes:
 def messages(
     blob: bytes, chip: int, *, chunk: int = 256 << 10, algorithm: str = "blake3", **header: Any
 ) -> list[bytes]:
-    return loader.load_messages(
-        loader.make_header(blob, chip, algorithm=algorithm, **header), blob, chunk
-    )
+    """A pre-framed load stream of `blob` onto `chip` (256 KiB chunks: several per test blob)."""
+    return agent_client.blob_messages(blob, chip, chunk_bytes=chunk, algorithm=algorithm, **header)
 
 
 def load(agent: AgentProcess, blob: bytes, chip: int, **kwargs: Any) -> agent_pb2.LoadShardResponse:
-    return loader.send_load(agent.channel, messages(blob, chip, **kwargs), timeout=30)
+    return agent_client.send_load(agent.channel, messages(blob, chip, **kwargs), timeout=30)
 
 
 def shard_id(blob: bytes) -> str:
