@@ -114,8 +114,8 @@ def test_a_reconciled_world_survives_a_restart(tmp_path: Path) -> None:
         if not actions:
             break
         w.apply(actions)
-        recorded = [a for a in actions if store.record(a, w.now)]
-        assert recorded, "every pass has a store-only action (status, event or place)"
+        for action in actions:
+            store.record(action, w.now)  # False for agent work, recorded below
         # Agent and compiler work: record its results as the controller would.
         for (dep, idx), r in w.replicas.items():
             store.set_replica_shards(dep, idx, r.shards)
