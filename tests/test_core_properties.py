@@ -4,8 +4,9 @@ Over any generated world — racks and nodes, cordoned nodes, failed chips, stra
 deployments with random sizes, precisions, spreads and spares — and any later change of the
 desired state (scale, new precision, delete) or failure (a node stops heartbeating):
 
-* no action ever double-books a chip or puts more bytes on a chip than its SRAM (the simulated
-  world of `core_world` asserts both on every action it applies);
+* no action ever double-books a chip or puts more bytes on a chip than its SRAM — also with
+  chips that registered less SRAM than the profile (the simulated world of `core_world`
+  asserts both on every action it applies);
 * repeated reconcile reaches a fixed point (reconcile returns nothing) within a bound;
 * at the fixed point every deployment is Ready, or waits with the planner's numbers
   (Unplaceable) — and a deployment alone on a cluster that fits it is Ready.
@@ -47,11 +48,21 @@ def worlds(draw: st.DrawFn) -> World:
         chips = list(nodes[name].chips)
         chips[index] = Chip(index, chips[index].sram_bytes, ChipHealth.FAILED, "generated")
         nodes[name] = replace(nodes[name], chips=tuple(chips))
+    for name in draw(st.lists(st.sampled_from(names), max_size=2)):
+        # A chip with less SRAM than the profile plans for (a mis-registered card): a stage
+        # sized for the profile would overfill it, so it must never be placed on.
+        index = draw(st.integers(0, PROFILE.chips_per_node - 1))
+        chips = list(nodes[name].chips)
+        chips[index] = Chip(index, draw(st.integers(1 << 20, PROFILE.sram_bytes - 1)))
+        nodes[name] = replace(nodes[name], chips=tuple(chips))
     w = World(nodes)
     for i in range(draw(st.integers(0, 2))):  # stray shards a previous life left behind
         name = draw(st.sampled_from(names))
-        chip = f"{name}/chip-{draw(st.integers(0, PROFILE.chips_per_node - 1))}"
-        size = draw(st.integers(1, 4 << 20))
+        index = draw(st.integers(0, PROFILE.chips_per_node - 1))
+        chip = f"{name}/chip-{index}"
+        size = draw(st.integers(1, min(4 << 20, nodes[name].chips[index].sram_bytes)))
+        if any(h.chip == chip for h in w.held.values()):
+            continue  # one stray per chip: together they could exceed a small chip's SRAM
         w.held[(chip, f"stray-{i}")] = HeldShard(chip, f"stray-{i}", size, size, size, True)
     count = draw(st.integers(1, 3))
     for i in range(count):

@@ -209,10 +209,16 @@ class Replica:
         return tuple(chip for stage in self.stages for chip in stage.chips)
 
     def shard_for(self, chip: str) -> ShardAssignment | None:
-        for shard in self.shards:
-            if shard.chip == chip:
-                return shard
-        return None
+        return self.shard_map().get(chip)
+
+    def shard_map(self) -> dict[str, ShardAssignment]:
+        """Chip id -> its compiled shard (a 405B replica has thousands of chips: one dict,
+        built once per replica, instead of a scan per chip)."""
+        cached: dict[str, ShardAssignment] | None = self.__dict__.get("_shard_map")
+        if cached is None:
+            cached = {s.chip: s for s in self.shards}
+            object.__setattr__(self, "_shard_map", cached)
+        return cached
 
 
 @dataclass(frozen=True)
