@@ -51,7 +51,8 @@ def targets_from_records(
     """Desired state of every stored deployment, and the ones that cannot be read.
 
     One bad record must not stop the others from being reconciled: the controller marks the
-    unreadable ones Failed (reason InvalidSpec) and goes on.
+    unreadable ones Failed (reason InvalidSpec), passes their names to `reconcile(...,
+    frozen=...)` so their running replicas are left alone, and goes on.
     """
     targets: list[DeploymentTarget] = []
     bad: list[Unreadable] = []

@@ -53,7 +53,7 @@ otherwise the earliest step any replica is at (Placing, Compiling, Loading, Sync
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from orchestrator.core.actions import (
@@ -104,11 +104,18 @@ def reconcile(
     observed: Observed,
     now: float,
     settings: CoreSettings = DEFAULT_SETTINGS,
+    *,
+    frozen: Collection[str] = (),
 ) -> list[Action]:
-    """The actions that move `observed` toward `desired` at time `now` (module docstring)."""
+    """The actions that move `observed` toward `desired` at time `now` (module docstring).
+
+    Replicas of a deployment missing from `desired` are orphans and get removed — unless the
+    deployment is named in `frozen`: a stored deployment whose spec cannot be read right now
+    (`orchestrator.targets.Unreadable`) keeps serving untouched instead of being torn down.
+    """
     run = _Pass(observed, now, settings)
     actions = run.nodes()
-    names = set()
+    names = set(frozen)
     for target in sorted(desired, key=lambda t: t.name):
         names.add(target.name)
         actions += run.deployment(target)
