@@ -208,6 +208,7 @@ class ControlStore(Protocol):
     def events(
         self, deployment: str | None = None, *, after: int = 0, limit: int = 1000
     ) -> list[EventRecord]: ...
+    def prune_events(self, keep: int) -> int: ...
 
     # the reconciler's view, and store-only actions
     def observed(self, profile: ChipProfile) -> Observed: ...
@@ -437,13 +438,17 @@ class Store:
             self._depth += 1
             try:
                 yield
-            except BaseException:
+            except BaseException as exc:
                 self._depth -= 1
                 if depth == 0:
                     self._conn.execute("ROLLBACK")
                 else:
                     self._conn.execute(f"ROLLBACK TO sp{depth}")
                     self._conn.execute(f"RELEASE sp{depth}")
+                if isinstance(exc, sqlite3.IntegrityError):
+                    # A write that contradicts what is stored (a replica index taken, a plan
+                    # for a deployment deleted meanwhile): a conflict, not a crash.
+                    raise Conflict(f"the store refused a conflicting write: {exc}") from None
                 raise
             self._depth -= 1
             self._conn.execute("COMMIT" if depth == 0 else f"RELEASE sp{depth}")
@@ -950,6 +955,19 @@ class Store:
             args,
         )
         return [EventRecord(*r) for r in rows]
+
+    def prune_events(self, keep: int) -> int:
+        """Delete all but the newest `keep` events; returns how many went.
+
+        Events are an audit trail, not state: the controller prunes them periodically so a
+        flapping node cannot grow the file without bound.
+        """
+        with self.transaction():
+            cur = self._conn.execute(
+                "DELETE FROM events WHERE id <= (SELECT COALESCE(MAX(id), 0) FROM events) - ?",
+                (keep,),
+            )
+            return cur.rowcount
 
     # --- the reconciler's view ------------------------------------------------------------
 

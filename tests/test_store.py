@@ -18,6 +18,7 @@ from orchestrator.core import (
     ConditionStatus,
     ConditionType,
     HeldShard,
+    Load,
     Node,
     Phase,
     Place,
@@ -335,3 +336,32 @@ def test_1305_nodes_of_8_chips_register_and_query_quickly(tmp_path: Path) -> Non
             f"list all + indexed chip queries {query * 1e3:.0f} ms"
         )
         assert register < 10.0 and beat < 2.0 and query < 5.0
+
+
+def test_conflicting_writes_are_conflicts_and_events_are_pruned(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        w = World(make_nodes(2, 3))
+        w.targets["a"] = target("a")
+        place = next(
+            a
+            for a in reconcile(list(w.targets.values()), w.observed(), 1.0)
+            if isinstance(a, Place)
+        )
+        with pytest.raises(Conflict, match="conflicting write"):
+            store.record(place, 1.0)  # its deployment was never applied: nothing is stored
+        assert store.replicas() == [] and store.plans("a") == []
+        store.apply_deployment("a", MANIFEST, now=1.0)
+        assert store.record(place, 1.0)
+        with pytest.raises(Conflict):
+            store.record(place, 2.0)  # the same replica index twice
+        assert len(store.replicas("a")) == 1 and len(store.plans("a")) == 1
+        assert not store.record(Load("a", 0, "n", "x:1", "n/chip-0", 0, "sid", 1), 1.0)
+        for i in range(10):
+            store.add_event(float(i), "Normal", "R", f"m{i}", deployment="a")
+        assert store.prune_events(keep=3) == 7
+        assert [e.message for e in store.events("a")] == ["m7", "m8", "m9"]
+
+
+def test_an_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="cannot open the store"):
+        Store(tmp_path / "no" / "such" / "dir" / "s.db")
