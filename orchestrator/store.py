@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.core.actions import (
     Action,
+    BumpEpoch,
     DeleteDeployment,
     ForgetReplica,
     MarkNodeNotReady,
@@ -990,7 +991,7 @@ class Store:
         """Carry out an action whose whole effect is in the store; False for the others.
 
         Store-only: Place (the plan and the new replicas, together), SetPhase, SetCondition,
-        RecordEvent, MarkNodeNotReady/Ready, RemoveReplica (marks it removing — the
+        RecordEvent, MarkNodeNotReady/Ready, BumpEpoch, RemoveReplica (marks it removing — the
         controller first asks the agents to drop the stages), ForgetReplica,
         DeleteDeployment. Compile, Load, Unload, Configure and StartEpoch need agents or the
         compiler; their results are recorded with the specific methods.
@@ -1028,6 +1029,8 @@ class Store:
                 self.set_node_ready(action.node, True)
             elif isinstance(action, RemoveReplica):
                 self.mark_replica_removing(action.deployment, action.replica)
+            elif isinstance(action, BumpEpoch):
+                self.set_replica_epochs(action.deployment, action.replica, epoch=action.epoch)
             elif isinstance(action, ForgetReplica):
                 self.forget_replica(action.deployment, action.replica)
             elif isinstance(action, DeleteDeployment):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from orchestrator.core import (
     Action,
+    BumpEpoch,
     Chip,
     ChipHealth,
     Compile,
@@ -253,6 +254,11 @@ class World:
         self.replicas[(a.deployment, a.replica)] = replace(
             r, running_epoch=a.epoch, failures=0, last_error=""
         )
+
+    def _on_BumpEpoch(self, a: BumpEpoch) -> None:
+        r = self.replicas[(a.deployment, a.replica)]
+        assert a.epoch > r.epoch
+        self.replicas[(a.deployment, a.replica)] = replace(r, epoch=a.epoch)
 
     def _on_RemoveReplica(self, a: RemoveReplica) -> None:
         r = self.replicas[(a.deployment, a.replica)]

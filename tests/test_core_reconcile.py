@@ -329,6 +329,25 @@ def test_orphaned_replicas_are_removed() -> None:
     assert w.replicas == {} and w.held == {}
 
 
+def test_a_replica_that_lost_a_shard_resynchronizes_at_a_new_epoch() -> None:
+    w = world()
+    w.targets["a"] = target("a", replicas=2)
+    w.run()
+    r0 = w.replicas[("a", 0)]
+    gone = r0.shards[1]
+    del w.held[(gone.chip, gone.shard_id)]  # its agent restarted: the chip came back empty
+    w.log.clear()
+    w.step()
+    assert w.status("a").phase is Phase.DEGRADED and w.status("a").ready_replicas == 1
+    w.run()
+    assert w.status("a").phase is Phase.READY
+    assert w.replicas[("a", 0)].epoch == 1 and w.replicas[("a", 1)].epoch == 0
+    loads = [a for a in w.log if isinstance(a, Load)]
+    assert [(a.chip, a.shard_id) for a in loads] == [(gone.chip, gone.shard_id)]
+    configures = [(a.replica, a.epoch) for a in w.log if isinstance(a, Configure)]
+    assert configures == [(0, 1)]
+
+
 def test_frozen_deployments_keep_their_replicas() -> None:
     w = world()
     w.targets["a"] = target("a")

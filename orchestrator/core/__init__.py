@@ -9,6 +9,7 @@ planner sees) and `reconcile` (the rules).
 
 from orchestrator.core.actions import (
     Action,
+    BumpEpoch,
     Compile,
     Configure,
     DeleteDeployment,
@@ -51,6 +52,7 @@ from orchestrator.core.reconcile import loading_progress, reconcile, replica_pla
 
 __all__ = [
     "Action",
+    "BumpEpoch",
     "Chip",
     "ChipHealth",
     "ClusterView",

@@ -121,6 +121,22 @@ class StartEpoch:
 
 
 @dataclass(frozen=True)
+class BumpEpoch:
+    """A replica that ran (or was configured) lost a shard — an agent restarted, a chip came
+    back empty: once reloaded it must resynchronize at a new epoch, never resume the old one.
+    Store-only: the next passes reload, Configure and StartEpoch at `epoch`."""
+
+    deployment: str
+    replica: int
+    epoch: int
+    reason: str
+
+    @property
+    def key(self) -> str:
+        return f"epoch/{self.deployment}/{self.replica}/{self.epoch}"
+
+
+@dataclass(frozen=True)
 class RemoveReplica:
     """Drop a replica's stages on its agents (if reachable) and mark it removing.
 
@@ -229,6 +245,7 @@ Action = (
     | Unload
     | Configure
     | StartEpoch
+    | BumpEpoch
     | RemoveReplica
     | ForgetReplica
     | SetPhase

@@ -30,8 +30,10 @@ One pass, in order:
      the deployment holds. When a new replica is ready, an old one is removed.
    * **Bring-up** of each replica, one step per pass: Compile → Load (every chip whose shard is
      not committed and not in flight, when the chip's free SRAM holds it) → Configure →
-     StartEpoch. A failed step (recorded by the controller as `failures`) is retried after an
-     exponential backoff (`backoffSeconds` × 2^(failures−1), capped); past `maxRestarts`
+     StartEpoch. A replica that was configured or running and finds a shard missing (its
+     agent restarted) moves to a new epoch (`BumpEpoch`) and comes back through the same
+     steps: a pipeline never resumes an epoch some of its chips forgot. A failed step
+     (recorded by the controller as `failures`) is retried after an exponential backoff (`backoffSeconds` × 2^(failures−1), capped); past `maxRestarts`
      failures the deployment is Failed.
    * **Placement** plans against free chips only (`orchestrator.core.cluster`): chips of any
      replica, holding any shard, cordoned, failed or on NotReady nodes are excluded, and spares
@@ -58,6 +60,7 @@ from dataclasses import dataclass, field, replace
 
 from orchestrator.core.actions import (
     Action,
+    BumpEpoch,
     Compile,
     Configure,
     DeleteDeployment,
@@ -501,6 +504,18 @@ class _Pass:
             return step
         if len(committed) < len(chips):
             step.phase = Phase.LOADING
+            if replica.epoch in (replica.configured_epoch, replica.running_epoch):
+                lost = len(chips) - len(committed)
+                why = f"{lost} chip(s) lost their shard; reloading, then epoch {replica.epoch + 1}"
+                step.actions.append(BumpEpoch(target.name, replica.index, replica.epoch + 1, why))
+                step.actions.append(
+                    self.event(
+                        "Resynchronizing",
+                        f"replica {replica.index}: {why}",
+                        deployment=target.name,
+                        kind=WARNING,
+                    )
+                )
             for chip in chips:
                 if chip not in committed:
                     self.load(replica, chip, step)
