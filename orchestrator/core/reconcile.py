@@ -33,8 +33,9 @@ One pass, in order:
      StartEpoch. A replica that was configured or running and finds a shard missing (its
      agent restarted) moves to a new epoch (`BumpEpoch`) and comes back through the same
      steps: a pipeline never resumes an epoch some of its chips forgot. A failed step
-     (recorded by the controller as `failures`) is retried after an exponential backoff (`backoffSeconds` × 2^(failures−1), capped); past `maxRestarts`
-     failures the deployment is Failed.
+     (recorded by the controller as `failures`) is retried after an exponential backoff
+     (`backoffSeconds` × 2^(failures−1), capped); past `maxRestarts` failures the
+     deployment is Failed.
    * **Placement** plans against free chips only (`orchestrator.core.cluster`): chips of any
      replica, holding any shard, cordoned, failed or on NotReady nodes are excluded, and spares
      are kept. With `spread: rack` a new replica avoids the racks the deployment's other
