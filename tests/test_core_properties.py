@@ -120,7 +120,8 @@ def test_converges_without_double_booking_or_overfilling(w: World) -> None:
     worlds(),
     st.lists(
         st.tuples(
-            st.sampled_from(["scale", "precision", "delete", "node-dies"]), st.integers(0, 5)
+            st.sampled_from(["scale", "precision", "delete", "node-dies", "agent-restarts"]),
+            st.integers(0, 5),
         ),
         min_size=1,
         max_size=3,
@@ -130,7 +131,10 @@ def test_converges_again_after_changes(w: World, changes: list[tuple[str, int]])
     w.run(passes=80)
     for kind, n in changes:
         names = sorted(w.targets)
-        if kind == "node-dies":
+        if kind == "agent-restarts":  # alive, but every chip of the node comes back empty
+            node = sorted(w.nodes)[n % len(w.nodes)]
+            w.held = {k: h for k, h in w.held.items() if not h.chip.startswith(node + "/")}
+        elif kind == "node-dies":
             node = sorted(w.nodes)[n % len(w.nodes)]
             w.silent.add(node)
             w.now += 5.0
