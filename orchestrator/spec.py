@@ -62,13 +62,13 @@ from orchestrator.safe_yaml import (
     SpecError,
     as_bytes,
     clip,
-    format_path,
     load_yaml_bytes,
     plain_data,
     read_capped_file,
     show_value,
 )
 from placement.errors import InputError
+from placement.errors import field_path as format_path
 from placement.models import ModelConfig, model_from_hf_config, model_preset, preset_names
 
 __all__ = [
