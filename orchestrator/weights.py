@@ -39,7 +39,7 @@ from safetensors import SafetensorError, safe_open
 
 from orchestrator.shard_store import atomic_file, read_safetensors_header, write_safetensors
 from placement.errors import InputError
-from placement.models import ModelConfig, model_from_hf_config
+from placement.models import ModelConfig, model_from_hf_config, to_hf_config
 from shardformat.codec import STORAGE_DTYPES, TensorEntry, decode_f32
 from shardformat.errors import ExecutionError
 from shardformat.layout import TensorSlice, checkpoint_tensor_shapes
@@ -90,6 +90,8 @@ def _init_std(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> float:
         return 0.05
     if name == "model.embed_tokens.weight":
         return 1.0
+    if name.endswith(".bias"):
+        return 0.02
     fan_in = shape[1]
     if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
         return 1.0 / float(np.sqrt(fan_in * 2 * cfg.num_hidden_layers))
@@ -181,18 +183,14 @@ class SeededWeights(Mapping[str, np.ndarray]):
 
 
 def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """The `config.json` of `cfg` as Hugging Face writes it."""
-    moe = cfg.is_moe
-    out: dict[str, Any] = {
-        "architectures": ["MixtralForCausalLM" if moe else "LlamaForCausalLM"],
-        "model_type": "mixtral" if moe else "llama",
-        "hidden_act": "silu",
-        "torch_dtype": _TORCH_DTYPES[dtype],
-    }
-    out |= {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "name"}
-    if not moe:
-        del out["num_local_experts"], out["num_experts_per_tok"]
-    return out
+    """The `config.json` of `cfg` as transformers 5.x writes it (`placement.models.to_hf_config`:
+    the architecture its flags imply, `rope_parameters`), with the weights' dtype under both
+    the 5.x key `dtype` and the 4.x key `torch_dtype`."""
+    try:
+        out = to_hf_config(cfg)
+    except ValueError as exc:
+        raise InputError(str(exc), field="model") from None
+    return out | {"dtype": _TORCH_DTYPES[dtype], "torch_dtype": _TORCH_DTYPES[dtype]}
 
 
 @dataclass(frozen=True)
