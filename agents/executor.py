@@ -66,6 +66,7 @@ from shardformat.layout import (
     whole_layout,
 )
 from shardformat.manifest import MANIFEST_KEY, Manifest
+from shardformat.precision import QUANTIZED_DTYPES, dequantize, scale_name
 
 CHUNKED_LOGITS_RTOL = 1e-4
 """Bound on max |Δlogit| / max |logit| between a chunked or TP plan and the whole-model
@@ -473,7 +474,8 @@ def load_stage_program(manifest: Manifest, tensors: Mapping[str, np.ndarray]) ->
     """Build a chip's program from its (parsed, checked) manifest and tensors (views into the
     shard).
 
-    F32 tensors are used in place; F16/BF16 ones are widened to float32 once, here.
+    F32 tensors are used in place; F16/BF16 ones are widened to float32 once, here; I8 and
+    F8_E4M3 matrices are dequantized with their per-row scales (`shardformat.precision`).
     """
     if manifest.virtual:
         raise ExecutionError(
@@ -494,7 +496,13 @@ def load_stage_program(manifest: Manifest, tensors: Mapping[str, np.ndarray]) ->
             raise ExecutionError(
                 f"shard tensor {ts.name} has shape {list(raw.shape)}, its op needs {list(expected)}"
             )
-        return decode_f32(raw, table[ts.name].dtype)
+        dtype = table[ts.name].dtype
+        if dtype not in QUANTIZED_DTYPES:
+            return decode_f32(raw, dtype)
+        scales = scale_name(ts.name)
+        if scales not in tensors or scales not in table or table[scales].dtype != "F32":
+            raise ExecutionError(f"shard lacks the F32 row scales {scales} of {ts.name}")
+        return dequantize(raw, dtype, np.asarray(tensors[scales]))
 
     rank, size = manifest.tp_rank, manifest.tp_size
     rope = model_rope_table(cfg, serving.max_context)
