@@ -67,6 +67,7 @@ from shardformat.layout import (
 )
 from shardformat.manifest import MANIFEST_KEY, Manifest
 from shardformat.precision import QUANTIZED_DTYPES, dequantize, scale_name
+from shardformat.text import TextSpec
 
 CHUNKED_LOGITS_RTOL = 1e-4
 """Bound on max |Δlogit| / max |logit| between a chunked or TP plan and the whole-model
@@ -420,6 +421,7 @@ class StageProgram:
     tp_size: int
     serving: Serving
     pieces: list[_Piece] = field(repr=False)
+    text: TextSpec | None = field(default=None, repr=False)  # stage 0: tokenizer, EOS ids
 
     @property
     def specs(self) -> list[PieceSpec]:
@@ -539,9 +541,12 @@ def verify_shard_tensors(manifest: Manifest, tensors: Mapping[str, np.ndarray]) 
 
 
 def load_shard(blob: bytes | bytearray | memoryview | Any) -> StageProgram:
-    """`load_stage_program` of a shard blob, zero-copy for F32 weights."""
+    """`load_stage_program` of a shard blob, zero-copy for F32 weights, with the tokenizer a
+    stage-0 blob carries (`shardformat.text`)."""
     manifest, view = read_shard(blob)
-    return load_stage_program(manifest, view.tensors)
+    program = load_stage_program(manifest, view.tensors)
+    program.text = TextSpec.from_metadata(view.metadata)
+    return program
 
 
 # --- reference executor ------------------------------------------------------------------

@@ -30,7 +30,13 @@ from typing import Any
 import numpy as np
 
 from orchestrator.shard_store import ShardStore, StoredBlob, canonical_json
-from orchestrator.weights import PRECISION_DTYPES, SeededWeights, WeightSource, open_checkpoint
+from orchestrator.weights import (
+    PRECISION_DTYPES,
+    SeededWeights,
+    WeightSource,
+    open_checkpoint,
+    read_text_spec,
+)
 from placement.errors import InputError
 from placement.models import PRECISION_BYTES, ModelConfig, build_ops
 from placement.plan import Plan, StagePlan
@@ -50,6 +56,7 @@ from shardformat.precision import (
     scale_name,
     storage_dtype,
 )
+from shardformat.text import TextSpec
 
 VIRTUAL_AUTO_BYTES = 1 << 30
 """Seeded models larger than this compile to virtual shards unless told otherwise."""
@@ -111,24 +118,31 @@ def compile_plan(
     store_dir: str | Path,
     *,
     virtual: bool | None = None,
+    text: TextSpec | None = None,
 ) -> list[ShardRef]:
     """Compile every chip's shard of `plan` into the store at `store_dir`.
 
     `virtual` None decides by size: a seeded model above `VIRTUAL_AUTO_BYTES` at the plan's
     precision compiles manifest-only shards; a checkpoint always compiles real ones.
+    `text` (else a checkpoint directory's tokenizer.json, `read_text_spec`) goes into stage
+    0's real shards (`shardformat.text`), for text in and out of Generate.
     Raises `InputError` when the plan does not belong to the model or the weights do not fit it.
     """
     check_plan(plan, model_cfg)
     store = ShardStore(store_dir)
     if virtual is None:
         virtual = _auto_virtual(plan, model_cfg, source)
+    if text is None and not virtual and isinstance(source, (str, os.PathLike)):
+        text = read_text_spec(source, model_cfg)
     with contextlib.ExitStack() as stack:
         weights = None if virtual else _open_source(source, model_cfg, plan.precision, stack)
         built: dict[str, StoredBlob] = {}
         refs = []
         for stage in plan.stages:
             for rank, chip in enumerate(stage.chips):
-                shard = ShardProgram.build(plan, model_cfg, stage, rank, weights)
+                shard = ShardProgram.build(
+                    plan, model_cfg, stage, rank, weights, text if stage.index == 0 else None
+                )
                 check_sram(plan, model_cfg, stage, rank, shard)
                 blob = built.get(shard.recipe) or store.lookup(shard.recipe) or shard.write(store)
                 built[shard.recipe] = blob
@@ -281,10 +295,17 @@ class ShardProgram:
     entries: tuple[TensorEntry, ...]
     weights: WeightSource | None
     recipe: str
+    text: TextSpec | None = None  # stage 0: the tokenizer and EOS ids, in the blob's metadata
 
     @classmethod
     def build(
-        cls, plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weights: WeightSource | None
+        cls,
+        plan: Plan,
+        cfg: ModelConfig,
+        stage: StagePlan,
+        rank: int,
+        weights: WeightSource | None,
+        text: TextSpec | None = None,
     ) -> ShardProgram:
         specs = stage_pieces(cfg, stage.first, stage.last, len(stage.chips))
         slices = _rank_slices(cfg, specs, rank)
@@ -322,10 +343,12 @@ class ShardProgram:
             weight_bytes=sum(e.nbytes for e in entries),
         )
         source = weights.fingerprint() if weights else {"kind": "virtual"}
-        recipe = hashlib.sha256(
-            canonical_json({"program": manifest.to_dict(), "source": source}).encode("ascii")
-        ).hexdigest()
-        return cls(manifest, slices, scales, tuple(entries), weights, recipe)
+        text = text if weights is not None else None
+        recipe_of: dict[str, Any] = {"program": manifest.to_dict(), "source": source}
+        if text is not None:
+            recipe_of["text"] = hashlib.sha256(canonical_json(text.metadata()).encode()).hexdigest()
+        recipe = hashlib.sha256(canonical_json(recipe_of).encode("ascii")).hexdigest()
+        return cls(manifest, slices, scales, tuple(entries), weights, recipe, text)
 
     def manifest_with(self, digests: dict[str, str] | None) -> Manifest:
         return self.manifest.with_digests(digests)
@@ -343,7 +366,8 @@ class ShardProgram:
                 return converter.scales(self.slices[self.scales[entry.name]], dtypes)
             return converter.stored(self.slices[entry.name], entry.dtype, dtypes)
 
-        return store.put(self.entries, lambda d: self.manifest_with(dict(d)), produce)
+        extra = self.text.metadata() if self.text is not None else None
+        return store.put(self.entries, lambda d: self.manifest_with(dict(d)), produce, extra)
 
 
 class _Converter:
