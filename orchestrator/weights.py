@@ -518,6 +518,6 @@ def read_text_spec(directory: str | os.PathLike[str], cfg: ModelConfig) -> TextS
 
 def tiny_text_spec() -> TextSpec:
     """The tiny example model's tokenizer (orchestrator/data/tiny-llama-tokenizer.json, a
-    1024-token byte-level BPE; `</s>`, id 2, ends a sequence)."""
+    4096-token byte-level BPE; `</s>`, id 2, ends a sequence)."""
     path = Path(__file__).parent / "data" / "tiny-llama-tokenizer.json"
     return TextSpec(path.read_text(encoding="utf-8"), (2,))

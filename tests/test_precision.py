@@ -284,3 +284,28 @@ def test_a_tied_lm_head_is_charged_its_copy_of_the_embedding() -> None:
     assert ops[-1].kind == "lm_head"
     assert ops[-1].param_bytes == cfg.vocab_size * cfg.hidden_size * 2
     assert cfg.parameter_count() == load_case("llama-tied-bias")[1]["num_parameters"]
+
+
+def test_executor_bench_reports_rates_and_errors() -> None:
+    """`python -m bench.executor`: its last line is one JSON object with a rate and an error
+    for every architecture and precision, and the text demo."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.executor", "--tokens", "2", "--repeats", "1"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(summary["results"]) >= {"qwen3", "mixtral", "mistral-window", "tiny-llama"}
+    for rows in summary["results"].values():
+        assert set(rows) == set(PRECISIONS) and all(r["tokens_per_s"] > 0 for r in rows.values())
+        assert rows["fp16"]["max_rel_logit_error"] == 0.0
+    for precision, worst in summary["worst_rel_logit_error_vs_fp16"].items():
+        assert 0 < worst <= ERROR_BOUNDS[precision]
+    assert summary["text_demo"]["tokens"] and summary["text_demo"]["prompt_ids"]

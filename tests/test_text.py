@@ -2,7 +2,7 @@
 
 Generate with `prompt_text` encodes through it, streams the text each token adds, and stops
 on the model's EOS ids (generation_config.json, else config.json). The tiny example model
-ships a 1024-token byte-level BPE (orchestrator/data/tiny-llama-tokenizer.json).
+ships a 4096-token byte-level BPE (orchestrator/data/tiny-llama-tokenizer.json).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path: Path) -> No
     small = ModelConfig("small", 512, 64, 96, 1, 4, 2)
     files = write_checkpoint(small, tmp_path / "small", 1)
     (files.directory / "tokenizer.json").write_text(tiny_text_spec().tokenizer_json)
-    with pytest.raises(InputError, match="1024 tokens, the model's vocabulary 512"):
+    with pytest.raises(InputError, match="4096 tokens, the model's vocabulary 512"):
         read_text_spec(files.directory, small)
 
 
