@@ -192,20 +192,28 @@ PIPELINE_CASES = (
 )
 
 
-@pytest.mark.parametrize("name", PIPELINE_CASES)
-@pytest.mark.parametrize("sram_kib", [96, 48])
-def test_compiled_pipeline_matches_transformers(name: str, sram_kib: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "sram_kib", "tp"),
+    [(name, kib, None) for name in PIPELINE_CASES for kib in (96, 48)]
+    + [("llama-tied-bias", 48, 2), ("qwen2", 48, 2), ("mixtral", 96, 2)],
+)
+def test_compiled_pipeline_matches_transformers(
+    name: str, sram_kib: int, tp: int | None, tmp_path: Path
+) -> None:
     """Config file -> plan -> shards compiled from a checkpoint -> stage programs in a chain.
 
     96 KiB chips cut these models into 2 to 5 stages (chunk cuts inside ops included); 48 KiB
-    chips add TP 2. The rope scaling reaches every stage through its shard manifest.
+    chips add TP 2 for most (forced for the biased models, where the planner prefers more
+    stages). The rope scaling, biases, q/k norms and windows reach every stage through its
+    shard manifest; each attention piece keeps the KV positions the plan charged for it.
     """
     cfg, golden = load_case(name)
     topo = topology_from_dict(
         {"profile": {"base": "dev", "sram_bytes": sram_kib << 10}, "racks": 1}, source="t"
     )
-    plan = make_plan(PlanRequest(name, cfg, "fp16", 1, 32, 1, spares_per_rack=0), topo)
-    assert plan.pipeline_stages >= 2
+    request = PlanRequest(name, cfg, "fp16", 1, 32, 1, tensor_parallel=tp, spares_per_rack=0)
+    plan = make_plan(request, topo)
+    assert plan.pipeline_stages >= 2 and (tp is None or plan.tensor_parallel == tp)
     refs = compile_plan(plan, cfg, checkpoint_dir(name, golden, tmp_path), tmp_path / "store")
     ops = build_ops(cfg, plan.precision)
     stages: list[Stepper] = []

@@ -309,3 +309,26 @@ def test_executor_bench_reports_rates_and_errors() -> None:
     for precision, worst in summary["worst_rel_logit_error_vs_fp16"].items():
         assert 0 < worst <= ERROR_BOUNDS[precision]
     assert summary["text_demo"]["tokens"] and summary["text_demo"]["prompt_ids"]
+
+
+def test_a_quantized_shard_without_its_scales_does_not_load(tmp_path: Path) -> None:
+    from agents.executor import load_stage_program
+
+    cfg, golden = load_case("qwen2")
+    write_checkpoint_dir("qwen2", golden, tmp_path / "ckpt", "F32")
+    plan = small_plan("qwen2", cfg, "fp8", 96)
+    refs = compile_plan(plan, cfg, tmp_path / "ckpt", tmp_path / "store")
+    manifest, view = read_shard(refs[0].path.read_bytes())
+    tensors = dict(view.tensors)
+    scale = next(name for name in tensors if name.endswith("_scale"))
+    del tensors[scale]
+    with pytest.raises(ExecutionError, match="row scales"):
+        load_stage_program(manifest, tensors)
+    tensors[scale] = view.tensors[scale][:-1]
+    with pytest.raises(ExecutionError, match="do not fit"):
+        load_stage_program(manifest, tensors)
+    matrix = scale[: -len("_scale")]
+    tensors = dict(view.tensors)
+    tensors[matrix] = np.full_like(view.tensors[matrix], 0x7F)  # the e4m3 NaN code
+    with pytest.raises(ExecutionError, match="NaN"):
+        load_stage_program(manifest, tensors)
