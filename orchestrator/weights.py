@@ -73,8 +73,9 @@ def precision_dtype(precision: str) -> str:
     """The safetensors dtype weights of `precision` are stored in."""
     if precision not in PRECISION_DTYPES:
         raise InputError(
-            f"precision {precision!r} has no unquantized storage dtype; real weights exist for "
-            f"{', '.join(PRECISION_DTYPES)} (int8/fp8 deployments compile virtual shards)",
+            f"precision {precision!r} has no unquantized storage dtype; checkpoints are written "
+            f"in {', '.join(PRECISION_DTYPES)} (int8/fp8 shards are quantized from them on "
+            "compile)",
             field="precision",
         )
     return PRECISION_DTYPES[precision]
