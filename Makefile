@@ -23,6 +23,7 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 run: $(RUNTIME_STAMP)
 	$(BIN)/lpuctl plan -f manifests/examples/tiny-llama.yaml --svg rack-map.svg
 	@echo "rack map written to rack-map.svg"
+	$(BIN)/python -m bench.executor --text-only
 
 ## test: ruff, the import-linter layer contracts, mypy on the pure core, pytest
 test: $(DEV_STAMP)
@@ -42,6 +43,7 @@ bench: $(RUNTIME_STAMP)
 	$(BIN)/python -m bench.placement
 	$(BIN)/python -m bench.shard_load
 	$(BIN)/python -m bench.lockstep
+	$(BIN)/python -m bench.executor
 
 ## protos: regenerate protos/*_pb2*.py with the pinned grpcio-tools (a test fails when stale)
 protos: $(DEV_STAMP)

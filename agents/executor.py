@@ -44,6 +44,7 @@ from agents.kernels import (
     mlp_partial,
     model_rope_table,
     rms_norm,
+    rms_norm_rows,
     route,
 )
 from agents.sampling import GREEDY, Generation, Request, Sampling, generate
@@ -65,6 +66,8 @@ from shardformat.layout import (
     whole_layout,
 )
 from shardformat.manifest import MANIFEST_KEY, Manifest
+from shardformat.precision import QUANTIZED_DTYPES, dequantize, scale_name
+from shardformat.text import TextSpec
 
 CHUNKED_LOGITS_RTOL = 1e-4
 """Bound on max |Δlogit| / max |logit| between a chunked or TP plan and the whole-model
@@ -87,42 +90,74 @@ TensorGetter = Callable[[TensorSlice], np.ndarray]
 
 
 class _AttentionPart:
-    """One rank's KV heads of one layer's attention, with their KV cache."""
+    """One rank's KV heads of one layer's attention, with their KV cache.
+
+    Biases (Qwen2 q/k/v, Llama `attention_bias`) are added to the projections as transformers'
+    `nn.Linear` does; Qwen3's q/k norms run per head before rotation. A layer with a sliding
+    window keeps `min(window, max_context)` positions per slot in a ring (position p at row
+    p % size), the KV cache the plan charges (`Op.cached_positions`); a row at position p
+    attends to positions p - window + 1 … p in position order, as transformers' mask allows.
+    """
 
     def __init__(
         self,
         cfg: ModelConfig,
+        layer: int,
         weights: dict[str, np.ndarray],
         kv_heads: int,
         serving: Serving,
         rope: tuple[np.ndarray, np.ndarray],
     ) -> None:
         self.norm = weights["norm"]
+        self.o_bias = weights.get("o_bias")
+        self.q_norm, self.k_norm = weights.get("q_norm"), weights.get("k_norm")
+        self.eps = cfg.rms_norm_eps
         self.kv_heads = kv_heads
         self.head_dim = cfg.head_dim
         self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.scale = F32(1.0 / np.sqrt(cfg.head_dim))
         self.cos, self.sin = rope
+        window = cfg.window_of_layer(layer)
+        self.window = window if window and window < serving.max_context else 0
+        self.positions = self.window or serving.max_context
         if kv_heads:
             self.wq, self.wk, self.wv, self.wo = (weights[r] for r in ("q", "k", "v", "o"))
-            shape = (serving.max_batch, kv_heads, serving.max_context, cfg.head_dim)
+            self.bq, self.bk, self.bv = (weights.get(r + "_bias") for r in ("q", "k", "v"))
+            shape = (serving.max_batch, kv_heads, self.positions, cfg.head_dim)
             self.cache_k = np.zeros(shape, F32)
             self.cache_v = np.zeros(shape, F32)
+
+    def _project(self, weight: np.ndarray, bias: np.ndarray | None, xn: np.ndarray) -> np.ndarray:
+        out = matvec(weight, xn)
+        return (out if bias is None else out + bias).reshape(-1, self.head_dim)
+
+    def _cached(self, cache: np.ndarray, slot: int, j: int, pos: int) -> np.ndarray:
+        """KV head j's cached rows of positions max(0, pos - window + 1) … pos, in order."""
+        if not self.window or pos < self.window:
+            return cache[slot, j, : pos + 1]
+        cut = (pos + 1) % self.window
+        return np.concatenate([cache[slot, j, cut:], cache[slot, j, :cut]])
 
     def partial(self, xn: np.ndarray, slot: int, pos: int) -> np.ndarray | None:
         if not self.kv_heads:
             return None
-        hd, g = self.head_dim, self.group
+        g = self.group
         cos, sin = self.cos[pos], self.sin[pos]
-        q = apply_rope(matvec(self.wq, xn).reshape(-1, hd), cos, sin)
-        self.cache_k[slot, :, pos] = apply_rope(matvec(self.wk, xn).reshape(-1, hd), cos, sin)
-        self.cache_v[slot, :, pos] = matvec(self.wv, xn).reshape(-1, hd)
+        q = self._project(self.wq, self.bq, xn)
+        k = self._project(self.wk, self.bk, xn)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = rms_norm_rows(q, self.q_norm, self.eps)
+            k = rms_norm_rows(k, self.k_norm, self.eps)
+        q = apply_rope(q, cos, sin)
+        row = pos % self.window if self.window else pos
+        self.cache_k[slot, :, row] = apply_rope(k, cos, sin)
+        self.cache_v[slot, :, row] = self._project(self.wv, self.bv, xn)
         out = np.empty_like(q)
         for j in range(self.kv_heads):
             out[j * g : (j + 1) * g] = attend(
                 q[j * g : (j + 1) * g],
-                self.cache_k[slot, j, : pos + 1],
-                self.cache_v[slot, j, : pos + 1],
+                self._cached(self.cache_k, slot, j, pos),
+                self._cached(self.cache_v, slot, j, pos),
                 self.scale,
             )
         return matvec(self.wo, out.reshape(-1))
@@ -175,7 +210,7 @@ def _build_part(
     weights = {role: get(ts) for role, ts in piece_tensors(cfg, spec, rank).items()}
     a, b = spec.ranks[rank]
     if spec.kind == ATTENTION:
-        return _AttentionPart(cfg, weights, b - a, serving, rope)
+        return _AttentionPart(cfg, spec.layer, weights, b - a, serving, rope)
     if spec.kind in (MLP, EXPERT):
         return _MlpPart(weights)
     if spec.kind == EMBEDDING:
@@ -233,6 +268,9 @@ def _run_attention(piece: _Piece, act: Activation, cfg: ModelConfig) -> None:
         if total is not None:
             partial[i] += total
     if piece.spec.ends_op:
+        o_bias = piece.parts[0].o_bias
+        if o_bias is not None:  # once per op, after every head's share: W·x + b
+            act.partial = partial + o_bias
         _close_partial(act)
 
 
@@ -383,6 +421,7 @@ class StageProgram:
     tp_size: int
     serving: Serving
     pieces: list[_Piece] = field(repr=False)
+    text: TextSpec | None = field(default=None, repr=False)  # stage 0: tokenizer, EOS ids
 
     @property
     def specs(self) -> list[PieceSpec]:
@@ -437,7 +476,8 @@ def load_stage_program(manifest: Manifest, tensors: Mapping[str, np.ndarray]) ->
     """Build a chip's program from its (parsed, checked) manifest and tensors (views into the
     shard).
 
-    F32 tensors are used in place; F16/BF16 ones are widened to float32 once, here.
+    F32 tensors are used in place; F16/BF16 ones are widened to float32 once, here; I8 and
+    F8_E4M3 matrices are dequantized with their per-row scales (`shardformat.precision`).
     """
     if manifest.virtual:
         raise ExecutionError(
@@ -458,7 +498,13 @@ def load_stage_program(manifest: Manifest, tensors: Mapping[str, np.ndarray]) ->
             raise ExecutionError(
                 f"shard tensor {ts.name} has shape {list(raw.shape)}, its op needs {list(expected)}"
             )
-        return decode_f32(raw, table[ts.name].dtype)
+        dtype = table[ts.name].dtype
+        if dtype not in QUANTIZED_DTYPES:
+            return decode_f32(raw, dtype)
+        scales = scale_name(ts.name)
+        if scales not in tensors or scales not in table or table[scales].dtype != "F32":
+            raise ExecutionError(f"shard lacks the F32 row scales {scales} of {ts.name}")
+        return dequantize(raw, dtype, np.asarray(tensors[scales]))
 
     rank, size = manifest.tp_rank, manifest.tp_size
     rope = model_rope_table(cfg, serving.max_context)
@@ -495,9 +541,12 @@ def verify_shard_tensors(manifest: Manifest, tensors: Mapping[str, np.ndarray]) 
 
 
 def load_shard(blob: bytes | bytearray | memoryview | Any) -> StageProgram:
-    """`load_stage_program` of a shard blob, zero-copy for F32 weights."""
+    """`load_stage_program` of a shard blob, zero-copy for F32 weights, with the tokenizer a
+    stage-0 blob carries (`shardformat.text`)."""
     manifest, view = read_shard(blob)
-    return load_stage_program(manifest, view.tensors)
+    program = load_stage_program(manifest, view.tensors)
+    program.text = TextSpec.from_metadata(view.metadata)
+    return program
 
 
 # --- reference executor ------------------------------------------------------------------

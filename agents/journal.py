@@ -20,7 +20,7 @@ Admission order is submission order; request ids are unique among live requests.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 
@@ -80,14 +80,23 @@ class TokenEvent:
 
 class Journal:
     def __init__(
-        self, slots: int, max_context: int, queue_limit: int, eos_token_id: int | None = None
+        self,
+        slots: int,
+        max_context: int,
+        queue_limit: int,
+        eos_token_id: int | Collection[int] | None = None,
     ) -> None:
         if slots < 1 or max_context < 2 or queue_limit < 0:
             raise ValueError("slots >= 1, max_context >= 2, queue_limit >= 0")
         self.slots = slots
         self.max_context = max_context
         self.queue_limit = queue_limit
-        self.eos_token_id = eos_token_id
+        # A sequence ends after emitting any of these (a model may have several EOS ids).
+        self.eos_token_ids: frozenset[int] = (
+            frozenset()
+            if eos_token_id is None
+            else frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+        )
         self._queue: deque[Entry] = deque()
         self._by_slot: dict[int, Entry] = {}
         self._live: dict[str, Entry] = {}
@@ -180,7 +189,7 @@ class Journal:
             raise JournalError(f"a token arrived for slot {slot}, which awaits none")
         entry.awaiting = False
         entry.tokens.append(token)
-        done = len(entry.tokens) >= entry.max_tokens or token == self.eos_token_id
+        done = len(entry.tokens) >= entry.max_tokens or token in self.eos_token_ids
         if done:
             entry.finished = True
             del self._by_slot[slot]

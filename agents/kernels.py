@@ -45,6 +45,14 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
+def rms_norm_rows(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """`rms_norm` of every row of `x [rows, dim]` (Qwen3's q/k norm per head), row by row."""
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = rms_norm(x[i], weight, eps)
+    return out
+
+
 def rope_inv_freq(head_dim: int, theta: float, rope: RopeScaling | None = None) -> np.ndarray:
     """Inverse frequencies `[head_dim / 2]` (float64) of a position-independent rope type.
 

@@ -51,10 +51,12 @@ from agents.sampling import Sampling
 from agents.settings import DEFAULT_SETTINGS, AgentSettings
 from agents.stage_core import Stopped
 from agents.text import quote
+from agents.tokenizer import TextCodec, TextDecoder, TextError
 from placement.models import ModelConfig
 from protos import agent_pb2
 from security.certs import Credentials
 from shardformat.errors import ExecutionError
+from shardformat.text import TextSpec
 
 log = logging.getLogger("lockstep.agent")
 
@@ -98,6 +100,7 @@ class Replica:
     vocab_size: int
     link_secret: bytes = b""
     upstream: dict[int, str] = field(default_factory=dict)  # stage -> upstream agent identity
+    text: TextCodec | None = None  # stage 0's tokenizer, when its shard carries one
 
     @property
     def owner(self) -> str:
@@ -210,11 +213,12 @@ class ReplicaHost:
         chips: dict[int, tuple[int, str]] = {}
         vocab = 0
         bound: list[Chip] = []
+        texts: dict[int, TextCodec] = {}
         try:
             for index in sorted({c for a in req.assignments for c in a.chips}):
                 self.chips[index].bind(owner)
                 bound.append(self.chips[index])
-            vocab = self._build(req, schedule, runners, chips)
+            vocab = self._build(req, schedule, runners, chips, texts)
             self._wire(req, runners)
         except BaseException:
             for runner in runners.values():
@@ -231,6 +235,7 @@ class ReplicaHost:
                 vocab,
                 req.link_secret,
                 {a.stage: a.upstream_identity for a in req.assignments},
+                texts.get(0),
             )
         for runner in runners.values():
             runner.start()
@@ -242,14 +247,25 @@ class ReplicaHost:
         schedule: Schedule,
         runners: dict[int, StageRunner],
         chips: dict[int, tuple[int, str]],
+        texts: dict[int, TextCodec],
     ) -> int:
-        """One runner per assigned stage (not yet linked); returns the vocabulary size."""
+        """One runner per assigned stage (not yet linked); returns the vocabulary size.
+
+        Stage 0's tokenizer (if its shard has one) goes into `texts`; its EOS ids end
+        sequences, besides the request's `eos_token_id`."""
         vocab = 0
         for a in req.assignments:
-            stepper, cfg = self._stepper(req, a)
+            stepper, cfg, spec = self._stepper(req, a)
             vocab = cfg.vocab_size
             queue_limit = req.queue_limit or self.settings.queue_factor * req.max_batch
-            eos = req.eos_token_id if req.HasField("eos_token_id") else None
+            eos = set(spec.eos_token_ids) if spec is not None and a.stage == 0 else set()
+            if req.HasField("eos_token_id"):
+                eos.add(req.eos_token_id)
+            if spec is not None and a.stage == 0:
+                try:
+                    texts[0] = TextCodec(spec)
+                except TextError as exc:
+                    raise FailedPrecondition(f"stage 0: {exc}") from None
             runners[a.stage] = StageRunner(
                 label=f"{req.deployment}/replica-{req.replica}/stage-{a.stage} "
                 f"(chip {', '.join(a.chip_names)})",
@@ -303,7 +319,7 @@ class ReplicaHost:
 
     def _stepper(
         self, req: agent_pb2.ConfigureReplicaRequest, a: agent_pb2.StageAssignment
-    ) -> tuple[Stepper, ModelConfig]:
+    ) -> tuple[Stepper, ModelConfig, TextSpec | None]:
         guards, programs = [], []
         for index, shard_id, name in zip(a.chips, a.shard_ids, a.chip_names, strict=True):
             chip = self.chips[index]
@@ -339,7 +355,7 @@ class ReplicaHost:
                 f"stage {a.stage} is {programs[0].tp_size}-way tensor-parallel: "
                 "assign all its ranks' chips (a TP group runs inside one agent)",
             )
-        return GuardedStepper(inner, guards), programs[0].cfg
+        return GuardedStepper(inner, guards), programs[0].cfg, programs[0].text
 
     def _wire(
         self, req: agent_pb2.ConfigureReplicaRequest, runners: dict[int, StageRunner]
@@ -420,12 +436,18 @@ class ReplicaHost:
             )
         if req.prompt_text and req.prompt_ids:
             raise InvalidArgument("send prompt_text or prompt_ids, not both")
+        prompt = list(req.prompt_ids)
         if req.prompt_text:
-            raise InvalidArgument("this model has no tokenizer: send prompt_ids (token ids)")
+            if rep.text is None:
+                raise InvalidArgument("this model has no tokenizer: send prompt_ids (token ids)")
+            try:
+                prompt = rep.text.encode(req.prompt_text)
+            except TextError as exc:
+                raise InvalidArgument(str(exc)) from None
         try:
             stream = head.submit(
                 req.request_id,
-                list(req.prompt_ids),
+                prompt,
                 req.max_tokens,
                 Sampling(req.temperature, req.seed),
             )
@@ -435,7 +457,8 @@ class ReplicaHost:
             raise InvalidArgument(str(exc)) from None
         except QueueFull as exc:
             raise ResourceExhausted(str(exc)) from None
-        return self._stream_tokens(head, req, stream, context)
+        decoder = rep.text.stream() if req.prompt_text and rep.text is not None else None
+        return self._stream_tokens(head, req, stream, context, decoder)
 
     def _stream_tokens(
         self,
@@ -443,6 +466,7 @@ class ReplicaHost:
         req: agent_pb2.GenerateRequest,
         stream: Any,
         context: grpc.ServicerContext,
+        decoder: TextDecoder | None = None,
     ) -> Iterator[agent_pb2.GenerateResponse]:
         finished = False
 
@@ -474,6 +498,7 @@ class ReplicaHost:
                     index=out.event.index,
                     finished=out.event.finished,
                     logits=logits,
+                    text=decoder.push(out.event.token) if decoder is not None else "",
                 )
         except TimeoutError:
             head.cancel(req.request_id)

@@ -27,12 +27,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from orchestrator.shard_store import ShardStore, StoredBlob, canonical_json
-from orchestrator.weights import SeededWeights, WeightSource, open_checkpoint, precision_dtype
+from orchestrator.weights import (
+    PRECISION_DTYPES,
+    SeededWeights,
+    WeightSource,
+    open_checkpoint,
+    read_text_spec,
+)
 from placement.errors import InputError
 from placement.models import PRECISION_BYTES, ModelConfig, build_ops
 from placement.plan import Plan, StagePlan
-from shardformat.codec import TensorEntry, encode_header
+from shardformat.codec import TensorEntry, decode_f32, encode_header
 from shardformat.layout import (
     PieceSpec,
     TensorSlice,
@@ -41,10 +49,17 @@ from shardformat.layout import (
     stage_pieces,
 )
 from shardformat.manifest import MANIFEST_KEY, Manifest, tensor_infos
+from shardformat.precision import (
+    QUANTIZED_DTYPES,
+    encode,
+    row_scales,
+    scale_name,
+    storage_dtype,
+)
+from shardformat.text import TextSpec
 
 VIRTUAL_AUTO_BYTES = 1 << 30
 """Seeded models larger than this compile to virtual shards unless told otherwise."""
-VIRTUAL_DTYPES = {"fp16": "F16", "bf16": "BF16", "int8": "I8", "fp8": "F8_E4M3"}
 
 WeightInput = int | str | os.PathLike[str] | WeightSource
 """A seed (int), a checkpoint directory, or any `WeightSource`."""
@@ -103,24 +118,32 @@ def compile_plan(
     store_dir: str | Path,
     *,
     virtual: bool | None = None,
+    text: TextSpec | None = None,
 ) -> list[ShardRef]:
     """Compile every chip's shard of `plan` into the store at `store_dir`.
 
     `virtual` None decides by size: a seeded model above `VIRTUAL_AUTO_BYTES` at the plan's
     precision compiles manifest-only shards; a checkpoint always compiles real ones.
+    `text` (else a checkpoint directory's tokenizer.json, `read_text_spec`) goes into stage
+    0's real shards (`shardformat.text`), for text in and out of Generate.
     Raises `InputError` when the plan does not belong to the model or the weights do not fit it.
     """
     check_plan(plan, model_cfg)
     store = ShardStore(store_dir)
     if virtual is None:
         virtual = _auto_virtual(plan, model_cfg, source)
+    if text is None and not virtual and isinstance(source, (str, os.PathLike)):
+        text = read_text_spec(source, model_cfg)
     with contextlib.ExitStack() as stack:
         weights = None if virtual else _open_source(source, model_cfg, plan.precision, stack)
         built: dict[str, StoredBlob] = {}
         refs = []
         for stage in plan.stages:
             for rank, chip in enumerate(stage.chips):
-                shard = ShardProgram.build(plan, model_cfg, stage, rank, weights)
+                shard = ShardProgram.build(
+                    plan, model_cfg, stage, rank, weights, text if stage.index == 0 else None
+                )
+                check_sram(plan, model_cfg, stage, rank, shard)
                 blob = built.get(shard.recipe) or store.lookup(shard.recipe) or shard.write(store)
                 built[shard.recipe] = blob
                 store.remember(shard.recipe, blob)
@@ -137,6 +160,39 @@ def compile_plan(
                     )
                 )
     return refs
+
+
+class PlanAccountingError(RuntimeError):
+    """A compiled shard holds more than its plan charged the chip: a bug in the cost model."""
+
+
+def held_bytes(plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weight_bytes: int) -> int:
+    """What TP rank `rank` of `stage` holds in SRAM: its shard's weight bytes plus the KV cache
+    of its KV heads at the plan's width (a sliding window caches only its window)."""
+    ops = build_ops(cfg, plan.precision)
+    kv = 0
+    for spec in stage_pieces(cfg, stage.first, stage.last, len(stage.chips)):
+        if spec.kind == "attention":
+            start, end = spec.ranks[rank]
+            per_head = 2 * cfg.head_dim * PRECISION_BYTES[plan.precision]
+            kv += (end - start) * per_head * ops[spec.op].cached_positions(plan.max_context)
+    return weight_bytes + kv * plan.max_batch
+
+
+def check_sram(
+    plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, shard: ShardProgram
+) -> None:
+    """Refuse to compile a shard that holds more than the plan charged its chip.
+
+    Run on every compile (every plan of the test suite included): the plan's SRAM figure is
+    what placement trusted, so a shard above it would overflow a real chip."""
+    held = held_bytes(plan, cfg, stage, rank, shard.manifest.weight_bytes)
+    if held > stage.sram_bytes_per_chip:
+        raise PlanAccountingError(
+            f"replica {stage.replica} stage {stage.index} rank {rank}: the shard holds {held:,} "
+            f"bytes (weights {shard.manifest.weight_bytes:,} + KV cache), the plan charged "
+            f"{stage.sram_bytes_per_chip:,}"
+        )
 
 
 def chip_manifest(ref: ShardRef, store_dir: str | Path) -> dict[str, Any]:
@@ -217,7 +273,8 @@ def _open_source(
     if isinstance(source, bool):
         raise InputError(f"a weight seed is an integer, got {source!r}", field="source")
     if isinstance(source, int):
-        return SeededWeights(cfg, source, precision_dtype(precision))
+        # int8/fp8: seeded fp16 weights, quantized as a checkpoint's would be
+        return SeededWeights(cfg, source, PRECISION_DTYPES.get(precision, "F16"))
     if isinstance(source, (str, os.PathLike)):
         return stack.enter_context(open_checkpoint(source, cfg))
     return source
@@ -225,30 +282,49 @@ def _open_source(
 
 @dataclass(frozen=True)
 class ShardProgram:
-    """One chip's shard before it is written: manifest (digests pending) and tensor slices."""
+    """One chip's shard before it is written: manifest (digests pending) and tensor slices.
+
+    Tensors are stored at the plan's precision (`shardformat.precision`), converted from the
+    checkpoint's dtype on the way; an int8/fp8 matrix brings its per-row scales
+    (`scale_name`), whose slice is the matrix's rows (`scales`).
+    """
 
     manifest: Manifest
     slices: dict[str, TensorSlice]
+    scales: dict[str, str]  # scale tensor name -> the quantized matrix it scales
     entries: tuple[TensorEntry, ...]
     weights: WeightSource | None
     recipe: str
+    text: TextSpec | None = None  # stage 0: the tokenizer and EOS ids, in the blob's metadata
 
     @classmethod
     def build(
-        cls, plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weights: WeightSource | None
+        cls,
+        plan: Plan,
+        cfg: ModelConfig,
+        stage: StagePlan,
+        rank: int,
+        weights: WeightSource | None,
+        text: TextSpec | None = None,
     ) -> ShardProgram:
         specs = stage_pieces(cfg, stage.first, stage.last, len(stage.chips))
         slices = _rank_slices(cfg, specs, rank)
         shapes = checkpoint_tensor_shapes(cfg)
-        virtual_dtype = VIRTUAL_DTYPES.get(plan.precision, "F16")
-        entries = tuple(
-            TensorEntry(
-                name,
-                weights.dtype_of(ts.source) if weights else virtual_dtype,
-                ts.shape(shapes[ts.source]),
-            )
-            for name, ts in sorted(slices.items())
-        )
+        entries: list[TensorEntry] = []
+        sources: dict[str, dict[str, Any]] = {}
+        scales: dict[str, str] = {}
+        for name, ts in sorted(slices.items()):
+            shape = ts.shape(shapes[ts.source])
+            dtype = storage_dtype(plan.precision, ts.source, len(shape))
+            entries.append(TensorEntry(name, dtype, shape))
+            sources[name] = ts.to_dict()
+            if dtype in QUANTIZED_DTYPES:
+                scale = scale_name(name)
+                scales[scale] = name
+                entries.append(TensorEntry(scale, "F32", shape[:1]))
+                rows = (ts.start, ts.end) if ts.axis == 0 else (0, shape[0])
+                sources[scale] = {"source": ts.source, "axis": 0, "range": list(rows)}
+        entries.sort(key=lambda e: e.name)
         manifest = Manifest(
             model_name=cfg.name,
             config=cfg,
@@ -261,16 +337,18 @@ class ShardProgram:
             max_batch=plan.max_batch,
             max_context=plan.max_context,
             ops=tuple(specs),
-            tensors=tensor_infos(entries, {e.name: slices[e.name].to_dict() for e in entries}),
+            tensors=tensor_infos(entries, sources),
             virtual=weights is None,
             declared_bytes=stage.sram_bytes_per_chip,
             weight_bytes=sum(e.nbytes for e in entries),
         )
         source = weights.fingerprint() if weights else {"kind": "virtual"}
-        recipe = hashlib.sha256(
-            canonical_json({"program": manifest.to_dict(), "source": source}).encode("ascii")
-        ).hexdigest()
-        return cls(manifest, slices, entries, weights, recipe)
+        text = text if weights is not None else None
+        recipe_of: dict[str, Any] = {"program": manifest.to_dict(), "source": source}
+        if text is not None:
+            recipe_of["text"] = hashlib.sha256(canonical_json(text.metadata()).encode()).hexdigest()
+        recipe = hashlib.sha256(canonical_json(recipe_of).encode("ascii")).hexdigest()
+        return cls(manifest, slices, scales, tuple(entries), weights, recipe, text)
 
     def manifest_with(self, digests: dict[str, str] | None) -> Manifest:
         return self.manifest.with_digests(digests)
@@ -280,12 +358,47 @@ class ShardProgram:
         if self.weights is None:
             prefix, _ = encode_header([], {MANIFEST_KEY: self.manifest.to_json()})
             return store.put_bytes(prefix)
-        weights = self.weights
+        converter = _Converter(self.weights)
+        dtypes = {e.name: e.dtype for e in self.entries}
 
         def produce(entry: TensorEntry) -> Any:
-            return weights.raw_slice(self.slices[entry.name])
+            if entry.name in self.scales:
+                return converter.scales(self.slices[self.scales[entry.name]], dtypes)
+            return converter.stored(self.slices[entry.name], entry.dtype, dtypes)
 
-        return store.put(self.entries, lambda d: self.manifest_with(dict(d)), produce)
+        extra = self.text.metadata() if self.text is not None else None
+        return store.put(self.entries, lambda d: self.manifest_with(dict(d)), produce, extra)
+
+
+class _Converter:
+    """Checkpoint slices in the shard's dtype: widened to float32, then stored.
+
+    Row scales of a matrix cut along its columns come from the whole checkpoint row (read
+    once per tensor and kept: one float per row), so every plan quantizes alike."""
+
+    def __init__(self, weights: WeightSource) -> None:
+        self.weights = weights
+        self._full_scales: dict[tuple[str, str], np.ndarray] = {}
+
+    def values(self, ts: TensorSlice) -> np.ndarray:
+        return decode_f32(self.weights.raw_slice(ts), self.weights.dtype_of(ts.source))
+
+    def scales(self, ts: TensorSlice, dtypes: dict[str, str]) -> np.ndarray:
+        dtype = dtypes[ts.name]
+        if ts.axis != 1:  # whole rows: the slice's own maxima are the rows' maxima
+            return row_scales(self.values(ts), dtype)
+        key = (ts.source, dtype)
+        if key not in self._full_scales:
+            self._full_scales[key] = row_scales(
+                self.values(TensorSlice(ts.source, ts.source)), dtype
+            )
+        return self._full_scales[key]
+
+    def stored(self, ts: TensorSlice, dtype: str, dtypes: dict[str, str]) -> np.ndarray:
+        values = self.values(ts)
+        if dtype in QUANTIZED_DTYPES:
+            return encode(values, dtype, self.scales(ts, dtypes))
+        return encode(values, dtype)
 
 
 def _rank_slices(cfg: ModelConfig, specs: list[PieceSpec], rank: int) -> dict[str, TensorSlice]:

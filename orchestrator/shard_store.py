@@ -171,15 +171,19 @@ class ShardStore:
         entries: Sequence[TensorEntry],
         manifest_for: ManifestFor,
         produce: Callable[[TensorEntry], np.ndarray],
+        extra_metadata: Mapping[str, str] | None = None,
     ) -> StoredBlob:
-        """Stream a shard into the store; returns its address (an existing blob is kept)."""
+        """Stream a shard into the store; returns its address (an existing blob is kept).
+
+        `extra_metadata`: more `__metadata__` keys beside the manifest (stage 0's tokenizer)."""
         placeholders = {e.name: PLACEHOLDER_DIGEST for e in entries}
+        extra = dict(extra_metadata or {})
         with staged_file(self.tmp) as (out, staged):
             writer = SafetensorsFileWriter(
-                out, entries, _shard_metadata(manifest_for(placeholders))
+                out, entries, extra | _shard_metadata(manifest_for(placeholders))
             )
             digests = writer.write_all(produce)
-            writer.rewrite_header(entries, _shard_metadata(manifest_for(digests)))
+            writer.rewrite_header(entries, extra | _shard_metadata(manifest_for(digests)))
         try:
             return self._adopt(staged)
         finally:

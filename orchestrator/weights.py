@@ -39,10 +39,11 @@ from safetensors import SafetensorError, safe_open
 
 from orchestrator.shard_store import atomic_file, read_safetensors_header, write_safetensors
 from placement.errors import InputError
-from placement.models import ModelConfig, model_from_hf_config
+from placement.models import ModelConfig, model_from_hf_config, to_hf_config
 from shardformat.codec import STORAGE_DTYPES, TensorEntry, decode_f32
 from shardformat.errors import ExecutionError
 from shardformat.layout import TensorSlice, checkpoint_tensor_shapes
+from shardformat.text import MAX_TOKENIZER_BYTES, TextSpec, eos_token_ids
 
 PRECISION_DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 """Checkpoint storage dtype of each precision that has one (int8/fp8 need quantization)."""
@@ -52,6 +53,8 @@ SEEDED_CACHE_BYTES = 256 << 20
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
@@ -70,8 +73,9 @@ def precision_dtype(precision: str) -> str:
     """The safetensors dtype weights of `precision` are stored in."""
     if precision not in PRECISION_DTYPES:
         raise InputError(
-            f"precision {precision!r} has no unquantized storage dtype; real weights exist for "
-            f"{', '.join(PRECISION_DTYPES)} (int8/fp8 deployments compile virtual shards)",
+            f"precision {precision!r} has no unquantized storage dtype; checkpoints are written "
+            f"in {', '.join(PRECISION_DTYPES)} (int8/fp8 shards are quantized from them on "
+            "compile)",
             field="precision",
         )
     return PRECISION_DTYPES[precision]
@@ -90,6 +94,8 @@ def _init_std(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> float:
         return 0.05
     if name == "model.embed_tokens.weight":
         return 1.0
+    if name.endswith(".bias"):
+        return 0.02
     fan_in = shape[1]
     if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
         return 1.0 / float(np.sqrt(fan_in * 2 * cfg.num_hidden_layers))
@@ -181,18 +187,14 @@ class SeededWeights(Mapping[str, np.ndarray]):
 
 
 def hf_config(cfg: ModelConfig, dtype: str) -> dict[str, Any]:
-    """The `config.json` of `cfg` as Hugging Face writes it."""
-    moe = cfg.is_moe
-    out: dict[str, Any] = {
-        "architectures": ["MixtralForCausalLM" if moe else "LlamaForCausalLM"],
-        "model_type": "mixtral" if moe else "llama",
-        "hidden_act": "silu",
-        "torch_dtype": _TORCH_DTYPES[dtype],
-    }
-    out |= {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "name"}
-    if not moe:
-        del out["num_local_experts"], out["num_experts_per_tok"]
-    return out
+    """The `config.json` of `cfg` as transformers 5.x writes it (`placement.models.to_hf_config`:
+    the architecture its flags imply, `rope_parameters`), with the weights' dtype under both
+    the 5.x key `dtype` and the 4.x key `torch_dtype`."""
+    try:
+        out = to_hf_config(cfg)
+    except ValueError as exc:
+        raise InputError(str(exc), field="model") from None
+    return out | {"dtype": _TORCH_DTYPES[dtype], "torch_dtype": _TORCH_DTYPES[dtype]}
 
 
 @dataclass(frozen=True)
@@ -464,3 +466,59 @@ def _check_config_file(directory: Path, cfg: ModelConfig) -> None:
                 source=str(path),
                 field=f.name,
             )
+
+
+# --- text ----------------------------------------------------------------------------------
+
+
+def read_text_spec(directory: str | os.PathLike[str], cfg: ModelConfig) -> TextSpec | None:
+    """The checkpoint's tokenizer and EOS ids, or None when it has no `tokenizer.json`.
+
+    EOS ids come from `generation_config.json` (what `generate` stops on in transformers),
+    else from `config.json`. The tokenizer must load with the `tokenizers` library and its
+    ids fit the model's vocabulary; errors name the file."""
+    root = Path(directory)
+    path = root / TOKENIZER_FILE
+    if not path.is_file():
+        return None
+    if path.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise InputError(f"larger than {MAX_TOKENIZER_BYTES} bytes", source=str(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:
+        raise InputError(
+            f"not a tokenizer the tokenizers library loads: {str(exc)[:200]}", source=str(path)
+        ) from None
+    if size > cfg.vocab_size:
+        raise InputError(
+            f"has {size} tokens, the model's vocabulary {cfg.vocab_size}", source=str(path)
+        )
+    eos: tuple[int, ...] = ()
+    for name in (GENERATION_CONFIG_FILE, CONFIG_FILE):
+        source = root / name
+        if not source.is_file():
+            continue
+        try:
+            raw = json.loads(source.read_text(encoding="utf-8"))
+            eos = eos_token_ids(raw.get("eos_token_id") if isinstance(raw, dict) else None, name)
+        except (ValueError, ExecutionError) as exc:
+            raise InputError(str(exc), source=str(source), field="eos_token_id") from None
+        if any(i >= cfg.vocab_size for i in eos):
+            raise InputError(
+                f"{list(eos)} lies outside the vocabulary (0..{cfg.vocab_size - 1})",
+                source=str(source),
+                field="eos_token_id",
+            )
+        if eos:
+            break
+    return TextSpec(text, eos)
+
+
+def tiny_text_spec() -> TextSpec:
+    """The tiny example model's tokenizer (orchestrator/data/tiny-llama-tokenizer.json, a
+    4096-token byte-level BPE; `</s>`, id 2, ends a sequence)."""
+    path = Path(__file__).parent / "data" / "tiny-llama-tokenizer.json"
+    return TextSpec(path.read_text(encoding="utf-8"), (2,))

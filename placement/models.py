@@ -28,6 +28,12 @@ deployments keep a quantized cache); norm weights and activations stay 16-bit.""
 
 ACTIVATION_BYTES = 2
 NORM_BYTES = 2
+SMALL_BYTES = 2
+"""Norm weights, biases and the MoE router stay 16-bit at every precision (a shard stores them
+F16 at int8/fp8: `shardformat.precision`)."""
+SCALE_BYTES = 4
+"""An int8/fp8 matrix holds one float32 scale per output row."""
+QUANTIZED_PRECISIONS = ("int8", "fp8")
 
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -731,6 +737,12 @@ class OpShape:
     width: int  # the dimension the op is split along for chunks and tensor parallelism
     context_flops_per_position: int = 0  # attention scores + weighted sum, per cached token
     kv_window: int = 0  # a sliding window caps the cached positions (0: the whole context)
+    # What a shard holds beyond `params` matrices at the precision (see `build_ops`):
+    split_biases: int = 0  # 16-bit biases cut with the op's rows (q/k/v)
+    replicated_small: int = 0  # 16-bit params every chunk and TP rank holds (o bias, router)
+    split_rows: int = 0  # output rows cut with the op (one int8/fp8 scale each)
+    replicated_rows: int = 0  # output rows every piece holds whole (row-parallel o/down/w2)
+    shared_params: int = 0  # tied LM head: the embedding again, held by the LM head's chips
 
 
 @dataclass(frozen=True)
@@ -750,7 +762,7 @@ class Op:
     flops_per_token: int
     activation_bytes_per_token: int
     context_flops_per_position: int = 0
-    replicated_bytes: int = 0  # norm weights: every TP rank and every chunk holds a copy
+    replicated_bytes: int = 0  # norms, o bias, router, row scales: every rank and chunk holds
     kv_window: int = 0  # sliding-window attention caches at most this many positions (0: all)
 
     def cached_positions(self, max_context: int) -> int:
@@ -766,7 +778,12 @@ def _op_shapes(cfg: ModelConfig) -> list[OpShape]:
     attn_params += (q_dim + 2 * kv_dim if cfg.qkv_bias else 0) + (h if cfg.o_bias else 0)
     attn_norms = h + (2 * cfg.head_dim if cfg.qk_norm else 0)
     mlp_params = 3 * h * cfg.intermediate_size
-    shapes = [OpShape("embed", "embedding", -1, cfg.vocab_size * h, 0, 0, 0, cfg.vocab_size)]
+    shapes = [
+        OpShape(
+            "embed", "embedding", -1, cfg.vocab_size * h, 0, 0, 0, cfg.vocab_size,
+            split_rows=cfg.vocab_size,
+        )
+    ]  # fmt: skip
     for layer in range(cfg.num_hidden_layers):
         # Attention FLOPs per token: projections plus scores and weighted sum over the context
         # are counted by the cost model, which knows the context length; here only projections.
@@ -782,6 +799,10 @@ def _op_shapes(cfg: ModelConfig) -> list[OpShape]:
                 cfg.num_key_value_heads,
                 4 * q_dim,
                 cfg.window_of_layer(layer),
+                split_biases=q_dim + 2 * kv_dim if cfg.qkv_bias else 0,
+                replicated_small=h if cfg.o_bias else 0,
+                split_rows=q_dim + 2 * kv_dim,
+                replicated_rows=h,
             )
         )
         if cfg.is_moe:
@@ -795,6 +816,7 @@ def _op_shapes(cfg: ModelConfig) -> list[OpShape]:
                     0,
                     2 * h * cfg.num_local_experts,
                     cfg.num_local_experts,
+                    replicated_small=h * cfg.num_local_experts,
                 )
             )
             for expert in range(cfg.num_local_experts):
@@ -809,6 +831,8 @@ def _op_shapes(cfg: ModelConfig) -> list[OpShape]:
                         # Expected work per token: a token visits top_k of the experts.
                         2 * mlp_params * cfg.num_experts_per_tok // cfg.num_local_experts,
                         cfg.intermediate_size,
+                        split_rows=2 * cfg.intermediate_size,
+                        replicated_rows=h,
                     )
                 )
         else:
@@ -822,6 +846,8 @@ def _op_shapes(cfg: ModelConfig) -> list[OpShape]:
                     0,
                     2 * mlp_params,
                     cfg.intermediate_size,
+                    split_rows=2 * cfg.intermediate_size,
+                    replicated_rows=h,
                 )
             )
     shapes.append(OpShape("final_norm", "final_norm", -1, 0, h, 0, 2 * h, 1))
@@ -836,6 +862,8 @@ def _op_shapes(cfg: ModelConfig) -> list[OpShape]:
             0,
             2 * cfg.vocab_size * h,
             cfg.vocab_size,
+            split_rows=cfg.vocab_size,
+            shared_params=cfg.vocab_size * h - lm_params,
         )
     )
     return shapes
@@ -849,8 +877,19 @@ def build_ops(cfg: ModelConfig, precision: str) -> list[Op]:
             field="spec.precision",
         )
     width = PRECISION_BYTES[precision]
+    scale = SCALE_BYTES if precision in QUANTIZED_PRECISIONS else 0
     ops = []
     for shape in _op_shapes(cfg):
+        # Bytes the shards hold, as the compiler stores them: matrices at the precision (a
+        # tied LM head holds its copy of the embedding), biases and the router 16-bit, one
+        # float32 scale per output row of an int8/fp8 matrix. Replicated: the norms, the o
+        # bias, the router and the scales of row-parallel matrices, which every chunk and TP
+        # rank holds whole.
+        small = shape.split_biases + shape.replicated_small
+        split = (shape.params - small + shape.shared_params) * width
+        split += shape.split_biases * SMALL_BYTES + shape.split_rows * scale
+        replicated = shape.norm_params * NORM_BYTES + shape.replicated_small * SMALL_BYTES
+        replicated += shape.replicated_rows * scale
         # Activation handed on after the whole op: the hidden state. (A stage boundary inside
         # an op or a mixture of experts also hands on a partial sum: the planner adds it.)
         act = cfg.hidden_size * ACTIVATION_BYTES
@@ -859,12 +898,12 @@ def build_ops(cfg: ModelConfig, precision: str) -> list[Op]:
                 name=shape.name,
                 kind=shape.kind,
                 layer=shape.layer,
-                param_bytes=shape.params * width + shape.norm_params * NORM_BYTES,
+                param_bytes=split + replicated,
                 kv_bytes_per_token=shape.kv_elems_per_token * width,
                 flops_per_token=shape.flops_per_token,
                 activation_bytes_per_token=act,
                 context_flops_per_position=shape.context_flops_per_position,
-                replicated_bytes=shape.norm_params * NORM_BYTES,
+                replicated_bytes=replicated,
                 kv_window=shape.kv_window,
             )
         )

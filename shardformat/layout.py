@@ -197,7 +197,11 @@ class TensorSlice:
 
 
 def checkpoint_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Hugging Face Llama/Mixtral checkpoint with its `[out, in]` shape."""
+    """Every tensor of a Hugging Face checkpoint of `cfg` with its `[out, in]` shape.
+
+    Llama, Mistral, Mixtral, Qwen2 and Qwen3 name their tensors alike; the flags add q/k/v
+    biases (`[out]`), the o bias and Qwen3's per-head q/k norms (`[head_dim]`).
+    """
     h, inter = cfg.hidden_size, cfg.intermediate_size
     q_dim = cfg.num_attention_heads * cfg.head_dim
     kv_dim = cfg.num_key_value_heads * cfg.head_dim
@@ -209,6 +213,15 @@ def checkpoint_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "self_attn.k_proj.weight"] = (kv_dim, h)
         shapes[p + "self_attn.v_proj.weight"] = (kv_dim, h)
         shapes[p + "self_attn.o_proj.weight"] = (h, q_dim)
+        if cfg.qkv_bias:
+            shapes[p + "self_attn.q_proj.bias"] = (q_dim,)
+            shapes[p + "self_attn.k_proj.bias"] = (kv_dim,)
+            shapes[p + "self_attn.v_proj.bias"] = (kv_dim,)
+        if cfg.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if cfg.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
         if cfg.is_moe:
             shapes[p + "block_sparse_moe.gate.weight"] = (cfg.num_local_experts, h)
@@ -248,15 +261,7 @@ def piece_tensors(cfg: ModelConfig, spec: PieceSpec, rank: int) -> dict[str, Ten
     if spec.kind == FINAL_NORM:
         return {"norm": TensorSlice("model.norm.weight", "model.norm.weight")}
     if spec.kind == ATTENTION:
-        out = {"norm": TensorSlice(p + "input_layernorm.weight", p + "input_layernorm.weight")}
-        if a < b:
-            q = cfg.num_attention_heads // cfg.num_key_value_heads * cfg.head_dim
-            hd = cfg.head_dim
-            out["q"] = cut(p + "self_attn.q_proj.weight", 0, a * q, b * q)
-            out["k"] = cut(p + "self_attn.k_proj.weight", 0, a * hd, b * hd)
-            out["v"] = cut(p + "self_attn.v_proj.weight", 0, a * hd, b * hd)
-            out["o"] = cut(p + "self_attn.o_proj.weight", 1, a * q, b * q)
-        return out
+        return _attention_tensors(cfg, spec, p, a, b)
     norm = TensorSlice(p + "post_attention_layernorm.weight", p + "post_attention_layernorm.weight")
     if spec.kind == ROUTER:
         gate = p + "block_sparse_moe.gate.weight"
@@ -275,4 +280,38 @@ def piece_tensors(cfg: ModelConfig, spec: PieceSpec, rank: int) -> dict[str, Ten
             "up": cut(names[1], 0, a, b),
             "down": cut(names[2], 1, a, b),
         }
+    return out
+
+
+def _whole(name: str) -> TensorSlice:
+    return TensorSlice(name, name)
+
+
+def _attention_tensors(
+    cfg: ModelConfig, spec: PieceSpec, p: str, a: int, b: int
+) -> dict[str, TensorSlice]:
+    """Attention of KV heads `[a, b)`: q/k/v rows and their biases, o columns.
+
+    Replicated (every rank and chunk holds a copy, rank 0's is used): the input norm and
+    Qwen3's per-head q/k norms. The o bias is added once per op, so only the piece that ends
+    the op holds it (every rank of that piece, like a norm).
+    """
+    out = {"norm": _whole(p + "input_layernorm.weight")}
+    if cfg.qk_norm:
+        out["q_norm"] = _whole(p + "self_attn.q_norm.weight")
+        out["k_norm"] = _whole(p + "self_attn.k_norm.weight")
+    if cfg.o_bias and spec.ends_op:
+        out["o_bias"] = _whole(p + "self_attn.o_proj.bias")
+    if a < b:
+        q = cfg.num_attention_heads // cfg.num_key_value_heads * cfg.head_dim
+        hd = cfg.head_dim
+        rows = {"q": (a * q, b * q), "k": (a * hd, b * hd), "v": (a * hd, b * hd)}
+        for role, (lo, hi) in rows.items():
+            name = f"{p}self_attn.{role}_proj.weight"
+            out[role] = TensorSlice(name, name, 0, lo, hi)
+            if cfg.qkv_bias:
+                name = f"{p}self_attn.{role}_proj.bias"
+                out[role + "_bias"] = TensorSlice(name, name, 0, lo, hi)
+        o_name = p + "self_attn.o_proj.weight"
+        out["o"] = TensorSlice(o_name, o_name, 1, a * q, b * q)
     return out

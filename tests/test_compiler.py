@@ -166,14 +166,22 @@ def test_virtual_shards_for_a_70b_model(tmp_path: Path) -> None:
     refs = compile_plan(plan, cfg, 0, tmp_path)  # a seed: too large, so virtual automatically
     assert len(refs) == plan.chips_used > 300
     for ref, stage in zip(refs, plan.stages, strict=True):
-        assert ref.virtual and ref.size_bytes < 4096
+        assert ref.virtual and ref.size_bytes < 8192  # a manifest, no weights
         with safe_open(str(ref.path), framework="numpy") as f:
             assert list(f.keys()) == []
             manifest = json.loads(f.metadata()[MANIFEST_KEY])
         assert manifest["virtual"] is True
         assert manifest["declared_bytes"] == stage.sram_bytes_per_chip
         assert 0 < manifest["weight_bytes"] <= stage.sram_bytes_per_chip
-        assert all(t["sha256"] is None and t["dtype"] == "I8" for t in manifest["tensors"].values())
+        tensors = manifest["tensors"].values()
+        assert all(t["sha256"] is None for t in tensors)
+        # the dtypes real int8 shards would hold: I8 matrices with F32 row scales, F16 norms
+        assert {(len(t["shape"]), t["dtype"]) for t in tensors} <= {
+            (2, "I8"),
+            (1, "F32"),
+            (1, "F16"),
+        }
+        assert any(t["dtype"] == "I8" for t in tensors)
     manifest = ShardStore(tmp_path).manifest(refs[5].shard_id)
     with pytest.raises(ExecutionError, match="virtual"):
         load_stage_program(manifest, {})
@@ -182,8 +190,6 @@ def test_virtual_shards_for_a_70b_model(tmp_path: Path) -> None:
 def test_plan_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not 'llama-2-7b'"):
         compile_plan(tiny_plan(1), MODEL_PRESETS["llama-2-7b"], 0, tmp_path)
-    with pytest.raises(InputError, match="int8"):
-        compile_plan(tiny_plan(1, precision="int8"), TINY, 0, tmp_path)
     refs = compile_plan(tiny_plan(1, precision="int8"), TINY, 0, tmp_path, virtual=True)
     assert all(r.virtual for r in refs)
 

@@ -95,8 +95,8 @@ def custom_plan(cfg: ModelConfig, starts: Sequence[tuple[int, int, int]], tp: in
             OpCut(b[0], ops[b[0]].name, b[1], b[2]),
             OpCut(e[0], ops[e[0]].name, e[1], e[2]),
             tuple(f"rack-0/node-{i}/chip-{r}" for r in range(tp)),
-            1 << 20,
-            2 << 20,
+            64 << 20,  # declared SRAM: compile_plan checks a shard fits what its plan charged
+            128 << 20,
             0.0,
             0,
         )

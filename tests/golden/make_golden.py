@@ -102,6 +102,8 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"tie_word_embeddings": True, "attention_bias": True},
     ),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    # A window of 4 positions: the prompts (5 and 7 tokens) and their continuations outgrow it.
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
     "mixtral": (
         "MixtralConfig",
         "MixtralForCausalLM",
@@ -109,6 +111,12 @@ CASES: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    # Qwen2 windows only the layers from max_window_layers on: layer 0 full, layer 1 windowed.
+    "qwen2-window": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
 }
 
 INCREMENTAL = {"llama-dynamic"}
