@@ -483,11 +483,11 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         f"{'other cores':>12s} {'core-s/GB':>10s}  samples"
     )
     for name, runs in warm.items():
-        cpu = cpu_per_gb(runs)
+        row = cpu_per_gb(runs)
         print(
-            f"{name:24s} {median(runs):6.2f} {cpu['sender_cores']:13.2f} "
-            f"{cpu['receiver_cores']:15.2f} {cpu['other_cores']:12.2f} "
-            f"{cpu['core_s_per_gb']:10.3f}  " + " ".join(f"{s['gbps']:.2f}" for s in runs)
+            f"{name:24s} {median(runs):6.2f} {row['sender_cores']:13.2f} "
+            f"{row['receiver_cores']:15.2f} {row['other_cores']:12.2f} "
+            f"{row['core_s_per_gb']:10.3f}  " + " ".join(f"{s['gbps']:.2f}" for s in runs)
         )
 
     def rss_after_each(prefix: str) -> list[int]:
@@ -502,7 +502,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     before_load = median(warm["before_load_blake3"])
     before_bare = median(warm["bare_grpc_before_chunks"])
     bare_tls = median(warm["bare_grpc_tls"])
-    cpu = {
+    cpu: dict[str, dict[str, float]] = {
         name: cpu_per_gb(warm[name])
         for name in (
             "load_blake3",
@@ -517,7 +517,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     agg = result["aggregate"]
     aggregate = statistics.median(4 * size / s / GB for s in agg[1:])
     budget = size / (1 << 20) + 150
-    summary = {
+    summary: dict[str, Any] = {
         "bench": "shard_load",
         "shard_mib": round(size / (1 << 20), 1),
         "chunk_mib": args.chunk_mib,
