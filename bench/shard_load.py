@@ -238,20 +238,29 @@ def run_sender(cfg: dict[str, Any]) -> None:
         stubs[agent].UnloadShard(unload)
 
     pids = cfg["pids"]
-    for _ in range(cfg["reps"] + 1):  # the first agent load is the cold one
-        load("load_blake3", "agent", messages)
-        load("load_sha256", "agent", sha_messages)
-        load("load_blake3_plaintext", "agent_plain", messages)
-        load("before_load_blake3", "agent_before", before_messages)
-        load("before_load_sha256", "agent_before", before_sha_messages)
-        for name, put in sinks.items():
-            record(name, lambda put=put: put(iter(messages)), pids[name])
-        record(
+    steps: list[Callable[[], None]] = [
+        lambda: load("load_blake3", "agent", messages),
+        lambda: load("load_sha256", "agent", sha_messages),
+        lambda: load("load_blake3_plaintext", "agent_plain", messages),
+        lambda: load("before_load_blake3", "agent_before", before_messages),
+        lambda: load("before_load_sha256", "agent_before", before_sha_messages),
+        *(
+            lambda name=name, put=put: record(name, lambda: put(iter(messages)), pids[name])
+            for name, put in sinks.items()
+        ),
+        lambda: record(
             "bare_grpc_before_chunks",
             lambda: sinks["bare_grpc"](iter(before_messages)),
             pids["bare_grpc"],
-        )
-        record("raw_tcp", lambda: _tcp_send(cfg["tcp"], blob, chunk), pids["raw_tcp"])
+        ),
+        lambda: record("raw_tcp", lambda: _tcp_send(cfg["tcp"], blob, chunk), pids["raw_tcp"]),
+    ]
+    for rep in range(cfg["reps"] + 1):
+        # Rep 0 in order (its first agent load is the cold one); later reps rotate the order,
+        # so that no path always runs first after the previous rep (or always after raw TCP).
+        shift = rep % len(steps)
+        for step in steps[shift:] + steps[:shift]:
+            step()
     aggregate = _aggregate(cfg, messages, b3.shard_id, cfg["reps"])
     print(json.dumps({"size": size, "samples": samples, "aggregate": aggregate}), flush=True)
 
