@@ -408,7 +408,14 @@ class AgentService:
                 ) from None
             try:
                 output = program.step(batch).to_bytes()
-            except (ExecutionError, ValueError, TypeError, OverflowError, struct.error) as exc:
+            except (
+                ExecutionError,
+                ValueError,
+                TypeError,
+                IndexError,  # e.g. float slots or positions used as indices
+                OverflowError,
+                struct.error,
+            ) as exc:
                 raise InvalidArgument(
                     f"chip {chip.index}: {entry.header.label}: {type(exc).__name__}: {exc}"
                 ) from None

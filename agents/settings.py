@@ -41,6 +41,11 @@ class AgentSettings:
     # send a heartbeat every `link_heartbeat` seconds, well inside it.
     link_idle_timeout: float = 30.0
     link_heartbeat: float = 5.0
+    # ConfigureReplica bounds. The window bounds what a stage buffers (W frames of upstream
+    # ticks), so an unbounded one would let a peer fill memory with future frames again; the
+    # jitter (a test hook) is slept by a link thread, which a huge value would kill.
+    max_window: int = 1024
+    max_jitter_ms: float = 10_000.0
 
     # --- LinkPing (a diagnostic: bounded so it cannot be used to fill memory or a CPU) -------
     ping_max_count: int = 10_000
@@ -64,6 +69,7 @@ class AgentSettings:
             "chain_log_limit",
             "queue_factor",
             "ping_max_count",
+            "max_window",
             "max_streams",
             "max_streams_per_peer",
             "unary_reserve",
