@@ -79,6 +79,8 @@ class AgentSettings:
                 raise ValueError(f"AgentSettings.{name} must be at least 1")
         if not self.load_idle_timeout > 0:
             raise ValueError("AgentSettings.load_idle_timeout must be positive")
+        if not 0 <= self.max_jitter_ms < float("inf"):
+            raise ValueError("AgentSettings.max_jitter_ms must be finite and not negative")
         if self.ping_max_payload_bytes < 0:
             raise ValueError("AgentSettings.ping_max_payload_bytes must not be negative")
 

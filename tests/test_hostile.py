@@ -133,6 +133,7 @@ class World:
     a: AgentProcess  # h0: ring stage 0 (chip 0), victim stage 0 (chip 1)
     b: AgentProcess  # h1: ring stage 1 (chip 0), victim stage 1 (chip 1)
     expected: tuple[int, ...]
+    reference: ReferenceExecutor
     baseline: dict[str, list[ChipView]] = field(default_factory=dict)
     _channels: dict[tuple[str, str], grpc.Channel] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=itertools.count)
@@ -229,7 +230,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         reference = ReferenceExecutor(
             TINY, SeededWeights(TINY, SEED, "F16"), max_batch=4, max_context=64
         )
-        w = World(plan, refs, blobs, a, b, reference.generate(PROMPT, N_TOKENS).tokens)
+        w = World(plan, refs, blobs, a, b, reference.generate(PROMPT, N_TOKENS).tokens, reference)
         requests = configure_requests(
             plan, refs, w.where(0), nodes=w.nodes, link_secret=RING_SECRET
         )
@@ -727,6 +728,47 @@ def test_a_rogue_frame_from_the_upstream_is_rejected(
     assert_invariants(world)
 
 
+STAGE1_CASES: list[tuple[str, Callable[[], list[interconnect_pb2.LinkFrame]], CODE, str]] = [
+    ("far-future-tick", lambda: [bubble(V, 1, tick=10**12)], CODE.OUT_OF_RANGE, "credit window"),
+    ("beyond-the-window", lambda: [bubble(V, 1, tick=2)], CODE.OUT_OF_RANGE, "credit window"),
+    ("corrupted-checksum", lambda: [corrupted(bubble(V, 1))], CODE.DATA_LOSS, "checksum"),
+    (
+        "future-epoch",
+        lambda: [link_frame(V, 0, 1, Frame(3, 0, 0, b""))],
+        CODE.FAILED_PRECONDITION,
+        "epoch 3",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "words"),
+    [case[1:] for case in STAGE1_CASES],
+    ids=[case[0] for case in STAGE1_CASES],
+)
+def test_a_rogue_frame_into_a_later_stage_stops_it(
+    world: World,
+    frames: Callable[[], list[interconnect_pb2.LinkFrame]],
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
+    """Stage 1 (on b, fed by a) has its own credit window: upstream ticks up to its last
+    acknowledgement + W (here W = 2, nothing acknowledged yet: ticks 0 and 1)."""
+    world.configure_victim(window=2)
+    try:
+        with served_concurrently(world):
+            assert_refused(
+                lambda: link_call(world, world.b, H0, frames(), target(VICTIM, 1, VICTIM_SECRET)),
+                code,
+                words,
+            )
+        (stage,) = pipelines(world.b, VICTIM)
+        assert stage.phase == "failed" and words in stage.error, stage
+    finally:
+        world.remove_victim()
+    assert_invariants(world)
+
+
 def raising_payload(w: World) -> bytes:
     """Stage 0's real output with float positions: stage 1 indexing with them raises
     IndexError inside the kernel (a payload fault, not a frame-check one)."""
@@ -793,6 +835,19 @@ def expired_control_plane(tmp: Path) -> Any:
     return creds
 
 
+def not_yet_valid_control_plane(tmp: Path) -> Any:
+    directory = tmp / "future"
+    directory.mkdir()
+    for name in ("ca.crt", "ca.key"):
+        shutil.copy(session_certs() / name, directory / name)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    certs.issue(directory, CONTROL_PLANE, now=later, days=30)
+    creds = certs.load_control_plane(directory)
+    cert = x509.load_pem_x509_certificate(creds.cert_pem)
+    assert cert.not_valid_before_utc > dt.datetime.now(dt.UTC)
+    return creds
+
+
 def _handshake_channels(w: World, tmp: Path) -> dict[str, Callable[[], grpc.Channel]]:
     a = w.a
     return {
@@ -804,13 +859,23 @@ def _handshake_channels(w: World, tmp: Path) -> dict[str, Callable[[], grpc.Chan
         ),
         "another-ca": lambda: open_channel(a.address, foreign_control_plane(tmp), peer=a.identity),
         "expired": lambda: open_channel(a.address, expired_control_plane(tmp), peer=a.identity),
+        "not-yet-valid": lambda: open_channel(
+            a.address, not_yet_valid_control_plane(tmp), peer=a.identity
+        ),
         "dialled-as-another-node": lambda: secure_channel(a.address, "h1"),
     }
 
 
 @pytest.mark.parametrize(
     "kind",
-    ["plaintext", "no-client-certificate", "another-ca", "expired", "dialled-as-another-node"],
+    [
+        "plaintext",
+        "no-client-certificate",
+        "another-ca",
+        "expired",
+        "not-yet-valid",
+        "dialled-as-another-node",
+    ],
 )
 @pytest.mark.parametrize("service", ["Status", "Link"])
 def test_a_client_without_a_cluster_certificate_fails_the_handshake(
@@ -1563,6 +1628,17 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
     ("token-beyond-vocab", generate(prompt_ids=[TINY.vocab_size]), CODE.INVALID_ARGUMENT, ""),
     ("max-tokens-zero", generate(max_tokens=0), CODE.INVALID_ARGUMENT, ""),
     ("over-the-context", generate(max_tokens=10_000), CODE.INVALID_ARGUMENT, ""),
+    (
+        "a-million-token-prompt",
+        lambda w: big_stub(w).Generate(
+            agent_pb2.GenerateRequest(
+                deployment=RING, request_id="big", prompt_ids=[1] * 10**6, max_tokens=1
+            ),
+            timeout=30,
+        ),
+        CODE.INVALID_ARGUMENT,
+        "",
+    ),
     ("unknown-deployment", generate(deployment="nobody"), CODE.INVALID_ARGUMENT, "nobody"),
     ("unknown-replica", generate(replica=3), CODE.INVALID_ARGUMENT, "replica 3"),
     ("not-stage-0", generate(agent=1), CODE.INVALID_ARGUMENT, "stage 0"),
@@ -1725,6 +1801,55 @@ def test_a_hostile_rpc_is_refused_with_its_code(
     finally:
         with contextlib.suppress(grpc.RpcError):  # only there if a configure was taken
             world.a.stub.RemoveReplica(agent_pb2.RemoveReplicaRequest(deployment="thief"))
+    assert_invariants(world)
+
+
+LONG = 40  # tokens: long enough for a second request to arrive while the first streams
+
+
+def long_request(request_id: str) -> agent_pb2.GenerateRequest:
+    return agent_pb2.GenerateRequest(
+        deployment=RING, request_id=request_id, prompt_ids=PROMPT, max_tokens=LONG
+    )
+
+
+def test_a_request_id_in_flight_cannot_be_taken_over(world: World) -> None:
+    """A second request under the id of one being served is refused, and does not cancel or
+    steal the first one's tokens."""
+    expected = world.reference.generate(PROMPT, LONG).tokens
+    call = world.a.stub.Generate(long_request("shared-id"), timeout=60)
+    first = next(call)
+    assert_refused(
+        lambda: world.a.stub.Generate(long_request("shared-id"), timeout=10),
+        CODE.INVALID_ARGUMENT,
+        "already in flight",
+    )
+    assert (first.token, *(r.token for r in call)) == expected
+    assert_invariants(world)
+
+
+def test_a_client_that_leaves_mid_stream_does_not_disturb_the_ring(world: World) -> None:
+    with served_concurrently(world):
+        call = world.a.stub.Generate(long_request(world.request_id("leaver")), timeout=60)
+        next(call)
+        call.cancel()
+        assert call.code() == CODE.CANCELLED
+    assert world.serve() == world.expected
+    assert_invariants(world)
+
+
+def test_a_client_that_never_reads_does_not_hold_the_ring(world: World) -> None:
+    """A request whose client never reads its stream (with logits: the flow-control window
+    fills after a token) must not stall the pipeline for the others."""
+    request = long_request(world.request_id("stalled"))
+    request.return_logits = True
+    call = world.a.stub.Generate(request, timeout=60)
+    try:
+        with served_concurrently(world):
+            pass
+        assert world.serve() == world.expected
+    finally:
+        call.cancel()
     assert_invariants(world)
 
 
