@@ -38,7 +38,8 @@ class AgentSettings:
     queue_factor: int = 4  # ConfigureReplica queue_limit 0: this many x maxBatch may wait
     # A Link stream that sends no frame for this long is ended (DEADLINE_EXCEEDED): a peer
     # cannot hold a server thread with a silent stream. Senders of idle (but healthy) links
-    # send a heartbeat every `link_heartbeat` seconds, well inside it.
+    # send a heartbeat every `link_heartbeat` seconds, well inside it. Streams of the open
+    # services (health Watch, reflection) end after it too (`agents.server.StreamLimit`).
     link_idle_timeout: float = 30.0
     link_heartbeat: float = 5.0
     # ConfigureReplica bounds. The window bounds what a stage buffers (W frames of upstream

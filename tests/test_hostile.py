@@ -1420,6 +1420,43 @@ def test_silent_link_streams_are_bounded_per_peer_and_end_at_the_idle_timeout(
     assert_invariants(world)
 
 
+def test_health_watch_and_reflection_streams_cannot_be_held_forever(world: World) -> None:
+    """The open services (health, reflection) take streams from any agent certificate; a
+    Watch or a silent reflection stream carries nothing the agent must keep open, so it ends
+    after the link idle timeout instead of holding a stream place and a worker for good."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    release = threading.Event()
+    rogue = agent_identity("h11")
+    channel = world.channel(world.b, rogue)
+    started = time.monotonic()
+    calls: list[Any] = []
+    try:
+        watches = [
+            health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            for _ in range(PER_PEER - 1)
+        ]
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter(Silent(release, [reflection_pb2.ServerReflectionRequest(list_services="")])),
+            timeout=30,
+        )
+        calls += [*watches, reflection]
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        assert next(reflection).list_services_response.service
+        over = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        assert_refused(lambda: list(over), CODE.RESOURCE_EXHAUSTED, "max_streams_per_peer")
+        wait_for(lambda: len(ended(calls)) == len(calls), timeout=LINK_IDLE + 8, what="ends")
+        assert all(c.code() == CODE.DEADLINE_EXCEEDED for c in calls), [c.code() for c in calls]
+        assert time.monotonic() - started >= LINK_IDLE * 0.9
+    finally:
+        release.set()
+        for call in calls:
+            call.cancel()
+    assert_invariants(world)
+
+
 def test_silent_streams_are_bounded_in_all(world: World) -> None:
     """Three rogue agent certificates together go past the agent-wide bound: the streams over
     it are refused at once (whichever peer's they are: the order the agent sees them in is
