@@ -769,6 +769,49 @@ def test_a_rogue_frame_into_a_later_stage_stops_it(
     assert_invariants(world)
 
 
+def test_execute_before_a_replica_binds_the_chips_leaves_it_nothing(world: World) -> None:
+    """Execute runs on chips no replica is bound to, on the program a later replica will use:
+    what it wrote into the KV cache (every slot, every position) must not reach that
+    replica's tokens."""
+    rng = np.random.default_rng(7)
+    n = 64  # max_context: every position of every slot
+    slots = [s for s in range(4) for _ in range(n)]
+    positions = [p for _ in range(4) for p in range(n)]
+    tokens = rng.integers(0, TINY.vocab_size, size=len(slots)).tolist()
+    stage0 = world.a.stub.Execute(
+        agent_pb2.ExecuteRequest(
+            chip=1,
+            shard_id=world.refs[0].shard_id,
+            activation=Activation.for_tokens(slots, positions, tokens).to_bytes(),
+        ),
+        timeout=30,
+    )
+    world.b.stub.Execute(
+        agent_pb2.ExecuteRequest(
+            chip=1, shard_id=world.refs[1].shard_id, activation=stage0.activation
+        ),
+        timeout=30,
+    )
+    world.configure_victim()
+    try:
+        for agent in world.agents:
+            agent.stub.StartEpoch(
+                agent_pb2.StartEpochRequest(
+                    deployment=VICTIM, epoch=0, tick=0, ready_chips=world.chip_names
+                ),
+                timeout=30,
+            )
+        request = agent_pb2.GenerateRequest(
+            deployment=VICTIM, request_id="after-execute", prompt_ids=PROMPT, max_tokens=N_TOKENS
+        )
+        with served_concurrently(world):
+            got = tuple(r.token for r in world.a.stub.Generate(request, timeout=60))
+        assert got == world.expected
+    finally:
+        world.remove_victim()
+    assert_invariants(world)
+
+
 def raising_payload(w: World) -> bytes:
     """Stage 0's real output with float positions: stage 1 indexing with them raises
     IndexError inside the kernel (a payload fault, not a frame-check one)."""
@@ -1471,7 +1514,7 @@ def test_silent_streams_are_bounded_in_all(world: World) -> None:
             calls += probe_streams(world, world.b, agent_identity(node), count, release)
         early = wait_for(
             lambda: len(ended(calls)) >= over and ended(calls),
-            timeout=LINK_IDLE / 2,
+            timeout=LINK_IDLE - 0.5,  # before the first idle end
             what=f"{over} refusals",
         )
         assert len(early) == over, [c.code() for c in early]
