@@ -13,8 +13,9 @@ Nothing can hold the agent:
 
 * every streaming call (LoadShard, Generate, Link/Exchange, health Watch, reflection) passes
   `StreamLimit` when it starts: at most `max_streams_per_peer` per peer (`peer_key`) and
-  `max_streams` in all, refused at once with RESOURCE_EXHAUSTED beyond; the worker pool has
-  `unary_reserve` more threads than streams may take, so Status and health always find one;
+  `max_streams` in all (the control plane's not counted: other agents cannot lock it out),
+  refused at once with RESOURCE_EXHAUSTED beyond; the worker pool has `unary_reserve` more
+  threads than streams may take, so Status and health always find one;
 * a load whose client sends nothing — no header, or no chunk — for `load_idle_timeout` is
   ended with DEADLINE_EXCEEDED and frees everything (a watchdog thread);
 * LinkPing's count and payload and Execute's input are bounded.
@@ -67,7 +68,7 @@ from agents.streams import StreamGate
 from agents.text import clip, quote
 from protos import agent_pb2
 from security.certs import Credentials
-from security.identity import OPEN_SERVICES
+from security.identity import CONTROL_PLANE, OPEN_SERVICES
 from security.tls import AuthorizationInterceptor, peer_identity
 from shardformat.codec import parse_header
 from shardformat.errors import ExecutionError
@@ -197,7 +198,12 @@ class AgentService:
             authorize=allow_all if tls is None else link_authorizer(self.replicas.link_policy),
             idle_timeout=self.settings.link_idle_timeout,
         )
-        self.streams = StreamGate(settings.max_streams, settings.max_streams_per_peer)
+        self.streams = StreamGate(
+            settings.max_streams,
+            settings.max_streams_per_peer,
+            # Under mutual TLS the control plane has places of its own (see agents.streams).
+            reserved=frozenset() if tls is None else frozenset({CONTROL_PLANE}),
+        )
         self._closed = threading.Event()
         self._waiting_lock = threading.Lock()
         self._waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}  # loads without header

@@ -20,9 +20,11 @@ class AgentSettings:
     Streams. A streaming RPC (LoadShard, Generate, Link/Exchange) holds one server worker
     thread for as long as it is open, whether or not its client sends anything. So the number
     of open streams is bounded per peer and in all, checked when a stream starts (a stream
-    over a bound fails at once with RESOURCE_EXHAUSTED), and the worker pool has
-    `unary_reserve` threads more than `max_streams`: Status, health and the other unary calls
-    always find a free worker, however many hostile streams are open.
+    over a bound fails at once with RESOURCE_EXHAUSTED). The control plane's streams (at most
+    `max_streams_per_peer`) are not counted in `max_streams`, so other agents cannot take the
+    places it needs; the worker pool has room for both plus `unary_reserve` threads: Status,
+    health and the other unary calls always find a free worker, however many hostile streams
+    are open.
     """
 
     # --- execution ---------------------------------------------------------------------------
@@ -87,8 +89,9 @@ class AgentSettings:
 
     @property
     def workers(self) -> int:
-        """The server's worker pool: every allowed stream plus the unary reserve."""
-        return self.max_streams + self.unary_reserve
+        """The server's worker pool: every allowed stream (the control plane's included) plus
+        the unary reserve."""
+        return self.max_streams + self.max_streams_per_peer + self.unary_reserve
 
 
 DEFAULT_SETTINGS = AgentSettings()

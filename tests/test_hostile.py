@@ -83,6 +83,7 @@ from protos import agent_pb2, agent_pb2_grpc, interconnect_pb2
 from security import certs
 from security.identity import CONTROL_PLANE, LINK_SECRET_KEY, agent_identity
 from security.tls import link_metadata, open_channel
+from shardformat.address import shard_id_of
 from shardformat.codec import encode_safetensors
 from shardformat.manifest import MANIFEST_KEY
 
@@ -1500,15 +1501,18 @@ def test_health_watch_and_reflection_streams_cannot_be_held_forever(world: World
     assert_invariants(world)
 
 
-def test_silent_streams_are_bounded_in_all(world: World) -> None:
+def test_silent_streams_are_bounded_in_all_and_leave_the_control_plane_its_places(
+    world: World,
+) -> None:
     """Three rogue agent certificates together go past the agent-wide bound: the streams over
     it are refused at once (whichever peer's they are: the order the agent sees them in is
-    the network's), Status still answers fast, and once the streams end at their idle timeout
-    the ring serves again."""
+    the network's) and Status still answers fast. The control plane's streams have places of
+    their own: while every other place is held it still loads a shard and serves the ring."""
     release = threading.Event()
     calls: list[Any] = []
     ring_links = 1  # the ring's link from h0 into stage 1 holds one of b's places
     over = 2 * PER_PEER + 3 + ring_links - MAX_STREAMS
+    blob = make_shard(4096, seed=99)
     try:
         for node, count in (("h8", PER_PEER), ("h9", PER_PEER), ("h10", 3)):
             calls += probe_streams(world, world.b, agent_identity(node), count, release)
@@ -1524,6 +1528,14 @@ def test_silent_streams_are_bounded_in_all(world: World) -> None:
         worst = status_ms(world.b)
         print(f"Status worst {worst:.1f} ms with {MAX_STREAMS} streams open")
         assert worst < 100
+        # The control plane, meanwhile: a load on b (a stream) and a request (a stream on a,
+        # whose tokens travel the ring through b).
+        assert load(world.b, blob, FREE_CHIP).reserved_bytes == len(blob)
+        world.b.stub.UnloadShard(
+            agent_pb2.UnloadShardRequest(chip=FREE_CHIP, shard_id=shard_id_of(blob)), timeout=10
+        )
+        assert world.serve() == world.expected
+        assert not [c for c in calls if c.done() and c not in early], "nothing else ended yet"
         wait_for(lambda: len(ended(calls)) == len(calls), timeout=LINK_IDLE + 8, what="idle end")
         assert sum(c.code() == CODE.DEADLINE_EXCEEDED for c in calls) == len(calls) - over
     finally:
