@@ -249,6 +249,14 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_SETTINGS.load_idle_timeout,
         help="end a load whose client sends nothing (header or chunk) for this many seconds",
     )
+    parser.add_argument(
+        "--link-idle-timeout",
+        type=_positive_seconds,
+        default=DEFAULT_SETTINGS.link_idle_timeout,
+        help="end a Link stream that sends no frame for this many seconds (this agent's "
+        "links send heartbeats every quarter of it, at most every "
+        f"{DEFAULT_SETTINGS.link_heartbeat:g} s)",
+    )
     security = parser.add_mutually_exclusive_group()
     security.add_argument(
         "--certs",
@@ -272,7 +280,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
         args.profile,
         args.listen,
         sram_bytes=args.sram_bytes,
-        settings=dataclasses.replace(DEFAULT_SETTINGS, load_idle_timeout=args.load_idle_timeout),
+        settings=dataclasses.replace(
+            DEFAULT_SETTINGS,
+            load_idle_timeout=args.load_idle_timeout,
+            link_idle_timeout=args.link_idle_timeout,
+            link_heartbeat=min(DEFAULT_SETTINGS.link_heartbeat, args.link_idle_timeout / 4),
+        ),
         certs=args.certs,
         insecure=args.insecure,
     )

@@ -50,7 +50,8 @@ from agents.pipeline import LocalLink, StageRunner
 from agents.sampling import Sampling
 from agents.settings import DEFAULT_SETTINGS, AgentSettings
 from agents.stage_core import Stopped
-from agents.text import quote
+from agents.status_codes import MESSAGE_LIMIT
+from agents.text import clip, quote
 from agents.tokenizer import TextCodec, TextDecoder, TextError
 from placement.models import ModelConfig
 from protos import agent_pb2
@@ -293,6 +294,12 @@ class ReplicaHost:
                 f"max_context ({req.max_context}) at least 2, window ({req.window}) at least "
                 f"0 (0: the agent's default, {self.settings.window})"
             )
+        if req.window > self.settings.max_window:
+            raise _invalid(f"window {req.window} is over the limit of {self.settings.max_window}")
+        if not 0 <= req.jitter_ms <= self.settings.max_jitter_ms:  # also refuses NaN
+            raise _invalid(
+                f"jitter_ms {req.jitter_ms} must be from 0 to {self.settings.max_jitter_ms}"
+            )
         if not req.assignments:
             raise _invalid("no stage assignments")
         seen = set()
@@ -333,6 +340,12 @@ class ReplicaHost:
             with chip.exec_lock:
                 program = chip.program(entry)
             serving = program.serving
+            if program.manifest.stages != req.stages:
+                raise FailedPrecondition(
+                    f"chip {index} ({quote(name)}): shard {shard_id[:12]} is stage "
+                    f"{program.stage} of a {program.manifest.stages}-stage pipeline; asked to "
+                    f"run it in one of {req.stages} stages"
+                )
             if (
                 program.stage != a.stage
                 or serving.max_batch != req.max_batch
@@ -385,6 +398,7 @@ class ReplicaHost:
                         on_error=runner.fail,
                         jitter_ms=req.jitter_ms,
                         seed=seed,
+                        heartbeat=self.settings.link_heartbeat,
                         channel_factory=link_channels(
                             self.tls, by_stage[stage].downstream_identity or None
                         ),
@@ -484,9 +498,14 @@ class ReplicaHost:
         try:
             for out in head.tokens(stream, timeout):
                 if out.cancelled:
-                    context.abort(grpc.StatusCode.CANCELLED, out.error or "cancelled")
+                    context.abort(
+                        grpc.StatusCode.CANCELLED, clip(out.error or "cancelled", MESSAGE_LIMIT)
+                    )
                 if out.error is not None:
-                    context.abort(grpc.StatusCode.ABORTED, f"the pipeline stopped: {out.error}")
+                    context.abort(
+                        grpc.StatusCode.ABORTED,
+                        clip(f"the pipeline stopped: {out.error}", MESSAGE_LIMIT),
+                    )
                 assert out.event is not None
                 finished = out.event.finished
                 logits = b""
@@ -503,5 +522,6 @@ class ReplicaHost:
         except TimeoutError:
             head.cancel(req.request_id)
             context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"request {req.request_id!r} passed its deadline"
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"request {quote(req.request_id)} passed its deadline",
             )

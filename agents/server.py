@@ -13,8 +13,9 @@ Nothing can hold the agent:
 
 * every streaming call (LoadShard, Generate, Link/Exchange, health Watch, reflection) passes
   `StreamLimit` when it starts: at most `max_streams_per_peer` per peer (`peer_key`) and
-  `max_streams` in all, refused at once with RESOURCE_EXHAUSTED beyond; the worker pool has
-  `unary_reserve` more threads than streams may take, so Status and health always find one;
+  `max_streams` in all (the control plane's not counted: other agents cannot lock it out),
+  refused at once with RESOURCE_EXHAUSTED beyond; the worker pool has `unary_reserve` more
+  threads than streams may take, so Status and health always find one;
 * a load whose client sends nothing — no header, or no chunk — for `load_idle_timeout` is
   ended with DEADLINE_EXCEEDED and frees everything (a watchdog thread);
 * LinkPing's count and payload and Execute's input are bounded.
@@ -67,6 +68,7 @@ from agents.streams import StreamGate
 from agents.text import clip, quote
 from protos import agent_pb2
 from security.certs import Credentials
+from security.identity import CONTROL_PLANE, OPEN_SERVICES
 from security.tls import AuthorizationInterceptor, peer_identity
 from shardformat.codec import parse_header
 from shardformat.errors import ExecutionError
@@ -196,7 +198,12 @@ class AgentService:
             authorize=allow_all if tls is None else link_authorizer(self.replicas.link_policy),
             idle_timeout=self.settings.link_idle_timeout,
         )
-        self.streams = StreamGate(settings.max_streams, settings.max_streams_per_peer)
+        self.streams = StreamGate(
+            settings.max_streams,
+            settings.max_streams_per_peer,
+            # Under mutual TLS the control plane has places of its own (see agents.streams).
+            reserved=frozenset() if tls is None else frozenset({CONTROL_PLANE}),
+        )
         self._closed = threading.Event()
         self._waiting_lock = threading.Lock()
         self._waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}  # loads without header
@@ -408,7 +415,14 @@ class AgentService:
                 ) from None
             try:
                 output = program.step(batch).to_bytes()
-            except (ExecutionError, ValueError, TypeError, OverflowError, struct.error) as exc:
+            except (
+                ExecutionError,
+                ValueError,
+                TypeError,
+                IndexError,  # e.g. float slots or positions used as indices
+                OverflowError,
+                struct.error,
+            ) as exc:
                 raise InvalidArgument(
                     f"chip {chip.index}: {entry.header.label}: {type(exc).__name__}: {exc}"
                 ) from None
@@ -544,11 +558,21 @@ def _check_blob(header: ShardHeader, view: memoryview) -> None:
 class StreamLimit(grpc.ServerInterceptor):  # type: ignore[misc]
     """Admit every streaming call through the `StreamGate` when it starts (see the module
     docstring): over a bound it ends at once with RESOURCE_EXHAUSTED, before its handler can
-    block a worker on a silent client. The count is released when the call ends, however."""
+    block a worker on a silent client. The count is released when the call ends, however.
 
-    def __init__(self, gate: StreamGate, node: str) -> None:
+    Streams of the open services (health Watch, reflection: any agent of the cluster may call
+    them) have no idle timeout of their own and carry nothing the agent must keep open, so
+    they end with DEADLINE_EXCEEDED after `open_stream_lifetime` seconds (None: never); a
+    health watcher re-watches. Without it a few agent certificates held stream places and
+    workers for good with silent Watch streams.
+    """
+
+    def __init__(
+        self, gate: StreamGate, node: str, open_stream_lifetime: float | None = None
+    ) -> None:
         self.gate = gate
         self.node = node
+        self.open_stream_lifetime = open_stream_lifetime
 
     def intercept_service(
         self,
@@ -566,11 +590,20 @@ class StreamLimit(grpc.ServerInterceptor):  # type: ignore[misc]
         else:
             kind = "unary_stream"
         behavior = getattr(handler, kind)
-        guarded = self._guard(behavior, method, streaming_response=handler.response_streaming)
+        service = str(details.method).lstrip("/").split("/", 1)[0]
+        lifetime = self.open_stream_lifetime if service in OPEN_SERVICES else None
+        guarded = self._guard(
+            behavior, method, streaming_response=handler.response_streaming, lifetime=lifetime
+        )
         return handler._replace(**{kind: guarded})  # type: ignore[no-any-return]
 
     def _guard(
-        self, behavior: Callable[..., Any], method: str, *, streaming_response: bool
+        self,
+        behavior: Callable[..., Any],
+        method: str,
+        *,
+        streaming_response: bool,
+        lifetime: float | None = None,
     ) -> Callable[..., Any]:
         gate, node = self.gate, self.node
 
@@ -584,6 +617,18 @@ class StreamLimit(grpc.ServerInterceptor):  # type: ignore[misc]
                 context.abort(code, f"node {node}: {message}")
             done = threading.Lock()
             released = False
+            timer: threading.Timer | None = None
+            if lifetime is not None:
+                timer = threading.Timer(
+                    lifetime,
+                    end_call,
+                    (
+                        context,
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"node {node}: {method} streams end after {lifetime} s",
+                    ),
+                )
+                timer.daemon = True
 
             def release() -> None:
                 nonlocal released
@@ -591,11 +636,15 @@ class StreamLimit(grpc.ServerInterceptor):  # type: ignore[misc]
                     if released:
                         return
                     released = True
+                if timer is not None:
+                    timer.cancel()
                 gate.leave(peer)
 
             if not context.add_callback(release):  # the call already ended
                 release()
                 return None
+            if timer is not None:
+                timer.start()
             try:
                 result = behavior(request, context)
             except BaseException:
@@ -717,7 +766,7 @@ def start_server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="agent-rpc"),
         interceptors=(
             *(() if credentials is None else (AuthorizationInterceptor(service.node),)),
-            StreamLimit(service.streams, service.node),
+            StreamLimit(service.streams, service.node, service.settings.link_idle_timeout),
         ),
         options=SERVER_OPTIONS,
     )

@@ -20,9 +20,11 @@ class AgentSettings:
     Streams. A streaming RPC (LoadShard, Generate, Link/Exchange) holds one server worker
     thread for as long as it is open, whether or not its client sends anything. So the number
     of open streams is bounded per peer and in all, checked when a stream starts (a stream
-    over a bound fails at once with RESOURCE_EXHAUSTED), and the worker pool has
-    `unary_reserve` threads more than `max_streams`: Status, health and the other unary calls
-    always find a free worker, however many hostile streams are open.
+    over a bound fails at once with RESOURCE_EXHAUSTED). The control plane's streams (at most
+    `max_streams_per_peer`) are not counted in `max_streams`, so other agents cannot take the
+    places it needs; the worker pool has room for both plus `unary_reserve` threads: Status,
+    health and the other unary calls always find a free worker, however many hostile streams
+    are open.
     """
 
     # --- execution ---------------------------------------------------------------------------
@@ -38,9 +40,15 @@ class AgentSettings:
     queue_factor: int = 4  # ConfigureReplica queue_limit 0: this many x maxBatch may wait
     # A Link stream that sends no frame for this long is ended (DEADLINE_EXCEEDED): a peer
     # cannot hold a server thread with a silent stream. Senders of idle (but healthy) links
-    # send a heartbeat every `link_heartbeat` seconds, well inside it.
+    # send a heartbeat every `link_heartbeat` seconds, well inside it. Streams of the open
+    # services (health Watch, reflection) end after it too (`agents.server.StreamLimit`).
     link_idle_timeout: float = 30.0
     link_heartbeat: float = 5.0
+    # ConfigureReplica bounds. The window bounds what a stage buffers (W frames of upstream
+    # ticks), so an unbounded one would let a peer fill memory with future frames again; the
+    # jitter (a test hook) is slept by a link thread, which a huge value would kill.
+    max_window: int = 1024
+    max_jitter_ms: float = 10_000.0
 
     # --- LinkPing (a diagnostic: bounded so it cannot be used to fill memory or a CPU) -------
     ping_max_count: int = 10_000
@@ -64,6 +72,7 @@ class AgentSettings:
             "chain_log_limit",
             "queue_factor",
             "ping_max_count",
+            "max_window",
             "max_streams",
             "max_streams_per_peer",
             "unary_reserve",
@@ -73,13 +82,16 @@ class AgentSettings:
                 raise ValueError(f"AgentSettings.{name} must be at least 1")
         if not self.load_idle_timeout > 0:
             raise ValueError("AgentSettings.load_idle_timeout must be positive")
+        if not 0 <= self.max_jitter_ms < float("inf"):
+            raise ValueError("AgentSettings.max_jitter_ms must be finite and not negative")
         if self.ping_max_payload_bytes < 0:
             raise ValueError("AgentSettings.ping_max_payload_bytes must not be negative")
 
     @property
     def workers(self) -> int:
-        """The server's worker pool: every allowed stream plus the unary reserve."""
-        return self.max_streams + self.unary_reserve
+        """The server's worker pool: every allowed stream (the control plane's included) plus
+        the unary reserve."""
+        return self.max_streams + self.max_streams_per_peer + self.unary_reserve
 
 
 DEFAULT_SETTINGS = AgentSettings()

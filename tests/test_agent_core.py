@@ -108,6 +108,22 @@ def test_stream_gate_bounds_per_peer_and_in_all() -> None:
     assert gate.total == 0 and gate.open_of("a") == 0
 
 
+def test_a_reserved_peer_has_places_outside_the_total() -> None:
+    gate = StreamGate(max_total=2, max_per_peer=2, reserved=frozenset({"cp"}))
+    gate.enter("a", "Exchange")
+    gate.enter("b", "Exchange")
+    with pytest.raises(errors.ResourceExhausted, match="max_streams 2"):
+        gate.enter("c", "Exchange")
+    gate.enter("cp", "LoadShard")  # the total is full, the reserved peer still gets in
+    gate.enter("cp", "Generate")
+    with pytest.raises(errors.ResourceExhausted, match="max_streams_per_peer 2"):
+        gate.enter("cp", "Generate")
+    assert gate.total == 2 and gate.open_of("cp") == 2
+    for peer in ("a", "b", "cp", "cp"):
+        gate.leave(peer)
+    assert gate.total == 0 and gate.open_of("cp") == 0
+
+
 def test_stream_gate_counts_exactly_under_contention() -> None:
     gate = StreamGate(max_total=1000, max_per_peer=1000)
 
