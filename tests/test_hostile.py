@@ -42,7 +42,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest_agents import (
+from agent_helpers import (
     AgentCluster,
     AgentProcess,
     credentials,
@@ -50,14 +50,11 @@ from conftest_agents import (
     make_shard,
     messages,
     sample_manifest,
-    secure_channel,
-    session_certs,
     tiny_request,
     wait_for,
 )
 from cryptography import x509
 
-from agents import loader
 from agents.activation import ACTIVATION_KEY, ACTIVATION_VERSION, Activation
 from agents.executor import ReferenceExecutor, load_shard
 from agents.interconnect import (
@@ -72,14 +69,15 @@ from agents.lockstep import Frame
 from agents.pipeline import encode_token, encode_work
 from agents.sampling import Sampling
 from agents.settings import DEFAULT_SETTINGS
+from orchestrator import agent_client
 from orchestrator.compiler import ShardRef, compile_plan
-from orchestrator.serving import bring_up, configure_requests
+from orchestrator.serving import BringUpOptions, bring_up_replica, configure_requests
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS
 from placement.plan import Plan
 from placement.planner import make_plan
 from placement.topology import preset_topology
-from protos import agent_pb2, agent_pb2_grpc, interconnect_pb2
+from protos import agent_pb2, agent_pb2_grpc, interconnect_pb2, load_stream
 from security import certs
 from security.identity import CONTROL_PLANE, LINK_SECRET_KEY, agent_identity
 from security.tls import link_metadata, open_channel
@@ -135,6 +133,7 @@ class World:
     b: AgentProcess  # h1: ring stage 1 (chip 0), victim stage 1 (chip 1)
     expected: tuple[int, ...]
     reference: ReferenceExecutor
+    certs: Path  # the session's cluster CA and control-plane certificate
     baseline: dict[str, list[ChipView]] = field(default_factory=dict)
     _channels: dict[tuple[str, str], grpc.Channel] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=itertools.count)
@@ -151,7 +150,7 @@ class World:
         """A cached mutual-TLS channel to `agent`, dialling as `identity`."""
         key = (agent.address, identity)
         if key not in self._channels:
-            self._channels[key] = secure_channel(agent.address, agent.node, identity=identity)
+            self._channels[key] = agent.dial(identity=identity)
         return self._channels[key]
 
     def stub(self, agent: AgentProcess, identity: str = CONTROL_PLANE) -> agent_pb2_grpc.AgentStub:
@@ -207,14 +206,13 @@ def pipelines(agent: AgentProcess, deployment: str) -> list[agent_pb2.PipelineSt
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+def world(tmp_path_factory: pytest.TempPathFactory, agent_cluster: AgentCluster) -> Iterator[World]:
     plan = make_plan(tiny_request(RING, stages=2), preset_topology(1, "dev-whole-ops"))
     refs = sorted(
         compile_plan(plan, TINY, SEED, tmp_path_factory.mktemp("store")),
         key=lambda r: r.binding.stage,
     )
     blobs = {r.binding.stage: r.path.read_bytes() for r in refs}
-    cluster = AgentCluster()
     flags = [
         "--sram-bytes",
         "64MiB",
@@ -223,25 +221,30 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "--link-idle-timeout",
         str(LINK_IDLE),
     ]
+    a, b = (agent_cluster.start(f"h{i}", chips=4, extra=flags) for i in range(2))
+    for stage, agent in ((0, a), (1, b)):
+        for chip in (0, 1):
+            load(agent, blobs[stage], chip)
+    reference = ReferenceExecutor(
+        TINY, SeededWeights(TINY, SEED, "F16"), max_batch=4, max_context=64
+    )
+    tokens = reference.generate(PROMPT, N_TOKENS).tokens
+    w = World(plan, refs, blobs, a, b, tokens, reference, agent_cluster.certs)
+    up = bring_up_replica(  # the shards are held already: this configures and starts
+        plan,
+        refs,
+        w.where(0),
+        {x.address: x.channel for x in w.agents},
+        nodes=w.nodes,
+        options=BringUpOptions(link_secret=RING_SECRET),
+    )
+    assert all(x.held for x in up.loads), up.loads
+    assert w.serve() == w.expected  # the ring's links are open and bound
+    w.baseline = {x.address: view(x) for x in (a, b)}
     try:
-        a, b = (cluster.start(f"h{i}", chips=4, extra=flags) for i in range(2))
-        for stage, agent in ((0, a), (1, b)):
-            for chip in (0, 1):
-                load(agent, blobs[stage], chip)
-        reference = ReferenceExecutor(
-            TINY, SeededWeights(TINY, SEED, "F16"), max_batch=4, max_context=64
-        )
-        w = World(plan, refs, blobs, a, b, reference.generate(PROMPT, N_TOKENS).tokens, reference)
-        requests = configure_requests(
-            plan, refs, w.where(0), nodes=w.nodes, link_secret=RING_SECRET
-        )
-        bring_up({x.address: x.stub for x in (a, b)}, requests)
-        assert w.serve() == w.expected  # the ring's links are open and bound
-        w.baseline = {x.address: view(x) for x in (a, b)}
         yield w
-        w.close()
     finally:
-        cluster.close()
+        w.close()  # the agent_cluster fixture stops the agents
 
 
 def assert_invariants(w: World) -> None:
@@ -867,11 +870,11 @@ def foreign_control_plane(tmp: Path) -> Any:
     return certs.load_control_plane(directory)
 
 
-def expired_control_plane(tmp: Path) -> Any:
+def expired_control_plane(tmp: Path, session: Path) -> Any:
     directory = tmp / "expired"
     directory.mkdir()
     for name in ("ca.crt", "ca.key"):
-        shutil.copy(session_certs() / name, directory / name)
+        shutil.copy(session / name, directory / name)
     certs.issue(directory, CONTROL_PLANE, days=-1)
     creds = certs.load_control_plane(directory)
     cert = x509.load_pem_x509_certificate(creds.cert_pem)
@@ -879,11 +882,11 @@ def expired_control_plane(tmp: Path) -> Any:
     return creds
 
 
-def not_yet_valid_control_plane(tmp: Path) -> Any:
+def not_yet_valid_control_plane(tmp: Path, session: Path) -> Any:
     directory = tmp / "future"
     directory.mkdir()
     for name in ("ca.crt", "ca.key"):
-        shutil.copy(session_certs() / name, directory / name)
+        shutil.copy(session / name, directory / name)
     later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
     certs.issue(directory, CONTROL_PLANE, now=later, days=30)
     creds = certs.load_control_plane(directory)
@@ -898,15 +901,17 @@ def _handshake_channels(w: World, tmp: Path) -> dict[str, Callable[[], grpc.Chan
         "plaintext": lambda: grpc.insecure_channel(a.address),
         "no-client-certificate": lambda: grpc.secure_channel(
             a.address,
-            grpc.ssl_channel_credentials(root_certificates=credentials().ca_pem),
+            grpc.ssl_channel_credentials(root_certificates=credentials(w.certs).ca_pem),
             options=[("grpc.ssl_target_name_override", "h0.agent.lockstep")],
         ),
         "another-ca": lambda: open_channel(a.address, foreign_control_plane(tmp), peer=a.identity),
-        "expired": lambda: open_channel(a.address, expired_control_plane(tmp), peer=a.identity),
-        "not-yet-valid": lambda: open_channel(
-            a.address, not_yet_valid_control_plane(tmp), peer=a.identity
+        "expired": lambda: open_channel(
+            a.address, expired_control_plane(tmp, w.certs), peer=a.identity
         ),
-        "dialled-as-another-node": lambda: secure_channel(a.address, "h1"),
+        "not-yet-valid": lambda: open_channel(
+            a.address, not_yet_valid_control_plane(tmp, w.certs), peer=a.identity
+        ),
+        "dialled-as-another-node": lambda: a.dial(node="h1"),
     }
 
 
@@ -949,7 +954,7 @@ def crafted_channel(w: World, uris: list[str]) -> grpc.Channel:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    directory = session_certs()
+    directory = w.certs
     ca = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -1081,18 +1086,18 @@ def tampered(blob: bytes) -> bytes:
 def header_messages(w: World, **fields: Any) -> list[bytes]:
     """A load of the stage-0 blob onto the free chip, header fields overridden."""
     blob = w.blobs[0]
-    header = loader.make_header(blob, FREE_CHIP)
+    header = agent_client.make_header(blob, FREE_CHIP)
     for name, value in fields.items():
         setattr(header, name, value)
-    return loader.load_messages(header, blob)
+    return load_stream.load_messages(header, blob)
 
 
 def lie_about(w: World, blob: bytes, chip: int, **fields: Any) -> list[bytes]:
     """A load of `blob` onto `chip` whose header claims the stage-0 shard id."""
-    header = loader.make_header(blob, chip, shard_id=w.refs[0].shard_id)
+    header = agent_client.make_header(blob, chip, shard_id=w.refs[0].shard_id)
     for name, value in fields.items():
         setattr(header, name, value)
-    return loader.load_messages(header, blob)
+    return load_stream.load_messages(header, blob)
 
 
 def safetensors_blob(header: object, data: bytes = b"") -> bytes:
@@ -1344,7 +1349,7 @@ def test_a_hostile_load_is_refused_and_changes_nothing(
 ) -> None:
     with served_concurrently(world):
         assert_refused(
-            lambda: loader.send_load(world.a.channel, stream(world), timeout=30), code, words
+            lambda: agent_client.send_load(world.a.channel, stream(world), timeout=30), code, words
         )
     assert_invariants(world)
 
@@ -1353,7 +1358,7 @@ def test_tampered_bytes_under_a_held_id_are_never_read(world: World) -> None:
     """ "Already loaded" is answered for a shard id the chip holds — every held shard was
     verified under its id — so the tampered bytes are never taken, and the ring serves on."""
     with served_concurrently(world):
-        reply = loader.send_load(
+        reply = agent_client.send_load(
             world.a.channel, lie_about(world, tampered(world.blobs[0]), 0), timeout=30
         )
     assert reply.already_loaded and reply.bytes_received == 0
@@ -1380,14 +1385,14 @@ def test_silent_loads_end_at_the_load_idle_timeout(world: World) -> None:
     free their reservation; the ring serves meanwhile."""
     release = threading.Event()
     headers = [  # distinct shards: one load of a shard per chip at a time
-        loader.header_message(loader.make_header(make_shard(1024, seed=i), FREE_CHIP))
+        load_stream.header_message(agent_client.make_header(make_shard(1024, seed=i), FREE_CHIP))
         for i in range(8)
     ]
     started = time.monotonic()
     try:
         with served_concurrently(world):
             calls = [
-                loader.load_call(world.a.channel).future(
+                agent_client.load_call(world.a.channel).future(
                     iter(Silent(release, [headers[i]] if i % 2 else [])), timeout=30
                 )
                 for i in range(8)
@@ -1591,7 +1596,7 @@ def big_stub(w: World) -> agent_pb2_grpc.AgentStub:
     if key not in w._channels:
         w._channels[key] = open_channel(
             w.a.address,
-            credentials(),
+            credentials(w.certs),
             peer=w.a.identity,
             options=[("grpc.max_send_message_length", 16 << 20)],
         )
@@ -1660,7 +1665,7 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
     (
         "execute-over-the-message-limit",  # refused by gRPC before the agent sees it
         lambda w: big_stub(w).Execute(
-            agent_pb2.ExecuteRequest(chip=1, activation=bytes(loader.MAX_MESSAGE_BYTES)),
+            agent_pb2.ExecuteRequest(chip=1, activation=bytes(load_stream.MAX_MESSAGE_BYTES)),
             timeout=30,
         ),
         CODE.RESOURCE_EXHAUSTED,
@@ -1987,7 +1992,7 @@ def hostile_mix(w: World, tmp: Path) -> list[tuple[str, Callable[[], object], CO
         ("execute-bound-chip", lambda: execute(0, b"")(w), CODE.FAILED_PRECONDITION),
         (
             "garbage-load",
-            lambda: loader.send_load(a.channel, garbage, timeout=10),
+            lambda: agent_client.send_load(a.channel, garbage, timeout=10),
             CODE.INVALID_ARGUMENT,
         ),
         (
