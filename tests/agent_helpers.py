@@ -322,3 +322,35 @@ def tiny_request(name: str, *, tp: int = 1, stages: int | None = None) -> PlanRe
         spread="none",
         spares_per_rack=0,
     )
+
+
+class Waiting:
+    """A Generate call admitted on `deployment` and waiting in a thread; `result()` gives its
+    error (None: it finished) and when it ended, so a test can check a client was ended at
+    once rather than at its deadline."""
+
+    def __init__(self, agent: AgentProcess, deployment: str) -> None:
+        request = agent_pb2.GenerateRequest(
+            deployment=deployment, request_id="waiter", prompt_ids=[1, 2, 3], max_tokens=4
+        )
+        self.call = agent.stub.Generate(request, timeout=60)
+        self.call.initial_metadata()  # admitted
+        self.error: grpc.RpcError | None = None
+        self.ended = 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            list(self.call)
+        except grpc.RpcError as exc:
+            self.error = exc
+        self.ended = time.monotonic()
+
+    def result(self) -> tuple[grpc.RpcError | None, float]:
+        self._thread.join(60)
+        return self.error, self.ended
+
+    def cancel(self) -> None:
+        self.call.cancel()
+        self._thread.join(60)

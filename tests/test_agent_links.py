@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agent_helpers import AgentCluster, AgentProcess, load, tiny_request, wait_for
+from agent_helpers import AgentCluster, AgentProcess, Waiting, load, tiny_request, wait_for
 
 from agents.activation import Activation
 from agents.executor import ReferenceExecutor, load_shard
@@ -205,32 +205,6 @@ def pipelines(agent: AgentProcess, deployment: str) -> list[agent_pb2.PipelineSt
 def ring_healthy(s: Setup) -> None:
     for agent in (s.a, s.b):
         assert all(p.error == "" and p.phase == "running" for p in pipelines(agent, RING))
-
-
-class Waiting:
-    """A Generate call admitted and waiting; `result()` its error and when it ended."""
-
-    def __init__(self, agent: AgentProcess, deployment: str) -> None:
-        request = agent_pb2.GenerateRequest(
-            deployment=deployment, request_id="waiter", prompt_ids=[1, 2, 3], max_tokens=4
-        )
-        self.call = agent.stub.Generate(request, timeout=60)
-        self.call.initial_metadata()  # admitted
-        self.error: grpc.RpcError | None = None
-        self.ended = 0.0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            list(self.call)
-        except grpc.RpcError as exc:
-            self.error = exc
-        self.ended = time.monotonic()
-
-    def result(self) -> tuple[grpc.RpcError | None, float]:
-        self._thread.join(60)
-        return self.error, self.ended
 
 
 # --- tests ---------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import pytest
 from agent_helpers import (
     AgentCluster,
     AgentProcess,
+    Waiting,
     credentials,
     load,
     make_shard,
@@ -665,36 +666,6 @@ FRAME_CASES: list[tuple[str, Callable[[], list[interconnect_pb2.LinkFrame]], COD
 ]
 
 
-class Waiting:
-    """A Generate call admitted on the victim and waiting; `result()` its error and end."""
-
-    def __init__(self, agent: AgentProcess) -> None:
-        request = agent_pb2.GenerateRequest(
-            deployment=VICTIM, request_id="waiter", prompt_ids=[1, 2, 3], max_tokens=4
-        )
-        self.call = agent.stub.Generate(request, timeout=60)
-        self.call.initial_metadata()  # admitted
-        self.error: grpc.RpcError | None = None
-        self.ended = 0.0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            list(self.call)
-        except grpc.RpcError as exc:
-            self.error = exc
-        self.ended = time.monotonic()
-
-    def result(self) -> tuple[grpc.RpcError | None, float]:
-        self._thread.join(60)
-        return self.error, self.ended
-
-    def cancel(self) -> None:
-        self.call.cancel()
-        self._thread.join(60)
-
-
 @pytest.mark.parametrize(
     ("frames", "code", "words", "stops"),
     [case[1:] for case in FRAME_CASES],
@@ -710,7 +681,7 @@ def test_a_rogue_frame_from_the_upstream_is_rejected(
     world.configure_victim()
     try:
         with served_concurrently(world):
-            client = Waiting(world.a)
+            client = Waiting(world.a, VICTIM)
             sent = time.monotonic()
             assert_refused(
                 lambda: link_call(world, world.a, H1, frames(), target(VICTIM, 0, VICTIM_SECRET)),
