@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,21 @@ class ShardRef:
     binding: ChipBinding
 
 
+BlobWriter = Callable[[list["ShardProgram"]], dict[str, StoredBlob]]
+"""Writes shard programs into the store; their blobs by recipe. In process by default;
+`orchestrator.ray_tasks` fans the writes out over Ray tasks."""
+
+
+@dataclass(frozen=True)
+class ChipProgram:
+    """One chip's unit of compilation: TP rank `rank` of `stage`, on `chip`, and its program."""
+
+    stage: StagePlan
+    rank: int
+    chip: str
+    program: ShardProgram
+
+
 def compile_plan(
     plan: Plan,
     model_cfg: ModelConfig,
@@ -119,6 +135,7 @@ def compile_plan(
     *,
     virtual: bool | None = None,
     text: TextSpec | None = None,
+    write_blobs: BlobWriter | None = None,
 ) -> list[ShardRef]:
     """Compile every chip's shard of `plan` into the store at `store_dir`.
 
@@ -126,6 +143,8 @@ def compile_plan(
     precision compiles manifest-only shards; a checkpoint always compiles real ones.
     `text` (else a checkpoint directory's tokenizer.json, `read_text_spec`) goes into stage
     0's real shards (`shardformat.text`), for text in and out of Generate.
+    `write_blobs` writes the distinct programs the store lacks (default: one after the other,
+    here); whoever writes them, the result is the same, since a blob is content-addressed.
     Raises `InputError` when the plan does not belong to the model or the weights do not fit it.
     """
     check_plan(plan, model_cfg)
@@ -135,31 +154,58 @@ def compile_plan(
     if text is None and not virtual and isinstance(source, (str, os.PathLike)):
         text = read_text_spec(source, model_cfg)
     with contextlib.ExitStack() as stack:
-        weights = None if virtual else _open_source(source, model_cfg, plan.precision, stack)
-        built: dict[str, StoredBlob] = {}
+        weights = None if virtual else open_weight_source(source, model_cfg, plan.precision, stack)
+        units = chip_programs(plan, model_cfg, weights, text)
+        blobs: dict[str, StoredBlob] = {}
+        missing: dict[str, ShardProgram] = {}
+        for unit in units:
+            recipe = unit.program.recipe
+            if recipe in blobs or recipe in missing:
+                continue
+            found = store.lookup(recipe)
+            if found is not None:
+                blobs[recipe] = found
+            else:
+                missing[recipe] = unit.program
+        if write_blobs is None:
+            blobs |= {recipe: program.write(store) for recipe, program in missing.items()}
+        elif missing:
+            blobs |= write_blobs(list(missing.values()))
         refs = []
-        for stage in plan.stages:
-            for rank, chip in enumerate(stage.chips):
-                shard = ShardProgram.build(
-                    plan, model_cfg, stage, rank, weights, text if stage.index == 0 else None
+        for unit in units:
+            blob = blobs[unit.program.recipe]
+            store.remember(unit.program.recipe, blob)
+            refs.append(
+                ShardRef(
+                    label=f"{plan.deployment}/replica-{unit.stage.replica}/"
+                    f"stage-{unit.stage.index}/rank-{unit.rank}",
+                    chip=unit.chip,
+                    size_bytes=blob.size_bytes,
+                    shard_id=blob.shard_id,
+                    path=blob.path,
+                    virtual=virtual,
+                    binding=binding(plan, unit.stage, unit.rank),
                 )
-                check_sram(plan, model_cfg, stage, rank, shard)
-                blob = built.get(shard.recipe) or store.lookup(shard.recipe) or shard.write(store)
-                built[shard.recipe] = blob
-                store.remember(shard.recipe, blob)
-                refs.append(
-                    ShardRef(
-                        label=f"{plan.deployment}/replica-{stage.replica}/stage-{stage.index}/"
-                        f"rank-{rank}",
-                        chip=chip,
-                        size_bytes=blob.size_bytes,
-                        shard_id=blob.shard_id,
-                        path=blob.path,
-                        virtual=virtual,
-                        binding=binding(plan, stage, rank),
-                    )
-                )
+            )
     return refs
+
+
+def chip_programs(
+    plan: Plan, cfg: ModelConfig, weights: WeightSource | None, text: TextSpec | None
+) -> list[ChipProgram]:
+    """Every chip's program, in plan order, each checked against the SRAM its plan charged.
+
+    Building a program reads no weights (it names slices and computes the recipe), so this is
+    cheap even for thousands of chips; writing the blobs is the work worth fanning out."""
+    units = []
+    for stage in plan.stages:
+        for rank, chip in enumerate(stage.chips):
+            program = ShardProgram.build(
+                plan, cfg, stage, rank, weights, text if stage.index == 0 else None
+            )
+            check_sram(plan, cfg, stage, rank, program)
+            units.append(ChipProgram(stage, rank, chip, program))
+    return units
 
 
 class PlanAccountingError(RuntimeError):
@@ -263,7 +309,7 @@ def _auto_virtual(plan: Plan, cfg: ModelConfig, source: WeightInput | None) -> b
     return cfg.parameter_count() * PRECISION_BYTES[plan.precision] > VIRTUAL_AUTO_BYTES
 
 
-def _open_source(
+def open_weight_source(
     source: WeightInput | None, cfg: ModelConfig, precision: str, stack: contextlib.ExitStack
 ) -> WeightSource:
     if source is None:

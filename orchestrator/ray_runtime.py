@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -95,7 +96,7 @@ def lockstep_hosts() -> list[str]:
     """The hosts of the connected Ray cluster that advertise a `lockstep-host:` resource."""
     return sorted(
         key.removeprefix(HOST_RESOURCE_PREFIX)
-        for key in ray.cluster_resources()
+        for key in ray.cluster_resources()  # type: ignore[no-untyped-call]
         if key.startswith(HOST_RESOURCE_PREFIX)
     )
 
@@ -125,7 +126,7 @@ class AgentActor:
         import importlib
 
         hosted = importlib.import_module("agents.hosted")  # by name: see the module docstring
-        host = listen_host or ray.util.get_node_ip_address()
+        host = listen_host or ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         self._agent = hosted.start_agent(
             spec.name,
             spec.chips,
@@ -284,9 +285,7 @@ class RayRuntime:
         with self._lock:
             self._refresh()
             return [
-                self._handle_of(a)
-                for _, a in sorted(self._agents.items())
-                if a.info is not None
+                self._handle_of(a) for _, a in sorted(self._agents.items()) if a.info is not None
             ]
 
     def process_id(self, node: str) -> int | None:
@@ -303,9 +302,15 @@ class RayRuntime:
     # --- internals ---
 
     def _host_of(self, spec: NodeSpec) -> str:
-        if spec.name in self._hosts:
-            return self._hosts[spec.name]
         hosts = lockstep_hosts()
+        if spec.name in self._hosts:
+            host = self._hosts[spec.name]
+            if host not in hosts:
+                raise RayRuntimeError(
+                    f"node {spec.name}: host {host!r} is not in the Ray cluster (no Ray node "
+                    f"advertises {host_resource(host)}; hosts: {', '.join(hosts) or 'none'})"
+                )
+            return host
         if spec.name in hosts:
             return spec.name
         if len(hosts) == 1:
@@ -369,12 +374,17 @@ class RayRuntime:
 
 
 def _cause(exc: BaseException) -> str:
-    """The first line of a Ray error that says what failed (the agent's own message)."""
-    text = str(exc)
-    for line in text.splitlines():
-        if "HostedAgentError" in line or "Error:" in line:
-            return line.strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """What failed, from a Ray error: the agent's own exception line (`HostedAgentError: ...`)
+    when the traceback carries one, else the error's first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        match = _EXCEPTION_LINE.match(line)
+        if match:
+            return match.group(1)
+    return lines[0] if lines else type(exc).__name__
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(?:Error|Exception): (.+)$")
 
 
 def _wait_gone(pids: Sequence[int], timeout: float) -> None:
