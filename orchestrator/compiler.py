@@ -21,6 +21,7 @@ compiling the same plan again reads no weights and writes nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -39,7 +40,7 @@ from orchestrator.weights import (
     read_text_spec,
 )
 from placement.errors import InputError
-from placement.models import PRECISION_BYTES, ModelConfig, build_ops
+from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
 from placement.plan import Plan, StagePlan
 from shardformat.codec import TensorEntry, decode_f32, encode_header
 from shardformat.layout import (
@@ -168,13 +169,12 @@ def compile_plan(
             else:
                 missing[recipe] = unit.program
         if write_blobs is None:
-            blobs |= {recipe: program.write(store) for recipe, program in missing.items()}
+            blobs |= {recipe: write_program(program, store) for recipe, program in missing.items()}
         elif missing:
             blobs |= write_blobs(list(missing.values()))
         refs = []
         for unit in units:
             blob = blobs[unit.program.recipe]
-            store.remember(unit.program.recipe, blob)
             refs.append(
                 ShardRef(
                     label=f"{plan.deployment}/replica-{unit.stage.replica}/"
@@ -188,6 +188,13 @@ def compile_plan(
                 )
             )
     return refs
+
+
+def write_program(program: ShardProgram, store: ShardStore) -> StoredBlob:
+    """Write one program's blob and index its recipe (what makes re-compiling a no-op)."""
+    blob = program.write(store)
+    store.remember(program.recipe, blob)
+    return blob
 
 
 def chip_programs(
@@ -215,7 +222,7 @@ class PlanAccountingError(RuntimeError):
 def held_bytes(plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weight_bytes: int) -> int:
     """What TP rank `rank` of `stage` holds in SRAM: its shard's weight bytes plus the KV cache
     of its KV heads at the plan's width (a sliding window caches only its window)."""
-    ops = build_ops(cfg, plan.precision)
+    ops = _ops(cfg, plan.precision)
     kv = 0
     for spec in stage_pieces(cfg, stage.first, stage.last, len(stage.chips)):
         if spec.kind == "attention":
@@ -223,6 +230,13 @@ def held_bytes(plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weight
             per_head = 2 * cfg.head_dim * PRECISION_BYTES[plan.precision]
             kv += (end - start) * per_head * ops[spec.op].cached_positions(plan.max_context)
     return weight_bytes + kv * plan.max_batch
+
+
+@functools.lru_cache(maxsize=8)
+def _ops(cfg: ModelConfig, precision: str) -> list[Op]:
+    """`build_ops`, once per model and precision: `held_bytes` runs for every chip (2,036 for
+    405B), and building the op list each time was half of a virtual compile."""
+    return build_ops(cfg, precision)
 
 
 def check_sram(

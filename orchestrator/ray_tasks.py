@@ -31,6 +31,7 @@ from orchestrator.compiler import (
     WeightInput,
     compile_plan,
     open_weight_source,
+    write_program,
 )
 from orchestrator.shard_store import ShardStore, StoredBlob
 from placement.models import ModelConfig
@@ -124,4 +125,7 @@ def _write_batch(
                     "the weights changed while compiling: their fingerprint differs from the "
                     "one the recipes were computed with"
                 )
-        return {p.recipe: dataclasses.replace(p, weights=weights).write(store) for p in programs}
+        return {
+            p.recipe: write_program(dataclasses.replace(p, weights=weights), store)
+            for p in programs
+        }
