@@ -7,7 +7,7 @@ Everything else (dedupe across replicas, the recipe index, the `ShardRef`s and t
 `compile_plan`'s own code, so the result is exactly the in-process one: a blob is
 content-addressed, and whichever process writes it, its shard id is the BLAKE3 of its bytes.
 
-Each task writes a batch of programs, balanced by weight bytes, and opens the weights once
+Each task writes a contiguous run of programs, balanced by weight bytes, and opens the weights once
 (a seed regenerates them; a checkpoint directory is memory-mapped): the task count defaults to
 two per Ray CPU, so a slow shard does not leave a core idle at the end. Tasks need the store
 directory and a checkpoint directory at the same path on every Ray node (one machine, or a
@@ -82,15 +82,25 @@ def compile_plan_ray(
 
 
 def balanced_batches(programs: Sequence[ShardProgram], count: int) -> list[list[ShardProgram]]:
-    """Split `programs` into at most `count` non-empty batches of similar weight bytes
-    (largest first, each to the lightest batch so far)."""
-    batches: list[list[ShardProgram]] = [[] for _ in range(max(1, min(count, len(programs))))]
-    loads = [0] * len(batches)
-    for program in sorted(programs, key=lambda p: (-p.manifest.weight_bytes, p.recipe)):
-        lightest = loads.index(min(loads))
-        batches[lightest].append(program)
-        loads[lightest] += max(1, program.manifest.weight_bytes)
-    return [b for b in batches if b]
+    """Split `programs` (in plan order) into at most `count` contiguous, non-empty runs of
+    similar weight bytes. Contiguous, because neighbouring stages share the tensors of an op cut
+    between them, and a task's weight source caches the tensors it generated or read last."""
+    count = max(1, min(count, len(programs)))
+    total = sum(max(1, p.manifest.weight_bytes) for p in programs)
+    batches: list[list[ShardProgram]] = [[]]
+    done = 0
+    for index, program in enumerate(programs):
+        left = len(programs) - index  # programs not yet placed, this one included
+        wanted = len(batches) * total / count  # where the current batch should end
+        if (
+            batches[-1]
+            and len(batches) < count
+            and (done >= wanted or left <= count - len(batches))
+        ):
+            batches.append([])
+        batches[-1].append(program)
+        done += max(1, program.manifest.weight_bytes)
+    return batches
 
 
 def _detached(program: ShardProgram) -> ShardProgram:
