@@ -288,6 +288,13 @@ class RayRuntime:
                 self._handle_of(a) for _, a in sorted(self._agents.items()) if a.info is not None
             ]
 
+    def nodes(self) -> list[str]:
+        """The nodes this runtime runs agents for, serving or restarting (an agent killed for
+        good by someone else is dropped once noticed)."""
+        with self._lock:
+            self._refresh()
+            return sorted(self._agents)
+
     def process_id(self, node: str) -> int | None:
         """The pid of `node`'s agent process (on its Ray node), while it serves."""
         with self._lock:
@@ -361,11 +368,23 @@ class RayRuntime:
             agent = pending[ref]
             try:
                 agent.info = ray.get(ref)
-            except RayActorError:  # died again while restarting: ask again
-                agent.info_ref = agent.actor.info.remote()
+            except RayActorError:
+                if self._gone_for_good(agent):
+                    del self._agents[agent.spec.name]  # start_agents would start a new one
+                else:  # died again while restarting: ask again
+                    agent.info_ref = agent.actor.info.remote()
                 continue
             agent.info_ref = None
             agent.serve_ref = agent.actor.serve.remote()
+
+    def _gone_for_good(self, agent: _Agent) -> bool:
+        """Whether the actor will not come back: killed without restart (by another runtime's
+        `stop()`, or `ray kill`), so its name is free again."""
+        try:
+            ray.get_actor(actor_name(agent.spec.name), namespace=self.namespace)
+        except ValueError:
+            return True
+        return False
 
     @staticmethod
     def _handle_of(agent: _Agent) -> AgentHandle:

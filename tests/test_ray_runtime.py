@@ -150,6 +150,29 @@ def test_stop_leaves_no_agent_process(ray_session: None, session_certs: Path) ->
     assert rt.handles() == []
 
 
+def test_a_second_runtime_finds_running_agents_by_name(
+    ray_session: None, session_certs: Path
+) -> None:
+    """A restarted control plane attaches to the detached actors instead of starting more; when
+    one runtime stops them, the other hears of it once and forgets them."""
+    first = RayRuntime(session_certs)
+    second = RayRuntime(session_certs)
+    try:
+        [handle] = first.start_agents([node("rack-0/node-6")])
+        pid = first.process_id(handle.node)
+        assert second.start_agents([node("rack-0/node-6")]) == [handle]
+        assert second.process_id(handle.node) == pid
+        second.stop()
+        assert poll(first.dead_agents, 30, "the stop to be reported") == [handle.node]
+        poll(lambda: first.nodes() == [], 30, "the first runtime to drop the killed agent")
+        assert first.handle(handle.node) is None and first.handles() == []
+        assert first.dead_agents() == []
+        assert pid is not None and not alive(pid)
+    finally:
+        second.stop()
+        first.stop()
+
+
 def test_bad_node_fails_with_its_cause(runtime: RayRuntime) -> None:
     with pytest.raises(
         RayRuntimeError,
