@@ -101,6 +101,38 @@ def lockstep_hosts() -> list[str]:
     )
 
 
+CHIPS_RESOURCE = "lockstep-chips"
+RACK_RESOURCE_PREFIX = "lockstep-rack:"
+DEFAULT_RACK = "rack-0"
+
+
+def discover_nodes(profile: str, default_chips: int = 8) -> list[NodeSpec]:
+    """One node per live Ray node that advertises `lockstep-host:<host>` (joining a cluster:
+    one agent per host). The node is named after its host; its chips come from the
+    `lockstep-chips` resource (else `default_chips`), its rack from a `lockstep-rack:<rack>`
+    resource (else `rack-0`); slots number the hosts of a rack in name order."""
+    found: list[tuple[str, str, int]] = []
+    for ray_node in ray.nodes():  # type: ignore[no-untyped-call]
+        if not ray_node.get("Alive"):
+            continue
+        resources: dict[str, float] = ray_node.get("Resources", {})
+        hosts = _suffixes(resources, HOST_RESOURCE_PREFIX)
+        racks = _suffixes(resources, RACK_RESOURCE_PREFIX)
+        chips = int(resources.get(CHIPS_RESOURCE, default_chips))
+        for host in hosts:
+            found.append((racks[0] if racks else DEFAULT_RACK, host, chips))
+    specs, slots = [], dict[str, int]()
+    for rack, host, chips in sorted(found):
+        slot = slots.get(rack, 0)
+        slots[rack] = slot + 1
+        specs.append(NodeSpec(host, rack, slot, chips, profile))
+    return specs
+
+
+def _suffixes(resources: dict[str, float], prefix: str) -> list[str]:
+    return sorted(key.removeprefix(prefix) for key in resources if key.startswith(prefix))
+
+
 class RayRuntimeError(RuntimeError):
     """An agent could not be placed or started (its cause in the message)."""
 

@@ -25,6 +25,7 @@ from orchestrator.ray_runtime import (
     RayRuntime,
     RayRuntimeError,
     actor_name,
+    discover_nodes,
     init_embedded,
     lockstep_hosts,
 )
@@ -171,6 +172,11 @@ def test_a_second_runtime_finds_running_agents_by_name(
     finally:
         second.stop()
         first.stop()
+
+
+def test_discover_nodes_one_per_advertising_host(ray_session: None) -> None:
+    # the embedded Ray advertises only its host resource: defaults for chips and rack
+    assert discover_nodes("dev", default_chips=4) == [NodeSpec("local", "rack-0", 0, 4, "dev")]
 
 
 def test_bad_node_fails_with_its_cause(runtime: RayRuntime) -> None:
