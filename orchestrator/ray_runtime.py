@@ -153,7 +153,12 @@ class AgentActor:
     holding a thread, so `info` and `stop` answer while it waits)."""
 
     def __init__(
-        self, spec: NodeSpec, listen_host: str | None, certs: str | None, insecure: bool
+        self,
+        spec: NodeSpec,
+        listen_host: str | None,
+        certs: str | None,
+        insecure: bool,
+        options: Mapping[str, Any],
     ) -> None:
         import importlib
 
@@ -167,6 +172,7 @@ class AgentActor:
             sram_bytes=spec.sram_bytes,
             certs=certs,
             insecure=insecure,
+            **options,
         )
         self._info = AgentInfo(
             spec.name,
@@ -214,7 +220,8 @@ class RayRuntime:
     it at the same path). `hosts` maps node names to Ray hosts; a node without an entry goes to
     the host of its own name, else to the only host when there is one. `listen_host` is the
     address agents bind (default: 127.0.0.1 on the embedded default, the Ray node's IP when
-    joining a cluster).
+    joining a cluster). `agent_options` are more keyword arguments of
+    `agents.hosted.start_agent` for every agent (e.g. its `settings`).
     """
 
     def __init__(
@@ -230,7 +237,9 @@ class RayRuntime:
         object_store_memory: int = EMBEDDED_OBJECT_STORE,
         start_timeout: float = 60.0,
         stop_grace: float = 2.0,
+        agent_options: Mapping[str, Any] | None = None,
     ) -> None:
+        self.agent_options = dict(agent_options or {})
         self.certs = None if certs is None else str(certs)
         self.namespace = namespace
         self.insecure = insecure
@@ -374,7 +383,7 @@ class RayRuntime:
             max_task_retries=0,
             num_cpus=0,
             resources={host_resource(self._host_of(spec)): 1},
-        ).remote(spec, self.listen_host, self.certs, self.insecure)
+        ).remote(spec, self.listen_host, self.certs, self.insecure, self.agent_options)
 
     def _await_infos(self, agents: list[_Agent]) -> None:
         """Wait for the agents' first info; on any failure, kill the ones just created."""

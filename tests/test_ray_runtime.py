@@ -190,6 +190,15 @@ def test_bad_node_fails_with_its_cause(runtime: RayRuntime) -> None:
     assert actor_name("rack-0/node-9") not in named
 
 
+def test_agent_options_reach_the_agent(ray_session: None, session_certs: Path) -> None:
+    rt = RayRuntime(session_certs, agent_options={"no_such_option": 1})
+    try:
+        with pytest.raises(RayRuntimeError, match="unexpected keyword argument 'no_such_option'"):
+            rt.start_agents([node("rack-0/node-8")])
+    finally:
+        rt.stop()
+
+
 def test_nodes_need_a_host(ray_session: None, session_certs: Path) -> None:
     rt = RayRuntime(session_certs, hosts={"rack-0/node-7": "elsewhere"})
     try:
