@@ -168,7 +168,7 @@ class AgentActor:
             spec.name,
             spec.chips,
             spec.profile,
-            f"{host}:0",
+            f"[{host}]:0" if ":" in host else f"{host}:0",  # an IPv6 node address
             sram_bytes=spec.sram_bytes,
             certs=certs,
             insecure=insecure,
