@@ -21,8 +21,10 @@ compiling the same plan again reads no weights and writes nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from orchestrator.weights import (
     read_text_spec,
 )
 from placement.errors import InputError
-from placement.models import PRECISION_BYTES, ModelConfig, build_ops
+from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
 from placement.plan import Plan, StagePlan
 from shardformat.codec import TensorEntry, decode_f32, encode_header
 from shardformat.layout import (
@@ -111,6 +113,21 @@ class ShardRef:
     binding: ChipBinding
 
 
+BlobWriter = Callable[[list["ShardProgram"]], dict[str, StoredBlob]]
+"""Writes shard programs into the store; their blobs by recipe. In process by default;
+`orchestrator.ray_tasks` fans the writes out over Ray tasks."""
+
+
+@dataclass(frozen=True)
+class ChipProgram:
+    """One chip's unit of compilation: TP rank `rank` of `stage`, on `chip`, and its program."""
+
+    stage: StagePlan
+    rank: int
+    chip: str
+    program: ShardProgram
+
+
 def compile_plan(
     plan: Plan,
     model_cfg: ModelConfig,
@@ -119,6 +136,7 @@ def compile_plan(
     *,
     virtual: bool | None = None,
     text: TextSpec | None = None,
+    write_blobs: BlobWriter | None = None,
 ) -> list[ShardRef]:
     """Compile every chip's shard of `plan` into the store at `store_dir`.
 
@@ -126,6 +144,8 @@ def compile_plan(
     precision compiles manifest-only shards; a checkpoint always compiles real ones.
     `text` (else a checkpoint directory's tokenizer.json, `read_text_spec`) goes into stage
     0's real shards (`shardformat.text`), for text in and out of Generate.
+    `write_blobs` writes the distinct programs the store lacks (default: one after the other,
+    here); whoever writes them, the result is the same, since a blob is content-addressed.
     Raises `InputError` when the plan does not belong to the model or the weights do not fit it.
     """
     check_plan(plan, model_cfg)
@@ -135,31 +155,64 @@ def compile_plan(
     if text is None and not virtual and isinstance(source, (str, os.PathLike)):
         text = read_text_spec(source, model_cfg)
     with contextlib.ExitStack() as stack:
-        weights = None if virtual else _open_source(source, model_cfg, plan.precision, stack)
-        built: dict[str, StoredBlob] = {}
+        weights = None if virtual else open_weight_source(source, model_cfg, plan.precision, stack)
+        units = chip_programs(plan, model_cfg, weights, text)
+        blobs: dict[str, StoredBlob] = {}
+        missing: dict[str, ShardProgram] = {}
+        for unit in units:
+            recipe = unit.program.recipe
+            if recipe in blobs or recipe in missing:
+                continue
+            found = store.lookup(recipe)
+            if found is not None:
+                blobs[recipe] = found
+            else:
+                missing[recipe] = unit.program
+        if write_blobs is None:
+            blobs |= {recipe: write_program(program, store) for recipe, program in missing.items()}
+        elif missing:
+            blobs |= write_blobs(list(missing.values()))
         refs = []
-        for stage in plan.stages:
-            for rank, chip in enumerate(stage.chips):
-                shard = ShardProgram.build(
-                    plan, model_cfg, stage, rank, weights, text if stage.index == 0 else None
+        for unit in units:
+            blob = blobs[unit.program.recipe]
+            refs.append(
+                ShardRef(
+                    label=f"{plan.deployment}/replica-{unit.stage.replica}/"
+                    f"stage-{unit.stage.index}/rank-{unit.rank}",
+                    chip=unit.chip,
+                    size_bytes=blob.size_bytes,
+                    shard_id=blob.shard_id,
+                    path=blob.path,
+                    virtual=virtual,
+                    binding=binding(plan, unit.stage, unit.rank),
                 )
-                check_sram(plan, model_cfg, stage, rank, shard)
-                blob = built.get(shard.recipe) or store.lookup(shard.recipe) or shard.write(store)
-                built[shard.recipe] = blob
-                store.remember(shard.recipe, blob)
-                refs.append(
-                    ShardRef(
-                        label=f"{plan.deployment}/replica-{stage.replica}/stage-{stage.index}/"
-                        f"rank-{rank}",
-                        chip=chip,
-                        size_bytes=blob.size_bytes,
-                        shard_id=blob.shard_id,
-                        path=blob.path,
-                        virtual=virtual,
-                        binding=binding(plan, stage, rank),
-                    )
-                )
+            )
     return refs
+
+
+def write_program(program: ShardProgram, store: ShardStore) -> StoredBlob:
+    """Write one program's blob and index its recipe (what makes re-compiling a no-op)."""
+    blob = program.write(store)
+    store.remember(program.recipe, blob)
+    return blob
+
+
+def chip_programs(
+    plan: Plan, cfg: ModelConfig, weights: WeightSource | None, text: TextSpec | None
+) -> list[ChipProgram]:
+    """Every chip's program, in plan order, each checked against the SRAM its plan charged.
+
+    Building a program reads no weights (it names slices and computes the recipe), so this is
+    cheap even for thousands of chips; writing the blobs is the work worth fanning out."""
+    units = []
+    for stage in plan.stages:
+        for rank, chip in enumerate(stage.chips):
+            program = ShardProgram.build(
+                plan, cfg, stage, rank, weights, text if stage.index == 0 else None
+            )
+            check_sram(plan, cfg, stage, rank, program)
+            units.append(ChipProgram(stage, rank, chip, program))
+    return units
 
 
 class PlanAccountingError(RuntimeError):
@@ -169,7 +222,7 @@ class PlanAccountingError(RuntimeError):
 def held_bytes(plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weight_bytes: int) -> int:
     """What TP rank `rank` of `stage` holds in SRAM: its shard's weight bytes plus the KV cache
     of its KV heads at the plan's width (a sliding window caches only its window)."""
-    ops = build_ops(cfg, plan.precision)
+    ops = _ops(cfg, plan.precision)
     kv = 0
     for spec in stage_pieces(cfg, stage.first, stage.last, len(stage.chips)):
         if spec.kind == "attention":
@@ -177,6 +230,13 @@ def held_bytes(plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weight
             per_head = 2 * cfg.head_dim * PRECISION_BYTES[plan.precision]
             kv += (end - start) * per_head * ops[spec.op].cached_positions(plan.max_context)
     return weight_bytes + kv * plan.max_batch
+
+
+@functools.lru_cache(maxsize=8)
+def _ops(cfg: ModelConfig, precision: str) -> list[Op]:
+    """`build_ops`, once per model and precision: `held_bytes` runs for every chip (2,036 for
+    405B), and building the op list each time was half of a virtual compile."""
+    return build_ops(cfg, precision)
 
 
 def check_sram(
@@ -263,7 +323,7 @@ def _auto_virtual(plan: Plan, cfg: ModelConfig, source: WeightInput | None) -> b
     return cfg.parameter_count() * PRECISION_BYTES[plan.precision] > VIRTUAL_AUTO_BYTES
 
 
-def _open_source(
+def open_weight_source(
     source: WeightInput | None, cfg: ModelConfig, precision: str, stack: contextlib.ExitStack
 ) -> WeightSource:
     if source is None:

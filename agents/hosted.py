@@ -1,0 +1,110 @@
+"""An agent hosted inside another process: start the gRPC server, return it, do not block.
+
+`agents.main.run_agent` owns its process: it installs signal handlers, prints the
+`listening on HOST:PORT` line and blocks until SIGTERM. A Ray actor cannot do any of that (its
+worker process belongs to Ray, signal handlers belong to Ray's main thread, and the actor must
+answer calls while it serves), so the Ray runtime starts the agent here instead, by module name
+(`importlib.import_module("agents.hosted")`: the orchestrator never imports agent code), and
+keeps the returned server until it is told to stop or its process dies.
+
+The steps are those of `run_agent`: certificates from `certs` (`ensure_agent`), malloc tuning,
+BLAS pinned before numpy is imported, then the service and its server. Bad input raises
+`HostedAgentError` with the message `run_agent` would print, so the actor's creation fails with
+a cause a person can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from agents.main import default_certs_dir, is_loopback_listen, pin_blas, tune_malloc
+from agents.settings import DEFAULT_SETTINGS, AgentSettings
+from placement.errors import InputError
+from placement.profiles import get_profile
+from security.identity import agent_identity
+
+if TYPE_CHECKING:
+    from agents.server import AgentServer
+
+log = logging.getLogger("lockstep.agent")
+
+
+class HostedAgentError(RuntimeError):
+    """The agent cannot start: bad profile, unusable certificates, or the port is taken."""
+
+
+@dataclass
+class HostedAgent:
+    """A serving agent: its node, bound `HOST:PORT`, certificate identity and server."""
+
+    node: str
+    address: str
+    identity: str
+    server: AgentServer
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful stop: health NOT_SERVING, in-flight calls get `grace` seconds."""
+        self.server.stop(grace)
+
+
+def start_agent(
+    node: str,
+    chips: int,
+    profile: str,
+    listen: str,
+    *,
+    sram_bytes: int | None = None,
+    settings: AgentSettings = DEFAULT_SETTINGS,
+    certs: str | None = None,
+    insecure: bool = False,
+) -> HostedAgent:
+    """Start serving `node`'s chips on `listen` (port 0: any free port) and return at once.
+
+    The arguments mean what they mean for `agents.main.run_agent`; mutual TLS with the node's
+    certificate from `certs` unless `insecure` (loopback only, warned on stderr).
+    """
+    try:
+        capacity = sram_bytes or get_profile(profile).sram_bytes
+    except InputError as exc:
+        raise HostedAgentError(f"agent {node}: {exc}") from None
+    creds = None
+    if insecure:
+        if not is_loopback_listen(listen):
+            raise HostedAgentError(
+                f"agent {node}: insecure mode is refused on {listen}: plaintext is allowed only "
+                "on a loopback address"
+            )
+        print(
+            f"agent {node}: WARNING: insecure: plaintext gRPC with NO authentication",
+            file=sys.stderr,
+        )
+    else:
+        from security.certs import CertError, ensure_agent
+
+        directory = certs or default_certs_dir()
+        try:
+            creds = ensure_agent(directory, node)
+        except (CertError, ValueError, OSError) as exc:
+            raise HostedAgentError(f"agent {node}: certificates in {directory}: {exc}") from None
+    tune_malloc()
+    pin_blas(settings.blas_threads)
+    from agents.server import AgentService, start_server  # numpy and gRPC: after the pin
+    from security.tls import server_credentials
+
+    try:
+        service = AgentService(node, profile, chips, capacity, settings=settings, tls=creds)
+    except ValueError as exc:
+        raise HostedAgentError(f"agent {node}: {exc}") from None
+    try:
+        server = start_server(
+            service, listen, credentials=None if creds is None else server_credentials(creds)
+        )
+    except (OSError, RuntimeError) as exc:
+        service.close()
+        raise HostedAgentError(f"agent {node}: cannot listen on {listen}: {exc}") from None
+    host = listen.rsplit(":", 1)[0]
+    log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)
+    return HostedAgent(node, f"{host}:{server.port}", agent_identity(node), server)
