@@ -196,6 +196,7 @@ class ControlPlane:
             "profile": self.profile.name,
             "nodes": self.racks * self.nodes_per_rack,
             "runtime": self.runtime_name,
+            "agent_pids": list(getattr(self.runtime, "pids", list)()),
         }
         tmp = self.paths.endpoint.with_suffix(".tmp")
         tmp.write_text(json.dumps(endpoint, indent=2))

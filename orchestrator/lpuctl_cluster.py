@@ -530,6 +530,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _is_agent(pid: int) -> bool:
+    """Whether `pid` still runs a node agent (and is not a reused pid)."""
+    try:
+        return b"agents.main" in Path(f"/proc/{pid}/cmdline").read_bytes() and _alive(pid)
+    except OSError:
+        return False
+
+
 def cmd_down(args: argparse.Namespace) -> int:
     root = state_dir(args)
     pid_file = root / "control-plane.pid"
@@ -538,7 +546,14 @@ def cmd_down(args: argparse.Namespace) -> int:
     except (OSError, ValueError):
         print(f"no control plane runs for {root}")
         return EXIT_OK
+    try:
+        agents = [int(a) for a in json.loads((root / ENDPOINT_FILE).read_text())["agent_pids"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        agents = []
     stopped = _terminate(pid)
+    for agent in agents:  # the control plane reaps them; these are left only if it was killed
+        if _is_agent(agent):
+            _terminate(agent)
     pid_file.unlink(missing_ok=True)
     (root / ENDPOINT_FILE).unlink(missing_ok=True)
     print("control plane and agents stopped" if stopped else f"no control plane runs for {root}")

@@ -1,0 +1,289 @@
+"""End to end through `lpuctl` and the admin API on a real embedded cluster.
+
+One `lpuctl up` per module (a control-plane process and six agent processes, mutual TLS, 2
+racks x 3 nodes of the `dev` profile); the tests run in file order against it and `lpuctl
+down` at the end must leave no process behind. What is checked: apply → Ready → generate
+(tokens equal the reference executor's), idempotent apply, auth failures (no token, a viewer's
+write, a wrong certificate at the node registry), every bad deployment through apply changes
+nothing, delete frees the SRAM on the agents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from agent_helpers import wait_for
+from test_spec import BAD_CASES, write_case
+
+from agents.executor import ReferenceExecutor
+from agents.tokenizer import TextCodec
+from orchestrator.agent_client import dial
+from orchestrator.control_plane import StatePaths, token_for
+from orchestrator.weights import SeededWeights, tiny_text_spec
+from placement.models import MODEL_PRESETS
+from protos import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
+from security import certs as certs_mod
+from security.identity import CONTROL_PLANE, agent_identity, dns_name
+from security.tls import open_channel
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "manifests" / "examples" / "tiny-llama.yaml"
+TINY = MODEL_PRESETS["tiny-llama"]
+
+
+@dataclass
+class Cluster:
+    state: Path
+    paths: StatePaths
+    env: dict[str, str]
+    stub: admin_pb2_grpc.AdminStub
+    admin: tuple[tuple[str, str], ...]
+    viewer: tuple[tuple[str, str], ...]
+    endpoint: dict[str, object]
+
+    def lpuctl(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            cwd=ROOT,
+            env=env or self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = tmp_path_factory.mktemp("lockstep-home")
+    env = {**os.environ, "LOCKSTEP_HOME": str(state), "PYTHONUNBUFFERED": "1"}
+    for key in ("LOCKSTEP_SERVER", "LOCKSTEP_TOKEN", "LOCKSTEP_CA"):
+        env.pop(key, None)
+    up = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "up", "--timeout", "120"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    paths = StatePaths(state)
+    endpoint: dict[str, object] = {}
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        endpoint = json.loads(paths.endpoint.read_text())
+        ca = (paths.certs / "ca.crt").read_bytes()
+        channel = grpc.secure_channel(
+            str(endpoint["admin"]),
+            grpc.ssl_channel_credentials(ca),
+            options=[("grpc.ssl_target_name_override", dns_name(CONTROL_PLANE))],
+        )
+        yield Cluster(
+            state,
+            paths,
+            env,
+            admin_pb2_grpc.AdminStub(channel),
+            (("authorization", f"Bearer {token_for(paths, 'admin')}"),),
+            (("authorization", f"Bearer {token_for(paths, 'viewer')}"),),
+            endpoint,
+        )
+        channel.close()
+    finally:
+        down = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "down"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        pids = [int(p) for p in endpoint.get("agent_pids", [])]  # type: ignore[attr-defined]
+        pids.append(int(endpoint.get("pid", 0)))  # type: ignore[call-overload]
+        left = [p for p in pids if p and _alive(p)]
+        assert down.returncode == 0, down.stderr
+        assert not left, f"processes left after lpuctl down: {left}"
+
+
+def _deployments(cluster: Cluster) -> dict[str, int]:
+    listed = cluster.stub.List(admin_pb2.ListRequest(), metadata=cluster.viewer, timeout=10)
+    return {d.name: d.generation for d in listed.deployments}
+
+
+def test_up_registered_every_node_from_its_certificate(cluster: Cluster) -> None:
+    nodes = cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+    assert sorted(n.name for n in nodes) == [
+        f"rack-{r}/node-{s}" for r in (0, 1) for s in (0, 1, 2)
+    ]
+    assert all(n.state == "Ready" and len(n.chips) == 8 for n in nodes)
+    assert all(n.identity == agent_identity(n.name) for n in nodes)
+
+
+def test_apply_waits_for_ready_and_generate_matches_the_reference(cluster: Cluster) -> None:
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--wait", "--timeout", "120")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "lpudeployment/tiny-llama created (generation 1)" in run.stdout
+    assert "tiny-llama: Ready 2/2 ready" in run.stdout
+    reference = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+    # token ids through lpuctl: both replicas serve (round robin), both exactly the reference
+    want = list(reference.generate([1, 2, 3], 6).tokens)
+    for _ in range(2):
+        run = cluster.lpuctl("generate", "tiny-llama", "--ids", "1", "2", "3", "--max-tokens", "6")
+        assert run.returncode == 0, run.stderr
+        assert [int(t) for t in run.stdout.split()] == want
+    # text through the admin API: the tokens of the encoded prompt, and their text
+    codec = TextCodec(tiny_text_spec())
+    prompt = "Once upon a time"
+    replies = list(
+        cluster.stub.Generate(
+            admin_pb2.GenerateRequest(deployment="tiny-llama", prompt_text=prompt, max_tokens=8),
+            metadata=cluster.viewer,
+            timeout=60,
+        )
+    )
+    tokens = [r.token for r in replies]
+    assert tokens == list(reference.generate(codec.encode(prompt), 8).tokens)
+    assert "".join(r.text for r in replies) == codec.decode(tokens)
+    assert replies[-1].finished
+
+
+def test_get_and_describe(cluster: Cluster) -> None:
+    run = cluster.lpuctl("get", "deployments")
+    assert run.returncode == 0
+    header, row = run.stdout.splitlines()
+    assert header.split() == ["NAME", "PHASE", "READY", "GENERATION", "AGE"]
+    assert row.split()[:4] == ["tiny-llama", "Ready", "2/2", "1"]
+    as_json = json.loads(cluster.lpuctl("get", "deployments", "tiny-llama", "-o", "json").stdout)
+    assert as_json["phase"] == "Ready" and as_json["bytes_loaded"] == as_json["bytes_total"]
+    described = cluster.lpuctl("describe", "deployment", "tiny-llama").stdout
+    for fragment in ("Phase:        Ready", "2 replica(s) x 12 stage(s)", "Synchronizing -> Ready"):
+        assert fragment in described
+    chips = cluster.lpuctl("get", "chips", "-o", "json")
+    held = [c for c in json.loads(chips.stdout) if c["shards"]]
+    assert len(held) == 24
+
+
+def test_apply_again_changes_nothing(cluster: Cluster) -> None:
+    events = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE))
+    assert run.returncode == 0
+    assert "lpudeployment/tiny-llama unchanged (generation 1)" in run.stdout
+    assert _deployments(cluster) == {"tiny-llama": 1}
+    again = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
+    assert [e.id for e in again if e.deployment] == [e.id for e in events if e.deployment]
+
+
+def test_auth_failures(cluster: Cluster) -> None:
+    env = {**cluster.env, "LOCKSTEP_SERVER": str(cluster.endpoint["admin"])}
+    env["LOCKSTEP_CA"] = str(cluster.paths.certs / "ca.crt")
+    env["LOCKSTEP_HOME"] = str(cluster.state / "elsewhere")  # no token from the state dir
+    run = cluster.lpuctl("get", "deployments", env=env)
+    assert run.returncode == 1 and "UNAUTHENTICATED" in run.stderr
+    run = cluster.lpuctl("get", "deployments", "--token", "x" * 40, env=env)
+    assert run.returncode == 1 and "UNAUTHENTICATED" in run.stderr
+    viewer = cluster.viewer[0][1].removeprefix("Bearer ")
+    assert cluster.lpuctl("get", "nodes", "--token", viewer, env=env).returncode == 0
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--token", viewer, env=env)
+    assert run.returncode == 1 and "PERMISSION_DENIED" in run.stderr
+    run = cluster.lpuctl("delete", "tiny-llama", "--token", viewer, env=env)
+    assert run.returncode == 1 and "PERMISSION_DENIED" in run.stderr
+    assert _deployments(cluster) == {"tiny-llama": 1}
+
+
+def test_node_registry_takes_the_node_from_the_certificate(cluster: Cluster) -> None:
+    registry = str(cluster.endpoint["registry"])
+    request = admin_pb2.RegisterRequest(
+        node="rack-0/node-0",
+        rack="rack-0",
+        slot=0,
+        address="127.0.0.1:1",
+        chips=[admin_pb2.RegisteredChip(index=0, sram_bytes=1 << 21)],
+    )
+    certs = cluster.paths.certs
+    as_plane = open_channel(registry, certs_mod.load_control_plane(certs), peer=CONTROL_PLANE)
+    with pytest.raises(grpc.RpcError) as info:
+        admin_pb2_grpc.NodeRegistryStub(as_plane).Register(request, timeout=10)
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    other = certs_mod.load_agent(certs, "rack-1/node-2")
+    as_other = open_channel(registry, other, peer=CONTROL_PLANE)
+    with pytest.raises(grpc.RpcError) as info:
+        admin_pb2_grpc.NodeRegistryStub(as_other).Register(request, timeout=10)
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert "rack-1/node-2" in (info.value.details() or "")
+    node = cluster.stub.GetNode(
+        admin_pb2.GetNodeRequest(name="rack-0/node-0"), metadata=cluster.viewer
+    )
+    assert node.address != "127.0.0.1:1"
+    drained = cluster.lpuctl("drain", "rack-0/node-0")
+    assert drained.returncode == 1 and "not yet" in drained.stderr
+    as_plane.close()
+    as_other.close()
+
+
+def test_bad_files_through_apply_change_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    before = _deployments(cluster)
+    events = len(cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events)
+    sent = 0
+    for case in BAD_CASES:
+        (tmp_path / case.id).mkdir()
+        path = write_case(tmp_path / case.id, case.text, case.files)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # lpuctl refuses it before sending (checked below)
+        with pytest.raises(grpc.RpcError) as info:
+            cluster.stub.Apply(
+                admin_pb2.ApplyRequest(yaml=text, source=str(path)),
+                metadata=cluster.admin,
+                timeout=30,
+            )
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, case.id
+        details = info.value.details() or ""
+        assert details.startswith(str(path)) and case.fragment in details, (case.id, details)
+        sent += 1
+    assert sent >= 30
+    bad_dir = ROOT / "tests" / "data" / "specs" / "bad"
+    for name in ("duplicate-keys.yaml", "latin1.yaml", "billion-laughs.yaml"):
+        run = cluster.lpuctl("apply", "-f", str(bad_dir / name))
+        assert run.returncode == 2, (name, run.stderr)
+        assert "Traceback" not in run.stderr
+    assert _deployments(cluster) == before
+    after = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
+    assert len(after) == events
+
+
+def test_delete_frees_the_sram_on_the_agents(cluster: Cluster) -> None:
+    run = cluster.lpuctl("delete", "deployment", "tiny-llama", "--wait")
+    assert run.returncode == 0, run.stderr
+    assert _deployments(cluster) == {}
+    creds = certs_mod.load_control_plane(cluster.paths.certs)
+    nodes = cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+    for node in nodes:  # ask every agent itself, as the control plane
+        channel = dial(node.address, creds, node.name)
+        status = agent_pb2_grpc.AgentStub(channel).Status(agent_pb2.StatusRequest(), timeout=10)
+        channel.close()
+        assert all(c.sram_used_bytes == 0 and not c.shards for c in status.chips), node.name
+    wait_for(
+        lambda: all(
+            c.sram_used_bytes == 0
+            for c in cluster.stub.ListChips(
+                admin_pb2.ListChipsRequest(), metadata=cluster.viewer
+            ).chips
+        ),
+        what="the store to show every chip empty",
+    )
