@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -146,7 +146,7 @@ class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         code, message = refusal
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(code, message)
+            _abort(context, code, message)
 
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
@@ -187,7 +187,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         try:
             result = self.store.apply_deployment(spec.name, spec.manifest, self.clock())
         except Conflict as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if result.changed:
             self.controller.wake()
         return admin_pb2.ApplyResponse(
@@ -200,7 +200,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Get(self, request: admin_pb2.GetRequest, context: grpc.ServicerContext) -> Any:
         record = self.store.deployment(request.name)
         if record is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no deployment named {request.name!r}")
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"no deployment named {request.name!r}")
         return self._deployment(record, detail=True)
 
     def List(self, request: admin_pb2.ListRequest, context: grpc.ServicerContext) -> Any:
@@ -210,7 +210,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     def Delete(self, request: admin_pb2.DeleteRequest, context: grpc.ServicerContext) -> Any:
         if not self.store.mark_deleting(request.name, self.clock()):
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no deployment named {request.name!r}")
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"no deployment named {request.name!r}")
         self.controller.wake()
         return admin_pb2.DeleteResponse(name=request.name)
 
@@ -306,7 +306,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def GetNode(self, request: admin_pb2.GetNodeRequest, context: grpc.ServicerContext) -> Any:
         node = self.store.node(request.name)
         if node is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no node named {request.name!r}")
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"no node named {request.name!r}")
         return self._node(node, self.clock())
 
     def ListChips(self, request: admin_pb2.ListChipsRequest, context: grpc.ServicerContext) -> Any:
@@ -315,14 +315,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         if request.node:
             nodes = [n for n in nodes if n.name == request.node]
             if not nodes:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no node named {request.node!r}")
+                _abort(context, grpc.StatusCode.NOT_FOUND, f"no node named {request.node!r}")
         chips = [c for n in nodes for c in self._node(n, now).chips]
         return admin_pb2.ListChipsResponse(chips=chips)
 
     def _cordon(self, name: str, cordoned: bool, context: grpc.ServicerContext) -> Any:
         node = self.store.node(name)
         if node is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no node named {name!r}")
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"no node named {name!r}")
         self.store.set_cordoned(name, cordoned)
         self.store.add_event(
             self.clock(), "Normal", "Cordoned" if cordoned else "Uncordoned", name, node=name
@@ -338,8 +338,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
 
     def Drain(self, request: admin_pb2.NodeRequest, context: grpc.ServicerContext) -> Any:
         if self.store.node(request.name) is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no node named {request.name!r}")
-        context.abort(
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"no node named {request.name!r}")
+        _abort(
+            context,
             grpc.StatusCode.FAILED_PRECONDITION,
             "not yet: drain moves stages onto spares, which needs incremental failover (the "
             "failover issue); cordon the node to keep new work off it",
@@ -361,13 +362,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Plan(self, request: admin_pb2.PlanRequest, context: grpc.ServicerContext) -> Any:
         spec = _parse(request.yaml, request.source, context)
         if not self.store.nodes():
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no node has registered yet")
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, "no node has registered yet")
         try:
             plan = make_plan(plan_request_from_spec(spec), self._topology())
         except Unplaceable as exc:
             return admin_pb2.PlanResponse(fits=False, reason=str(exc))
         except InputError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return admin_pb2.PlanResponse(fits=True, plan_json=json.dumps(plan.to_dict()))
 
     # serving
@@ -377,14 +378,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     ) -> Iterator[admin_pb2.GenerateResponse]:
         record = self.store.deployment(request.deployment)
         if record is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no deployment named {request.deployment!r}")
+            _abort(
+                context, grpc.StatusCode.NOT_FOUND, f"no deployment named {request.deployment!r}"
+            )
         ready = [
             r
             for r in self.store.replicas(request.deployment)
             if r.running_epoch == r.epoch and not r.removing
         ]
         if not ready:
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.UNAVAILABLE,
                 f"deployment {request.deployment} has no Ready replica (phase "
                 f"{record.status.phase.value}); wait for it: lpuctl get deployments",
@@ -400,7 +404,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             None,
         )
         if node is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"stage 0 chip {first} has no node")
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"stage 0 chip {first} has no node")
         forward = agent_pb2.GenerateRequest(
             deployment=request.deployment,
             replica=replica.index,
@@ -430,14 +434,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             code = exc.code()
             if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                 code = grpc.StatusCode.UNAVAILABLE
-            context.abort(code, f"replica {replica.index} on {node.name}: {exc.details()}")
+            _abort(context, code, f"replica {replica.index} on {node.name}: {exc.details()}")
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """`context.abort` (it raises; typed so the checker knows it does not return)."""
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")
 
 
 def _parse(text: str, source: str, context: grpc.ServicerContext) -> Any:
     try:
         return parse_deployment(text, source=source or "<apply>")
     except SpecError as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
 
 def _event(e: Any) -> admin_pb2.Event:
@@ -482,11 +492,14 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
     def _node(self, context: grpc.ServicerContext) -> str:
         identity = peer_identity(context)
         if identity is None or role_of(identity) is None:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "the node registry needs an agent certificate"
+            _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "the node registry needs an agent certificate",
             )
         if not identity.startswith(AGENT_PREFIX):
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{identity} is not an agent: only agents register",
             )
@@ -495,7 +508,8 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
     def Register(self, request: admin_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:
         node = self._node(context)
         if request.node and request.node != node:
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"the certificate is node {node}'s; it cannot register {request.node[:100]!r}",
             )
@@ -511,7 +525,7 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
         if len({c.index for c in request.chips}) != len(request.chips):
             problems.append("chip indices repeat")
         if problems:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
         now = self.clock()
         record = Node(
             name=node,
@@ -533,7 +547,7 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
         try:
             self.store.register_nodes([record], now)
         except Conflict as exc:
-            context.abort(grpc.StatusCode.ALREADY_EXISTS, str(exc))
+            _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(exc))
         self.store.add_event(now, "Normal", "Registered", f"{node} at {request.address}", node=node)
         with self._lock:
             self._known.add(node)

@@ -97,6 +97,15 @@ class AgentGateway(Protocol):
     ) -> None: ...
     def unload(self, address: str, node: str, chip: int, shard_id: str) -> None: ...
     def remove_replica(self, address: str, node: str, deployment: str, replica: int) -> None: ...
+    def configure(
+        self, requests: Mapping[str, agent_pb2.ConfigureReplicaRequest], nodes: Mapping[str, str]
+    ) -> list[str]: ...
+    def start(
+        self,
+        requests: Mapping[str, agent_pb2.ConfigureReplicaRequest],
+        ready: Sequence[str],
+        nodes: Mapping[str, str],
+    ) -> None: ...
     def close(self) -> None: ...
 
 
@@ -164,6 +173,23 @@ class GrpcAgentGateway:
             agent_pb2.RemoveReplicaRequest(deployment=deployment, replica=replica),
             timeout=self.rpc_timeout,
         )
+
+    def configure(
+        self, requests: Mapping[str, agent_pb2.ConfigureReplicaRequest], nodes: Mapping[str, str]
+    ) -> list[str]:
+        """`ConfigureReplica` on each agent (address -> request); every chip's confirmation."""
+        channels = {a: self.channel(a, nodes[a]) for a in requests}
+        return configure_replica(channels, requests, timeout=self.rpc_timeout)
+
+    def start(
+        self,
+        requests: Mapping[str, agent_pb2.ConfigureReplicaRequest],
+        ready: Sequence[str],
+        nodes: Mapping[str, str],
+    ) -> None:
+        """`StartEpoch` on each agent with every chip's confirmation (the start barrier)."""
+        channels = {a: self.channel(a, nodes[a]) for a in requests}
+        start_epoch(channels, requests, ready, timeout=self.rpc_timeout)
 
     def close(self) -> None:
         with self._lock:
@@ -500,8 +526,7 @@ class Controller:
             epoch=action.epoch,
             nodes=names,
         )
-        channels = {a: self.gateway.channel(a, names[a]) for a in requests}
-        ready = configure_replica(channels, requests)
+        ready = self.gateway.configure(requests, names)
         self._configured[(action.deployment, action.replica, action.epoch)] = (requests, ready)
         self.store.set_replica_epochs(action.deployment, action.replica, configured=action.epoch)
 
@@ -516,8 +541,7 @@ class Controller:
         requests, ready = self._configured.pop(key)
         _, refs = self._compiled(target, action.replica)
         _, names = self._where(refs, nodes)
-        channels = {a: self.gateway.channel(a, names[a]) for a in requests}
-        start_epoch(channels, requests, ready)
+        self.gateway.start(requests, ready, names)
         self.store.set_replica_epochs(action.deployment, action.replica, running=action.epoch)
 
     def _remove(self, action: RemoveReplica, nodes: Mapping[str, Node]) -> None:
