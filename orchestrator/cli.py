@@ -26,7 +26,7 @@ import yaml
 
 from orchestrator.certs_cmd import register_certs_command
 from orchestrator.deployments import plan_request_from_spec
-from orchestrator.lpuctl_cluster import CommandError, register_cluster_commands
+from orchestrator.lpuctl_commands import CommandError, register_cluster_commands
 from orchestrator.render import print_plan_table
 from orchestrator.spec import SpecError, load_deployment_file
 from orchestrator.topology_file import DEFAULT_TOPOLOGY, load_topology_file

@@ -34,21 +34,17 @@ import yaml
 from google.protobuf.json_format import MessageToDict
 
 from orchestrator.control_plane import ENDPOINT_FILE, StatePaths, prepare_state, token_for
+from orchestrator.lpuctl_commands import (
+    DEFAULT_STATE,
+    EXIT_INVALID,
+    EXIT_OK,
+    CommandError,
+)
 from orchestrator.safe_yaml import SpecError
 from protos import admin_pb2, admin_pb2_grpc
 from security.identity import CONTROL_PLANE, dns_name
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
-DEFAULT_STATE = "~/.lockstep/embedded"
 MAX_FILE_BYTES = 1 << 20
-
-
-class CommandError(Exception):
-    """A command that could not be done; `code` is the exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def state_dir(args: argparse.Namespace) -> Path:
@@ -400,14 +396,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _node_command(method: str) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        client = connect(args)
-        node = call(client, method, admin_pb2.NodeRequest(name=args.node))
-        print(f"node/{node.name}: {method.lower()} done ({node.state})")
-        return EXIT_OK
-
-    return run
+def cmd_node(args: argparse.Namespace) -> int:
+    """cordon, uncordon, drain: `args.method` is the RPC."""
+    client = connect(args)
+    node = call(client, args.method, admin_pb2.NodeRequest(name=args.node))
+    print(f"node/{node.name}: {args.method.lower()} done ({node.state})")
+    return EXIT_OK
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -560,73 +554,4 @@ def cmd_down(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- the parser ------------------------------------------------------------------------------
-
-
-def register_cluster_commands(sub: Any, parser_class: Any) -> None:
-    """Add the control-plane commands to lpuctl's subparsers."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", help="admin API HOST:PORT (env LOCKSTEP_SERVER)")
-    common.add_argument("--token", help="bearer token (env LOCKSTEP_TOKEN)")
-    common.add_argument("--ca", help="cluster CA certificate (env LOCKSTEP_CA)")
-    common.add_argument(
-        "--state-dir", help=f"embedded control plane's state (env LOCKSTEP_HOME; {DEFAULT_STATE})"
-    )
-
-    up = sub.add_parser("up", parents=[common], help="start the embedded control plane and agents")
-    up.add_argument("--racks", type=int, default=2)
-    up.add_argument("--nodes-per-rack", type=int, default=3)
-    up.add_argument("--profile", default="dev")
-    up.add_argument("--runtime", choices=("process", "ray"), default="process")
-    up.add_argument("--timeout", type=float, default=120.0)
-    up.set_defaults(handler=cmd_up)
-    down = sub.add_parser("down", parents=[common], help="stop the embedded control plane")
-    down.set_defaults(handler=cmd_down)
-
-    apply = sub.add_parser("apply", parents=[common], help="create or update deployments")
-    apply.add_argument("-f", "--filename", required=True, help="a deployment file or directory")
-    apply.add_argument("--wait", action="store_true", help="wait until Ready, showing progress")
-    apply.add_argument("--timeout", type=float, default=120.0)
-    apply.set_defaults(handler=cmd_apply)
-
-    get = sub.add_parser("get", parents=[common], help="list deployments, nodes or chips")
-    get.add_argument("kind", help="deployments | nodes | chips")
-    get.add_argument("name", nargs="?")
-    get.add_argument("-o", "--output", choices=("table", "wide", "json", "yaml"), default="table")
-    get.set_defaults(handler=cmd_get)
-
-    describe = sub.add_parser("describe", parents=[common], help="a deployment in detail")
-    describe.add_argument("kind")
-    describe.add_argument("name")
-    describe.set_defaults(handler=cmd_describe)
-
-    delete = sub.add_parser("delete", parents=[common], help="delete deployments")
-    delete.add_argument("names", nargs="*", help="[deployment] NAME ...")
-    delete.add_argument("-f", "--filename")
-    delete.add_argument("--wait", action="store_true", help="wait until it is gone")
-    delete.add_argument("--timeout", type=float, default=60.0)
-    delete.set_defaults(handler=cmd_delete)
-
-    gen = sub.add_parser("generate", parents=[common], help="generate tokens (streamed)")
-    gen.add_argument("name", help="deployment")
-    gen.add_argument("prompt", nargs="?", help="prompt text")
-    gen.add_argument("--ids", type=int, nargs="+", help="prompt token ids instead of text")
-    gen.add_argument("--max-tokens", type=int, default=16)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--show-ids", action="store_true", help="print token ids, not text")
-    gen.add_argument("--timeout", type=float, default=120.0)
-    gen.set_defaults(handler=cmd_generate)
-
-    for method in ("Cordon", "Uncordon", "Drain"):
-        p = sub.add_parser(method.lower(), parents=[common], help=f"{method.lower()} a node")
-        p.add_argument("node")
-        p.set_defaults(handler=_node_command(method))
-
-    events = sub.add_parser("events", parents=[common], help="events (--watch to follow)")
-    events.add_argument("deployment", nargs="?")
-    events.add_argument("--watch", action="store_true")
-    events.set_defaults(handler=cmd_events)
-
-
-__all__ = ["CommandError", "SpecError", "register_cluster_commands"]
+__all__ = ["CommandError", "SpecError"]
