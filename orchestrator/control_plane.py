@@ -124,11 +124,23 @@ def make_runtime(name: str, paths: StatePaths, registry: str, interval: float) -
     except ImportError as exc:
         raise ValueError(f"runtime {name!r} is not available here: {exc}") from None
     factory: Any = getattr(module, "make_runtime", None)
-    if factory is None:
-        raise ValueError(f"orchestrator.{name}_runtime has no make_runtime(...)")
-    runtime: Runtime = factory(
-        certs=paths.certs, control_plane=registry, log_dir=paths.logs, heartbeat_interval=interval
-    )
+    if factory is not None:
+        runtime: Runtime = factory(
+            certs=paths.certs,
+            control_plane=registry,
+            log_dir=paths.logs,
+            heartbeat_interval=interval,
+        )
+    else:  # an adapter without the factory: its agents must register by themselves
+        cls: Any = getattr(module, f"{name.title()}Runtime", None)
+        if cls is None:
+            raise ValueError(f"orchestrator.{name}_runtime has no make_runtime(...)")
+        log.warning(
+            "orchestrator.%s_runtime has no make_runtime(certs, control_plane, log_dir, "
+            "heartbeat_interval): its agents are not told where to register",
+            name,
+        )
+        runtime = cls(paths.certs)
     return runtime
 
 
@@ -181,7 +193,9 @@ class ControlPlane:
         return f"127.0.0.1:{self.servers.registry_port}"
 
     def start(self) -> None:
-        self.controller.start()
+        """Start the agents, then the controller (so after a restart the nodes' grace period
+        of one heartbeat timeout starts when their agents are up, not before), then publish
+        the endpoint."""
         self.runtime = make_runtime(
             self.runtime_name,
             self.paths,
@@ -189,6 +203,7 @@ class ControlPlane:
             self.settings.heartbeat_interval,
         )
         self.runtime.start_agents(node_specs(self.racks, self.nodes_per_rack, self.profile.name))
+        self.controller.start()
         endpoint = {
             "admin": self.admin_address,
             "registry": self.registry_address,

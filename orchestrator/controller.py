@@ -296,6 +296,11 @@ class Controller:
     # --- the loop ----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the loop. Every node already in the store first gets one heartbeat "now":
+        after a control-plane restart a node has a full heartbeat timeout to be heard from
+        again before it counts as NotReady (the control plane's downtime is not the node's
+        fault, and its replicas are adopted instead of torn down and placed anew)."""
+        self.store.heartbeat([(n.name, self.clock()) for n in self.store.nodes()])
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._thread.start()
 
@@ -442,8 +447,12 @@ class Controller:
             )
             touched.add(action.node)
         elif isinstance(action, Unload):
-            self.gateway.unload(action.address, action.node, action.chip_index, action.shard_id)
             touched.add(action.node)
+            try:
+                self.gateway.unload(action.address, action.node, action.chip_index, action.shard_id)
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                    raise  # NOT_FOUND: already gone (a report older than the agent's restart)
         elif isinstance(action, Configure):
             self._configure(action, targets[action.deployment], nodes)
         elif isinstance(action, StartEpoch):

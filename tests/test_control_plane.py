@@ -49,6 +49,17 @@ class Cluster:
     viewer: tuple[tuple[str, str], ...]
     endpoint: dict[str, object]
 
+    def connect(self) -> None:
+        """(Re)read endpoint.json and open a channel to the admin API it names."""
+        self.endpoint = json.loads(self.paths.endpoint.read_text())
+        ca = (self.paths.certs / "ca.crt").read_bytes()
+        channel = grpc.secure_channel(
+            str(self.endpoint["admin"]),
+            grpc.ssl_channel_credentials(ca),
+            options=[("grpc.ssl_target_name_override", dns_name(CONTROL_PLANE))],
+        )
+        self.stub = admin_pb2_grpc.AdminStub(channel)
+
     def lpuctl(
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
@@ -84,27 +95,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         timeout=180,
     )
     paths = StatePaths(state)
-    endpoint: dict[str, object] = {}
+    made: list[Cluster] = []
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        endpoint = json.loads(paths.endpoint.read_text())
-        ca = (paths.certs / "ca.crt").read_bytes()
-        channel = grpc.secure_channel(
-            str(endpoint["admin"]),
-            grpc.ssl_channel_credentials(ca),
-            options=[("grpc.ssl_target_name_override", dns_name(CONTROL_PLANE))],
+        made.append(
+            Cluster(
+                state,
+                paths,
+                env,
+                None,  # type: ignore[arg-type]  # set by connect()
+                (("authorization", f"Bearer {token_for(paths, 'admin')}"),),
+                (("authorization", f"Bearer {token_for(paths, 'viewer')}"),),
+                {},
+            )
         )
-        yield Cluster(
-            state,
-            paths,
-            env,
-            admin_pb2_grpc.AdminStub(channel),
-            (("authorization", f"Bearer {token_for(paths, 'admin')}"),),
-            (("authorization", f"Bearer {token_for(paths, 'viewer')}"),),
-            endpoint,
-        )
-        channel.close()
+        made[0].connect()
+        yield made[0]
     finally:
+        endpoint = made[0].endpoint if made else {}
         down = subprocess.run(
             [sys.executable, "-m", "orchestrator.cli", "down"],
             cwd=ROOT,
@@ -113,11 +121,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             text=True,
             timeout=60,
         )
-        pids = [int(p) for p in endpoint.get("agent_pids", [])]  # type: ignore[attr-defined]
-        pids.append(int(endpoint.get("pid", 0)))  # type: ignore[call-overload]
-        left = [p for p in pids if p and _alive(p)]
         assert down.returncode == 0, down.stderr
-        assert not left, f"processes left after lpuctl down: {left}"
+        assert not _left(endpoint), f"processes left after lpuctl down: {_left(endpoint)}"
+
+
+def _left(endpoint: dict[str, object]) -> list[int]:
+    """The control plane's and its agents' pids (from endpoint.json) still running."""
+    pids = [int(p) for p in endpoint.get("agent_pids", [])]  # type: ignore[attr-defined]
+    pids.append(int(endpoint.get("pid", 0)))  # type: ignore[call-overload]
+    return [p for p in pids if p and _alive(p)]
 
 
 def _deployments(cluster: Cluster) -> dict[str, int]:
@@ -265,6 +277,32 @@ def test_bad_files_through_apply_change_nothing(cluster: Cluster, tmp_path: Path
     assert _deployments(cluster) == before
     after = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
     assert len(after) == events
+
+
+def test_a_restarted_control_plane_resumes_from_its_store(cluster: Cluster) -> None:
+    placed = {
+        r.index: list(r.chips)
+        for r in cluster.stub.Get(
+            admin_pb2.GetRequest(name="tiny-llama"), metadata=cluster.viewer
+        ).replica_info
+    }
+    before = dict(cluster.endpoint)
+    down = cluster.lpuctl("down")
+    assert down.returncode == 0 and not _left(before), down.stderr
+    up = cluster.lpuctl("up", "--timeout", "120")
+    assert up.returncode == 0, up.stdout + up.stderr
+    cluster.connect()
+    # the stored deployment comes back: same replicas on the same chips, reloaded onto the
+    # new (empty) agents and resynchronized at a new epoch
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--wait", "--timeout", "120")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "unchanged (generation 1)" in run.stdout
+    got = cluster.stub.Get(admin_pb2.GetRequest(name="tiny-llama"), metadata=cluster.viewer)
+    assert {r.index: list(r.chips) for r in got.replica_info} == placed
+    assert all(r.epoch >= 1 and r.running for r in got.replica_info)
+    reference = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+    run = cluster.lpuctl("generate", "tiny-llama", "--ids", "7", "--max-tokens", "4")
+    assert [int(t) for t in run.stdout.split()] == list(reference.generate([7], 4).tokens)
 
 
 def test_delete_frees_the_sram_on_the_agents(cluster: Cluster) -> None:
