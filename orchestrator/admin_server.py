@@ -12,6 +12,10 @@ certificate optional on one port:
   is the certificate's, never the message's. Heartbeats only land in the controller's buffer
   (batched into the store once per pass).
 
+An apply that changes something and a delete request each write an event (`Applied`,
+`DeleteRequested`), so `describe`/`events`/`Watch` show who-asked-what before the reconciler
+acts (an identical apply writes nothing).
+
 Every error is a gRPC status with a message a person can act on: INVALID_ARGUMENT for a bad
 file (every field named, nothing stored), NOT_FOUND, FAILED_PRECONDITION (apply during a
 delete; drain before failover exists), UNAVAILABLE when no replica is Ready to generate.
@@ -189,6 +193,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         except Conflict as exc:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if result.changed:
+            what = "created" if result.created else "spec changed"
+            self.store.add_event(
+                self.clock(),
+                "Normal",
+                "Applied",
+                f"{what}: generation {result.generation}",
+                deployment=result.name,
+            )
             self.controller.wake()
         return admin_pb2.ApplyResponse(
             name=result.name,
@@ -211,6 +223,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Delete(self, request: admin_pb2.DeleteRequest, context: grpc.ServicerContext) -> Any:
         if not self.store.mark_deleting(request.name, self.clock()):
             _abort(context, grpc.StatusCode.NOT_FOUND, f"no deployment named {request.name!r}")
+        self.store.add_event(
+            self.clock(), "Normal", "DeleteRequested", "deletion requested", deployment=request.name
+        )
         self.controller.wake()
         return admin_pb2.DeleteResponse(name=request.name)
 

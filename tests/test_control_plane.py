@@ -5,7 +5,9 @@ racks x 3 nodes of the `dev` profile); the tests run in file order against it an
 down` at the end must leave no process behind. What is checked: apply → Ready → generate
 (tokens equal the reference executor's), idempotent apply, auth failures (no token, a viewer's
 write, a wrong certificate at the node registry), every bad deployment through apply changes
-nothing, delete frees the SRAM on the agents.
+nothing, an unplaceable deployment stays Pending while the other serves (and Watch streams
+its events), a restarted control plane resumes from its store, delete frees the SRAM on the
+agents.
 """
 
 from __future__ import annotations
@@ -277,6 +279,33 @@ def test_bad_files_through_apply_change_nothing(cluster: Cluster, tmp_path: Path
     assert _deployments(cluster) == before
     after = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
     assert len(after) == events
+
+
+def test_an_unplaceable_deployment_stays_pending_while_the_other_serves(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text(EXAMPLE.read_text().replace("name: tiny-llama", "name: too-big"))
+    watch = cluster.stub.Watch(
+        admin_pb2.WatchRequest(deployment="too-big"), metadata=cluster.viewer, timeout=30
+    )
+    run = cluster.lpuctl("apply", "-f", str(big))
+    assert run.returncode == 0, run.stderr
+    first = next(watch)  # Watch streams the new deployment's events as they happen
+    watch.cancel()
+    assert first.deployment == "too-big"
+
+    def pending() -> admin_pb2.Deployment | None:
+        d = cluster.stub.Get(admin_pb2.GetRequest(name="too-big"), metadata=cluster.viewer)
+        return d if d.phase == "Pending" and d.reason == "Unplaceable" else None
+
+    d = wait_for(pending, timeout=20, what="too-big Pending (Unplaceable)")
+    assert "needs 24 chips" in d.message and "free" in d.message
+    reference = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+    run = cluster.lpuctl("generate", "tiny-llama", "--ids", "9", "--max-tokens", "3")
+    assert [int(t) for t in run.stdout.split()] == list(reference.generate([9], 3).tokens)
+    assert cluster.lpuctl("delete", "too-big", "--wait").returncode == 0
+    assert _deployments(cluster) == {"tiny-llama": 1}
 
 
 def test_a_restarted_control_plane_resumes_from_its_store(cluster: Cluster) -> None:
