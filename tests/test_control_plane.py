@@ -281,6 +281,42 @@ def test_bad_files_through_apply_change_nothing(cluster: Cluster, tmp_path: Path
     assert len(after) == events
 
 
+def _replicas(cluster: Cluster) -> dict[int, admin_pb2.ReplicaInfo]:
+    got = cluster.stub.Get(admin_pb2.GetRequest(name="tiny-llama"), metadata=cluster.viewer)
+    return {r.index: r for r in got.replica_info}
+
+
+def test_scaling_down_and_up_leaves_the_serving_replica_alone(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    reference = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+    want = list(reference.generate([4, 2], 5).tokens)
+    before = _replicas(cluster)
+    one = tmp_path / "one.yaml"
+    one.write_text(EXAMPLE.read_text().replace("replicas: 2", "replicas: 1"))
+    run = cluster.lpuctl("apply", "-f", str(one), "--wait")
+    assert run.returncode == 0 and "configured (generation 2)" in run.stdout, run.stderr
+    wait_for(lambda: list(_replicas(cluster)) == [0], timeout=30, what="replica 1 removed")
+    kept = _replicas(cluster)[0]
+    assert list(kept.chips) == list(before[0].chips) and kept.epoch == before[0].epoch
+    freed = set(before[1].chips)
+    chips = cluster.stub.ListChips(admin_pb2.ListChipsRequest(), metadata=cluster.viewer).chips
+    assert all(c.sram_used_bytes == 0 for c in chips if c.id in freed)
+    for _ in range(2):  # every request lands on the replica that is left
+        run = cluster.lpuctl("generate", "tiny-llama", "--ids", "4", "2", "--max-tokens", "5")
+        assert [int(t) for t in run.stdout.split()] == want
+    # scale up again: the new replica loads while replica 0 keeps serving, untouched
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE))
+    assert run.returncode == 0 and "configured (generation 3)" in run.stdout
+    run = cluster.lpuctl("generate", "tiny-llama", "--ids", "4", "2", "--max-tokens", "5")
+    assert [int(t) for t in run.stdout.split()] == want
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--wait")
+    assert run.returncode == 0 and "tiny-llama: Ready 2/2 ready" in run.stdout
+    after = _replicas(cluster)
+    assert sorted(after) == [0, 1] and after[0].epoch == before[0].epoch
+    assert list(after[0].chips) == list(before[0].chips)
+
+
 def test_an_unplaceable_deployment_stays_pending_while_the_other_serves(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -305,7 +341,7 @@ def test_an_unplaceable_deployment_stays_pending_while_the_other_serves(
     run = cluster.lpuctl("generate", "tiny-llama", "--ids", "9", "--max-tokens", "3")
     assert [int(t) for t in run.stdout.split()] == list(reference.generate([9], 3).tokens)
     assert cluster.lpuctl("delete", "too-big", "--wait").returncode == 0
-    assert _deployments(cluster) == {"tiny-llama": 1}
+    assert _deployments(cluster) == {"tiny-llama": 3}
 
 
 def test_a_restarted_control_plane_resumes_from_its_store(cluster: Cluster) -> None:
@@ -325,7 +361,7 @@ def test_a_restarted_control_plane_resumes_from_its_store(cluster: Cluster) -> N
     # new (empty) agents and resynchronized at a new epoch
     run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--wait", "--timeout", "120")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "unchanged (generation 1)" in run.stdout
+    assert "unchanged (generation 3)" in run.stdout
     got = cluster.stub.Get(admin_pb2.GetRequest(name="tiny-llama"), metadata=cluster.viewer)
     assert {r.index: list(r.chips) for r in got.replica_info} == placed
     assert all(r.epoch >= 1 and r.running for r in got.replica_info)
