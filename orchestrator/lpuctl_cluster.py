@@ -3,9 +3,11 @@ generate, cordon, uncordon, drain, events.
 
 Where the control plane is: `--server HOST:PORT` (or `LOCKSTEP_SERVER`), trusted through the
 cluster CA certificate `--ca FILE` (or `LOCKSTEP_CA`), with `--token` (or `LOCKSTEP_TOKEN`).
-Unset, they come from the embedded control plane's state directory (`--state-dir`, or
-`LOCKSTEP_HOME`, default `~/.lockstep/embedded`) that `lpuctl up` made: its endpoint.json,
-certs/ca.crt and its admin token.
+Each unset one comes from the config file (`LOCKSTEP_CONFIG`, default
+`~/.config/lockstep/config.yaml`: keys `server`, `token`, `ca`, `stateDir`), then from the
+embedded control plane's state directory (`--state-dir`, or `LOCKSTEP_HOME`, default
+`~/.lockstep/embedded`) that `lpuctl up` made: its endpoint.json, certs/ca.crt and its admin
+token. Flags win over the environment, the environment over the file.
 
 Exit codes: 0 done; 1 could not be done (no control plane, not found, refused, not ready —
 the message says why); 2 invalid input (a bad file or flag: INVALID_ARGUMENT).
@@ -47,8 +49,38 @@ from security.identity import CONTROL_PLANE, dns_name
 MAX_FILE_BYTES = 1 << 20
 
 
+CONFIG_KEYS = ("server", "token", "ca", "stateDir")
+
+
+def load_config() -> dict[str, str]:
+    """The lpuctl config file's settings (absent file: none). Bad content is exit 2."""
+    raw = os.environ.get("LOCKSTEP_CONFIG") or "~/.config/lockstep/config.yaml"
+    path = Path(os.path.expanduser(raw))
+    try:
+        if not path.exists():
+            return {}
+        if path.stat().st_size > 64 << 10:
+            raise CommandError(f"config file {path} is larger than 64 KiB", EXIT_INVALID)
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CommandError(f"cannot read config file {path}: {exc}", EXIT_INVALID) from None
+    if not isinstance(data, dict) or not all(
+        k in CONFIG_KEYS and isinstance(v, str) for k, v in data.items()
+    ):
+        raise CommandError(
+            f"config file {path}: expected a mapping of {', '.join(CONFIG_KEYS)} to strings",
+            EXIT_INVALID,
+        )
+    return {str(k): str(v) for k, v in data.items()}
+
+
 def state_dir(args: argparse.Namespace) -> Path:
-    raw = args.state_dir or os.environ.get("LOCKSTEP_HOME") or DEFAULT_STATE
+    raw = (
+        args.state_dir
+        or os.environ.get("LOCKSTEP_HOME")
+        or load_config().get("stateDir")
+        or DEFAULT_STATE
+    )
     return Path(os.path.expanduser(raw))
 
 
@@ -65,7 +97,8 @@ class Client:
 
 def connect(args: argparse.Namespace) -> Client:
     paths = StatePaths(state_dir(args))
-    server = args.server or os.environ.get("LOCKSTEP_SERVER")
+    config = load_config()
+    server = args.server or os.environ.get("LOCKSTEP_SERVER") or config.get("server")
     if not server:
         try:
             server = json.loads(paths.endpoint.read_text())["admin"]
@@ -74,12 +107,14 @@ def connect(args: argparse.Namespace) -> Client:
                 f"no control plane: give --server (or LOCKSTEP_SERVER), or start one with "
                 f"'lpuctl up' (looked for {paths.endpoint})"
             ) from None
-    ca_path = args.ca or os.environ.get("LOCKSTEP_CA") or str(paths.certs / "ca.crt")
+    ca_path = (
+        args.ca or os.environ.get("LOCKSTEP_CA") or config.get("ca") or str(paths.certs / "ca.crt")
+    )
     try:
         ca = Path(ca_path).read_bytes()
     except OSError as exc:
         raise CommandError(f"cannot read the cluster CA {ca_path}: {exc.strerror}") from None
-    token = args.token or os.environ.get("LOCKSTEP_TOKEN")
+    token = args.token or os.environ.get("LOCKSTEP_TOKEN") or config.get("token")
     if not token and paths.tokens.exists():
         token = token_for(paths, "admin")
     channel = grpc.secure_channel(

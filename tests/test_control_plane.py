@@ -88,6 +88,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     env = {**os.environ, "LOCKSTEP_HOME": str(state), "PYTHONUNBUFFERED": "1"}
     for key in ("LOCKSTEP_SERVER", "LOCKSTEP_TOKEN", "LOCKSTEP_CA"):
         env.pop(key, None)
+    env["LOCKSTEP_CONFIG"] = str(state / "no-config.yaml")  # not the user's config file
     up = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "up", "--timeout", "120"],
         cwd=ROOT,
@@ -212,6 +213,15 @@ def test_auth_failures(cluster: Cluster) -> None:
     assert run.returncode == 1 and "UNAUTHENTICATED" in run.stderr
     viewer = cluster.viewer[0][1].removeprefix("Bearer ")
     assert cluster.lpuctl("get", "nodes", "--token", viewer, env=env).returncode == 0
+    config = cluster.state / "config.yaml"  # the config file supplies what flags do not
+    config.write_text(f"server: {env.pop('LOCKSTEP_SERVER')}\ntoken: {viewer}\n")
+    with_file = {**env, "LOCKSTEP_CONFIG": str(config)}
+    assert cluster.lpuctl("get", "deployments", env=with_file).returncode == 0
+    run = cluster.lpuctl("delete", "tiny-llama", env=with_file)
+    assert run.returncode == 1 and "PERMISSION_DENIED" in run.stderr
+    config.write_text("server: [not, a, string]\n")
+    assert cluster.lpuctl("get", "deployments", env=with_file).returncode == 2
+    env["LOCKSTEP_SERVER"] = str(cluster.endpoint["admin"])
     run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--token", viewer, env=env)
     assert run.returncode == 1 and "PERMISSION_DENIED" in run.stderr
     run = cluster.lpuctl("delete", "tiny-llama", "--token", viewer, env=env)
