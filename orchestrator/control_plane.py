@@ -30,13 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.admin_server import Servers, load_tokens, start_servers
+from orchestrator.admin_server import Servers, TokenError, load_tokens, start_servers
 from orchestrator.controller import Controller, GrpcAgentGateway, ShardCompiler
 from orchestrator.core import CoreSettings, node_name
 from orchestrator.runtime import NodeSpec, Runtime
-from orchestrator.store import Store
+from orchestrator.store import Store, StoreError
+from placement.errors import InputError
 from placement.profiles import get_profile
-from security.certs import init_cluster, load_control_plane
+from security.certs import CertError, init_cluster, load_control_plane
 
 log = logging.getLogger("lockstep.control_plane")
 
@@ -244,18 +245,25 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    plane = ControlPlane(
-        args.state,
-        profile=args.profile,
-        racks=args.racks,
-        nodes_per_rack=args.nodes_per_rack,
-        runtime=args.runtime,
-        admin_listen=args.admin_listen,
-    )
+    try:
+        plane = ControlPlane(
+            args.state,
+            profile=args.profile,
+            racks=args.racks,
+            nodes_per_rack=args.nodes_per_rack,
+            runtime=args.runtime,
+            admin_listen=args.admin_listen,
+        )
+    except (ValueError, OSError, InputError, TokenError, CertError, StoreError) as exc:
+        print(f"control plane: cannot start: {exc}", file=sys.stderr)
+        return 1
     try:
         plane.start()
         log.info("control plane serving: admin %s", plane.admin_address)
         stop.wait()
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"control plane: cannot start: {exc}", file=sys.stderr)
+        return 1
     finally:
         plane.stop()
     return 0

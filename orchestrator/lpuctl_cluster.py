@@ -505,9 +505,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     while not paths.endpoint.exists():
         if proc.poll() is not None:
+            log_path = paths.logs / "control-plane.log"
+            lines = [x for x in log_path.read_text(errors="replace").splitlines() if x.strip()]
             raise CommandError(
-                f"the control plane exited with {proc.returncode}; see "
-                f"{paths.logs / 'control-plane.log'}"
+                f"the control plane exited with {proc.returncode}: "
+                f"{lines[-1] if lines else '(no output)'} (log: {log_path})"
             )
         if time.monotonic() > deadline:
             _terminate(proc.pid)
