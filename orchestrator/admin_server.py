@@ -69,6 +69,9 @@ WRITE_METHODS = frozenset({"Apply", "Delete", "Cordon", "Uncordon", "Drain"})
 ROLES = ("admin", "viewer")
 MAX_MESSAGE_BYTES = 2 << 20
 MAX_NODE_CHIPS = 1024
+MAX_SLOT = 1023  # slots of a rack are 0..MAX_SLOT (the topology has one entry per slot)
+MAX_CHIP_SRAM = 1 << 40
+MAX_WATCHES = 16  # open Watch streams (each holds a server worker thread)
 GENERATE_TIMEOUT = 300.0  # seconds, when the client sets no deadline
 
 
@@ -180,6 +183,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self.clock = clock
         self._turn = itertools.count()
         self._stopping = threading.Event()
+        self._watches = threading.BoundedSemaphore(MAX_WATCHES)
 
     def stop_streams(self) -> None:
         self._stopping.set()
@@ -285,12 +289,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Watch(
         self, request: admin_pb2.WatchRequest, context: grpc.ServicerContext
     ) -> Iterator[admin_pb2.Event]:
-        after = request.after_id
-        while context.is_active() and not self._stopping.is_set():
-            for event in self.store.events(request.deployment or None, after=after):
-                after = event.id
-                yield _event(event)
-            self._stopping.wait(0.2)
+        if not self._watches.acquire(blocking=False):
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{MAX_WATCHES} Watch streams are open already; try again later",
+            )
+        try:
+            after = request.after_id
+            while context.is_active() and not self._stopping.is_set():
+                for event in self.store.events(request.deployment or None, after=after):
+                    after = event.id
+                    yield _event(event)
+                self._stopping.wait(0.2)
+        finally:
+            self._watches.release()
 
     # nodes and chips
 
@@ -539,6 +552,16 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
             problems.append(f"a node has 1 to {MAX_NODE_CHIPS} chips, got {len(request.chips)}")
         if len({c.index for c in request.chips}) != len(request.chips):
             problems.append("chip indices repeat")
+        if any(
+            c.index >= MAX_NODE_CHIPS or not 0 < c.sram_bytes <= MAX_CHIP_SRAM
+            for c in request.chips
+        ):
+            problems.append(
+                f"chip indices must be below {MAX_NODE_CHIPS} and SRAM from 1 byte to "
+                f"{MAX_CHIP_SRAM:,} bytes"
+            )
+        if request.slot > MAX_SLOT:
+            problems.append(f"slot {request.slot} is beyond the last slot of a rack ({MAX_SLOT})")
         if problems:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
         now = self.clock()

@@ -334,7 +334,10 @@ class Controller:
         nodes = {n.name: n for n in self.store.nodes()}
         for name in sorted(refresh):
             if name in nodes:
-                self._refresh_node(nodes[name])
+                try:
+                    self._refresh_node(nodes[name])
+                except grpc.RpcError as exc:  # its heartbeats stop; the timeout decides
+                    log.warning("status of node %s: %s", name, _describe(exc))
         specs, targets, frozen = self._desired()
         now = self.clock()
         observed = self.store.observed(self.profile)

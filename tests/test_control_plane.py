@@ -249,6 +249,15 @@ def test_node_registry_takes_the_node_from_the_certificate(cluster: Cluster) -> 
         admin_pb2_grpc.NodeRegistryStub(as_other).Register(request, timeout=10)
     assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "rack-1/node-2" in (info.value.details() or "")
+    own = open_channel(registry, certs_mod.load_agent(certs, "rack-0/node-0"), peer=CONTROL_PLANE)
+    bad = admin_pb2.RegisterRequest()
+    bad.CopyFrom(request)
+    bad.slot = 5000  # would make the topology 5,001 slots long
+    with pytest.raises(grpc.RpcError) as info:
+        admin_pb2_grpc.NodeRegistryStub(own).Register(bad, timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "slot 5000" in (info.value.details() or "")
+    own.close()
     node = cluster.stub.GetNode(
         admin_pb2.GetNodeRequest(name="rack-0/node-0"), metadata=cluster.viewer
     )
