@@ -212,7 +212,8 @@ def test_auth_failures(cluster: Cluster) -> None:
     run = cluster.lpuctl("get", "deployments", "--token", "x" * 40, env=env)
     assert run.returncode == 1 and "UNAUTHENTICATED" in run.stderr
     viewer = cluster.viewer[0][1].removeprefix("Bearer ")
-    assert cluster.lpuctl("get", "nodes", "--token", viewer, env=env).returncode == 0
+    # --token=VALUE: a token may start with "-" (token_urlsafe), which argparse reads as a flag
+    assert cluster.lpuctl("get", "nodes", f"--token={viewer}", env=env).returncode == 0
     config = cluster.state / "config.yaml"  # the config file supplies what flags do not
     config.write_text(f"server: {env.pop('LOCKSTEP_SERVER')}\ntoken: {viewer}\n")
     with_file = {**env, "LOCKSTEP_CONFIG": str(config)}
@@ -222,9 +223,9 @@ def test_auth_failures(cluster: Cluster) -> None:
     config.write_text("server: [not, a, string]\n")
     assert cluster.lpuctl("get", "deployments", env=with_file).returncode == 2
     env["LOCKSTEP_SERVER"] = str(cluster.endpoint["admin"])
-    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--token", viewer, env=env)
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), f"--token={viewer}", env=env)
     assert run.returncode == 1 and "PERMISSION_DENIED" in run.stderr
-    run = cluster.lpuctl("delete", "tiny-llama", "--token", viewer, env=env)
+    run = cluster.lpuctl("delete", "tiny-llama", f"--token={viewer}", env=env)
     assert run.returncode == 1 and "PERMISSION_DENIED" in run.stderr
     assert _deployments(cluster) == {"tiny-llama": 1}
 
