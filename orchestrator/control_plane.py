@@ -85,8 +85,8 @@ def prepare_state(root: str | Path) -> StatePaths:
         fd = os.open(paths.tokens, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("# TOKEN ROLE NAME (roles: admin, viewer)\n")
-            f.write(f"{secrets.token_urlsafe(32)} admin admin\n")
-            f.write(f"{secrets.token_urlsafe(32)} viewer viewer\n")
+            f.write(f"{secrets.token_hex(32)} admin admin\n")
+            f.write(f"{secrets.token_hex(32)} viewer viewer\n")
     return paths
 
 

@@ -212,7 +212,7 @@ def test_auth_failures(cluster: Cluster) -> None:
     run = cluster.lpuctl("get", "deployments", "--token", "x" * 40, env=env)
     assert run.returncode == 1 and "UNAUTHENTICATED" in run.stderr
     viewer = cluster.viewer[0][1].removeprefix("Bearer ")
-    # --token=VALUE: a token may start with "-" (token_urlsafe), which argparse reads as a flag
+    # --token=VALUE works for any token (a token of the user's own may start with "-")
     assert cluster.lpuctl("get", "nodes", f"--token={viewer}", env=env).returncode == 0
     config = cluster.state / "config.yaml"  # the config file supplies what flags do not
     config.write_text(f"server: {env.pop('LOCKSTEP_SERVER')}\ntoken: {viewer}\n")
