@@ -33,11 +33,13 @@ from typing import Any
 from orchestrator.admin_server import Servers, TokenError, load_tokens, start_servers
 from orchestrator.controller import Controller, GrpcAgentGateway, ShardCompiler
 from orchestrator.core import CoreSettings, node_name
+from orchestrator.metrics import ControlPlaneCollector, serve_metrics
 from orchestrator.runtime import NodeSpec, Runtime
 from orchestrator.store import Store, StoreError
 from placement.errors import InputError
 from placement.profiles import get_profile
-from security.certs import CertError, init_cluster, load_control_plane
+from security.certs import CertError, init_cluster, load_control_plane, paths_for
+from security.identity import CONTROL_PLANE
 
 log = logging.getLogger("lockstep.control_plane")
 
@@ -157,6 +159,7 @@ class ControlPlane:
         nodes_per_rack: int = 3,
         runtime: str = "process",
         admin_listen: str = "127.0.0.1:0",
+        metrics_port: int = 0,
         settings: CoreSettings | None = None,
     ) -> None:
         self.paths = prepare_state(state)
@@ -184,6 +187,14 @@ class ControlPlane:
             admin_listen=admin_listen,
         )
         self.runtime: Runtime | None = None
+        cert, key = paths_for(self.paths.certs, CONTROL_PLANE)
+        collector = ControlPlaneCollector(
+            self.store, self.profile, self.settings, self.controller.stats
+        )
+        host = admin_listen.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+        self.metrics_server, self.metrics_port = serve_metrics(
+            collector, host, metrics_port, str(cert), str(key)
+        )
 
     @property
     def admin_address(self) -> str:
@@ -208,6 +219,7 @@ class ControlPlane:
         endpoint = {
             "admin": self.admin_address,
             "registry": self.registry_address,
+            "metrics": f"https://127.0.0.1:{self.metrics_port}/metrics",
             "pid": os.getpid(),
             "profile": self.profile.name,
             "nodes": self.racks * self.nodes_per_rack,
@@ -221,6 +233,7 @@ class ControlPlane:
     def stop(self) -> None:
         self.paths.endpoint.unlink(missing_ok=True)
         self.controller.stop()
+        self.metrics_server.shutdown()
         self.servers.stop()
         if self.runtime is not None:
             self.runtime.stop()
@@ -236,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes-per-rack", type=int, default=3)
     parser.add_argument("--runtime", default="process")
     parser.add_argument("--admin-listen", default="127.0.0.1:0")
+    parser.add_argument("--metrics-port", type=int, default=0, help="HTTPS /metrics (0: any)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -253,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             nodes_per_rack=args.nodes_per_rack,
             runtime=args.runtime,
             admin_listen=args.admin_listen,
+            metrics_port=args.metrics_port,
         )
     except (ValueError, OSError, InputError, TokenError, CertError, StoreError) as exc:
         print(f"control plane: cannot start: {exc}", file=sys.stderr)

@@ -68,6 +68,7 @@ from orchestrator.core import (
     replica_plan,
 )
 from orchestrator.deployments import model_for_spec
+from orchestrator.metrics import PassStats
 from orchestrator.serving import configure_replica, configure_requests, start_epoch
 from orchestrator.shard_store import ShardStore
 from orchestrator.spec import DeploymentSpec, SpecError, deployment_from_manifest
@@ -279,6 +280,7 @@ class Controller:
             tuple[str, int, int], tuple[dict[str, agent_pb2.ConfigureReplicaRequest], list[str]]
         ] = {}
         self.passes = 0
+        self.stats = PassStats()
         self.last_error = ""
 
     # --- events from the servers -------------------------------------------------------------
@@ -325,6 +327,12 @@ class Controller:
 
     def run_pass(self) -> PassResult:
         """One pass: flush heartbeats, refresh nodes, reconcile, execute."""
+        started = time.perf_counter()
+        result = self._pass()
+        self.stats.record(time.perf_counter() - started, len(result.failed))
+        return result
+
+    def _pass(self) -> PassResult:
         self.passes += 1
         beats = self.heartbeats.drain()
         if beats:

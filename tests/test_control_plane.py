@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +194,21 @@ def test_get_and_describe(cluster: Cluster) -> None:
     chips = cluster.lpuctl("get", "chips", "-o", "json")
     held = [c for c in json.loads(chips.stdout) if c["shards"]]
     assert len(held) == 24
+
+
+def test_metrics_over_https(cluster: Cluster) -> None:
+    context = ssl.create_default_context(cafile=str(cluster.paths.certs / "ca.crt"))
+    url = str(cluster.endpoint["metrics"])
+    request = urllib.request.Request(url, headers={"Host": dns_name(CONTROL_PLANE)})
+    context.check_hostname = False  # the certificate names control-plane.lockstep, not an IP
+    with urllib.request.urlopen(request, context=context, timeout=10) as reply:
+        text = reply.read().decode()
+    assert 'lockstep_deployments{phase="Ready"} 1.0' in text
+    assert 'lockstep_nodes{state="Ready"} 6.0' in text
+    assert 'lockstep_chips{health="Healthy",use="used"} 24.0' in text
+    assert 'lockstep_deployment_ready_replicas{deployment="tiny-llama"} 2.0' in text
+    with pytest.raises(OSError):  # plaintext is not served (reset, or an URLError)
+        urllib.request.urlopen(url.replace("https://", "http://"), timeout=10)
 
 
 def test_apply_again_changes_nothing(cluster: Cluster) -> None:
