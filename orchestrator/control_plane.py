@@ -12,7 +12,7 @@
 Agents start through a runtime adapter chosen by name (`--runtime process|ray`;
 `orchestrator.ray_runtime` is imported only when asked for). On SIGTERM or SIGINT the process
 stops the controller and the servers, stops and reaps every agent, removes endpoint.json and
-exits 0.
+exits 0. Agents that die are restarted (`ControlPlane._supervise`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,9 @@ class ControlPlane:
             admin_listen=admin_listen,
         )
         self.runtime: Runtime | None = None
+        self.restart_backoff = 1.0
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         cert, key = paths_for(self.paths.certs, CONTROL_PLANE)
         collector = ControlPlaneCollector(
             self.store, self.profile, self.settings, self.controller.stats
@@ -216,6 +220,7 @@ class ControlPlane:
         )
         self.runtime.start_agents(node_specs(self.racks, self.nodes_per_rack, self.profile.name))
         self.controller.start()
+        self._supervisor.start()
         endpoint = {
             "admin": self.admin_address,
             "registry": self.registry_address,
@@ -230,7 +235,43 @@ class ControlPlane:
         tmp.write_text(json.dumps(endpoint, indent=2))
         tmp.replace(self.paths.endpoint)
 
+    def _supervise(self) -> None:
+        """Restart agents that died (the runtime reports them): a restarted agent registers
+        again, and the reconciler reloads its chips and resynchronizes the replicas it served
+        at a new epoch. Like Ray's `max_restarts=-1` for the process runtime; at most one
+        restart of a node per `restart_backoff` seconds."""
+        specs = {s.name: s for s in node_specs(self.racks, self.nodes_per_rack, self.profile.name)}
+        last: dict[str, float] = {}
+        while not self._stopping.wait(self.settings.heartbeat_interval):
+            if self.runtime is None:
+                continue
+            dead = self.runtime.dead_agents()
+            now = time.monotonic()
+            for node in dead:
+                self.store.add_event(
+                    time.time(), "Warning", "AgentDied", f"the agent of {node} exited", node=node
+                )
+            due = [n for n in dead if n in specs]
+            for node in due:
+                wait = self.restart_backoff - (now - last.get(node, -1e9))
+                if wait > 0 and self._stopping.wait(wait):
+                    return
+                last[node] = time.monotonic()
+            if due and not self._stopping.is_set():
+                try:
+                    self.runtime.start_agents([specs[n] for n in due])
+                except (OSError, RuntimeError) as exc:
+                    log.error("restarting agents %s: %s", due, exc)
+                else:
+                    for node in due:
+                        self.store.add_event(
+                            time.time(), "Normal", "AgentRestarted", f"restarted {node}", node=node
+                        )
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor.is_alive():
+            self._supervisor.join(30)
         self.paths.endpoint.unlink(missing_ok=True)
         self.controller.stop()
         self.metrics_server.shutdown()

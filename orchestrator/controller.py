@@ -26,6 +26,10 @@ Decisions:
   again), records the failure on the replica (the reconciler's backoff and restart budget
   read it) and writes a Warning event. Actions whose `key` is in flight are skipped (all are
   synchronous today; the set is there for asynchronous loads).
+* **Configure replaces.** An agent refuses to configure a replica it already runs, so
+  `Configure` first removes the replica's stages from each of its agents whose `Status` shows them:
+  after an agent restart the survivors drop the old epoch's pipeline, then all agents are
+  configured at the new one.
 * **Compiled shards** are content-addressed in the shard store; the controller keeps each
   replica's `ShardRef`s in memory for `Configure`, and after a restart recompiles the
   replica's one-replica plan (`replica_plan`) — a lookup of blobs already built.
@@ -546,6 +550,16 @@ class Controller:
             epoch=action.epoch,
             nodes=names,
         )
+        for address in requests:  # a pipeline of an older epoch (or incarnation) goes first
+            status = self.gateway.status(address, names[address])
+            if any(
+                p.deployment == action.deployment and p.replica == action.replica
+                for chip in status.chips
+                for p in chip.pipelines
+            ):
+                self.gateway.remove_replica(
+                    address, names[address], action.deployment, action.replica
+                )
         ready = self.gateway.configure(requests, names)
         self._configured[(action.deployment, action.replica, action.epoch)] = (requests, ready)
         self.store.set_replica_epochs(action.deployment, action.replica, configured=action.epoch)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -129,6 +130,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         )
         assert down.returncode == 0, down.stderr
         assert not _left(endpoint), f"processes left after lpuctl down: {_left(endpoint)}"
+        assert not _processes_of(state), f"processes left: {_processes_of(state)}"
+
+
+def _processes_of(state: Path, *, node: str | None = None) -> list[int]:
+    """Pids of live processes whose command line names the state directory (the control
+    plane: --state DIR; its agents: --certs DIR/certs), optionally one node's agent."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = proc.joinpath("cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not any(str(state).encode() in a for a in args):
+            continue
+        if node is not None and node.encode() not in args:
+            continue
+        if _alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
 
 
 def _left(endpoint: dict[str, object]) -> list[int]:
@@ -380,6 +402,34 @@ def test_an_unplaceable_deployment_stays_pending_while_the_other_serves(
     assert [int(t) for t in run.stdout.split()] == list(reference.generate([9], 3).tokens)
     assert cluster.lpuctl("delete", "too-big", "--wait").returncode == 0
     assert _deployments(cluster) == {"tiny-llama": 3}
+
+
+def test_a_killed_agent_is_restarted_and_its_replica_resynchronized(cluster: Cluster) -> None:
+    before = _replicas(cluster)
+    node = "rack-1/node-1"  # holds stages of replica 1 (spread: rack)
+    assert any(c.startswith(node) for c in before[1].chips)
+    (pid,) = _processes_of(cluster.state, node=node)
+    os.kill(pid, signal.SIGKILL)
+
+    def healed() -> bool:
+        got = _replicas(cluster)
+        d = cluster.stub.Get(admin_pb2.GetRequest(name="tiny-llama"), metadata=cluster.viewer)
+        return d.phase == "Ready" and got[1].epoch > before[1].epoch and got[1].running
+
+    wait_for(healed, timeout=60, interval=0.1, what="replica 1 resynchronized")
+    after = _replicas(cluster)
+    assert after[0].epoch == before[0].epoch  # the other replica was not touched
+    assert list(after[1].chips) == list(before[1].chips)  # same chips, reloaded
+    reasons = [
+        e.reason
+        for e in cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
+    ]
+    assert "AgentDied" in reasons and "AgentRestarted" in reasons and "Resynchronizing" in reasons
+    reference = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+    want = list(reference.generate([3, 1], 5).tokens)
+    for _ in range(2):  # both replicas, round robin
+        run = cluster.lpuctl("generate", "tiny-llama", "--ids", "3", "1", "--max-tokens", "5")
+        assert [int(t) for t in run.stdout.split()] == want
 
 
 def test_a_restarted_control_plane_resumes_from_its_store(cluster: Cluster) -> None:
