@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -213,18 +213,47 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def wait_ready(client: Client, name: str, timeout: float) -> None:
-    """Poll until the deployment is Ready, printing each change of phase and loading."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        d = call(client, "Get", admin_pb2.GetRequest(name=name))
-        line = f"{name}: {d.phase} {d.ready_replicas}/{d.replicas} ready"
+    """Poll until the deployment is Ready, showing its phase and loading progress: a `rich`
+    progress bar (bytes loaded of all the shards) on a terminal, one line per change else
+    (logs and pipes get stable, greppable lines)."""
+    if sys.stdout.isatty():
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+        with Progress(*columns, transient=False) as progress:
+            task = progress.add_task(name, total=None)
+
+            def show(d: admin_pb2.Deployment) -> None:
+                progress.update(
+                    task,
+                    description=f"{name}: {d.phase} {d.ready_replicas}/{d.replicas} ready",
+                    completed=d.bytes_loaded,
+                    total=d.bytes_total or None,
+                )
+
+            _poll_ready(client, name, timeout, show)
+        return
+    last: list[str] = []
+
+    def line(d: admin_pb2.Deployment) -> None:
+        text = f"{name}: {d.phase} {d.ready_replicas}/{d.replicas} ready"
         if d.bytes_total:
             pct = 100 * d.bytes_loaded / d.bytes_total
-            line += f", loaded {_mib(d.bytes_loaded)} of {_mib(d.bytes_total)} ({pct:.0f}%)"
-        if line != last:
-            print(line, flush=True)
-            last = line
+            text += f", loaded {_mib(d.bytes_loaded)} of {_mib(d.bytes_total)} ({pct:.0f}%)"
+        if text not in last[-1:]:
+            print(text, flush=True)
+            last.append(text)
+
+    _poll_ready(client, name, timeout, line)
+
+
+def _poll_ready(
+    client: Client, name: str, timeout: float, show: Callable[[admin_pb2.Deployment], None]
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        d = call(client, "Get", admin_pb2.GetRequest(name=name))
+        show(d)
         if d.phase == "Ready":
             return
         if d.phase == "Failed":
