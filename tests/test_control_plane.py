@@ -218,6 +218,29 @@ def test_get_and_describe(cluster: Cluster) -> None:
     assert len(held) == 24
 
 
+def test_plan_topology_cordon(cluster: Cluster) -> None:
+    topology = cluster.stub.Topology(admin_pb2.TopologyRequest(), metadata=cluster.viewer)
+    assert list(topology.racks) == ["rack-0", "rack-1"] and list(topology.nodes_per_rack) == [3, 3]
+    text = EXAMPLE.read_text()
+    plan = cluster.stub.Plan(admin_pb2.PlanRequest(yaml=text), metadata=cluster.viewer)
+    assert not plan.fits and "24 chips" in plan.reason  # its chips are taken by itself
+    one = text.replace("replicas: 2", "replicas: 1").replace("sparesPerRack: 1", "sparesPerRack: 0")
+    plan = cluster.stub.Plan(admin_pb2.PlanRequest(yaml=one), metadata=cluster.viewer)
+    # the running deployment's chips and its spare nodes are not free: 8 of 48 are
+    assert not plan.fits and "needs 12 chips" in plan.reason and "8 free" in plan.reason
+    with pytest.raises(grpc.RpcError) as info:
+        cluster.stub.Plan(admin_pb2.PlanRequest(yaml="kind: nope\n"), metadata=cluster.viewer)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert _deployments(cluster) == {"tiny-llama": 1}  # a dry run stores nothing
+    run = cluster.lpuctl("cordon", "rack-0/node-2")
+    assert run.returncode == 0 and "Cordoned" in run.stdout
+    nodes = json.loads(cluster.lpuctl("get", "nodes", "rack-0/node-2", "-o", "json").stdout)
+    assert nodes["state"] == "Cordoned"
+    assert cluster.lpuctl("uncordon", "rack-0/node-2").returncode == 0
+    run = cluster.lpuctl("cordon", "rack-9/node-9")
+    assert run.returncode == 1 and "NOT_FOUND" in run.stderr
+
+
 def test_metrics_over_https(cluster: Cluster) -> None:
     context = ssl.create_default_context(cafile=str(cluster.paths.certs / "ca.crt"))
     url = str(cluster.endpoint["metrics"])
