@@ -19,11 +19,20 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@ $(RUNTIME_STAMP)
 
-## run: plan the example deployment on the embedded default topology
+## run: the whole system on one machine — an embedded control plane with 6 node agents (mTLS),
+## the tiny-llama example applied, loaded and served, then torn down (every process stopped)
+RUN_STATE := $(CURDIR)/.lockstep-run
+LPUCTL    := LOCKSTEP_HOME=$(RUN_STATE) $(BIN)/lpuctl
 run: $(RUNTIME_STAMP)
-	$(BIN)/lpuctl plan -f manifests/examples/tiny-llama.yaml --svg rack-map.svg
-	@echo "rack map written to rack-map.svg"
-	$(BIN)/python -m bench.executor --text-only
+	@$(LPUCTL) down >/dev/null 2>&1 || true; rm -rf $(RUN_STATE)
+	@trap '$(LPUCTL) down' EXIT; set -e; \
+	$(LPUCTL) up; \
+	$(LPUCTL) apply -f manifests/examples/tiny-llama.yaml --wait; \
+	$(LPUCTL) get deployments; \
+	$(LPUCTL) get nodes; \
+	$(LPUCTL) describe deployment tiny-llama; \
+	echo '$$ lpuctl generate tiny-llama "Once upon a time" --max-tokens 16'; \
+	$(LPUCTL) generate tiny-llama "Once upon a time" --max-tokens 16
 
 ## test: ruff, the import-linter layer contracts, mypy on the pure core, pytest
 test: $(DEV_STAMP)
@@ -51,4 +60,4 @@ protos: $(DEV_STAMP)
 	$(BIN)/python -m protos.generate
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .lockstep-run

@@ -92,6 +92,9 @@ def run_agent(
     settings: AgentSettings = DEFAULT_SETTINGS,
     certs: str | None = None,
     insecure: bool = False,
+    control_plane: str | None = None,
+    rack: str | None = None,
+    slot: int | None = None,
 ) -> int:
     """Serve one node's chips until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input.
 
@@ -103,12 +106,26 @@ def run_agent(
     own certificate is loaded from there, and created together with the cluster CA when the
     directory has none (the embedded default; in production the control plane issues it).
     `insecure` serves plaintext with no authorization, on loopback addresses only.
+
+    `control_plane` (HOST:PORT of its NodeRegistry) makes the agent register there and
+    heartbeat every `settings.heartbeat_interval` (`agents.registration`); `rack` and `slot`
+    default to what the node's name says (`rack-0/node-3`).
     """
     try:
         capacity = sram_bytes or get_profile(profile).sram_bytes
     except InputError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
+    if control_plane is not None and (rack is None or slot is None):
+        from agents.registration import rack_and_slot
+
+        try:
+            named_rack, named_slot = rack_and_slot(node)
+        except ValueError as exc:
+            print(f"agent: {exc}", file=sys.stderr)
+            return 2
+        rack = named_rack if rack is None else rack
+        slot = named_slot if slot is None else slot
     creds = None
     if insecure:
         if not is_loopback_listen(listen):
@@ -161,8 +178,28 @@ def run_agent(
     host = listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{agent.port}", flush=True)
     log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)
+    registration = None
+    if control_plane is not None:
+        from agents.registration import Registration
+        from protos import agent_pb2
+
+        assert rack is not None and slot is not None
+        registration = Registration(
+            control_plane,
+            creds,
+            node=node,
+            rack=rack,
+            slot=slot,
+            address=f"{host}:{agent.port}",
+            profile=profile,
+            status=lambda: service.Status(agent_pb2.StatusRequest(), None),
+            interval=settings.heartbeat_interval,
+        )
+        registration.start()
     stop.wait()
     log.info("node %s: stopping", node)
+    if registration is not None:
+        registration.stop()
     agent.stop()
     return 0
 
@@ -257,6 +294,21 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         "links send heartbeats every quarter of it, at most every "
         f"{DEFAULT_SETTINGS.link_heartbeat:g} s)",
     )
+    parser.add_argument(
+        "--control-plane",
+        metavar="ADDR",
+        help="HOST:PORT of the control plane's node registry: register there and heartbeat",
+    )
+    parser.add_argument("--rack", help="rack of this node (default: from --node, RACK/node-N)")
+    parser.add_argument(
+        "--slot", type=whole_number(0, 1023), help="slot in the rack (default: from --node)"
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=_positive_seconds,
+        default=DEFAULT_SETTINGS.heartbeat_interval,
+        help="seconds between heartbeats to the control plane",
+    )
     security = parser.add_mutually_exclusive_group()
     security.add_argument(
         "--certs",
@@ -285,9 +337,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
             load_idle_timeout=args.load_idle_timeout,
             link_idle_timeout=args.link_idle_timeout,
             link_heartbeat=min(DEFAULT_SETTINGS.link_heartbeat, args.link_idle_timeout / 4),
+            heartbeat_interval=args.heartbeat_interval,
         ),
         certs=args.certs,
         insecure=args.insecure,
+        control_plane=args.control_plane,
+        rack=args.rack,
+        slot=args.slot,
     )
 
 

@@ -62,6 +62,9 @@ class AgentSettings:
     # --- messages ----------------------------------------------------------------------------
     text_limit: int = 200  # characters of a client-supplied string echoed in errors and logs
 
+    # --- control plane -----------------------------------------------------------------------
+    heartbeat_interval: float = 0.5  # seconds between heartbeats to the control plane
+
     # --- security ----------------------------------------------------------------------------
 
     def __post_init__(self) -> None:
@@ -80,6 +83,8 @@ class AgentSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"AgentSettings.{name} must be at least 1")
+        if not self.heartbeat_interval > 0:
+            raise ValueError("AgentSettings.heartbeat_interval must be positive")
         if not self.load_idle_timeout > 0:
             raise ValueError("AgentSettings.load_idle_timeout must be positive")
         if not 0 <= self.max_jitter_ms < float("inf"):

@@ -26,6 +26,7 @@ import yaml
 
 from orchestrator.certs_cmd import register_certs_command
 from orchestrator.deployments import plan_request_from_spec
+from orchestrator.lpuctl_commands import CommandError, register_cluster_commands
 from orchestrator.render import print_plan_table
 from orchestrator.spec import SpecError, load_deployment_file
 from orchestrator.topology_file import DEFAULT_TOPOLOGY, load_topology_file
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.set_defaults(handler=lambda _: run_agent([]))
     register_certs_command(sub)
+    register_cluster_commands(sub, _Parser)
     return parser
 
 
@@ -172,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         code: int = args.handler(args)
         return code
+    except CommandError as exc:
+        print(f"lpuctl: {exc}", file=sys.stderr)
+        return exc.code
     except _UsageError as exc:
         print(str(exc), file=sys.stderr)
         print("run 'lpuctl --help' for usage", file=sys.stderr)

@@ -1,0 +1,329 @@
+"""The embedded control plane as one process: store, controller, servers and the agents.
+
+`python -m orchestrator.control_plane --state DIR` (what `lpuctl up` starts, detached):
+
+    DIR/store.db        the SQLite store (WAL)
+    DIR/certs/          the cluster CA, the control plane's and the agents' certificates
+    DIR/tokens          bearer tokens (`TOKEN ROLE NAME`): one admin, one viewer
+    DIR/shards/         the shard store (content-addressed blobs)
+    DIR/logs/           the control plane's and every agent's log
+    DIR/endpoint.json   written once serving: admin and registry addresses, pid, profile
+
+Agents start through a runtime adapter chosen by name (`--runtime process|ray`;
+`orchestrator.ray_runtime` is imported only when asked for). On SIGTERM or SIGINT the process
+stops the controller and the servers, stops and reaps every agent, removes endpoint.json and
+exits 0. Agents that die are restarted (`ControlPlane._supervise`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.admin_server import Servers, TokenError, load_tokens, start_servers
+from orchestrator.controller import Controller, GrpcAgentGateway, ShardCompiler
+from orchestrator.core import CoreSettings, node_name
+from orchestrator.metrics import ControlPlaneCollector, serve_metrics
+from orchestrator.runtime import NodeSpec, Runtime
+from orchestrator.store import Store, StoreError
+from placement.errors import InputError
+from placement.profiles import get_profile
+from security.certs import CertError, init_cluster, load_control_plane, paths_for
+from security.identity import CONTROL_PLANE
+
+log = logging.getLogger("lockstep.control_plane")
+
+ENDPOINT_FILE = "endpoint.json"
+TOKENS_FILE = "tokens"
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    root: Path
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store.db"
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / TOKENS_FILE
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def endpoint(self) -> Path:
+        return self.root / ENDPOINT_FILE
+
+
+def prepare_state(root: str | Path) -> StatePaths:
+    """Create the state directory, the CA and certificates, and tokens (idempotent)."""
+    paths = StatePaths(Path(root))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.logs.mkdir(exist_ok=True)
+    paths.shards.mkdir(exist_ok=True)
+    init_cluster(paths.certs)
+    if not paths.tokens.exists():
+        fd = os.open(paths.tokens, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("# TOKEN ROLE NAME (roles: admin, viewer)\n")
+            f.write(f"{secrets.token_hex(32)} admin admin\n")
+            f.write(f"{secrets.token_hex(32)} viewer viewer\n")
+    return paths
+
+
+def token_for(paths: StatePaths, role: str) -> str:
+    for token, principal in load_tokens(paths.tokens).items():
+        if principal.role == role:
+            return token
+    raise LookupError(f"no {role} token in {paths.tokens}")
+
+
+TEXT_HEADROOM_BYTES = 256 << 10
+"""SRAM each simulated chip has beyond its profile's. The planner budgets a stage-0 chip for
+weights, KV cache and activations but not for the tokenizer its shard carries (100 KiB for
+tiny-llama), so on the `dev` profile stage 0's blob (2,113,232 bytes) overflows a 2 MiB chip.
+Until the planner counts it, the embedded cluster's chips have this much room for it (the
+planner still plans against the profile's capacity)."""
+
+
+def node_specs(racks: int, nodes_per_rack: int, profile: str) -> list[NodeSpec]:
+    chip = get_profile(profile)
+    sram = chip.sram_bytes + TEXT_HEADROOM_BYTES
+    return [
+        NodeSpec(node_name(f"rack-{r}", s), f"rack-{r}", s, chip.chips_per_node, profile, sram)
+        for r in range(racks)
+        for s in range(nodes_per_rack)
+    ]
+
+
+def make_runtime(name: str, paths: StatePaths, registry: str, interval: float) -> Runtime:
+    if name == "process":
+        from orchestrator.process_runtime import ProcessRuntime
+
+        return ProcessRuntime(paths.certs, registry, paths.logs, heartbeat_interval=interval)
+    try:
+        module = importlib.import_module(f"orchestrator.{name}_runtime")
+    except ImportError as exc:
+        raise ValueError(f"runtime {name!r} is not available here: {exc}") from None
+    factory: Any = getattr(module, "make_runtime", None)
+    if factory is not None:
+        runtime: Runtime = factory(
+            certs=paths.certs,
+            control_plane=registry,
+            log_dir=paths.logs,
+            heartbeat_interval=interval,
+        )
+    else:  # an adapter without the factory: its agents must register by themselves
+        cls: Any = getattr(module, f"{name.title()}Runtime", None)
+        if cls is None:
+            raise ValueError(f"orchestrator.{name}_runtime has no make_runtime(...)")
+        log.warning(
+            "orchestrator.%s_runtime has no make_runtime(certs, control_plane, log_dir, "
+            "heartbeat_interval): its agents are not told where to register",
+            name,
+        )
+        runtime = cls(paths.certs)
+    return runtime
+
+
+class ControlPlane:
+    """Everything of one embedded control plane, started and stopped together."""
+
+    def __init__(
+        self,
+        state: str | Path,
+        *,
+        profile: str = "dev",
+        racks: int = 2,
+        nodes_per_rack: int = 3,
+        runtime: str = "process",
+        admin_listen: str = "127.0.0.1:0",
+        metrics_port: int = 0,
+        settings: CoreSettings | None = None,
+    ) -> None:
+        self.paths = prepare_state(state)
+        self.profile = get_profile(profile)
+        self.racks, self.nodes_per_rack, self.runtime_name = racks, nodes_per_rack, runtime
+        self.admin_listen = admin_listen
+        self.settings = settings or CoreSettings()
+        self.store = Store(self.paths.store)
+        creds = load_control_plane(self.paths.certs)
+        self.gateway = GrpcAgentGateway(creds)
+        self.controller = Controller(
+            self.store,
+            self.gateway,
+            ShardCompiler(self.paths.shards),
+            self.profile,
+            settings=self.settings,
+        )
+        self.servers: Servers = start_servers(
+            self.store,
+            self.controller,
+            self.gateway,
+            self.profile,
+            creds,
+            load_tokens(self.paths.tokens),
+            admin_listen=admin_listen,
+        )
+        self.runtime: Runtime | None = None
+        self.restart_backoff = 1.0
+        self._stopping = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        cert, key = paths_for(self.paths.certs, CONTROL_PLANE)
+        collector = ControlPlaneCollector(
+            self.store, self.profile, self.settings, self.controller.stats
+        )
+        host = admin_listen.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
+        self.metrics_server, self.metrics_port = serve_metrics(
+            collector, host, metrics_port, str(cert), str(key)
+        )
+
+    @property
+    def admin_address(self) -> str:
+        return f"127.0.0.1:{self.servers.admin_port}"
+
+    @property
+    def registry_address(self) -> str:
+        return f"127.0.0.1:{self.servers.registry_port}"
+
+    def start(self) -> None:
+        """Start the agents, then the controller (so after a restart the nodes' grace period
+        of one heartbeat timeout starts when their agents are up, not before), then publish
+        the endpoint."""
+        self.runtime = make_runtime(
+            self.runtime_name,
+            self.paths,
+            self.registry_address,
+            self.settings.heartbeat_interval,
+        )
+        self.runtime.start_agents(node_specs(self.racks, self.nodes_per_rack, self.profile.name))
+        self.controller.start()
+        self._supervisor.start()
+        endpoint = {
+            "admin": self.admin_address,
+            "registry": self.registry_address,
+            "metrics": f"https://127.0.0.1:{self.metrics_port}/metrics",
+            "pid": os.getpid(),
+            "profile": self.profile.name,
+            "nodes": self.racks * self.nodes_per_rack,
+            "runtime": self.runtime_name,
+            "agent_pids": list(getattr(self.runtime, "pids", list)()),
+        }
+        tmp = self.paths.endpoint.with_suffix(".tmp")
+        tmp.write_text(json.dumps(endpoint, indent=2))
+        tmp.replace(self.paths.endpoint)
+
+    def _supervise(self) -> None:
+        """Restart agents that died (the runtime reports them): a restarted agent registers
+        again, and the reconciler reloads its chips and resynchronizes the replicas it served
+        at a new epoch. Like Ray's `max_restarts=-1` for the process runtime; at most one
+        restart of a node per `restart_backoff` seconds."""
+        specs = {s.name: s for s in node_specs(self.racks, self.nodes_per_rack, self.profile.name)}
+        last: dict[str, float] = {}
+        while not self._stopping.wait(self.settings.heartbeat_interval):
+            if self.runtime is None:
+                continue
+            dead = self.runtime.dead_agents()
+            now = time.monotonic()
+            for node in dead:
+                self.store.add_event(
+                    time.time(), "Warning", "AgentDied", f"the agent of {node} exited", node=node
+                )
+            due = [n for n in dead if n in specs]
+            for node in due:
+                wait = self.restart_backoff - (now - last.get(node, -1e9))
+                if wait > 0 and self._stopping.wait(wait):
+                    return
+                last[node] = time.monotonic()
+            if due and not self._stopping.is_set():
+                try:
+                    self.runtime.start_agents([specs[n] for n in due])
+                except (OSError, RuntimeError) as exc:
+                    log.error("restarting agents %s: %s", due, exc)
+                else:
+                    for node in due:
+                        self.store.add_event(
+                            time.time(), "Normal", "AgentRestarted", f"restarted {node}", node=node
+                        )
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor.is_alive():
+            self._supervisor.join(30)
+        self.paths.endpoint.unlink(missing_ok=True)
+        self.controller.stop()
+        self.metrics_server.shutdown()
+        self.servers.stop()
+        if self.runtime is not None:
+            self.runtime.stop()
+        self.gateway.close()
+        self.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.control_plane")
+    parser.add_argument("--state", required=True)
+    parser.add_argument("--profile", default="dev")
+    parser.add_argument("--racks", type=int, default=2)
+    parser.add_argument("--nodes-per-rack", type=int, default=3)
+    parser.add_argument("--runtime", default="process")
+    parser.add_argument("--admin-listen", default="127.0.0.1:0")
+    parser.add_argument("--metrics-port", type=int, default=0, help="HTTPS /metrics (0: any)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        plane = ControlPlane(
+            args.state,
+            profile=args.profile,
+            racks=args.racks,
+            nodes_per_rack=args.nodes_per_rack,
+            runtime=args.runtime,
+            admin_listen=args.admin_listen,
+            metrics_port=args.metrics_port,
+        )
+    except (ValueError, OSError, InputError, TokenError, CertError, StoreError) as exc:
+        print(f"control plane: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        plane.start()
+        log.info("control plane serving: admin %s", plane.admin_address)
+        stop.wait()
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"control plane: cannot start: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        plane.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

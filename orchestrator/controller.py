@@ -1,0 +1,671 @@
+"""The controller: the loop that executes the reconciler's decisions through small ports.
+
+Each pass reads the desired state (`store.deployments()`, checked again by
+`orchestrator.targets`) and the observed state (`store.observed(profile)`), calls the pure
+`reconcile(desired, observed, now)` with the clock port's time, and executes the returned
+actions: store-only ones with `store.record`, the others through the agent gateway (gRPC with
+the control plane's mTLS identity) and the compiler port. It runs on a timer (the heartbeat
+interval) and whenever something happens (`wake()`: an apply, a delete, a registration), and
+a pass that did something is followed at once by another, so a deployment walks
+Compiling → Loading → Synchronizing → Ready as fast as the agents answer.
+
+Decisions:
+
+* **One thread, no thread per node.** Heartbeats arrive on gRPC worker threads and only land
+  in a `HeartbeatBuffer` (a dict under a lock); the controller flushes the buffer into the
+  store in one batched transaction before each pass — 1,305 nodes beating twice a second are
+  one `executemany` per pass, not 2,610 transactions a second.
+* **What a chip holds comes from the agent, asked by the controller only.** After the
+  controller loaded or unloaded on a node, and when a node (re)registers, it asks that agent
+  for `Status` and writes the answer with `report_held`. Heartbeats carry liveness and chip
+  health but not held shards: a heartbeat sent before a load finished but handled after it
+  would otherwise overwrite the fresh report and make the reconciler think a running replica
+  lost a shard (and bump its epoch).
+* **Order and failure.** Actions of one deployment run in the returned order; the first
+  failure stops that deployment's remaining actions for this pass (the next pass decides
+  again), records the failure on the replica (the reconciler's backoff and restart budget
+  read it) and writes a Warning event. Actions whose `key` is in flight are skipped (all are
+  synchronous today; the set is there for asynchronous loads).
+* **Configure replaces.** An agent refuses to configure a replica it already runs, so
+  `Configure` first removes the replica's stages from each of its agents whose `Status` shows them:
+  after an agent restart the survivors drop the old epoch's pipeline, then all agents are
+  configured at the new one.
+* **Compiled shards** are content-addressed in the shard store; the controller keeps each
+  replica's `ShardRef`s in memory for `Configure`, and after a restart recompiles the
+  replica's one-replica plan (`replica_plan`) — a lookup of blobs already built.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from orchestrator.agent_client import declared_bytes_of, dial, load_file
+from orchestrator.compiler import ShardRef, compile_plan
+from orchestrator.core import (
+    Action,
+    ChipHealth,
+    Compile,
+    Configure,
+    CoreSettings,
+    DeploymentTarget,
+    HeldShard,
+    Load,
+    Node,
+    Phase,
+    RecordEvent,
+    RemoveReplica,
+    Replica,
+    SetPhase,
+    ShardAssignment,
+    StartEpoch,
+    Unload,
+    chip_id,
+    reconcile,
+    replica_plan,
+)
+from orchestrator.deployments import model_for_spec
+from orchestrator.metrics import PassStats
+from orchestrator.serving import configure_replica, configure_requests, start_epoch
+from orchestrator.shard_store import ShardStore
+from orchestrator.spec import DeploymentSpec, SpecError, deployment_from_manifest
+from orchestrator.store import ControlStore, NotFound
+from orchestrator.targets import target_from_spec
+from orchestrator.weights import tiny_text_spec
+from placement.plan import Plan
+from placement.profiles import ChipProfile
+from protos import agent_pb2, agent_pb2_grpc
+from security.certs import Credentials
+
+log = logging.getLogger("lockstep.controller")
+
+Clock = Callable[[], float]
+
+
+# --- ports -------------------------------------------------------------------------------------
+
+
+class AgentGateway(Protocol):
+    """Everything the controller says to agents (the gRPC adapter is `GrpcAgentGateway`)."""
+
+    def channel(self, address: str, node: str) -> grpc.Channel: ...
+    def status(self, address: str, node: str) -> agent_pb2.StatusResponse: ...
+    def load(
+        self, address: str, node: str, chip: int, path: Path, shard_id: str, virtual: bool
+    ) -> None: ...
+    def unload(self, address: str, node: str, chip: int, shard_id: str) -> None: ...
+    def remove_replica(self, address: str, node: str, deployment: str, replica: int) -> None: ...
+    def configure(
+        self, requests: Mapping[str, agent_pb2.ConfigureReplicaRequest], nodes: Mapping[str, str]
+    ) -> list[str]: ...
+    def start(
+        self,
+        requests: Mapping[str, agent_pb2.ConfigureReplicaRequest],
+        ready: Sequence[str],
+        nodes: Mapping[str, str],
+    ) -> None: ...
+    def close(self) -> None: ...
+
+
+class Compiler(Protocol):
+    """Compiles a one-replica plan of a deployment into the shard store."""
+
+    store_dir: Path
+
+    def compile(self, plan: Plan, spec: DeploymentSpec) -> list[ShardRef]: ...
+
+
+# --- adapters ----------------------------------------------------------------------------------
+
+
+class GrpcAgentGateway:
+    """Agents over gRPC, mutual TLS as the control plane (plaintext when `credentials` is None,
+    `--insecure`). One channel per agent, kept for the process's life (re-dialled when an
+    agent moves to a new address)."""
+
+    def __init__(self, credentials: Credentials | None, *, rpc_timeout: float = 30.0) -> None:
+        self.credentials = credentials
+        self.rpc_timeout = rpc_timeout
+        self._channels: dict[str, tuple[str, grpc.Channel]] = {}
+        self._lock = threading.Lock()
+
+    def channel(self, address: str, node: str) -> grpc.Channel:
+        with self._lock:
+            known = self._channels.get(node)
+            if known is not None and known[0] == address:
+                return known[1]
+            if known is not None:
+                known[1].close()
+            channel = dial(address, self.credentials, node)
+            self._channels[node] = (address, channel)
+            return channel
+
+    def _stub(self, address: str, node: str) -> agent_pb2_grpc.AgentStub:
+        return agent_pb2_grpc.AgentStub(self.channel(address, node))
+
+    def status(self, address: str, node: str) -> agent_pb2.StatusResponse:
+        reply: agent_pb2.StatusResponse = self._stub(address, node).Status(
+            agent_pb2.StatusRequest(), timeout=self.rpc_timeout
+        )
+        return reply
+
+    def load(
+        self, address: str, node: str, chip: int, path: Path, shard_id: str, virtual: bool
+    ) -> None:
+        load_file(
+            self.channel(address, node),
+            path,
+            chip,
+            shard_id=shard_id,
+            virtual=virtual,
+            timeout=max(self.rpc_timeout, 300.0),
+        )
+
+    def unload(self, address: str, node: str, chip: int, shard_id: str) -> None:
+        self._stub(address, node).UnloadShard(
+            agent_pb2.UnloadShardRequest(chip=chip, shard_id=shard_id), timeout=self.rpc_timeout
+        )
+
+    def remove_replica(self, address: str, node: str, deployment: str, replica: int) -> None:
+        self._stub(address, node).RemoveReplica(
+            agent_pb2.RemoveReplicaRequest(deployment=deployment, replica=replica),
+            timeout=self.rpc_timeout,
+        )
+
+    def configure(
+        self, requests: Mapping[str, agent_pb2.ConfigureReplicaRequest], nodes: Mapping[str, str]
+    ) -> list[str]:
+        """`ConfigureReplica` on each agent (address -> request); every chip's confirmation."""
+        channels = {a: self.channel(a, nodes[a]) for a in requests}
+        return configure_replica(channels, requests, timeout=self.rpc_timeout)
+
+    def start(
+        self,
+        requests: Mapping[str, agent_pb2.ConfigureReplicaRequest],
+        ready: Sequence[str],
+        nodes: Mapping[str, str],
+    ) -> None:
+        """`StartEpoch` on each agent with every chip's confirmation (the start barrier)."""
+        channels = {a: self.channel(a, nodes[a]) for a in requests}
+        start_epoch(channels, requests, ready, timeout=self.rpc_timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            for _, channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+
+@dataclass
+class ShardCompiler:
+    """`compile_plan` into a shard store directory. Weights: the spec's checkpoint, else
+    seeded weights (`seed`); the `tiny-llama` preset carries its tokenizer, so text works."""
+
+    store_dir: Path
+    seed: int = 0
+
+    def compile(self, plan: Plan, spec: DeploymentSpec) -> list[ShardRef]:
+        cfg = model_for_spec(spec)
+        source: int | str = spec.checkpoint_path or self.seed
+        text = None
+        if spec.checkpoint_path is None and spec.model_preset == "tiny-llama":
+            text = tiny_text_spec()
+        return compile_plan(plan, cfg, source, self.store_dir, text=text)
+
+
+class HeartbeatBuffer:
+    """Heartbeats received since the last flush: node -> latest time (see the docstring)."""
+
+    def __init__(self) -> None:
+        self._beats: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, node: str, when: float) -> None:
+        with self._lock:
+            if when > self._beats.get(node, 0.0):
+                self._beats[node] = when
+
+    def drain(self) -> list[tuple[str, float]]:
+        with self._lock:
+            beats, self._beats = self._beats, {}
+        return list(beats.items())
+
+
+# --- the controller ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did: the actions executed, the ones that failed (with why)."""
+
+    executed: tuple[Action, ...]
+    failed: tuple[tuple[Action, str], ...]
+
+    @property
+    def progressed(self) -> bool:
+        return bool(self.executed)
+
+
+class Controller:
+    """Runs reconcile passes and executes their actions (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: ControlStore,
+        gateway: AgentGateway,
+        compiler: Compiler,
+        profile: ChipProfile,
+        *,
+        clock: Clock = time.time,
+        settings: CoreSettings | None = None,
+    ) -> None:
+        self.store = store
+        self.gateway = gateway
+        self.compiler = compiler
+        self.profile = profile
+        self.clock = clock
+        self.settings = settings or CoreSettings()
+        self.heartbeats = HeartbeatBuffer()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refresh: set[str] = set()
+        self._refresh_lock = threading.Lock()
+        self._in_flight: set[str] = set()
+        self._refs: dict[tuple[str, int], tuple[Plan, list[ShardRef]]] = {}
+        self._configured: dict[
+            tuple[str, int, int], tuple[dict[str, agent_pb2.ConfigureReplicaRequest], list[str]]
+        ] = {}
+        self.passes = 0
+        self.stats = PassStats()
+        self.last_error = ""
+
+    # --- events from the servers -------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Run a pass soon (an apply, a delete, a registration)."""
+        self._wake.set()
+
+    def node_registered(self, node: str) -> None:
+        """A node (re)registered: ask its agent what it holds before deciding about it."""
+        with self._refresh_lock:
+            self._refresh.add(node)
+        self.wake()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the loop. Every node already in the store first gets one heartbeat "now":
+        after a control-plane restart a node has a full heartbeat timeout to be heard from
+        again before it counts as NotReady (the control plane's downtime is not the node's
+        fault, and its replicas are adopted instead of torn down and placed anew)."""
+        self.store.heartbeat([(n.name, self.clock()) for n in self.store.nodes()])
+        self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                result = self.run_pass()
+                progressed = result.progressed and not result.failed
+            except Exception as exc:  # the loop must survive a bad pass; the next one retries
+                log.exception("reconcile pass failed")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                progressed = False
+            if not progressed:
+                self._wake.wait(self.settings.heartbeat_interval)
+            self._wake.clear()
+
+    def run_pass(self) -> PassResult:
+        """One pass: flush heartbeats, refresh nodes, reconcile, execute."""
+        started = time.perf_counter()
+        result = self._pass()
+        self.stats.record(time.perf_counter() - started, len(result.failed))
+        return result
+
+    def _pass(self) -> PassResult:
+        self.passes += 1
+        beats = self.heartbeats.drain()
+        if beats:
+            self.store.heartbeat(beats)
+        with self._refresh_lock:
+            refresh, self._refresh = self._refresh, set()
+        nodes = {n.name: n for n in self.store.nodes()}
+        for name in sorted(refresh):
+            if name in nodes:
+                try:
+                    self._refresh_node(nodes[name])
+                except grpc.RpcError as exc:  # its heartbeats stop; the timeout decides
+                    log.warning("status of node %s: %s", name, _describe(exc))
+        specs, targets, frozen = self._desired()
+        now = self.clock()
+        observed = self.store.observed(self.profile)
+        actions = reconcile(targets, observed, now, self.settings, frozen=frozen)
+        return self._execute(actions, specs, {t.name: t for t in targets}, nodes, now)
+
+    def _desired(self) -> tuple[dict[str, DeploymentSpec], list[DeploymentTarget], set[str]]:
+        specs: dict[str, DeploymentSpec] = {}
+        targets: list[DeploymentTarget] = []
+        frozen: set[str] = set()
+        now = self.clock()
+        for record in self.store.deployments():
+            try:
+                spec = deployment_from_manifest(
+                    record.manifest, source=f"stored deployment {record.name}"
+                )
+            except SpecError as exc:
+                frozen.add(record.name)
+                if record.status.phase is not Phase.FAILED:
+                    self.store.record(
+                        SetPhase(
+                            record.name,
+                            Phase.FAILED,
+                            "InvalidSpec",
+                            str(exc)[:500],
+                            record.status.ready_replicas,
+                            record.generation,
+                        ),
+                        now,
+                    )
+                continue
+            specs[record.name] = spec
+            targets.append(target_from_spec(spec, record.generation, deleting=record.deleting))
+        return specs, targets, frozen
+
+    def _execute(
+        self,
+        actions: Sequence[Action],
+        specs: Mapping[str, DeploymentSpec],
+        targets: Mapping[str, DeploymentTarget],
+        nodes: Mapping[str, Node],
+        now: float,
+    ) -> PassResult:
+        executed: list[Action] = []
+        failed: list[tuple[Action, str]] = []
+        stopped: set[str] = set()
+        touched: set[str] = set()
+        for action in actions:
+            group = getattr(action, "deployment", None) or ""
+            if group and group in stopped:
+                continue
+            if action.key in self._in_flight:
+                continue
+            self._in_flight.add(action.key)
+            try:
+                self._do(action, specs, targets, nodes, now, touched)
+            except Exception as exc:
+                why = _describe(exc)
+                failed.append((action, why))
+                log.warning("%s failed: %s", action.key, why)
+                if group:
+                    stopped.add(group)
+                self._record_failure(action, why, now)
+            else:
+                executed.append(action)
+            finally:
+                self._in_flight.discard(action.key)
+        for name in sorted(touched):
+            if name in nodes:
+                try:
+                    self._refresh_node(nodes[name])
+                except grpc.RpcError as exc:
+                    log.warning("status of node %s: %s", name, _describe(exc))
+        return PassResult(tuple(executed), tuple(failed))
+
+    def _record_failure(self, action: Action, why: str, now: float) -> None:
+        deployment = getattr(action, "deployment", None)
+        replica = getattr(action, "replica", None)
+        try:
+            if deployment is not None and replica is not None:
+                self.store.record_replica_failure(deployment, replica, why[:500], now)
+            self.store.add_event(
+                now,
+                "Warning",
+                "ActionFailed",
+                f"{action.key}: {why}"[:1000],
+                deployment=deployment,
+                node=getattr(action, "node", None),
+            )
+        except NotFound:
+            pass  # the replica was forgotten meanwhile
+
+    # --- one action --------------------------------------------------------------------------
+
+    def _do(
+        self,
+        action: Action,
+        specs: Mapping[str, DeploymentSpec],
+        targets: Mapping[str, DeploymentTarget],
+        nodes: Mapping[str, Node],
+        now: float,
+        touched: set[str],
+    ) -> None:
+        if isinstance(action, Compile):
+            self._compile(action, specs[action.deployment])
+        elif isinstance(action, Load):
+            path = ShardStore(self.compiler.store_dir).blob_path(action.shard_id)
+            self.gateway.load(
+                action.address, action.node, action.chip_index, path, action.shard_id, False
+            )
+            touched.add(action.node)
+        elif isinstance(action, Unload):
+            touched.add(action.node)
+            try:
+                self.gateway.unload(action.address, action.node, action.chip_index, action.shard_id)
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                    raise  # NOT_FOUND: already gone (a report older than the agent's restart)
+        elif isinstance(action, Configure):
+            self._configure(action, targets[action.deployment], nodes)
+        elif isinstance(action, StartEpoch):
+            self._start(action, targets[action.deployment], nodes)
+        elif isinstance(action, RemoveReplica):
+            self._remove(action, nodes)
+            self.store.record(action, now)
+        elif not self.store.record(action, now):
+            raise RuntimeError(f"no executor for {type(action).__name__}")
+
+    def _compile(self, action: Compile, spec: DeploymentSpec) -> None:
+        refs = self.compiler.compile(action.plan, spec)
+        refs = [replace(r, binding=replace(r.binding, replica=action.replica)) for r in refs]
+        shards = [
+            ShardAssignment(r.chip, r.shard_id, max(r.size_bytes, declared_bytes_of(r.path)))
+            for r in refs
+        ]
+        try:
+            self.store.set_replica_shards(action.deployment, action.replica, shards)
+        except NotFound:
+            return  # the replica was forgotten while it compiled
+        self._refs[(action.deployment, action.replica)] = (action.plan, refs)
+
+    def _replica(self, deployment: str, index: int) -> Replica:
+        for replica in self.store.replicas(deployment):
+            if replica.index == index:
+                return replica
+        raise NotFound(f"deployment {deployment} has no replica {index}")
+
+    def _compiled(self, target: DeploymentTarget, index: int) -> tuple[Plan, list[ShardRef]]:
+        known = self._refs.get((target.name, index))
+        if known is None:  # after a restart: a lookup of blobs already built
+            replica = self._replica(target.name, index)
+            plan = replica_plan(replica, target, self.profile.name)
+            spec = deployment_from_manifest(
+                self._manifest(target.name), source=f"stored deployment {target.name}"
+            )
+            refs = [
+                replace(r, binding=replace(r.binding, replica=index))
+                for r in self.compiler.compile(plan, spec)
+            ]
+            known = (plan, refs)
+            self._refs[(target.name, index)] = known
+        return known
+
+    def _manifest(self, name: str) -> dict[str, object]:
+        record = self.store.deployment(name)
+        if record is None:
+            raise NotFound(f"no deployment named {name}")
+        return record.manifest
+
+    def _where(
+        self, refs: Iterable[ShardRef], nodes: Mapping[str, Node]
+    ) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+        by_chip: dict[str, tuple[Node, int]] = {}
+        for node in nodes.values():
+            for chip in node.chips:
+                by_chip[chip_id(node.rack, node.slot, chip.index)] = (node, chip.index)
+        where: dict[str, tuple[str, int]] = {}
+        names: dict[str, str] = {}
+        for ref in refs:
+            if ref.chip not in by_chip:
+                raise NotFound(f"chip {ref.chip} belongs to no registered node")
+            node, index = by_chip[ref.chip]
+            where[ref.chip] = (node.address, index)
+            names[node.address] = node.name
+        return where, names
+
+    def _configure(
+        self, action: Configure, target: DeploymentTarget, nodes: Mapping[str, Node]
+    ) -> None:
+        plan, refs = self._compiled(target, action.replica)
+        where, names = self._where(refs, nodes)
+        requests = configure_requests(
+            plan,
+            refs,
+            where,
+            replica=action.replica,
+            deployment=action.deployment,
+            epoch=action.epoch,
+            nodes=names,
+        )
+        for address in requests:  # a pipeline of an older epoch (or incarnation) goes first
+            status = self.gateway.status(address, names[address])
+            if any(
+                p.deployment == action.deployment and p.replica == action.replica
+                for chip in status.chips
+                for p in chip.pipelines
+            ):
+                self.gateway.remove_replica(
+                    address, names[address], action.deployment, action.replica
+                )
+        ready = self.gateway.configure(requests, names)
+        self._configured[(action.deployment, action.replica, action.epoch)] = (requests, ready)
+        self.store.set_replica_epochs(action.deployment, action.replica, configured=action.epoch)
+
+    def _start(
+        self, action: StartEpoch, target: DeploymentTarget, nodes: Mapping[str, Node]
+    ) -> None:
+        key = (action.deployment, action.replica, action.epoch)
+        if key not in self._configured:  # restarted between Configure and StartEpoch
+            self._configure(
+                Configure(action.deployment, action.replica, action.epoch, ()), target, nodes
+            )
+        requests, ready = self._configured.pop(key)
+        _, refs = self._compiled(target, action.replica)
+        _, names = self._where(refs, nodes)
+        self.gateway.start(requests, ready, names)
+        self.store.set_replica_epochs(action.deployment, action.replica, running=action.epoch)
+
+    def _remove(self, action: RemoveReplica, nodes: Mapping[str, Node]) -> None:
+        """Drop the replica's stages on every reachable agent it ran on."""
+        self._refs.pop((action.deployment, action.replica), None)
+        for key in [k for k in self._configured if k[:2] == (action.deployment, action.replica)]:
+            del self._configured[key]
+        try:
+            replica = self._replica(action.deployment, action.replica)
+        except NotFound:
+            return
+        chips = set(replica.chips)
+        for node in nodes.values():
+            if not any(chip_id(node.rack, node.slot, c.index) in chips for c in node.chips):
+                continue
+            try:
+                self.gateway.remove_replica(
+                    node.address, node.name, action.deployment, action.replica
+                )
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                log.info("remove replica on %s: %s", node.name, _describe(exc))
+
+    # --- agents' reports ---------------------------------------------------------------------
+
+    def _refresh_node(self, node: Node) -> None:
+        """Write what the node's agent holds and its chips' health (its `Status`)."""
+        status = self.gateway.status(node.address, node.name)
+        self.store.report_held(node.name, held_from_status(node, status))
+        known = {c.index: c for c in node.chips}
+        for chip in status.chips:
+            health = (
+                ChipHealth.FAILED
+                if chip.health == agent_pb2.CHIP_HEALTH_FAILED
+                else ChipHealth.HEALTHY
+            )
+            before = known.get(chip.chip)
+            if before is not None and before.health is not health:
+                self.store.set_chip_health(node.name, chip.chip, health, chip.failure_reason)
+
+
+def held_from_status(node: Node, status: agent_pb2.StatusResponse) -> list[HeldShard]:
+    """An agent's `Status` as the reconciler's held shards (committed and in flight)."""
+    held: list[HeldShard] = []
+    for chip in status.chips:
+        cid = chip_id(node.rack, node.slot, chip.chip)
+        for shard in chip.shards:
+            held.append(
+                HeldShard(
+                    cid,
+                    shard.shard_id,
+                    shard.reserved_bytes,
+                    shard.size_bytes,
+                    shard.size_bytes,
+                    True,
+                )
+            )
+        for load in chip.loads:
+            held.append(
+                HeldShard(
+                    cid,
+                    load.shard_id,
+                    load.reserved_bytes,
+                    load.bytes_loaded,
+                    load.bytes_total,
+                    False,
+                )
+            )
+    return held
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.RpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def events_of(actions: Iterable[Action]) -> list[RecordEvent]:
+    """The events among `actions` (for logs and tests)."""
+    return [a for a in actions if isinstance(a, RecordEvent)]
+
+
+__all__ = [
+    "AgentGateway",
+    "Compiler",
+    "Controller",
+    "GrpcAgentGateway",
+    "HeartbeatBuffer",
+    "PassResult",
+    "ShardCompiler",
+    "held_from_status",
+]

@@ -1,0 +1,236 @@
+"""The controller without processes: a real store and compiler, fake agents, a fake clock.
+
+The fake gateway keeps what each chip holds and which replicas are configured and started, so
+these tests check what the controller *does* with the reconciler's decisions: every shard is
+loaded once onto its chip, each replica is configured then started, a failed step stops that
+deployment's actions for the pass and is recorded for the backoff, and a delete unloads every
+shard before the deployment is forgotten.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+
+from orchestrator.controller import Controller, ShardCompiler, held_from_status
+from orchestrator.core import Chip, CoreSettings, Node, Phase, node_name
+from orchestrator.spec import load_deployment_file
+from orchestrator.store import Store
+from placement.profiles import get_profile
+from protos import agent_pb2
+from security.identity import agent_identity
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "manifests" / "examples" / "tiny-llama.yaml"
+PROFILE = get_profile("dev")
+SRAM = PROFILE.sram_bytes + (256 << 10)
+
+
+class FakeError(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self) -> str:
+        return "chip is full (fake)"
+
+
+class FakeAgents:
+    """Agents as dictionaries: chip -> held shard ids, plus every call made."""
+
+    def __init__(self) -> None:
+        self.held: dict[tuple[str, int], dict[str, int]] = {}
+        self.calls: list[tuple[str, ...]] = []
+        self.fail_loads_on: set[tuple[str, int]] = set()
+        self.started: set[tuple[str, int, int]] = set()
+
+    def channel(self, address: str, node: str) -> grpc.Channel:
+        raise AssertionError("the controller reaches agents through the gateway's methods")
+
+    def status(self, address: str, node: str) -> agent_pb2.StatusResponse:
+        chips = []
+        for index in range(PROFILE.chips_per_node):
+            held = self.held.get((node, index), {})
+            used = sum(held.values())
+            chips.append(
+                agent_pb2.ChipStatus(
+                    chip=index,
+                    health=agent_pb2.CHIP_HEALTH_HEALTHY,
+                    sram_capacity_bytes=SRAM,
+                    sram_used_bytes=used,
+                    sram_free_bytes=SRAM - used,
+                    shards=[
+                        agent_pb2.HeldShard(shard_id=s, size_bytes=n, reserved_bytes=n)
+                        for s, n in held.items()
+                    ],
+                )
+            )
+        return agent_pb2.StatusResponse(node=node, chips=chips)
+
+    def load(
+        self, address: str, node: str, chip: int, path: Path, shard_id: str, virtual: bool
+    ) -> None:
+        self.calls.append(("load", node, str(chip), shard_id))
+        if (node, chip) in self.fail_loads_on:
+            raise FakeError()
+        self.held.setdefault((node, chip), {})[shard_id] = path.stat().st_size
+
+    def unload(self, address: str, node: str, chip: int, shard_id: str) -> None:
+        self.calls.append(("unload", node, str(chip), shard_id))
+        self.held.get((node, chip), {}).pop(shard_id, None)
+
+    def remove_replica(self, address: str, node: str, deployment: str, replica: int) -> None:
+        self.calls.append(("remove", node, deployment, str(replica)))
+
+    def configure(
+        self, requests: Mapping[str, agent_pb2.ConfigureReplicaRequest], nodes: Mapping[str, str]
+    ) -> list[str]:
+        first = next(iter(requests.values()))
+        self.calls.append(("configure", first.deployment, str(first.replica)))
+        return list(first.replica_chips)
+
+    def start(
+        self,
+        requests: Mapping[str, agent_pb2.ConfigureReplicaRequest],
+        ready: Sequence[str],
+        nodes: Mapping[str, str],
+    ) -> None:
+        first = next(iter(requests.values()))
+        assert sorted(ready) == sorted(first.replica_chips)  # the whole barrier
+        self.calls.append(("start", first.deployment, str(first.replica)))
+        self.started.add((first.deployment, first.replica, first.epoch))
+
+    def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Controller, FakeAgents, Store, Clock]:
+    store = Store(tmp_path / "store.db")
+    clock = Clock()
+    nodes = [
+        Node(
+            name=node_name(f"rack-{r}", s),
+            rack=f"rack-{r}",
+            slot=s,
+            address=f"127.0.0.1:{7000 + 10 * r + s}",
+            identity=agent_identity(node_name(f"rack-{r}", s)),
+            chips=tuple(Chip(i, SRAM) for i in range(PROFILE.chips_per_node)),
+            last_heartbeat=clock.now,
+        )
+        for r in range(2)
+        for s in range(3)
+    ]
+    store.register_nodes(nodes, clock.now)
+    agents = FakeAgents()
+    controller = Controller(
+        store,
+        agents,
+        ShardCompiler(tmp_path / "shards"),
+        PROFILE,
+        clock=clock,
+        settings=CoreSettings(),
+    )
+    return controller, agents, store, clock
+
+
+def _apply(store: Store, clock: Clock) -> None:
+    spec = load_deployment_file(EXAMPLE)
+    store.apply_deployment(spec.name, spec.manifest, clock.now)
+
+
+def _run(controller: Controller, clock: Clock, passes: int = 30) -> None:
+    for _ in range(passes):
+        # agents heartbeat every pass (through the buffer, as the registry does)
+        for node in controller.store.nodes():
+            controller.heartbeats.add(node.name, clock.now)
+        result = controller.run_pass()
+        clock.now += 0.1
+        if not result.executed and not result.failed:
+            return
+
+
+def test_apply_to_ready_loads_each_shard_once(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    controller, agents, store, clock = world
+    _apply(store, clock)
+    _run(controller, clock)
+    record = store.deployment("tiny-llama")
+    assert record is not None and record.status.phase is Phase.READY
+    loads = Counter((c[1], c[2]) for c in agents.calls if c[0] == "load")
+    assert len(loads) == 24 and set(loads.values()) == {1}  # 24 chips, each loaded once
+    steps = [c for c in agents.calls if c[0] in ("configure", "start")]
+    for replica in ("0", "1"):
+        mine = [c[0] for c in steps if c[2] == replica]
+        assert mine == ["configure", "start"]
+    assert agents.started == {("tiny-llama", 0, 0), ("tiny-llama", 1, 0)}
+    # the store's held shards are what the agents reported
+    assert len([h for h in store.held() if h.committed]) == 24
+
+
+def test_a_failed_load_stops_the_deployment_for_the_pass_and_is_recorded(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    controller, agents, store, clock = world
+    agents.fail_loads_on.add(("rack-0/node-0", 0))
+    _apply(store, clock)
+    for _ in range(6):
+        result = controller.run_pass()
+        clock.now += 0.1
+        if result.failed:
+            break
+    assert result.failed and "RESOURCE_EXHAUSTED" in result.failed[0][1]
+    failed = result.failed[0][0]
+    # nothing of the deployment ran after the failed action in that pass
+    keys = [a.key for a in result.executed]
+    assert not any(k.startswith(("configure/", "start/")) for k in keys)
+    replica = {r.index: r for r in store.replicas("tiny-llama")}[failed.replica]  # type: ignore[union-attr]
+    assert replica.failures == 1 and "RESOURCE_EXHAUSTED" in replica.last_error
+    warnings = [e for e in store.events("tiny-llama") if e.reason == "ActionFailed"]
+    assert len(warnings) == 1
+
+
+def test_delete_unloads_every_shard_then_forgets(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    controller, agents, store, clock = world
+    _apply(store, clock)
+    _run(controller, clock)
+    assert store.mark_deleting("tiny-llama", clock.now)
+    _run(controller, clock)
+    assert store.deployment("tiny-llama") is None
+    assert all(not held for held in agents.held.values())
+    assert store.held() == []
+    removes = {c[3] for c in agents.calls if c[0] == "remove"}
+    assert removes == {"0", "1"}
+
+
+def test_held_from_status_names_chips_by_rack_and_slot() -> None:
+    node = Node("rack-1/node-2", "rack-1", 2, "a:1", "id", (Chip(0, 10),), 0.0)
+    status = agent_pb2.StatusResponse(
+        chips=[
+            agent_pb2.ChipStatus(
+                chip=3,
+                shards=[agent_pb2.HeldShard(shard_id="s", size_bytes=5, reserved_bytes=7)],
+                loads=[agent_pb2.LoadProgress(shard_id="t", bytes_loaded=1, bytes_total=4)],
+            )
+        ]
+    )
+    held = held_from_status(node, status)
+    assert [(h.chip, h.shard_id, h.committed) for h in held] == [
+        ("rack-1/node-2/chip-3", "s", True),
+        ("rack-1/node-2/chip-3", "t", False),
+    ]
+    assert held[0].reserved_bytes == 7 and held[1].bytes_loaded == 1
