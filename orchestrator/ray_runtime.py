@@ -83,6 +83,7 @@ def init_embedded(
 
     About 4 s and 600 MB here (measured), so tests start it once per session."""
     ray.init(
+        address="local",  # a new instance, even where `ray start` left a cluster to join
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=object_store_memory,
