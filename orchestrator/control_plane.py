@@ -9,7 +9,8 @@
     DIR/logs/           the control plane's and every agent's log
     DIR/endpoint.json   written once serving: admin and registry addresses, pid, profile
 
-Agents start through a runtime adapter chosen by name (`--runtime process|ray`;
+Agents start through a runtime adapter chosen by name (`--runtime process|ray`, and with
+`--ray-address ADDR` one agent per LPU host of an existing Ray cluster;
 `orchestrator.ray_runtime` is imported only when asked for). On SIGTERM or SIGINT the process
 stops the controller and the servers, stops and reaps every agent, removes endpoint.json and
 exits 0. Agents that die are restarted (`ControlPlane._supervise`).

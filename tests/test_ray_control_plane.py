@@ -219,7 +219,7 @@ def test_ray_agents_register_apply_generate_and_heal(ray_cluster: RayCluster) ->
     def healed() -> bool:
         got = _replicas(cluster)
         d = cluster.stub.Get(admin_pb2.GetRequest(name="tiny-llama"), metadata=cluster.viewer)
-        return d.phase == "Ready" and got[1].epoch > before[1].epoch and got[1].running
+        return bool(d.phase == "Ready" and got[1].epoch > before[1].epoch and got[1].running)
 
     wait_for(healed, timeout=45, interval=0.1, what="replica 1 back to Ready")
     print(f"SIGKILL -> Ready again: {time.monotonic() - killed:.1f} s")
