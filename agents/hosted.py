@@ -7,6 +7,10 @@ answer calls while it serves), so the Ray runtime starts the agent here instead,
 (`importlib.import_module("agents.hosted")`: the orchestrator never imports agent code), and
 keeps the returned server until it is told to stop or its process dies.
 
+With `control_plane` it also registers with the control plane and heartbeats, exactly as
+`run_agent --control-plane` does (`agents.registration.start_registration`): a Ray-restarted
+agent registers again by itself, and `HostedAgent.stop` stops heartbeating before the server.
+
 The steps are those of `run_agent`: certificates from `certs` (`ensure_agent`), malloc tuning,
 BLAS pinned before numpy is imported, then the service and its server. Bad input raises
 `HostedAgentError` with the message `run_agent` would print, so the actor's creation fails with
@@ -15,6 +19,7 @@ a cause a person can act on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -27,6 +32,7 @@ from placement.profiles import get_profile
 from security.identity import agent_identity
 
 if TYPE_CHECKING:
+    from agents.registration import Registration
     from agents.server import AgentServer
 
 log = logging.getLogger("lockstep.agent")
@@ -44,9 +50,14 @@ class HostedAgent:
     address: str
     identity: str
     server: AgentServer
+    registration: Registration | None = None
 
     def stop(self, grace: float = 5.0) -> None:
-        """Graceful stop: health NOT_SERVING, in-flight calls get `grace` seconds."""
+        """Graceful stop: heartbeats end first (the control plane then marks the node
+        NotReady instead of sending it work), then health NOT_SERVING, in-flight calls get
+        `grace` seconds."""
+        if self.registration is not None:
+            self.registration.stop()
         self.server.stop(grace)
 
 
@@ -60,16 +71,36 @@ def start_agent(
     settings: AgentSettings = DEFAULT_SETTINGS,
     certs: str | None = None,
     insecure: bool = False,
+    control_plane: str | None = None,
+    rack: str | None = None,
+    slot: int | None = None,
+    heartbeat_interval: float | None = None,
 ) -> HostedAgent:
     """Start serving `node`'s chips on `listen` (port 0: any free port) and return at once.
 
     The arguments mean what they mean for `agents.main.run_agent`; mutual TLS with the node's
     certificate from `certs` unless `insecure` (loopback only, warned on stderr).
+    `control_plane` (HOST:PORT of its NodeRegistry) starts registration and heartbeats every
+    `heartbeat_interval` seconds (default `settings.heartbeat_interval`); `rack` and `slot`
+    default to what the node's name says.
     """
     try:
         capacity = sram_bytes or get_profile(profile).sram_bytes
     except InputError as exc:
         raise HostedAgentError(f"agent {node}: {exc}") from None
+    if heartbeat_interval is not None:
+        if not 0 < heartbeat_interval < 1e6:
+            raise HostedAgentError(
+                f"agent {node}: heartbeat interval must be positive, got {heartbeat_interval}"
+            )
+        settings = dataclasses.replace(settings, heartbeat_interval=heartbeat_interval)
+    if control_plane is not None:
+        from agents.registration import rack_slot_for
+
+        try:
+            rack, slot = rack_slot_for(node, rack, slot)
+        except ValueError as exc:
+            raise HostedAgentError(f"agent {node}: {exc}") from None
     creds = None
     if insecure:
         if not is_loopback_listen(listen):
@@ -106,5 +137,22 @@ def start_agent(
         service.close()
         raise HostedAgentError(f"agent {node}: cannot listen on {listen}: {exc}") from None
     host = listen.rsplit(":", 1)[0]
+    address = f"{host}:{server.port}"
     log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)
-    return HostedAgent(node, f"{host}:{server.port}", agent_identity(node), server)
+    registration = None
+    if control_plane is not None:
+        from agents.registration import start_registration
+
+        assert rack is not None and slot is not None
+        registration = start_registration(
+            control_plane,
+            creds,
+            service,
+            node=node,
+            rack=rack,
+            slot=slot,
+            address=address,
+            profile=profile,
+            interval=settings.heartbeat_interval,
+        )
+    return HostedAgent(node, address, agent_identity(node), server, registration)

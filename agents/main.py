@@ -116,16 +116,14 @@ def run_agent(
     except InputError as exc:
         print(f"agent: {exc}", file=sys.stderr)
         return 2
-    if control_plane is not None and (rack is None or slot is None):
-        from agents.registration import rack_and_slot
+    if control_plane is not None:
+        from agents.registration import rack_slot_for
 
         try:
-            named_rack, named_slot = rack_and_slot(node)
+            rack, slot = rack_slot_for(node, rack, slot)
         except ValueError as exc:
             print(f"agent: {exc}", file=sys.stderr)
             return 2
-        rack = named_rack if rack is None else rack
-        slot = named_slot if slot is None else slot
     creds = None
     if insecure:
         if not is_loopback_listen(listen):
@@ -180,22 +178,20 @@ def run_agent(
     log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)
     registration = None
     if control_plane is not None:
-        from agents.registration import Registration
-        from protos import agent_pb2
+        from agents.registration import start_registration
 
         assert rack is not None and slot is not None
-        registration = Registration(
+        registration = start_registration(
             control_plane,
             creds,
+            service,
             node=node,
             rack=rack,
             slot=slot,
             address=f"{host}:{agent.port}",
             profile=profile,
-            status=lambda: service.Status(agent_pb2.StatusRequest(), None),
             interval=settings.heartbeat_interval,
         )
-        registration.start()
     stop.wait()
     log.info("node %s: stopping", node)
     if registration is not None:

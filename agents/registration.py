@@ -16,6 +16,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 
@@ -114,3 +115,42 @@ class Registration:
                     )
                 known = False
             self._stop.wait(self.interval)
+
+
+def rack_slot_for(node: str, rack: str | None, slot: int | None) -> tuple[str, int]:
+    """The rack and slot an agent registers with: the given ones, else what the node's name
+    says (`rack_and_slot`); ValueError when neither tells."""
+    if rack is not None and slot is not None:
+        return rack, slot
+    named_rack, named_slot = rack_and_slot(node)
+    return (named_rack if rack is None else rack), (named_slot if slot is None else slot)
+
+
+def start_registration(
+    control_plane: str,
+    credentials: Credentials | None,
+    service: Any,
+    *,
+    node: str,
+    rack: str,
+    slot: int,
+    address: str,
+    profile: str,
+    interval: float,
+) -> Registration:
+    """Register `service`'s node with the control plane and heartbeat from now on: the one way
+    both hosts of an agent (`agents.main.run_agent`, `agents.hosted.start_agent`) do it.
+    `service` is the `AgentService` whose Status reports the chips."""
+    registration = Registration(
+        control_plane,
+        credentials,
+        node=node,
+        rack=rack,
+        slot=slot,
+        address=address,
+        profile=profile,
+        status=lambda: service.Status(agent_pb2.StatusRequest(), None),
+        interval=interval,
+    )
+    registration.start()
+    return registration

@@ -9,7 +9,8 @@
     DIR/logs/           the control plane's and every agent's log
     DIR/endpoint.json   written once serving: admin and registry addresses, pid, profile
 
-Agents start through a runtime adapter chosen by name (`--runtime process|ray`;
+Agents start through a runtime adapter chosen by name (`--runtime process|ray`, and with
+`--ray-address ADDR` one agent per LPU host of an existing Ray cluster;
 `orchestrator.ray_runtime` is imported only when asked for). On SIGTERM or SIGINT the process
 stops the controller and the servers, stops and reaps every agent, removes endpoint.json and
 exits 0. Agents that die are restarted (`ControlPlane._supervise`).
@@ -27,7 +28,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,31 @@ def node_specs(racks: int, nodes_per_rack: int, profile: str) -> list[NodeSpec]:
     ]
 
 
-def make_runtime(name: str, paths: StatePaths, registry: str, interval: float) -> Runtime:
+def discovered_specs(profile: str) -> list[NodeSpec]:
+    """The nodes of the joined Ray cluster (`--ray-address`): one per host advertising a
+    `lockstep-host:` resource, with the same SRAM headroom as `node_specs`."""
+    from orchestrator.ray_runtime import discover_nodes
+
+    chip = get_profile(profile)
+    specs = discover_nodes(profile, default_chips=chip.chips_per_node)
+    if not specs:
+        raise ValueError(
+            "the Ray cluster has no host advertising a lockstep-host:<host> resource "
+            "(ray start --resources '{\"lockstep-host:HOST\": 4096}')"
+        )
+    sram = chip.sram_bytes + TEXT_HEADROOM_BYTES
+    return [s if s.sram_bytes is not None else replace(s, sram_bytes=sram) for s in specs]
+
+
+def make_runtime(
+    name: str,
+    paths: StatePaths,
+    registry: str,
+    interval: float,
+    ray_address: str | None = None,
+) -> Runtime:
+    if ray_address is not None and name != "ray":
+        raise ValueError(f"--ray-address joins a Ray cluster: it needs --runtime ray, not {name}")
     if name == "process":
         from orchestrator.process_runtime import ProcessRuntime
 
@@ -134,6 +159,7 @@ def make_runtime(name: str, paths: StatePaths, registry: str, interval: float) -
             control_plane=registry,
             log_dir=paths.logs,
             heartbeat_interval=interval,
+            **({} if ray_address is None else {"address": ray_address}),
         )
     else:  # an adapter without the factory: its agents must register by themselves
         cls: Any = getattr(module, f"{name.title()}Runtime", None)
@@ -162,7 +188,10 @@ class ControlPlane:
         admin_listen: str = "127.0.0.1:0",
         metrics_port: int = 0,
         settings: CoreSettings | None = None,
+        ray_address: str | None = None,
     ) -> None:
+        self.ray_address = ray_address
+        self.specs: list[NodeSpec] = []
         self.paths = prepare_state(state)
         self.profile = get_profile(profile)
         self.racks, self.nodes_per_rack, self.runtime_name = racks, nodes_per_rack, runtime
@@ -217,8 +246,13 @@ class ControlPlane:
             self.paths,
             self.registry_address,
             self.settings.heartbeat_interval,
+            self.ray_address,
         )
-        self.runtime.start_agents(node_specs(self.racks, self.nodes_per_rack, self.profile.name))
+        if self.ray_address is None:
+            self.specs = node_specs(self.racks, self.nodes_per_rack, self.profile.name)
+        else:  # joined a Ray cluster: one agent per host that advertises LPU chips
+            self.specs = discovered_specs(self.profile.name)
+        self.runtime.start_agents(self.specs)
         self.controller.start()
         self._supervisor.start()
         endpoint = {
@@ -227,7 +261,7 @@ class ControlPlane:
             "metrics": f"https://127.0.0.1:{self.metrics_port}/metrics",
             "pid": os.getpid(),
             "profile": self.profile.name,
-            "nodes": self.racks * self.nodes_per_rack,
+            "nodes": len(self.specs),
             "runtime": self.runtime_name,
             "agent_pids": list(getattr(self.runtime, "pids", list)()),
         }
@@ -240,7 +274,7 @@ class ControlPlane:
         again, and the reconciler reloads its chips and resynchronizes the replicas it served
         at a new epoch. Like Ray's `max_restarts=-1` for the process runtime; at most one
         restart of a node per `restart_backoff` seconds."""
-        specs = {s.name: s for s in node_specs(self.racks, self.nodes_per_rack, self.profile.name)}
+        specs = {s.name: s for s in self.specs}
         last: dict[str, float] = {}
         while not self._stopping.wait(self.settings.heartbeat_interval):
             if self.runtime is None:
@@ -289,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--racks", type=int, default=2)
     parser.add_argument("--nodes-per-rack", type=int, default=3)
     parser.add_argument("--runtime", default="process")
+    parser.add_argument("--ray-address", help="join this Ray cluster (with --runtime ray)")
     parser.add_argument("--admin-listen", default="127.0.0.1:0")
     parser.add_argument("--metrics-port", type=int, default=0, help="HTTPS /metrics (0: any)")
     args = parser.parse_args(argv)
@@ -309,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             runtime=args.runtime,
             admin_listen=args.admin_listen,
             metrics_port=args.metrics_port,
+            ray_address=args.ray_address,
         )
     except (ValueError, OSError, InputError, TokenError, CertError, StoreError) as exc:
         print(f"control plane: cannot start: {exc}", file=sys.stderr)

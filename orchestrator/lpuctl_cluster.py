@@ -504,6 +504,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             paths.endpoint.unlink(missing_ok=True)  # left by a control plane that died
         else:
             raise CommandError(f"a control plane already runs for {root} (pid {pid}); lpuctl down")
+    if args.ray_address is not None:
+        args.runtime = "ray"
     log = open(paths.logs / "control-plane.log", "ab")  # noqa: SIM115 - handed to the child
     command = [
         sys.executable,
@@ -519,6 +521,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         str(args.nodes_per_rack),
         "--runtime",
         args.runtime,
+        *(["--ray-address", args.ray_address] if args.ray_address else []),
     ]
     with log:
         proc = subprocess.Popen(
@@ -526,11 +529,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
     (root / "control-plane.pid").write_text(str(proc.pid))
     nodes = args.racks * args.nodes_per_rack
-    print(
-        f"starting the control plane and {nodes} node agents ({args.racks} rack(s) x "
-        f"{args.nodes_per_rack} node(s), profile {args.profile}, runtime {args.runtime})",
-        flush=True,
-    )
+    if args.ray_address:
+        print(
+            f"starting the control plane and one node agent per LPU host of the Ray cluster "
+            f"at {args.ray_address} (profile {args.profile})",
+            flush=True,
+        )
+    else:
+        print(
+            f"starting the control plane and {nodes} node agents ({args.racks} rack(s) x "
+            f"{args.nodes_per_rack} node(s), profile {args.profile}, runtime {args.runtime})",
+            flush=True,
+        )
     deadline = time.monotonic() + args.timeout
     while not paths.endpoint.exists():
         if proc.poll() is not None:
@@ -544,6 +554,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             _terminate(proc.pid)
             raise CommandError(f"the control plane did not start within {args.timeout:g} s")
         time.sleep(0.1)
+    nodes = int(json.loads(paths.endpoint.read_text()).get("nodes", nodes))
     client = connect(args)
     while True:
         registered = call(client, "ListNodes", admin_pb2.ListNodesRequest()).nodes

@@ -51,6 +51,12 @@ def register_cluster_commands(sub: Any, parser_class: Any) -> None:
     up.add_argument("--nodes-per-rack", type=int, default=3)
     up.add_argument("--profile", default="dev")
     up.add_argument("--runtime", choices=("process", "ray"), default="process")
+    up.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this Ray cluster (implies --runtime ray): one agent per host that "
+        "advertises a lockstep-host:<host> resource, instead of a simulated cluster",
+    )
     up.add_argument("--timeout", type=float, default=120.0)
     up.set_defaults(handler=_lazy("cmd_up"))
     down = sub.add_parser("down", parents=[common], help="stop the embedded control plane")

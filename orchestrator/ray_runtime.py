@@ -83,6 +83,7 @@ def init_embedded(
 
     About 4 s and 600 MB here (measured), so tests start it once per session."""
     ray.init(
+        address="local",  # a new instance, even where `ray start` left a cluster to join
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=object_store_memory,
@@ -164,6 +165,8 @@ class AgentActor:
 
         hosted = importlib.import_module("agents.hosted")  # by name: see the module docstring
         host = listen_host or ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        if options.get("control_plane") is not None:  # it registers with the spec's place
+            options = {"rack": spec.rack, "slot": spec.slot, **options}
         self._agent = hosted.start_agent(
             spec.name,
             spec.chips,
@@ -252,19 +255,27 @@ class RayRuntime:
         if ray.is_initialized():
             embedded = address is None
         elif address is not None:
-            ray.init(address=address, namespace=namespace, log_to_driver=False)
+            try:
+                ray.init(address=address, namespace=namespace, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise RayRuntimeError(f"cannot join the Ray cluster at {address}: {exc}") from None
             embedded = False
         else:
-            init_embedded(
-                num_cpus=num_cpus, object_store_memory=object_store_memory, namespace=namespace
-            )
+            try:
+                init_embedded(
+                    num_cpus=num_cpus, object_store_memory=object_store_memory, namespace=namespace
+                )
+            except Exception as exc:
+                ray.shutdown()
+                raise RayRuntimeError(f"cannot start the embedded Ray: {exc}") from None
             self.owns_ray = embedded = True
         self.listen_host = listen_host or ("127.0.0.1" if embedded else None)
 
     # --- the port ---
 
     def start_agents(self, nodes: Sequence[NodeSpec]) -> list[AgentHandle]:
-        """Start (or find, by name) one agent actor per node; wait until each serves."""
+        """Start (or find, by name) one agent actor per node; wait until each new one serves.
+        Nodes whose agent Ray is restarting are left to Ray (no handle until it is back)."""
         with self._lock:
             fresh = []
             for spec in nodes:
@@ -274,7 +285,8 @@ class RayRuntime:
                     self._agents[spec.name] = agent
                     fresh.append(agent)
             self._await_infos(fresh)
-            return [self._handle_of(self._agents[spec.name]) for spec in nodes]
+            serving = [self._agents[spec.name] for spec in nodes]
+            return [self._handle_of(a) for a in serving if a.info is not None]
 
     def dead_agents(self) -> list[str]:
         """Nodes whose agent process died since the last call; Ray is already restarting them."""
@@ -341,6 +353,16 @@ class RayRuntime:
         with self._lock:
             agent = self._agents.get(node)
             return None if agent is None or agent.info is None else agent.info.pid
+
+    def pids(self) -> list[int]:
+        """The pids of the serving agents' processes on this machine (for endpoint.json)."""
+        with self._lock:
+            local = ray.get_runtime_context().get_node_id()
+            return [
+                a.info.pid
+                for a in self._agents.values()
+                if a.info is not None and a.info.ray_node_id == local
+            ]
 
     def restarts(self, node: str) -> int:
         """How many deaths of `node`'s agent this runtime has seen."""
@@ -431,6 +453,26 @@ class RayRuntime:
     def _handle_of(agent: _Agent) -> AgentHandle:
         assert agent.info is not None
         return AgentHandle(agent.spec.name, agent.info.address, agent.info.identity)
+
+
+def make_runtime(
+    *,
+    certs: str | Path,
+    control_plane: str,
+    log_dir: str | Path,
+    heartbeat_interval: float,
+    address: str | None = None,
+) -> RayRuntime:
+    """The control plane's factory (`orchestrator.control_plane.make_runtime`): agents that
+    register with `control_plane` and heartbeat every `heartbeat_interval` seconds, on the
+    embedded Ray or, with `address`, on an existing Ray cluster. `log_dir` is unused: an
+    actor's output goes to Ray's session logs (`/tmp/ray/session_latest/logs/worker-*`)."""
+    del log_dir
+    return RayRuntime(
+        certs,
+        address=address,
+        agent_options={"control_plane": control_plane, "heartbeat_interval": heartbeat_interval},
+    )
 
 
 def _cause(exc: BaseException) -> str:

@@ -246,3 +246,50 @@ def test_compile_fan_out_equals_in_process(ray_session: None, tmp_path: Path, so
     assert compile_plan_ray(plan, TINY, weights, tmp_path / "ray") == fanned
     after = sorted(p.stat().st_mtime_ns for p in (tmp_path / "ray").rglob("*.safetensors"))
     assert before == after
+
+
+def test_lpuctl_up_joins_a_ray_cluster(ray_session: None, tmp_path: Path) -> None:
+    """`lpuctl up --ray-address ADDR`: one agent per host that advertises LPU chips (here the
+    session's Ray, host `local`), registered with the control plane; `lpuctl down` stops the
+    agent and the control plane but leaves the joined cluster running."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "LOCKSTEP_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env["LOCKSTEP_CONFIG"] = str(tmp_path / "no-config.yaml")
+    for key in ("LOCKSTEP_SERVER", "LOCKSTEP_TOKEN", "LOCKSTEP_CA", "RAY_ADDRESS"):
+        env.pop(key, None)
+
+    def lpuctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    address = ray.get_runtime_context().gcs_address
+    up = lpuctl("up", "--ray-address", address, "--timeout", "60")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"Ray cluster at {address}" in up.stdout and "1 nodes Ready" in up.stdout
+        n = json.loads(lpuctl("get", "nodes", "-o", "json").stdout)  # one node: an object
+        assert (n["name"], n["rack"], n["state"], len(n["chips"])) == (
+            "local",
+            "rack-0",
+            "Ready",
+            8,
+        )
+        assert actor_name("local") in {
+            a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+        }
+    finally:
+        down = lpuctl("down")
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
+    named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+    assert actor_name("local") not in named
+    assert ray.is_initialized() and lockstep_hosts() == ["local"]  # the cluster still runs
