@@ -117,6 +117,9 @@ class Chip:
     loading: dict[str, InFlight] = field(default_factory=dict)
     failed_reason: str | None = None
     bound_to: str | None = None  # the replica ("deployment/replica-N") this chip serves
+    # Counted at commit, under `lock` (taken there anyway), for the agent's metrics.
+    loads_committed: int = 0
+    bytes_loaded: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     exec_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -193,6 +196,8 @@ class Chip:
             entry = HeldEntry(header, flight.block, digest, int(time.time() * 1000))
             del self.loading[header.shard_id]
             self.held[header.shard_id] = entry
+            self.loads_committed += 1
+            self.bytes_loaded += header.size_bytes
         return entry
 
     def abort(self, flight: InFlight) -> None:

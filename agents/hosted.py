@@ -75,6 +75,7 @@ def start_agent(
     rack: str | None = None,
     slot: int | None = None,
     heartbeat_interval: float | None = None,
+    metrics_port: int | None = 0,
 ) -> HostedAgent:
     """Start serving `node`'s chips on `listen` (port 0: any free port) and return at once.
 
@@ -82,7 +83,8 @@ def start_agent(
     certificate from `certs` unless `insecure` (loopback only, warned on stderr).
     `control_plane` (HOST:PORT of its NodeRegistry) starts registration and heartbeats every
     `heartbeat_interval` seconds (default `settings.heartbeat_interval`); `rack` and `slot`
-    default to what the node's name says.
+    default to what the node's name says. `metrics_port`: Prometheus /metrics as for
+    `run_agent` (0 any free port, None none), advertised in `Status`.
     """
     try:
         capacity = sram_bytes or get_profile(profile).sram_bytes
@@ -102,6 +104,7 @@ def start_agent(
         except ValueError as exc:
             raise HostedAgentError(f"agent {node}: {exc}") from None
     creds = None
+    directory: str | None = None
     if insecure:
         if not is_loopback_listen(listen):
             raise HostedAgentError(
@@ -136,6 +139,16 @@ def start_agent(
     except (OSError, RuntimeError) as exc:
         service.close()
         raise HostedAgentError(f"agent {node}: cannot listen on {listen}: {exc}") from None
+    if metrics_port is not None:
+        from agents.metrics import attach_metrics
+
+        try:
+            attach_metrics(server, listen, metrics_port, directory)
+        except OSError as exc:
+            server.stop(0)
+            raise HostedAgentError(
+                f"agent {node}: cannot serve metrics on port {metrics_port}: {exc}"
+            ) from None
     host = listen.rsplit(":", 1)[0]
     address = f"{host}:{server.port}"
     log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)

@@ -34,6 +34,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -327,6 +328,9 @@ class LinkService:
         self._lock = threading.Lock()
         self._open: set[queue.SimpleQueue[interconnect_pb2.LinkAck | _End | None]] = set()
         self._closed = False
+        # Frames refused (the stream then ends), by status code name, for the agent's
+        # metrics. Counted under `_lock`: a rejection ends its stream, so it is never hot.
+        self._rejected: Counter[str] = Counter()
 
     def close(self) -> None:
         """End every open stream (agent shutdown) and refuse new ones."""
@@ -335,6 +339,11 @@ class LinkService:
             streams, self._open = list(self._open), set()
         for acks in streams:
             acks.put(None)
+
+    def frames_rejected(self) -> dict[str, int]:
+        """Frames refused so far, by the status code their stream ended with (a copy)."""
+        with self._lock:
+            return dict(self._rejected)
 
     def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
         if len(message) > 1000:
@@ -441,6 +450,8 @@ class LinkService:
                 seen[0] = time.monotonic()
                 end = self._check(msg, opened, send_ack)
                 if end is not None:
+                    with self._lock:
+                        self._rejected[end.code.name] += 1
                     acks.put(end)
                     return
                 if msg.ping:

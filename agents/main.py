@@ -95,6 +95,7 @@ def run_agent(
     control_plane: str | None = None,
     rack: str | None = None,
     slot: int | None = None,
+    metrics_port: int | None = 0,
 ) -> int:
     """Serve one node's chips until SIGTERM/SIGINT; 0 on a clean stop, 2 on bad input.
 
@@ -110,6 +111,10 @@ def run_agent(
     `control_plane` (HOST:PORT of its NodeRegistry) makes the agent register there and
     heartbeat every `settings.heartbeat_interval` (`agents.registration`); `rack` and `slot`
     default to what the node's name says (`rack-0/node-3`).
+
+    `metrics_port` serves Prometheus /metrics (`agents.metrics`) on the listen host: HTTPS
+    with the node's certificate (plain HTTP under `insecure`), 0 any free port, None not at
+    all; the port is logged and advertised in `StatusResponse.metrics_port`.
     """
     try:
         capacity = sram_bytes or get_profile(profile).sram_bytes
@@ -125,6 +130,7 @@ def run_agent(
             print(f"agent: {exc}", file=sys.stderr)
             return 2
     creds = None
+    directory: str | None = None
     if insecure:
         if not is_loopback_listen(listen):
             print(
@@ -173,6 +179,17 @@ def run_agent(
     except (OSError, RuntimeError) as exc:
         print(f"agent: cannot listen on {listen}: {exc}", file=sys.stderr)
         return 1
+    if metrics_port is not None:
+        from agents.metrics import attach_metrics, metrics_host
+
+        try:
+            bound = attach_metrics(agent, listen, metrics_port, directory)
+        except OSError as exc:
+            print(f"agent: cannot serve metrics on port {metrics_port}: {exc}", file=sys.stderr)
+            agent.stop(0)
+            return 1
+        scheme = "http" if insecure else "https"
+        log.info("metrics on %s://%s:%d/metrics", scheme, metrics_host(listen), bound)
     host = listen.rsplit(":", 1)[0]
     print(f"listening on {host}:{agent.port}", flush=True)
     log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)
@@ -198,6 +215,13 @@ def run_agent(
         registration.stop()
     agent.stop()
     return 0
+
+
+def metrics_port_arg(text: str) -> int | None:
+    """An argparse `type` for --metrics-port: a port, 0 for any free one, `off` for none."""
+    if text.strip().lower() == "off":
+        return None
+    return whole_number(0, 65535)(text)
 
 
 def default_certs_dir() -> str:
@@ -305,6 +329,14 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         default=DEFAULT_SETTINGS.heartbeat_interval,
         help="seconds between heartbeats to the control plane",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=metrics_port_arg,
+        default=0,
+        metavar="PORT|off",
+        help="serve Prometheus /metrics on the --listen host at this port (HTTPS with the "
+        "node's certificate; 0: any free port, shown in Status; off: none)",
+    )
     security = parser.add_mutually_exclusive_group()
     security.add_argument(
         "--certs",
@@ -340,6 +372,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         control_plane=args.control_plane,
         rack=args.rack,
         slot=args.slot,
+        metrics_port=args.metrics_port,
     )
 
 

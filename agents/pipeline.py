@@ -274,6 +274,10 @@ class StageRunner:
         self._streams: dict[str, queue.SimpleQueue[TokenOut]] = {}
         self._on_stop: list[Callable[[str], None]] = []
         self._closed = False
+        # For the agent's metrics, plain counters: `ticks_executed` is written only by the stage's
+        # thread, `tokens_streamed` only under `_cond` (held there anyway); readers take a value.
+        self.ticks_executed = 0  # ticks executed (bubbles included: the clock of the lockstep)
+        self.tokens_streamed = 0  # tokens this stage streamed to requests (stage 0 only)
         self._thread = threading.Thread(target=self._loop, name=f"stage-{label}", daemon=True)
 
     # --- views ----------------------------------------------------------------------------
@@ -384,6 +388,7 @@ class StageRunner:
         rejected = []
         for action in self.core.handle(event):
             if isinstance(action, StreamToken):
+                self.tokens_streamed += 1
                 stream = self._streams.get(action.event.request_id)
                 if action.event.finished:
                     self._streams.pop(action.event.request_id, None)
@@ -531,6 +536,7 @@ class StageRunner:
                 result: Event = TickFailed(action.tick, action.epoch, describe(exc))
             else:
                 result = TickExecuted(action.tick, action.epoch, output)
+            self.ticks_executed += 1
             with self._cond:
                 self._apply(result)
         elif isinstance(action, SendFrame):

@@ -166,6 +166,18 @@ class ReplicaHost:
             )
         return found
 
+    def stage_counters(self) -> list[tuple[str, int, int, int, int]]:
+        """(deployment, replica, stage, ticks executed, tokens streamed) of every stage
+        hosted here, for the agent's metrics. Reads the runners' plain counters without
+        their locks: a scrape never waits for, or slows, a tick."""
+        with self._lock:
+            replicas = list(self._replicas.values())
+        return sorted(
+            (rep.deployment, rep.replica, stage, runner.ticks_executed, runner.tokens_streamed)
+            for rep in replicas
+            for stage, runner in rep.runners.items()
+        )
+
     def chip_status(self, index: int) -> list[agent_pb2.PipelineStatus]:
         """The chip's stage in every replica that binds it (sorted by deployment, replica)."""
         with self._lock:

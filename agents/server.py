@@ -204,6 +204,7 @@ class AgentService:
             # Under mutual TLS the control plane has places of its own (see agents.streams).
             reserved=frozenset() if tls is None else frozenset({CONTROL_PLANE}),
         )
+        self.metrics_port = 0  # of /metrics once served (`agents.metrics`), for Status
         self._closed = threading.Event()
         self._waiting_lock = threading.Lock()
         self._waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}  # loads without header
@@ -358,7 +359,9 @@ class AgentService:
             message = _chip_message(chip.snapshot())
             message.pipelines.extend(self.replicas.chip_status(chip.index))
             chips.append(message)
-        return agent_pb2.StatusResponse(node=self.node, profile=self.profile, chips=chips)
+        return agent_pb2.StatusResponse(
+            node=self.node, profile=self.profile, chips=chips, metrics_port=self.metrics_port
+        )
 
     @_rpc
     def MarkChipFailed(
@@ -737,6 +740,7 @@ class AgentServer:
     port: int
     health: health.HealthServicer
     service: AgentService
+    metrics: Any = None  # the /metrics HTTP server (`agents.metrics.attach_metrics`), if any
 
     def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, then stop accepting calls and wait up to `grace` for them."""
@@ -744,6 +748,9 @@ class AgentServer:
         self.service.close_pipelines()
         self.server.stop(grace).wait()
         self.service.close()
+        if self.metrics is not None:
+            self.metrics.shutdown()
+            self.metrics.server_close()
 
 
 def start_server(

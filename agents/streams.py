@@ -35,17 +35,20 @@ class StreamGate:
         self._lock = threading.Lock()
         self._open: Counter[str] = Counter()
         self._total = 0
+        self._refused: Counter[str] = Counter()  # method -> streams refused (for metrics)
 
     def enter(self, peer: str, method: str) -> None:
         """Admit one stream of `peer`, or raise `ResourceExhausted` naming the bound."""
         with self._lock:
             counted = peer not in self.reserved
             if counted and self._total >= self.max_total:
+                self._refused[method] += 1
                 raise ResourceExhausted(
                     f"{method}: {self._total} streams are open, the most this agent allows "
                     f"in all (max_streams {self.max_total}); retry when one ends"
                 )
             if self._open[peer] >= self.max_per_peer:
+                self._refused[method] += 1
                 raise ResourceExhausted(
                     f"{method}: peer {quote(peer, 100)} has {self._open[peer]} streams open, "
                     f"the most one peer may (max_streams_per_peer {self.max_per_peer})"
@@ -66,6 +69,11 @@ class StreamGate:
         """Open streams counted against `max_total` (those of reserved peers are not)."""
         with self._lock:
             return self._total
+
+    def refused(self) -> dict[str, int]:
+        """Streams refused so far, by method (a copy)."""
+        with self._lock:
+            return dict(self._refused)
 
     def open_of(self, peer: str) -> int:
         with self._lock:

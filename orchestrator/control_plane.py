@@ -9,6 +9,13 @@
     DIR/logs/           the control plane's and every agent's log
     DIR/endpoint.json   written once serving: admin and registry addresses, pid, profile
 
+The admin, registry and metrics ports listen on `--listen HOST` (default 127.0.0.1: this
+machine only). Agents on other hosts (`--ray-address`) need a routable address: listen on one
+(or on 0.0.0.0), and the address given to the runtimes and written to endpoint.json is
+`--advertise HOST`, by default the listen host or, for a wildcard, this host's address on its
+default route. The control plane's certificate names both hosts in its SANs (re-issued when
+they change), so a client may also verify it by address.
+
 Agents start through a runtime adapter chosen by name (`--runtime process|ray`, and with
 `--ray-address ADDR` one agent per LPU host of an existing Ray cluster;
 `orchestrator.ray_runtime` is imported only when asked for). On SIGTERM or SIGINT the process
@@ -25,6 +32,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -78,13 +86,15 @@ class StatePaths:
         return self.root / ENDPOINT_FILE
 
 
-def prepare_state(root: str | Path) -> StatePaths:
-    """Create the state directory, the CA and certificates, and tokens (idempotent)."""
+def prepare_state(root: str | Path, hosts: tuple[str, ...] = ()) -> StatePaths:
+    """Create the state directory, the CA and certificates, and tokens (idempotent).
+
+    `hosts`: the addresses the control plane serves on, for its certificate's SANs."""
     paths = StatePaths(Path(root))
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.logs.mkdir(exist_ok=True)
     paths.shards.mkdir(exist_ok=True)
-    init_cluster(paths.certs)
+    init_cluster(paths.certs, hosts=hosts)
     if not paths.tokens.exists():
         fd = os.open(paths.tokens, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -99,6 +109,33 @@ def token_for(paths: StatePaths, role: str) -> str:
         if principal.role == role:
             return token
     raise LookupError(f"no {role} token in {paths.tokens}")
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def host_port(host: str, port: int) -> str:
+    """`HOST:PORT`, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def routable_host(listen_host: str) -> str:
+    """The address others reach a server on `listen_host` at: the host itself, or for a
+    wildcard this machine's address on its default route (a UDP `connect` picks the route
+    and sends nothing), else whatever the host name resolves to."""
+    if listen_host not in WILDCARDS:
+        return listen_host
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: never reached
+            return str(probe.getsockname()[0])
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def certificate_hosts(listen_host: str, advertise: str) -> tuple[str, ...]:
+    """The hosts the control plane's certificate must name (a wildcard is not a name)."""
+    return tuple(dict.fromkeys(h for h in (listen_host, advertise) if h not in WILDCARDS))
 
 
 TEXT_HEADROOM_BYTES = 256 << 10
@@ -185,16 +222,25 @@ class ControlPlane:
         racks: int = 2,
         nodes_per_rack: int = 3,
         runtime: str = "process",
-        admin_listen: str = "127.0.0.1:0",
+        listen: str = "127.0.0.1",
+        advertise: str | None = None,
+        admin_listen: str | None = None,
         metrics_port: int = 0,
         settings: CoreSettings | None = None,
         ray_address: str | None = None,
     ) -> None:
+        """`listen`: the host the admin, registry and metrics ports bind (module docstring);
+        `advertise`: the host others reach them at (default: `routable_host(listen)`);
+        `admin_listen` (HOST:PORT) overrides where the admin API binds (default: `listen`,
+        any port)."""
         self.ray_address = ray_address
         self.specs: list[NodeSpec] = []
-        self.paths = prepare_state(state)
+        self.listen = listen.strip("[]")
+        self.advertise = (advertise or "").strip("[]") or routable_host(self.listen)
+        self.paths = prepare_state(state, certificate_hosts(self.listen, self.advertise))
         self.profile = get_profile(profile)
         self.racks, self.nodes_per_rack, self.runtime_name = racks, nodes_per_rack, runtime
+        admin_listen = admin_listen or host_port(self.listen, 0)
         self.admin_listen = admin_listen
         self.settings = settings or CoreSettings()
         self.store = Store(self.paths.store)
@@ -215,6 +261,7 @@ class ControlPlane:
             creds,
             load_tokens(self.paths.tokens),
             admin_listen=admin_listen,
+            registry_listen=host_port(self.listen, 0),
         )
         self.runtime: Runtime | None = None
         self.restart_backoff = 1.0
@@ -224,18 +271,18 @@ class ControlPlane:
         collector = ControlPlaneCollector(
             self.store, self.profile, self.settings, self.controller.stats
         )
-        host = admin_listen.rsplit(":", 1)[0].strip("[]") or "127.0.0.1"
         self.metrics_server, self.metrics_port = serve_metrics(
-            collector, host, metrics_port, str(cert), str(key)
+            collector, self.listen, metrics_port, str(cert), str(key)
         )
 
     @property
     def admin_address(self) -> str:
-        return f"127.0.0.1:{self.servers.admin_port}"
+        return host_port(self.advertise, self.servers.admin_port)
 
     @property
     def registry_address(self) -> str:
-        return f"127.0.0.1:{self.servers.registry_port}"
+        """Where agents register: handed to the runtimes, so routable from their hosts."""
+        return host_port(self.advertise, self.servers.registry_port)
 
     def start(self) -> None:
         """Start the agents, then the controller (so after a restart the nodes' grace period
@@ -258,7 +305,8 @@ class ControlPlane:
         endpoint = {
             "admin": self.admin_address,
             "registry": self.registry_address,
-            "metrics": f"https://127.0.0.1:{self.metrics_port}/metrics",
+            "metrics": f"https://{host_port(self.advertise, self.metrics_port)}/metrics",
+            "listen": self.listen,
             "pid": os.getpid(),
             "profile": self.profile.name,
             "nodes": len(self.specs),
@@ -324,7 +372,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes-per-rack", type=int, default=3)
     parser.add_argument("--runtime", default="process")
     parser.add_argument("--ray-address", help="join this Ray cluster (with --runtime ray)")
-    parser.add_argument("--admin-listen", default="127.0.0.1:0")
+    parser.add_argument(
+        "--listen",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the admin, registry and metrics ports bind (0.0.0.0: every interface)",
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="address agents and clients reach the control plane at (default: the --listen "
+        "host, or for 0.0.0.0 this host's address on its default route)",
+    )
+    parser.add_argument("--admin-listen", help="HOST:PORT of the admin API (default: --listen)")
     parser.add_argument("--metrics-port", type=int, default=0, help="HTTPS /metrics (0: any)")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -342,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             racks=args.racks,
             nodes_per_rack=args.nodes_per_rack,
             runtime=args.runtime,
+            listen=args.listen,
+            advertise=args.advertise,
             admin_listen=args.admin_listen,
             metrics_port=args.metrics_port,
             ray_address=args.ray_address,

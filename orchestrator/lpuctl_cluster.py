@@ -522,6 +522,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--runtime",
         args.runtime,
         *(["--ray-address", args.ray_address] if args.ray_address else []),
+        "--listen",
+        args.listen,
+        *(["--advertise", args.advertise] if args.advertise else []),
     ]
     with log:
         proc = subprocess.Popen(

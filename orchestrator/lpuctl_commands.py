@@ -57,6 +57,20 @@ def register_cluster_commands(sub: Any, parser_class: Any) -> None:
         help="join this Ray cluster (implies --runtime ray): one agent per host that "
         "advertises a lockstep-host:<host> resource, instead of a simulated cluster",
     )
+    up.add_argument(
+        "--listen",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address the control plane's admin, registry and metrics ports bind (default "
+        "127.0.0.1: this machine only; with --ray-address, one the Ray hosts can reach, or "
+        "0.0.0.0)",
+    )
+    up.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="address agents and clients reach the control plane at (default: the --listen "
+        "host, or for 0.0.0.0 this host's address on its default route)",
+    )
     up.add_argument("--timeout", type=float, default=120.0)
     up.set_defaults(handler=_lazy("cmd_up"))
     down = sub.add_parser("down", parents=[common], help="stop the embedded control plane")

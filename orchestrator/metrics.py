@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
 from orchestrator.core import CoreSettings, Phase, chip_id, loading_progress, node_state
 from orchestrator.store import ControlStore
 from placement.profiles import ChipProfile
+from security import metrics_http
 
 
 class PassStats:
@@ -118,12 +119,7 @@ class ControlPlaneCollector(Collector):
 def serve_metrics(
     collector: ControlPlaneCollector, listen_host: str, port: int, certfile: str, keyfile: str
 ) -> tuple[Any, int]:
-    """Serve /metrics over HTTPS; (the server, its bound port). Stop with `server.shutdown()`."""
-    from prometheus_client import start_http_server
+    """Serve /metrics over HTTPS; (the server, its bound port). Stop with `server.shutdown()`.
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    server, _thread = start_http_server(
-        port, addr=listen_host, registry=registry, certfile=certfile, keyfile=keyfile
-    )
-    return server, int(server.server_port)
+    The HTTPS server is `security.metrics_http`'s, shared with the node agents."""
+    return metrics_http.serve_metrics(collector, listen_host, port, certfile, keyfile)

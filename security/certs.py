@@ -195,18 +195,44 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 
 def _still_good(
-    cert_path: Path, key_path: Path, ca: x509.Certificate, settings: CertSettings, now: dt.datetime
+    cert_path: Path,
+    key_path: Path,
+    ca: x509.Certificate,
+    settings: CertSettings,
+    now: dt.datetime,
+    hosts: Sequence[str] = (),
 ) -> bool:
-    """An existing certificate the current CA signed, valid for `renew_before_days` more."""
+    """An existing certificate the current CA signed, valid for `renew_before_days` more,
+    that names every one of `hosts` (a control plane started with a new `--listen` address
+    gets a certificate for it)."""
     if not (cert_path.exists() and key_path.exists()):
         return False
     try:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         cert.verify_directly_issued_by(ca)
+        if hosts and not set(map(_host_name, hosts)) <= set(cert_hosts(cert)):
+            return False
     except (ValueError, TypeError, InvalidSignature, OSError):
         return False
     margin = dt.timedelta(days=settings.renew_before_days)
     return cert.not_valid_before_utc <= now and now + margin < cert.not_valid_after_utc
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    """A host for a certificate's SANs: an IP address entry, else a DNS name."""
+    try:
+        return x509.IPAddress(ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def cert_hosts(cert: x509.Certificate) -> list[x509.GeneralName]:
+    """The IP address and DNS name entries of `cert`'s subject alternative names."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [n for n in sans if isinstance(n, x509.IPAddress | x509.DNSName)]
 
 
 def issue(
@@ -232,7 +258,11 @@ def issue(
             raise CertError(f"{directory} has no cluster CA: run 'lpuctl certs init {directory}'")
         ca, ca_key = _load_ca(directory)
         cert_path, key_path = paths_for(directory, identity)
-        if not rotate and days is None and _still_good(cert_path, key_path, ca, settings, now):
+        if (
+            not rotate
+            and days is None
+            and _still_good(cert_path, key_path, ca, settings, now, hosts)
+        ):
             return False
         key = ec.generate_private_key(ec.SECP256R1())
         names: list[x509.GeneralName] = [
@@ -241,11 +271,8 @@ def issue(
         ]
         if identity != CONTROL_PLANE:
             names.append(x509.DNSName(ANY_AGENT_DNS))
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
+        for host in dict.fromkeys(hosts):
+            names.append(_host_name(host))
         lifetime = dt.timedelta(days=settings.cert_days if days is None else days)
         start = now - dt.timedelta(minutes=settings.backdate_minutes)
         end = now + lifetime
@@ -287,11 +314,16 @@ def issue(
 
 
 def init_cluster(
-    directory: str | Path, settings: CertSettings = DEFAULT_CERT_SETTINGS
+    directory: str | Path,
+    settings: CertSettings = DEFAULT_CERT_SETTINGS,
+    *,
+    hosts: Sequence[str] = (),
 ) -> tuple[bool, bool]:
-    """`lpuctl certs init`: the CA and the control-plane certificate (each only if missing)."""
+    """`lpuctl certs init`: the CA and the control-plane certificate (each only if missing;
+    the certificate also when it does not name every one of `hosts`, the addresses the
+    control plane serves on)."""
     made_ca = init_ca(directory, settings)
-    return made_ca, issue(directory, CONTROL_PLANE, settings)
+    return made_ca, issue(directory, CONTROL_PLANE, settings, hosts=hosts)
 
 
 def ensure_agent(

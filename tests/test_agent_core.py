@@ -103,6 +103,7 @@ def test_stream_gate_bounds_per_peer_and_in_all() -> None:
     gate.leave("a")
     gate.enter("c", "Exchange")
     assert gate.total == 3 and gate.open_of("a") == 1 and gate.open_of("c") == 1
+    assert gate.refused() == {"LoadShard": 1, "Exchange": 1}  # for the agent's metrics
     for peer in ("a", "b", "c"):
         gate.leave(peer)
     assert gate.total == 0 and gate.open_of("a") == 0

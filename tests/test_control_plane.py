@@ -425,6 +425,14 @@ def test_an_unplaceable_deployment_stays_pending_while_the_other_serves(
     assert [int(t) for t in run.stdout.split()] == list(reference.generate([9], 3).tokens)
     assert cluster.lpuctl("delete", "too-big", "--wait").returncode == 0
     assert _deployments(cluster) == {"tiny-llama": 3}
+    events = cluster.stub.Events(
+        admin_pb2.EventsRequest(deployment="too-big"), metadata=cluster.viewer
+    ).events
+    # One Warning with the planner's numbers, however many passes re-planned it; the delete
+    # of the never-placed deployment is recorded too.
+    (unplaceable,) = [e for e in events if e.reason == "Unplaceable"]
+    assert unplaceable.kind == "Warning" and unplaceable.message == d.message
+    assert [e.reason for e in events][-1] == "Deleted"
 
 
 def test_a_killed_agent_is_restarted_and_its_replica_resynchronized(cluster: Cluster) -> None:

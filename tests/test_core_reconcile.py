@@ -164,6 +164,68 @@ def test_nothing_fits_is_pending_and_stores_nothing() -> None:
     assert "needs" in st.message and w.replicas == {}
 
 
+def unplaceable_events(w: World, name: str) -> list[str]:
+    return [e.message for e in w.events if e.deployment == name and e.reason == "Unplaceable"]
+
+
+def test_unplaceable_is_one_warning_event_with_numbers_not_one_per_pass() -> None:
+    w = World(make_nodes(1, 1))  # 4 chips
+    w.targets["big"] = target("big", replicas=2)  # 6 chips: one replica fits, the other not
+    w.run()
+    events = [e for e in w.events if e.deployment == "big" and e.reason == "Unplaceable"]
+    # One event per distinct message: "1 of 2 replica(s): needs 6 chips ... 4 free" when
+    # planning both, then "needs 3 chips ... 1 free" once the first replica holds its chips.
+    assert [e.message for e in events] == [
+        "1 of 2 replica(s): needs 6 chips (2 replica(s) x 3 stages x tensorParallel 1), "
+        "4 free in 1 racks",
+        "needs 3 chips (1 replica(s) x 3 stages x tensorParallel 1), 1 free in 1 racks",
+    ]
+    assert all(e.kind == "Warning" for e in events)
+    placed = w.status("big").condition(ConditionType.PLACED)
+    assert placed is not None and placed.message == events[-1].message
+    # Further passes re-plan and fail the same way, and record nothing more.
+    for _ in range(5):
+        assert w.step() == []
+    assert len(unplaceable_events(w, "big")) == 2
+    # A new generation that still does not fit the same way says so again, once.
+    w.targets["big"] = target("big", replicas=2, generation=2)
+    w.run()
+    assert unplaceable_events(w, "big")[2:] == [events[-1].message]
+    # Room appears (a second node registers): the numbers change, then it is placed; a
+    # placeable deployment records no further Unplaceable event.
+    w.nodes.update(make_nodes(1, 3, now=w.now))
+    w.targets["big"] = target("big", replicas=2, generation=3)
+    w.run()
+    assert len(unplaceable_events(w, "big")) == 3
+    assert w.status("big").phase is Phase.READY
+
+
+def test_never_placed_pending_deployment_records_unplaceable_then_deleted() -> None:
+    w = World(make_nodes(1, 1))
+    w.targets["big"] = target("big", replicas=1, tensor_parallel=8)  # wider than any node
+    w.run()
+    st = w.status("big")
+    assert st.phase is Phase.PENDING and w.replicas == {}
+    (why,) = unplaceable_events(w, "big")
+    assert why == st.message
+    w.targets["big"] = target("big", replicas=1, tensor_parallel=8, deleting=True)
+    w.run()
+    assert "big" not in w.targets
+    deleted = [e for e in w.events if e.deployment == "big" and e.reason == "Deleted"]
+    assert len(deleted) == 1 and "big" in deleted[0].message
+
+
+def test_delete_of_a_placed_deployment_ends_with_a_deleted_event() -> None:
+    w = world()
+    w.targets["a"] = target("a", replicas=1)
+    w.run()
+    w.targets["a"] = target("a", replicas=1, deleting=True)
+    w.run()
+    reasons = [e.reason for e in w.events if e.deployment == "a"]
+    assert reasons[-1] == "Deleted" and reasons.count("Deleted") == 1
+    assert "Unplaceable" not in reasons
+
+
 def test_dead_node_is_marked_not_ready_and_its_replica_replaced() -> None:
     w = world(2, 3)
     w.targets["a"] = target("a", replicas=1)

@@ -40,7 +40,10 @@ One pass, in order:
      replica, holding any shard, cordoned, failed or on NotReady nodes are excluded, and spares
      are kept. With `spread: rack` a new replica avoids the racks the deployment's other
      replicas use. A deployment that cannot be placed stays Pending with the planner's numbers
-     in its status; the others are reconciled as usual.
+     in its status and one Warning event `Unplaceable` with those numbers (again only when
+     the generation or the numbers change, never once per pass); the others are reconciled
+     as usual.
+   * **Delete** of a deployment ends with an event `Deleted`, also for one never placed.
    * **Status**: phase, ready replicas and the conditions are computed and written only when
      they change; every phase change and condition status change is an event.
 
@@ -323,6 +326,15 @@ class _Pass:
             for replica in active:
                 actions += self.remove(replica, "Deleting", f"deleting deployment {name}")
             if not mine:
+                # An event even for a deployment that never held a chip: `events` shows that
+                # the delete went through (the store keeps events after the deployment goes).
+                actions.append(
+                    self.event(
+                        "Deleted",
+                        f"deployment {name} deleted (generation {target.generation})",
+                        deployment=name,
+                    )
+                )
                 actions.append(DeleteDeployment(name))
                 return actions
             message = f"{len(mine)} replica(s) left to remove"
@@ -666,7 +678,32 @@ class _Pass:
             reason if phase is Phase.DEGRADED else "NotDegraded",
             message if phase is Phase.DEGRADED else "",
         )
-        return self.write_status(target, status, phase, reason, message, serving, conditions)
+        actions = self.unplaceable_event(target, status, placement)
+        actions += self.write_status(target, status, phase, reason, message, serving, conditions)
+        return actions
+
+    def unplaceable_event(
+        self, target: DeploymentTarget, status: DeploymentStatus, placement: _Placement
+    ) -> list[Action]:
+        """A Warning event with the planner's numbers when a replica cannot be placed.
+
+        Once per generation and per change of the planner's message, not once per pass: the
+        stored Placed condition already carries the last message, so the pure core compares
+        against it instead of remembering anything (an unplaceable deployment is re-planned
+        on every pass, and an event each time would bury every other event).
+        """
+        why = placement.unplaceable
+        if why is None:
+            return []
+        before = status.condition(ConditionType.PLACED)
+        if (
+            before is not None
+            and before.reason == "Unplaceable"
+            and before.message == why
+            and before.observed_generation == target.generation
+        ):
+            return []
+        return [self.event("Unplaceable", why, deployment=target.name, kind=WARNING)]
 
     def write_status(
         self,
