@@ -11,10 +11,12 @@ With `control_plane` it also registers with the control plane and heartbeats, ex
 `run_agent --control-plane` does (`agents.registration.start_registration`): a Ray-restarted
 agent registers again by itself, and `HostedAgent.stop` stops heartbeating before the server.
 
-The steps are those of `run_agent`: certificates from `certs` (`ensure_agent`), malloc tuning,
-BLAS pinned before numpy is imported, then the service and its server. Bad input raises
-`HostedAgentError` with the message `run_agent` would print, so the actor's creation fails with
-a cause a person can act on.
+This is the agent's one start-up path — `run_agent` (the `lpuctl agent` process) calls it too and
+adds only the signal handling, the `listening on` line and the wait: certificates from `certs`
+(`ensure_agent`), malloc tuning, BLAS pinned before numpy is imported, the service, its server,
+metrics, registration. Bad input raises `HostedAgentError` with the message `lpuctl agent`
+prints and the exit code it exits with, so an actor's creation fails with a cause a person can
+act on.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ log = logging.getLogger("lockstep.agent")
 
 
 class HostedAgentError(RuntimeError):
-    """The agent cannot start: bad profile, unusable certificates, or the port is taken."""
+    """The agent cannot start: bad input (`exit_code` 2: profile, certificates, flags) or a
+    port that cannot be bound (`exit_code` 1); `lpuctl agent` exits with that code."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -108,11 +115,12 @@ def start_agent(
     if insecure:
         if not is_loopback_listen(listen):
             raise HostedAgentError(
-                f"agent {node}: insecure mode is refused on {listen}: plaintext is allowed only "
-                "on a loopback address"
+                f"agent {node}: --insecure is refused on {listen}: plaintext is allowed only on "
+                "a loopback address (127.0.0.1, ::1, localhost)"
             )
         print(
-            f"agent {node}: WARNING: insecure: plaintext gRPC with NO authentication",
+            f"agent {node}: WARNING: --insecure: plaintext gRPC with NO authentication; any "
+            "local process can drive this agent. Never use outside a development machine.",
             file=sys.stderr,
         )
     else:
@@ -138,17 +146,19 @@ def start_agent(
         )
     except (OSError, RuntimeError) as exc:
         service.close()
-        raise HostedAgentError(f"agent {node}: cannot listen on {listen}: {exc}") from None
+        raise HostedAgentError(f"agent {node}: cannot listen on {listen}: {exc}", 1) from None
     if metrics_port is not None:
-        from agents.metrics import attach_metrics
+        from agents.metrics import attach_metrics, metrics_host
 
         try:
-            attach_metrics(server, listen, metrics_port, directory)
+            bound = attach_metrics(server, listen, metrics_port, directory)
         except OSError as exc:
             server.stop(0)
             raise HostedAgentError(
-                f"agent {node}: cannot serve metrics on port {metrics_port}: {exc}"
+                f"agent {node}: cannot serve metrics on port {metrics_port}: {exc}", 1
             ) from None
+        scheme = "http" if insecure else "https"
+        log.info("metrics on %s://%s:%d/metrics", scheme, metrics_host(listen), bound)
     host = listen.rsplit(":", 1)[0]
     address = f"{host}:{server.port}"
     log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)

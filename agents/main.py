@@ -28,8 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agents.settings import DEFAULT_SETTINGS, AgentSettings
-from placement.errors import InputError
-from placement.profiles import get_profile, profile_names
+from placement.profiles import profile_names
 
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -116,103 +115,38 @@ def run_agent(
     with the node's certificate (plain HTTP under `insecure`), 0 any free port, None not at
     all; the port is logged and advertised in `StatusResponse.metrics_port`.
     """
-    try:
-        capacity = sram_bytes or get_profile(profile).sram_bytes
-    except InputError as exc:
-        print(f"agent: {exc}", file=sys.stderr)
-        return 2
-    if control_plane is not None:
-        from agents.registration import rack_slot_for
-
-        try:
-            rack, slot = rack_slot_for(node, rack, slot)
-        except ValueError as exc:
-            print(f"agent: {exc}", file=sys.stderr)
-            return 2
-    creds = None
-    directory: str | None = None
-    if insecure:
-        if not is_loopback_listen(listen):
-            print(
-                f"agent: --insecure is refused on {listen}: plaintext is allowed only on a "
-                "loopback address (127.0.0.1, ::1, localhost)",
-                file=sys.stderr,
-            )
-            return 2
-        print(
-            "agent: WARNING: --insecure: plaintext gRPC with NO authentication; any local "
-            "process can drive this agent. Never use outside a development machine.",
-            file=sys.stderr,
-        )
-    else:
-        from security.certs import CertError, ensure_agent  # cryptography: only when serving
-
-        directory = certs or default_certs_dir()
-        try:
-            creds = ensure_agent(directory, node)
-        except (CertError, ValueError, OSError) as exc:
-            print(f"agent: certificates in {directory}: {exc}", file=sys.stderr)
-            return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO,
             stream=sys.stderr,
             format="%(asctime)s %(name)s %(levelname)s %(message)s",
         )
-    tune_malloc()
-    pin_blas(settings.blas_threads)
-    from agents.server import AgentService, start_server  # numpy and gRPC: after the pin
-    from security.tls import server_credentials
+    from agents.hosted import HostedAgentError, start_agent  # the one start-up path
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        service = AgentService(node, profile, chips, capacity, settings=settings, tls=creds)
-    except ValueError as exc:
-        print(f"agent: {exc}", file=sys.stderr)
-        return 2
-    try:
-        agent = start_server(
-            service, listen, credentials=None if creds is None else server_credentials(creds)
-        )
-    except (OSError, RuntimeError) as exc:
-        print(f"agent: cannot listen on {listen}: {exc}", file=sys.stderr)
-        return 1
-    if metrics_port is not None:
-        from agents.metrics import attach_metrics, metrics_host
-
-        try:
-            bound = attach_metrics(agent, listen, metrics_port, directory)
-        except OSError as exc:
-            print(f"agent: cannot serve metrics on port {metrics_port}: {exc}", file=sys.stderr)
-            agent.stop(0)
-            return 1
-        scheme = "http" if insecure else "https"
-        log.info("metrics on %s://%s:%d/metrics", scheme, metrics_host(listen), bound)
-    host = listen.rsplit(":", 1)[0]
-    print(f"listening on {host}:{agent.port}", flush=True)
-    log.info("node %s: %d chips x %d bytes SRAM (profile %s)", node, chips, capacity, profile)
-    registration = None
-    if control_plane is not None:
-        from agents.registration import start_registration
-
-        assert rack is not None and slot is not None
-        registration = start_registration(
-            control_plane,
-            creds,
-            service,
-            node=node,
+        agent = start_agent(
+            node,
+            chips,
+            profile,
+            listen,
+            sram_bytes=sram_bytes,
+            settings=settings,
+            certs=certs,
+            insecure=insecure,
+            control_plane=control_plane,
             rack=rack,
             slot=slot,
-            address=f"{host}:{agent.port}",
-            profile=profile,
-            interval=settings.heartbeat_interval,
+            metrics_port=metrics_port,
         )
+    except HostedAgentError as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
+    print(f"listening on {agent.address}", flush=True)
     stop.wait()
     log.info("node %s: stopping", node)
-    if registration is not None:
-        registration.stop()
     agent.stop()
     return 0
 
