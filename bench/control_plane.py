@@ -120,7 +120,7 @@ def measure_apply(runtime: str, reps: int) -> dict[str, Any]:
                     d = stub.Get(admin_pb2.GetRequest(name=name), metadata=auth)
                     if d.phase == "Failed":
                         raise RuntimeError(f"{name} failed: {d.reason}: {d.message}")
-                    return d.phase == "Ready" and d.ready_replicas == d.replicas
+                    return bool(d.phase == "Ready" and d.ready_replicas == d.replicas)
 
                 _poll(ready, 120, f"{name} Ready")
                 wall = time.perf_counter() - p0
@@ -350,10 +350,21 @@ def measure_heartbeats(nodes: int, seconds: float, interval: float = 0.5) -> dic
                 certs_mod.issue(s.paths.certs, agent_identity(name))
             registry = f"127.0.0.1:{s.servers.registry_port}"
             child = subprocess.Popen(
-                [sys.executable, "-c", _HEARTBEATER, str(s.paths.certs), registry,
-                 str(interval), str(seconds), *names],
-                cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-c",
+                    _HEARTBEATER,
+                    str(s.paths.certs),
+                    registry,
+                    str(interval),
+                    str(seconds),
+                    *names,
+                ],
+                cwd=ROOT,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert child.stdin is not None and child.stdout is not None
             try:
                 if child.stdout.readline().strip() != "ready":
@@ -377,6 +388,7 @@ def measure_heartbeats(nodes: int, seconds: float, interval: float = 0.5) -> dic
             ]
         finally:
             s.close()
+        in_process = _heartbeat_in_process(PROJECT_NODES)
     sent = int(sent_s)
     idle_rate = idle_cpu / idle_wall
     extra = busy_cpu - idle_rate * busy_wall
@@ -394,6 +406,39 @@ def measure_heartbeats(nodes: int, seconds: float, interval: float = 0.5) -> dic
         "cpu_us_per_heartbeat": round(per_beat, 1),
         "cpu_us_per_node_per_s": round(per_node_s, 1),
         "projected_cores_at_1305_nodes": round(per_node_s * PROJECT_NODES / 1e6, 3),
+        "in_process_1305": in_process,
+    }
+
+
+def _heartbeat_in_process(nodes: int) -> dict[str, float]:
+    """The part of a heartbeat that is ours, without gRPC: `nodes` beats into the controller's
+    buffer, then the one batched store update a pass makes of them (1,305 nodes registered)."""
+    from orchestrator.controller import HeartbeatBuffer
+    from orchestrator.store import Store
+
+    profile = get_profile("dev")
+    with tempfile.TemporaryDirectory(prefix="cpbench-flush-") as state:
+        store = Store(Path(state) / "store.db")
+        try:
+            names = [n.name for n in _fake_nodes(nodes, profile.sram_bytes, 4)]
+            store.register_nodes(_fake_nodes(nodes, profile.sram_bytes, 4), time.time())
+            buffer = HeartbeatBuffer()
+            adds, flushes = [], []
+            for _ in range(5):
+                now = time.time()
+                t = time.perf_counter()
+                for name in names:
+                    buffer.add(name, now)
+                adds.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                store.heartbeat(buffer.drain())
+                flushes.append(time.perf_counter() - t)
+        finally:
+            store.close()
+    return {
+        "buffer_add_us_per_beat": round(statistics.median(adds) / nodes * 1e6, 2),
+        "store_flush_ms_per_batch": round(statistics.median(flushes) * 1e3, 2),
+        "store_flush_us_per_beat": round(statistics.median(flushes) / nodes * 1e6, 2),
     }
 
 
@@ -424,27 +469,39 @@ def main() -> None:
 
     result["apply"] = measure_apply("process", args.reps)
     a = result["apply"]
-    print(f"apply -> Ready (process runtime, {a['reps']} reps): median "
-          f"{a['apply_to_ready_s_median']:.2f} s {a['apply_to_ready_s']} "
-          f"(target < 5 s); phases (median s): {a['phase_s_median']}", flush=True)  # fmt: skip
+    print(
+        f"apply -> Ready (process runtime, {a['reps']} reps): median "
+        f"{a['apply_to_ready_s_median']:.2f} s {a['apply_to_ready_s']} "
+        f"(target < 5 s); phases (median s): {a['phase_s_median']}",
+        flush=True,
+    )
 
     r = result["read"] = measure_read(args.deployments, args.nodes, args.calls)
-    print(f"read path ({r['deployments']} deployments, {r['nodes']} nodes), p50 ms: "
-          f"{r['p50_ms']}; Get/bare gRPC {r['get_over_bare_grpc']}x, List/bare gRPC "
-          f"{r['list_over_bare_grpc']}x (target < 50 ms)", flush=True)  # fmt: skip
+    print(
+        f"read path ({r['deployments']} deployments, {r['nodes']} nodes), p50 ms: "
+        f"{r['p50_ms']}; Get/bare gRPC {r['get_over_bare_grpc']}x, List/bare gRPC "
+        f"{r['list_over_bare_grpc']}x (target < 50 ms)",
+        flush=True,
+    )
 
     h = result["heartbeat"] = measure_heartbeats(args.hb_nodes, args.hb_seconds)
-    print(f"heartbeats ({h['nodes']} nodes at {h['interval_s']} s, {h['seconds']} s): "
-          f"{h['cpu_us_per_node_per_s']} CPU us per node per s, {h['cpu_us_per_heartbeat']} "
-          f"us per heartbeat -> {h['projected_cores_at_1305_nodes']} cores at "
-          f"{PROJECT_NODES} nodes", flush=True)  # fmt: skip
+    print(
+        f"heartbeats ({h['nodes']} nodes at {h['interval_s']} s, {h['seconds']} s): "
+        f"{h['cpu_us_per_node_per_s']} CPU us per node per s, {h['cpu_us_per_heartbeat']} "
+        f"us per heartbeat -> {h['projected_cores_at_1305_nodes']} cores at "
+        f"{PROJECT_NODES} nodes; without gRPC: {h['in_process_1305']}",
+        flush=True,
+    )
 
     if not args.skip_ray:
         from bench.ray_engine import measure_ray
 
         a = result["apply_ray"] = measure_apply("ray", args.reps)
-        print(f"apply -> Ready (Ray runtime): median {a['apply_to_ready_s_median']:.2f} s; "
-              f"phases {a['phase_s_median']}", flush=True)  # fmt: skip
+        print(
+            f"apply -> Ready (Ray runtime): median {a['apply_to_ready_s_median']:.2f} s; "
+            f"phases {a['phase_s_median']}",
+            flush=True,
+        )
         result["ray"] = measure_ray(args.agents, args.restarts, args.model, not args.skip_real)
     result["load_after"] = _load()
     sys.stdout.flush()
