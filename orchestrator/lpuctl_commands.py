@@ -24,9 +24,11 @@ class CommandError(Exception):
         self.code = code
 
 
-def _lazy(name: str) -> Callable[[argparse.Namespace], int]:
+def _lazy(
+    name: str, module_name: str = "orchestrator.lpuctl_cluster"
+) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        module = importlib.import_module("orchestrator.lpuctl_cluster")
+        module = importlib.import_module(module_name)
         code: int = getattr(module, name)(args)
         return code
 
@@ -120,3 +122,11 @@ def register_cluster_commands(sub: Any, parser_class: Any) -> None:
     events.add_argument("deployment", nargs="?")
     events.add_argument("--watch", action="store_true")
     events.set_defaults(handler=_lazy("cmd_events"))
+
+    top = sub.add_parser(
+        "top",
+        parents=[common],
+        help="SRAM and chips per node, chips and SRAM per deployment (no tokens/s yet)",
+    )
+    top.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    top.set_defaults(handler=_lazy("cmd_top", "orchestrator.lpuctl_top"))

@@ -218,6 +218,22 @@ def test_get_and_describe(cluster: Cluster) -> None:
     assert len(held) == 24
 
 
+def test_top_shows_sram_per_node_and_per_deployment(cluster: Cluster) -> None:
+    run = cluster.lpuctl("top")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("nodes: 6 Ready   chips: 48 Healthy   SRAM: ")
+    assert lines[0].endswith("deployments: 1 Ready")
+    report = json.loads(cluster.lpuctl("top", "-o", "json").stdout)
+    chips = json.loads(cluster.lpuctl("get", "chips", "-o", "json").stdout)
+    held = sum(int(c["sram_used_bytes"]) for c in chips)
+    (tiny,) = report["deployments"]
+    assert (tiny["name"], tiny["ready"], tiny["chips"]) == ("tiny-llama", 2, 24)
+    assert tiny["sram_used"] == held > 0  # every held byte is tiny-llama's
+    assert sum(n["sram_used"] for n in report["nodes"]) == held
+    assert all(n["deployments"] == ["tiny-llama"] for n in report["nodes"] if n["sram_used"])
+
+
 def test_plan_topology_cordon(cluster: Cluster) -> None:
     topology = cluster.stub.Topology(admin_pb2.TopologyRequest(), metadata=cluster.viewer)
     assert list(topology.racks) == ["rack-0", "rack-1"] and list(topology.nodes_per_rack) == [3, 3]
