@@ -443,9 +443,12 @@ def test_a_chip_bound_to_a_replica_is_refused_to_another(replica: Replica) -> No
 
 def test_a_removed_replica_releases_its_chips(replica: Replica) -> None:
     where = shifted(replica, 4)
+    ready = []
     for name in ("first", "second"):  # the second binds the chips the first released
         up = bring_up_replica(replica.plan, replica.refs, where, replica.channels, deployment=name)
+        ready.append(sorted(up.ready_chips))
         remove_replica(replica.channels, name, up.addresses)
+    assert ready[0] and ready[1] == ready[0], "the second replica got every chip of the first"
 
 
 def test_execute_on_a_serving_chip_is_refused_and_changes_no_token(

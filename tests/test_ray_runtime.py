@@ -11,13 +11,13 @@ import errno
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 import pytest
 import ray
+from agent_helpers import wait_for
 
 from orchestrator.agent_client import dial
 from orchestrator.compiler import compile_plan
@@ -39,7 +39,6 @@ from protos import agent_pb2, agent_pb2_grpc
 from security import certs as certs_mod
 
 TINY = MODEL_PRESETS["tiny-llama"]
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +61,6 @@ def runtime(ray_session: None, session_certs: Path) -> Iterator[RayRuntime]:
         yield rt
     finally:
         rt.stop()
-
-
-def poll(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    """`probe()`'s first truthy value, polled until `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def status(handle: AgentHandle, certs: Path) -> agent_pb2.StatusResponse:
@@ -124,9 +112,16 @@ def test_sigkill_is_reported_and_ray_restarts_the_agent(
     assert runtime.dead_agents() == []
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    assert poll(runtime.dead_agents, 30, "the death to be reported") == [first.node]
+    assert wait_for(
+        runtime.dead_agents, timeout=30, interval=0.05, what="the death to be reported"
+    ) == [first.node]
     detected = time.monotonic() - killed
-    back = poll(lambda: runtime.handle(first.node), 60, "the restarted agent's address")
+    back = wait_for(
+        lambda: runtime.handle(first.node),
+        timeout=60,
+        interval=0.05,
+        what="the restarted agent's address",
+    )
     restarted = time.monotonic() - killed
     print(f"death reported after {detected:.2f} s, serving again after {restarted:.2f} s")
     new_pid = runtime.process_id(first.node)
@@ -164,8 +159,15 @@ def test_a_second_runtime_finds_running_agents_by_name(
         assert second.start_agents([node("rack-0/node-6")]) == [handle]
         assert second.process_id(handle.node) == pid
         second.stop()
-        assert poll(first.dead_agents, 30, "the stop to be reported") == [handle.node]
-        poll(lambda: first.nodes() == [], 30, "the first runtime to drop the killed agent")
+        assert wait_for(
+            first.dead_agents, timeout=30, interval=0.05, what="the stop to be reported"
+        ) == [handle.node]
+        wait_for(
+            lambda: first.nodes() == [],
+            timeout=30,
+            interval=0.05,
+            what="the first runtime to drop the killed agent",
+        )
         assert first.handle(handle.node) is None and first.handles() == []
         assert first.dead_agents() == []
         assert pid is not None and not alive(pid)
