@@ -113,10 +113,6 @@ def owner_label(deployment: str, replica: int) -> str:
     return f"{quote(deployment)}/replica-{replica}"
 
 
-def _invalid(message: str) -> InvalidArgument:
-    return InvalidArgument(message)
-
-
 def _stop_others(runners: dict[int, StageRunner], stopped: int, reason: str) -> None:
     """A stage stopped: the replica is in error, so its other stages on this agent stop too
     (Status shows the reason on every chip of it, and stage 0's clients are ended at once
@@ -161,7 +157,7 @@ class ReplicaHost:
         with self._lock:
             found = self._replicas.get((deployment, replica))
         if found is None:
-            raise _invalid(
+            raise InvalidArgument(
                 f"deployment {quote(deployment)} replica {replica} is not configured on this agent"
             )
         return found
@@ -299,40 +295,46 @@ class ReplicaHost:
 
     def _check_request(self, req: agent_pb2.ConfigureReplicaRequest) -> None:
         if not req.deployment:
-            raise _invalid("deployment must not be empty")
+            raise InvalidArgument("deployment must not be empty")
         if req.stages < 1 or req.max_batch < 1 or req.max_context < 2 or req.window < 0:
-            raise _invalid(
+            raise InvalidArgument(
                 f"stages ({req.stages}) and max_batch ({req.max_batch}) must be at least 1, "
                 f"max_context ({req.max_context}) at least 2, window ({req.window}) at least "
                 f"0 (0: the agent's default, {self.settings.window})"
             )
         if req.window > self.settings.max_window:
-            raise _invalid(f"window {req.window} is over the limit of {self.settings.max_window}")
+            raise InvalidArgument(
+                f"window {req.window} is over the limit of {self.settings.max_window}"
+            )
         if not 0 <= req.jitter_ms <= self.settings.max_jitter_ms:  # also refuses NaN
-            raise _invalid(
+            raise InvalidArgument(
                 f"jitter_ms {req.jitter_ms} must be from 0 to {self.settings.max_jitter_ms}"
             )
         if not req.assignments:
-            raise _invalid("no stage assignments")
+            raise InvalidArgument("no stage assignments")
         seen = set()
         chips_seen: set[int] = set()
         for a in req.assignments:
             for index in a.chips:
                 if index >= len(self.chips):
-                    raise _invalid(f"chip {index} does not exist (chips 0..{len(self.chips) - 1})")
+                    raise InvalidArgument(
+                        f"chip {index} does not exist (chips 0..{len(self.chips) - 1})"
+                    )
                 if index in chips_seen:
-                    raise _invalid(f"chip {index} is assigned twice")
+                    raise InvalidArgument(f"chip {index} is assigned twice")
                 chips_seen.add(index)
             if a.stage >= req.stages or a.stage in seen:
-                raise _invalid(f"stage {a.stage} is outside 0..{req.stages - 1} or assigned twice")
+                raise InvalidArgument(
+                    f"stage {a.stage} is outside 0..{req.stages - 1} or assigned twice"
+                )
             seen.add(a.stage)
             if not a.chips or not len(a.chips) == len(a.shard_ids) == len(a.chip_names):
-                raise _invalid(
+                raise InvalidArgument(
                     f"stage {a.stage}: chips, shard_ids and chip_names must be "
                     "non-empty and of equal length"
                 )
             if not set(a.chip_names) <= set(req.replica_chips):
-                raise _invalid(
+                raise InvalidArgument(
                     f"stage {a.stage}: chips {list(a.chip_names)} are not all in replica_chips"
                 )
 
@@ -393,7 +395,7 @@ class ReplicaHost:
             address = by_stage[stage].downstream_address
             if not address:
                 if down not in runners:
-                    raise _invalid(
+                    raise InvalidArgument(
                         f"stage {stage}: its downstream stage {down} is not on this "
                         "agent and no downstream_address was given"
                     )
@@ -436,7 +438,9 @@ class ReplicaHost:
         with self._lock:
             rep = self._replicas.pop((deployment, replica), None)
         if rep is None:
-            raise _invalid(f"deployment {quote(deployment)} replica {replica} is not configured")
+            raise InvalidArgument(
+                f"deployment {quote(deployment)} replica {replica} is not configured"
+            )
         for runner in rep.runners.values():
             runner.close()
         for index in rep.chips:
@@ -456,7 +460,7 @@ class ReplicaHost:
         rep = self._replica(req.deployment, req.replica)
         head = rep.runners.get(0)
         if head is None:
-            raise _invalid(
+            raise InvalidArgument(
                 f"this agent does not host stage 0 of {quote(req.deployment)} replica "
                 f"{req.replica}: send Generate to the agent that does"
             )
