@@ -572,6 +572,43 @@ def cmd_up(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# The control plane's own graceful stop can take up to ~35 s (the supervisor thread, then every
+# agent stopped with a grace period and, under Ray, the actors' processes awaited before
+# ray.shutdown): `down` waits that long before it kills it, and then takes down whatever of its
+# process tree is still there, so neither a slow stop nor a kill leaves Ray or agents behind.
+STOP_TIMEOUT = 60.0
+
+
+def _descendants(root: int) -> dict[int, int]:
+    """Every process below `root` (by parent pid, from /proc), with its start time so that a
+    reused pid is never signalled later."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found: dict[int, int] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        started = _started_at(pid)
+        if started is not None:
+            found[pid] = started
+            todo.extend(children.get(pid, []))
+    return found
+
+
+def _started_at(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _terminate(pid: int, timeout: float = 20.0) -> bool:
     """SIGTERM `pid` and wait for it to go; SIGKILL after `timeout`. False if not running."""
     try:
@@ -624,10 +661,14 @@ def cmd_down(args: argparse.Namespace) -> int:
         agents = [int(a) for a in json.loads((root / ENDPOINT_FILE).read_text())["agent_pids"]]
     except (OSError, ValueError, KeyError, TypeError):
         agents = []
-    stopped = _terminate(pid)
+    below = _descendants(pid)  # agents, and Ray's processes under the Ray runtime
+    stopped = _terminate(pid, timeout=STOP_TIMEOUT)
     for agent in agents:  # the control plane reaps them; these are left only if it was killed
         if _is_agent(agent):
             _terminate(agent)
+    for child, started in below.items():  # stragglers of a stop cut short, or slow to exit
+        if _started_at(child) == started:
+            _terminate(child, timeout=5.0)
     pid_file.unlink(missing_ok=True)
     (root / ENDPOINT_FILE).unlink(missing_ok=True)
     print("control plane and agents stopped" if stopped else f"no control plane runs for {root}")
