@@ -295,3 +295,33 @@ def test_lpuctl_up_joins_a_ray_cluster(ray_session: None, tmp_path: Path) -> Non
     named = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert actor_name("local") not in named
     assert ray.is_initialized() and lockstep_hosts() == ["local"]  # the cluster still runs
+
+
+def test_embedded_start_is_tried_again_after_a_failed_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed embedded start (Ray's GCS never writing its port file, seen on a loaded CI
+    machine) is shut down and tried once more; a second failure is raised, not swallowed. No Ray
+    is started here: `ray.init` and `ray.shutdown` are replaced for the test."""
+    import orchestrator.ray_runtime as ray_runtime
+
+    calls: list[str] = []
+    failures = ["Timed out waiting for file gcs_server_port"]
+
+    def init(**kwargs: object) -> None:
+        calls.append(f"init {kwargs['address']}")
+        if failures:
+            raise RuntimeError(failures.pop())
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.delenv(ray_runtime.GCS_WAIT_VARIABLE, raising=False)
+    ray_runtime.init_embedded()
+    assert calls == ["init local", "shutdown", "init local"]
+    assert os.environ[ray_runtime.GCS_WAIT_VARIABLE] == str(ray_runtime.EMBEDDED_GCS_WAIT_S)
+
+    calls.clear()
+    failures.extend(["second", "first"])
+    with pytest.raises(RuntimeError, match="second"):
+        ray_runtime.init_embedded()
+    assert calls == ["init local", "shutdown", "init local", "shutdown"]
