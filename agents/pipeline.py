@@ -205,27 +205,57 @@ class StageStatus:
     error: str
 
 
+def _tensors(payload: bytes) -> dict[str, tuple[str, int, int]] | None:
+    """A stage-to-stage payload's activation tensors: name -> (dtype, first byte, end) in
+    `payload`; None when its header cannot be read."""
+    base = SAMPLING.size + 8
+    try:
+        (size,) = struct.unpack_from("<Q", payload, SAMPLING.size)
+        header = json.loads(payload[base : base + size])
+        out = {}
+        for name, entry in header.items():
+            if name != "__metadata__":
+                first, end = (base + size + int(x) for x in entry["data_offsets"])
+                out[name] = (str(entry["dtype"]), first, end)
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return None
+    if not all(base + size <= a <= b <= len(payload) for _, a, b in out.values()):
+        return None
+    return out
+
+
 def request_digest(payload: bytes, is_last: bool) -> bytes:
     """sha256 of an output payload leaving out its `slots` tensor: the canary compares the
     outputs one request produced in different replicas, where it may run on different slots
     (everything else in a payload is a function of the request). The last stage's payload
     (token and logits) carries no slot. A payload whose activation header cannot be read is
     hashed whole (it differs from a good one either way)."""
-    if is_last or len(payload) < SAMPLING.size + 8:
+    tensors = None if is_last or not payload else _tensors(payload)
+    if tensors is None or "slots" not in tensors:
         return hashlib.sha256(payload).digest()
-    base = SAMPLING.size + 8
-    try:
-        (size,) = struct.unpack_from("<Q", payload, SAMPLING.size)
-        header = json.loads(payload[base : base + size])
-        first, end = (base + size + int(x) for x in header["slots"]["data_offsets"])
-    except (ValueError, KeyError, TypeError, struct.error):
-        return hashlib.sha256(payload).digest()
-    if not base + size <= first <= end <= len(payload):
-        return hashlib.sha256(payload).digest()
+    _, first, end = tensors["slots"]
     view = memoryview(payload)
     digest = hashlib.sha256(view[:first])
     digest.update(view[end:])
     return digest.digest()
+
+
+def flip_bit(payload: bytes, bit: int, is_last: bool) -> bytes:
+    """`payload` with one bit flipped, counted from the end of its last floating-point values
+    (the last stage's logits; another stage's last float tensor, e.g. the hidden state): a
+    corrupted value, as a faulty multiplier would compute, not a corrupted index or header
+    (which a stage refuses loudly rather than silently)."""
+    end = len(payload)
+    tensors = None if is_last else _tensors(payload)
+    if tensors:
+        floats = [(b, a) for dtype, a, b in tensors.values() if dtype.startswith(("F", "BF"))]
+        if floats:
+            end, first = max(floats)
+            bit %= 8 * (end - first)
+    bit %= 8 * end
+    flipped = bytearray(payload)
+    flipped[end - 1 - bit // 8] ^= 1 << (bit % 8)
+    return bytes(flipped)
 
 
 def execute(stepper: Stepper, is_last: bool, action: Execute) -> bytes:
@@ -521,11 +551,8 @@ class StageRunner:
             if fault is None or not output or tick < fault[0]:
                 return output
             self._fault = None
-        flipped = bytearray(output)
-        bit = fault[1] % (8 * len(flipped))
-        flipped[-1 - bit // 8] ^= 1 << (bit % 8)
         log.warning("%s: injected a bit flip into the output of tick %d", self.label, tick)
-        return bytes(flipped)
+        return flip_bit(output, fault[1], self.is_last)
 
     # --- requests (stage 0) -----------------------------------------------------------------
 

@@ -109,3 +109,32 @@ def test_an_injected_bit_flip_is_found_at_its_stage_and_tick(rings: Rings) -> No
     # one flip, once: the next canary is clean again
     again = [rings.trace(n, rings.serve(n)) for n in REPLICAS]
     assert judge(again, recorded).passed
+
+
+def test_the_request_digest_leaves_out_the_slot_and_a_flip_lands_in_float_values() -> None:
+    import numpy as np
+
+    from agents.activation import Activation
+    from agents.pipeline import decode_work, encode_work, flip_bit, request_digest
+    from agents.sampling import GREEDY
+
+    def payload(slot: int, value: float = 1.0) -> bytes:
+        hidden = np.full((2, 4), value, dtype=np.float32)
+        act = Activation(
+            slots=np.array([slot, slot], dtype=np.int32),
+            positions=np.array([0, 1], dtype=np.int32),
+            tokens=np.array([5, 6], dtype=np.int32),
+            hidden=hidden,
+        )
+        return encode_work(GREEDY, 3, act)
+
+    assert payload(0) != payload(3)
+    assert request_digest(payload(0), False) == request_digest(payload(3), False)
+    assert request_digest(payload(0), False) != request_digest(payload(0, 2.0), False)
+    flipped = decode_work(flip_bit(payload(1), 9, False))[2]
+    assert flipped.tokens.tolist() == [5, 6] and flipped.slots.tolist() == [1, 1]
+    assert np.count_nonzero(flipped.hidden != 1.0) == 1
+    last = bytes(8) + np.ones(4, dtype="<f4").tobytes()  # token, then logits
+    changed = np.frombuffer(flip_bit(last, 9, True)[8:], dtype="<f4")
+    assert np.count_nonzero(changed != 1.0) == 1
+    assert request_digest(last, True) != request_digest(flip_bit(last, 9, True), True)
