@@ -1585,7 +1585,6 @@ def big_stub(w: World) -> agent_pb2_grpc.AgentStub:
 HUGE = "n" * (4 << 20)
 
 
-
 def configure(**fields: Any) -> Callable[[World], object]:
     """Agent a's ConfigureReplica of a replica "thief" on the free chip, fields overridden
     (`a_NAME`: the first stage assignment's list NAME)."""
