@@ -33,13 +33,15 @@ from `tick` on, so a halted and resumed stage has the same chain as a clean run;
 needs that head, so resuming at a tick whose predecessor fell out of the window raises
 `ProtocolError` naming the tick.
 
-Output digests. Beside the chain, each stage keeps a digest of its output at each of its
-last `chain_log_limit` ticks (rewound by `resume` like the chain log): the adapter's request
-digest, which leaves out the slot the row ran on. The chain covers every
-request a replica served, so two replicas that served different traffic have different chains;
-the digests at the ticks one request occupied (`output_digests`) are a function of that request
-alone (kernels are row-independent and deterministic, KV caches per slot), which is what the
-control plane's canary compares across replicas (`orchestrator.core.canary`).
+Output digests. Beside the chain, each stage keeps the digest of its output at each of its
+last `chain_log_limit` ticks (rewound by `resume` like the chain log). The adapter passes the
+request digest (`agents.pipeline.request_digest`: the sha256 of the output less its slot
+tensor — the slot of a tick is the schedule's anyway), and the chain links that same digest.
+The chain covers every request a replica served, so two replicas that served different
+traffic have different chains; the digests at the ticks one request occupied
+(`output_digests`) are a function of that request alone (kernels are row-independent and
+deterministic, KV caches per slot), which is what the control plane's canary compares across
+replicas (`orchestrator.core.canary`).
 """
 
 from __future__ import annotations
@@ -264,8 +266,9 @@ class StageMachine:
 
     def complete(self, tick: int, output: bytes, request_digest: bytes | None = None) -> bytes:
         """The adapter executed `tick` with this output; returns the new chain head.
-        `request_digest` is what `output_digests` reports for the tick (default: the output's
-        sha256; the adapter passes one without the slot, which differs between replicas)."""
+        `request_digest` is the output's digest the chain links and `output_digests` reports
+        (default: its sha256; the adapter passes one without the slot tensor, which differs
+        between replicas and which the schedule fixes for the tick anyway): one hash pass."""
         if self.phase is not Phase.RUNNING:
             raise ProtocolError(f"stage {self.stage}: completed tick {tick} while {self.phase}")
         if tick != self.next_tick:
@@ -273,14 +276,14 @@ class StageMachine:
                 f"stage {self.stage}: completed tick {tick}, expected {self.next_tick}"
             )
         self._inputs.pop(self.schedule.input_tick(self.stage, tick), None)
-        digest = hashlib.sha256(output).digest()
+        digest = hashlib.sha256(output).digest() if request_digest is None else request_digest
         self.chain = chain_link(self.chain, tick, digest)
         if len(self._chain_log) >= self.chain_log_limit:
             dropped, head = self._chain_log.popleft()
             self._floor_tick, self._floor_head = dropped + 1, head
             self._digests.popleft()
         self._chain_log.append((tick, self.chain))
-        self._digests.append((tick, digest if request_digest is None else request_digest))
+        self._digests.append((tick, digest))
         self.next_tick += 1
         return self.chain
 
