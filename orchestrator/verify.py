@@ -434,8 +434,8 @@ class Verifier:
 
 class VerificationLoop:
     """Runs each Ready (or Degraded) deployment's canary every `verification.intervalSeconds`
-    (the first one an interval after it was first seen serving), in its own thread so a
-    canary never delays a reconcile pass."""
+    (the first one an interval after it was first seen serving, or after its interval
+    changed), in its own thread so a canary never delays a reconcile pass."""
 
     def __init__(
         self,
@@ -449,7 +449,7 @@ class VerificationLoop:
         self.store = store
         self.poll = poll
         self.clock = clock
-        self._due: dict[str, float] = {}
+        self._due: dict[str, tuple[float, float]] = {}  # name -> (next run, its interval)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="verification", daemon=True)
 
@@ -478,14 +478,17 @@ class VerificationLoop:
             if interval <= 0 or record.status.phase not in (Phase.READY, Phase.DEGRADED):
                 continue
             serving.add(record.name)
-            due = self._due.setdefault(record.name, now + interval)
+            due, every = self._due.get(record.name, (now + interval, interval))
+            if every != interval:  # the spec changed: the new interval counts from now
+                due = now + interval
+            self._due[record.name] = (due, interval)
             if now < due or self._stop.is_set():
                 continue
             try:
                 reports.append(self.verifier.verify(record.name))
             except VerifyError as exc:
                 log.info("periodic verification of %s: %s", record.name, exc)
-            self._due[record.name] = self.clock() + interval
+            self._due[record.name] = (self.clock() + interval, interval)
         for name in set(self._due) - serving:
             del self._due[name]
         return reports

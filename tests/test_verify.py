@@ -189,3 +189,28 @@ def test_a_flipped_bit_is_found_fenced_and_failed_over(cluster: Cluster) -> None
     again = verify(cluster)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "canary matched: 2 of 2" in again.stdout
+
+
+def test_the_canary_also_runs_periodically(cluster: Cluster) -> None:
+    """`spec.verification.intervalSeconds: 1`: the control plane's verification loop runs the
+    canary by itself once the new generation is Ready (no lpuctl verify here)."""
+    last = cluster.stub.Events(
+        admin_pb2.EventsRequest(deployment=NAME, limit=1000), metadata=cluster.viewer
+    ).events
+    after = max(e.id for e in last)
+    periodic = cluster.state / "periodic.yaml"
+    periodic.write_text(EXAMPLE.read_text() + "  verification: {intervalSeconds: 1}\n")
+    run = cluster.lpuctl("apply", "-f", str(periodic), "--wait", "--timeout", "150")
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    def periodic_runs() -> list[admin_pb2.Event]:
+        events = cluster.stub.Events(
+            admin_pb2.EventsRequest(deployment=NAME, after_id=after, limit=1000),
+            metadata=cluster.viewer,
+        ).events
+        return [e for e in events if e.reason == "CanaryMatched"]
+
+    runs = wait_for(periodic_runs, timeout=60, interval=0.2, what="a periodic canary")
+    assert "canary matched: 2 of 2 Ready replica(s)" in runs[0].message
+    verified = condition(cluster, "Verified")
+    assert verified is not None and verified.status == "True"

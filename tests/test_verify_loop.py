@@ -138,3 +138,17 @@ def test_the_canary_fits_the_context() -> None:
     assert (len(prompt), tokens) == (2, 4)
     prompt, tokens = canary_request(2, 64)
     assert (len(prompt), tokens) == (1, 1)
+
+
+def test_a_changed_interval_counts_from_the_change() -> None:
+    store = FakeStore([record("a", interval=300)])
+    verifier, clock = FakeVerifier(), Clock()
+    loop = VerificationLoop(verifier, store, clock=clock)  # type: ignore[arg-type]
+    loop.tick()
+    clock.now = 50
+    store.records = [record("a", interval=1)]
+    loop.tick()
+    assert verifier.calls == []
+    clock.now = 51
+    loop.tick()
+    assert verifier.calls == ["a"]
