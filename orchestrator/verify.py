@@ -146,7 +146,8 @@ def _serving(manifest: Mapping[str, object]) -> tuple[int, int]:
 
 class Verifier:
     """Runs canaries and fences corrupted chips (see the module docstring). Thread-safe: one
-    verification per deployment at a time (a second caller waits for the first)."""
+    verification per deployment at a time (a second caller waits for the first, at most
+    `rpc_timeout`, then gets UNAVAILABLE)."""
 
     def __init__(
         self,
@@ -175,7 +176,7 @@ class Verifier:
             raise VerifyError(grpc.StatusCode.NOT_FOUND, f"no deployment named {name!r}")
         with self._lock:
             running = self._running.setdefault(name, threading.Lock())
-        if not running.acquire(timeout=10 * self.rpc_timeout):
+        if not running.acquire(timeout=self.rpc_timeout):
             raise VerifyError(
                 grpc.StatusCode.UNAVAILABLE, f"a verification of {name} is still running"
             )

@@ -89,6 +89,27 @@ def test_the_canary_digests_are_equal_across_replicas_that_served_other_traffic(
     assert judge(traces).passed
 
 
+def test_traffic_served_at_the_same_time_does_not_change_the_canary(rings: Rings) -> None:
+    """Other requests share the ring with the canary (continuous batching): each tick works on
+    one slot, so the canary's outputs stay its own."""
+    import threading
+
+    quiet = {name: rings.serve(name) for name in REPLICAS}
+    reference = [rings.trace(name, quiet[name]) for name in REPLICAS]
+    busy: dict[str, list[int]] = {}
+    others = [
+        threading.Thread(target=rings.serve, args=("ring-b", (9, 8, 7, 6, 5, 4))) for _ in range(2)
+    ]
+    for t in others:
+        t.start()
+    busy["ring-b"] = rings.serve("ring-b")
+    for t in others:
+        t.join(60)
+    trace = rings.trace("ring-b", busy["ring-b"])
+    assert [s.digests for s in trace.stages] == [s.digests for s in reference[0].stages]
+    assert judge([*reference, trace]).passed
+
+
 def test_an_injected_bit_flip_is_found_at_its_stage_and_tick(rings: Rings) -> None:
     clean = [rings.trace(n, rings.serve(n)) for n in REPLICAS]
     recorded = judge(clean).agreed

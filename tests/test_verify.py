@@ -143,6 +143,13 @@ def test_verify_is_refused_to_a_viewer_and_for_an_unknown_deployment(cluster: Cl
     with pytest.raises(grpc.RpcError) as anonymous:
         cluster.stub.Verify(admin_pb2.VerifyRequest(deployment=NAME), timeout=30)
     assert anonymous.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    for name in ("", "x" * 100_000, "../tiny-llama", "tiny-llama\x00"):
+        with pytest.raises(grpc.RpcError) as odd:
+            cluster.stub.Verify(
+                admin_pb2.VerifyRequest(deployment=name), metadata=cluster.admin, timeout=30
+            )
+        assert odd.value.code() is grpc.StatusCode.NOT_FOUND
+        assert len(odd.value.details() or "") < 2000
     run = cluster.lpuctl("verify", "nope")
     assert run.returncode == 1 and "NOT_FOUND" in run.stderr
 
