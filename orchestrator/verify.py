@@ -56,6 +56,7 @@ from orchestrator.core.model import (
     Phase,
     Replica,
 )
+from orchestrator.safe_yaml import clip
 from orchestrator.store import ControlStore
 from protos import admin_pb2, agent_pb2, agent_pb2_grpc
 
@@ -173,7 +174,7 @@ class Verifier:
     def verify(self, name: str) -> VerifyReport:
         record = self.store.deployment(name)
         if record is None:
-            raise VerifyError(grpc.StatusCode.NOT_FOUND, f"no deployment named {name!r}")
+            raise VerifyError(grpc.StatusCode.NOT_FOUND, f"no deployment named {clip(name, 200)!r}")
         with self._lock:
             running = self._running.setdefault(name, threading.Lock())
         if not running.acquire(timeout=self.rpc_timeout):
