@@ -1,15 +1,18 @@
-"""The verifier's decisions without a cluster: when the periodic loop runs a canary, and what
-a verification refuses before it sends anything (orchestrator.verify)."""
+"""The verifier's decisions without a cluster (orchestrator.verify): when the periodic loop
+runs a canary, what a verification refuses before it sends anything, and — against scripted
+agents — the second run that breaks a tie, fencing, events and the Verified condition."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 
-from orchestrator.core.model import DeploymentStatus, Phase
+from orchestrator.core.model import ChipHealth, ConditionStatus, DeploymentStatus, Phase
 from orchestrator.verify import (
     CANARY_PROMPT,
     VerificationLoop,
@@ -18,6 +21,7 @@ from orchestrator.verify import (
     VerifyReport,
     canary_request,
 )
+from protos import agent_pb2
 
 
 @dataclass
@@ -152,3 +156,148 @@ def test_a_changed_interval_counts_from_the_change() -> None:
     clock.now = 51
     loop.tick()
     assert verifier.calls == ["a"]
+
+
+# --- a verification against scripted agents -------------------------------------------------
+
+STAGES, BATCH, TOKENS = 2, 4, 4
+PERIOD = max(STAGES, BATCH)
+
+
+@dataclass
+class Cluster:
+    """Two replicas of two stages; replica r stage s runs on node n{r}{s}, chip s. `flips`:
+    (replica, stage) -> the runs (1-based) in which that stage computes a wrong output."""
+
+    flips: dict[tuple[int, int], set[int]]
+    runs: dict[int, int] = field(default_factory=dict)
+    fenced: list[tuple[str, int]] = field(default_factory=list)
+
+
+class FakeAgent:
+    def __init__(self, cluster: Cluster, node: str) -> None:
+        self.cluster, self.node = cluster, node
+
+    def Generate(self, request: Any, timeout: float) -> list[Any]:
+        r = request.replica
+        self.cluster.runs[r] = self.cluster.runs.get(r, 0) + 1
+        first = 10 + 100 * r + 1000 * self.cluster.runs[r]
+        return [
+            agent_pb2.GenerateResponse(token=1, index=k, tick=first + (k + 1) * PERIOD)
+            for k in range(request.max_tokens)
+        ]
+
+    def StageDigests(self, request: Any, timeout: float) -> Any:
+        r, s = request.replica, int(self.node[-1])
+        run = self.cluster.runs[r]
+        bad = any(
+            run in runs and rr == r and s >= ss for (rr, ss), runs in self.cluster.flips.items()
+        )
+        digests = [
+            hashlib.sha256(f"{s}/{k}{'!' if bad else ''}".encode()).digest()
+            for k in range(request.count)
+        ]
+        return agent_pb2.StageDigestsResponse(
+            stages=[
+                agent_pb2.StageOutputDigests(
+                    stage=s, chip_names=[f"rack-0/node-{r}{s}/chip-{s}"], digests=digests
+                )
+            ]
+        )
+
+    def MarkChipFailed(self, request: Any, timeout: float) -> Any:
+        self.cluster.fenced.append((self.node, request.chip))
+        return agent_pb2.MarkChipFailedResponse()
+
+
+@dataclass
+class RecordingStore(FakeStore):
+    events: list[tuple[str, str]] = field(default_factory=list)
+    health: list[tuple[str, int, ChipHealth]] = field(default_factory=list)
+    conditions: list[Any] = field(default_factory=list)
+
+    def nodes(self) -> list[Any]:
+        return [
+            SimpleNamespace(
+                name=f"rack-0/node-{r}{s}",
+                address=f"127.0.0.1:{r}{s}",
+                chips=(SimpleNamespace(index=s),),
+                chip_id=lambda i, r=r, s=s: f"rack-0/node-{r}{s}/chip-{i}",
+            )
+            for r in range(2)
+            for s in range(STAGES)
+        ]
+
+    def add_event(self, time: float, kind: str, reason: str, message: str, **_: Any) -> int:
+        self.events.append((reason, message))
+        return len(self.events)
+
+    def set_chip_health(self, node: str, index: int, health: ChipHealth, reason: str) -> None:
+        self.health.append((node, index, health))
+
+    def set_condition(self, name: str, condition: Any) -> None:
+        self.conditions.append(condition)
+
+
+def scripted(flips: dict[tuple[int, int], set[int]]) -> tuple[Verifier, Cluster, RecordingStore]:
+    cluster = Cluster(flips)
+    replicas = [
+        SimpleNamespace(
+            index=r,
+            epoch=1,
+            running_epoch=1,
+            removing=False,
+            stages=tuple(
+                SimpleNamespace(chips=(f"rack-0/node-{r}{s}/chip-{s}",)) for s in range(STAGES)
+            ),
+            shards=tuple(
+                SimpleNamespace(chip=f"rack-0/node-{r}{s}/chip-{s}", shard_id=f"shard-{s}")
+                for s in range(STAGES)
+            ),
+        )
+        for r in range(2)
+    ]
+    store = RecordingStore([record("a")], replicas)
+    store.records[0].manifest["spec"]["serving"]["maxBatch"] = BATCH
+    woken: list[bool] = []
+
+    class Scripted(Verifier):
+        def _stub(self, node: Any) -> Any:
+            return FakeAgent(cluster, node.name)
+
+    verifier = Scripted(store, gateway=None, wake=lambda: woken.append(True))  # type: ignore[arg-type]
+    return verifier, cluster, store
+
+
+def test_a_transient_flip_is_outvoted_by_a_second_run_and_fenced() -> None:
+    verifier, cluster, store = scripted({(1, 1): {1}})
+    report = verifier.verify("a")
+    assert not report.passed and report.runs == 2
+    ((div, fenced),) = report.divergences
+    assert (div.replica, div.stage, div.step, div.missing, fenced) == (1, 1, 0, False, True)
+    assert div.tick == 10 + 100 + 1000 + 1  # replica 1's first run, stage 1, step 0
+    assert cluster.fenced == [("rack-0/node-11", 1)]
+    assert store.health == [("rack-0/node-11", 1, ChipHealth.FAILED)]
+    assert [e[0] for e in store.events] == ["SilentDataCorruption", "ChipFenced"]
+    assert store.conditions[-1].status is ConditionStatus.FALSE
+    assert "replica 1 stage 1 (chip rack-0/node-11/chip-1)" in report.message
+
+
+def test_a_persistent_disagreement_of_two_replicas_is_inconclusive_and_fences_nothing() -> None:
+    verifier, cluster, store = scripted({(0, 1): {1, 2}})
+    report = verifier.verify("a")
+    assert not report.passed and report.runs == 2 and report.divergences == []
+    assert "no reference" in report.message
+    assert cluster.fenced == [] and store.health == []
+    assert store.conditions[-1].status is ConditionStatus.UNKNOWN
+
+
+def test_a_recorded_reference_decides_without_a_second_run() -> None:
+    verifier, cluster, store = scripted({(0, 0): {2}})
+    clean = verifier.verify("a")
+    assert clean.passed and clean.runs == 1
+    assert store.conditions[-1].status is ConditionStatus.TRUE
+    report = verifier.verify("a")  # run 2 for each replica: replica 0 stage 0 flips
+    assert report.runs == 1
+    assert [(d.replica, d.stage) for d, _ in report.divergences] == [(0, 0)]
+    assert cluster.fenced == [("rack-0/node-00", 0)]
