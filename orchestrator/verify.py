@@ -302,14 +302,22 @@ class Verifier:
         asked = agent_pb2.StageDigestsRequest(
             deployment=name, replica=index, first_tick=first, period=period, count=len(ticks)
         )
-        for node in {where[c][0].name: where[c][0] for c in chips}.values():
+        hosts = list({where[c][0].name: where[c][0] for c in chips}.values())
+
+        def ask(node: Node) -> agent_pb2.StageDigestsResponse | str:
             try:
-                reply = self._stub(node).StageDigests(asked, timeout=self.rpc_timeout)
+                return self._stub(node).StageDigests(asked, timeout=self.rpc_timeout)
             except grpc.RpcError as exc:
                 return (
                     f"replica {index}: no digests from {node.name}: "
                     f"{exc.code().name}: {exc.details()}"
                 )
+
+        with ThreadPoolExecutor(len(hosts), thread_name_prefix="canary-digests") as pool:
+            replies = list(pool.map(ask, hosts))
+        for reply in replies:
+            if isinstance(reply, str):
+                return reply
             for s in reply.stages:
                 names = tuple(s.chip_names)
                 key = tuple(shard_of.get(c, f"unknown:{c}") for c in names)
