@@ -301,3 +301,18 @@ def test_a_recorded_reference_decides_without_a_second_run() -> None:
     assert report.runs == 1
     assert [(d.replica, d.stage) for d, _ in report.divergences] == [(0, 0)]
     assert cluster.fenced == [("rack-0/node-00", 0)]
+
+
+def test_fault_injection_reaches_process_agents_only(tmp_path: Any) -> None:
+    from orchestrator.control_plane import make_runtime, prepare_state
+    from orchestrator.process_runtime import ProcessRuntime
+    from orchestrator.runtime import NodeSpec
+
+    flag = ("--allow-fault-injection",)
+    spec = NodeSpec("rack-0/node-0", "rack-0", 0, 8, "dev")
+    assert "--allow-fault-injection" not in ProcessRuntime(tmp_path, "x:1", tmp_path)._command(spec)
+    runtime = ProcessRuntime(tmp_path, "x:1", tmp_path, agent_args=flag)
+    assert runtime._command(spec)[-1] == "--allow-fault-injection"
+    paths = prepare_state(tmp_path / "state")
+    with pytest.raises(ValueError, match="need --runtime process"):
+        make_runtime("ray", paths, "x:1", 0.5, agent_args=flag)
