@@ -32,6 +32,16 @@ head covering the completed ticks before `tick` (GENESIS if none) and drops the 
 from `tick` on, so a halted and resumed stage has the same chain as a clean run; rewinding
 needs that head, so resuming at a tick whose predecessor fell out of the window raises
 `ProtocolError` naming the tick.
+
+Output digests. Beside the chain, each stage keeps the digest of its output at each of its
+last `chain_log_limit` ticks (rewound by `resume` like the chain log). The adapter passes the
+request digest (`agents.pipeline.request_digest`: the sha256 of the output less its slot
+tensor — the slot of a tick is the schedule's anyway), and the chain links that same digest.
+The chain covers every request a replica served, so two replicas that served different
+traffic have different chains; the digests at the ticks one request occupied
+(`output_digests`) are a function of that request alone (kernels are row-independent and
+deterministic, KV caches per slot), which is what the control plane's canary compares across
+replicas (`orchestrator.core.canary`).
 """
 
 from __future__ import annotations
@@ -129,6 +139,7 @@ class StageMachine:
     _inputs: dict[int, Frame] = field(default_factory=dict)
     _ready: set[str] = field(default_factory=set)
     _chain_log: deque[tuple[int, bytes]] = field(default_factory=deque)
+    _digests: deque[tuple[int, bytes]] = field(default_factory=deque)  # (tick, sha256(output))
     # The head covering every completed tick below `_floor_tick` not in the log (entries that
     # fell out of the window, or a chain handed to `resume`).
     _floor_tick: int = 0
@@ -168,9 +179,12 @@ class StageMachine:
             head = self._head_before(tick)
             while self._chain_log and self._chain_log[-1][0] >= tick:
                 self._chain_log.pop()
+            while self._digests and self._digests[-1][0] >= tick:
+                self._digests.pop()
             self.chain = head
         else:
             self._chain_log.clear()
+            self._digests.clear()
             self._floor_tick, self._floor_head = tick, chain
             self.chain = chain
         self.epoch = epoch
@@ -250,8 +264,11 @@ class StageMachine:
                 return None
         return Run(tick, self.schedule.slot_at(self.stage, tick), frame)
 
-    def complete(self, tick: int, output: bytes) -> bytes:
-        """The adapter executed `tick` with this output; returns the new chain head."""
+    def complete(self, tick: int, output: bytes, request_digest: bytes | None = None) -> bytes:
+        """The adapter executed `tick` with this output; returns the new chain head.
+        `request_digest` is the output's digest the chain links and `output_digests` reports
+        (default: its sha256; the adapter passes one without the slot tensor, which differs
+        between replicas and which the schedule fixes for the tick anyway): one hash pass."""
         if self.phase is not Phase.RUNNING:
             raise ProtocolError(f"stage {self.stage}: completed tick {tick} while {self.phase}")
         if tick != self.next_tick:
@@ -259,21 +276,34 @@ class StageMachine:
                 f"stage {self.stage}: completed tick {tick}, expected {self.next_tick}"
             )
         self._inputs.pop(self.schedule.input_tick(self.stage, tick), None)
-        self.chain = chain_step(self.chain, tick, output)
+        digest = hashlib.sha256(output).digest() if request_digest is None else request_digest
+        self.chain = chain_link(self.chain, tick, digest)
         if len(self._chain_log) >= self.chain_log_limit:
             dropped, head = self._chain_log.popleft()
             self._floor_tick, self._floor_head = dropped + 1, head
+            self._digests.popleft()
         self._chain_log.append((tick, self.chain))
+        self._digests.append((tick, digest))
         self.next_tick += 1
         return self.chain
 
     def chain_log(self) -> list[tuple[int, bytes]]:
         return list(self._chain_log)
 
+    def output_digests(self, ticks: Iterable[int]) -> list[bytes | None]:
+        """sha256 of this stage's output at each of `ticks` (None: not completed in this
+        stage's history, or fell out of the log)."""
+        held = dict(self._digests)
+        return [held.get(t) for t in ticks]
+
+
+def chain_link(previous: bytes, tick: int, digest: bytes) -> bytes:
+    """One link of the chain: the previous head, the tick and the output's sha256."""
+    return hashlib.sha256(previous + tick.to_bytes(8, "little", signed=True) + digest).digest()
+
 
 def chain_step(previous: bytes, tick: int, output: bytes) -> bytes:
-    digest = hashlib.sha256(output).digest()
-    return hashlib.sha256(previous + tick.to_bytes(8, "little", signed=True) + digest).digest()
+    return chain_link(previous, tick, hashlib.sha256(output).digest())
 
 
 def first_divergence(a: Iterable[tuple[int, bytes]], b: Iterable[tuple[int, bytes]]) -> int | None:

@@ -271,6 +271,12 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         help="serve Prometheus /metrics on the --listen host at this port (HTTPS with the "
         "node's certificate; 0: any free port, shown in Status; off: none)",
     )
+    parser.add_argument(
+        "--allow-fault-injection",
+        action="store_true",
+        help="accept InjectFault from the control plane (flip a bit of a stage's output; "
+        "tests of silent-data-corruption detection only)",
+    )
     security = parser.add_mutually_exclusive_group()
     security.add_argument(
         "--certs",
@@ -300,6 +306,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             link_idle_timeout=args.link_idle_timeout,
             link_heartbeat=min(DEFAULT_SETTINGS.link_heartbeat, args.link_idle_timeout / 4),
             heartbeat_interval=args.heartbeat_interval,
+            allow_fault_injection=args.allow_fault_injection,
         ),
         certs=args.certs,
         insecure=args.insecure,

@@ -45,6 +45,8 @@ chains stay a function of the requests and the ticks they were admitted at.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import queue
 import random
@@ -191,6 +193,7 @@ class TokenOut:
     logits: np.ndarray | None = None
     error: str | None = None
     cancelled: bool = False  # the request was cancelled (not a stopped pipeline)
+    tick: int = -1  # the stage-0 tick that took the token off the ring (`StreamToken.tick`)
 
 
 @dataclass
@@ -200,6 +203,59 @@ class StageStatus:
     chain_head: bytes
     phase: str
     error: str
+
+
+def _tensors(payload: bytes) -> dict[str, tuple[str, int, int]] | None:
+    """A stage-to-stage payload's activation tensors: name -> (dtype, first byte, end) in
+    `payload`; None when its header cannot be read."""
+    base = SAMPLING.size + 8
+    try:
+        (size,) = struct.unpack_from("<Q", payload, SAMPLING.size)
+        header = json.loads(payload[base : base + size])
+        out = {}
+        for name, entry in header.items():
+            if name != "__metadata__":
+                first, end = (base + size + int(x) for x in entry["data_offsets"])
+                out[name] = (str(entry["dtype"]), first, end)
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error):
+        return None
+    if not all(base + size <= a <= b <= len(payload) for _, a, b in out.values()):
+        return None
+    return out
+
+
+def request_digest(payload: bytes, is_last: bool) -> bytes:
+    """sha256 of an output payload leaving out its `slots` tensor: the canary compares the
+    outputs one request produced in different replicas, where it may run on different slots
+    (everything else in a payload is a function of the request). The last stage's payload
+    (token and logits) carries no slot. A payload whose activation header cannot be read is
+    hashed whole (it differs from a good one either way)."""
+    tensors = None if is_last or not payload else _tensors(payload)
+    if tensors is None or "slots" not in tensors:
+        return hashlib.sha256(payload).digest()
+    _, first, end = tensors["slots"]
+    view = memoryview(payload)
+    digest = hashlib.sha256(view[:first])
+    digest.update(view[end:])
+    return digest.digest()
+
+
+def flip_bit(payload: bytes, bit: int, is_last: bool) -> bytes:
+    """`payload` with one bit flipped, counted from the end of its last floating-point values
+    (the last stage's logits; another stage's last float tensor, e.g. the hidden state): a
+    corrupted value, as a faulty multiplier would compute, not a corrupted index or header
+    (which a stage refuses loudly rather than silently)."""
+    end = len(payload)
+    tensors = None if is_last else _tensors(payload)
+    if tensors:
+        floats = [(b, a) for dtype, a, b in tensors.values() if dtype.startswith(("F", "BF"))]
+        if floats:
+            end, first = max(floats)
+            bit %= 8 * (end - first)
+    bit %= 8 * end
+    flipped = bytearray(payload)
+    flipped[end - 1 - bit // 8] ^= 1 << (bit % 8)
+    return bytes(flipped)
 
 
 def execute(stepper: Stepper, is_last: bool, action: Execute) -> bytes:
@@ -274,6 +330,7 @@ class StageRunner:
         self._streams: dict[str, queue.SimpleQueue[TokenOut]] = {}
         self._on_stop: list[Callable[[str], None]] = []
         self._closed = False
+        self._fault: tuple[int, int] | None = None  # (from tick, bit from the end): flip once
         # For the agent's metrics, plain counters: `ticks_executed` is written only by the stage's
         # thread, `tokens_streamed` only under `_cond` (held there anyway); readers take a value.
         self.ticks_executed = 0  # ticks executed (bubbles included: the clock of the lockstep)
@@ -393,7 +450,7 @@ class StageRunner:
                 if action.event.finished:
                     self._streams.pop(action.event.request_id, None)
                 if stream is not None:
-                    stream.put(TokenOut(action.event, action.logits))
+                    stream.put(TokenOut(action.event, action.logits, tick=action.tick))
             elif isinstance(action, EndRequest):
                 stream = self._streams.pop(action.request_id, None)
                 if stream is not None:
@@ -474,6 +531,29 @@ class StageRunner:
         with self._cond:
             return self.core.machine.chain_log()
 
+    def output_digests(self, ticks: Sequence[int]) -> tuple[StageStatus, list[bytes | None]]:
+        """The stage's status and the sha256 of its output at each of `ticks` (one lock)."""
+        with self._cond:
+            m = self.core.machine
+            status = StageStatus(m.epoch, m.next_tick - 1, m.chain, self.core.phase, self.error)
+            return status, m.output_digests(ticks)
+
+    def inject_fault(self, from_tick: int, bit: int) -> None:
+        """Test hook (agents started with --allow-fault-injection only): flip `bit` (counted
+        from the end) of this stage's first non-empty output at or after `from_tick`, once —
+        a silent corruption: the flipped output is chained and sent downstream as computed."""
+        with self._cond:
+            self._fault = (from_tick, bit)
+
+    def _corrupt(self, tick: int, output: bytes) -> bytes:
+        with self._cond:
+            fault = self._fault
+            if fault is None or not output or tick < fault[0]:
+                return output
+            self._fault = None
+        log.warning("%s: injected a bit flip into the output of tick %d", self.label, tick)
+        return flip_bit(output, fault[1], self.is_last)
+
     # --- requests (stage 0) -----------------------------------------------------------------
 
     def submit(
@@ -531,11 +611,12 @@ class StageRunner:
     def _perform(self, action: Action) -> None:
         if isinstance(action, Execute):
             try:
-                output = execute(self.stepper, self.is_last, action)
+                output = self._corrupt(action.tick, execute(self.stepper, self.is_last, action))
             except Exception as exc:  # any type: a payload or kernel fault stops the stage
                 result: Event = TickFailed(action.tick, action.epoch, describe(exc))
             else:
-                result = TickExecuted(action.tick, action.epoch, output)
+                digest = request_digest(output, self.is_last)
+                result = TickExecuted(action.tick, action.epoch, output, digest)
             self.ticks_executed += 1
             with self._cond:
                 self._apply(result)

@@ -162,6 +162,15 @@ class ReplicaHost:
             )
         return found
 
+    def stages(self, deployment: str, replica: int) -> list[tuple[int, StageRunner, list[str]]]:
+        """(stage, runner, chip names in TP rank order) of every stage of the replica hosted
+        here, by stage; INVALID_ARGUMENT for a replica not configured here."""
+        rep = self._replica(deployment, replica)
+        return [
+            (stage, runner, [name for s, name in rep.chips.values() if s == stage])
+            for stage, runner in sorted(rep.runners.items())
+        ]
+
     def stage_counters(self) -> list[tuple[str, int, int, int, int]]:
         """(deployment, replica, stage, ticks executed, tokens streamed) of every stage
         hosted here, for the agent's metrics. Reads the runners' plain counters without
@@ -534,6 +543,7 @@ class ReplicaHost:
                     finished=out.event.finished,
                     logits=logits,
                     text=decoder.push(out.event.token) if decoder is not None else "",
+                    tick=out.tick,
                 )
         except TimeoutError:
             head.cancel(req.request_id)

@@ -42,6 +42,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from agents import canary
 from agents.chips import Chip, ChipSnapshot, HeldEntry, InFlight, make_chips
 from agents.errors import (
     DeadlineExceeded,
@@ -377,6 +378,27 @@ class AgentService:
             log.warning("chip %d: failed (%s)", chip.index, reason)
         return agent_pb2.MarkChipFailedResponse(chip=_chip_message(snap), shards_lost=lost)
 
+    # --- the canary: StageDigests, InjectFault (agents.canary) ------------------------------
+
+    @_rpc
+    def StageDigests(
+        self, request: agent_pb2.StageDigestsRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.StageDigestsResponse:
+        return canary.stage_digests(self.replicas, request, self.settings)
+
+    @_rpc
+    def InjectFault(
+        self, request: agent_pb2.InjectFaultRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.InjectFaultResponse:
+        canary.inject_fault(self.replicas, request, self.settings)
+        log.warning(
+            "armed a bit flip in stage %d of replica %d from tick %d",
+            request.stage,
+            request.replica,
+            request.from_tick,
+        )
+        return agent_pb2.InjectFaultResponse()
+
     # --- Execute --------------------------------------------------------------------------
 
     @_rpc
@@ -710,6 +732,12 @@ def _handlers(service: AgentService) -> grpc.GenericRpcHandler:
                 response_serializer=agent_pb2.GenerateResponse.SerializeToString,
             ),
             "LinkPing": unary("LinkPing", agent_pb2.LinkPingRequest, agent_pb2.LinkPingResponse),
+            "StageDigests": unary(
+                "StageDigests", agent_pb2.StageDigestsRequest, agent_pb2.StageDigestsResponse
+            ),
+            "InjectFault": unary(
+                "InjectFault", agent_pb2.InjectFaultRequest, agent_pb2.InjectFaultResponse
+            ),
         },
     )
 

@@ -37,6 +37,9 @@ class AgentSettings:
     # --- pipeline and links ------------------------------------------------------------------
     window: int = 2  # default credit window W when ConfigureReplica leaves it 0
     chain_log_limit: int = 4096  # (tick, head) pairs a stage keeps for resume and comparison
+    # InjectFault (flip a bit of a stage's output) is refused unless the agent was started
+    # with --allow-fault-injection: a test door that production agents keep shut.
+    allow_fault_injection: bool = False
     queue_factor: int = 4  # ConfigureReplica queue_limit 0: this many x maxBatch may wait
     # A Link stream that sends no frame for this long is ended (DEADLINE_EXCEEDED): a peer
     # cannot hold a server thread with a silent stream. Senders of idle (but healthy) links

@@ -75,11 +75,14 @@ class AckArrived:
 
 @dataclass(frozen=True)
 class TickExecuted:
-    """The adapter ran `Execute(tick, epoch)` and got this output payload."""
+    """The adapter ran `Execute(tick, epoch)` and got this output payload. `digest`: the
+    output's request digest (`agents.pipeline.request_digest`: its sha256 without the slot
+    it ran on), kept for the canary; None: the output's plain sha256."""
 
     tick: int
     epoch: int
     output: bytes
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -191,10 +194,13 @@ class SendAck:
 
 @dataclass(frozen=True)
 class StreamToken:
-    """A generated token (and the logits row it was sampled from) for `event.request_id`."""
+    """A generated token (and the logits row it was sampled from) for `event.request_id`.
+    `tick`: the stage-0 tick that took it off the ring (the request's k-th token comes back
+    k + 1 ring periods after its prefill tick: the canary locates the request's ticks by it)."""
 
     event: TokenEvent
     logits: np.ndarray
+    tick: int = -1
 
 
 @dataclass(frozen=True)
@@ -300,8 +306,8 @@ class StageCore:
                     self.machine.on_ack(tick, epoch)
                 except ProtocolError as exc:
                     self._stop(f"{self.label}: {exc}", out)
-            case TickExecuted(tick, epoch, output):
-                self._on_executed(tick, epoch, output, out)
+            case TickExecuted(tick, epoch, output, digest):
+                self._on_executed(tick, epoch, output, out, digest)
             case TickFailed(tick, epoch, reason):
                 self._executing = False
                 out.extend(self._taken)  # taken off the ring: real whatever the tick did
@@ -421,7 +427,7 @@ class StageCore:
         payload = b""
         if self.journal is not None:
             try:
-                work = self._stage0_prepare(run.slot, run.input, out)
+                work = self._stage0_prepare(run.tick, run.slot, run.input, out)
             except JournalError as exc:
                 self._stop(f"{self.label}: tick {run.tick}: {exc}", out)
                 return
@@ -431,7 +437,7 @@ class StageCore:
         out.append(Execute(run.tick, self.machine.epoch, run.slot, work, payload))
 
     def _stage0_prepare(
-        self, slot: int | None, ring: Frame | None, out: list[Action]
+        self, tick: int, slot: int | None, ring: Frame | None, out: list[Action]
     ) -> Work | None:
         """Take the token coming back round the ring, then choose what this tick feeds."""
         journal = self.journal
@@ -450,7 +456,7 @@ class StageCore:
                 if event.request_id in self._listeners:
                     if event.finished:
                         self._listeners.discard(event.request_id)
-                    self._taken.append(StreamToken(event, logits))
+                    self._taken.append(StreamToken(event, logits, tick))
         feed = journal.feed(slot)
         if feed is None:
             return None
@@ -463,7 +469,9 @@ class StageCore:
             feed.sample_index,
         )
 
-    def _on_executed(self, tick: int, epoch: int, output: bytes, out: list[Action]) -> None:
+    def _on_executed(
+        self, tick: int, epoch: int, output: bytes, out: list[Action], digest: bytes | None
+    ) -> None:
         self._executing = False
         out.extend(self._taken)  # taken off the ring: real whether or not the tick counts
         self._taken.clear()
@@ -471,7 +479,7 @@ class StageCore:
         if epoch != m.epoch or m.phase is not Phase.RUNNING or self.error:
             return  # halted meanwhile: the tick never happened (the epoch restarts before it)
         consumed = m.schedule.input_tick(self.stage, tick) if m.needs_input(tick) else None
-        m.complete(tick, output)
+        m.complete(tick, output, digest)
         out.append(SendFrame(Frame(epoch, tick, m.schedule.slot_at(self.stage, tick), output)))
         if self.stage > 0 and consumed is not None:
             self._acked_input = max(self._acked_input, consumed)

@@ -6,7 +6,8 @@ certificate optional on one port:
 * **Admin** (`lockstep.admin.v1.Admin`): TLS with the control plane's certificate from the
   cluster CA; callers present `authorization: Bearer TOKEN` from the tokens file (lines
   `TOKEN ROLE [NAME]`, role `admin` or `viewer`). No or an unknown token: UNAUTHENTICATED; a
-  viewer calling a write (Apply, Delete, Cordon, Uncordon, Drain): PERMISSION_DENIED. A viewer
+  viewer calling a write (Apply, Delete, Cordon, Uncordon, Drain) or Verify (it may fence
+  chips): PERMISSION_DENIED. A viewer
   may Generate (it changes no state). Health checking and reflection are open.
 * **NodeRegistry** (`Register`, `Heartbeat`): mutual TLS; only agent certificates, and the node
   is the certificate's, never the message's. Heartbeats only land in the controller's buffer
@@ -53,6 +54,7 @@ from orchestrator.core import (
 from orchestrator.deployments import plan_request_from_spec
 from orchestrator.spec import SpecError, parse_deployment
 from orchestrator.store import Conflict, ControlStore, DeploymentRecord
+from orchestrator.verify import Verifier, VerifyError
 from placement.errors import InputError, Unplaceable
 from placement.planner import make_plan
 from placement.profiles import ChipProfile
@@ -65,7 +67,7 @@ log = logging.getLogger("lockstep.admin")
 
 ADMIN_SERVICE = "lockstep.admin.v1.Admin"
 REGISTRY_SERVICE = "lockstep.admin.v1.NodeRegistry"
-WRITE_METHODS = frozenset({"Apply", "Delete", "Cordon", "Uncordon", "Drain"})
+WRITE_METHODS = frozenset({"Apply", "Delete", "Cordon", "Uncordon", "Drain", "Verify"})
 ROLES = ("admin", "viewer")
 MAX_MESSAGE_BYTES = 2 << 20
 MAX_NODE_CHIPS = 1024
@@ -184,6 +186,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         self._turn = itertools.count()
         self._stopping = threading.Event()
         self._watches = threading.BoundedSemaphore(MAX_WATCHES)
+        self.verifier = Verifier(store, gateway, controller.wake, clock=clock)
 
     def stop_streams(self) -> None:
         self._stopping.set()
@@ -463,6 +466,13 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
                 code = grpc.StatusCode.UNAVAILABLE
             _abort(context, code, f"replica {replica.index} on {node.name}: {exc.details()}")
+
+    def Verify(self, request: admin_pb2.VerifyRequest, context: grpc.ServicerContext) -> Any:
+        try:
+            report = self.verifier.verify(request.deployment)
+        except VerifyError as exc:
+            _abort(context, exc.code, str(exc))
+        return report.to_proto()
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

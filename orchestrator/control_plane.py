@@ -46,6 +46,7 @@ from orchestrator.core import CoreSettings, node_name
 from orchestrator.metrics import ControlPlaneCollector, serve_metrics
 from orchestrator.runtime import NodeSpec, Runtime
 from orchestrator.store import Store, StoreError
+from orchestrator.verify import VerificationLoop
 from placement.errors import InputError
 from placement.profiles import get_profile
 from security.certs import CertError, init_cluster, load_control_plane, paths_for
@@ -178,13 +179,18 @@ def make_runtime(
     registry: str,
     interval: float,
     ray_address: str | None = None,
+    agent_args: tuple[str, ...] = (),
 ) -> Runtime:
     if ray_address is not None and name != "ray":
         raise ValueError(f"--ray-address joins a Ray cluster: it needs --runtime ray, not {name}")
+    if agent_args and name != "process":
+        raise ValueError(f"agent flags {list(agent_args)} need --runtime process, not {name}")
     if name == "process":
         from orchestrator.process_runtime import ProcessRuntime
 
-        return ProcessRuntime(paths.certs, registry, paths.logs, heartbeat_interval=interval)
+        return ProcessRuntime(
+            paths.certs, registry, paths.logs, heartbeat_interval=interval, agent_args=agent_args
+        )
     try:
         module = importlib.import_module(f"orchestrator.{name}_runtime")
     except ImportError as exc:
@@ -228,12 +234,14 @@ class ControlPlane:
         metrics_port: int = 0,
         settings: CoreSettings | None = None,
         ray_address: str | None = None,
+        allow_fault_injection: bool = False,
     ) -> None:
         """`listen`: the host the admin, registry and metrics ports bind (module docstring);
         `advertise`: the host others reach them at (default: `routable_host(listen)`);
         `admin_listen` (HOST:PORT) overrides where the admin API binds (default: `listen`,
         any port)."""
         self.ray_address = ray_address
+        self.agent_args = ("--allow-fault-injection",) if allow_fault_injection else ()
         self.specs: list[NodeSpec] = []
         self.listen = listen.strip("[]")
         self.advertise = (advertise or "").strip("[]") or routable_host(self.listen)
@@ -263,6 +271,7 @@ class ControlPlane:
             admin_listen=admin_listen,
             registry_listen=host_port(self.listen, 0),
         )
+        self.verification = VerificationLoop(self.servers.service.verifier, self.store)
         self.runtime: Runtime | None = None
         self.restart_backoff = 1.0
         self._stopping = threading.Event()
@@ -294,6 +303,7 @@ class ControlPlane:
             self.registry_address,
             self.settings.heartbeat_interval,
             self.ray_address,
+            self.agent_args,
         )
         if self.ray_address is None:
             self.specs = node_specs(self.racks, self.nodes_per_rack, self.profile.name)
@@ -301,6 +311,7 @@ class ControlPlane:
             self.specs = discovered_specs(self.profile.name)
         self.runtime.start_agents(self.specs)
         self.controller.start()
+        self.verification.start()
         self._supervisor.start()
         endpoint = {
             "admin": self.admin_address,
@@ -355,6 +366,7 @@ class ControlPlane:
         if self._supervisor.is_alive():
             self._supervisor.join(30)
         self.paths.endpoint.unlink(missing_ok=True)
+        self.verification.stop()
         self.controller.stop()
         self.metrics_server.shutdown()
         self.servers.stop()
@@ -386,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--admin-listen", help="HOST:PORT of the admin API (default: --listen)")
     parser.add_argument("--metrics-port", type=int, default=0, help="HTTPS /metrics (0: any)")
+    parser.add_argument(
+        "--allow-fault-injection",
+        action="store_true",
+        help="start the agents with --allow-fault-injection (tests only; process runtime)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -407,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             admin_listen=args.admin_listen,
             metrics_port=args.metrics_port,
             ray_address=args.ray_address,
+            allow_fault_injection=args.allow_fault_injection,
         )
     except (ValueError, OSError, InputError, TokenError, CertError, StoreError) as exc:
         print(f"control plane: cannot start: {exc}", file=sys.stderr)

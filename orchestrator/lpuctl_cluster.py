@@ -525,6 +525,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "--listen",
         args.listen,
         *(["--advertise", args.advertise] if args.advertise else []),
+        *(["--allow-fault-injection"] if args.allow_fault_injection else []),
     ]
     with log:
         proc = subprocess.Popen(

@@ -74,6 +74,12 @@ def register_cluster_commands(sub: Any, parser_class: Any) -> None:
         "host, or for 0.0.0.0 this host's address on its default route)",
     )
     up.add_argument("--timeout", type=float, default=120.0)
+    up.add_argument(
+        "--allow-fault-injection",
+        action="store_true",
+        help="start the agents with --allow-fault-injection (tests of silent-data-corruption "
+        "detection only; process runtime)",
+    )
     up.set_defaults(handler=_lazy("cmd_up"))
     down = sub.add_parser("down", parents=[common], help="stop the embedded control plane")
     down.set_defaults(handler=_lazy("cmd_down"))
@@ -122,6 +128,16 @@ def register_cluster_commands(sub: Any, parser_class: Any) -> None:
     events.add_argument("deployment", nargs="?")
     events.add_argument("--watch", action="store_true")
     events.set_defaults(handler=_lazy("cmd_events"))
+
+    verify = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="run the silent-data-corruption canary through every Ready replica now",
+    )
+    verify.add_argument("name", help="deployment")
+    verify.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    verify.add_argument("--timeout", type=float, default=300.0)
+    verify.set_defaults(handler=_lazy("cmd_verify", "orchestrator.lpuctl_verify"))
 
     top = sub.add_parser(
         "top",

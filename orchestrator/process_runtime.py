@@ -47,6 +47,7 @@ class ProcessRuntime:
         heartbeat_interval: float = 0.5,
         startup_timeout: float = 60.0,
         python: str = sys.executable,
+        agent_args: Sequence[str] = (),
     ) -> None:
         self.certs = Path(certs)
         self.control_plane = control_plane
@@ -54,6 +55,7 @@ class ProcessRuntime:
         self.heartbeat_interval = heartbeat_interval
         self.startup_timeout = startup_timeout
         self.python = python
+        self.agent_args = tuple(agent_args)  # extra agent flags (--allow-fault-injection)
         self._agents: dict[str, _Agent] = {}
 
     def _command(self, spec: NodeSpec) -> list[str]:
@@ -82,7 +84,7 @@ class ProcessRuntime:
         ]
         if spec.sram_bytes is not None:
             command += ["--sram-bytes", str(spec.sram_bytes)]
-        return command
+        return command + list(self.agent_args)
 
     def start_agents(self, nodes: Sequence[NodeSpec]) -> list[AgentHandle]:
         self.log_dir.mkdir(parents=True, exist_ok=True)

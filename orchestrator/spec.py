@@ -31,7 +31,8 @@ Defaults (also in the schema's `default`s, so the Kubernetes API server applies 
 precision fp16, replicas 1, serving.maxContext 2048, serving.maxBatch 1,
 parallelism.tensorParallel auto, parallelism.pipelineStages auto, placement.spread rack,
 placement.sparesPerRack 1 (spare *nodes* kept per rack), placement.racks all racks (field
-absent), failover.maxRestarts 5, failover.backoffSeconds 1, metadata.namespace "default".
+absent), failover.maxRestarts 5, failover.backoffSeconds 1, verification.intervalSeconds 300,
+verification.canaryTokens 4, metadata.namespace "default".
 
 Relative `model.config` and `model.checkpoint` paths are resolved against the directory of the
 deployment file (like `kubectl -k` resolves paths against the kustomization), never against the
@@ -127,6 +128,8 @@ class DeploymentSpec:
     racks: tuple[str, ...] | None = None
     max_restarts: int = 5
     backoff_seconds: float = 1.0
+    verify_interval_seconds: float = 300.0  # 0: no periodic canary (orchestrator.verify)
+    canary_tokens: int = 4
     source: str = "<inline>"
     manifest: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
     # The model the validator resolved (the preset, or the config file read once, named after
@@ -173,6 +176,10 @@ class DeploymentSpec:
                 "failover": {
                     "maxRestarts": self.max_restarts,
                     "backoffSeconds": self.backoff_seconds,
+                },
+                "verification": {
+                    "intervalSeconds": self.verify_interval_seconds,
+                    "canaryTokens": self.canary_tokens,
                 },
             },
         }
@@ -839,6 +846,8 @@ def _build(doc: dict[str, Any], source: str, result: _ModelCheck) -> DeploymentS
         racks=tuple(racks) if racks is not None else None,
         max_restarts=failover["maxRestarts"],
         backoff_seconds=float(failover["backoffSeconds"]),
+        verify_interval_seconds=float(spec["verification"]["intervalSeconds"]),
+        canary_tokens=spec["verification"]["canaryTokens"],
         source=source,
         manifest=doc,
     )

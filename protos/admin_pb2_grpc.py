@@ -109,6 +109,11 @@ class AdminStub:
                 request_serializer=protos_dot_admin__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/lockstep.admin.v1.Admin/Verify',
+                request_serializer=protos_dot_admin__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=protos_dot_admin__pb2.VerifyResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -214,6 +219,17 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Silent-data-corruption check (admin role): run the canary through every Ready replica and
+        compare their stages' output digests; a chip that computed a different output is fenced
+        (failed in the store and on its agent: the failover path moves its stage). NOT_FOUND for
+        an unknown deployment, FAILED_PRECONDITION when no replica is Ready. A found corruption
+        is an answer, not an error: passed = false with the divergences.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -291,6 +307,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=protos_dot_admin__pb2.GenerateRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=protos_dot_admin__pb2.VerifyRequest.FromString,
+                    response_serializer=protos_dot_admin__pb2.VerifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -698,6 +719,33 @@ class Admin:
             '/lockstep.admin.v1.Admin/Generate',
             protos_dot_admin__pb2.GenerateRequest.SerializeToString,
             protos_dot_admin__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.admin.v1.Admin/Verify',
+            protos_dot_admin__pb2.VerifyRequest.SerializeToString,
+            protos_dot_admin__pb2.VerifyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,16 @@ class AgentStub:
                 request_serializer=protos_dot_agent__pb2.LinkPingRequest.SerializeToString,
                 response_deserializer=protos_dot_agent__pb2.LinkPingResponse.FromString,
                 _registered_method=True)
+        self.StageDigests = channel.unary_unary(
+                '/lockstep.agent.v1.Agent/StageDigests',
+                request_serializer=protos_dot_agent__pb2.StageDigestsRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.StageDigestsResponse.FromString,
+                _registered_method=True)
+        self.InjectFault = channel.unary_unary(
+                '/lockstep.agent.v1.Agent/InjectFault',
+                request_serializer=protos_dot_agent__pb2.InjectFaultRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.InjectFaultResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -188,6 +198,26 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageDigests(self, request, context):
+        """--- silent-data-corruption canary (orchestrator.verify) ---------------------------------
+        The sha256 of the outputs of every stage of a replica hosted here, at the ticks one request
+        occupied: stage s's k-th digest is its output at tick first_tick + s + k * period (the
+        request's prefill at stage 0 was first_tick; the ring period is max(stages, maxBatch)).
+        Control plane only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InjectFault(self, request, context):
+        """Fault injection for tests: flip one bit of one stage's output, once, at its first
+        non-empty output at or after from_tick. FAILED_PRECONDITION unless the agent was started
+        with --allow-fault-injection. Control plane only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -245,6 +275,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.LinkPing,
                     request_deserializer=protos_dot_agent__pb2.LinkPingRequest.FromString,
                     response_serializer=protos_dot_agent__pb2.LinkPingResponse.SerializeToString,
+            ),
+            'StageDigests': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageDigests,
+                    request_deserializer=protos_dot_agent__pb2.StageDigestsRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.StageDigestsResponse.SerializeToString,
+            ),
+            'InjectFault': grpc.unary_unary_rpc_method_handler(
+                    servicer.InjectFault,
+                    request_deserializer=protos_dot_agent__pb2.InjectFaultRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.InjectFaultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -544,6 +584,60 @@ class Agent:
             '/lockstep.agent.v1.Agent/LinkPing',
             protos_dot_agent__pb2.LinkPingRequest.SerializeToString,
             protos_dot_agent__pb2.LinkPingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageDigests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.agent.v1.Agent/StageDigests',
+            protos_dot_agent__pb2.StageDigestsRequest.SerializeToString,
+            protos_dot_agent__pb2.StageDigestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InjectFault(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lockstep.agent.v1.Agent/InjectFault',
+            protos_dot_agent__pb2.InjectFaultRequest.SerializeToString,
+            protos_dot_agent__pb2.InjectFaultResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -101,6 +101,8 @@ METHOD_ROLES: dict[str, frozenset[Role]] = {
     f"/{AGENT_SERVICE}/UnloadShard": _CP,
     f"/{AGENT_SERVICE}/Execute": _CP,
     f"/{AGENT_SERVICE}/MarkChipFailed": _CP,
+    f"/{AGENT_SERVICE}/StageDigests": _CP,
+    f"/{AGENT_SERVICE}/InjectFault": _CP,
     f"/{AGENT_SERVICE}/ConfigureReplica": _CP,
     f"/{AGENT_SERVICE}/StartEpoch": _CP,
     f"/{AGENT_SERVICE}/Halt": _CP,

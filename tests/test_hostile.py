@@ -1015,6 +1015,12 @@ def _admin_calls(w: World) -> dict[str, Callable[[agent_pb2_grpc.AgentStub], obj
         "LinkPing": lambda s: s.LinkPing(
             agent_pb2.LinkPingRequest(peer=w.b.address, count=1), timeout=10
         ),
+        "StageDigests": lambda s: s.StageDigests(
+            agent_pb2.StageDigestsRequest(deployment=RING, period=4, count=1), timeout=10
+        ),
+        "InjectFault": lambda s: s.InjectFault(
+            agent_pb2.InjectFaultRequest(deployment=RING, stage=0), timeout=10
+        ),
     }
 
 
@@ -1029,6 +1035,8 @@ ADMIN_METHODS = [
     "RemoveReplica",
     "Generate",
     "LinkPing",
+    "StageDigests",
+    "InjectFault",
 ]
 
 
@@ -1778,6 +1786,61 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
         CODE.INVALID_ARGUMENT,
         "does not exist",
     ),
+    # StageDigests, InjectFault (the canary)
+    (
+        "digests-negative-first-tick",
+        unary(
+            "StageDigests",
+            agent_pb2.StageDigestsRequest(deployment=RING, first_tick=-1, period=4, count=1),
+        ),
+        CODE.INVALID_ARGUMENT,
+        "first_tick",
+    ),
+    (
+        "digests-period-zero",
+        unary("StageDigests", agent_pb2.StageDigestsRequest(deployment=RING, count=1)),
+        CODE.INVALID_ARGUMENT,
+        "period",
+    ),
+    (
+        "digests-period-huge",
+        unary(
+            "StageDigests",
+            agent_pb2.StageDigestsRequest(deployment=RING, period=2**32 - 1, count=1),
+        ),
+        CODE.INVALID_ARGUMENT,
+        "period",
+    ),
+    (
+        "digests-count-zero",
+        unary("StageDigests", agent_pb2.StageDigestsRequest(deployment=RING, period=4)),
+        CODE.INVALID_ARGUMENT,
+        "count",
+    ),
+    (
+        "digests-count-over-the-chain-log",
+        unary(
+            "StageDigests",
+            agent_pb2.StageDigestsRequest(deployment=RING, period=4, count=2**32 - 1),
+        ),
+        CODE.INVALID_ARGUMENT,
+        "chain log",
+    ),
+    (
+        "digests-unknown-replica",
+        unary(
+            "StageDigests",
+            agent_pb2.StageDigestsRequest(deployment=HUGE, period=4, count=1),
+        ),
+        CODE.INVALID_ARGUMENT,
+        "not configured",
+    ),
+    (
+        "inject-fault-without-the-flag",  # production agents refuse it, even to the control plane
+        unary("InjectFault", agent_pb2.InjectFaultRequest(deployment=RING, stage=0, bit=9)),
+        CODE.FAILED_PRECONDITION,
+        "--allow-fault-injection",
+    ),
     # LinkPing
     (
         "ping-count-zero",
@@ -1869,6 +1932,26 @@ def test_a_hostile_rpc_is_refused_with_its_code(
     finally:
         with contextlib.suppress(grpc.RpcError):  # only there if a configure was taken
             world.a.stub.RemoveReplica(agent_pb2.RemoveReplicaRequest(deployment="thief"))
+    assert_invariants(world)
+
+
+def test_digests_of_ticks_far_beyond_the_ring_are_empty_not_an_overflow(world: World) -> None:
+    """The largest ticks a caller can name (first_tick near 2**63, the largest period and
+    count) are answered with empty digests: no arithmetic overflow, nothing allocated per
+    tick beyond the reply."""
+    with served_concurrently(world):
+        reply = big_stub(world).StageDigests(
+            agent_pb2.StageDigestsRequest(
+                deployment=RING,
+                first_tick=2**63 - 2**40,
+                period=2**20,
+                count=DEFAULT_SETTINGS.chain_log_limit,
+            ),
+            timeout=30,
+        )
+    assert [s.stage for s in reply.stages] == [0]
+    assert len(reply.stages[0].digests) == DEFAULT_SETTINGS.chain_log_limit
+    assert not any(reply.stages[0].digests)
     assert_invariants(world)
 
 

@@ -35,6 +35,8 @@ def test_generated_modules_import_as_a_package() -> None:
         "RemoveReplica",
         "Generate",
         "LinkPing",
+        "StageDigests",
+        "InjectFault",
     }
     assert hasattr(agent_pb2_grpc, "AgentStub")
     link = interconnect_pb2.DESCRIPTOR.services_by_name["Link"]

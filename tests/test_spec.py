@@ -705,6 +705,7 @@ def test_minimal_file_gets_every_default() -> None:
         "parallelism": {"tensorParallel": "auto", "pipelineStages": "auto"},
         "placement": {"spread": "rack", "sparesPerRack": 1},
         "failover": {"maxRestarts": 5, "backoffSeconds": 1},
+        "verification": {"intervalSeconds": 300, "canaryTokens": 4},
     }
 
 
@@ -991,3 +992,37 @@ def test_pipeline_stages(value: str, expected: int | None, fragment: str | None)
         parse_deployment(text, "p.yaml")
     err = expect_one(info.value, "spec.parallelism.pipelineStages", 15, fragment)
     assert err.file == "p.yaml"
+
+
+@pytest.mark.parametrize(
+    ("block", "field", "message"),
+    [
+        ("{intervalSeconds: -1}", "spec.verification.intervalSeconds", "at least 0"),
+        ("{intervalSeconds: 100000}", "spec.verification.intervalSeconds", "at most 86400"),
+        ("{intervalSeconds: 5m}", "spec.verification.intervalSeconds", "must be a number"),
+        ("{canaryTokens: 0}", "spec.verification.canaryTokens", "at least 1"),
+        ("{canaryTokens: 65}", "spec.verification.canaryTokens", "at most 64"),
+        ("{canaryTokens: 2.5}", "spec.verification.canaryTokens", "integer"),
+        ("{canaryTokns: 4}", "spec.verification", "canaryTokns"),
+    ],
+)
+def test_bad_verification_fields_name_the_field(block: str, field: str, message: str) -> None:
+    text = (
+        f"apiVersion: {API_VERSION}\nkind: {KIND}\nmetadata: {{name: x}}\n"
+        f"spec:\n  model: {{preset: llama-3-8b}}\n  verification: {block}\n"
+    )
+    with pytest.raises(SpecError) as info:
+        parse_deployment(text, "<test>")
+    assert field in str(info.value)
+    assert message in str(info.value)
+
+
+def test_verification_fields_are_read() -> None:
+    text = (
+        f"apiVersion: {API_VERSION}\nkind: {KIND}\nmetadata: {{name: x}}\n"
+        "spec:\n  model: {preset: llama-3-8b}\n"
+        "  verification: {intervalSeconds: 0, canaryTokens: 9}\n"
+    )
+    spec = parse_deployment(text, "<test>")
+    assert (spec.verify_interval_seconds, spec.canary_tokens) == (0.0, 9)
+    assert spec.to_manifest()["spec"]["verification"] == {"intervalSeconds": 0, "canaryTokens": 9}

@@ -4,7 +4,8 @@ Plain code over data (no gRPC, Ray, Kubernetes, SQLite, sockets, threads, clocks
 processes — an import-linter contract enforces it): `reconcile(desired, observed, now)` returns
 the actions that move the cluster toward the desired state, and the controller executes them
 through its ports. See `model` (the data), `actions` (the decisions), `cluster` (the topology the
-planner sees) and `reconcile` (the rules).
+planner sees), `reconcile` (the rules) and `canary` (which chip and tick a silent-data-corruption
+canary found wrong).
 """
 
 from orchestrator.core.actions import (

@@ -79,6 +79,8 @@ class ConditionType(StrEnum):
     SYNCHRONIZED = "Synchronized"
     READY = "Ready"
     DEGRADED = "Degraded"
+    # Set by the silent-data-corruption canary (orchestrator.verify), never by the reconciler.
+    VERIFIED = "Verified"
 
 
 class ConditionStatus(StrEnum):
