@@ -205,23 +205,26 @@ def test_groq_rack_calibration() -> None:
     assert plan.chips_used <= 8 * 72
 
 
+@pytest.mark.parametrize("batch", [4, 8])
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
-def test_every_preset_plans_close_to_the_lower_bound(name: str) -> None:
+def test_every_preset_plans_close_to_the_lower_bound(name: str, batch: int) -> None:
+    """Every preset on groq-rack (int8, 4k context; batch 8 is bench/placement.py's case) within
+    3 % of the SRAM lower bound — attention is cut between query heads, so no piece is more
+    than a few MiB. A model of a few dozen chips may be one chip over whatever the ratio
+    (Llama-3.2-3B at batch 4: 22 against 21, where 21 would leave 0.7 % of each chip for every
+    stage boundary, and one KV group's cache alone is 2 % of a chip)."""
     racks, profile = (2, "dev") if name == "tiny-llama" else (145, "groq-rack")
     context = 256 if name == "tiny-llama" else 4096
     plan = make_plan(
-        PlanRequest(name, model_preset(name), "int8", 1, context, 4, spares_per_rack=0),
+        PlanRequest(name, model_preset(name), "int8", 1, context, batch, spares_per_rack=0),
         preset_topology(racks, profile),
     )
     ratio = plan.chips_used / plan.chips_lower_bound
     assert ratio >= 1.0
     if ratio > 1.0:
         assert plan.notes and "lower bound" in plan.notes[0]
-    if name != "tiny-llama" and ratio > 1.05:
-        # Beyond 5 %, the plan must say which piece could not be cut finer; a model of a few
-        # chips (Llama-3.2-1B: 7) may be one chip over whatever the ratio.
-        close = ratio <= 1.10 or plan.chips_used - plan.chips_lower_bound <= 1
-        assert close and any("cannot be cut" in n for n in plan.notes), plan.notes
+    if name != "tiny-llama":
+        assert ratio <= 1.03 or plan.chips_used - plan.chips_lower_bound <= 1, plan.notes
 
 
 def test_faster_than_a_single_chip_has_memory_for() -> None:

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
 from placement.errors import InputError
-from placement.models import MODEL_PRESETS, build_ops, model_from_hf_config
+from placement.models import (
+    MODEL_PRESETS,
+    build_ops,
+    chunk_units,
+    kv_heads_of,
+    model_from_hf_config,
+    model_preset,
+)
 from placement.profiles import GROQ_RACK, profile_from_dict
 from placement.topology import ChipState, preset_topology, topology_from_dict
 
@@ -155,3 +163,26 @@ def test_hf_config_syntax_error_has_line(tmp_path: Path) -> None:
 def test_hf_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not found"):
         model_from_hf_config(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "llama-3.1-405b", "qwen2.5-0.5b", "llama-2-7b"])
+def test_attention_chunks_follow_the_kv_groups(name: str) -> None:
+    """Up to one chunk per KV head, chunks are whole KV groups; beyond, every chunk lies inside
+    one group, so a group is held twice only where the plan cuts it. Chunks tile the heads."""
+    cfg = model_preset(name)
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    group = heads // kv
+    for chunks in range(1, heads + 1):
+        pieces = [chunk_units(cfg, "attention", chunks, i) for i in range(chunks)]
+        assert pieces[0][0] == 0 and pieces[-1][1] == heads
+        assert all(a[1] == b[0] for a, b in pairwise(pieces))
+        assert all(start < end for start, end in pieces)
+        if chunks <= kv:
+            assert all(start % group == 0 and end % group == 0 for start, end in pieces)
+        else:
+            assert all(start // group == (end - 1) // group for start, end in pieces)
+    assert kv_heads_of(cfg, 0, heads) == (0, kv)
+    assert kv_heads_of(cfg, group - 1, group + 1) == (
+        (0, 2) if group > 1 else (group - 1, group + 1)
+    )
+    assert kv_heads_of(cfg, 3, 3) == (0, 0)
