@@ -105,8 +105,41 @@ class ChunkTable:
         return cuts
 
 
+@dataclass(frozen=True)
+class OpColumns:
+    """Per-op figures that do not depend on the TP width, computed once for all widths."""
+
+    split_bytes: np.ndarray  # what the op's units hold at width 1 (all but `replicated`)
+    replicated: np.ndarray  # what every chunk and rank holds whole
+    widths: np.ndarray  # units along the cut dimension
+    attention: np.ndarray  # is it attention
+    kv_bytes: np.ndarray  # of `split_bytes`, the KV heads' (attention only)
+    limits: np.ndarray  # the most chunks
+
+    @classmethod
+    def of(
+        cls, ops: Sequence[Op], cfg: ModelConfig, profile: ChipProfile, work: Workload
+    ) -> OpColumns:
+        limits = chunk_limits(cfg, profile.mlp_cut_columns)
+        replicated = [op.replicated_bytes for op in ops]
+        return cls(
+            split_bytes=np.array([op_sram_bytes(op, 1, cfg, work) for op in ops], dtype=np.int64)
+            - np.array(replicated, dtype=np.int64),
+            replicated=np.array(replicated, dtype=np.int64),
+            widths=np.array([split_width(cfg, op.kind) for op in ops], dtype=np.int64),
+            attention=np.array([op.kind == "attention" for op in ops], dtype=bool),
+            kv_bytes=np.array([kv_group_bytes(op, cfg, work) for op in ops], dtype=np.int64),
+            limits=np.array([limits[op.kind] for op in ops], dtype=np.int64),
+        )
+
+
 def build_chunk_table(
-    ops: Sequence[Op], cfg: ModelConfig, profile: ChipProfile, work: Workload, tp: int
+    ops: Sequence[Op],
+    cfg: ModelConfig,
+    profile: ChipProfile,
+    work: Workload,
+    tp: int,
+    columns: OpColumns | None = None,
 ) -> ChunkTable:
     """Size every op at width `tp` and cut the large ones into chunks.
 
@@ -127,22 +160,15 @@ def build_chunk_table(
             f"the per-chip activation workspace ({chip_workspace_bytes(cfg, work):,} bytes for "
             f"maxBatch {work.max_batch}) exceeds usable SRAM ({profile.usable_sram_bytes:,})"
         )
-    limits = chunk_limits(cfg, profile.mlp_cut_columns)
     target = max(1, capacity // profile.max_chunks_per_chip)
     kv_heads = cfg.num_key_value_heads
     group = cfg.num_attention_heads // kv_heads
-    split_bytes = np.array(
-        [op_sram_bytes(op, 1, cfg, work) - op.replicated_bytes for op in ops], dtype=np.int64
-    )
-    replicated = np.array([op.replicated_bytes for op in ops], dtype=np.int64)
+    col = columns or OpColumns.of(ops, cfg, profile, work)
+    split_bytes, replicated, widths = col.split_bytes, col.replicated, col.widths
+    attention, kv_bytes = col.attention, col.kv_bytes
     op_time = np.array([op_time_ps(op, tp, cfg, profile, work) for op in ops], dtype=np.int64)
-    widths = np.array([split_width(cfg, op.kind) for op in ops], dtype=np.int64)
-    attention = np.array([op.kind == "attention" for op in ops], dtype=bool)
-    kv_bytes = np.array([kv_group_bytes(op, cfg, work) for op in ops], dtype=np.int64)
     # At least `tp` units per chunk where the op has them, so every rank holds a share.
-    max_chunks = np.minimum(
-        np.array([limits[op.kind] for op in ops], dtype=np.int64), np.maximum(1, widths // tp)
-    )
+    max_chunks = np.minimum(col.limits, np.maximum(1, widths // tp))
     counts = np.clip(-(-split_bytes // (target * tp)), 1, max_chunks)
     # Attention cut inside the KV groups (at TP 1 only: with TP every rank would hold the
     # group's K/V whole), the same number of sub-chunks in every group.
@@ -401,9 +427,10 @@ def ranked_partitions(
     )
     choices: list[TPChoice] = []
     reasons: list[str] = []
+    columns = OpColumns.of(ops, cfg, profile, work)
     for tp in widths:
         try:
-            table = build_chunk_table(ops, cfg, profile, work, tp)
+            table = build_chunk_table(ops, cfg, profile, work, tp, columns)
         except Unplaceable as exc:
             reasons.append(str(exc))
             continue

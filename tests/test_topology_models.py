@@ -12,6 +12,7 @@ from placement.errors import InputError
 from placement.models import (
     MODEL_PRESETS,
     build_ops,
+    chunk_limits,
     chunk_units,
     kv_heads_of,
     model_from_hf_config,
@@ -102,6 +103,18 @@ def test_bad_topologies_name_the_field(raw: object, fragment: str) -> None:
 def test_profile_override_keeps_base() -> None:
     prof = profile_from_dict({"base": "groq-rack", "sram_bytes": 1 << 30}, source="p")
     assert prof.sram_bytes == 1 << 30 and prof.chips_per_node == GROQ_RACK.chips_per_node
+    assert prof.mlp_cut_columns == 32  # groq-rack's, kept
+
+
+def test_profile_mlp_cut_columns_override_and_bad_values() -> None:
+    """A profile may set how finely MLPs are cut; the partitioner then cuts no finer."""
+    prof = profile_from_dict({"base": "dev", "mlp_cut_columns": 64}, source="p")
+    assert prof.mlp_cut_columns == 64
+    assert chunk_limits(model_preset("tiny-llama"), prof.mlp_cut_columns)["mlp"] == 704 // 64
+    for bad in (0, -32, 2.5, "32", 1 << 20):
+        with pytest.raises(InputError) as err:
+            profile_from_dict({"mlp_cut_columns": bad}, source="p")
+        assert err.value.field == "profile.mlp_cut_columns"
 
 
 def write_config(tmp_path: Path, **overrides: object) -> Path:
