@@ -74,6 +74,41 @@ class ChunkTable:
     largest: int  # the chunk with the most bytes (start charge included)
     slowest_ps: int  # the longest time of a stage of one chunk
 
+    @classmethod
+    def of_chunks(
+        cls,
+        tp: int,
+        capacity: int,
+        chunk_bytes: np.ndarray,
+        chunk_time: np.ndarray,
+        start_bytes: np.ndarray,
+        start_time: np.ndarray,
+        op_index: np.ndarray | None = None,
+        chunk_index: np.ndarray | None = None,
+        chunk_count: np.ndarray | None = None,
+    ) -> ChunkTable:
+        """The table of chunks with these bytes, times and start charges (by default all
+        chunks of one op)."""
+        n = len(chunk_bytes)
+        prefix_bytes = np.concatenate(([0], np.cumsum(chunk_bytes, dtype=np.int64)))
+        prefix_time = np.concatenate(([0], np.cumsum(chunk_time, dtype=np.int64)))
+        reach = prefix_bytes[:-1] + capacity - start_bytes
+        return cls(
+            tp=tp,
+            capacity=capacity,
+            op_index=np.zeros(n, dtype=np.int64) if op_index is None else op_index,
+            chunk_index=np.arange(n) if chunk_index is None else chunk_index,
+            chunk_count=np.full(n, n) if chunk_count is None else chunk_count,
+            prefix_bytes=prefix_bytes,
+            prefix_time=prefix_time.tolist(),
+            start_bytes=start_bytes,
+            start_time=start_time,
+            byte_end=(np.searchsorted(prefix_bytes, reach, side="right") - 1).tolist(),
+            time_base=(prefix_time[:-1] - start_time).tolist(),
+            largest=int(np.argmax(chunk_bytes + start_bytes)) if n else 0,
+            slowest_ps=int(np.max(chunk_time + start_time)) if n else 0,
+        )
+
     @property
     def size(self) -> int:
         return len(self.op_index)
@@ -225,23 +260,8 @@ def build_chunk_table(
             f"per chip even cut into {int(c[first_big])} pieces at tensorParallel {tp}; a chip "
             f"has {capacity:,} usable"
         )
-    prefix_bytes = np.concatenate(([0], np.cumsum(chunk_bytes)))
-    prefix_time = np.concatenate(([0], np.cumsum(chunk_time)))
-    reach = prefix_bytes[:-1] + capacity - start_bytes
-    return ChunkTable(
-        tp=tp,
-        capacity=capacity,
-        op_index=owner,
-        chunk_index=within,
-        chunk_count=c,
-        prefix_bytes=prefix_bytes,
-        prefix_time=prefix_time.tolist(),
-        start_bytes=start_bytes,
-        start_time=start_time,
-        byte_end=(np.searchsorted(prefix_bytes, reach, side="right") - 1).tolist(),
-        time_base=(prefix_time[:-1] - start_time).tolist(),
-        largest=int(np.argmax(chunk_bytes + start_bytes)),
-        slowest_ps=int(np.max(chunk_time + start_time)),
+    return ChunkTable.of_chunks(
+        tp, capacity, chunk_bytes, chunk_time, start_bytes, start_time, owner, within, c
     )
 
 
@@ -258,24 +278,28 @@ def greedy_cuts(
 
     A stage starting at chunk i also holds `start_bytes[i]` and spends `start_time[i]`
     (`ChunkTable`). Stops early (returning what it has) once more than `stop_after` stages
-    are needed.
+    are needed. (`ChunkTable.greedy` on the table of these prefix sums.)
     """
+    table = _table_of_prefixes(prefix_bytes, prefix_time, capacity, start_bytes, start_time)
+    return table.greedy(time_bound, stop_after)
+
+
+def _table_of_prefixes(
+    prefix_bytes: Sequence[int],
+    prefix_time: Sequence[int],
+    capacity: int,
+    start_bytes: Sequence[int] | None,
+    start_time: Sequence[int] | None,
+) -> ChunkTable:
     n = len(prefix_bytes) - 1
-    cuts: list[int] = []
-    start = 0
-    while start < n:
-        room = capacity - start_bytes[start] if start_bytes else capacity
-        end = bisect_right(prefix_bytes, prefix_bytes[start] + room) - 1
-        if time_bound is not None:
-            left = time_bound - start_time[start] if start_time else time_bound
-            end = min(end, bisect_right(prefix_time, prefix_time[start] + left) - 1)
-        if end <= start:
-            return None
-        cuts.append(end)
-        if stop_after is not None and len(cuts) > stop_after:
-            return cuts
-        start = end
-    return cuts
+    return ChunkTable.of_chunks(
+        1,
+        capacity,
+        np.diff(np.asarray(prefix_bytes, dtype=np.int64)),
+        np.diff(np.asarray(prefix_time, dtype=np.int64)),
+        np.asarray(start_bytes if start_bytes else [0] * n, dtype=np.int64),
+        np.asarray(start_time if start_time else [0] * n, dtype=np.int64),
+    )
 
 
 @dataclass(frozen=True)
@@ -370,23 +394,9 @@ def optimal_bottleneck(
 ) -> int:
     """Smallest T such that the chunks split into at most `stages` fitting stages of time <= T.
 
-    The plain form of `table_bottleneck` (which the planner runs), kept for checking it
-    against exhaustive search."""
-    n = len(prefix_time) - 1
-    lo = max(
-        prefix_time[i + 1] - prefix_time[i] + (start_time[i] if start_time else 0) for i in range(n)
-    )
-    hi = prefix_time[n]
-    while lo < hi:
-        mid = (lo + hi) // 2
-        cuts = greedy_cuts(
-            prefix_bytes, prefix_time, capacity, mid, stages, start_bytes, start_time
-        )
-        if cuts is not None and len(cuts) <= stages:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
+    The plain form of `table_bottleneck`."""
+    table = _table_of_prefixes(prefix_bytes, prefix_time, capacity, start_bytes, start_time)
+    return table_bottleneck(table, stages)
 
 
 @dataclass(frozen=True)

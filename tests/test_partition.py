@@ -123,28 +123,13 @@ grouped = st.lists(
 def chunk_table(
     sizes: list[int], times: list[int], extra: list[tuple[int, int]], cap: int
 ) -> ChunkTable:
-    """A `ChunkTable` of hand-made chunks, built as `build_chunk_table` builds its arrays."""
-    chunk_bytes, chunk_time = np.array(sizes), np.array(times)
-    start_bytes = np.array([e[0] for e in extra])
-    start_time = np.array([e[1] for e in extra])
-    prefix_bytes = np.concatenate(([0], np.cumsum(chunk_bytes)))
-    prefix_time = np.concatenate(([0], np.cumsum(chunk_time)))
-    reach = prefix_bytes[:-1] + cap - start_bytes
-    n = len(sizes)
-    return ChunkTable(
-        tp=1,
-        capacity=cap,
-        op_index=np.zeros(n, dtype=np.int64),
-        chunk_index=np.arange(n),
-        chunk_count=np.full(n, n),
-        prefix_bytes=prefix_bytes,
-        prefix_time=prefix_time.tolist(),
-        start_bytes=start_bytes,
-        start_time=start_time,
-        byte_end=(np.searchsorted(prefix_bytes, reach, side="right") - 1).tolist(),
-        time_base=(prefix_time[:-1] - start_time).tolist(),
-        largest=int(np.argmax(chunk_bytes + start_bytes)),
-        slowest_ps=int(np.max(chunk_time + start_time)),
+    return ChunkTable.of_chunks(
+        1,
+        cap,
+        np.array(sizes),
+        np.array(times),
+        np.array([e[0] for e in extra]),
+        np.array([e[1] for e in extra]),
     )
 
 
