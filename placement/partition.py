@@ -142,7 +142,11 @@ class ChunkTable:
 
 @dataclass(frozen=True)
 class OpColumns:
-    """Per-op figures that do not depend on the TP width, computed once for all widths."""
+    """Per-op figures that do not depend on the TP width, computed once for all widths.
+
+    Ops of the same shape (every layer's attention, every expert, ...) are sized once: `kinds`
+    holds one op per distinct shape and `shape_of` maps every op to it.
+    """
 
     split_bytes: np.ndarray  # what the op's units hold at width 1 (all but `replicated`)
     replicated: np.ndarray  # what every chunk and rank holds whole
@@ -150,22 +154,56 @@ class OpColumns:
     attention: np.ndarray  # is it attention
     kv_bytes: np.ndarray  # of `split_bytes`, the KV heads' (attention only)
     limits: np.ndarray  # the most chunks
+    kinds: tuple[Op, ...]  # one op of each distinct shape
+    shape_of: np.ndarray  # index into `kinds` of every op
 
     @classmethod
     def of(
         cls, ops: Sequence[Op], cfg: ModelConfig, profile: ChipProfile, work: Workload
     ) -> OpColumns:
         limits = chunk_limits(cfg, profile.mlp_cut_columns)
-        replicated = [op.replicated_bytes for op in ops]
+        index: dict[tuple[object, ...], int] = {}
+        kinds: list[Op] = []
+        shape_of = []
+        for op in ops:
+            key = (
+                op.kind,
+                op.param_bytes,
+                op.kv_bytes_per_token,
+                op.flops_per_token,
+                op.context_flops_per_position,
+                op.replicated_bytes,
+                op.kv_window,
+                op.kv_param_bytes,
+            )
+            if key not in index:
+                index[key] = len(kinds)
+                kinds.append(op)
+            shape_of.append(index[key])
+        at = np.array(shape_of, dtype=np.int64)
+
+        def column(values: list[int] | list[bool], dtype: type = np.int64) -> np.ndarray:
+            return np.array(values, dtype=dtype)[at]
+
+        replicated = column([op.replicated_bytes for op in kinds])
         return cls(
-            split_bytes=np.array([op_sram_bytes(op, 1, cfg, work) for op in ops], dtype=np.int64)
-            - np.array(replicated, dtype=np.int64),
-            replicated=np.array(replicated, dtype=np.int64),
-            widths=np.array([split_width(cfg, op.kind) for op in ops], dtype=np.int64),
-            attention=np.array([op.kind == "attention" for op in ops], dtype=bool),
-            kv_bytes=np.array([kv_group_bytes(op, cfg, work) for op in ops], dtype=np.int64),
-            limits=np.array([limits[op.kind] for op in ops], dtype=np.int64),
+            split_bytes=column([op_sram_bytes(op, 1, cfg, work) for op in kinds]) - replicated,
+            replicated=replicated,
+            widths=column([split_width(cfg, op.kind) for op in kinds]),
+            attention=column([op.kind == "attention" for op in kinds], bool),
+            kv_bytes=column([kv_group_bytes(op, cfg, work) for op in kinds]),
+            limits=column([limits[op.kind] for op in kinds]),
+            kinds=tuple(kinds),
+            shape_of=at,
         )
+
+    def op_time(
+        self, tp: int, cfg: ModelConfig, profile: ChipProfile, work: Workload
+    ) -> np.ndarray:
+        """`op_time_ps` of every op at width `tp`."""
+        times = [op_time_ps(op, tp, cfg, profile, work) for op in self.kinds]
+        out: np.ndarray = np.array(times, dtype=np.int64)[self.shape_of]
+        return out
 
 
 def build_chunk_table(
@@ -201,7 +239,7 @@ def build_chunk_table(
     col = columns or OpColumns.of(ops, cfg, profile, work)
     split_bytes, replicated, widths = col.split_bytes, col.replicated, col.widths
     attention, kv_bytes = col.attention, col.kv_bytes
-    op_time = np.array([op_time_ps(op, tp, cfg, profile, work) for op in ops], dtype=np.int64)
+    op_time = col.op_time(tp, cfg, profile, work)
     # At least `tp` units per chunk where the op has them, so every rank holds a share.
     max_chunks = np.minimum(col.limits, np.maximum(1, widths // tp))
     counts = np.clip(-(-split_bytes // (target * tp)), 1, max_chunks)
