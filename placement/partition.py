@@ -222,8 +222,11 @@ def build_chunk_table(
     (`cost.kv_group_bytes`), so the group's first sub-chunk is charged them, and a stage that
     starts at a later sub-chunk is charged them again (`ChunkTable.start_bytes`). A stage's
     cost is then its chunks' sum plus that start charge, and still no smaller than the cost of
-    any contiguous part of it — which keeps greedy packing optimal. With TP, the ranks share
-    the stage's query heads out evenly and each holds every KV group it touches whole.
+    any contiguous part of it — which keeps greedy packing optimal. Only at TP 1: with TP the
+    ranks of a stage cut inside groups share its query heads out evenly and each would hold
+    every group it touches whole (the layout and executor support it; the charge here would
+    have to count each group once per rank), so at TP > 1 attention stays cut between whole
+    KV groups, which the ranks share out.
 
     Raises `Unplaceable` when a chunk that cannot be cut further still exceeds a chip.
     """
