@@ -48,7 +48,7 @@ from agents.kernels import (
     route,
 )
 from agents.sampling import GREEDY, Generation, Request, Sampling, generate
-from placement.models import ModelConfig
+from placement.models import ModelConfig, kv_heads_of
 from shardformat.codec import SafetensorsView, decode_f32, parse_safetensors
 from shardformat.errors import ExecutionError
 from shardformat.layout import (
@@ -90,7 +90,8 @@ TensorGetter = Callable[[TensorSlice], np.ndarray]
 
 
 class _AttentionPart:
-    """One rank's KV heads of one layer's attention, with their KV cache.
+    """One rank's query heads of one layer's attention, with the KV heads they read and their
+    KV cache (a rank holding part of a KV group projects and caches the whole KV head).
 
     Biases (Qwen2 q/k/v, Llama `attention_bias`) are added to the projections as transformers'
     `nn.Linear` does; Qwen3's q/k norms run per head before rotation. A layer with a sliding
@@ -104,7 +105,7 @@ class _AttentionPart:
         cfg: ModelConfig,
         layer: int,
         weights: dict[str, np.ndarray],
-        kv_heads: int,
+        heads: tuple[int, int],
         serving: Serving,
         rope: tuple[np.ndarray, np.ndarray],
     ) -> None:
@@ -112,18 +113,24 @@ class _AttentionPart:
         self.o_bias = weights.get("o_bias")
         self.q_norm, self.k_norm = weights.get("q_norm"), weights.get("k_norm")
         self.eps = cfg.rms_norm_eps
-        self.kv_heads = kv_heads
+        first, last = kv_heads_of(cfg, *heads)
+        self.kv_heads = last - first
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        # Per KV head held, the local rows of the query heads that read it.
+        self.reads = [
+            (max(heads[0], j * group) - heads[0], min(heads[1], (j + 1) * group) - heads[0])
+            for j in range(first, last)
+        ]
         self.head_dim = cfg.head_dim
-        self.group = cfg.num_attention_heads // cfg.num_key_value_heads
         self.scale = F32(1.0 / np.sqrt(cfg.head_dim))
         self.cos, self.sin = rope
         window = cfg.window_of_layer(layer)
         self.window = window if window and window < serving.max_context else 0
         self.positions = self.window or serving.max_context
-        if kv_heads:
+        if self.kv_heads:
             self.wq, self.wk, self.wv, self.wo = (weights[r] for r in ("q", "k", "v", "o"))
             self.bq, self.bk, self.bv = (weights.get(r + "_bias") for r in ("q", "k", "v"))
-            shape = (serving.max_batch, kv_heads, self.positions, cfg.head_dim)
+            shape = (serving.max_batch, self.kv_heads, self.positions, cfg.head_dim)
             self.cache_k = np.zeros(shape, F32)
             self.cache_v = np.zeros(shape, F32)
 
@@ -141,7 +148,6 @@ class _AttentionPart:
     def partial(self, xn: np.ndarray, slot: int, pos: int) -> np.ndarray | None:
         if not self.kv_heads:
             return None
-        g = self.group
         cos, sin = self.cos[pos], self.sin[pos]
         q = self._project(self.wq, self.bq, xn)
         k = self._project(self.wk, self.bk, xn)
@@ -153,9 +159,9 @@ class _AttentionPart:
         self.cache_k[slot, :, row] = apply_rope(k, cos, sin)
         self.cache_v[slot, :, row] = self._project(self.wv, self.bv, xn)
         out = np.empty_like(q)
-        for j in range(self.kv_heads):
-            out[j * g : (j + 1) * g] = attend(
-                q[j * g : (j + 1) * g],
+        for j, (lo, hi) in enumerate(self.reads):
+            out[lo:hi] = attend(
+                q[lo:hi],
                 self._cached(self.cache_k, slot, j, pos),
                 self._cached(self.cache_v, slot, j, pos),
                 self.scale,
@@ -210,7 +216,7 @@ def _build_part(
     weights = {role: get(ts) for role, ts in piece_tensors(cfg, spec, rank).items()}
     a, b = spec.ranks[rank]
     if spec.kind == ATTENTION:
-        return _AttentionPart(cfg, spec.layer, weights, b - a, serving, rope)
+        return _AttentionPart(cfg, spec.layer, weights, (a, b), serving, rope)
     if spec.kind in (MLP, EXPERT):
         return _MlpPart(weights)
     if spec.kind == EMBEDDING:

@@ -8,7 +8,11 @@ along the pipeline; the baseline measured in the same run is planning that failu
 the incremental path saves.
 
 Targets (issue 2): 405B on 145 racks under 1 s; re-plan under 10 ms; chipsUsed within 5 % of
-the lower bound or explained. The last line of output is one JSON object with the figures.
+the lower bound or explained (issue 12: within 3 %, `within_3_percent`). The last line of output
+is one JSON object with the figures.
+
+Plan time is the wall-clock median ("plan ms") and the least CPU time of the repetitions
+("cpu ms", steadier on a shared machine).
 
 Run: `make bench` or `.venv/bin/python -m bench.placement [--repeats N]`.
 """
@@ -36,16 +40,20 @@ def request(model: str) -> PlanRequest:
     )
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:  # type: ignore[no-untyped-def]
-    samples, result = [], None
+def timed(fn, repeats: int) -> tuple[float, object, float]:  # type: ignore[no-untyped-def]
+    """(wall-clock median, last result, least CPU time) of `repeats` calls. On a shared,
+    loaded machine the wall-clock median moves with the other processes; the least CPU time
+    of this process much less, so before/after comparisons use it."""
+    samples, cpu, result = [], [], None
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         try:
             result = fn()
         except Unplaceable as exc:
             result = exc
         samples.append(time.perf_counter() - started)
-    return statistics.median(samples), result
+        cpu.append(time.process_time() - started_cpu)
+    return statistics.median(samples), result, min(cpu)
 
 
 def main() -> None:
@@ -55,20 +63,26 @@ def main() -> None:
 
     rows = []
     print(
-        f"{'model':16} {'racks':>5} {'plan ms':>9} {'TP':>3} {'stages':>6} {'chips':>6} "
-        f"{'bound':>6} {'ratio':>6}  tokens/s/user"
+        f"{'model':16} {'racks':>5} {'plan ms':>9} {'cpu ms':>8} {'TP':>3} {'stages':>6} "
+        f"{'chips':>6} {'bound':>6} {'ratio':>6}  tokens/s/user"
     )
     for model in MODELS:
         for racks in RACKS:
             topo = preset_topology(racks, "groq-rack")
-            seconds, result = timed(lambda t=topo, m=model: make_plan(request(m), t), args.repeats)
+            seconds, result, cpu = timed(
+                lambda t=topo, m=model: make_plan(request(m), t), args.repeats
+            )
             if isinstance(result, Unplaceable):
-                print(f"{model:16} {racks:>5} {seconds * 1e3:>9.2f}  does not fit: {result}")
+                print(
+                    f"{model:16} {racks:>5} {seconds * 1e3:>9.2f} {cpu * 1e3:>8.2f}  "
+                    f"does not fit: {result}"
+                )
                 rows.append(
                     {
                         "model": model,
                         "racks": racks,
                         "plan_seconds": seconds,
+                        "plan_cpu_seconds_min": cpu,
                         "fits": False,
                         "reason": str(result),
                     }
@@ -77,7 +91,8 @@ def main() -> None:
             plan = result
             ratio = plan.chips_used / plan.chips_lower_bound
             print(
-                f"{model:16} {racks:>5} {seconds * 1e3:>9.2f} {plan.tensor_parallel:>3} "
+                f"{model:16} {racks:>5} {seconds * 1e3:>9.2f} {cpu * 1e3:>8.2f} "
+                f"{plan.tensor_parallel:>3} "
                 f"{plan.pipeline_stages:>6} {plan.chips_used:>6} {plan.chips_lower_bound:>6} "
                 f"{ratio:>6.3f}  {plan.predicted.tokens_per_second_per_user:,.1f}"
             )
@@ -88,6 +103,7 @@ def main() -> None:
                     "model": model,
                     "racks": racks,
                     "plan_seconds": seconds,
+                    "plan_cpu_seconds_min": cpu,
                     "fits": True,
                     "chips_used": plan.chips_used,
                     "chips_lower_bound": plan.chips_lower_bound,
@@ -108,10 +124,10 @@ def main() -> None:
     replan_samples, full_samples = [], []
     for stage in picks:
         chip = stage.chips[0]
-        seconds, result = timed(lambda c=chip: replan_failed(plan, topo, [c]), args.repeats)
+        seconds, result, _ = timed(lambda c=chip: replan_failed(plan, topo, [c]), args.repeats)
         replan_samples.append(seconds)
         failed_topo = topo.with_states({topo.parse_chip(chip): ChipState.FAILED})
-        full, _ = timed(
+        full, _, _ = timed(
             lambda t=failed_topo: make_plan(request("llama-3.1-405b"), t), max(1, args.repeats // 2)
         )
         full_samples.append(full)
@@ -130,12 +146,14 @@ def main() -> None:
     summary = {
         "bench": "placement",
         "plan_seconds_405b_145_racks": round(plan_405["plan_seconds"], 4),
+        "plan_cpu_seconds_min_405b_145_racks": round(plan_405["plan_cpu_seconds_min"], 4),
         "replan_ms": round(replan_ms, 3),
         "full_replan_baseline_ms": round(full_ms, 2),
         "replan_speedup_vs_full_plan": round(full_ms / replan_ms, 1),
         "max_chips_over_lower_bound": worst["ratio"],
         "max_ratio_case": f"{worst['model']} on {worst['racks']} racks",
         "max_ratio_explained": worst["explained"],
+        "within_3_percent": worst["ratio"] <= 1.03,
         "max_plan_seconds": round(max(r["plan_seconds"] for r in rows), 4),
         "targets_met": bool(
             plan_405["plan_seconds"] < 1.0

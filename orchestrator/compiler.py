@@ -40,7 +40,7 @@ from orchestrator.weights import (
     read_text_spec,
 )
 from placement.errors import InputError
-from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
+from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops, kv_heads_of
 from placement.plan import Plan, StagePlan
 from shardformat.codec import TensorEntry, decode_f32, encode_header
 from shardformat.layout import (
@@ -221,14 +221,15 @@ class PlanAccountingError(RuntimeError):
 
 def held_bytes(plan: Plan, cfg: ModelConfig, stage: StagePlan, rank: int, weight_bytes: int) -> int:
     """What TP rank `rank` of `stage` holds in SRAM: its shard's weight bytes plus the KV cache
-    of its KV heads at the plan's width (a sliding window caches only its window)."""
+    of the KV heads its query heads read at the plan's width (a sliding window caches only its
+    window)."""
     ops = _ops(cfg, plan.precision)
     kv = 0
     for spec in stage_pieces(cfg, stage.first, stage.last, len(stage.chips)):
         if spec.kind == "attention":
-            start, end = spec.ranks[rank]
+            first, last = kv_heads_of(cfg, *spec.ranks[rank])
             per_head = 2 * cfg.head_dim * PRECISION_BYTES[plan.precision]
-            kv += (end - start) * per_head * ops[spec.op].cached_positions(plan.max_context)
+            kv += (last - first) * per_head * ops[spec.op].cached_positions(plan.max_context)
     return weight_bytes + kv * plan.max_batch
 
 

@@ -53,6 +53,17 @@ def op_sram_bytes(op: Op, tp: int, cfg: ModelConfig, work: Workload) -> int:
     return math.ceil((op.param_bytes + kv + scratch) / tp)
 
 
+def kv_group_bytes(op: Op, cfg: ModelConfig, work: Workload) -> int:
+    """Of `op_sram_bytes(op, 1, ...)`, the bytes that belong to the KV heads rather than the
+    query heads: k/v projections, KV cache and k/v scratch, for all KV heads (0 unless
+    attention). A chip holding any query head of a KV group holds its share of these whole."""
+    if op.kind != "attention":
+        return 0
+    kv = op.kv_bytes_per_token * op.cached_positions(work.max_context) * work.max_batch
+    scratch = 4 * 2 * cfg.num_key_value_heads * cfg.head_dim * work.max_batch
+    return op.kv_param_bytes + kv + scratch
+
+
 def _scratch_bytes_per_row(op: Op, cfg: ModelConfig, work: Workload) -> int:
     if op.kind == "attention":
         q_dim = cfg.num_attention_heads * cfg.head_dim

@@ -750,8 +750,10 @@ class Op:
     """One op sized at a precision: the unit the partitioner places.
 
     The partitioner may cut a large op into chunks along its split dimension (`split_width`:
-    KV heads for attention, columns for MLP and experts, vocabulary rows for embedding and LM
-    head) so that stage boundaries can fall inside it.
+    query heads for attention, columns for MLP and experts, vocabulary rows for embedding and
+    LM head) so that stage boundaries can fall inside it. An attention chunk holds the K/V
+    projections (`kv_param_bytes` for all KV heads) and KV cache of every KV head its query
+    heads read: a KV group cut between two chunks is held by both (`chunk_units`).
     """
 
     name: str
@@ -764,6 +766,7 @@ class Op:
     context_flops_per_position: int = 0
     replicated_bytes: int = 0  # norms, o bias, router, row scales: every rank and chunk holds
     kv_window: int = 0  # sliding-window attention caches at most this many positions (0: all)
+    kv_param_bytes: int = 0  # k/v matrices, biases and row scales (part of param_bytes)
 
     def cached_positions(self, max_context: int) -> int:
         """Positions of KV cache this op keeps per sequence at `max_context`."""
@@ -893,6 +896,9 @@ def build_ops(cfg: ModelConfig, precision: str) -> list[Op]:
         # Activation handed on after the whole op: the hidden state. (A stage boundary inside
         # an op or a mixture of experts also hands on a partial sum: the planner adds it.)
         act = cfg.hidden_size * ACTIVATION_BYTES
+        kv_rows = 2 * cfg.num_key_value_heads * cfg.head_dim if shape.kind == "attention" else 0
+        kv_params = kv_rows * (cfg.hidden_size * width + scale)
+        kv_params += kv_rows * SMALL_BYTES if cfg.qkv_bias else 0
         ops.append(
             Op(
                 name=shape.name,
@@ -905,34 +911,86 @@ def build_ops(cfg: ModelConfig, precision: str) -> list[Op]:
                 context_flops_per_position=shape.context_flops_per_position,
                 replicated_bytes=replicated,
                 kv_window=shape.kv_window,
+                kv_param_bytes=kv_params,
             )
         )
     return ops
 
 
-def chunk_limits(cfg: ModelConfig) -> dict[str, int]:
-    """The most pieces each op kind may be cut into (one per head group, column block, ...)."""
+def chunk_limits(cfg: ModelConfig, mlp_cut_columns: int = 128) -> dict[str, int]:
+    """The most pieces each op kind may be cut into (one per query head, 128 vocabulary rows,
+    `mlp_cut_columns` intermediate columns — a chip profile's choice)."""
+    columns = max(1, cfg.intermediate_size // mlp_cut_columns)
     return {
         "embedding": max(1, cfg.vocab_size // 128),
-        "attention": cfg.num_key_value_heads,
+        "attention": cfg.num_attention_heads,
         "router": 1,
-        "mlp": max(1, cfg.intermediate_size // 128),
-        "expert": max(1, cfg.intermediate_size // 128),
+        "mlp": columns,
+        "expert": columns,
         "final_norm": 1,
         "lm_head": max(1, cfg.vocab_size // 128),
     }
 
 
 def split_width(cfg: ModelConfig, kind: str) -> int:
-    """Units along the dimension an op of `kind` is cut in: KV heads, columns, vocabulary rows.
+    """Units along the dimension an op of `kind` is cut in: query heads, columns, vocabulary
+    rows.
 
-    The partitioner sizes chunks with it and the executor slices weights with it, so both
-    agree on where a chunk starts and ends.
+    The partitioner sizes chunks with it and the executor slices weights with it (through
+    `chunk_units`), so both agree on where a chunk starts and ends.
     """
     if kind == "attention":
-        return cfg.num_key_value_heads
+        return cfg.num_attention_heads
     if kind in ("mlp", "expert"):
         return cfg.intermediate_size
     if kind in ("embedding", "lm_head"):
         return cfg.vocab_size
     return 1
+
+
+def even_split(width: int, parts: int, index: int) -> tuple[int, int]:
+    """Units `[start, end)` of piece `index` of `width` cut in `parts` as evenly as possible.
+
+    The first `width % parts` pieces get one unit more — the rule the partitioner sizes
+    chunks with.
+    """
+    base, extra = divmod(width, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (index < extra)
+
+
+def chunk_units(cfg: ModelConfig, kind: str, chunks: int, index: int) -> tuple[int, int]:
+    """Units `[start, end)` of chunk `index` of an op of `kind` cut into `chunks`.
+
+    `even_split` of `split_width`, except attention, whose chunks follow the KV groups so that
+    a KV head's K/V projections and cache are held twice only where a group must be cut: up to
+    one chunk per KV head, chunks are whole KV groups (`even_split` of the KV heads); beyond,
+    every KV group is cut into sub-chunks of its query heads (the first `chunks % kv` groups
+    into one more), each sub-chunk holding its group's K/V again.
+    """
+    if kind != "attention":
+        return even_split(split_width(cfg, kind), chunks, index)
+    kv = cfg.num_key_value_heads
+    group = cfg.num_attention_heads // kv
+    if chunks <= kv:
+        start, end = even_split(kv, chunks, index)
+        return start * group, end * group
+    base, extra = divmod(chunks, kv)
+    big = extra * (base + 1)  # chunks of the groups cut one piece more
+    if index < big:
+        parts = base + 1
+        head, sub = divmod(index, parts)
+    else:
+        parts = base
+        head, sub = divmod(index - big, parts)
+        head += extra
+    start, end = even_split(group, parts, sub)
+    return head * group + start, head * group + end
+
+
+def kv_heads_of(cfg: ModelConfig, start: int, end: int) -> tuple[int, int]:
+    """KV heads `[first, last)` query heads `[start, end)` read (empty for an empty range)."""
+    if start >= end:
+        return 0, 0
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    return start // group, -(-end // group)

@@ -24,6 +24,7 @@ from placement.mapper import SPREADS, Mapping, map_replicas
 from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
 from placement.partition import Partition, lower_bound_chips, ranked_partitions
 from placement.plan import OpCut, Plan, StagePlan
+from placement.profiles import ChipProfile
 from placement.topology import ChipRef, Topology
 
 
@@ -129,9 +130,7 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
         chips_lower_bound=bound,
         sram_bytes_needed=needed,
         predicted=prediction,
-        notes=tuple(
-            _explain(partition, ops, chips_used, bound, request, profile.usable_sram_bytes)
-        ),
+        notes=tuple(_explain(partition, ops, chips_used, bound, request, profile)),
     )
 
 
@@ -188,8 +187,8 @@ def _stage_cuts(partition: Partition, ops: Sequence[Op], index: int) -> tuple[Op
     start, end = partition.bounds[index], partition.bounds[index + 1] - 1
 
     def cut(pos: int) -> OpCut:
-        op = table.op_index[pos]
-        return OpCut(op, ops[op].name, table.chunk_index[pos], table.chunk_count[pos])
+        op = int(table.op_index[pos])
+        return OpCut(op, ops[op].name, int(table.chunk_index[pos]), int(table.chunk_count[pos]))
 
     return cut(start), cut(end)
 
@@ -213,13 +212,11 @@ def replica_hops(
     return hops
 
 
-_CUT_UNIT = {
-    "attention": "KV-head",
-    "mlp": "128-column",
-    "expert": "128-column",
-    "embedding": "128-row",
-    "lm_head": "128-row",
-}
+def _cut_unit(kind: str, mlp_cut_columns: int) -> str:
+    units = {"attention": "query-head", "embedding": "128-row", "lm_head": "128-row"}
+    if kind in ("mlp", "expert"):
+        return f"{mlp_cut_columns}-column"
+    return units.get(kind, "op")
 
 
 def _explain(
@@ -228,15 +225,16 @@ def _explain(
     used: int,
     bound: int,
     request: PlanRequest,
-    usable: int,
+    profile: ChipProfile,
 ) -> list[str]:
     """Why the plan uses more chips than the SRAM lower bound, in numbers."""
     table = partition.table
+    usable = profile.usable_sram_bytes
     notes = [f"{used} chips against a lower bound of {bound} (x{used / bound:.3f})"]
     if used == bound:
         return notes
     tp = table.tp
-    ideal_stages = -(-table.prefix_bytes[-1] // table.capacity)
+    ideal_stages = -(-int(table.prefix_bytes[-1]) // table.capacity)
     extra = partition.stage_count - ideal_stages
     workspace = usable - table.capacity
     if workspace:
@@ -245,21 +243,21 @@ def _explain(
             f"({workspace / usable:.1%} of usable SRAM)"
         )
     if request.pipeline_stages is not None:
-        fewest = -(-table.prefix_bytes[-1] // table.capacity)
+        fewest = -(-int(table.prefix_bytes[-1]) // table.capacity)
         notes.append(
             f"pipelineStages {request.pipeline_stages} was asked for (the bytes alone need "
             f"{fewest})"
         )
     elif extra:
-        sizes = [table.segment_bytes(i, i + 1) for i in range(table.size)]
-        biggest = max(range(table.size), key=sizes.__getitem__)
-        op = ops[table.op_index[biggest]]
+        biggest = table.largest
+        size = table.segment_bytes(biggest, biggest + 1)
+        op = ops[int(table.op_index[biggest])]
         notes.append(
             f"contiguous stages cut only between op chunks: {extra} stage(s) per replica more "
             f"than the bytes alone need ({ideal_stages}); the largest piece that cannot be cut "
-            f"further is a {op.kind} chunk of {sizes[biggest] / 2**20:,.1f} MiB "
-            f"({sizes[biggest] / table.capacity:.0%} of a chip: {op.kind} ops are cut only at "
-            f"{_CUT_UNIT.get(op.kind, 'op')} boundaries)"
+            f"further is a {op.kind} chunk of {size / 2**20:,.1f} MiB "
+            f"({size / table.capacity:.0%} of a chip: {op.kind} ops are cut only at "
+            f"{_cut_unit(op.kind, profile.mlp_cut_columns)} boundaries)"
         )
     if tp > 1:
         notes.append(

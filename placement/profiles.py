@@ -46,6 +46,8 @@ class ChipProfile:
     hop_overhead: float  # s of scheduling slack added to every stage-to-stage hop
     headroom_fraction: float  # SRAM kept free on every chip
     max_chunks_per_chip: int  # ops larger than usable/this are cut into chunks
+    # Intermediate columns of the smallest MLP or expert piece (`models.chunk_limits`).
+    mlp_cut_columns: int = 128
 
     @property
     def usable_sram_bytes(self) -> int:
@@ -73,7 +75,11 @@ GROQ_RACK = ChipProfile(
     memory_efficiency=0.18,
     hop_overhead=2.0e-6,
     headroom_fraction=0.05,
-    max_chunks_per_chip=32,
+    # Pieces of at most 1/128 of a chip, MLP pieces of 32 columns (llama-3.1-405b: 1.5 MiB at
+    # int8; 6 MiB at 128 columns): a stage boundary leaves little of a chip unused. The
+    # partitioner charges norms and scales once per stage, so finer pieces cost no bytes.
+    max_chunks_per_chip=128,
+    mlp_cut_columns=32,
 )
 
 DEV = ChipProfile(
@@ -120,11 +126,18 @@ def get_profile(name: str, *, field: str = "profile") -> ChipProfile:
         ) from None
 
 
-_INT_FIELDS = {"sram_bytes", "chips_per_node", "nodes_per_rack", "max_chunks_per_chip"}
+_INT_FIELDS = {
+    "sram_bytes",
+    "chips_per_node",
+    "nodes_per_rack",
+    "max_chunks_per_chip",
+    "mlp_cut_columns",
+}
 _INT_LIMITS = {  # sizes past these are typos, and would make planning walk millions of chips
     "chips_per_node": 64,
     "nodes_per_rack": 1024,
     "max_chunks_per_chip": 4096,
+    "mlp_cut_columns": 1 << 16,
     "sram_bytes": 1 << 40,
 }
 _FLOAT_FIELDS = {

@@ -1,7 +1,7 @@
 """The layout of a plan into op pieces: which units of which op a stage and a TP rank hold.
 
 A plan cuts the op list (`placement.models.build_ops`) into stages; a stage may start or end
-inside an op (a *chunk* cut along KV heads, intermediate columns or vocabulary rows), and each
+inside an op (a *chunk* cut along query heads, intermediate columns or vocabulary rows), and each
 stage is split again among its tensor-parallel (TP) ranks. What one stage runs of one op is a
 `PieceSpec`: the op, its chunk range, the unit range `[start, end)` along the cut dimension and
 the sub-range of every TP rank. The same specs drive the compiler (which slices the checkpoint
@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from placement.models import ModelConfig, Op, build_ops, split_width
+from placement.models import (
+    ModelConfig,
+    Op,
+    build_ops,
+    chunk_units,
+    even_split,
+    kv_heads_of,
+    split_width,
+)
 from placement.plan import OpCut, Plan
 from shardformat.errors import ExecutionError
 
@@ -33,17 +41,6 @@ EMBEDDING, ATTENTION, MLP, ROUTER, EXPERT, FINAL_NORM, LM_HEAD = (
 )
 REPLICATED_KINDS = (ROUTER, FINAL_NORM)
 """Ops that are not cut: every TP rank holds their (small) weights, rank 0's copy is used."""
-
-
-def even_split(width: int, parts: int, index: int) -> tuple[int, int]:
-    """Units `[start, end)` of piece `index` of `width` cut in `parts` as evenly as possible.
-
-    The first `width % parts` pieces get one unit more — the rule the partitioner sizes
-    chunks with.
-    """
-    base, extra = divmod(width, parts)
-    start = index * base + min(index, extra)
-    return start, start + base + (index < extra)
 
 
 @dataclass(frozen=True)
@@ -114,10 +111,18 @@ def make_piece(
 ) -> PieceSpec:
     """The spec of chunks `chunk_first..chunk_last` of an op, cut among `tp` ranks."""
     width = split_width(cfg, kind)
-    start = even_split(width, chunks, chunk_first)[0]
-    end = even_split(width, chunks, chunk_last)[1]
+    start = chunk_units(cfg, kind, chunks, chunk_first)[0]
+    end = chunk_units(cfg, kind, chunks, chunk_last)[1]
     if kind in REPLICATED_KINDS:
         ranks = ((start, end),) * tp
+    elif kind == ATTENTION and chunks <= cfg.num_key_value_heads:
+        # Whole KV groups: the ranks share out KV heads, so no rank holds a group twice.
+        group = cfg.num_attention_heads // cfg.num_key_value_heads
+        first, last = start // group, end // group
+        ranks = tuple(
+            ((first + a) * group, (first + b) * group)
+            for a, b in (even_split(last - first, tp, r) for r in range(tp))
+        )
     else:
         ranks = tuple(
             (start + a, start + b) for a, b in (even_split(end - start, tp, r) for r in range(tp))
@@ -290,7 +295,9 @@ def _whole(name: str) -> TensorSlice:
 def _attention_tensors(
     cfg: ModelConfig, spec: PieceSpec, p: str, a: int, b: int
 ) -> dict[str, TensorSlice]:
-    """Attention of KV heads `[a, b)`: q/k/v rows and their biases, o columns.
+    """Attention of query heads `[a, b)`: their q rows and o columns, and the k/v rows of every
+    KV head they read (`kv_heads_of`: a rank or chunk holding part of a KV group holds all of
+    its k/v rows), with the biases cut alike.
 
     Replicated (every rank and chunk holds a copy, rank 0's is used): the input norm and
     Qwen3's per-head q/k norms. The o bias is added once per op, so only the piece that ends
@@ -303,9 +310,9 @@ def _attention_tensors(
     if cfg.o_bias and spec.ends_op:
         out["o_bias"] = _whole(p + "self_attn.o_proj.bias")
     if a < b:
-        q = cfg.num_attention_heads // cfg.num_key_value_heads * cfg.head_dim
         hd = cfg.head_dim
-        rows = {"q": (a * q, b * q), "k": (a * hd, b * hd), "v": (a * hd, b * hd)}
+        first, last = kv_heads_of(cfg, a, b)
+        rows = {"q": (a * hd, b * hd), "k": (first * hd, last * hd), "v": (first * hd, last * hd)}
         for role, (lo, hi) in rows.items():
             name = f"{p}self_attn.{role}_proj.weight"
             out[role] = TensorSlice(name, name, 0, lo, hi)
@@ -313,5 +320,5 @@ def _attention_tensors(
                 name = f"{p}self_attn.{role}_proj.bias"
                 out[role + "_bias"] = TensorSlice(name, name, 0, lo, hi)
         o_name = p + "self_attn.o_proj.weight"
-        out["o"] = TensorSlice(o_name, o_name, 1, a * q, b * q)
+        out["o"] = TensorSlice(o_name, o_name, 1, a * hd, b * hd)
     return out

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from placement.models import ModelConfig
+from placement.models import ModelConfig, split_width
 from shardformat.codec import STORAGE_DTYPES, TensorEntry
 from shardformat.errors import ExecutionError
 from shardformat.layout import PieceSpec
@@ -212,9 +212,17 @@ class Manifest:
         virtual = _key(top, "virtual", "manifest")
         if not isinstance(virtual, bool):
             raise ExecutionError(f"shard manifest: virtual must be a boolean, got {_kind(virtual)}")
+        config = _config(_key(model, "config", "model"), "model.config")
+        for i, op in enumerate(ops):
+            if op.width != split_width(config, op.kind):
+                # E.g. attention cut in KV heads, as shards before query-head cuts were.
+                raise ExecutionError(
+                    f"shard manifest: ops[{i}].width is {op.width}, but {op.kind} ops of this "
+                    f"model are cut in {split_width(config, op.kind)} units"
+                )
         return cls(
             model_name=_str(model, "name", "model"),
-            config=_config(_key(model, "config", "model"), "model.config"),
+            config=config,
             precision=_str(top, "precision", "manifest"),
             stage=stage,
             stages=stages,

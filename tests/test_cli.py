@@ -117,7 +117,7 @@ def test_real_process_exit_codes() -> None:
     assert fits.returncode == 0 and json.loads(fits.stdout)["replicas"] == 2
     too_big = lpuctl("plan", "-f", str(EXAMPLES / "llama3-70b.yaml"), "--racks", "8")
     assert too_big.returncode == 1
-    assert "needs 728 chips" in too_big.stderr and "free in 8 racks" in too_big.stderr
+    assert "needs 706 chips" in too_big.stderr and "free in 8 racks" in too_big.stderr
     bad = lpuctl("plan", "-f", str(BAD_FILES[0]))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert str(BAD_FILES[0]) in bad.stderr

@@ -237,6 +237,46 @@ def test_moe_stage_boundaries_between_and_inside_experts(case: str, tmp_path: Pa
     assert rel_err(ours.logits, whole.logits) < CHUNKED_LOGITS_RTOL
 
 
+# --- attention cut between the query heads of one KV group ----------------------------------
+
+GQA4 = ModelConfig("tiny-gqa4", 512, 128, 256, 2, 8, 2, max_position_embeddings=512)
+"""Two KV heads of four query heads each: room for cuts at every head inside a group."""
+
+QHEAD_STARTS = {
+    # tiny-llama: 8 query heads, 4 KV heads (groups of 2). 8 chunks: one per query head; 6
+    # chunks: groups 0 and 1 in two, groups 2 and 3 whole (`models.chunk_units`).
+    "tiny-inside-group": (TINY, [(1, 3, 8)], 1),
+    "tiny-inside-group-tp2": (TINY, [(1, 3, 8), (3, 1, 6)], 2),
+    # ops: 0 embed, 1 attention, 2 mlp, 3 attention, … Stage 1 holds heads 1-5 of layer 0.
+    "gqa4-inside-groups": (GQA4, [(1, 1, 8), (1, 6, 8), (3, 3, 4)], 1),
+    "gqa4-inside-groups-tp2": (GQA4, [(1, 1, 8), (1, 6, 8), (3, 3, 4)], 2),
+}
+
+
+@pytest.mark.parametrize("case", QHEAD_STARTS)
+def test_query_head_cuts_inside_kv_groups(case: str, tmp_path: Path) -> None:
+    """Stages (and TP ranks) holding part of a KV group each project and cache that KV head:
+    bit-identical to the reference with the plan's layout, and within tolerance of the whole
+    model."""
+    cfg, starts, tp = QHEAD_STARTS[case]
+    plan = custom_plan(cfg, starts, tp)
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    pieces = [p for p in plan_layout(cfg, plan) if p.kind == "attention"]
+    assert any(p.start % group or p.end % group for p in pieces)  # a group is cut
+    if tp > 1:  # and a rank holds only part of a group
+        assert any(a % group or b % group for p in pieces for a, b in p.ranks)
+    request = Request((1, 2, 3, 400, 7, 9), 6, Sampling(0.8, 5))
+    step = compiled(plan, cfg, tmp_path)
+    ours = generate(step, [request, replace(GREEDY, prompt=(4, 5, 6), slot=1)])
+    exact = generate(
+        reference(cfg, plan).step, [request, replace(GREEDY, prompt=(4, 5, 6), slot=1)]
+    )
+    for a, b in zip(ours, exact, strict=True):
+        assert a.tokens == b.tokens and same_bits(a.logits, b.logits)
+    whole = generate(reference(cfg).step, [request])[0]
+    assert rel_err(ours[0].logits, whole.logits) < CHUNKED_LOGITS_RTOL
+
+
 # --- an independent float64 implementation, to check the semantics themselves --------------
 
 

@@ -269,10 +269,12 @@ def split_layout(cfg: ModelConfig, chunks: int, tp: int) -> list[PieceSpec]:
 
 
 @pytest.mark.parametrize("name", ["llama-tied-bias", "qwen2", "qwen3", "qwen2-window"])
-@pytest.mark.parametrize(("chunks", "tp"), [(2, 1), (1, 2), (2, 2), (1, 4)])
+@pytest.mark.parametrize(("chunks", "tp"), [(2, 1), (1, 2), (2, 2), (1, 4), (3, 1), (4, 2)])
 def test_chunked_and_tp_layouts_match_transformers(name: str, chunks: int, tp: int) -> None:
     """Biases are cut with their rows, the o bias is added once (by the piece that ends the
-    op), q/k norms are replicated, and a TP rank holding no KV head contributes nothing."""
+    op), q/k norms are replicated, and a TP rank holding no KV head contributes nothing. With
+    more chunks than KV heads (4 query heads, 2 KV heads) attention is cut inside the KV
+    groups: every piece (and TP rank) holding a query head of a group holds its k/v rows."""
     cfg, golden = load_case(name)
     shapes = {k: tuple(v) for k, v in golden["tensors"].items()}
     layout = split_layout(cfg, chunks, tp)

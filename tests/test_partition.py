@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from itertools import combinations, pairwise
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from placement.partition import greedy_cuts, optimal_bottleneck
+from placement.partition import (
+    ChunkTable,
+    greedy_cuts,
+    optimal_bottleneck,
+    optimal_partition,
+    table_bottleneck,
+)
 
 
 def prefix(values: list[int]) -> list[int]:
@@ -77,3 +84,93 @@ def test_bottleneck_balances_when_stage_count_is_fixed() -> None:
     # slow op: [1,1,1,1] [1] [5] -> bottleneck 5
     assert optimal_bottleneck(pb, pt, 60, 3) == 5
     assert optimal_bottleneck(pb, pt, 60, 1) == 10
+
+
+# --- stages that start inside a KV group hold its K/V again --------------------------------
+
+
+def brute_force_with_starts(
+    sizes: list[int], times: list[int], extra: list[tuple[int, int]], capacity: int
+) -> tuple[int, int] | None:
+    """`brute_force` where a stage starting at chunk i also costs `extra[i]` (bytes, time)."""
+    n = len(sizes)
+    for k in range(1, n + 1):
+        best = None
+        for inner in combinations(range(1, n), k - 1):
+            segments = list(pairwise((0, *inner, n)))
+            if any(sum(sizes[a:b]) + extra[a][0] > capacity for a, b in segments):
+                continue
+            bottleneck = max(sum(times[a:b]) + extra[a][1] for a, b in segments)
+            best = bottleneck if best is None else min(best, bottleneck)
+        if best is not None:
+            return k, best
+    return None
+
+
+grouped = st.lists(
+    st.tuples(
+        st.integers(1, 30),  # query-head bytes of the chunk
+        st.integers(0, 60),  # its time
+        st.booleans(),  # does it open a new KV group?
+        st.integers(0, 25),  # that group's K/V bytes
+        st.integers(0, 40),  # and time
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+def chunk_table(
+    sizes: list[int], times: list[int], extra: list[tuple[int, int]], cap: int
+) -> ChunkTable:
+    return ChunkTable.of_chunks(
+        1,
+        cap,
+        np.array(sizes),
+        np.array(times),
+        np.array([e[0] for e in extra]),
+        np.array([e[1] for e in extra]),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(grouped, st.integers(1, 150))
+def test_partition_with_kv_group_starts_matches_exhaustive_search(
+    chunks: list[tuple[int, int, bool, int, int]], capacity: int
+) -> None:
+    """The group's K/V is charged to its first chunk and again to a stage starting at a later
+    one (as `build_chunk_table` charges attention cut inside a KV group): greedy packing and
+    the bottleneck search, plain and on a `ChunkTable`, still find the optimum."""
+    sizes, times, extra = [], [], []
+    group = (0, 0)
+    for i, (size, time, opens, kv_bytes, kv_time) in enumerate(chunks):
+        if opens or i == 0:
+            group = (kv_bytes, kv_time)
+            sizes.append(size + kv_bytes)
+            times.append(time + kv_time)
+            extra.append((0, 0))
+        else:
+            sizes.append(size)
+            times.append(time)
+            extra.append(group)
+    expected = brute_force_with_starts(sizes, times, extra, capacity)
+    pb, pt = prefix(sizes), prefix(times)
+    xb, xt = [e[0] for e in extra], [e[1] for e in extra]
+    cuts = greedy_cuts(pb, pt, capacity, None, None, xb, xt)
+    table = chunk_table(sizes, times, extra, capacity)
+    if expected is None:
+        assert cuts is None and table.greedy() is None
+        return
+    assert cuts is not None and table.greedy() == cuts
+    stages = len(cuts)
+    bound = optimal_bottleneck(pb, pt, capacity, stages, xb, xt)
+    assert (stages, bound) == expected
+    assert table_bottleneck(table, stages) == bound
+    partition = optimal_partition(table)
+    assert partition.stage_count == stages and partition.bottleneck_ps == bound
+    assert all(partition.stage_bytes(i) <= capacity for i in range(stages))
+    # Asked for more stages than the fewest, splits never break a limit either.
+    if stages < len(sizes):
+        wider = optimal_partition(table, stages + 1)
+        assert wider.stage_count == stages + 1 and wider.bottleneck_ps <= bound
+        assert all(wider.stage_bytes(i) <= capacity for i in range(stages + 1))

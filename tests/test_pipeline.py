@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,8 @@ from agents.pipeline import StageRunner, local_ring, running
 from agents.sampling import Sampling
 from orchestrator.compiler import compile_plan
 from orchestrator.weights import SeededWeights
-from placement.models import MODEL_PRESETS
-from placement.plan import Plan
+from placement.models import MODEL_PRESETS, build_ops
+from placement.plan import OpCut, Plan
 from placement.planner import PlanRequest, make_plan
 from placement.topology import preset_topology
 from shardformat.errors import ExecutionError
@@ -211,6 +211,45 @@ def test_tensor_parallel_stages(tp: int, stages: int, store: Path) -> None:
         assert first.tokens[rid] == layout_ref[rid][0]
         assert same_bits(first.logits[rid], layout_ref[rid][1])
         ours, theirs = first.logits[rid][0], whole[rid][1][0]  # first step: same inputs
+        assert np.abs(ours - theirs).max() <= CHUNKED_LOGITS_RTOL * np.abs(theirs).max()
+
+
+def query_head_plan(tp: int) -> Plan:
+    """Three stages of tiny-llama (8 query heads, groups of 2) cut inside KV groups: stage 1
+    starts at query head 3 of layer 0 (8 chunks, one per head), stage 2 at head 1 of layer 1
+    (6 chunks: groups 0 and 1 in two). Each side of a cut holds the cut group's K/V."""
+    base = tiny_plan(3, tp)
+    ops = build_ops(TINY, "fp16")
+    bounds = [
+        ((0, 0, 1), (1, 2, 8)),
+        ((1, 3, 8), (3, 0, 6)),
+        ((3, 1, 6), (len(ops) - 1, 0, 1)),
+    ]
+
+    def cut(op: int, chunk: int, chunks: int) -> OpCut:
+        return OpCut(op, ops[op].name, chunk, chunks)
+
+    stages = tuple(
+        replace(s, first=cut(*a), last=cut(*b), sram_bytes_per_chip=s.sram_capacity_bytes)
+        for s, (a, b) in zip(base.stages, bounds, strict=True)
+    )
+    return replace(base, stages=stages)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_query_head_cuts_are_bit_identical_to_the_plan_layout(tp: int, store: Path) -> None:
+    plan = query_head_plan(tp)
+    refs = compile_plan(plan, TINY, weights(), store)
+    paths = [
+        [r.path for r in sorted(refs, key=lambda r: r.binding.tp_rank) if r.binding.stage == s]
+        for s in range(3)
+    ]
+    served = serve(paths, REQUESTS, jitter_ms=2.0, seed=3)
+    for r in REQUESTS:
+        want = reference(plan).generate(r.prompt, r.max_tokens, r.sampling)
+        assert served.tokens[r.rid] == want.tokens, r.rid
+        assert same_bits(served.logits[r.rid], want.logits), r.rid
+        ours, theirs = served.logits[r.rid][0], expected()[r.rid][1][0]  # first step
         assert np.abs(ours - theirs).max() <= CHUNKED_LOGITS_RTOL * np.abs(theirs).max()
 
 

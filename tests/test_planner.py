@@ -205,23 +205,26 @@ def test_groq_rack_calibration() -> None:
     assert plan.chips_used <= 8 * 72
 
 
+@pytest.mark.parametrize("batch", [4, 8])
 @pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
-def test_every_preset_plans_close_to_the_lower_bound(name: str) -> None:
+def test_every_preset_plans_close_to_the_lower_bound(name: str, batch: int) -> None:
+    """Every preset on groq-rack (int8, 4k context; batch 8 is bench/placement.py's case) within
+    3 % of the SRAM lower bound — attention is cut between query heads, so no piece is more
+    than a few MiB. A model of a few dozen chips may be one chip over whatever the ratio
+    (Llama-3.2-3B at batch 4: 22 against 21, where 21 would leave 0.7 % of each chip for every
+    stage boundary, and one KV group's cache alone is 2 % of a chip)."""
     racks, profile = (2, "dev") if name == "tiny-llama" else (145, "groq-rack")
     context = 256 if name == "tiny-llama" else 4096
     plan = make_plan(
-        PlanRequest(name, model_preset(name), "int8", 1, context, 4, spares_per_rack=0),
+        PlanRequest(name, model_preset(name), "int8", 1, context, batch, spares_per_rack=0),
         preset_topology(racks, profile),
     )
     ratio = plan.chips_used / plan.chips_lower_bound
     assert ratio >= 1.0
     if ratio > 1.0:
         assert plan.notes and "lower bound" in plan.notes[0]
-    if name != "tiny-llama" and ratio > 1.05:
-        # Beyond 5 %, the plan must say which piece could not be cut finer; a model of a few
-        # chips (Llama-3.2-1B: 7) may be one chip over whatever the ratio.
-        close = ratio <= 1.10 or plan.chips_used - plan.chips_lower_bound <= 1
-        assert close and any("cannot be cut" in n for n in plan.notes), plan.notes
+    if name != "tiny-llama":
+        assert ratio <= 1.03 or plan.chips_used - plan.chips_lower_bound <= 1, plan.notes
 
 
 def test_faster_than_a_single_chip_has_memory_for() -> None:
@@ -284,25 +287,25 @@ def test_more_stages_never_slow_the_bottleneck() -> None:
 
 
 def test_auto_tp_falls_back_to_a_width_the_topology_can_hold() -> None:
-    """On paper TP 4 needs fewest chips, but with three failed chips per node only one TP-4
-    group fits in each node: auto must fall back to a narrower width rather than give up."""
+    """On paper TP 2 needs fewest chips, but with seven failed chips per node no TP-2 group
+    fits in any node: auto must fall back to a narrower width rather than give up."""
     topo = preset_topology(16, "groq-rack")
     topo = topo.with_states(
         {
             ref: ChipState.FAILED
             for rack, node in topo.iter_nodes()
-            for ref in list(topo.node_chips(rack, node))[:3]
+            for ref in list(topo.node_chips(rack, node))[:7]
         }
     )
     request = PlanRequest(
-        "f", model_preset("llama-2-70b"), "fp16", 1, 4096, 1, spread="none", spares_per_rack=0
+        "f", model_preset("llama-2-13b"), "int8", 1, 4096, 4, spread="none", spares_per_rack=0
     )
     on_paper = make_plan(request, preset_topology(16, "groq-rack"))
-    assert on_paper.tensor_parallel == 4
-    with pytest.raises(Unplaceable, match="form only 144 such groups, 162 needed"):
-        make_plan(replace(request, tensor_parallel=4), topo)
+    assert on_paper.tensor_parallel == 2
+    with pytest.raises(Unplaceable, match="form only 0 such groups, 46 needed"):
+        make_plan(replace(request, tensor_parallel=2), topo)
     plan = make_plan(request, topo)
-    assert plan.tensor_parallel < 4
+    assert plan.tensor_parallel < 2
     assert not set(plan.chips()) & {topo.chip_id(r) for r in topo.states}
 
 

@@ -271,6 +271,15 @@ def _doc(**changes: Any) -> dict[str, Any]:
         (_doc(ops__0__units=[5, 1]), r"ops\[0\].units\[1\]"),
         (_doc(ops__0__ranks=[]), "one \\[start, end\\] per TP rank"),
         (_doc(ops__0__rank_units=[0, 1]), "rank_units is not ranks"),
+        (  # attention cut in KV heads, as shards compiled before query-head cuts were
+            _doc(
+                ops__1__width=4,
+                ops__1__units=[0, 4],
+                ops__1__ranks=[[0, 4]],
+                ops__1__rank_units=[0, 4],
+            ),
+            r"ops\[1\].width is 4, but attention ops of this model are cut in 8 units",
+        ),
         (_doc(tensors=[]), "tensors must be an object"),
         (_doc(**{"tensors__model.norm.weight__dtype": "Q8"}), "dtype 'Q8' is unknown"),
         (_doc(**{"tensors__model.norm.weight__shape": [2**64]}), r"shape\[0\]"),

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
 from placement.errors import InputError
-from placement.models import MODEL_PRESETS, build_ops, model_from_hf_config
+from placement.models import (
+    MODEL_PRESETS,
+    build_ops,
+    chunk_limits,
+    chunk_units,
+    kv_heads_of,
+    model_from_hf_config,
+    model_preset,
+)
 from placement.profiles import GROQ_RACK, profile_from_dict
 from placement.topology import ChipState, preset_topology, topology_from_dict
 
@@ -94,6 +103,18 @@ def test_bad_topologies_name_the_field(raw: object, fragment: str) -> None:
 def test_profile_override_keeps_base() -> None:
     prof = profile_from_dict({"base": "groq-rack", "sram_bytes": 1 << 30}, source="p")
     assert prof.sram_bytes == 1 << 30 and prof.chips_per_node == GROQ_RACK.chips_per_node
+    assert prof.mlp_cut_columns == 32  # groq-rack's, kept
+
+
+def test_profile_mlp_cut_columns_override_and_bad_values() -> None:
+    """A profile may set how finely MLPs are cut; the partitioner then cuts no finer."""
+    prof = profile_from_dict({"base": "dev", "mlp_cut_columns": 64}, source="p")
+    assert prof.mlp_cut_columns == 64
+    assert chunk_limits(model_preset("tiny-llama"), prof.mlp_cut_columns)["mlp"] == 704 // 64
+    for bad in (0, -32, 2.5, "32", 1 << 20):
+        with pytest.raises(InputError) as err:
+            profile_from_dict({"mlp_cut_columns": bad}, source="p")
+        assert err.value.field == "profile.mlp_cut_columns"
 
 
 def write_config(tmp_path: Path, **overrides: object) -> Path:
@@ -155,3 +176,26 @@ def test_hf_config_syntax_error_has_line(tmp_path: Path) -> None:
 def test_hf_config_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not found"):
         model_from_hf_config(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "llama-3.1-405b", "qwen2.5-0.5b", "llama-2-7b"])
+def test_attention_chunks_follow_the_kv_groups(name: str) -> None:
+    """Up to one chunk per KV head, chunks are whole KV groups; beyond, every chunk lies inside
+    one group, so a group is held twice only where the plan cuts it. Chunks tile the heads."""
+    cfg = model_preset(name)
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    group = heads // kv
+    for chunks in range(1, heads + 1):
+        pieces = [chunk_units(cfg, "attention", chunks, i) for i in range(chunks)]
+        assert pieces[0][0] == 0 and pieces[-1][1] == heads
+        assert all(a[1] == b[0] for a, b in pairwise(pieces))
+        assert all(start < end for start, end in pieces)
+        if chunks <= kv:
+            assert all(start % group == 0 and end % group == 0 for start, end in pieces)
+        else:
+            assert all(start // group == (end - 1) // group for start, end in pieces)
+    assert kv_heads_of(cfg, 0, heads) == (0, kv)
+    assert kv_heads_of(cfg, group - 1, group + 1) == (
+        (0, 2) if group > 1 else (group - 1, group + 1)
+    )
+    assert kv_heads_of(cfg, 3, 3) == (0, 0)
