@@ -500,11 +500,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if paths.endpoint.exists():
         try:
             pid = int(json.loads(paths.endpoint.read_text())["pid"])
-            os.kill(pid, 0)
         except (OSError, ValueError, KeyError):
-            paths.endpoint.unlink(missing_ok=True)  # left by a control plane that died
-        else:
+            pid = 0
+        if pid > 0 and _alive(pid):  # a killed one may linger as a zombie nobody reaps
             raise CommandError(f"a control plane already runs for {root} (pid {pid}); lpuctl down")
+        paths.endpoint.unlink(missing_ok=True)  # left by a control plane that died
     if args.ray_address is not None:
         args.runtime = "ray"
     log = open(paths.logs / "control-plane.log", "ab")  # noqa: SIM115 - handed to the child
