@@ -5,7 +5,8 @@ over the same store while the (fake) agents keep what they hold and run: nothing
 configured or started again when the agents agree with the store; a node whose agent no longer
 runs a replica's stage moves that replica, and only it, to a new epoch; a load the dead control
 plane left in flight is waited for, asked about again, and then loaded once. The process
-runtime's record: garbage, dead and reused pids are never adopted. The real processes are
+runtime's record: garbage, dead and reused pids are never adopted; garbage in `ports.json` is
+ignored; a bad `--heartbeat-timeout` is exit 2 naming the flag. The real processes are
 `tests/test_control_plane_crash.py`'s.
 """
 
@@ -21,7 +22,9 @@ import pytest
 from agent_helpers import wait_for
 from test_controller import PROFILE, SRAM, Clock, FakeAgents, _apply, _run
 
+from agents.registration import reconnect_options
 from orchestrator.adoption import unadoptable
+from orchestrator.control_plane import StatePaths, previous_ports
 from orchestrator.controller import Controller, ShardCompiler
 from orchestrator.core import Chip, CoreSettings, Node, Phase, Replica
 from orchestrator.process_runtime import (
@@ -278,3 +281,31 @@ def test_a_dead_a_reused_or_a_foreign_pid_is_never_adopted(tmp_path: Path) -> No
         other.wait()
     assert runtime._adopt(SPEC, record) is None  # gone
     assert runtime._adopt(SPEC, {"pid": "1", "started": None}) is None
+
+
+def test_previous_ports_ignore_garbage(tmp_path: Path) -> None:
+    paths = StatePaths(tmp_path)
+    assert previous_ports(paths) == {}
+    paths.ports.write_text("{not json")
+    assert previous_ports(paths) == {}
+    paths.ports.write_text('{"admin": 70000, "registry": "1", "metrics": 9100, "other": 5}')
+    assert previous_ports(paths) == {"metrics": 9100}
+
+
+def test_lpuctl_up_refuses_a_bad_heartbeat_timeout() -> None:
+    for bad in ("0.5", "-1", "nan", "soon", "7200"):
+        run = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "up", "--heartbeat-timeout", bad],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert run.returncode == 2, (bad, run.stderr)
+        assert "--heartbeat-timeout" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_reconnect_backoff_is_capped_at_two_heartbeat_intervals() -> None:
+    options = dict(reconnect_options(0.5))
+    assert options["grpc.max_reconnect_backoff_ms"] == 1000
+    assert options["grpc.initial_reconnect_backoff_ms"] <= 1000

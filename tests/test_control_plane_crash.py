@@ -12,8 +12,9 @@ own metrics (`lockstep_agent_shard_loads_total`, per chip):
   UNAVAILABLE at once (it does not hang); after the restart the deployment is Ready with zero
   shard loads and the same epochs, the same agent processes serve, nodes stay Ready past the
   heartbeat timeout, and a generate returns the reference tokens;
-* `lpuctl down` after the restarts leaves no process (the fixture's teardown), though the
-  agents were not started by the control plane that stops them.
+* `lpuctl down` right after a crash stops the agents the dead control plane left, and after
+  the restarts no process of the module is left (the fixture's teardown), though the agents
+  were not started by the control plane that stopped them.
 
 To kill the control plane *while* it loads, deterministically, the agent of replica 1's first
 stage is frozen (SIGSTOP) before the apply: the control plane loads replica 0's twelve chips,
@@ -249,3 +250,14 @@ def test_killed_while_serving_it_adopts_everything_and_the_stream_fails_unavaila
     late = [e.reason for e in events if e.time >= restarted_at]
     assert not {"NodeNotReady", "Resynchronizing", "ReplicaLost", "ActionFailed"} & set(late)
     assert _get(cluster).phase == "Ready"
+
+
+def test_down_after_a_crash_stops_the_agents_it_left(cluster: Cluster) -> None:
+    agents = [int(str(a["pid"])) for a in _agents(cluster).values()]
+    assert all(_alive(p) for p in agents)
+    _kill_control_plane(cluster)
+    assert all(_alive(p) for p in agents)  # they outlive it, serving
+    down = cluster.lpuctl("down")
+    assert down.returncode == 0, down.stderr
+    wait_for(lambda: not any(_alive(p) for p in agents), timeout=30, what="the agents gone")
+    assert not _processes_of(cluster.state)
