@@ -40,7 +40,15 @@ import grpc
 import pytest
 from agent_helpers import wait_for
 from prometheus_client.parser import text_string_to_metric_families
-from test_control_plane import EXAMPLE, ROOT, TINY, Cluster, _alive, _processes_of
+from test_control_plane import (
+    EXAMPLE,
+    ROOT,
+    TINY,
+    Cluster,
+    _alive,
+    _processes_of,
+    lpuctl_env,
+)
 
 from agents.executor import ReferenceExecutor
 from orchestrator.agent_client import dial
@@ -56,12 +64,8 @@ SEEN: set[int] = set()  # every control-plane and agent pid of the module: all g
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state = tmp_path_factory.mktemp("lockstep-crash")
-    env = {**os.environ, "LOCKSTEP_HOME": str(state), "PYTHONUNBUFFERED": "1"}
-    for key in ("LOCKSTEP_SERVER", "LOCKSTEP_TOKEN", "LOCKSTEP_CA"):
-        env.pop(key, None)
-    env["LOCKSTEP_CONFIG"] = str(state / "no-config.yaml")
     paths = StatePaths(state)
-    made = Cluster(state, paths, env, None, (), (), {})  # type: ignore[arg-type]
+    made = Cluster(state, paths, lpuctl_env(state), None, (), (), {})  # type: ignore[arg-type]
     try:
         up = made.lpuctl("up", "--timeout", "120", "--heartbeat-timeout", "60")
         assert up.returncode == 0, up.stdout + up.stderr
