@@ -664,7 +664,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     recorded = {
         r["pid"]: r["started"]
         for r in recorded_agents(StatePaths(root).agents).values()
-        if isinstance(r.get("pid"), int) and isinstance(r.get("started"), int)
+        if isinstance(r.get("pid"), int)
+        and isinstance(r.get("started"), int)
+        and _is_agent(r["pid"])
     }
     below = _descendants(pid)  # agents, and Ray's processes under the Ray runtime
     stopped = _terminate(pid, timeout=STOP_TIMEOUT)

@@ -24,6 +24,7 @@ that started it was killed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import select
@@ -202,8 +203,12 @@ class ProcessRuntime:
             command,
         )
         if running is None or running[1:] != command[1:]:
-            if running is not None and record.get("command") == running:  # ours, outdated
-                agent.signal(signal.SIGTERM)
+            if (
+                running is not None
+                and record.get("command") == running
+                and _agent_of(spec, running)
+            ):
+                agent.signal(signal.SIGTERM)  # this node's agent, started with another command
                 _wait_gone([agent], 10.0)
             return None
         return agent
@@ -285,6 +290,13 @@ class ProcessRuntime:
         self._agents.clear()
         if self.state_file is not None:
             self.state_file.unlink(missing_ok=True)
+
+
+def _agent_of(spec: NodeSpec, command: Sequence[str]) -> bool:
+    """Whether `command` runs the agent of `spec`'s node (`-m agents.main ... --node NAME`):
+    the only processes a record may make this runtime stop."""
+    pairs = set(itertools.pairwise(command))
+    return ("-m", AGENT_MODULE) in pairs and ("--node", spec.name) in pairs
 
 
 def _wait_gone(agents: Sequence[_Agent], grace: float) -> None:

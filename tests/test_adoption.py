@@ -262,15 +262,19 @@ def test_recorded_agents_of_an_absent_or_garbage_file_are_none(tmp_path: Path) -
 
 def test_a_dead_a_reused_or_a_foreign_pid_is_never_adopted(tmp_path: Path) -> None:
     runtime = ProcessRuntime(tmp_path, "127.0.0.1:1", tmp_path, state_file=tmp_path / "a.json")
-    command = [sys.executable, "-c", "import time; time.sleep(60)"]
+    # a stand-in with an agent's command line: `-c` leaves the rest to sys.argv
+    command = [sys.executable, "-c", "import time; time.sleep(60)", "-m", "agents.main"]
+    command += ["--node", SPEC.name]
     other = subprocess.Popen(command)
     try:
         wait_for(lambda: process_command(other.pid) == command, what="the child's exec")
         started = process_started_at(other.pid)
         assert started is not None
         record = {"pid": other.pid, "started": started, "address": "127.0.0.1:2"}
-        # alive, but not an agent of this node: left alone, not adopted
+        # alive, but not recorded with this command, or not this node's agent: left alone
         assert runtime._adopt(SPEC, {**record, "command": ["something", "else"]}) is None
+        other_node = NodeSpec("rack-0/node-1", "rack-0", 1, 8, "dev")
+        assert runtime._adopt(other_node, {**record, "command": command}) is None
         assert runtime._adopt(SPEC, {**record, "started": started + 1}) is None  # reused pid
         assert other.poll() is None
         # an agent this state directory started with another command: replaced
