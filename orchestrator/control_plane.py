@@ -29,8 +29,8 @@ serving. Started again on the same state directory (`lpuctl up`), it binds the p
 (`ports.json`, so the agents' registration loops reach it at the address they were given and
 clients at the one they knew; a port taken meanwhile falls back to any free one, and then the
 process runtime replaces its agents instead of adopting them), adopts the agents still running
-(`ProcessRuntime`'s `agents.json`; Ray's detached named actors are found by name), and its
-controller asks every stored node's agent for its `Status` before deciding anything: the
+(`ProcessRuntime`'s `agents.json`; with `--ray-address`, Ray's detached named actors by name),
+and its controller asks every stored node's agent for its `Status` before deciding anything: the
 shards the agents still hold are committed by shard id and not loaded again, replicas still
 running at their stored epoch are left alone (`orchestrator.adoption`), and a deployment that
 was loading loads only what is missing. Requests in flight through the Generate gateway at the
