@@ -367,6 +367,7 @@ class Controller:
                     status = self._refresh_node(nodes[name])
                 except grpc.RpcError as exc:  # its heartbeats stop; the timeout decides
                     log.warning("status of node %s: %s", name, _describe(exc))
+                    self._retry_adoption(nodes[name])
                     continue
                 if name in self._adopting:
                     self._adopt(nodes[name], status)
@@ -637,6 +638,19 @@ class Controller:
             )
         with self._refresh_lock:
             if any(chip.loads for chip in status.chips):
+                self._refresh.add(node.name)
+            else:
+                self._adopting.discard(node.name)
+
+    def _retry_adoption(self, node: Node) -> None:
+        """A stored node's agent did not answer its first `Status` after a restart: ask again
+        next pass while the node counts as Ready (until then the store's last report stands
+        in for it); once the heartbeat timeout marks it NotReady, its replicas are lost anyway
+        and a new agent of the node registers afresh."""
+        with self._refresh_lock:
+            if node.name not in self._adopting:
+                return
+            if node.ready:
                 self._refresh.add(node.name)
             else:
                 self._adopting.discard(node.name)

@@ -18,9 +18,10 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
 from agent_helpers import wait_for
-from test_controller import PROFILE, SRAM, Clock, FakeAgents, _apply, _run
+from test_controller import PROFILE, SRAM, Clock, FakeAgents, FakeError, _apply, _run
 
 from agents.registration import reconnect_options
 from orchestrator.adoption import unadoptable
@@ -313,3 +314,34 @@ def test_reconnect_backoff_is_capped_at_two_heartbeat_intervals() -> None:
     options = dict(reconnect_options(0.5))
     assert options["grpc.max_reconnect_backoff_ms"] == 1000
     assert options["grpc.initial_reconnect_backoff_ms"] <= 1000
+
+
+class Unreachable(FakeError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+
+def test_an_agent_that_does_not_answer_at_first_is_asked_again(tmp_path: Path) -> None:
+    agents, clock, epochs = _ready(tmp_path)
+    node = "rack-1/node-1"
+    silent = {"passes": 2}
+    answer = agents.status
+
+    def status(address: str, name: str) -> agent_pb2.StatusResponse:
+        if name == node and silent["passes"] > 0:
+            silent["passes"] -= 1
+            raise Unreachable()
+        return answer(address, name)
+
+    agents.status = status  # type: ignore[method-assign]
+    key = next(k for k, v in agents.pipelines.items() if k[0] == node and v)
+    (running,) = agents.pipelines[key]
+    del agents.pipelines[key][running]  # what only its own Status can tell
+    controller = _restarted(tmp_path, agents, clock)
+    for _ in range(3):  # the loop runs a pass every heartbeat interval, with or without work
+        controller.run_pass()
+        clock.now += 0.1
+    _run(controller, clock)
+    assert silent["passes"] == 0
+    after = {r.index: r.epoch for r in controller.store.replicas("tiny-llama")}
+    assert after[running[1]] == epochs[running[1]] + 1  # adopted on the third try, resynced

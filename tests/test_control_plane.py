@@ -487,6 +487,8 @@ def test_a_killed_agent_is_restarted_and_its_replica_resynchronized(cluster: Clu
 
 
 def test_a_restarted_control_plane_resumes_from_its_store(cluster: Cluster) -> None:
+    """A graceful down and up: the agents stop with it and come back empty. (Killed mid-load
+    with its agents still running: tests/test_control_plane_crash.py.)"""
     placed = {
         r.index: list(r.chips)
         for r in cluster.stub.Get(
