@@ -361,6 +361,15 @@ class ControlPlane:
         else:  # joined a Ray cluster: one agent per host that advertises LPU chips
             self.specs = discovered_specs(self.profile.name)
         self.runtime.start_agents(self.specs)
+        adopted = list(getattr(self.runtime, "adopted", list)())
+        for node in adopted:
+            self.store.add_event(
+                time.time(),
+                "Normal",
+                "AgentAdopted",
+                f"the agent of {node} outlived the previous control plane: adopted",
+                node=node,
+            )
         self.controller.start()
         self._supervisor.start()
         endpoint = {
@@ -373,6 +382,7 @@ class ControlPlane:
             "nodes": len(self.specs),
             "runtime": self.runtime_name,
             "agent_pids": list(getattr(self.runtime, "pids", list)()),
+            "adopted": adopted,
         }
         ports = {
             "admin": self.servers.admin_port,

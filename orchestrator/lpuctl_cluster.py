@@ -574,7 +574,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise CommandError(f"only {len(ready)} of {nodes} nodes registered in time")
         time.sleep(0.1)
     endpoint = json.loads(paths.endpoint.read_text())
-    print(f"control plane ready at {endpoint['admin']} (state in {root}); {nodes} nodes Ready")
+    adopted = len(endpoint.get("adopted", []))
+    print(
+        f"control plane ready at {endpoint['admin']} (state in {root}); {nodes} nodes Ready"
+        + (f" ({adopted} running agent(s) adopted)" if adopted else "")
+    )
     return EXIT_OK
 
 

@@ -102,7 +102,9 @@ def _up_again(cluster: Cluster) -> None:
     """`lpuctl up` on the same state directory (default heartbeat timeout): it adopts."""
     up = cluster.lpuctl("up", "--timeout", "120")
     assert up.returncode == 0, up.stdout + up.stderr
+    assert "6 nodes Ready (6 running agent(s) adopted)" in up.stdout
     cluster.connect()
+    assert sorted(cluster.endpoint["adopted"]) == sorted(_agents(cluster))  # type: ignore[call-overload]
     _remember(cluster)
 
 
@@ -252,6 +254,7 @@ def test_killed_while_serving_it_adopts_everything_and_the_stream_fails_unavaila
         time.sleep(0.2)  # an observation window, not a synchronization
     events = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
     late = [e.reason for e in events if e.time >= restarted_at]
+    assert late.count("AgentAdopted") == 6
     assert not {"NodeNotReady", "Resynchronizing", "ReplicaLost", "ActionFailed"} & set(late)
     assert _get(cluster).phase == "Ready"
 
