@@ -6,12 +6,15 @@ configured or started again when the agents agree with the store; a node whose a
 runs a replica's stage moves that replica, and only it, to a new epoch; a load the dead control
 plane left in flight is waited for, asked about again, and then loaded once. The process
 runtime's record: garbage, dead and reused pids are never adopted; garbage in `ports.json` is
-ignored; a bad `--heartbeat-timeout` is exit 2 naming the flag. The real processes are
+ignored, and a restarted control plane binds the ports it had, or new ones when one is taken; a
+bad `--heartbeat-timeout` is exit 2 naming the flag. The real processes are
 `tests/test_control_plane_crash.py`'s.
 """
 
 from __future__ import annotations
 
+import json
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -25,7 +28,7 @@ from test_controller import PROFILE, SRAM, Clock, FakeAgents, FakeError, _apply,
 
 from agents.registration import reconnect_options
 from orchestrator.adoption import unadoptable
-from orchestrator.control_plane import StatePaths, previous_ports
+from orchestrator.control_plane import ControlPlane, StatePaths, prepare_state, previous_ports
 from orchestrator.controller import Controller, ShardCompiler
 from orchestrator.core import Chip, CoreSettings, Node, Phase, Replica
 from orchestrator.process_runtime import (
@@ -345,3 +348,28 @@ def test_an_agent_that_does_not_answer_at_first_is_asked_again(tmp_path: Path) -
     assert silent["passes"] == 0
     after = {r.index: r.epoch for r in controller.store.replicas("tiny-llama")}
     assert after[running[1]] == epochs[running[1]] + 1  # adopted on the third try, resynced
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_restarted_control_plane_binds_its_previous_ports_or_new_ones(tmp_path: Path) -> None:
+    paths = prepare_state(tmp_path)
+    admin, registry = _free_port(), _free_port()
+    paths.ports.write_text(json.dumps({"admin": admin, "registry": registry}))
+    plane = ControlPlane(tmp_path)
+    try:
+        assert (plane.servers.admin_port, plane.servers.registry_port) == (admin, registry)
+    finally:
+        plane.stop()
+    with socket.socket() as taken:  # someone else took the registry port meanwhile
+        taken.bind(("127.0.0.1", registry))
+        taken.listen()
+        plane = ControlPlane(tmp_path)
+        try:
+            assert plane.servers.registry_port not in (0, registry)
+        finally:
+            plane.stop()
