@@ -42,6 +42,18 @@ def rack_and_slot(node: str) -> tuple[str, int]:
     return match["rack"], int(match["slot"])
 
 
+def reconnect_options(interval: float) -> list[tuple[str, int]]:
+    """Channel options that retry a lost control plane at least every two heartbeat
+    intervals. gRPC's default reconnect backoff grows to two minutes: a control plane back
+    after a crash would not hear from its agents for that long, and its heartbeat timeout
+    would declare their nodes dead and tear down the replicas they still serve."""
+    ceiling = max(200, int(interval * 2000))
+    return [
+        ("grpc.initial_reconnect_backoff_ms", min(200, ceiling)),
+        ("grpc.max_reconnect_backoff_ms", ceiling),
+    ]
+
+
 class Registration:
     """The registration and heartbeat thread of one agent (see the module docstring)."""
 
@@ -64,7 +76,9 @@ class Registration:
         )
         self.status = status
         self.interval = interval
-        self.channel = open_channel(control_plane, credentials, peer=CONTROL_PLANE)
+        self.channel = open_channel(
+            control_plane, credentials, peer=CONTROL_PLANE, options=reconnect_options(interval)
+        )
         self.stub = admin_pb2_grpc.NodeRegistryStub(self.channel)
         self.registered = threading.Event()
         self._stop = threading.Event()

@@ -8,6 +8,8 @@
     DIR/shards/         the shard store (content-addressed blobs)
     DIR/logs/           the control plane's and every agent's log
     DIR/endpoint.json   written once serving: admin and registry addresses, pid, profile
+    DIR/ports.json      the admin, registry and metrics ports, kept across restarts
+    DIR/agents.json     the process runtime's agents (pid, start time, address, command)
 
 The admin, registry and metrics ports listen on `--listen HOST` (default 127.0.0.1: this
 machine only). Agents on other hosts (`--ray-address`) need a routable address: listen on one
@@ -21,6 +23,18 @@ Agents start through a runtime adapter chosen by name (`--runtime process|ray`, 
 `orchestrator.ray_runtime` is imported only when asked for). On SIGTERM or SIGINT the process
 stops the controller and the servers, stops and reaps every agent, removes endpoint.json and
 exits 0. Agents that die are restarted (`ControlPlane._supervise`).
+
+**Surviving its own crash.** A control plane killed with SIGKILL leaves its agents running and
+serving. Started again on the same state directory (`lpuctl up`), it binds the ports it had
+(`ports.json`, so the agents' registration loops reach it at the address they were given and
+clients at the one they knew; a port taken meanwhile falls back to any free one, and then the
+process runtime replaces its agents instead of adopting them), adopts the agents still running
+(`ProcessRuntime`'s `agents.json`; with `--ray-address`, Ray's detached named actors by name),
+and its controller asks every stored node's agent for its `Status` before deciding anything: the
+shards the agents still hold are committed by shard id and not loaded again, replicas still
+running at their stored epoch are left alone (`orchestrator.adoption`), and a deployment that
+was loading loads only what is missing. Requests in flight through the Generate gateway at the
+crash fail on the client with UNAVAILABLE (the connection is gone): retry them.
 """
 
 from __future__ import annotations
@@ -56,6 +70,8 @@ log = logging.getLogger("lockstep.control_plane")
 
 ENDPOINT_FILE = "endpoint.json"
 TOKENS_FILE = "tokens"
+PORTS_FILE = "ports.json"
+AGENTS_FILE = "agents.json"
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,30 @@ class StatePaths:
     @property
     def endpoint(self) -> Path:
         return self.root / ENDPOINT_FILE
+
+    @property
+    def ports(self) -> Path:
+        return self.root / PORTS_FILE
+
+    @property
+    def agents(self) -> Path:
+        return self.root / AGENTS_FILE
+
+
+def previous_ports(paths: StatePaths) -> dict[str, int]:
+    """The ports an earlier control plane of this state directory served on (none when the
+    file is absent or unreadable)."""
+    try:
+        data = json.loads(paths.ports.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        k: v
+        for k, v in data.items()
+        if k in ("admin", "registry", "metrics") and isinstance(v, int) and 0 < v < 65536
+    }
 
 
 def prepare_state(root: str | Path, hosts: tuple[str, ...] = ()) -> StatePaths:
@@ -189,7 +229,12 @@ def make_runtime(
         from orchestrator.process_runtime import ProcessRuntime
 
         return ProcessRuntime(
-            paths.certs, registry, paths.logs, heartbeat_interval=interval, agent_args=agent_args
+            paths.certs,
+            registry,
+            paths.logs,
+            heartbeat_interval=interval,
+            agent_args=agent_args,
+            state_file=paths.agents,
         )
     try:
         module = importlib.import_module(f"orchestrator.{name}_runtime")
@@ -248,8 +293,7 @@ class ControlPlane:
         self.paths = prepare_state(state, certificate_hosts(self.listen, self.advertise))
         self.profile = get_profile(profile)
         self.racks, self.nodes_per_rack, self.runtime_name = racks, nodes_per_rack, runtime
-        admin_listen = admin_listen or host_port(self.listen, 0)
-        self.admin_listen = admin_listen
+        before = previous_ports(self.paths)
         self.settings = settings or CoreSettings()
         self.store = Store(self.paths.store)
         creds = load_control_plane(self.paths.certs)
@@ -261,16 +305,25 @@ class ControlPlane:
             self.profile,
             settings=self.settings,
         )
-        self.servers: Servers = start_servers(
-            self.store,
-            self.controller,
-            self.gateway,
-            self.profile,
-            creds,
-            load_tokens(self.paths.tokens),
-            admin_listen=admin_listen,
-            registry_listen=host_port(self.listen, 0),
-        )
+        tokens = load_tokens(self.paths.tokens)
+        for attempt in (before, {}):  # the ports it had, else any free ones
+            self.admin_listen = admin_listen or host_port(self.listen, attempt.get("admin", 0))
+            try:
+                self.servers: Servers = start_servers(
+                    self.store,
+                    self.controller,
+                    self.gateway,
+                    self.profile,
+                    creds,
+                    tokens,
+                    admin_listen=self.admin_listen,
+                    registry_listen=host_port(self.listen, attempt.get("registry", 0)),
+                )
+                break
+            except (RuntimeError, OSError) as exc:  # grpc: RuntimeError("Failed to bind ...")
+                if not attempt:
+                    raise OSError(str(exc)) from None
+                log.warning("the previous ports %s are taken (%s): using new ones", attempt, exc)
         self.verification = VerificationLoop(self.servers.service.verifier, self.store)
         self.runtime: Runtime | None = None
         self.restart_backoff = 1.0
@@ -280,9 +333,20 @@ class ControlPlane:
         collector = ControlPlaneCollector(
             self.store, self.profile, self.settings, self.controller.stats
         )
-        self.metrics_server, self.metrics_port = serve_metrics(
-            collector, self.listen, metrics_port, str(cert), str(key)
-        )
+        try:
+            self.metrics_server, self.metrics_port = serve_metrics(
+                collector,
+                self.listen,
+                metrics_port or before.get("metrics", 0),
+                str(cert),
+                str(key),
+            )
+        except OSError:
+            if not before.get("metrics") or metrics_port:
+                raise
+            self.metrics_server, self.metrics_port = serve_metrics(
+                collector, self.listen, 0, str(cert), str(key)
+            )
 
     @property
     def admin_address(self) -> str:
@@ -310,6 +374,15 @@ class ControlPlane:
         else:  # joined a Ray cluster: one agent per host that advertises LPU chips
             self.specs = discovered_specs(self.profile.name)
         self.runtime.start_agents(self.specs)
+        adopted = list(getattr(self.runtime, "adopted", list)())
+        for node in adopted:
+            self.store.add_event(
+                time.time(),
+                "Normal",
+                "AgentAdopted",
+                f"the agent of {node} outlived the previous control plane: adopted",
+                node=node,
+            )
         self.controller.start()
         self.verification.start()
         self._supervisor.start()
@@ -323,10 +396,17 @@ class ControlPlane:
             "nodes": len(self.specs),
             "runtime": self.runtime_name,
             "agent_pids": list(getattr(self.runtime, "pids", list)()),
+            "adopted": adopted,
         }
-        tmp = self.paths.endpoint.with_suffix(".tmp")
-        tmp.write_text(json.dumps(endpoint, indent=2))
-        tmp.replace(self.paths.endpoint)
+        ports = {
+            "admin": self.servers.admin_port,
+            "registry": self.servers.registry_port,
+            "metrics": self.metrics_port,
+        }
+        for path, data in ((self.paths.ports, ports), (self.paths.endpoint, endpoint)):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=2))
+            tmp.replace(path)
 
     def _supervise(self) -> None:
         """Restart agents that died (the runtime reports them): a restarted agent registers
@@ -403,6 +483,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="start the agents with --allow-fault-injection (tests only; process runtime)",
     )
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=CoreSettings.heartbeat_timeout,
+        metavar="SECONDS",
+        help="a node not heard from for this long is NotReady and its replicas are replaced "
+        f"(default {CoreSettings.heartbeat_timeout:g})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -413,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
+        settings = CoreSettings(heartbeat_timeout=args.heartbeat_timeout)
         plane = ControlPlane(
             args.state,
             profile=args.profile,
@@ -423,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             advertise=args.advertise,
             admin_listen=args.admin_listen,
             metrics_port=args.metrics_port,
+            settings=settings,
             ray_address=args.ray_address,
             allow_fault_injection=args.allow_fault_injection,
         )

@@ -30,6 +30,11 @@ Decisions:
   `Configure` first removes the replica's stages from each of its agents whose `Status` shows them:
   after an agent restart the survivors drop the old epoch's pipeline, then all agents are
   configured at the new one.
+* **Adoption after a restart** (`resume`, before the first pass): every stored node gets a
+  heartbeat "now" and its agent is asked for `Status` before anything is decided, so the
+  shards it still holds count as committed (by shard id) and are not loaded again, and a
+  replica the store says runs is left alone when its agents run it at that epoch, else moved
+  to a new one (`orchestrator.adoption`).
 * **Compiled shards** are content-addressed in the shard store; the controller keeps each
   replica's `ShardRef`s in memory for `Configure`, and after a restart recompiles the
   replica's one-replica plan (`replica_plan`) — a lookup of blobs already built.
@@ -47,6 +52,7 @@ from typing import Protocol
 
 import grpc
 
+from orchestrator.adoption import unadoptable
 from orchestrator.agent_client import declared_bytes_of, dial, load_file
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.core import (
@@ -277,6 +283,7 @@ class Controller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refresh: set[str] = set()
+        self._adopting: set[str] = set()
         self._refresh_lock = threading.Lock()
         self._in_flight: set[str] = set()
         self._refs: dict[tuple[str, int], tuple[Plan, list[ShardRef]]] = {}
@@ -302,13 +309,23 @@ class Controller:
     # --- the loop ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the loop. Every node already in the store first gets one heartbeat "now":
-        after a control-plane restart a node has a full heartbeat timeout to be heard from
-        again before it counts as NotReady (the control plane's downtime is not the node's
-        fault, and its replicas are adopted instead of torn down and placed anew)."""
-        self.store.heartbeat([(n.name, self.clock()) for n in self.store.nodes()])
+        """Resume from the store (`resume`), then start the loop."""
+        self.resume()
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._thread.start()
+
+    def resume(self) -> None:
+        """Before the first pass. Every node already in the store gets one heartbeat "now":
+        after a control-plane restart a node has a full heartbeat timeout to be heard from
+        again before it counts as NotReady (the control plane's downtime is not the node's
+        fault, and its replicas are adopted instead of torn down and placed anew). And every
+        stored node's agent is asked for its `Status` before the first decision: what it still
+        holds and runs is adopted (`orchestrator.adoption`), not trusted from the store."""
+        names = [n.name for n in self.store.nodes()]
+        self.store.heartbeat([(name, self.clock()) for name in names])
+        with self._refresh_lock:
+            self._refresh.update(names)
+            self._adopting.update(names)
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -347,9 +364,13 @@ class Controller:
         for name in sorted(refresh):
             if name in nodes:
                 try:
-                    self._refresh_node(nodes[name])
+                    status = self._refresh_node(nodes[name])
                 except grpc.RpcError as exc:  # its heartbeats stop; the timeout decides
                     log.warning("status of node %s: %s", name, _describe(exc))
+                    self._retry_adoption(nodes[name])
+                    continue
+                if name in self._adopting:
+                    self._adopt(nodes[name], status)
         specs, targets, frozen = self._desired()
         now = self.clock()
         observed = self.store.observed(self.profile)
@@ -602,7 +623,39 @@ class Controller:
 
     # --- agents' reports ---------------------------------------------------------------------
 
-    def _refresh_node(self, node: Node) -> None:
+    def _adopt(self, node: Node, status: agent_pb2.StatusResponse) -> None:
+        """After a restart, the first `Status` of a stored node: its agent answered (a
+        heartbeat), replicas it does not run as the store says move to a new epoch, and a load
+        the dead control plane left in flight is asked about again next pass, until the agent
+        has aborted it (nothing else would refresh the node, and the reconciler waits for a
+        load in flight)."""
+        now = self.clock()
+        self.heartbeats.add(node.name, now)
+        for bump in unadoptable(node, status, self.store.replicas()):
+            self.store.record(bump, now)
+            self.store.add_event(
+                now, "Warning", "Resynchronizing", bump.reason, deployment=bump.deployment
+            )
+        with self._refresh_lock:
+            if any(chip.loads for chip in status.chips):
+                self._refresh.add(node.name)
+            else:
+                self._adopting.discard(node.name)
+
+    def _retry_adoption(self, node: Node) -> None:
+        """A stored node's agent did not answer its first `Status` after a restart: ask again
+        next pass while the node counts as Ready (until then the store's last report stands
+        in for it); once the heartbeat timeout marks it NotReady, its replicas are lost anyway
+        and a new agent of the node registers afresh."""
+        with self._refresh_lock:
+            if node.name not in self._adopting:
+                return
+            if node.ready:
+                self._refresh.add(node.name)
+            else:
+                self._adopting.discard(node.name)
+
+    def _refresh_node(self, node: Node) -> agent_pb2.StatusResponse:
         """Write what the node's agent holds and its chips' health (its `Status`)."""
         status = self.gateway.status(node.address, node.name)
         self.store.report_held(node.name, held_from_status(node, status))
@@ -616,6 +669,7 @@ class Controller:
             before = known.get(chip.chip)
             if before is not None and before.health is not health:
                 self.store.set_chip_health(node.name, chip.chip, health, chip.failure_reason)
+        return status
 
 
 def held_from_status(node: Node, status: agent_pb2.StatusResponse) -> list[HeldShard]:

@@ -42,6 +42,7 @@ from orchestrator.lpuctl_commands import (
     EXIT_OK,
     CommandError,
 )
+from orchestrator.process_runtime import process_started_at, recorded_agents
 from orchestrator.safe_yaml import SpecError
 from protos import admin_pb2, admin_pb2_grpc
 from security.identity import CONTROL_PLANE, dns_name
@@ -499,11 +500,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     if paths.endpoint.exists():
         try:
             pid = int(json.loads(paths.endpoint.read_text())["pid"])
-            os.kill(pid, 0)
         except (OSError, ValueError, KeyError):
-            paths.endpoint.unlink(missing_ok=True)  # left by a control plane that died
-        else:
+            pid = 0
+        if pid > 0 and _alive(pid):  # a killed one may linger as a zombie nobody reaps
             raise CommandError(f"a control plane already runs for {root} (pid {pid}); lpuctl down")
+        paths.endpoint.unlink(missing_ok=True)  # left by a control plane that died
     if args.ray_address is not None:
         args.runtime = "ray"
     log = open(paths.logs / "control-plane.log", "ab")  # noqa: SIM115 - handed to the child
@@ -526,6 +527,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         args.listen,
         *(["--advertise", args.advertise] if args.advertise else []),
         *(["--allow-fault-injection"] if args.allow_fault_injection else []),
+        *(
+            ["--heartbeat-timeout", str(args.heartbeat_timeout)]
+            if args.heartbeat_timeout is not None
+            else []
+        ),
     ]
     with log:
         proc = subprocess.Popen(
@@ -569,7 +575,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise CommandError(f"only {len(ready)} of {nodes} nodes registered in time")
         time.sleep(0.1)
     endpoint = json.loads(paths.endpoint.read_text())
-    print(f"control plane ready at {endpoint['admin']} (state in {root}); {nodes} nodes Ready")
+    adopted = len(endpoint.get("adopted", []))
+    print(
+        f"control plane ready at {endpoint['admin']} (state in {root}); {nodes} nodes Ready"
+        + (f" ({adopted} running agent(s) adopted)" if adopted else "")
+    )
     return EXIT_OK
 
 
@@ -595,19 +605,11 @@ def _descendants(root: int) -> dict[int, int]:
     todo = list(children.get(root, []))
     while todo:
         pid = todo.pop()
-        started = _started_at(pid)
+        started = process_started_at(pid)
         if started is not None:
             found[pid] = started
             todo.extend(children.get(pid, []))
     return found
-
-
-def _started_at(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _terminate(pid: int, timeout: float = 20.0) -> bool:
@@ -662,16 +664,26 @@ def cmd_down(args: argparse.Namespace) -> int:
         agents = [int(a) for a in json.loads((root / ENDPOINT_FILE).read_text())["agent_pids"]]
     except (OSError, ValueError, KeyError, TypeError):
         agents = []
+    # The process runtime's record: also the agents it restarted or adopted after endpoint.json
+    # was written, and those of a control plane killed before this one (adopted, not children).
+    recorded = {
+        r["pid"]: r["started"]
+        for r in recorded_agents(StatePaths(root).agents).values()
+        if isinstance(r.get("pid"), int)
+        and isinstance(r.get("started"), int)
+        and _is_agent(r["pid"])
+    }
     below = _descendants(pid)  # agents, and Ray's processes under the Ray runtime
     stopped = _terminate(pid, timeout=STOP_TIMEOUT)
     for agent in agents:  # the control plane reaps them; these are left only if it was killed
         if _is_agent(agent):
             _terminate(agent)
-    for child, started in below.items():  # stragglers of a stop cut short, or slow to exit
-        if _started_at(child) == started:
+    for child, started in {**recorded, **below}.items():  # stragglers, by pid and start time
+        if process_started_at(child) == started:
             _terminate(child, timeout=5.0)
     pid_file.unlink(missing_ok=True)
     (root / ENDPOINT_FILE).unlink(missing_ok=True)
+    StatePaths(root).agents.unlink(missing_ok=True)
     print("control plane and agents stopped" if stopped else f"no control plane runs for {root}")
     return EXIT_OK
 

@@ -38,6 +38,17 @@ def _lazy(
 # --- the parser ------------------------------------------------------------------------------
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse `type`: a finite number of seconds above the 0.5 s heartbeat interval."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0.5 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be above 0.5 and at most 3600, got {text}")
+    return value
+
+
 def register_cluster_commands(sub: Any, parser_class: Any) -> None:
     """Add the control-plane commands to lpuctl's subparsers."""
     common = argparse.ArgumentParser(add_help=False)
@@ -72,6 +83,13 @@ def register_cluster_commands(sub: Any, parser_class: Any) -> None:
         metavar="HOST",
         help="address agents and clients reach the control plane at (default: the --listen "
         "host, or for 0.0.0.0 this host's address on its default route)",
+    )
+    up.add_argument(
+        "--heartbeat-timeout",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="a node not heard from for this long is NotReady and its replicas are replaced "
+        "(default 2.5; more than the 0.5 s heartbeat interval)",
     )
     up.add_argument("--timeout", type=float, default=120.0)
     up.add_argument(

@@ -86,13 +86,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    state = tmp_path_factory.mktemp("lockstep-home")
+def lpuctl_env(state: Path) -> dict[str, str]:
+    """The environment of lpuctl for an embedded control plane in `state`: no server, token or
+    CA from this environment, and not the user's config file."""
     env = {**os.environ, "LOCKSTEP_HOME": str(state), "PYTHONUNBUFFERED": "1"}
     for key in ("LOCKSTEP_SERVER", "LOCKSTEP_TOKEN", "LOCKSTEP_CA"):
         env.pop(key, None)
-    env["LOCKSTEP_CONFIG"] = str(state / "no-config.yaml")  # not the user's config file
+    env["LOCKSTEP_CONFIG"] = str(state / "no-config.yaml")
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = tmp_path_factory.mktemp("lockstep-home")
+    env = lpuctl_env(state)
     up = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "up", "--timeout", "120"],
         cwd=ROOT,
@@ -480,6 +487,8 @@ def test_a_killed_agent_is_restarted_and_its_replica_resynchronized(cluster: Clu
 
 
 def test_a_restarted_control_plane_resumes_from_its_store(cluster: Cluster) -> None:
+    """A graceful down and up: the agents stop with it and come back empty. (Killed mid-load
+    with its agents still running: tests/test_control_plane_crash.py.)"""
     placed = {
         r.index: list(r.chips)
         for r in cluster.stub.Get(
