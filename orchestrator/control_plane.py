@@ -225,6 +225,7 @@ class ControlPlane:
         listen: str = "127.0.0.1",
         advertise: str | None = None,
         admin_listen: str | None = None,
+        registry_listen: str | None = None,
         metrics_port: int = 0,
         settings: CoreSettings | None = None,
         ray_address: str | None = None,
@@ -232,7 +233,8 @@ class ControlPlane:
         """`listen`: the host the admin, registry and metrics ports bind (module docstring);
         `advertise`: the host others reach them at (default: `routable_host(listen)`);
         `admin_listen` (HOST:PORT) overrides where the admin API binds (default: `listen`,
-        any port)."""
+        any port); `registry_listen` likewise for the node registry (a fixed port for agents
+        that are told where to register, e.g. the Kubernetes DaemonSet)."""
         self.ray_address = ray_address
         self.specs: list[NodeSpec] = []
         self.listen = listen.strip("[]")
@@ -261,7 +263,7 @@ class ControlPlane:
             creds,
             load_tokens(self.paths.tokens),
             admin_listen=admin_listen,
-            registry_listen=host_port(self.listen, 0),
+            registry_listen=registry_listen or host_port(self.listen, 0),
         )
         self.runtime: Runtime | None = None
         self.restart_backoff = 1.0
@@ -385,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         "host, or for 0.0.0.0 this host's address on its default route)",
     )
     parser.add_argument("--admin-listen", help="HOST:PORT of the admin API (default: --listen)")
+    parser.add_argument(
+        "--registry-listen", help="HOST:PORT of the node registry (default: --listen, any port)"
+    )
     parser.add_argument("--metrics-port", type=int, default=0, help="HTTPS /metrics (0: any)")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -405,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             listen=args.listen,
             advertise=args.advertise,
             admin_listen=args.admin_listen,
+            registry_listen=args.registry_listen,
             metrics_port=args.metrics_port,
             ray_address=args.ray_address,
         )
