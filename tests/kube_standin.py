@@ -549,10 +549,13 @@ class State:
         self.cond.notify_all()
 
     def compact(self) -> None:
-        """Forget the watch history, as etcd compaction does: older resourceVersions get 410."""
+        """Compact the history past every watcher, as etcd compaction can: the revision moves
+        on and every watch (and every resourceVersion given before now) gets 410 Expired."""
         with self.cond:
+            self.bump()
             self.oldest = self.rv
             self.events.clear()
+            self.cond.notify_all()
 
 
 class StandIn:
@@ -1105,6 +1108,8 @@ class StandIn:
                     batch = [e for e in self.state.events if e[0] > last]
                     if not batch:
                         self.state.cond.wait(min(max(deadline - time.monotonic(), 0.0), 1.0))
+                        if last < self.state.oldest:  # compacted while waiting
+                            continue
                         batch = [e for e in self.state.events if e[0] > last]
             if expired is not None:
                 yield {"type": "ERROR", "object": ApiError(410, "Expired", expired).status()}
