@@ -46,6 +46,7 @@ import copy
 import datetime as dt
 import json
 import re
+import sys
 import threading
 import time
 import uuid
@@ -565,7 +566,7 @@ class StandIn:
         self.state = State(history)
         self.requests: list[tuple[str, str]] = []  # method, path+query: what clients did
         handler = type("Handler", (_Handler,), {"standin": self})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = _Server(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="kube-standin", daemon=True
@@ -1420,6 +1421,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (a killed operator) is not an error of the server."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _DuplicateField(ValueError):

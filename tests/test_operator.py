@@ -191,7 +191,7 @@ def get(server: StandIn, name: str, ns: str = "default") -> dict[str, Any] | Non
 
 
 def test_apply_finalizer_status_and_delete(standin: StandIn, operator: Any) -> None:
-    op, store, woken = operator
+    _op, store, woken = operator
     r = lpud_resource(standin)
     standin.create(r, "default", manifest(replicas=2))
     obj = wait_for(lambda: (o := get(standin, "demo")) and o.get("status") and o, what="status")
@@ -221,7 +221,7 @@ def test_apply_finalizer_status_and_delete(standin: StandIn, operator: Any) -> N
 
 
 def test_invalid_spec_is_reported_not_stored(standin: StandIn, operator: Any) -> None:
-    op, store, _ = operator
+    _op, store, _ = operator
     standin.create(
         lpud_resource(standin), "default", manifest(model={"config": "/nonexistent/config.json"})
     )

@@ -1,0 +1,311 @@
+"""The real kubectl against the stand-in API server, with the operator running a real embedded
+cluster (process runtime, six real agents): apply, get with printer columns, scale, describe,
+delete through the finalizer; bad deployment files through `kubectl apply`; leader election
+with two operator processes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kube_standin import StandIn
+
+from orchestrator import crd as crd_module
+from orchestrator.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+KUBECTL = "/usr/bin/kubectl"
+EXAMPLE = REPO / "manifests" / "examples" / "tiny-llama.yaml"
+BAD = REPO / "tests" / "data" / "specs" / "bad"
+
+
+def wait_for(predicate: Any, timeout: float = 60.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+class Kubectl:
+    def __init__(self, server: StandIn, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.config = home / "kubeconfig"
+        self.config.write_text(yaml.safe_dump(server.kubeconfig()))
+        self.env = {**os.environ, "HOME": str(home), "KUBECONFIG": str(self.config)}
+
+    def __call__(self, *args: str, stdin: str | None = None) -> str:
+        out = self.run(*args, stdin=stdin)
+        assert out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
+        return out.stdout
+
+    def run(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [KUBECTL, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=self.env,
+        )
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[StandIn, Kubectl]]:
+    server = StandIn().start()
+    kubectl = Kubectl(server, tmp_path / "home")
+    kubectl("apply", "-f", str(crd_module.CRD_PATH))
+    yield server, kubectl
+    server.stop()
+
+
+class OperatorProcess:
+    """`python -m orchestrator.operator` as a process; its stdout lines are collected."""
+
+    def __init__(self, config: Path, state: Path, identity: str, *extra: str) -> None:
+        self.lines: list[str] = []
+        self.log = (state.parent / f"{identity}.log").open("w")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.operator",
+                f"--kubeconfig={config}",
+                f"--identity={identity}",
+                "--lease-namespace=default",
+                f"--state={state}",
+                "--sync-interval=0.2",
+                *extra,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            start_new_session=True,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.strip())
+
+    @property
+    def leading(self) -> bool:
+        return any(line.startswith("leading as") for line in self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        self.reader.join(10)
+        self.log.close()
+
+
+def table(kubectl: Kubectl, *args: str) -> list[dict[str, str]]:
+    lines = [line for line in kubectl("get", "lpud", *args).splitlines() if line.strip()]
+    header = lines[0].split()
+    return [dict(zip(header, line.split(), strict=False)) for line in lines[1:]]
+
+
+def plan_of(path: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "plan", "-f", str(path), "-o", "json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def test_kubectl_apply_get_scale_describe_delete(cluster: Any, tmp_path: Path) -> None:
+    server, kubectl = cluster
+    state = tmp_path / "state"
+    operator = OperatorProcess(kubectl.config, state, "op-a", "--racks=2", "--nodes-per-rack=3")
+    try:
+        wait_for(lambda: operator.leading or operator.proc.poll() is not None, 120, "leading")
+        assert operator.leading, operator.lines
+        assert "created" in kubectl("apply", "-f", str(EXAMPLE))
+        wait_for(
+            lambda: (
+                kubectl("get", "lpud", "tiny-llama", "-o", "jsonpath={.status.phase}") == "Ready"
+            ),
+            180,
+            "tiny-llama Ready",
+        )
+        plan = plan_of(EXAMPLE)  # the planner lpuctl uses, on the same 2 x 3 dev topology
+        [row] = table(kubectl)
+        assert row["NAME"] == "tiny-llama" and row["READY"] == "2/2" and row["PHASE"] == "Ready"
+        assert int(row["CHIPS"]) == plan["chipsUsed"]
+        assert int(row["RACKS"]) == 2
+        assert float(row["TOKENS/S"]) == pytest.approx(plan["predicted"]["tokensPerSecond"], 1e-3)
+        assert row["AGE"].endswith(("s", "m"))
+
+        assert "scaled" in kubectl("scale", "lpud/tiny-llama", "--replicas", "1")
+        wait_for(lambda: table(kubectl)[0]["READY"] == "1/1", 120, "scaled to 1/1")
+        obj = json.loads(kubectl("get", "lpud", "tiny-llama", "-o", "json"))
+        assert obj["metadata"]["generation"] == 2
+        wait_for(
+            lambda: (
+                json.loads(kubectl("get", "lpud", "tiny-llama", "-o", "json"))["status"].get(
+                    "observedGeneration"
+                )
+                == 2
+            ),
+            60,
+            "observedGeneration 2",
+        )
+        [row] = table(kubectl)
+        assert int(row["CHIPS"]) == plan["chipsUsed"] // 2 and int(row["RACKS"]) == 1
+
+        described = kubectl("describe", "lpud", "tiny-llama")
+        for fragment in (
+            "Conditions:",
+            "Type:                          Ready",
+            "Events:",
+            "Applied",
+            "Placed",
+            "ReadyTrue",
+            "lockstep-operator",
+        ):
+            assert fragment in described, fragment
+
+        uid = obj["metadata"]["uid"]
+        assert "deleted" in kubectl("delete", "lpud", "tiny-llama", "--timeout=180s")
+        assert "No resources found" in kubectl.run("get", "lpud").stderr
+        events = server.list(server.resource("", "v1", "events"), "default")[0]
+        reasons = [e["reason"] for e in events if e["involvedObject"]["uid"] == uid]
+        assert "Deleted" in reasons or "DeleteRequested" in reasons, reasons
+        with Store(state / "store.db", readonly=True) as store:
+            assert store.deployments() == []
+            assert store.held() == []  # every chip's SRAM was freed before the object went
+    finally:
+        operator.stop()
+    assert operator.proc.returncode == 0
+
+
+# Bad deployment files (tests/test_spec.py BAD_FILES) through kubectl apply. kubectl parses
+# YAML itself: the hostile ones never leave it. What reaches the server is JSON, so three
+# files cannot be told apart from good ones by any API server: duplicate keys (kubectl keeps
+# the last), a second document (kubectl applies each) and a copied `status` (the status
+# subresource drops it, and the operator overwrites it).
+KUBECTL_REFUSES = {
+    "billion-laughs.yaml": "excessive aliasing",
+    "binary-tag.yaml": "!!binary",
+    "png-garbage.yaml": "control characters are not allowed",
+    "tabs.yaml": "found character that cannot start any token",
+    "latin1.yaml": "metadata.name",  # bytes replaced by U+FFFD: not a DNS name (422)
+    "python-object.yaml": "spec.model.preset",  # the tag is dropped: a list, not a string (422)
+}
+ACCEPTED_BY_ANY_API_SERVER = {"duplicate-keys.yaml", "multi-doc.yaml", "status.yaml"}
+
+
+def test_bad_files_through_kubectl(cluster: Any) -> None:
+    server, kubectl = cluster
+    assert set(KUBECTL_REFUSES) | ACCEPTED_BY_ANY_API_SERVER == {p.name for p in BAD.iterdir()}
+    for name, fragment in sorted(KUBECTL_REFUSES.items()):
+        out = kubectl.run("apply", "-f", str(BAD / name))
+        assert out.returncode != 0 and fragment in out.stderr, (name, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert (
+        server.list(server.resource("lpu.lockstep.dev", "v1alpha1", "lpudeployments"), "")[0] == []
+    )
+    kubectl("apply", "-f", str(BAD / "duplicate-keys.yaml"))
+    dup = json.loads(kubectl("get", "lpud", "dup", "-o", "json"))
+    assert dup["spec"]["replicas"] == 20  # kubectl kept the last key; lpuctl refuses the file
+    kubectl("apply", "-f", str(BAD / "status.yaml"))
+    assert "status" not in json.loads(kubectl("get", "lpud", "copied-from-kubectl", "-o", "json"))
+
+
+LEASE_SECONDS = 4.0
+RETRY_SECONDS = 0.5
+
+
+def parse_time(text: str) -> float:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC).timestamp()
+
+
+def lease_spec(server: StandIn) -> dict[str, Any]:
+    leases = server.resource("coordination.k8s.io", "v1", "leases")
+    return dict(server.get(leases, "default", "lockstep-operator")["spec"])
+
+
+def finalized(kubectl: Kubectl, name: str) -> bool:
+    out = kubectl("get", "lpud", name, "-o", "jsonpath={.metadata.finalizers}")
+    return "lpu.lockstep.dev/release" in out
+
+
+def test_two_operators_only_the_lease_holder_acts_and_the_other_takes_over(
+    cluster: Any, tmp_path: Path
+) -> None:
+    """Two replicas without agents of their own (as in the Deployment): only the holder starts
+    its control plane and touches LPUDeployments; SIGKILL it and the other takes over within
+    the lease duration, measured on the Lease from the dead holder's last renewal to the new
+    holder's acquisition."""
+    server, kubectl = cluster
+    timing = [
+        f"--lease-duration={LEASE_SECONDS}",
+        "--renew-deadline=3",
+        f"--retry-period={RETRY_SECONDS}",
+    ]
+    a = OperatorProcess(kubectl.config, tmp_path / "a", "op-a", *timing)
+    b: OperatorProcess | None = None
+    try:
+        wait_for(lambda: a.leading or a.proc.poll() is not None, 120, "op-a leading")
+        assert a.leading, a.lines
+        b = OperatorProcess(kubectl.config, tmp_path / "b", "op-b", *timing)
+        wait_for(lambda: any("op-b: waiting" in line for line in b_log(tmp_path)), 60, "b waits")
+        kubectl("apply", "-f", str(EXAMPLE))
+        wait_for(lambda: finalized(kubectl, "tiny-llama"), 60, "finalizer from op-a")
+        assert lease_spec(server)["holderIdentity"] == "op-a"
+        assert not b.leading and b.proc.poll() is None
+        assert not (tmp_path / "b" / "store.db").exists()  # the standby started nothing
+        assert (tmp_path / "a" / "store.db").exists()
+
+        a.stop(signal.SIGKILL)  # no release: b must wait the lease out
+        last_renewal = parse_time(lease_spec(server)["renewTime"])
+        wait_for(lambda: b.leading or b.proc.poll() is not None, 60, "op-b leading")
+        assert b.leading, b.lines
+        spec = lease_spec(server)
+        assert spec["holderIdentity"] == "op-b" and spec["leaseTransitions"] == 1
+        takeover = parse_time(spec["acquireTime"]) - last_renewal
+        print(f"takeover {takeover:.2f} s after the last renewal (lease {LEASE_SECONDS} s)")
+        assert LEASE_SECONDS <= takeover <= LEASE_SECONDS + 4 * RETRY_SECONDS
+
+        # b acts: it re-applies what Kubernetes holds, and serves a new object
+        second = EXAMPLE.read_text().replace("name: tiny-llama", "name: second")
+        kubectl("apply", "-f", "-", stdin=second)
+        wait_for(lambda: finalized(kubectl, "second"), 60, "finalizer from op-b")
+        with Store(tmp_path / "b" / "store.db", readonly=True) as store:
+            wait_for(lambda: {d.name for d in store.deployments()} == {"tiny-llama", "second"})
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()
+    assert b.proc.returncode == 0
+
+
+def b_log(tmp_path: Path) -> list[str]:
+    path = tmp_path / "op-b.log"
+    return path.read_text().splitlines() if path.exists() else []
