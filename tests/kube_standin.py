@@ -456,6 +456,66 @@ def _for_jsonschema(node: Any) -> Any:
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+OBJECT_META = {
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+}
+_QUALIFIED = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def _qualified_name(key: str) -> bool:
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return 0 < len(name) <= 63 and bool(_QUALIFIED.match(name))
+
+
+def validate_object_meta(meta: dict[str, Any], kind: str) -> None:
+    """ObjectMeta validation (apimachinery's ValidateObjectMeta): label and annotation keys
+    are qualified names, label values at most 63 characters of the label alphabet."""
+    causes = []
+    for section in ("labels", "annotations"):
+        for key, value in (meta.get(section) or {}).items():
+            if not _qualified_name(key):
+                causes.append(
+                    {
+                        "reason": "FieldValueInvalid",
+                        "field": f"metadata.{section}",
+                        "message": f"Invalid value: {key!r}: name part must consist of "
+                        "alphanumeric characters, '-', '_' or '.'",
+                    }
+                )
+            if section == "labels" and (len(str(value)) > 63 or not _LABEL_VALUE.match(str(value))):
+                causes.append(
+                    {
+                        "reason": "FieldValueInvalid",
+                        "field": "metadata.labels",
+                        "message": f"Invalid value: {value!r}: a valid label must be an "
+                        "empty string or consist of alphanumeric characters, '-', '_' or '.'",
+                    }
+                )
+    if causes:
+        summary = ", ".join(f"{c['field']}: {c['message']}" for c in causes)
+        raise ApiError(
+            422, "Invalid", f'{kind} "{meta.get("name", "")}" is invalid: {summary}', causes
+        )
+
+
 def _check_name(kind: str, name: Any) -> None:
     if not isinstance(name, str) or not name:
         raise ApiError(
@@ -648,6 +708,11 @@ class StandIn:
         apply_defaults(r.schema, obj)
         unknown: list[str] = []
         prune(r.schema, obj, "", unknown)
+        meta = obj.get("metadata")
+        if isinstance(meta, dict):  # ObjectMeta is a typed struct: unknown fields are dropped
+            for key in [k for k in meta if k not in OBJECT_META]:
+                unknown.append(f"metadata.{key}")
+                del meta[key]
         if unknown and strict:
             raise ApiError(
                 400,
@@ -656,6 +721,7 @@ class StandIn:
                 + "strict decoding error: "
                 + ", ".join(f'unknown field "{u}"' for u in unknown),
             )
+        validate_object_meta(obj.get("metadata") or {}, r.kind)
         validate_custom(r.schema, obj, r.kind)
         return unknown
 
@@ -1214,6 +1280,8 @@ class _Handler(BaseHTTPRequestHandler):
             group, version = (m["g"], m["v"]) if m["g"] else ("", m["cv"])
             r = s.resource(group, version, m["plural"])
             ns = m["ns"] or ""
+            if ns and not _DNS_LABEL.match(ns):  # no such namespace can exist
+                raise ApiError(404, "NotFound", f'namespaces "{ns}" not found')
             if r.namespaced and not ns and m["name"]:
                 raise ApiError(404, "NotFound", "a namespaced resource needs a namespace")
             name, sub = m["name"], m["sub"] or ""
