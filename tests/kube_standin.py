@@ -45,19 +45,23 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
+import os
 import re
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import celpy
 import jsonschema
+import yaml
 
 
 class ApiError(Exception):
@@ -1510,3 +1514,16 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _DuplicateField(key)
         out[key] = value
     return out
+
+
+def gateway_for(server: StandIn) -> Any:
+    """The operator's `KubeGateway` for `server`, configured by a kubeconfig as in production."""
+    from orchestrator.kube_gateway import KubeGateway
+
+    fd, name = tempfile.mkstemp(suffix=".kubeconfig")
+    os.close(fd)
+    Path(name).write_text(yaml.safe_dump(server.kubeconfig()))
+    try:
+        return KubeGateway.connect(name)
+    finally:
+        os.unlink(name)

@@ -6,9 +6,7 @@ CRD validation), through the `kubernetes` client and plain HTTP, and through the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import tempfile
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -17,10 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
-from kube_standin import StandIn, label_matcher
+from kube_standin import StandIn, gateway_for, label_matcher
 
 from orchestrator import crd as crd_module
-from orchestrator.kube_gateway import KubeConflict, KubeExpired, KubeGateway, KubeNotFound
+from orchestrator.kube_gateway import KubeConflict, KubeExpired, KubeNotFound
 
 KUBECTL = "/usr/bin/kubectl"
 NS = "default"
@@ -259,17 +257,6 @@ def test_watch_streams_live_changes(standin: StandIn) -> None:
     assert done.wait(10)
     thread.join(10)
     assert got == ["ADDED", "DELETED"]
-
-
-def gateway_for(server: StandIn) -> KubeGateway:
-    """A gateway through the kubernetes client, configured by a kubeconfig like the operator."""
-    fd, name = tempfile.mkstemp(suffix=".kubeconfig")
-    os.close(fd)
-    Path(name).write_text(yaml.safe_dump(server.kubeconfig()))
-    try:
-        return KubeGateway.connect(name)
-    finally:
-        os.unlink(name)
 
 
 def test_gateway_maps_errors(standin: StandIn) -> None:

@@ -13,13 +13,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from agent_helpers import wait_for
 from kube_standin import StandIn
 
 from orchestrator import crd as crd_module
@@ -29,16 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 KUBECTL = "/usr/bin/kubectl"
 EXAMPLE = REPO / "manifests" / "examples" / "tiny-llama.yaml"
 BAD = REPO / "tests" / "data" / "specs" / "bad"
-
-
-def wait_for(predicate: Any, timeout: float = 60.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
 class Kubectl:
@@ -144,15 +134,21 @@ def test_kubectl_apply_get_scale_describe_delete(cluster: Any, tmp_path: Path) -
     state = tmp_path / "state"
     operator = OperatorProcess(kubectl.config, state, "op-a", "--racks=2", "--nodes-per-rack=3")
     try:
-        wait_for(lambda: operator.leading or operator.proc.poll() is not None, 120, "leading")
+        wait_for(
+            lambda: operator.leading or operator.proc.poll() is not None,
+            timeout=120,
+            interval=0.2,
+            what="leading",
+        )
         assert operator.leading, operator.lines
         assert "created" in kubectl("apply", "-f", str(EXAMPLE))
         wait_for(
             lambda: (
                 kubectl("get", "lpud", "tiny-llama", "-o", "jsonpath={.status.phase}") == "Ready"
             ),
-            180,
-            "tiny-llama Ready",
+            timeout=180,
+            interval=0.2,
+            what="tiny-llama Ready",
         )
         plan = plan_of(EXAMPLE)  # the planner lpuctl uses, on the same 2 x 3 dev topology
         [row] = table(kubectl)
@@ -163,7 +159,12 @@ def test_kubectl_apply_get_scale_describe_delete(cluster: Any, tmp_path: Path) -
         assert row["AGE"].endswith(("s", "m"))
 
         assert "scaled" in kubectl("scale", "lpud/tiny-llama", "--replicas", "1")
-        wait_for(lambda: table(kubectl)[0]["READY"] == "1/1", 120, "scaled to 1/1")
+        wait_for(
+            lambda: table(kubectl)[0]["READY"] == "1/1",
+            timeout=120,
+            interval=0.2,
+            what="scaled to 1/1",
+        )
         obj = json.loads(kubectl("get", "lpud", "tiny-llama", "-o", "json"))
         assert obj["metadata"]["generation"] == 2
         wait_for(
@@ -173,8 +174,9 @@ def test_kubectl_apply_get_scale_describe_delete(cluster: Any, tmp_path: Path) -
                 )
                 == 2
             ),
-            60,
-            "observedGeneration 2",
+            timeout=60,
+            interval=0.2,
+            what="observedGeneration 2",
         )
         [row] = table(kubectl)
         assert int(row["CHIPS"]) == plan["chipsUsed"] // 2 and int(row["RACKS"]) == 1
@@ -272,12 +274,27 @@ def test_two_operators_only_the_lease_holder_acts_and_the_other_takes_over(
     a = OperatorProcess(kubectl.config, tmp_path / "a", "op-a", *timing)
     b: OperatorProcess | None = None
     try:
-        wait_for(lambda: a.leading or a.proc.poll() is not None, 120, "op-a leading")
+        wait_for(
+            lambda: a.leading or a.proc.poll() is not None,
+            timeout=120,
+            interval=0.2,
+            what="op-a leading",
+        )
         assert a.leading, a.lines
         b = OperatorProcess(kubectl.config, tmp_path / "b", "op-b", *timing)
-        wait_for(lambda: any("op-b: waiting" in line for line in b_log(tmp_path)), 60, "b waits")
+        wait_for(
+            lambda: any("op-b: waiting" in line for line in b_log(tmp_path)),
+            timeout=60,
+            interval=0.2,
+            what="b waits",
+        )
         kubectl("apply", "-f", str(EXAMPLE))
-        wait_for(lambda: finalized(kubectl, "tiny-llama"), 60, "finalizer from op-a")
+        wait_for(
+            lambda: finalized(kubectl, "tiny-llama"),
+            timeout=60,
+            interval=0.2,
+            what="finalizer from op-a",
+        )
         assert lease_spec(server)["holderIdentity"] == "op-a"
         assert not b.leading and b.proc.poll() is None
         assert not (tmp_path / "b" / "store.db").exists()  # the standby started nothing
@@ -285,7 +302,12 @@ def test_two_operators_only_the_lease_holder_acts_and_the_other_takes_over(
 
         a.stop(signal.SIGKILL)  # no release: b must wait the lease out
         last_renewal = parse_time(lease_spec(server)["renewTime"])
-        wait_for(lambda: b.leading or b.proc.poll() is not None, 60, "op-b leading")
+        wait_for(
+            lambda: b.leading or b.proc.poll() is not None,
+            timeout=60,
+            interval=0.2,
+            what="op-b leading",
+        )
         assert b.leading, b.lines
         spec = lease_spec(server)
         assert spec["holderIdentity"] == "op-b" and spec["leaseTransitions"] == 1
@@ -296,9 +318,18 @@ def test_two_operators_only_the_lease_holder_acts_and_the_other_takes_over(
         # b acts: it re-applies what Kubernetes holds, and serves a new object
         second = EXAMPLE.read_text().replace("name: tiny-llama", "name: second")
         kubectl("apply", "-f", "-", stdin=second)
-        wait_for(lambda: finalized(kubectl, "second"), 60, "finalizer from op-b")
+        wait_for(
+            lambda: finalized(kubectl, "second"),
+            timeout=60,
+            interval=0.2,
+            what="finalizer from op-b",
+        )
         with Store(tmp_path / "b" / "store.db", readonly=True) as store:
-            wait_for(lambda: {d.name for d in store.deployments()} == {"tiny-llama", "second"})
+            wait_for(
+                lambda: {d.name for d in store.deployments()} == {"tiny-llama", "second"},
+                timeout=60,
+                interval=0.2,
+            )
     finally:
         if b is not None:
             b.stop()
@@ -336,7 +367,12 @@ def test_every_bad_case_is_refused_by_kubectl_the_server_or_the_operator(
     refused_by_operator: list[str] = []
     accepted: list[str] = []
     try:
-        wait_for(lambda: operator.leading or operator.proc.poll() is not None, 120, "leading")
+        wait_for(
+            lambda: operator.leading or operator.proc.poll() is not None,
+            timeout=120,
+            interval=0.2,
+            what="leading",
+        )
         assert operator.leading, operator.lines
         for case in BAD_CASES:
             text = (
@@ -357,8 +393,9 @@ def test_every_bad_case_is_refused_by_kubectl_the_server_or_the_operator(
                             .get("status", {})
                             .get("reason")
                         ),
-                        60,
-                        f"{case.id}: the operator's verdict",
+                        timeout=60,
+                        interval=0.2,
+                        what=f"{case.id}: the operator's verdict",
                     )
                     assert status == "InvalidSpec", (case.id, status)
                 refused_by_operator.append(case.id)

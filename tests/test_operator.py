@@ -8,16 +8,14 @@ spec, delete through the finalizer, re-list after 410, a name taken in another n
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-from kube_standin import StandIn
+from agent_helpers import wait_for
+from kube_standin import StandIn, gateway_for
 
 from orchestrator import crd as crd_module
 from orchestrator.core.model import (
@@ -27,7 +25,6 @@ from orchestrator.core.model import (
     DeploymentStatus,
     Phase,
 )
-from orchestrator.kube_gateway import KubeGateway
 from orchestrator.operator import (
     FINALIZER,
     LeaderElector,
@@ -41,16 +38,6 @@ from placement.profiles import get_profile
 LPUD = "/apis/lpu.lockstep.dev/v1alpha1/namespaces/{ns}/lpudeployments"
 
 
-def wait_for(predicate: Any, timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or predicate}")
-
-
 @pytest.fixture
 def standin() -> Iterator[StandIn]:
     server = StandIn().start()
@@ -61,16 +48,6 @@ def standin() -> Iterator[StandIn]:
     )
     yield server
     server.stop()
-
-
-def gateway_for(server: StandIn) -> KubeGateway:
-    fd, name = tempfile.mkstemp(suffix=".kubeconfig")
-    os.close(fd)
-    Path(name).write_text(yaml.safe_dump(server.kubeconfig()))
-    try:
-        return KubeGateway.connect(name)
-    finally:
-        os.unlink(name)
 
 
 def lpud_resource(server: StandIn) -> Any:
@@ -194,9 +171,14 @@ def test_apply_finalizer_status_and_delete(standin: StandIn, operator: Any) -> N
     _op, store, woken = operator
     r = lpud_resource(standin)
     standin.create(r, "default", manifest(replicas=2))
-    obj = wait_for(lambda: (o := get(standin, "demo")) and o.get("status") and o, what="status")
+    obj = wait_for(
+        lambda: (o := get(standin, "demo")) and o.get("status") and o,
+        timeout=30,
+        interval=0.05,
+        what="status",
+    )
     assert FINALIZER in obj["metadata"]["finalizers"]
-    record = wait_for(lambda: store.deployment("demo"))
+    record = wait_for(lambda: store.deployment("demo"), timeout=30, interval=0.05)
     assert record.manifest["spec"]["replicas"] == 2 and woken
     assert obj["status"]["ready"] == "0/2"
     events = standin.resource("", "v1", "events")
@@ -205,19 +187,25 @@ def test_apply_finalizer_status_and_delete(standin: StandIn, operator: Any) -> N
             e["reason"] == "Applied" and e["involvedObject"]["uid"] == obj["metadata"]["uid"]
             for e in standin.list(events, "default")[0]
         ),
+        timeout=30,
+        interval=0.05,
         what="an Applied event on the object",
     )
     # scale: a new generation reaches the store
     standin.patch(
         r, "default", "demo", "application/merge-patch+json", {"spec": {"replicas": 3}}, "scale"
     )
-    wait_for(lambda: store.deployment("demo").manifest["spec"]["replicas"] == 3)
+    wait_for(
+        lambda: store.deployment("demo").manifest["spec"]["replicas"] == 3,
+        timeout=30,
+        interval=0.05,
+    )
     # delete: held by the finalizer until the control plane forgets the deployment
     standin.delete(r, "default", "demo")
-    wait_for(lambda: store.deployment("demo").deleting, what="deleting")
+    wait_for(lambda: store.deployment("demo").deleting, timeout=30, interval=0.05, what="deleting")
     assert get(standin, "demo") is not None
     store.delete_deployment("demo")  # what the controller does once chips are free
-    wait_for(lambda: get(standin, "demo") is None, what="object gone")
+    wait_for(lambda: get(standin, "demo") is None, timeout=30, interval=0.05, what="object gone")
 
 
 def test_invalid_spec_is_reported_not_stored(standin: StandIn, operator: Any) -> None:
@@ -226,7 +214,9 @@ def test_invalid_spec_is_reported_not_stored(standin: StandIn, operator: Any) ->
         lpud_resource(standin), "default", manifest(model={"config": "/nonexistent/config.json"})
     )
     obj = wait_for(
-        lambda: (o := get(standin, "demo")) and o.get("status", {}).get("phase") == "Failed" and o
+        lambda: (o := get(standin, "demo")) and o.get("status", {}).get("phase") == "Failed" and o,
+        timeout=30,
+        interval=0.05,
     )
     assert obj["status"]["reason"] == "InvalidSpec"
     assert "model config file not found" in obj["status"]["message"]
@@ -236,7 +226,9 @@ def test_invalid_spec_is_reported_not_stored(standin: StandIn, operator: Any) ->
         lambda: (
             [e["type"] for e in standin.list(events, "default")[0] if e["reason"] == "InvalidSpec"]
             == ["Warning"]
-        )
+        ),
+        timeout=30,
+        interval=0.05,
     )
 
 
@@ -244,10 +236,12 @@ def test_same_name_in_two_namespaces(standin: StandIn, operator: Any) -> None:
     _, store, _ = operator
     r = lpud_resource(standin)
     standin.create(r, "default", manifest())
-    wait_for(lambda: store.deployment("demo"))
+    wait_for(lambda: store.deployment("demo"), timeout=30, interval=0.05)
     standin.create(r, "other", manifest())
     obj = wait_for(
-        lambda: (o := get(standin, "demo", "other")) and o.get("status", {}).get("reason") and o
+        lambda: (o := get(standin, "demo", "other")) and o.get("status", {}).get("reason") and o,
+        timeout=30,
+        interval=0.05,
     )
     assert obj["status"]["reason"] == "NameTaken" and obj["status"]["phase"] == "Failed"
 
@@ -256,11 +250,16 @@ def test_relists_after_410_and_misses_nothing(standin: StandIn, operator: Any) -
     op, store, _ = operator
     r = lpud_resource(standin)
     standin.create(r, "default", manifest("first"))
-    wait_for(lambda: store.deployment("first"))
+    wait_for(lambda: store.deployment("first"), timeout=30, interval=0.05)
     before = op.relists
     standin.state.compact()  # the watch's resourceVersion is now too old
     standin.create(r, "default", manifest("second"))
-    wait_for(lambda: store.deployment("second"), what="second applied after the re-list")
+    wait_for(
+        lambda: store.deployment("second"),
+        timeout=30,
+        interval=0.05,
+        what="second applied after the re-list",
+    )
     assert op.relists > before
 
 
@@ -277,7 +276,12 @@ def test_stored_deployment_without_object_is_deleted(standin: StandIn, tmp_path:
     )
     op.start()
     try:
-        wait_for(lambda: store.deployment("orphan").deleting, what="orphan deleting")
+        wait_for(
+            lambda: store.deployment("orphan").deleting,
+            timeout=30,
+            interval=0.05,
+            what="orphan deleting",
+        )
     finally:
         op.stop()
         store.close()
@@ -285,7 +289,9 @@ def test_stored_deployment_without_object_is_deleted(standin: StandIn, tmp_path:
 
 def test_status_is_one_patch_per_change(standin: StandIn, operator: Any) -> None:
     standin.create(lpud_resource(standin), "default", manifest())
-    wait_for(lambda: (o := get(standin, "demo")) and "chips" in o.get("status", {}))  # stored
+    wait_for(
+        lambda: (o := get(standin, "demo")) and "chips" in o.get("status", {}), timeout=30
+    )  # stored
     count = sum(1 for m, p in standin.requests if m == "PATCH" and p.endswith("/status"))
     # the sync loop runs every 0.1 s; nothing changes, so nothing more is written
     deadline = time.monotonic() + 1.0
