@@ -50,6 +50,7 @@ from typing import Any
 from orchestrator.control_plane import ControlPlane
 from orchestrator.core import loading_progress
 from orchestrator.core.model import ConditionType, DeploymentStatus, Phase, Replica
+from orchestrator.deployments import store_deployment
 from orchestrator.kube_gateway import (
     JSON,
     KubeConflict,
@@ -422,23 +423,15 @@ class Operator:
             self._refuse(tracked, "InvalidSpec", str(exc))
             return
         try:
-            result = self.store.apply_deployment(name, spec.manifest, self.clock())
+            result = store_deployment(
+                self.store, spec, self.clock(), self.wake, generation=generation
+            )
         except Conflict as exc:  # the previous object of this name is still being deleted
             log.info("%s/%s: %s", ns, name, exc)
             return
         with self.lock:
             tracked.refused = None
             tracked.generations[result.generation] = generation
-        if result.changed:
-            what = "created" if result.created else "spec changed"
-            self.store.add_event(
-                self.clock(),
-                "Normal",
-                "Applied",
-                f"{what}: generation {generation}",
-                deployment=name,
-            )
-            self.wake()
         self.changed.set()
 
     def _refuse(self, tracked: _Tracked, reason: str, message: str) -> None:
