@@ -47,6 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from orchestrator.admin_server import TokenError
 from orchestrator.control_plane import ControlPlane
 from orchestrator.core import loading_progress
 from orchestrator.core.model import ConditionType, DeploymentStatus, Phase, Replica
@@ -62,7 +63,9 @@ from orchestrator.kube_gateway import (
     rfc3339_micro,
 )
 from orchestrator.spec import SpecError, deployment_from_manifest, strip_server_fields
-from orchestrator.store import Conflict, DeploymentRecord, Store
+from orchestrator.store import Conflict, DeploymentRecord, Store, StoreError
+from placement.errors import InputError
+from security.certs import CertError
 
 log = logging.getLogger("lockstep.operator")
 
@@ -601,21 +604,38 @@ def main(argv: list[str] | None = None) -> int:
         if stop.wait(args.retry_period):
             return 0
     log.info("%s: leading", args.identity)
-    plane = ControlPlane(
-        args.state,
-        profile=args.profile,
-        racks=args.racks,
-        nodes_per_rack=args.nodes_per_rack,
-        runtime=args.runtime,
-        listen=args.listen,
-        advertise=args.advertise,
-        admin_listen=args.admin_listen,
-        registry_listen=args.registry_listen,
-        metrics_port=args.metrics_port,
-    )
+    lost = threading.Event()
+
+    def renew() -> None:
+        """Renew from the moment the lease is held (starting the control plane takes a while);
+        a holder that cannot renew within the deadline stops acting at once."""
+        renewed = time.monotonic()
+        while not stop.wait(args.retry_period):
+            if elector.try_acquire_or_renew():
+                renewed = time.monotonic()
+            elif time.monotonic() - renewed > args.renew_deadline:
+                log.error("%s: lost the lease: stopping", args.identity)
+                lost.set()
+                stop.set()
+
+    renewer = threading.Thread(target=renew, name="lease-renewer", daemon=True)
+    renewer.start()
+    plane: ControlPlane | None = None
     operator: Operator | None = None
     code = 0
     try:
+        plane = ControlPlane(
+            args.state,
+            profile=args.profile,
+            racks=args.racks,
+            nodes_per_rack=args.nodes_per_rack,
+            runtime=args.runtime,
+            listen=args.listen,
+            advertise=args.advertise,
+            admin_listen=args.admin_listen,
+            registry_listen=args.registry_listen,
+            metrics_port=args.metrics_port,
+        )
         plane.start()
         operator = Operator(
             gateway,
@@ -627,19 +647,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         operator.start()
         print(f"leading as {args.identity}; control plane admin {plane.admin_address}", flush=True)
-        renewed = time.monotonic()
-        while not stop.wait(args.retry_period):
-            if elector.try_acquire_or_renew():
-                renewed = time.monotonic()
-            elif time.monotonic() - renewed > args.renew_deadline:
-                log.error("%s: lost the lease: stopping", args.identity)
-                code = 1
-                break
+        stop.wait()
+    except (
+        ValueError,
+        OSError,
+        RuntimeError,
+        InputError,
+        TokenError,
+        CertError,
+        StoreError,
+    ) as exc:
+        print(f"operator: cannot start the control plane: {exc}", file=sys.stderr)
+        code = 1
     finally:
+        stop.set()
         if operator is not None:
             operator.stop()
-        plane.stop()
-        if code == 0:
+        if plane is not None:
+            plane.stop()
+        renewer.join(args.retry_period + 15)
+        if lost.is_set():
+            code = 1
+        else:
             elector.release()
         gateway.close()
     return code

@@ -629,12 +629,27 @@ class StandIn:
     def __init__(self, history: int = 1000) -> None:
         self.state = State(history)
         self.requests: list[tuple[str, str]] = []  # method, path+query: what clients did
+        self.faults: list[list[Any]] = []  # [remaining, code, path fragment]: see fail()
         handler = type("Handler", (_Handler,), {"standin": self})
         self.httpd = _Server(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(
             target=self.httpd.serve_forever, name="kube-standin", daemon=True
         )
+
+    def fail(self, count: int, code: int = 500, path_contains: str = "") -> None:
+        """Answer the next `count` requests whose path contains `path_contains` with `code`
+        (an overloaded or restarting API server)."""
+        with self.state.cond:
+            self.faults.append([count, code, path_contains])
+
+    def _injected_fault(self, path: str) -> ApiError | None:
+        with self.state.cond:
+            for fault in self.faults:
+                if fault[0] > 0 and fault[2] in path:
+                    fault[0] -= 1
+                    return ApiError(fault[1], "InternalError", "injected fault")
+        return None
 
     @property
     def url(self) -> str:
@@ -1272,6 +1287,9 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         s.requests.append((method, self.path))
         try:
+            fault = s._injected_fault(self.path)
+            if fault is not None:
+                raise fault
             if method == "GET" and self._discovery(url.path):
                 return
             m = _PATH.match(url.path)

@@ -300,3 +300,17 @@ def test_status_is_one_patch_per_change(standin: StandIn, operator: Any) -> None
     after = sum(1 for m, p in standin.requests if m == "PATCH" and p.endswith("/status"))
     assert after == count
     assert json.dumps(get(standin, "demo")["status"])  # and it is there
+
+
+def test_backs_off_on_api_errors_and_lists_again(standin: StandIn, operator: Any) -> None:
+    op, store, _ = operator
+    r = lpud_resource(standin)
+    standin.create(r, "default", manifest("first"))
+    wait_for(lambda: store.deployment("first"), timeout=30, interval=0.05)
+    lists = op.relists
+    standin.fail(4, 500, "lpudeployments")  # the API server answers 500 four times
+    standin.state.compact()  # the watch ends with 410; the re-lists meet the errors
+    standin.create(r, "default", manifest("second"))
+    wait_for(lambda: store.deployment("second"), timeout=60, interval=0.05, what="recovered")
+    assert op.relists == lists + 1  # the failed lists do not count; one succeeded
+    assert all(f[0] == 0 for f in standin.faults)  # every injected fault was met
