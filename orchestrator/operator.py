@@ -481,6 +481,17 @@ class Operator:
             if deleting and record is None and FINALIZER in (meta.get("finalizers") or []):
                 self._release(t)
                 continue
+            if not deleting and record is None:
+                if t.refused is None and self.owner.get(name) == key:
+                    # Served but not stored: it waited for the delete of an older object of
+                    # the same name, or was deleted behind Kubernetes' back: apply it again.
+                    self._apply(t)
+                    record = self.store.deployment(name)
+                elif (
+                    t.refused is not None and t.refused[0] == "NameTaken" and name not in self.owner
+                ):
+                    self.handle(t.obj)  # the name is free now
+                    continue
             if t.refused is not None:
                 reason, message = t.refused
                 generation = int(meta.get("generation") or 0)

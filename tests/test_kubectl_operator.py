@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -413,3 +414,54 @@ def test_every_bad_case_is_refused_by_kubectl_the_server_or_the_operator(
         f"{len(accepted)} made valid by kubectl"
     )
     assert len(refused_by_operator) >= 5
+
+
+def test_a_leader_that_cannot_renew_stops_acting(cluster: Any, tmp_path: Path) -> None:
+    """The API server refuses the holder's renewals: within the renew deadline it stops its
+    control plane and exits 1 (the Deployment restarts it as a candidate)."""
+    server, kubectl = cluster
+    a = OperatorProcess(
+        kubectl.config,
+        tmp_path / "a",
+        "op-a",
+        "--lease-duration=4",
+        "--renew-deadline=2",
+        "--retry-period=0.25",
+    )
+    try:
+        wait_for(lambda: a.leading or a.proc.poll() is not None, timeout=120, interval=0.2)
+        assert a.leading, a.lines
+        refused = time.monotonic()
+        server.fail(1_000_000, 500, "/leases/lockstep-operator")
+        a.proc.wait(60)
+        assert a.proc.returncode == 1
+        assert time.monotonic() - refused < 2 + 15  # the deadline, plus a stop on a busy box
+        assert "lost the lease" in (tmp_path / "op-a.log").read_text()
+    finally:
+        a.stop()
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--retry-period=5", "--renew-deadline=3"], "--retry-period < --renew-deadline"),
+        (["--kubeconfig=/nonexistent"], "cannot load the Kubernetes configuration"),
+    ],
+)
+def test_operator_refuses_bad_arguments(args: list[str], fragment: str, tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.operator",
+            "--identity=x",
+            f"--state={tmp_path}",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and fragment in out.stderr
+    assert "Traceback" not in out.stderr

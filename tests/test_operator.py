@@ -314,3 +314,37 @@ def test_backs_off_on_api_errors_and_lists_again(standin: StandIn, operator: Any
     wait_for(lambda: store.deployment("second"), timeout=60, interval=0.05, what="recovered")
     assert op.relists == lists + 1  # the failed lists do not count; one succeeded
     assert all(f[0] == 0 for f in standin.faults)  # every injected fault was met
+
+
+def test_a_deployment_lost_by_the_control_plane_is_applied_again(
+    standin: StandIn, operator: Any
+) -> None:
+    _, store, _ = operator
+    standin.create(lpud_resource(standin), "default", manifest())
+    wait_for(lambda: store.deployment("demo"), timeout=30, interval=0.05)
+    store.delete_deployment("demo")  # e.g. `lpuctl delete` behind Kubernetes' back
+    wait_for(lambda: store.deployment("demo"), timeout=30, interval=0.05, what="applied again")
+
+
+def test_a_freed_name_is_served_to_the_waiting_object(standin: StandIn, operator: Any) -> None:
+    _, store, _ = operator
+    r = lpud_resource(standin)
+    standin.create(r, "default", manifest())
+    wait_for(lambda: store.deployment("demo"), timeout=30, interval=0.05)
+    standin.create(r, "other", manifest(replicas=3))
+    wait_for(
+        lambda: (
+            (get(standin, "demo", "other") or {}).get("status", {}).get("reason") == "NameTaken"
+        ),
+        timeout=30,
+        interval=0.05,
+    )
+    standin.delete(r, "default", "demo")
+    wait_for(lambda: store.deployment("demo").deleting, timeout=30, interval=0.05)
+    store.delete_deployment("demo")  # the controller's part, done
+    wait_for(
+        lambda: (d := store.deployment("demo")) and d.manifest["spec"]["replicas"] == 3,
+        timeout=30,
+        interval=0.05,
+        what="the other namespace's object served",
+    )
