@@ -296,17 +296,50 @@ def test_kubectl_discovery_table_and_strict_validation(standin: StandIn, tmp_pat
     doc = yaml.safe_dump(lpud("demo"))
     assert kubectl(config, "apply", "-f", "-", stdin=doc).returncode == 0
     out = kubectl(config, "get", "lpud")
-    assert out.stdout.split("\n")[0].split() == [
-        "NAME",
-        "READY",
-        "PHASE",
-        "CHIPS",
-        "RACKS",
-        "TOKENS/S",
-        "AGE",
-    ]
+    columns = [c["name"].upper() for c in crd_module.PRINTER_COLUMNS]
+    assert out.stdout.split("\n")[0].split() == ["NAME", *columns]
     bad = doc.replace("preset: llama-3-8b", "preset: llama-3-8b\n    presett: x")
     out = kubectl(config, "apply", "-f", "-", stdin=bad)
     assert out.returncode != 0 and 'unknown field "spec.model.presett"' in out.stderr
     # kubectl asked for server-side strict field validation
     assert any("fieldValidation=Strict" in path for _, path in standin.requests)
+
+
+def test_json_patch_and_deleted_event_after_the_last_finalizer(standin: StandIn) -> None:
+    install_crd(standin)
+    body = lpud()
+    body["metadata"]["finalizers"] = ["x/y"]
+    _, obj = http(standin, "POST", LPUD, body)
+    code, obj = http(
+        standin,
+        "PATCH",
+        LPUD + "/demo",
+        [
+            {"op": "test", "path": "/spec/replicas", "value": 1},
+            {"op": "replace", "path": "/spec/replicas", "value": 4},
+        ],
+        "application/json-patch+json",
+    )
+    assert code == 200 and obj["spec"]["replicas"] == 4 and obj["metadata"]["generation"] == 2
+    code, _ = http(
+        standin,
+        "PATCH",
+        LPUD + "/demo",
+        [{"op": "test", "path": "/spec/replicas", "value": 1}],
+        "application/json-patch+json",
+    )
+    assert code == 422  # a failed test changes nothing
+    gw = gateway_for(standin)
+    _, rv = gw.list_deployments(NS)
+    http(standin, "DELETE", LPUD + "/demo")
+    http(
+        standin,
+        "PATCH",
+        LPUD + "/demo",
+        [{"op": "remove", "path": "/metadata/finalizers"}],
+        "application/json-patch+json",
+    )
+    kinds = [
+        e.type for e in gw.watch_deployments(NS, rv, timeout_seconds=1) if e.type != "BOOKMARK"
+    ]
+    assert kinds == ["MODIFIED", "DELETED"]  # deletionTimestamp set, then gone

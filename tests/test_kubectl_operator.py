@@ -100,6 +100,16 @@ class OperatorProcess:
     def leading(self) -> bool:
         return any(line.startswith("leading as") for line in self.lines)
 
+    def wait_leading(self, timeout: float = 120.0) -> None:
+        """Until it leads (its control plane started); fail if it exits first."""
+        wait_for(
+            lambda: self.leading or self.proc.poll() is not None,
+            timeout=timeout,
+            interval=0.2,
+            what="the operator leading",
+        )
+        assert self.leading, self.lines
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -135,13 +145,7 @@ def test_kubectl_apply_get_scale_describe_delete(cluster: Any, tmp_path: Path) -
     state = tmp_path / "state"
     operator = OperatorProcess(kubectl.config, state, "op-a", "--racks=2", "--nodes-per-rack=3")
     try:
-        wait_for(
-            lambda: operator.leading or operator.proc.poll() is not None,
-            timeout=120,
-            interval=0.2,
-            what="leading",
-        )
-        assert operator.leading, operator.lines
+        operator.wait_leading()
         assert "created" in kubectl("apply", "-f", str(EXAMPLE))
         wait_for(
             lambda: (
@@ -275,13 +279,7 @@ def test_two_operators_only_the_lease_holder_acts_and_the_other_takes_over(
     a = OperatorProcess(kubectl.config, tmp_path / "a", "op-a", *timing)
     b: OperatorProcess | None = None
     try:
-        wait_for(
-            lambda: a.leading or a.proc.poll() is not None,
-            timeout=120,
-            interval=0.2,
-            what="op-a leading",
-        )
-        assert a.leading, a.lines
+        a.wait_leading()
         b = OperatorProcess(kubectl.config, tmp_path / "b", "op-b", *timing)
         wait_for(
             lambda: any("op-b: waiting" in line for line in b_log(tmp_path)),
@@ -303,13 +301,7 @@ def test_two_operators_only_the_lease_holder_acts_and_the_other_takes_over(
 
         a.stop(signal.SIGKILL)  # no release: b must wait the lease out
         last_renewal = parse_time(lease_spec(server)["renewTime"])
-        wait_for(
-            lambda: b.leading or b.proc.poll() is not None,
-            timeout=60,
-            interval=0.2,
-            what="op-b leading",
-        )
-        assert b.leading, b.lines
+        b.wait_leading(timeout=60)
         spec = lease_spec(server)
         assert spec["holderIdentity"] == "op-b" and spec["leaseTransitions"] == 1
         takeover = parse_time(spec["acquireTime"]) - last_renewal
@@ -368,13 +360,7 @@ def test_every_bad_case_is_refused_by_kubectl_the_server_or_the_operator(
     refused_by_operator: list[str] = []
     accepted: list[str] = []
     try:
-        wait_for(
-            lambda: operator.leading or operator.proc.poll() is not None,
-            timeout=120,
-            interval=0.2,
-            what="leading",
-        )
-        assert operator.leading, operator.lines
+        operator.wait_leading()
         for case in BAD_CASES:
             text = (
                 case.text.decode("utf-8", "replace") if isinstance(case.text, bytes) else case.text
@@ -429,8 +415,7 @@ def test_a_leader_that_cannot_renew_stops_acting(cluster: Any, tmp_path: Path) -
         "--retry-period=0.25",
     )
     try:
-        wait_for(lambda: a.leading or a.proc.poll() is not None, timeout=120, interval=0.2)
-        assert a.leading, a.lines
+        a.wait_leading()
         refused = time.monotonic()
         server.fail(1_000_000, 500, "/leases/lockstep-operator")
         a.proc.wait(60)
