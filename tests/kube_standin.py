@@ -12,8 +12,10 @@ What it honours (and nothing more):
 * discovery (`/api`, `/apis`, `/api/v1`, `/apis/G/V`, `/version`) and a minimal `/openapi/v3`
   that tells kubectl the server validates fields itself (`fieldValidation`), so kubectl sends
   `fieldValidation=Strict` and relies on the server, as against a real 1.2x+ server;
-* CRUD on core/v1 events, namespaces, services, configmaps; coordination.k8s.io/v1 leases;
-  apiextensions.k8s.io/v1 CRDs; and every resource a registered CRD serves;
+* CRUD on core/v1 events, namespaces, services, configmaps, serviceaccounts, secrets, nodes;
+  apps/v1 deployments and daemonsets; rbac/v1 roles, bindings and their cluster kinds;
+  coordination.k8s.io/v1 leases; apiextensions.k8s.io/v1 CRDs; and every resource a
+  registered CRD serves (built-in kinds are stored as given: no schema, no controllers);
 * one global, increasing `resourceVersion`; PUT with a stale `metadata.resourceVersion` is
   409 Conflict; `uid`, `creationTimestamp`, `generation` set by the server;
 * `generation` bumped only when something other than `metadata` and `status` changes;
@@ -149,6 +151,15 @@ BUILTINS = [
     Resource("", "v1", "events", "Event", True, "event", ("ev",)),
     Resource("", "v1", "configmaps", "ConfigMap", True, "configmap", ("cm",)),
     Resource("", "v1", "services", "Service", True, "service", ("svc",)),
+    Resource("", "v1", "serviceaccounts", "ServiceAccount", True, "serviceaccount", ("sa",)),
+    Resource("", "v1", "secrets", "Secret", True, "secret"),
+    Resource("", "v1", "nodes", "Node", False, "node", ("no",)),
+    Resource("apps", "v1", "deployments", "Deployment", True, "deployment", ("deploy",)),
+    Resource("apps", "v1", "daemonsets", "DaemonSet", True, "daemonset", ("ds",)),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+    Resource("rbac.authorization.k8s.io", "v1", "roles", "Role", True),
+    Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
     Resource("coordination.k8s.io", "v1", "leases", "Lease", True, "lease"),
     Resource(
         "apiextensions.k8s.io",
