@@ -309,3 +309,54 @@ def test_kubectl_apply_k_installs_cleanly_and_again_changes_nothing(tmp_path: Pa
         assert "created" in kubectl("apply", "-f", str(example))
     finally:
         server.stop()
+
+
+def test_agent_init_container_lays_out_topology_and_certificates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DaemonSet's init container script, run against the stand-in (its /etc/lockstep
+    paths moved under tmp_path, in-cluster config replaced by a kubeconfig): it writes the
+    node's rack and slot from its labels, and lays out the node's certificate from the flat
+    Secret keys so that the agent's loader (`security.certs.ensure_agent`) accepts it."""
+    import kubernetes.config
+    from kube_standin import StandIn
+
+    from security import certs
+
+    issued = tmp_path / "issued"
+    certs.init_ca(issued)
+    certs.issue(issued, certs.agent_identity("lpu-a"))
+    secret = tmp_path / "etc" / "secret"  # the Secret volume: flat keys
+    secret.mkdir(parents=True)
+    (secret / "ca.crt").write_bytes((issued / "ca.crt").read_bytes())
+    for suffix in ("crt", "key"):
+        (secret / f"lpu-a.{suffix}").write_bytes(
+            (issued / "agents" / f"lpu-a.{suffix}").read_bytes()
+        )
+    (tmp_path / "etc" / "topology").mkdir()
+
+    server = StandIn().start()
+    try:
+        nodes = server.resource("", "v1", "nodes")
+        labels = {"topology.lockstep.dev/rack": "rack-3", "topology.lockstep.dev/slot": "5"}
+        server.create(nodes, "", {"metadata": {"name": "lpu-a", "labels": labels}})
+        config = tmp_path / "kubeconfig"
+        config.write_text(yaml.safe_dump(server.kubeconfig()))
+        monkeypatch.setattr(
+            kubernetes.config,
+            "load_incluster_config",
+            lambda: kubernetes.config.load_kube_config(config_file=str(config)),
+        )
+        monkeypatch.setenv("NODE_NAME", "lpu-a")
+        daemonset = next(d for _, d in all_documents() if d["kind"] == "DaemonSet")
+        script = daemonset["spec"]["template"]["spec"]["initContainers"][0]["command"][2]
+        exec(script.replace("/etc/lockstep", str(tmp_path / "etc")), {})
+    finally:
+        server.stop()
+    assert (tmp_path / "etc" / "topology" / "rack").read_text() == "rack-3"
+    assert (tmp_path / "etc" / "topology" / "slot").read_text() == "5"
+    laid_out = tmp_path / "etc" / "certs"
+    assert (laid_out / "agents" / "lpu-a.key").stat().st_mode & 0o777 == 0o600
+    creds = certs.ensure_agent(laid_out, "lpu-a")  # what the agent does at start
+    assert creds.identity == certs.agent_identity("lpu-a")
+    assert not (laid_out / "ca.key").exists()  # the node never holds the CA key
