@@ -23,6 +23,7 @@ import kubernetes.client as k8s
 import pydantic
 import pytest
 import yaml
+from cryptography import x509
 
 from orchestrator import crd as crd_module
 from orchestrator.spec import crd_openapi_schema, load_deployment_file
@@ -360,3 +361,35 @@ def test_agent_init_container_lays_out_topology_and_certificates(
     creds = certs.ensure_agent(laid_out, "lpu-a")  # what the agent does at start
     assert creds.identity == certs.agent_identity("lpu-a")
     assert not (laid_out / "ca.key").exists()  # the node never holds the CA key
+
+
+def test_operator_init_container_brings_the_agents_ca(tmp_path: Path) -> None:
+    """The operator's init container copies the CA from its Secret into the state directory;
+    the control plane then issues its own certificate from it, so agents with certificates
+    from that CA and the control plane trust each other."""
+    from orchestrator.control_plane import prepare_state
+    from security import certs
+
+    issued = tmp_path / "issued"  # where the platform engineer ran `lpuctl certs init`
+    certs.init_ca(issued)
+    certs.issue(issued, certs.agent_identity("lpu-a"))
+    etc = tmp_path / "etc" / "ca"
+    etc.mkdir(parents=True)
+    for name in ("ca.crt", "ca.key"):
+        (etc / name).write_bytes((issued / name).read_bytes())
+    deployment = next(d for _, d in all_documents() if d["kind"] == "Deployment")
+    script = deployment["spec"]["template"]["spec"]["initContainers"][0]["command"][2]
+    state = tmp_path / "state"
+    exec(
+        script.replace("/etc/lockstep", str(tmp_path / "etc")).replace(
+            "/var/lib/lockstep", str(state)
+        ),
+        {},
+    )
+    assert (state / "certs" / "ca.key").stat().st_mode & 0o777 == 0o600
+    paths = prepare_state(state, ("lockstep-control-plane.lockstep-system.svc",))
+    control_plane = certs.load_control_plane(paths.certs)
+    agent = certs.load_agent(issued, "lpu-a")
+    assert control_plane.ca_pem == agent.ca_pem  # one CA: mutual TLS holds
+    ca = x509.load_pem_x509_certificate(agent.ca_pem)
+    x509.load_pem_x509_certificate(control_plane.cert_pem).verify_directly_issued_by(ca)
