@@ -51,7 +51,7 @@ from orchestrator.core import (
     loading_progress,
     node_state,
 )
-from orchestrator.deployments import plan_request_from_spec
+from orchestrator.deployments import plan_request_from_spec, store_deployment
 from orchestrator.spec import SpecError, parse_deployment
 from orchestrator.store import Conflict, ControlStore, DeploymentRecord
 from orchestrator.verify import Verifier, VerifyError
@@ -196,19 +196,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Apply(self, request: admin_pb2.ApplyRequest, context: grpc.ServicerContext) -> Any:
         spec = _parse(request.yaml, request.source, context)
         try:
-            result = self.store.apply_deployment(spec.name, spec.manifest, self.clock())
+            result = store_deployment(self.store, spec, self.clock(), self.controller.wake)
         except Conflict as exc:
             _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        if result.changed:
-            what = "created" if result.created else "spec changed"
-            self.store.add_event(
-                self.clock(),
-                "Normal",
-                "Applied",
-                f"{what}: generation {result.generation}",
-                deployment=result.name,
-            )
-            self.controller.wake()
         return admin_pb2.ApplyResponse(
             name=result.name,
             generation=result.generation,

@@ -276,6 +276,7 @@ class ControlPlane:
         listen: str = "127.0.0.1",
         advertise: str | None = None,
         admin_listen: str | None = None,
+        registry_listen: str | None = None,
         metrics_port: int = 0,
         settings: CoreSettings | None = None,
         ray_address: str | None = None,
@@ -284,7 +285,8 @@ class ControlPlane:
         """`listen`: the host the admin, registry and metrics ports bind (module docstring);
         `advertise`: the host others reach them at (default: `routable_host(listen)`);
         `admin_listen` (HOST:PORT) overrides where the admin API binds (default: `listen`,
-        any port)."""
+        any port); `registry_listen` likewise for the node registry (a fixed port for agents
+        that are told where to register, e.g. the Kubernetes DaemonSet)."""
         self.ray_address = ray_address
         self.agent_args = ("--allow-fault-injection",) if allow_fault_injection else ()
         self.specs: list[NodeSpec] = []
@@ -317,7 +319,8 @@ class ControlPlane:
                     creds,
                     tokens,
                     admin_listen=self.admin_listen,
-                    registry_listen=host_port(self.listen, attempt.get("registry", 0)),
+                    registry_listen=registry_listen
+                    or host_port(self.listen, attempt.get("registry", 0)),
                 )
                 break
             except (RuntimeError, OSError) as exc:  # grpc: RuntimeError("Failed to bind ...")
@@ -477,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         "host, or for 0.0.0.0 this host's address on its default route)",
     )
     parser.add_argument("--admin-listen", help="HOST:PORT of the admin API (default: --listen)")
+    parser.add_argument(
+        "--registry-listen", help="HOST:PORT of the node registry (default: --listen, any port)"
+    )
     parser.add_argument("--metrics-port", type=int, default=0, help="HTTPS /metrics (0: any)")
     parser.add_argument(
         "--allow-fault-injection",
@@ -511,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             listen=args.listen,
             advertise=args.advertise,
             admin_listen=args.admin_listen,
+            registry_listen=args.registry_listen,
             metrics_port=args.metrics_port,
             settings=settings,
             ray_address=args.ray_address,
