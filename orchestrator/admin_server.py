@@ -8,9 +8,11 @@ certificate optional on one port:
   `TOKEN ROLE [NAME]`, role `admin` or `viewer`). No or an unknown token: UNAUTHENTICATED; a
   viewer calling a write (Apply, Delete, Cordon, Uncordon, Drain): PERMISSION_DENIED. A viewer
   may Generate (it changes no state). Health checking and reflection are open.
-* **NodeRegistry** (`Register`, `Heartbeat`): mutual TLS; only agent certificates, and the node
-  is the certificate's, never the message's. Heartbeats only land in the controller's buffer
-  (batched into the store once per pass).
+* **NodeRegistry** (`Register`, `HeartbeatStream`): mutual TLS; only agent certificates, and
+  the node is the certificate's, never the message's. It is served by a `grpc.aio` server on
+  its own event loop (`orchestrator.registry_server`: one long-lived heartbeat stream per agent
+  without a thread per stream); heartbeats only land in the controller's buffer (batched into
+  the store once per pass).
 
 An apply that changes something and a delete request each write an event (`Applied`,
 `DeleteRequested`), so `describe`/`events`/`Watch` show who-asked-what before the reconciler
@@ -51,6 +53,7 @@ from orchestrator.core import (
     node_state,
 )
 from orchestrator.deployments import plan_request_from_spec
+from orchestrator.registry_server import RegistryServer
 from orchestrator.spec import SpecError, parse_deployment
 from orchestrator.store import Conflict, ControlStore, DeploymentRecord
 from placement.errors import InputError, Unplaceable
@@ -59,12 +62,11 @@ from placement.profiles import ChipProfile
 from protos import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 from security.certs import Credentials
 from security.identity import AGENT_PREFIX, check_node_name, role_of
-from security.tls import peer_identity, server_credentials
+from security.tls import peer_identity
 
 log = logging.getLogger("lockstep.admin")
 
 ADMIN_SERVICE = "lockstep.admin.v1.Admin"
-REGISTRY_SERVICE = "lockstep.admin.v1.NodeRegistry"
 WRITE_METHODS = frozenset({"Apply", "Delete", "Cordon", "Uncordon", "Drain"})
 ROLES = ("admin", "viewer")
 MAX_MESSAGE_BYTES = 2 << 20
@@ -517,7 +519,8 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
         self._failed: dict[str, frozenset[int]] = {}
         self._lock = threading.Lock()
 
-    def _node(self, context: grpc.ServicerContext) -> str:
+    def node_of(self, context: grpc.ServicerContext) -> str:
+        """The caller's node, from its agent certificate (aborts for any other caller)."""
         identity = peer_identity(context)
         if identity is None or role_of(identity) is None:
             _abort(
@@ -534,7 +537,7 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
         return identity.removeprefix(AGENT_PREFIX)
 
     def Register(self, request: admin_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:
-        node = self._node(context)
+        node = self.node_of(context)
         if request.node and request.node != node:
             _abort(
                 context,
@@ -595,20 +598,27 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
             node=node, heartbeat_interval=self.controller.settings.heartbeat_interval
         )
 
-    def Heartbeat(self, request: admin_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
-        node = self._node(context)
+    def known(self, node: str) -> bool:
+        with self._lock:
+            return node in self._known
+
+    def beat(self, node: str, beat: admin_pb2.HeartbeatRequest) -> bool:
+        """One heartbeat of `node` (already authenticated): into the controller's buffer, and
+        a change of its failed chips makes the controller ask the agent. False when the node is
+        not known (it must register again). Cheap and non-blocking: it runs on the heartbeat
+        streams' event loop (`orchestrator.registry_server`)."""
         with self._lock:
             known = node in self._known
-            failed = frozenset(c.index for c in request.chips if c.failed)
+            failed = frozenset(c.index for c in beat.chips if c.failed)
             changed = known and failed != self._failed.get(node, frozenset())
             if changed:
                 self._failed[node] = failed
         if not known:
-            return admin_pb2.HeartbeatResponse(known=False)
+            return False
         self.controller.heartbeats.add(node, self.clock())
         if changed:  # rare: the controller asks the agent and records the chips' health
             self.controller.node_registered(node)
-        return admin_pb2.HeartbeatResponse(known=True)
+        return True
 
 
 # --- wiring ------------------------------------------------------------------------------------
@@ -618,7 +628,7 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
 class Servers:
     admin: grpc.Server
     admin_port: int
-    registry: grpc.Server
+    registry: RegistryServer
     registry_port: int
     health: health.HealthServicer
     service: AdminService
@@ -627,7 +637,7 @@ class Servers:
         self.health.enter_graceful_shutdown()
         self.service.stop_streams()
         self.admin.stop(grace).wait()
-        self.registry.stop(grace).wait()
+        self.registry.stop(grace)
 
 
 def start_servers(
@@ -642,7 +652,7 @@ def start_servers(
     registry_listen: str = "127.0.0.1:0",
     workers: int = 32,
 ) -> Servers:
-    """Start the admin server (TLS + tokens) and the node registry (mutual TLS)."""
+    """Start the admin server (TLS + tokens) and the node registry (mutual TLS, `grpc.aio`)."""
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -664,13 +674,9 @@ def start_servers(
     )
     tls = grpc.ssl_server_credentials([(credentials.key_pem, credentials.cert_pem)])
     admin_port = admin.add_secure_port(admin_listen, tls)
-    registry = grpc.server(
-        futures.ThreadPoolExecutor(workers, thread_name_prefix="registry"), options=options
-    )
-    admin_pb2_grpc.add_NodeRegistryServicer_to_server(RegistryService(store, controller), registry)
-    registry_port = registry.add_secure_port(registry_listen, server_credentials(credentials))
-    if not admin_port or not registry_port:
-        raise OSError(f"cannot listen on {admin_listen} / {registry_listen}")
+    if not admin_port:
+        raise OSError(f"cannot listen on {admin_listen}")
+    registry = RegistryServer(RegistryService(store, controller), credentials, registry_listen)
+    registry_port = registry.start()
     admin.start()
-    registry.start()
     return Servers(admin, admin_port, registry, registry_port, health_servicer, service)
