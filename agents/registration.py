@@ -24,7 +24,7 @@ import logging
 import random
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -76,12 +76,14 @@ class Registration:
         profile: str,
         status: Callable[[], agent_pb2.StatusResponse],
         interval: float = 0.5,
+        tokens: Callable[[], list[tuple[str, int, int]]] = list,
     ) -> None:
         self.node = node
         self.request = admin_pb2.RegisterRequest(
             node=node, rack=rack, slot=slot, address=address, profile=profile
         )
         self.status = status
+        self.tokens = tokens
         self.interval = interval
         self.channel = open_channel(
             control_plane, credentials, peer=CONTROL_PLANE, options=CHANNEL_OPTIONS
@@ -120,7 +122,12 @@ class Registration:
         node = self.node
         while not self._stop.is_set():
             yield admin_pb2.HeartbeatRequest(
-                chips=[c for c in self._chips() if c.failed], node=node
+                chips=[c for c in self._chips() if c.failed],
+                node=node,
+                tokens=[
+                    admin_pb2.TokenCounter(deployment=d, replica=r, generated=n)
+                    for d, r, n in self.tokens()
+                ],
             )
             node = ""  # the first beat names the node; the certificate says it anyway
             if self._stop.wait(self.interval):
@@ -154,6 +161,18 @@ class Registration:
             failures += 1
             backoff = min(MAX_BACKOFF, self.interval * 2 ** (failures - 1) / 2)
             self._stop.wait(backoff * random.uniform(0.5, 1.0))
+
+
+def token_counters(
+    stages: Iterable[tuple[str, int, int, int, int]],
+) -> list[tuple[str, int, int]]:
+    """(deployment, replica, tokens streamed) of every replica with a stage here that
+    streams tokens (stage 0), from `ReplicaHost.stage_counters()` rows."""
+    totals: dict[tuple[str, int], int] = {}
+    for deployment, replica, _stage, _ticks, tokens in stages:
+        if tokens:
+            totals[(deployment, replica)] = totals.get((deployment, replica), 0) + tokens
+    return [(d, r, n) for (d, r), n in sorted(totals.items())]
 
 
 def rack_slot_for(node: str, rack: str | None, slot: int | None) -> tuple[str, int]:
@@ -190,6 +209,7 @@ def start_registration(
         profile=profile,
         status=lambda: service.Status(agent_pb2.StatusRequest(), None),
         interval=interval,
+        tokens=lambda: token_counters(service.replicas.stage_counters()),
     )
     registration.start()
     return registration

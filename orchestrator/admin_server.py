@@ -56,6 +56,7 @@ from orchestrator.deployments import plan_request_from_spec
 from orchestrator.registry_server import RegistryServer
 from orchestrator.spec import SpecError, parse_deployment
 from orchestrator.store import Conflict, ControlStore, DeploymentRecord
+from orchestrator.throughput import TokenRates
 from placement.errors import InputError, Unplaceable
 from placement.planner import make_plan
 from placement.profiles import ChipProfile
@@ -177,12 +178,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         profile: ChipProfile,
         gateway: GrpcAgentGateway,
         clock: Callable[[], float] = time.time,
+        *,
+        rates: TokenRates | None = None,
     ) -> None:
         self.store = store
         self.controller = controller
         self.profile = profile
         self.gateway = gateway
         self.clock = clock
+        self.rates = rates or TokenRates()
         self._turn = itertools.count()
         self._stopping = threading.Event()
         self._watches = threading.BoundedSemaphore(MAX_WATCHES)
@@ -250,6 +254,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             observed_generation=status.observed_generation,
             deleting=record.deleting,
             created=record.created,
+            tokens_per_second=self.rates.by_deployment(self.clock()).get(record.name, 0.0),
         )
         for c in status.conditions:
             out.conditions.add(
@@ -323,6 +328,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             identity=node.identity,
             state=node_state(node, now, self.controller.settings).value,
             heartbeat_age_seconds=max(0.0, now - node.last_heartbeat),
+            tokens_per_second=self.rates.by_node(now).get(node.name, 0.0),
         )
         for chip in node.chips:
             cid = chip_id(node.rack, node.slot, chip.index)
@@ -510,11 +516,17 @@ def _chip(node: str, cid: str, chip: Chip, used: int, shards: list[str]) -> admi
 
 class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc]
     def __init__(
-        self, store: ControlStore, controller: Controller, clock: Callable[[], float] = time.time
+        self,
+        store: ControlStore,
+        controller: Controller,
+        clock: Callable[[], float] = time.time,
+        *,
+        rates: TokenRates | None = None,
     ) -> None:
         self.store = store
         self.controller = controller
         self.clock = clock
+        self.rates = rates or TokenRates()
         self._known = {n.name for n in store.nodes()}
         self._failed: dict[str, frozenset[int]] = {}
         self._lock = threading.Lock()
@@ -615,7 +627,14 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
                 self._failed[node] = failed
         if not known:
             return False
-        self.controller.heartbeats.add(node, self.clock())
+        now = self.clock()
+        self.controller.heartbeats.add(node, now)
+        if beat.tokens:
+            self.rates.observe(
+                node,
+                ((t.deployment[:200], t.replica, t.generated) for t in beat.tokens[:64]),
+                now,
+            )
         if changed:  # rare: the controller asks the agent and records the chips' health
             self.controller.node_registered(node)
         return True
@@ -663,7 +682,8 @@ def start_servers(
         interceptors=[TokenInterceptor(tokens)],
         options=options,
     )
-    service = AdminService(store, controller, profile, gateway)
+    rates = TokenRates()  # the agents' token counters (registry) as tokens/s (admin)
+    service = AdminService(store, controller, profile, gateway, rates=rates)
     admin_pb2_grpc.add_AdminServicer_to_server(service, admin)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
@@ -676,7 +696,9 @@ def start_servers(
     admin_port = admin.add_secure_port(admin_listen, tls)
     if not admin_port:
         raise OSError(f"cannot listen on {admin_listen}")
-    registry = RegistryServer(RegistryService(store, controller), credentials, registry_listen)
+    registry = RegistryServer(
+        RegistryService(store, controller, rates=rates), credentials, registry_listen
+    )
     registry_port = registry.start()
     admin.start()
     return Servers(admin, admin_port, registry, registry_port, health_servicer, service)

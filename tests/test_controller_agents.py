@@ -1,6 +1,7 @@
 """The controller against real agent processes (one `lpuctl up` for the module, 2 racks x 3
-`dev` nodes, mutual TLS): an agent that hangs delays only its own chips while another
-deployment loads and becomes Ready; a rolling replacement keeps the deployment serving."""
+`dev` nodes, mutual TLS), in file order: an agent that hangs delays only its own chips while
+another deployment loads and becomes Ready; `lpuctl top` shows tokens/s while requests stream;
+a rolling replacement keeps the deployment serving."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from agent_helpers import wait_for
@@ -106,3 +108,55 @@ def test_a_hung_agent_delays_only_its_own_chips(up: Cluster) -> None:  # noqa: F
     for name in ("first", "second"):
         run = cluster.lpuctl("delete", name, "--wait")
         assert run.returncode == 0, run.stderr
+
+
+def _top(cluster: Cluster) -> dict[str, Any]:
+    run = cluster.lpuctl("top", "-o", "json")
+    assert run.returncode == 0, run.stderr
+    report: dict[str, Any] = json.loads(run.stdout)
+    return report
+
+
+def test_top_shows_tokens_per_second(up: Cluster) -> None:  # noqa: F811
+    """While requests stream, `lpuctl top` shows tokens/s for the deployment and for the
+    nodes serving its replicas' token streams (stage 0); idle again, 0 after the window."""
+    cluster = up
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--wait")
+    assert run.returncode == 0, run.stderr
+    stop = threading.Event()
+    streamed: list[int] = []
+
+    def load() -> None:
+        request = admin_pb2.GenerateRequest(
+            deployment="tiny-llama", prompt_ids=[4, 2], max_tokens=16
+        )
+        while not stop.is_set():
+            for reply in cluster.stub.Generate(request, metadata=cluster.viewer, timeout=60):
+                streamed.append(reply.token)
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    try:
+
+        def busy() -> dict[str, Any] | None:
+            report = _top(cluster)
+            (tiny,) = report["deployments"]
+            serving = [n for n in report["nodes"] if n["tokens_per_second"] > 0]
+            return report if tiny["tokens_per_second"] > 0 and serving else None
+
+        report = wait_for(busy, timeout=60, interval=0.5, what="tokens/s in lpuctl top")
+        serving = [n for n in report["nodes"] if n["tokens_per_second"] > 0]
+        assert 1 <= len(serving) <= 2  # the stage-0 nodes of the two replicas
+        assert all(n["deployments"] == ["tiny-llama"] for n in serving)
+        table = cluster.lpuctl("top").stdout.splitlines()
+        assert "TOKENS/S" in table[2] and "tokens/s: " in table[0]
+    finally:
+        stop.set()
+        thread.join(60)
+    assert streamed
+    wait_for(
+        lambda: _top(cluster)["deployments"][0]["tokens_per_second"] == 0,
+        timeout=60,
+        interval=0.5,
+        what="tokens/s back to 0 when idle",
+    )
