@@ -412,22 +412,98 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Generate(
         self, request: admin_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[admin_pb2.GenerateResponse]:
+        """Serve on a Ready replica (round robin), streaming its stage-0 agent's tokens.
+
+        A replica removed under a request (a rolling replacement, a scale-down: the
+        controller marks it removing in the store before it drops the stages) does not fail
+        the request: it goes on on another Ready replica. Before any token was streamed it
+        starts there afresh; after some, a request given as ids resumes with the tokens so
+        far appended to its prompt and the rest of `max_tokens` (greedy decoding continues
+        exactly; a sampled one continues with another draw, and during a rollout the new
+        replica's model continues). A failure of a replica that is still Ready is the
+        request's: it is returned as before.
+        """
         record = self.store.deployment(request.deployment)
         if record is None:
             _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"no deployment named {request.deployment!r}"
             )
-        ready = [
+        sent: list[int] = []
+        tried: set[int] = set()
+        while True:
+            replica, node = self._pick(request.deployment, record.status.phase.value, tried)
+            if replica is None or node is None:
+                _abort(context, grpc.StatusCode.UNAVAILABLE, node or "no Ready replica")
+            tried.add(replica.index)
+            forward = agent_pb2.GenerateRequest(
+                deployment=request.deployment,
+                replica=replica.index,
+                request_id=uuid.uuid4().hex,
+                prompt_ids=[*request.prompt_ids, *sent],
+                prompt_text=request.prompt_text,
+                max_tokens=request.max_tokens - len(sent) if sent else request.max_tokens,
+                temperature=request.temperature,
+                seed=request.seed,
+                deadline_ms=request.deadline_ms,
+            )
+            stub = agent_pb2_grpc.AgentStub(self.gateway.channel(node.address, node.name))
+            remaining = context.time_remaining()
+            bounded = remaining is not None and 0 < remaining < GENERATE_TIMEOUT
+            calls = stub.Generate(forward, timeout=remaining if bounded else GENERATE_TIMEOUT)
+            context.add_callback(calls.cancel)
+            try:
+                for reply in calls:
+                    sent.append(reply.token)
+                    yield admin_pb2.GenerateResponse(
+                        token=reply.token,
+                        index=len(sent) - 1,
+                        finished=reply.finished,
+                        text=reply.text,
+                        replica=replica.index,
+                    )
+                return
+            except grpc.RpcError as exc:
+                resumable = not sent or (
+                    bool(request.prompt_ids) and len(sent) < request.max_tokens
+                )
+                if context.is_active() and resumable and self._replaced(replica):
+                    log.info(
+                        "%s replica %d was removed under a request (%s): going on elsewhere "
+                        "after %d token(s)",
+                        request.deployment,
+                        replica.index,
+                        exc.code().name,
+                        len(sent),
+                    )
+                    continue
+                code = exc.code()
+                if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                    code = grpc.StatusCode.UNAVAILABLE
+                _abort(context, code, f"replica {replica.index} on {node.name}: {exc.details()}")
+
+    def _ready(self, deployment: str) -> list[Any]:
+        return [
             r
-            for r in self.store.replicas(request.deployment)
+            for r in self.store.replicas(deployment)
             if r.running_epoch == r.epoch and not r.removing
         ]
+
+    def _replaced(self, replica: Any) -> bool:
+        """Whether `replica` (as it was when a request went to it) no longer serves."""
+        return all(
+            (r.index, r.epoch) != (replica.index, replica.epoch)
+            for r in self._ready(replica.deployment)
+        )
+
+    def _pick(self, deployment: str, phase: str, tried: set[int]) -> tuple[Any, Any]:
+        """A Ready replica not tried yet (round robin) and its stage-0 node; else (None, why)."""
+        ready = [r for r in self._ready(deployment) if r.index not in tried]
         if not ready:
-            _abort(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                f"deployment {request.deployment} has no Ready replica (phase "
-                f"{record.status.phase.value}); wait for it: lpuctl get deployments",
+            if tried:
+                return None, f"deployment {deployment} has no other Ready replica"
+            return None, (
+                f"deployment {deployment} has no Ready replica (phase {phase}); wait for it: "
+                "lpuctl get deployments"
             )
         replica = ready[next(self._turn) % len(ready)]
         first = replica.stages[0].chips[0]
@@ -440,37 +516,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             None,
         )
         if node is None:
-            _abort(context, grpc.StatusCode.UNAVAILABLE, f"stage 0 chip {first} has no node")
-        forward = agent_pb2.GenerateRequest(
-            deployment=request.deployment,
-            replica=replica.index,
-            request_id=uuid.uuid4().hex,
-            prompt_ids=list(request.prompt_ids),
-            prompt_text=request.prompt_text,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            seed=request.seed,
-            deadline_ms=request.deadline_ms,
-        )
-        stub = agent_pb2_grpc.AgentStub(self.gateway.channel(node.address, node.name))
-        remaining = context.time_remaining()
-        bounded = remaining is not None and 0 < remaining < GENERATE_TIMEOUT
-        calls = stub.Generate(forward, timeout=remaining if bounded else GENERATE_TIMEOUT)
-        context.add_callback(calls.cancel)
-        try:
-            for reply in calls:
-                yield admin_pb2.GenerateResponse(
-                    token=reply.token,
-                    index=reply.index,
-                    finished=reply.finished,
-                    text=reply.text,
-                    replica=replica.index,
-                )
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-                code = grpc.StatusCode.UNAVAILABLE
-            _abort(context, code, f"replica {replica.index} on {node.name}: {exc.details()}")
+            return None, f"stage 0 chip {first} has no node"
+        return replica, node
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -552,8 +552,8 @@ class Controller:
         elif isinstance(action, StartEpoch):
             self._start(action, targets[action.deployment], nodes)
         elif isinstance(action, RemoveReplica):
+            self.store.record(action, now)  # removing first: Generate stops choosing it
             self._remove(action, nodes)
-            self.store.record(action, now)
         elif not self.store.record(action, now):
             raise RuntimeError(f"no executor for {type(action).__name__}")
 

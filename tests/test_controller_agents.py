@@ -12,13 +12,16 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 from agent_helpers import wait_for
-from test_control_plane import EXAMPLE, Cluster, _processes_of
+from test_control_plane import EXAMPLE, TINY, Cluster, _processes_of
 from test_control_plane import cluster as up  # noqa: F401  (the module's `lpuctl up`)
 
+from agents.executor import ReferenceExecutor
+from orchestrator.weights import SeededWeights
 from protos import admin_pb2, admin_pb2_grpc
 from security import certs as certs_mod
 from security.identity import CONTROL_PLANE
@@ -159,4 +162,68 @@ def test_top_shows_tokens_per_second(up: Cluster) -> None:  # noqa: F811
         timeout=60,
         interval=0.5,
         what="tokens/s back to 0 when idle",
+    )
+
+
+def test_a_rolling_replacement_keeps_serving(up: Cluster, tmp_path: Path) -> None:  # noqa: F811
+    """tiny-llama (2 replicas, fp16) applied again at bf16: the replicas are replaced one at a
+    time, the chips held never exceed the old replicas' plus one new replica's, and a client
+    generating all along sees no failure; at the end both replicas serve bf16 tokens."""
+    cluster = up
+    before = _get(cluster, "tiny-llama")
+    assert before.phase == "Ready" and before.ready_replicas == 2
+    per_replica = len(before.replica_info[0].chips)
+    changed = tmp_path / "tiny-bf16.yaml"
+    changed.write_text(EXAMPLE.read_text().replace("precision: fp16", "precision: bf16"))
+    stop = threading.Event()
+    served: list[list[int]] = []
+    failures: list[str] = []
+
+    def client() -> None:
+        request = admin_pb2.GenerateRequest(
+            deployment="tiny-llama", prompt_ids=[4, 2], max_tokens=5
+        )
+        while not stop.is_set():
+            try:
+                replies = cluster.stub.Generate(request, metadata=cluster.viewer, timeout=60)
+                served.append([r.token for r in replies])
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    held: list[int] = []
+    bringing_up: list[int] = []
+    try:
+        run = cluster.lpuctl("apply", "-f", str(changed))
+        assert run.returncode == 0 and "configured (generation" in run.stdout, run.stderr
+        generation = _get(cluster, "tiny-llama").generation
+        assert generation > before.generation
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            now = _get(cluster, "tiny-llama")
+            held.append(sum(len(r.chips) for r in now.replica_info))
+            bringing_up.append(
+                sum(1 for r in now.replica_info if r.generation == generation and not r.running)
+            )
+            done = [r for r in now.replica_info if r.generation == generation and r.running]
+            if now.phase == "Ready" and len(done) == 2 and len(now.replica_info) == 2:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"the rollout did not finish: {now}")
+        count = len(served)
+        wait_for(lambda: len(served) >= count + 2, timeout=60, what="requests after the rollout")
+    finally:
+        stop.set()
+        thread.join(90)
+    assert failures == [], failures[:5]
+    assert all(len(tokens) == 5 for tokens in served)  # every request complete
+    assert max(bringing_up) <= 1  # one replica at a time
+    assert max(held) <= 3 * per_replica  # never more than the old two and one new
+    reference = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "BF16"), max_context=256)
+    assert served[-1] == list(reference.generate([4, 2], 5).tokens)
+    print(
+        f"rollout: {len(served)} requests served, none failed; chips held at most "
+        f"{max(held)} (replica: {per_replica})"
     )
