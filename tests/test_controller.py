@@ -165,13 +165,13 @@ def _apply(store: Store, clock: Clock, name: str = "tiny-llama", **spec_fields: 
 
 def _run(controller: Controller, clock: Clock, passes: int = 60) -> None:
     """Passes until nothing is left to do; loads run on the controller's pool, so each pass
-    waits for the loads it handed out (unless `hang` holds them)."""
+    first waits for the loads handed out before (their results are then in the store)."""
     for _ in range(passes):
+        wait_for(lambda: not controller.loads_in_flight(), timeout=30, what="loads")
         # agents heartbeat every pass (through the buffer, as the registry does)
         for node in controller.store.nodes():
             controller.heartbeats.add(node.name, clock.now)
         result = controller.run_pass()
-        wait_for(lambda: not controller.loads_in_flight(), timeout=30, what="loads")
         clock.now += 0.1
         if not result.executed and not result.failed:
             return
