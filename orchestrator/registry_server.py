@@ -103,12 +103,12 @@ class _ThreadContext:
 @dataclass(eq=False)
 class _Stream:
     node: str
-    replaced: bool = False
+    ended: str = ""  # why the stream was ended from outside: "replaced" or "stopping"
     timer: asyncio.Timeout | None = field(default=None, repr=False)
 
-    def end(self) -> None:
-        """Make the stream's handler end at once (it sees `replaced`)."""
-        self.replaced = True
+    def end(self, why: str) -> None:
+        """Make the stream's handler end at once (it reads `ended`)."""
+        self.ended = why
         if self.timer is not None and not self.timer.expired():
             self.timer.reschedule(asyncio.get_running_loop().time())
 
@@ -149,7 +149,7 @@ class HeartbeatStreams:
         older = self.streams.get(node)
         self.streams[node] = stream
         if older is not None:
-            older.end()
+            older.end("replaced")
         try:
             beats = await self._beats(stream, context)
         finally:
@@ -196,16 +196,28 @@ class HeartbeatStreams:
                     if when is not None and now + idle - when > idle / 4:
                         timer.reschedule(now + idle)
         except TimeoutError:
-            if stream.replaced:
+            if stream.ended == "replaced":
                 await context.abort(
                     grpc.StatusCode.ABORTED,
                     f"a newer heartbeat stream of node {node} replaced this one",
                 )
+            if stream.ended == "stopping":
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is stopping")
             await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no heartbeat for {idle:g} s: the stream ends (open a new one)",
             )
         raise AssertionError("unreachable: the loop returns or aborts")
+
+    async def end_all(self, wait: float) -> None:
+        """End every stream with UNAVAILABLE and wait (at most `wait` seconds) for their
+        handlers to return: a stream the server's stop cancelled instead would print a
+        traceback from gRPC's task."""
+        for stream in list(self.streams.values()):
+            stream.end("stopping")
+        deadline = asyncio.get_running_loop().time() + wait
+        while self.streams and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
 
 
 def _check(raw: bytes, tokens: float, rate: float) -> str | None:
@@ -289,6 +301,7 @@ class RegistryServer:
         await server.start()
         self._ready.set()
         await self._stopping.wait()
+        await self.handlers.end_all(min(self._grace, 2.0) or 0.5)
         await server.stop(self._grace)
 
     def _generic_handler(self) -> grpc.GenericRpcHandler:

@@ -251,3 +251,26 @@ def test_an_agent_registers_streams_and_reconnects(registry: Registry) -> None:
     finally:
         agent.stop()
     assert not agent._thread.is_alive()
+
+
+def test_stopping_the_server_ends_the_streams_cleanly(
+    registry: Registry, capfd: pytest.CaptureFixture[str]
+) -> None:
+    stop = threading.Event()
+
+    def beats() -> Iterator[admin_pb2.HeartbeatRequest]:
+        while not stop.is_set():
+            yield admin_pb2.HeartbeatRequest()
+            stop.wait(0.1)
+
+    calls = [registry.stub(n).HeartbeatStream.future(beats(), timeout=60) for n in NODES]
+    try:
+        wait_for(lambda: len(registry.server.handlers.streams) == 3, what="three streams")
+        registry.server.stop(2.0)
+        for call in calls:
+            error = _refusal(call)
+            assert error.code() is grpc.StatusCode.UNAVAILABLE
+            assert "stopping" in (error.details() or "")
+    finally:
+        stop.set()
+    assert "Traceback" not in capfd.readouterr().err
