@@ -274,3 +274,26 @@ def test_stopping_the_server_ends_the_streams_cleanly(
     finally:
         stop.set()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_token_counters_are_bounded(registry: Registry) -> None:
+    """A beat's token counters become rates, at most 64 of a beat, names clipped: a node
+    cannot make the control plane keep more than that for it."""
+    rates = registry.server.handlers.service.rates
+    many = [
+        admin_pb2.TokenCounter(deployment=f"{'x' * 300}-{i}", replica=0, generated=i)
+        for i in range(150)  # about 46 KiB: under the beat bound
+    ]
+
+    def beats() -> Iterator[admin_pb2.HeartbeatRequest]:
+        for step in range(3):
+            yield admin_pb2.HeartbeatRequest(tokens=many)
+            yield admin_pb2.HeartbeatRequest(
+                tokens=[admin_pb2.TokenCounter(deployment="tiny", replica=0, generated=10 * step)]
+            )
+            time.sleep(0.3)
+
+    assert registry.stub(NODES[0]).HeartbeatStream(beats(), timeout=30).beats == 6
+    by_deployment = rates.by_deployment(time.time())
+    assert len(by_deployment) <= 65 and by_deployment["tiny"] > 0
+    assert max(len(name) for name in by_deployment) <= 200
