@@ -304,6 +304,7 @@ class Controller:
         self._loads = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="load")
         self._loading: dict[str, str] = {}  # Load key -> node, under _load_lock
         self._finished: set[str] = set()  # loads ended since this pass read the store
+        self._node_locks: dict[str, threading.Lock] = {}  # one Status report at a time
         self._load_lock = threading.Lock()
         self._refs: dict[tuple[str, int], tuple[Plan, list[ShardRef]]] = {}
         self._configured: dict[
@@ -682,7 +683,15 @@ class Controller:
     # --- agents' reports ---------------------------------------------------------------------
 
     def _refresh_node(self, node: Node) -> None:
-        """Write what the node's agent holds and its chips' health (its `Status`)."""
+        """Write what the node's agent holds and its chips' health (its `Status`). One at a
+        time per node (the pass and the load workers both ask): a report is written in the
+        order it was asked, so an older one never overwrites a newer."""
+        with self._refresh_lock:
+            lock = self._node_locks.setdefault(node.name, threading.Lock())
+        with lock:
+            self._write_status(node)
+
+    def _write_status(self, node: Node) -> None:
         status = self.gateway.status(node.address, node.name)
         self.store.report_held(node.name, held_from_status(node, status))
         known = {c.index: c for c in node.chips}

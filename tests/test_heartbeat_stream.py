@@ -112,7 +112,7 @@ def test_beats_land_in_the_buffer_and_a_clean_end_counts_them(registry: Registry
     reply = stub.HeartbeatStream(_paced(5, 0.01, node=NODES[0]), timeout=30)
     assert reply.beats == 5
     assert _beats_of(registry) == {NODES[0]}
-    assert registry.server.handlers.streams == {}  # the ended stream is forgotten
+    wait_for(lambda: registry.server.handlers.streams == {}, what="the stream forgotten")
 
 
 def test_wrong_identity_is_refused(registry: Registry) -> None:
@@ -191,7 +191,7 @@ def test_a_stream_that_never_sends_ends_when_idle(registry: Registry) -> None:
         hold.set()
     assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert IDLE * 0.9 <= time.monotonic() - started < 30
-    assert registry.server.handlers.streams == {}
+    wait_for(lambda: registry.server.handlers.streams == {}, what="the stream forgotten")
 
 
 def test_a_newer_stream_replaces_the_older(registry: Registry) -> None:
@@ -269,8 +269,9 @@ def test_stopping_the_server_ends_the_streams_cleanly(
         registry.server.stop(2.0)
         for call in calls:
             error = _refusal(call)
-            assert error.code() is grpc.StatusCode.UNAVAILABLE
-            assert "stopping" in (error.details() or "")
+            assert error.code() is grpc.StatusCode.UNAVAILABLE  # agents reconnect on it
+            # ours, unless a starved machine had the server's stop cancel it before it went
+            assert error.details() in ("the control plane is stopping", "Cancelling all calls")
     finally:
         stop.set()
     assert "Traceback" not in capfd.readouterr().err
