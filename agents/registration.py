@@ -3,19 +3,28 @@
 The agent dials the control plane's `NodeRegistry` with its own certificate (mutual TLS): the
 control plane takes the node's name from that certificate, never from the message, so an agent
 can register only itself. One daemon thread per agent process: `Register` (rack, slot, chips,
-SRAM per chip, the address it serves on), then `Heartbeat` every `interval` seconds (0.5 s by
-default, `AgentSettings.heartbeat_interval`) carrying the failed chips. When the control plane
-answers that it does not know the node (it restarted with a fresh store, or dropped the node)
-or a call fails, the thread registers again after the next interval: the agent outlives
-control-plane restarts and needs no ordering at start-up.
+SRAM per chip, the address it serves on), then one long-lived `HeartbeatStream` carrying a
+beat every `interval` seconds (0.5 s by default, `AgentSettings.heartbeat_interval`) with the
+failed chips; the first beat names the node. gRPC reads the beats from a generator on its own
+thread, so an agent holds two threads for this whatever the interval.
+
+When the stream ends — the control plane does not know the node (it restarted with a fresh
+store: FAILED_PRECONDITION), it went away, a newer stream replaced this one, or any error — the
+thread registers again and opens a new stream, after a jittered backoff that starts at half
+the interval and doubles up to `MAX_BACKOFF` seconds. The cap is short on purpose: the
+control plane counts a node NotReady after its heartbeat timeout (2.5 s by default), and its
+restart gives every node a fresh beat, so an agent must be back well inside that. The channel's
+own reconnect backoff is capped the same way (gRPC's default grows to two minutes), and the
+channel pings a quiet connection so a vanished control plane ends the stream.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -26,6 +35,9 @@ from security.identity import CONTROL_PLANE
 from security.tls import open_channel
 
 log = logging.getLogger("lockstep.agent.registration")
+
+MAX_BACKOFF = 1.0  # seconds (see the module docstring)
+MAX_REASON = 200  # characters of a failed chip's reason in a beat
 
 _SLOT = re.compile(r"^(?P<rack>.+)/node-(?P<slot>\d+)$")
 
@@ -50,7 +62,10 @@ def reconnect_options(interval: float) -> list[tuple[str, int]]:
     ceiling = max(200, int(interval * 2000))
     return [
         ("grpc.initial_reconnect_backoff_ms", min(200, ceiling)),
+        ("grpc.min_reconnect_backoff_ms", min(200, ceiling)),
         ("grpc.max_reconnect_backoff_ms", ceiling),
+        ("grpc.keepalive_time_ms", 10000),  # a half-open stream to a vanished peer is noticed
+        ("grpc.keepalive_timeout_ms", 5000),
     ]
 
 
@@ -69,18 +84,22 @@ class Registration:
         profile: str,
         status: Callable[[], agent_pb2.StatusResponse],
         interval: float = 0.5,
+        tokens: Callable[[], list[tuple[str, int, int]]] = list,
     ) -> None:
         self.node = node
         self.request = admin_pb2.RegisterRequest(
             node=node, rack=rack, slot=slot, address=address, profile=profile
         )
         self.status = status
+        self.tokens = tokens
         self.interval = interval
         self.channel = open_channel(
             control_plane, credentials, peer=CONTROL_PLANE, options=reconnect_options(interval)
         )
         self.stub = admin_pb2_grpc.NodeRegistryStub(self.channel)
         self.registered = threading.Event()
+        self.streams = 0  # heartbeat streams opened (a test and a log read it)
+        self._call: Any = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="registration", daemon=True)
 
@@ -89,6 +108,9 @@ class Registration:
 
     def stop(self) -> None:
         self._stop.set()
+        call = self._call
+        if call is not None:
+            call.cancel()
         self._thread.join(5.0)
         self.channel.close()
 
@@ -98,37 +120,67 @@ class Registration:
                 index=c.chip,
                 sram_bytes=c.sram_capacity_bytes,
                 failed=c.health == agent_pb2.CHIP_HEALTH_FAILED,
-                reason=c.failure_reason,
+                reason=c.failure_reason[:MAX_REASON],
             )
             for c in self.status().chips
         ]
 
+    def _beats(self) -> Iterator[admin_pb2.HeartbeatRequest]:
+        """The stream's beats, one every interval until `stop` (gRPC's thread iterates)."""
+        node = self.node
+        while not self._stop.is_set():
+            yield admin_pb2.HeartbeatRequest(
+                chips=[c for c in self._chips() if c.failed],
+                node=node,
+                tokens=[
+                    admin_pb2.TokenCounter(deployment=d, replica=r, generated=n)
+                    for d, r, n in self.tokens()
+                ],
+            )
+            node = ""  # the first beat names the node; the certificate says it anyway
+            if self._stop.wait(self.interval):
+                return
+
     def _run(self) -> None:
-        known = False
         timeout = max(5.0, self.interval * 4)
+        failures = 0
         while not self._stop.is_set():
             try:
-                if not known:
-                    request = admin_pb2.RegisterRequest()
-                    request.CopyFrom(self.request)
-                    request.chips.extend(self._chips())
-                    self.stub.Register(request, timeout=timeout)
-                    known = True
-                    self.registered.set()
+                request = admin_pb2.RegisterRequest()
+                request.CopyFrom(self.request)
+                request.chips.extend(self._chips())
+                self.stub.Register(request, timeout=timeout)
+                if not self.registered.is_set():
                     log.info("node %s: registered with the control plane", self.node)
-                else:
-                    failed = [c for c in self._chips() if c.failed]
-                    reply = self.stub.Heartbeat(
-                        admin_pb2.HeartbeatRequest(chips=failed), timeout=timeout
-                    )
-                    known = reply.known
+                self.registered.set()
+                failures = 0
+                self._call = self.stub.HeartbeatStream.future(self._beats())
+                self.streams += 1
+                if self._stop.is_set():  # stop() may have run before _call was set
+                    self._call.cancel()
+                self._call.result()
             except grpc.RpcError as exc:
-                if known or not self.registered.is_set():
+                if not self._stop.is_set():
                     log.warning(
                         "node %s: control plane: %s: %s", self.node, exc.code().name, exc.details()
                     )
-                known = False
-            self._stop.wait(self.interval)
+            except grpc.FutureCancelledError:
+                pass
+            failures += 1
+            backoff = min(MAX_BACKOFF, self.interval * 2 ** (failures - 1) / 2)
+            self._stop.wait(backoff * random.uniform(0.5, 1.0))
+
+
+def token_counters(
+    stages: Iterable[tuple[str, int, int, int, int]],
+) -> list[tuple[str, int, int]]:
+    """(deployment, replica, tokens streamed) of every replica with a stage here that
+    streams tokens (stage 0), from `ReplicaHost.stage_counters()` rows."""
+    totals: dict[tuple[str, int], int] = {}
+    for deployment, replica, _stage, _ticks, tokens in stages:
+        if tokens:
+            totals[(deployment, replica)] = totals.get((deployment, replica), 0) + tokens
+    return [(d, r, n) for (d, r), n in sorted(totals.items())]
 
 
 def rack_slot_for(node: str, rack: str | None, slot: int | None) -> tuple[str, int]:
@@ -165,6 +217,7 @@ def start_registration(
         profile=profile,
         status=lambda: service.Status(agent_pb2.StatusRequest(), None),
         interval=interval,
+        tokens=lambda: token_counters(service.replicas.stage_counters()),
     )
     registration.start()
     return registration

@@ -12,12 +12,15 @@ Sections:
   (fake, never heard from: the deployments stay Pending; it is the read path being measured).
   p50/p95 of Get and List through gRPC, against two baselines in the same run: the store
   query alone, and a bare unary gRPC call on the same server (health Check).
-* `heartbeat`: the node registry over mutual TLS with `--hb-nodes` nodes registered in the
-  store; a child process sends each node's Heartbeat every 0.5 s on its own mTLS channel (its
-  own agent certificate) for `--hb-seconds`. This process's CPU time (the gRPC server, the
-  batch buffer, the controller's passes flushing heartbeats into the store) is measured over
-  the same window idle and with heartbeats; the difference per node per second, in CPU
-  microseconds, is projected to 1,305 nodes.
+* `heartbeat`: the node registry over mutual TLS with `--hb-nodes` nodes (default 1,305)
+  registered in the store; a child process opens each node's HeartbeatStream on its own mTLS
+  channel (its own agent certificate) and sends a beat per node every 0.5 s for
+  `--hb-seconds`. This process's CPU time (the registry's `grpc.aio` server, the batch buffer,
+  the controller's passes flushing heartbeats into the store) is measured over the same window
+  idle (every stream open, no beats) and with beats; the difference per node per second, in
+  CPU microseconds, is projected to 1,305 nodes (target < 0.5 core). Baseline in the same run:
+  `--hb-baseline-nodes` (128) nodes making one unary mTLS call per beat, the design the stream
+  replaced, on a thread-pool gRPC server doing the same per-beat work.
 * `ray` (`bench.ray_engine`, unless `--skip-ray`): embedded Ray start-up, agent actors started
   and restarted after SIGKILL, and the compile fan-out speed-up over Ray tasks against in
   process on the same shards (checked shard for shard equal).
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -302,32 +306,83 @@ def measure_read(deployments: int, nodes: int, count: int) -> dict[str, Any]:
 
 # --- heartbeats ---------------------------------------------------------------------------------
 
-_HEARTBEATER = r"""
-import sys, time, grpc
+# The stream driver: one mTLS channel and one HeartbeatStream per node (its own agent
+# certificate), all on one asyncio loop (a client thread per node would cost this machine's
+# two cores more than the server being measured); a beat per node every interval.
+_STREAMER = r"""
+import asyncio, sys, time, grpc, grpc.aio
 from protos import admin_pb2, admin_pb2_grpc
+from security import certs
+from security.tls import channel_credentials, target_options
+from security.identity import CONTROL_PLANE
+certdir, registry, interval, seconds, *nodes = sys.argv[1:]
+interval, seconds = float(interval), float(seconds)
+
+async def main():
+    calls = []
+    for node in nodes:
+        channel = grpc.aio.secure_channel(
+            registry, channel_credentials(certs.load_agent(certdir, node)),
+            options=[("grpc.use_local_subchannel_pool", 1), *target_options(CONTROL_PLANE)],
+        )
+        call = admin_pb2_grpc.NodeRegistryStub(channel).HeartbeatStream()
+        await call.write(admin_pb2.HeartbeatRequest(node=node))  # connects (not measured)
+        calls.append(call)
+    for call in calls:  # a fresh beat on every stream: none goes idle in the idle window
+        await call.write(admin_pb2.HeartbeatRequest())
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    beat = admin_pb2.HeartbeatRequest()
+    sent, late = 0, 0
+    end = time.monotonic() + seconds
+    tick = time.monotonic()
+    while tick < end:
+        for call in calls:
+            await call.write(beat)
+        sent += len(calls)
+        tick += interval
+        pause = tick - time.monotonic()
+        if pause > 0:
+            await asyncio.sleep(pause)
+        else:
+            late += 1
+    print(sent, late, flush=True)
+    counted = 0
+    for call in calls:
+        await call.done_writing()
+        counted += (await call).beats - 2
+    print(counted, flush=True)
+
+asyncio.run(main())
+"""
+
+# The baseline: a unary mTLS call per beat (the design the stream replaced), one channel per
+# node, against `_UnaryBeats` below — the same per-beat work on a thread-pool gRPC server.
+_UNARY = r"""
+import sys, time, grpc
 from security import certs
 from security.tls import open_channel
 from security.identity import CONTROL_PLANE
 certdir, registry, interval, seconds, *nodes = sys.argv[1:]
 interval, seconds = float(interval), float(seconds)
-stubs = []
+calls = []
 for node in nodes:
     channel = open_channel(
         registry, certs.load_agent(certdir, node), peer=CONTROL_PLANE,
         options=[("grpc.use_local_subchannel_pool", 1)],
     )
-    stubs.append(admin_pb2_grpc.NodeRegistryStub(channel))
-for stub in stubs:  # connect (the TLS handshakes are not part of the measured window)
-    assert stub.Heartbeat(admin_pb2.HeartbeatRequest(), timeout=30).known
+    calls.append(channel.unary_unary("/lockstep.bench.v1.UnaryBeat/Beat"))
+for call in calls:  # connect (the TLS handshakes are not part of the measured window)
+    assert call(b"", timeout=30) == b"known"
 print("ready", flush=True)
 sys.stdin.readline()
 sent, late = 0, 0
 end = time.monotonic() + seconds
 tick = time.monotonic()
 while tick < end:
-    futures = [s.Heartbeat.future(admin_pb2.HeartbeatRequest(), timeout=10) for s in stubs]
+    futures = [c.future(b"", timeout=10) for c in calls]
     for f in futures:
-        assert f.result().known
+        assert f.result() == b"known"
     sent += len(futures)
     tick += interval
     pause = tick - time.monotonic()
@@ -336,7 +391,36 @@ while tick < end:
     else:
         late += 1
 print(sent, late, flush=True)
+print(sent, flush=True)
 """
+
+
+def _unary_beats(s: _Servers) -> tuple[grpc.Server, int]:
+    """A thread-pool gRPC server (mutual TLS) taking one unary call per beat and doing what
+    the removed unary Heartbeat did: the node from the certificate, the registry's `beat`."""
+    from orchestrator.admin_server import RegistryService
+    from security.tls import peer_identity, server_credentials
+
+    service = RegistryService(s.store, s.controller)
+
+    def beat(request: bytes, context: grpc.ServicerContext) -> bytes:
+        identity = peer_identity(context) or ""
+        known = service.beat(identity.removeprefix(AGENT_PREFIX), admin_pb2.HeartbeatRequest())
+        return b"known" if known else b"unknown"
+
+    server = grpc.server(futures.ThreadPoolExecutor(32))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "lockstep.bench.v1.UnaryBeat", {"Beat": grpc.unary_unary_rpc_method_handler(beat)}
+            ),
+        )
+    )
+    port = server.add_secure_port(
+        "127.0.0.1:0", server_credentials(certs_mod.load_control_plane(s.paths.certs))
+    )
+    server.start()
+    return server, port
 
 
 def _cpu() -> float:
@@ -344,72 +428,97 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-def measure_heartbeats(nodes: int, seconds: float, interval: float = 0.5) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="cpbench-hb-") as state:
-        s = _Servers(state, nodes, start_controller=True)
-        try:
-            names = [n.name for n in s.store.nodes()]
-            for name in names:
-                certs_mod.issue(s.paths.certs, agent_identity(name))
-            registry = f"127.0.0.1:{s.servers.registry_port}"
-            child = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    _HEARTBEATER,
-                    str(s.paths.certs),
-                    registry,
-                    str(interval),
-                    str(seconds),
-                    *names,
-                ],
-                cwd=ROOT,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert child.stdin is not None and child.stdout is not None
-            try:
-                if child.stdout.readline().strip() != "ready":
-                    raise RuntimeError("the heartbeat driver did not start")
-                # idle: the same window with the controller's passes but no heartbeats
-                c0, w0 = _cpu(), time.perf_counter()
-                time.sleep(seconds)
-                idle_cpu, idle_wall = _cpu() - c0, time.perf_counter() - w0
-                c0, w0 = _cpu(), time.perf_counter()
-                child.stdin.write("go\n")
-                child.stdin.flush()
-                sent_s, late_s = child.stdout.readline().split()
-                busy_cpu, busy_wall = _cpu() - c0, time.perf_counter() - w0
-                child.wait(30)
-            finally:
-                if child.poll() is None:
-                    child.kill()
-                    child.wait()
-            stale = [
-                n.name for n in s.store.nodes() if time.time() - n.last_heartbeat > 2 * interval
-            ]
-        finally:
-            s.close()
-        in_process = _heartbeat_in_process(PROJECT_NODES)
-    sent = int(sent_s)
+def _drive(
+    script: str, s: _Servers, registry: str, names: list[str], seconds: float, interval: float
+) -> dict[str, Any]:
+    """Run a driver child over `names`; this process's CPU over the same window idle (the
+    controller's passes, every stream open, no beats) and with beats."""
+    argv = [sys.executable, "-c", script, str(s.paths.certs), registry, str(interval)]
+    child = subprocess.Popen(
+        [*argv, str(seconds), *names],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("the heartbeat driver did not start")
+        time.sleep(2.0)  # let the connections' set-up settle before the idle window
+        s.controller.heartbeats.drain()
+        c0, w0 = _cpu(), time.perf_counter()
+        time.sleep(min(seconds, 5.0))  # inside the registry's idle timeout (10 s)
+        idle_cpu, idle_wall = _cpu() - c0, time.perf_counter() - w0
+        c0, w0 = _cpu(), time.perf_counter()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        sent_s, late_s = child.stdout.readline().split()
+        busy_cpu, busy_wall = _cpu() - c0, time.perf_counter() - w0
+        beating = set(names)
+        stale = [
+            n.name
+            for n in s.store.nodes()
+            if n.name in beating and time.time() - n.last_heartbeat > 3 * interval
+        ]
+        counted_s = child.stdout.readline().strip()
+        child.wait(60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    nodes, sent = len(names), int(sent_s)
     idle_rate = idle_cpu / idle_wall
     extra = busy_cpu - idle_rate * busy_wall
     per_node_s = extra / nodes / busy_wall * 1e6
-    per_beat = extra / max(1, sent) * 1e6
     return {
         "nodes": nodes,
         "interval_s": interval,
         "seconds": round(busy_wall, 2),
         "heartbeats": sent,
+        "heartbeats_counted_by_server": int(counted_s),
         "late_rounds": int(late_s),
         "stale_nodes_after": len(stale),
         "idle_cpu_fraction": round(idle_rate, 4),
         "busy_cpu_fraction": round(busy_cpu / busy_wall, 4),
-        "cpu_us_per_heartbeat": round(per_beat, 1),
+        "cpu_us_per_heartbeat": round(extra / max(1, sent) * 1e6, 1),
         "cpu_us_per_node_per_s": round(per_node_s, 1),
         "projected_cores_at_1305_nodes": round(per_node_s * PROJECT_NODES / 1e6, 3),
-        "in_process_1305": in_process,
+    }
+
+
+def measure_heartbeats(
+    nodes: int, baseline_nodes: int, seconds: float, interval: float = 0.5
+) -> dict[str, Any]:
+    """`stream`: the node registry's HeartbeatStream, one per node; `unary_baseline`: a unary
+    mTLS call per beat on a thread-pool server doing the same per-beat work (the old design),
+    in the same run on the same store and controller."""
+    with tempfile.TemporaryDirectory(prefix="cpbench-hb-") as state:
+        s = _Servers(state, max(nodes, baseline_nodes), start_controller=True)
+        try:
+            names = [n.name for n in s.store.nodes()]
+            for name in names:
+                certs_mod.issue(s.paths.certs, agent_identity(name))
+            registry = f"127.0.0.1:{s.servers.registry_port}"
+            stream = _drive(_STREAMER, s, registry, names[:nodes], seconds, interval)
+            unary_server, port = _unary_beats(s)
+            try:
+                unary = _drive(
+                    _UNARY, s, f"127.0.0.1:{port}", names[:baseline_nodes], seconds, interval
+                )
+            finally:
+                unary_server.stop(0.5)
+        finally:
+            s.close()
+    return {
+        "stream": stream,
+        "unary_baseline": unary,
+        "stream_over_unary_cpu": round(
+            stream["cpu_us_per_node_per_s"] / unary["cpu_us_per_node_per_s"], 3
+        ),
+        "in_process_1305": _heartbeat_in_process(PROJECT_NODES),
+        "target_cores_at_1305_nodes": 0.5,
+        "meets_target": stream["projected_cores_at_1305_nodes"] < 0.5,
     }
 
 
@@ -453,23 +562,7 @@ def _load() -> str:
     return f"loadavg {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--skip-ray", action="store_true", help="no Ray: a quick run")
-    parser.add_argument("--reps", type=int, default=5, help="apply -> Ready repetitions")
-    parser.add_argument("--deployments", type=int, default=100)
-    parser.add_argument("--nodes", type=int, default=64)
-    parser.add_argument("--calls", type=int, default=200, help="calls per read measurement")
-    parser.add_argument("--hb-nodes", type=int, default=128)
-    parser.add_argument("--hb-seconds", type=float, default=5.0)
-    parser.add_argument("--agents", type=int, default=4, help="Ray part: agent actors")
-    parser.add_argument("--restarts", type=int, default=3, help="Ray part: SIGKILL rounds")
-    parser.add_argument("--model", default="qwen2.5-0.5b", help="Ray part: seeded model")
-    parser.add_argument("--skip-real", action="store_true", help="Ray part: only virtual 405B")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    result: dict[str, Any] = {"bench": "control_plane", "load_before": _load()}
-
+def _apply_and_read(args: argparse.Namespace, result: dict[str, Any]) -> None:
     result["apply"] = measure_apply("process", args.reps)
     a = result["apply"]
     print(
@@ -487,12 +580,44 @@ def main() -> None:
         flush=True,
     )
 
-    h = result["heartbeat"] = measure_heartbeats(args.hb_nodes, args.hb_seconds)
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-ray", action="store_true", help="no Ray: a quick run")
+    parser.add_argument("--reps", type=int, default=5, help="apply -> Ready repetitions")
+    parser.add_argument("--deployments", type=int, default=100)
+    parser.add_argument("--nodes", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=200, help="calls per read measurement")
+    parser.add_argument("--hb-nodes", type=int, default=PROJECT_NODES, help="heartbeat streams")
+    parser.add_argument("--hb-baseline-nodes", type=int, default=128, help="unary baseline")
+    parser.add_argument("--hb-seconds", type=float, default=5.0)
+    parser.add_argument("--agents", type=int, default=4, help="Ray part: agent actors")
+    parser.add_argument("--restarts", type=int, default=3, help="Ray part: SIGKILL rounds")
+    parser.add_argument("--model", default="qwen2.5-0.5b", help="Ray part: seeded model")
+    parser.add_argument("--skip-real", action="store_true", help="Ray part: only virtual 405B")
+    parser.add_argument(
+        "--only", choices=("heartbeat",), help="run this section alone (implies --skip-ray)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    result: dict[str, Any] = {"bench": "control_plane", "load_before": _load()}
+
+    if args.only == "heartbeat":
+        args.skip_ray = True
+    else:
+        _apply_and_read(args, result)
+
+    h = result["heartbeat"] = measure_heartbeats(
+        args.hb_nodes, args.hb_baseline_nodes, args.hb_seconds
+    )
+    hs, hu = h["stream"], h["unary_baseline"]
     print(
-        f"heartbeats ({h['nodes']} nodes at {h['interval_s']} s, {h['seconds']} s): "
-        f"{h['cpu_us_per_node_per_s']} CPU us per node per s, {h['cpu_us_per_heartbeat']} "
-        f"us per heartbeat -> {h['projected_cores_at_1305_nodes']} cores at "
-        f"{PROJECT_NODES} nodes; without gRPC: {h['in_process_1305']}",
+        f"heartbeat streams ({hs['nodes']} nodes at {hs['interval_s']} s, {hs['seconds']} s, "
+        f"{hs['late_rounds']} late rounds): {hs['cpu_us_per_node_per_s']} CPU us per node per s, "
+        f"{hs['cpu_us_per_heartbeat']} us per heartbeat -> {hs['projected_cores_at_1305_nodes']} "
+        f"cores at {PROJECT_NODES} nodes (target < 0.5); baseline, a unary call per beat "
+        f"({hu['nodes']} nodes): {hu['cpu_us_per_node_per_s']} us per node per s -> "
+        f"{hu['projected_cores_at_1305_nodes']} cores; without gRPC: {h['in_process_1305']}",
         flush=True,
     )
 

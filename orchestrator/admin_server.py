@@ -9,9 +9,11 @@ certificate optional on one port:
   viewer calling a write (Apply, Delete, Cordon, Uncordon, Drain) or Verify (it may fence
   chips): PERMISSION_DENIED. A viewer
   may Generate (it changes no state). Health checking and reflection are open.
-* **NodeRegistry** (`Register`, `Heartbeat`): mutual TLS; only agent certificates, and the node
-  is the certificate's, never the message's. Heartbeats only land in the controller's buffer
-  (batched into the store once per pass).
+* **NodeRegistry** (`Register`, `HeartbeatStream`): mutual TLS; only agent certificates, and
+  the node is the certificate's, never the message's. It is served by a `grpc.aio` server on
+  its own event loop (`orchestrator.registry_server`: one long-lived heartbeat stream per agent
+  without a thread per stream); heartbeats only land in the controller's buffer (batched into
+  the store once per pass).
 
 An apply that changes something and a delete request each write an event (`Applied`,
 `DeleteRequested`), so `describe`/`events`/`Watch` show who-asked-what before the reconciler
@@ -52,8 +54,10 @@ from orchestrator.core import (
     node_state,
 )
 from orchestrator.deployments import plan_request_from_spec, store_deployment
+from orchestrator.registry_server import RegistryServer
 from orchestrator.spec import SpecError, parse_deployment
 from orchestrator.store import Conflict, ControlStore, DeploymentRecord
+from orchestrator.throughput import TokenRates
 from orchestrator.verify import Verifier, VerifyError
 from placement.errors import InputError, Unplaceable
 from placement.planner import make_plan
@@ -61,12 +65,11 @@ from placement.profiles import ChipProfile
 from protos import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 from security.certs import Credentials
 from security.identity import AGENT_PREFIX, check_node_name, role_of
-from security.tls import peer_identity, server_credentials
+from security.tls import peer_identity
 
 log = logging.getLogger("lockstep.admin")
 
 ADMIN_SERVICE = "lockstep.admin.v1.Admin"
-REGISTRY_SERVICE = "lockstep.admin.v1.NodeRegistry"
 WRITE_METHODS = frozenset({"Apply", "Delete", "Cordon", "Uncordon", "Drain", "Verify"})
 ROLES = ("admin", "viewer")
 MAX_MESSAGE_BYTES = 2 << 20
@@ -177,12 +180,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         profile: ChipProfile,
         gateway: GrpcAgentGateway,
         clock: Callable[[], float] = time.time,
+        *,
+        rates: TokenRates | None = None,
     ) -> None:
         self.store = store
         self.controller = controller
         self.profile = profile
         self.gateway = gateway
         self.clock = clock
+        self.rates = rates or TokenRates()
         self._turn = itertools.count()
         self._stopping = threading.Event()
         self._watches = threading.BoundedSemaphore(MAX_WATCHES)
@@ -241,6 +247,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             observed_generation=status.observed_generation,
             deleting=record.deleting,
             created=record.created,
+            tokens_per_second=self.rates.by_deployment(self.clock()).get(record.name, 0.0),
         )
         for c in status.conditions:
             out.conditions.add(
@@ -314,6 +321,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             identity=node.identity,
             state=node_state(node, now, self.controller.settings).value,
             heartbeat_age_seconds=max(0.0, now - node.last_heartbeat),
+            tokens_per_second=self.rates.by_node(now).get(node.name, 0.0),
         )
         for chip in node.chips:
             cid = chip_id(node.rack, node.slot, chip.index)
@@ -397,22 +405,98 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Generate(
         self, request: admin_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[admin_pb2.GenerateResponse]:
+        """Serve on a Ready replica (round robin), streaming its stage-0 agent's tokens.
+
+        A replica removed under a request (a rolling replacement, a scale-down: the
+        controller marks it removing in the store before it drops the stages) does not fail
+        the request: it goes on on another Ready replica. Before any token was streamed it
+        starts there afresh; after some, a request given as ids resumes with the tokens so
+        far appended to its prompt and the rest of `max_tokens` (greedy decoding continues
+        exactly; a sampled one continues with another draw, and during a rollout the new
+        replica's model continues). A failure of a replica that is still Ready is the
+        request's: it is returned as before.
+        """
         record = self.store.deployment(request.deployment)
         if record is None:
             _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"no deployment named {request.deployment!r}"
             )
-        ready = [
+        sent: list[int] = []
+        tried: set[int] = set()
+        while True:
+            replica, node = self._pick(request.deployment, record.status.phase.value, tried)
+            if replica is None or node is None:
+                _abort(context, grpc.StatusCode.UNAVAILABLE, node or "no Ready replica")
+            tried.add(replica.index)
+            forward = agent_pb2.GenerateRequest(
+                deployment=request.deployment,
+                replica=replica.index,
+                request_id=uuid.uuid4().hex,
+                prompt_ids=[*request.prompt_ids, *sent],
+                prompt_text=request.prompt_text,
+                max_tokens=request.max_tokens - len(sent) if sent else request.max_tokens,
+                temperature=request.temperature,
+                seed=request.seed,
+                deadline_ms=request.deadline_ms,
+            )
+            stub = agent_pb2_grpc.AgentStub(self.gateway.channel(node.address, node.name))
+            remaining = context.time_remaining()
+            bounded = remaining is not None and 0 < remaining < GENERATE_TIMEOUT
+            calls = stub.Generate(forward, timeout=remaining if bounded else GENERATE_TIMEOUT)
+            context.add_callback(calls.cancel)
+            try:
+                for reply in calls:
+                    sent.append(reply.token)
+                    yield admin_pb2.GenerateResponse(
+                        token=reply.token,
+                        index=len(sent) - 1,
+                        finished=reply.finished,
+                        text=reply.text,
+                        replica=replica.index,
+                    )
+                return
+            except grpc.RpcError as exc:
+                resumable = not sent or (
+                    bool(request.prompt_ids) and len(sent) < request.max_tokens
+                )
+                if context.is_active() and resumable and self._replaced(replica):
+                    log.info(
+                        "%s replica %d was removed under a request (%s): going on elsewhere "
+                        "after %d token(s)",
+                        request.deployment,
+                        replica.index,
+                        exc.code().name,
+                        len(sent),
+                    )
+                    continue
+                code = exc.code()
+                if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                    code = grpc.StatusCode.UNAVAILABLE
+                _abort(context, code, f"replica {replica.index} on {node.name}: {exc.details()}")
+
+    def _ready(self, deployment: str) -> list[Any]:
+        return [
             r
-            for r in self.store.replicas(request.deployment)
+            for r in self.store.replicas(deployment)
             if r.running_epoch == r.epoch and not r.removing
         ]
+
+    def _replaced(self, replica: Any) -> bool:
+        """Whether `replica` (as it was when a request went to it) no longer serves."""
+        return all(
+            (r.index, r.epoch) != (replica.index, replica.epoch)
+            for r in self._ready(replica.deployment)
+        )
+
+    def _pick(self, deployment: str, phase: str, tried: set[int]) -> tuple[Any, Any]:
+        """A Ready replica not tried yet (round robin) and its stage-0 node; else (None, why)."""
+        ready = [r for r in self._ready(deployment) if r.index not in tried]
         if not ready:
-            _abort(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                f"deployment {request.deployment} has no Ready replica (phase "
-                f"{record.status.phase.value}); wait for it: lpuctl get deployments",
+            if tried:
+                return None, f"deployment {deployment} has no other Ready replica"
+            return None, (
+                f"deployment {deployment} has no Ready replica (phase {phase}); wait for it: "
+                "lpuctl get deployments"
             )
         replica = ready[next(self._turn) % len(ready)]
         first = replica.stages[0].chips[0]
@@ -425,37 +509,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
             None,
         )
         if node is None:
-            _abort(context, grpc.StatusCode.UNAVAILABLE, f"stage 0 chip {first} has no node")
-        forward = agent_pb2.GenerateRequest(
-            deployment=request.deployment,
-            replica=replica.index,
-            request_id=uuid.uuid4().hex,
-            prompt_ids=list(request.prompt_ids),
-            prompt_text=request.prompt_text,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            seed=request.seed,
-            deadline_ms=request.deadline_ms,
-        )
-        stub = agent_pb2_grpc.AgentStub(self.gateway.channel(node.address, node.name))
-        remaining = context.time_remaining()
-        bounded = remaining is not None and 0 < remaining < GENERATE_TIMEOUT
-        calls = stub.Generate(forward, timeout=remaining if bounded else GENERATE_TIMEOUT)
-        context.add_callback(calls.cancel)
-        try:
-            for reply in calls:
-                yield admin_pb2.GenerateResponse(
-                    token=reply.token,
-                    index=reply.index,
-                    finished=reply.finished,
-                    text=reply.text,
-                    replica=replica.index,
-                )
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-                code = grpc.StatusCode.UNAVAILABLE
-            _abort(context, code, f"replica {replica.index} on {node.name}: {exc.details()}")
+            return None, f"stage 0 chip {first} has no node"
+        return replica, node
 
     def Verify(self, request: admin_pb2.VerifyRequest, context: grpc.ServicerContext) -> Any:
         try:
@@ -508,16 +563,23 @@ def _chip(node: str, cid: str, chip: Chip, used: int, shards: list[str]) -> admi
 
 class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc]
     def __init__(
-        self, store: ControlStore, controller: Controller, clock: Callable[[], float] = time.time
+        self,
+        store: ControlStore,
+        controller: Controller,
+        clock: Callable[[], float] = time.time,
+        *,
+        rates: TokenRates | None = None,
     ) -> None:
         self.store = store
         self.controller = controller
         self.clock = clock
+        self.rates = rates or TokenRates()
         self._known = {n.name for n in store.nodes()}
         self._failed: dict[str, frozenset[int]] = {}
         self._lock = threading.Lock()
 
-    def _node(self, context: grpc.ServicerContext) -> str:
+    def node_of(self, context: grpc.ServicerContext) -> str:
+        """The caller's node, from its agent certificate (aborts for any other caller)."""
         identity = peer_identity(context)
         if identity is None or role_of(identity) is None:
             _abort(
@@ -534,7 +596,7 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
         return identity.removeprefix(AGENT_PREFIX)
 
     def Register(self, request: admin_pb2.RegisterRequest, context: grpc.ServicerContext) -> Any:
-        node = self._node(context)
+        node = self.node_of(context)
         if request.node and request.node != node:
             _abort(
                 context,
@@ -595,20 +657,34 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
             node=node, heartbeat_interval=self.controller.settings.heartbeat_interval
         )
 
-    def Heartbeat(self, request: admin_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
-        node = self._node(context)
+    def known(self, node: str) -> bool:
+        with self._lock:
+            return node in self._known
+
+    def beat(self, node: str, beat: admin_pb2.HeartbeatRequest) -> bool:
+        """One heartbeat of `node` (already authenticated): into the controller's buffer, and
+        a change of its failed chips makes the controller ask the agent. False when the node is
+        not known (it must register again). Cheap and non-blocking: it runs on the heartbeat
+        streams' event loop (`orchestrator.registry_server`)."""
         with self._lock:
             known = node in self._known
-            failed = frozenset(c.index for c in request.chips if c.failed)
+            failed = frozenset(c.index for c in beat.chips if c.failed)
             changed = known and failed != self._failed.get(node, frozenset())
             if changed:
                 self._failed[node] = failed
         if not known:
-            return admin_pb2.HeartbeatResponse(known=False)
-        self.controller.heartbeats.add(node, self.clock())
+            return False
+        now = self.clock()
+        self.controller.heartbeats.add(node, now)
+        if beat.tokens:
+            self.rates.observe(
+                node,
+                ((t.deployment[:200], t.replica, t.generated) for t in beat.tokens[:64]),
+                now,
+            )
         if changed:  # rare: the controller asks the agent and records the chips' health
             self.controller.node_registered(node)
-        return admin_pb2.HeartbeatResponse(known=True)
+        return True
 
 
 # --- wiring ------------------------------------------------------------------------------------
@@ -618,7 +694,7 @@ class RegistryService(admin_pb2_grpc.NodeRegistryServicer):  # type: ignore[misc
 class Servers:
     admin: grpc.Server
     admin_port: int
-    registry: grpc.Server
+    registry: RegistryServer
     registry_port: int
     health: health.HealthServicer
     service: AdminService
@@ -627,7 +703,7 @@ class Servers:
         self.health.enter_graceful_shutdown()
         self.service.stop_streams()
         self.admin.stop(grace).wait()
-        self.registry.stop(grace).wait()
+        self.registry.stop(grace)
 
 
 def start_servers(
@@ -642,7 +718,7 @@ def start_servers(
     registry_listen: str = "127.0.0.1:0",
     workers: int = 32,
 ) -> Servers:
-    """Start the admin server (TLS + tokens) and the node registry (mutual TLS)."""
+    """Start the admin server (TLS + tokens) and the node registry (mutual TLS, `grpc.aio`)."""
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -653,7 +729,8 @@ def start_servers(
         interceptors=[TokenInterceptor(tokens)],
         options=options,
     )
-    service = AdminService(store, controller, profile, gateway)
+    rates = TokenRates()  # the agents' token counters (registry) as tokens/s (admin)
+    service = AdminService(store, controller, profile, gateway, rates=rates)
     admin_pb2_grpc.add_AdminServicer_to_server(service, admin)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, admin)
@@ -664,13 +741,11 @@ def start_servers(
     )
     tls = grpc.ssl_server_credentials([(credentials.key_pem, credentials.cert_pem)])
     admin_port = admin.add_secure_port(admin_listen, tls)
-    registry = grpc.server(
-        futures.ThreadPoolExecutor(workers, thread_name_prefix="registry"), options=options
+    if not admin_port:
+        raise OSError(f"cannot listen on {admin_listen}")
+    registry = RegistryServer(
+        RegistryService(store, controller, rates=rates), credentials, registry_listen
     )
-    admin_pb2_grpc.add_NodeRegistryServicer_to_server(RegistryService(store, controller), registry)
-    registry_port = registry.add_secure_port(registry_listen, server_credentials(credentials))
-    if not admin_port or not registry_port:
-        raise OSError(f"cannot listen on {admin_listen} / {registry_listen}")
+    registry_port = registry.start()
     admin.start()
-    registry.start()
     return Servers(admin, admin_port, registry, registry_port, health_servicer, service)

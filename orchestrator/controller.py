@@ -24,8 +24,15 @@ Decisions:
 * **Order and failure.** Actions of one deployment run in the returned order; the first
   failure stops that deployment's remaining actions for this pass (the next pass decides
   again), records the failure on the replica (the reconciler's backoff and restart budget
-  read it) and writes a Warning event. Actions whose `key` is in flight are skipped (all are
-  synchronous today; the set is there for asynchronous loads).
+  read it) and writes a Warning event. Actions whose `key` is in flight are skipped.
+* **Loads run beside the pass, bounded.** A `Load` is handed to a pool of `LOAD_WORKERS`
+  threads, at most `LOADS_PER_NODE` in flight per node (the rest wait for a later pass), each
+  with a deadline from its size (`GrpcAgentGateway.load_timeout`). The worker streams the
+  shard, asks the agent's `Status` and writes it, records a failure on the replica like any
+  failed step, then wakes the controller. So an agent that hangs (a stopped process, a dead
+  host whose TCP connection lingers) holds at most `LOADS_PER_NODE` workers until their
+  deadlines and delays only its own chips: the pass goes on, other deployments load, configure
+  and start. The other calls to agents stay in the pass: they are short (`rpc_timeout`).
 * **Configure replaces.** An agent refuses to configure a replica it already runs, so
   `Configure` first removes the replica's stages from each of its agents whose `Status` shows them:
   after an agent restart the survivors drop the old epoch's pipeline, then all agents are
@@ -46,6 +53,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -92,6 +100,9 @@ from security.certs import Credentials
 
 log = logging.getLogger("lockstep.controller")
 
+LOAD_WORKERS = 8
+LOADS_PER_NODE = 2
+
 Clock = Callable[[], float]
 
 
@@ -136,9 +147,16 @@ class GrpcAgentGateway:
     `--insecure`). One channel per agent, kept for the process's life (re-dialled when an
     agent moves to a new address)."""
 
-    def __init__(self, credentials: Credentials | None, *, rpc_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        credentials: Credentials | None,
+        *,
+        rpc_timeout: float = 30.0,
+        min_load_bytes_per_second: float = 8 << 20,
+    ) -> None:
         self.credentials = credentials
         self.rpc_timeout = rpc_timeout
+        self.min_load_bytes_per_second = min_load_bytes_per_second
         self._channels: dict[str, tuple[str, grpc.Channel]] = {}
         self._lock = threading.Lock()
 
@@ -162,6 +180,10 @@ class GrpcAgentGateway:
         )
         return reply
 
+    def load_timeout(self, size_bytes: int) -> float:
+        """A load's deadline: `rpc_timeout` plus its bytes at the slowest rate we accept."""
+        return self.rpc_timeout + size_bytes / self.min_load_bytes_per_second
+
     def load(
         self, address: str, node: str, chip: int, path: Path, shard_id: str, virtual: bool
     ) -> None:
@@ -171,7 +193,7 @@ class GrpcAgentGateway:
             chip,
             shard_id=shard_id,
             virtual=virtual,
-            timeout=max(self.rpc_timeout, 300.0),
+            timeout=self.load_timeout(path.stat().st_size),
         )
 
     def unload(self, address: str, node: str, chip: int, shard_id: str) -> None:
@@ -286,6 +308,11 @@ class Controller:
         self._adopting: set[str] = set()
         self._refresh_lock = threading.Lock()
         self._in_flight: set[str] = set()
+        self._loads = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="load")
+        self._loading: dict[str, str] = {}  # Load key -> node, under _load_lock
+        self._finished: set[str] = set()  # loads ended since this pass read the store
+        self._node_locks: dict[str, threading.Lock] = {}  # one Status report at a time
+        self._load_lock = threading.Lock()
         self._refs: dict[tuple[str, int], tuple[Plan, list[ShardRef]]] = {}
         self._configured: dict[
             tuple[str, int, int], tuple[dict[str, agent_pb2.ConfigureReplicaRequest], list[str]]
@@ -328,10 +355,18 @@ class Controller:
             self._adopting.update(names)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """End the loop. Loads in flight are not waited for: closing the gateway's channels
+        cancels them."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._loads.shutdown(wait=False, cancel_futures=True)
+
+    def loads_in_flight(self) -> dict[str, str]:
+        """Load key -> node of the loads running now."""
+        with self._load_lock:
+            return dict(self._loading)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -355,6 +390,8 @@ class Controller:
 
     def _pass(self) -> PassResult:
         self.passes += 1
+        with self._load_lock:  # loads that end from now on may be missing from what we read
+            self._finished.clear()
         beats = self.heartbeats.drain()
         if beats:
             self.store.heartbeat(beats)
@@ -424,6 +461,10 @@ class Controller:
                 continue
             if action.key in self._in_flight:
                 continue
+            if isinstance(action, Load):
+                if self._submit_load(action):
+                    executed.append(action)
+                continue
             self._in_flight.add(action.key)
             try:
                 self._do(action, specs, targets, nodes, now, touched)
@@ -445,6 +486,51 @@ class Controller:
                 except grpc.RpcError as exc:
                     log.warning("status of node %s: %s", name, _describe(exc))
         return PassResult(tuple(executed), tuple(failed))
+
+    def _submit_load(self, action: Load) -> bool:
+        """Hand a load to the pool unless it runs already, ended after this pass read the
+        store (its result may be missing from what the reconciler saw), or its node has
+        `LOADS_PER_NODE` running (the next pass offers it again)."""
+        with self._load_lock:
+            if action.key in self._loading or action.key in self._finished:
+                return False
+            if sum(1 for n in self._loading.values() if n == action.node) >= LOADS_PER_NODE:
+                return False
+            self._loading[action.key] = action.node
+        try:
+            self._loads.submit(self._load, action)
+        except RuntimeError:  # stopping: the pool takes no more work
+            with self._load_lock:
+                self._loading.pop(action.key, None)
+            return False
+        return True
+
+    def _load(self, action: Load) -> None:
+        """One load on a pool thread: stream it, write what the agent now holds, release the
+        key, wake the loop (see the module docstring)."""
+        try:
+            path = ShardStore(self.compiler.store_dir).blob_path(action.shard_id)
+            self.gateway.load(
+                action.address, action.node, action.chip_index, path, action.shard_id, False
+            )
+        except Exception as exc:
+            why = _describe(exc)
+            log.warning("%s failed: %s", action.key, why)
+            self.stats.action_failed()
+            self._record_failure(action, why, self.clock())
+        try:
+            node = self.store.node(action.node)
+            if node is not None and node.address == action.address:
+                self._refresh_node(node)
+        except grpc.RpcError as exc:
+            log.warning("status of node %s: %s", action.node, _describe(exc))
+        except Exception:  # a store closed under a stopping controller
+            log.exception("after %s", action.key)
+        finally:
+            with self._load_lock:
+                self._loading.pop(action.key, None)
+                self._finished.add(action.key)
+            self.wake()
 
     def _record_failure(self, action: Action, why: str, now: float) -> None:
         deployment = getattr(action, "deployment", None)
@@ -476,12 +562,6 @@ class Controller:
     ) -> None:
         if isinstance(action, Compile):
             self._compile(action, specs[action.deployment])
-        elif isinstance(action, Load):
-            path = ShardStore(self.compiler.store_dir).blob_path(action.shard_id)
-            self.gateway.load(
-                action.address, action.node, action.chip_index, path, action.shard_id, False
-            )
-            touched.add(action.node)
         elif isinstance(action, Unload):
             touched.add(action.node)
             try:
@@ -494,8 +574,8 @@ class Controller:
         elif isinstance(action, StartEpoch):
             self._start(action, targets[action.deployment], nodes)
         elif isinstance(action, RemoveReplica):
+            self.store.record(action, now)  # removing first: Generate stops choosing it
             self._remove(action, nodes)
-            self.store.record(action, now)
         elif not self.store.record(action, now):
             raise RuntimeError(f"no executor for {type(action).__name__}")
 
@@ -656,7 +736,15 @@ class Controller:
                 self._adopting.discard(node.name)
 
     def _refresh_node(self, node: Node) -> agent_pb2.StatusResponse:
-        """Write what the node's agent holds and its chips' health (its `Status`)."""
+        """Write what the node's agent holds and its chips' health (its `Status`). One at a
+        time per node (the pass and the load workers both ask): a report is written in the
+        order it was asked, so an older one never overwrites a newer."""
+        with self._refresh_lock:
+            lock = self._node_locks.setdefault(node.name, threading.Lock())
+        with lock:
+            return self._write_status(node)
+
+    def _write_status(self, node: Node) -> agent_pb2.StatusResponse:
         status = self.gateway.status(node.address, node.name)
         self.store.report_held(node.name, held_from_status(node, status))
         known = {c.index: c for c in node.chips}

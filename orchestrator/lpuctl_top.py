@@ -1,10 +1,11 @@
 """`lpuctl top`: what the cluster's SRAM and chips are doing, per node and per deployment.
 
 Like `kubectl top`, a snapshot from two admin calls (ListNodes, List): per node its state,
-chips by health and SRAM reserved by the shards its agents hold against its capacity; per
-deployment its phase, ready replicas, the chips its replicas hold and the SRAM on them. The
-admin API does not expose tokens/s yet (the Prometheus metrics neither), so `top` shows no
-throughput column rather than a made-up one.
+chips by health, SRAM reserved by the shards its agents hold against its capacity, and the
+tokens a second of the replicas whose token stream (stage 0) it serves; per deployment its
+phase, ready replicas, tokens a second over all its replicas, the chips its replicas hold and
+the SRAM on them. Tokens a second are the control plane's rates over the last 5 s, from the
+token counters agents send with their heartbeats (`orchestrator.throughput`).
 
 The table building (`top_report`) is a pure function of the two responses, tested without a
 server; `cmd_top` fetches and prints.
@@ -21,8 +22,8 @@ from typing import Any
 
 from orchestrator.lpuctl_commands import EXIT_OK
 
-NODE_HEADER = ("NODE", "STATE", "CHIPS", "SRAM USED", "SRAM", "SRAM%", "DEPLOYMENTS")
-DEPLOYMENT_HEADER = ("DEPLOYMENT", "PHASE", "READY", "CHIPS", "SRAM USED", "NODES")
+NODE_HEADER = ("NODE", "STATE", "CHIPS", "SRAM USED", "SRAM", "SRAM%", "TOKENS/S", "DEPLOYMENTS")
+DEPLOYMENT_HEADER = ("DEPLOYMENT", "PHASE", "READY", "TOKENS/S", "CHIPS", "SRAM USED", "NODES")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class NodeTop:
     sram_used: int
     sram: int
     deployments: tuple[str, ...]
+    tokens_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class DeploymentTop:
     chips: int
     sram_used: int
     nodes: int
+    tokens_per_second: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,11 @@ class TopReport:
             health.update(n.chips)
         used, total = sum(n.sram_used for n in self.nodes), sum(n.sram for n in self.nodes)
         phases = Counter(d.phase for d in self.deployments)
+        tokens = sum(d.tokens_per_second for d in self.deployments)
         return (
             f"nodes: {_counts(states)}   chips: {_counts(health)}   "
             f"SRAM: {_mib(used)}/{_mib(total)} ({_pct(used, total)})   "
-            f"deployments: {_counts(phases)}"
+            f"deployments: {_counts(phases)}   tokens/s: {_rate(tokens)}"
         )
 
     def node_rows(self) -> list[list[str]]:
@@ -74,6 +78,7 @@ class TopReport:
                 _mib(n.sram_used),
                 _mib(n.sram),
                 _pct(n.sram_used, n.sram),
+                _rate(n.tokens_per_second),
                 ",".join(n.deployments) or "-",
             ]
             for n in self.nodes
@@ -85,6 +90,7 @@ class TopReport:
                 d.name,
                 d.phase,
                 f"{d.ready}/{d.replicas}",
+                _rate(d.tokens_per_second),
                 str(d.chips),
                 _mib(d.sram_used),
                 str(d.nodes),
@@ -105,6 +111,10 @@ def _counts(counter: Counter[str]) -> str:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.2f}Mi"
+
+
+def _rate(per_second: float) -> str:
+    return f"{per_second:.1f}"
 
 
 def _pct(used: int, total: int) -> str:
@@ -138,6 +148,7 @@ def top_report(nodes: Sequence[Any], deployments: Sequence[Any]) -> TopReport:
                 chips=len(chips),
                 sram_used=sum(chip_used.get(c, 0) for c in chips),
                 nodes=len(hosts),
+                tokens_per_second=d.tokens_per_second,
             )
         )
     node_rows = tuple(
@@ -148,6 +159,7 @@ def top_report(nodes: Sequence[Any], deployments: Sequence[Any]) -> TopReport:
             sram_used=sum(c.sram_used_bytes for c in n.chips),
             sram=sum(c.sram_bytes for c in n.chips),
             deployments=tuple(sorted(on_node.get(n.name, ()))),
+            tokens_per_second=n.tokens_per_second,
         )
         for n in sorted(nodes, key=lambda n: n.name)
     )

@@ -9,6 +9,7 @@ speaks TLS); scrapers trust the cluster CA (`certs/ca.crt`).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,11 +31,17 @@ class PassStats:
         self.passes = 0
         self.seconds = 0.0
         self.failed_actions = 0
+        self._lock = threading.Lock()  # loads fail on the controller's pool threads
 
     def record(self, seconds: float, failed: int) -> None:
-        self.passes += 1
-        self.seconds += seconds
-        self.failed_actions += failed
+        with self._lock:
+            self.passes += 1
+            self.seconds += seconds
+            self.failed_actions += failed
+
+    def action_failed(self) -> None:
+        with self._lock:
+            self.failed_actions += 1
 
 
 class ControlPlaneCollector(Collector):

@@ -771,10 +771,10 @@ class NodeRegistryStub:
                 request_serializer=protos_dot_admin__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=protos_dot_admin__pb2.RegisterResponse.FromString,
                 _registered_method=True)
-        self.Heartbeat = channel.unary_unary(
-                '/lockstep.admin.v1.NodeRegistry/Heartbeat',
+        self.HeartbeatStream = channel.stream_unary(
+                '/lockstep.admin.v1.NodeRegistry/HeartbeatStream',
                 request_serializer=protos_dot_admin__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_admin__pb2.HeartbeatResponse.FromString,
+                response_deserializer=protos_dot_admin__pb2.HeartbeatStreamResponse.FromString,
                 _registered_method=True)
 
 
@@ -787,8 +787,14 @@ class NodeRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def HeartbeatStream(self, request_iterator, context):
+        """One long-lived stream per agent: a beat every heartbeat interval (the node is the peer
+        certificate's). A newer stream of the same node replaces the older (ABORTED); a stream
+        without a beat for the idle timeout ends (DEADLINE_EXCEEDED); a beat over 64 KiB or
+        beats faster than 50 a second end it (RESOURCE_EXHAUSTED); a node the control plane does
+        not know gets FAILED_PRECONDITION (Register again). Ending a stream is not a node failure:
+        the heartbeat's age is.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -801,10 +807,10 @@ def add_NodeRegistryServicer_to_server(servicer, server):
                     request_deserializer=protos_dot_admin__pb2.RegisterRequest.FromString,
                     response_serializer=protos_dot_admin__pb2.RegisterResponse.SerializeToString,
             ),
-            'Heartbeat': grpc.unary_unary_rpc_method_handler(
-                    servicer.Heartbeat,
+            'HeartbeatStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.HeartbeatStream,
                     request_deserializer=protos_dot_admin__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_admin__pb2.HeartbeatResponse.SerializeToString,
+                    response_serializer=protos_dot_admin__pb2.HeartbeatStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -845,7 +851,7 @@ class NodeRegistry:
             _registered_method=True)
 
     @staticmethod
-    def Heartbeat(request,
+    def HeartbeatStream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -855,12 +861,12 @@ class NodeRegistry:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
-            '/lockstep.admin.v1.NodeRegistry/Heartbeat',
+            '/lockstep.admin.v1.NodeRegistry/HeartbeatStream',
             protos_dot_admin__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_admin__pb2.HeartbeatResponse.FromString,
+            protos_dot_admin__pb2.HeartbeatStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

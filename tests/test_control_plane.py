@@ -218,8 +218,8 @@ def test_get_and_describe(cluster: Cluster) -> None:
     as_json = json.loads(cluster.lpuctl("get", "deployments", "tiny-llama", "-o", "json").stdout)
     assert as_json["phase"] == "Ready" and as_json["bytes_loaded"] == as_json["bytes_total"]
     described = cluster.lpuctl("describe", "deployment", "tiny-llama").stdout
-    for fragment in ("Phase:        Ready", "2 replica(s) x 12 stage(s)", "Synchronizing -> Ready"):
-        assert fragment in described
+    for fragment in ("Phase:        Ready", "2 replica(s) x 12 stage(s)", "-> Ready: 2 of 2"):
+        assert fragment in described  # (replicas load apart: one may serve first, Degraded)
     chips = cluster.lpuctl("get", "chips", "-o", "json")
     held = [c for c in json.loads(chips.stdout) if c["shards"]]
     assert len(held) == 24
@@ -230,7 +230,7 @@ def test_top_shows_sram_per_node_and_per_deployment(cluster: Cluster) -> None:
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].startswith("nodes: 6 Ready   chips: 48 Healthy   SRAM: ")
-    assert lines[0].endswith("deployments: 1 Ready")
+    assert "deployments: 1 Ready   tokens/s: " in lines[0]
     report = json.loads(cluster.lpuctl("top", "-o", "json").stdout)
     chips = json.loads(cluster.lpuctl("get", "chips", "-o", "json").stdout)
     held = sum(int(c["sram_used_bytes"]) for c in chips)

@@ -3,20 +3,23 @@
 The fake gateway keeps what each chip holds and which replicas are configured and started, so
 these tests check what the controller *does* with the reconciler's decisions: every shard is
 loaded once onto its chip, each replica is configured then started, a failed step stops that
-deployment's actions for the pass and is recorded for the backoff, and a delete unloads every
+deployment's actions for the pass and is recorded for the backoff, a load that hangs delays
+only its own chips (loads run on the controller's bounded pool), and a delete unloads every
 shard before the deployment is forgotten.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
+from agent_helpers import wait_for
 
-from orchestrator.controller import Controller, ShardCompiler, held_from_status
+from orchestrator.controller import LOADS_PER_NODE, Controller, ShardCompiler, held_from_status
 from orchestrator.core import Chip, CoreSettings, Node, Phase, node_name
 from orchestrator.spec import load_deployment_file
 from orchestrator.store import Store
@@ -45,6 +48,8 @@ class FakeAgents:
         self.held: dict[tuple[str, int], dict[str, int]] = {}
         self.calls: list[tuple[str, ...]] = []
         self.fail_loads_on: set[tuple[str, int]] = set()
+        self.hang_loads_on: set[str] = set()  # nodes whose loads wait for `release`
+        self.release = threading.Event()
         self.started: set[tuple[str, int, int]] = set()
 
     def channel(self, address: str, node: str) -> grpc.Channel:
@@ -74,6 +79,8 @@ class FakeAgents:
         self, address: str, node: str, chip: int, path: Path, shard_id: str, virtual: bool
     ) -> None:
         self.calls.append(("load", node, str(chip), shard_id))
+        if node in self.hang_loads_on:
+            assert self.release.wait(60)
         if (node, chip) in self.fail_loads_on:
             raise FakeError()
         self.held.setdefault((node, chip), {})[shard_id] = path.stat().st_size
@@ -145,13 +152,22 @@ def world(tmp_path: Path) -> tuple[Controller, FakeAgents, Store, Clock]:
     return controller, agents, store, clock
 
 
-def _apply(store: Store, clock: Clock) -> None:
-    spec = load_deployment_file(EXAMPLE)
-    store.apply_deployment(spec.name, spec.manifest, clock.now)
+def _apply(store: Store, clock: Clock, name: str = "tiny-llama", **spec_fields: object) -> None:
+    """The example deployment, under `name`, with `spec_fields` changed."""
+    manifest = load_deployment_file(EXAMPLE).manifest
+    manifest = {
+        **manifest,
+        "metadata": {**manifest["metadata"], "name": name},
+        "spec": {**manifest["spec"], **spec_fields},
+    }
+    store.apply_deployment(name, manifest, clock.now)
 
 
-def _run(controller: Controller, clock: Clock, passes: int = 30) -> None:
+def _run(controller: Controller, clock: Clock, passes: int = 60) -> None:
+    """Passes until nothing is left to do; loads run on the controller's pool, so each pass
+    first waits for the loads handed out before (their results are then in the store)."""
     for _ in range(passes):
+        wait_for(lambda: not controller.loads_in_flight(), timeout=30, what="loads")
         # agents heartbeat every pass (through the buffer, as the registry does)
         for node in controller.store.nodes():
             controller.heartbeats.add(node.name, clock.now)
@@ -180,26 +196,69 @@ def test_apply_to_ready_loads_each_shard_once(
     assert len([h for h in store.held() if h.committed]) == 24
 
 
-def test_a_failed_load_stops_the_deployment_for_the_pass_and_is_recorded(
+def test_a_failed_load_is_recorded_for_the_backoff(
     world: tuple[Controller, FakeAgents, Store, Clock],
 ) -> None:
     controller, agents, store, clock = world
     agents.fail_loads_on.add(("rack-0/node-0", 0))
     _apply(store, clock)
     for _ in range(6):
-        result = controller.run_pass()
+        controller.run_pass()
+        wait_for(lambda: not controller.loads_in_flight(), timeout=30, what="loads")
         clock.now += 0.1
-        if result.failed:
+        if any(r.failures for r in store.replicas("tiny-llama")):
             break
-    assert result.failed and "RESOURCE_EXHAUSTED" in result.failed[0][1]
-    failed = result.failed[0][0]
-    # nothing of the deployment ran after the failed action in that pass
-    keys = [a.key for a in result.executed]
-    assert not any(k.startswith(("configure/", "start/")) for k in keys)
-    replica = {r.index: r for r in store.replicas("tiny-llama")}[failed.replica]  # type: ignore[union-attr]
+    [replica] = [r for r in store.replicas("tiny-llama") if r.failures]
     assert replica.failures == 1 and "RESOURCE_EXHAUSTED" in replica.last_error
     warnings = [e for e in store.events("tiny-llama") if e.reason == "ActionFailed"]
-    assert len(warnings) == 1
+    assert len(warnings) == 1 and "chip is full" in warnings[0].message
+    assert controller.stats.failed_actions == 1
+    # the replica whose load failed was not configured
+    assert not any(c[0] == "configure" and c[2] == str(replica.index) for c in agents.calls)
+
+
+def test_a_hung_load_delays_only_its_own_chips(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    """Loads to one node hang: the pass does not wait for them, the node holds at most
+    LOADS_PER_NODE loads, and a deployment on other nodes loads and becomes Ready."""
+    controller, agents, store, clock = world
+    hung = "rack-0/node-0"
+    agents.hang_loads_on.add(hung)
+    try:
+        _apply(store, clock, "first", replicas=1)
+        for _ in range(10):  # until the hung node's loads are out
+            controller.run_pass()
+            clock.now += 0.1
+            if hung in controller.loads_in_flight().values():
+                break
+        store.set_cordoned(hung, True)  # the second deployment goes elsewhere
+        _apply(store, clock, "second", replicas=1)
+        for _ in range(60):
+            for node in store.nodes():
+                controller.heartbeats.add(node.name, clock.now)
+            controller.run_pass()
+            clock.now += 0.1
+            second = store.deployment("second")
+            if second is not None and second.status.phase is Phase.READY:
+                break
+            wait_for(
+                lambda: set(controller.loads_in_flight().values()) <= {hung},
+                timeout=30,
+                what="the other nodes' loads",
+            )
+        second = store.deployment("second")
+        assert second is not None and second.status.phase is Phase.READY
+        first = store.deployment("first")
+        assert first is not None and first.status.phase is not Phase.READY
+        in_flight = list(controller.loads_in_flight().values())
+        assert in_flight == [hung] * LOADS_PER_NODE  # bounded per node
+    finally:
+        agents.release.set()
+    _run(controller, clock)
+    store.set_cordoned(hung, False)
+    first = store.deployment("first")
+    assert first is not None and first.status.phase is Phase.READY
 
 
 def test_delete_unloads_every_shard_then_forgets(

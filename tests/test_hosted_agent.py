@@ -30,10 +30,11 @@ class FakeRegistry(admin_pb2_grpc.NodeRegistryServicer):
             self.registered.append(request)
         return admin_pb2.RegisterResponse()
 
-    def Heartbeat(self, request: admin_pb2.HeartbeatRequest, context: Any) -> Any:
-        with self.lock:
-            self.heartbeats += 1
-        return admin_pb2.HeartbeatResponse(known=True)
+    def HeartbeatStream(self, requests: Any, context: Any) -> Any:
+        for _ in requests:
+            with self.lock:
+                self.heartbeats += 1
+        return admin_pb2.HeartbeatStreamResponse()
 
 
 def test_a_hosted_agent_registers_heartbeats_and_stops(session_certs: Path) -> None:
