@@ -58,6 +58,7 @@ from orchestrator.core.actions import (
     ForgetReplica,
     MarkNodeNotReady,
     MarkNodeReady,
+    MoveStages,
     Place,
     PlacedReplica,
     RecordEvent,
@@ -82,7 +83,7 @@ from orchestrator.core.model import (
 from placement.plan import StagePlan
 from placement.profiles import ChipProfile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StoreError(Exception):
@@ -177,6 +178,7 @@ class ControlStore(Protocol):
     def record_replica_failure(
         self, deployment: str, index: int, error: str, now: float
     ) -> None: ...
+    def move_stages(self, action: MoveStages, now: float) -> None: ...
     def mark_replica_removing(self, deployment: str, index: int) -> None: ...
     def forget_replica(self, deployment: str, index: int) -> None: ...
     def replicas(self, deployment: str | None = None) -> list[Replica]: ...
@@ -263,6 +265,8 @@ CREATE TABLE replicas (
     last_failure REAL,
     last_error TEXT NOT NULL DEFAULT '',
     removing INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    last_restart REAL,
     PRIMARY KEY (deployment, idx)
 );
 CREATE TABLE shard_bindings (
@@ -321,7 +325,13 @@ CREATE INDEX events_by_node ON events(node, id);
 """
 
 # version -> SQL that upgrades a store from `version` to `version + 1`.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: a replica's incremental failovers (MoveStages), for the restart budget.
+    1: """
+ALTER TABLE replicas ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE replicas ADD COLUMN last_restart REAL;
+""",
+}
 
 
 def _canonical(doc: Mapping[str, Any]) -> str:
@@ -703,6 +713,42 @@ class Store:
                 (now, error, deployment, index),
             )
 
+    def move_stages(self, action: MoveStages, now: float) -> None:
+        """Record an incremental failover: the replica's new stages, each moved chip's shard
+        bound to its replacement, the new target epoch and one more restart (one
+        transaction: a crash leaves the replica entirely before or after the move)."""
+        chip_map = action.chip_map()
+        with self.transaction():
+            self._require_replica(action.deployment, action.replica)
+            self._conn.execute(
+                "UPDATE replicas SET stages = ?, epoch = ?, restarts = ?, last_restart = ? "
+                "WHERE deployment = ? AND idx = ?",
+                (
+                    _stages_json(action.stages),
+                    action.epoch,
+                    action.restarts,
+                    now,
+                    action.deployment,
+                    action.replica,
+                ),
+            )
+            bound = self._conn.execute(
+                "SELECT chip, shard_id, size_bytes FROM shard_bindings "
+                "WHERE deployment = ? AND replica = ?",
+                (action.deployment, action.replica),
+            ).fetchall()
+            self._conn.execute(
+                "DELETE FROM shard_bindings WHERE deployment = ? AND replica = ?",
+                (action.deployment, action.replica),
+            )
+            self._conn.executemany(
+                "INSERT INTO shard_bindings VALUES (?, ?, ?, ?, ?)",
+                [
+                    (action.deployment, action.replica, chip_map.get(b[0], b[0]), b[1], b[2])
+                    for b in bound
+                ],
+            )
+
     def mark_replica_removing(self, deployment: str, index: int) -> None:
         with self.transaction():
             self._conn.execute(
@@ -730,8 +776,8 @@ class Store:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT deployment, idx, generation, template, stages, spares, epoch, "
-                "configured_epoch, running_epoch, failures, last_failure, last_error, removing "
-                f"FROM replicas {where} ORDER BY deployment, idx",
+                "configured_epoch, running_epoch, failures, last_failure, last_error, removing, "
+                f"restarts, last_restart FROM replicas {where} ORDER BY deployment, idx",
                 args,
             ).fetchall()
             bound: dict[tuple[str, int], list[ShardAssignment]] = {}
@@ -762,6 +808,8 @@ class Store:
                     last_failure_time=r[10],
                     last_error=r[11],
                     removing=bool(r[12]),
+                    restarts=r[13],
+                    last_restart_time=r[14],
                 )
             )
         return out
@@ -991,8 +1039,8 @@ class Store:
         """Carry out an action whose whole effect is in the store; False for the others.
 
         Store-only: Place (the plan and the new replicas, together), SetPhase, SetCondition,
-        RecordEvent, MarkNodeNotReady/Ready, BumpEpoch, RemoveReplica (marks it removing — the
-        controller first asks the agents to drop the stages), ForgetReplica,
+        RecordEvent, MarkNodeNotReady/Ready, BumpEpoch, MoveStages, RemoveReplica (marks it
+        removing — the controller first asks the agents to drop the stages), ForgetReplica,
         DeleteDeployment. Compile, Load, Unload, Configure and StartEpoch need agents or the
         compiler; their results are recorded with the specific methods.
         """
@@ -1029,6 +1077,8 @@ class Store:
                 self.set_node_ready(action.node, True)
             elif isinstance(action, RemoveReplica):
                 self.mark_replica_removing(action.deployment, action.replica)
+            elif isinstance(action, MoveStages):
+                self.move_stages(action, now)
             elif isinstance(action, BumpEpoch):
                 self.set_replica_epochs(action.deployment, action.replica, epoch=action.epoch)
             elif isinstance(action, ForgetReplica):

@@ -28,6 +28,7 @@ from orchestrator.core import (
     Load,
     MarkNodeNotReady,
     MarkNodeReady,
+    MoveStages,
     Node,
     Observed,
     Phase,
@@ -259,6 +260,24 @@ class World:
         r = self.replicas[(a.deployment, a.replica)]
         assert a.epoch > r.epoch
         self.replicas[(a.deployment, a.replica)] = replace(r, epoch=a.epoch)
+
+    def _on_MoveStages(self, a: MoveStages) -> None:
+        r = self.replicas[(a.deployment, a.replica)]
+        assert a.epoch > r.epoch and a.restarts == r.restarts + 1
+        taken = {c for o in self.replicas.values() if o is not r for c in o.chips}
+        chip_map = a.chip_map()
+        for new in chip_map.values():
+            assert new not in taken, f"MoveStages onto {new}, which another replica holds"
+            assert self.chip(new).health is ChipHealth.HEALTHY
+        shards = tuple(replace(s, chip=chip_map.get(s.chip, s.chip)) for s in r.shards)
+        self.replicas[(a.deployment, a.replica)] = replace(
+            r,
+            stages=a.stages,
+            shards=shards,
+            epoch=a.epoch,
+            restarts=a.restarts,
+            last_restart_time=self.now,
+        )
 
     def _on_RemoveReplica(self, a: RemoveReplica) -> None:
         r = self.replicas[(a.deployment, a.replica)]

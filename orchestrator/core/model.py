@@ -187,6 +187,9 @@ class Replica:
     failed steps since the replica last became ready, for the restart budget and backoff.
     `removing` is set by `RemoveReplica`: the replica keeps its chips (so nothing else is
     placed on them) until its shards are unloaded, then `ForgetReplica` drops it.
+    `restarts` counts the incremental failovers (`MoveStages`) of the replica's whole life,
+    never reset, and `last_restart_time` is when the last one was decided: the restart budget
+    (`failover.maxRestarts`) and its exponential backoff (`failover.backoffSeconds`) read them.
     """
 
     deployment: str
@@ -203,6 +206,8 @@ class Replica:
     last_failure_time: float | None = None
     last_error: str = ""
     removing: bool = False
+    restarts: int = 0
+    last_restart_time: float | None = None
 
     @property
     def chips(self) -> tuple[str, ...]:

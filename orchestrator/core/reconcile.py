@@ -15,9 +15,19 @@ One pass, in order:
    * Replicas marked removing are drained: their shards are unloaded from live chips, then the
      replica is forgotten. Until then their chips stay taken.
    * A delete removes every replica, then (nothing left) `DeleteDeployment`.
-   * A replica on a chip that failed or a node that is NotReady is lost: removed, and a new one
-     placed in its stead. (Incremental failover — moving only the lost stages onto spares — is
-     the failover issue's; this is the safe fallback that also converges.)
+   * **Failover.** A replica with a chip that failed (its agent reported it, or the control
+     plane fenced it) or on a node that is gone (heartbeats lost; the runtime reported the
+     agent dead, which marks its chips failed at once) moves only the stages on those chips
+     (`MoveStages`, see `_Pass.failover`): the incremental re-plan of `placement.replan`
+     picks replacements on the same node, then the same rack, then other racks (reserved
+     spares first); the moved stages' shards (the same blobs: a shard holds no placement)
+     load onto the new chips, and the whole replica resynchronizes at a new epoch. Each
+     move is one restart of the replica: at most `failover.maxRestarts` in its life, the
+     n-th not before `backoffSeconds` × 2^(n−2) after the one before (the first at once);
+     past the budget the replica is Failed and kept as it is. Only when no chip can take a
+     lost stage is the whole replica removed and a new one placed (the safe fallback, which
+     reports Unplaceable when it does not fit either). The deployment is Degraded meanwhile
+     (reason FailingOver, BackOff or ReplicaLost; events StagesMoved, Degraded, Ready).
    * **Scaling**: too many replicas of the current template → remove the excess, replicas
      not yet ready first, then the highest index; too few → place the missing ones (all in
      one plan, so a fresh deployment gets exactly the plan `lpuctl plan` shows; if they do
@@ -72,6 +82,7 @@ from orchestrator.core.actions import (
     Load,
     MarkNodeNotReady,
     MarkNodeReady,
+    MoveStages,
     Place,
     PlacedReplica,
     RecordEvent,
@@ -99,6 +110,7 @@ from placement.cost import Prediction
 from placement.errors import InputError, Unplaceable
 from placement.plan import Plan
 from placement.planner import make_plan
+from placement.replan import replan_failed
 
 DEFAULT_SETTINGS = CoreSettings()
 
@@ -189,6 +201,16 @@ class _Step:
     exhausted: str | None = None  # the restart budget is spent: why
     loaded_chips: int = 0
     chips: int = 0
+
+
+@dataclass
+class _Failover:
+    """What `_Pass.failover` decided for a replica that lost chips: its actions, the step it
+    shows this pass (None: the replica is removed and replaced), and a problem for status."""
+
+    actions: list[Action] = field(default_factory=list)
+    step: _Step | None = None
+    problem: tuple[str, str] | None = None
 
 
 @dataclass
@@ -350,21 +372,26 @@ class _Pass:
             return actions
 
         problems: list[tuple[str, str]] = []
-        lost = []
+        lost: list[Replica] = []
+        held_back: dict[int, _Step] = {}
         for replica in active:
             bad = [c for c in replica.chips if not self.view.healthy(c)]
-            if bad:
+            if not bad:
+                continue
+            outcome = self.failover(target, replica, bad)
+            actions += outcome.actions
+            if outcome.problem is not None:
+                problems.append(outcome.problem)
+            if outcome.step is not None:
+                held_back[replica.index] = outcome.step
+            else:
                 lost.append(replica)
-                message = (
-                    f"replica {replica.index} lost {len(bad)} chip(s) ({', '.join(bad[:4])}"
-                    f"{', ...' if len(bad) > 4 else ''}): failed or on a NotReady node; "
-                    "placing a new replica"
-                )
-                actions += self.remove(replica, "ReplicaLost", message)
-                problems.append(("ReplicaLost", message))
         active = [r for r in active if r not in lost]
 
-        steps = {r.index: self.step(target, r) for r in active}
+        steps = {
+            r.index: held_back[r.index] if r.index in held_back else self.step(target, r)
+            for r in active
+        }
 
         def ready(r: Replica) -> bool:
             return steps[r.index].phase is Phase.READY
@@ -429,6 +456,87 @@ class _Pass:
 
         actions += self.phase(target, status, kept, steps, placement, problems)
         return actions
+
+    # --- failover -------------------------------------------------------------------------
+
+    def failover(self, target: DeploymentTarget, replica: Replica, bad: list[str]) -> _Failover:
+        """A replica with chips failed or on a node that is gone (module docstring, failover).
+
+        In order: past the restart budget the replica is Failed and stays as it is (its
+        history is in its events and `restarts`); inside the backoff after its last restart
+        it waits (Degraded, reason BackOff); else the incremental re-plan
+        (`placement.replan.replan_failed`: same node, then same rack, then other racks;
+        reserved spares first) moves only the stages on the lost chips (`MoveStages`); when
+        no such move exists (no spare or free chip can take a stage), the whole replica is
+        removed and a new one placed — the safe fallback, which reports Unplaceable when
+        that does not fit either.
+        """
+        name = target.name
+        shown = f"{', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}"
+        what = f"replica {replica.index} lost {len(bad)} chip(s) ({shown}): {self.why_lost(bad)}"
+        chips = len(replica.chips)
+        if replica.restarts >= target.max_restarts:
+            why = (
+                f"{what}; its restart budget is spent ({replica.restarts} of maxRestarts "
+                f"{target.max_restarts} used)"
+            )
+            return _Failover(step=_Step(Phase.FAILED, exhausted=why, chips=chips))
+        if replica.restarts and replica.last_restart_time is not None:
+            delay = min(
+                target.backoff_seconds * 2 ** (replica.restarts - 1), self.settings.backoff_max
+            )
+            if self.now < replica.last_restart_time + delay:
+                problem = (
+                    "BackOff",
+                    f"{what}; moving its stages {delay:g}s after its last restart "
+                    f"({replica.restarts} of {target.max_restarts} restarts used)",
+                )
+                return _Failover(step=_Step(Phase.LOADING, chips=chips), problem=problem)
+        plan = replica_plan(replica, target, self.view.profile.name)
+        try:
+            moved = replan_failed(plan, self.view.topology, bad)
+        except (Unplaceable, InputError) as exc:
+            message = f"{what}; no incremental move ({exc}): placing a new replica"
+            return _Failover(
+                actions=self.remove(replica, "ReplicaLost", message),
+                problem=("ReplicaLost", message),
+            )
+        by_index = {s.index: s for s in moved.plan.stages}
+        stages = tuple(
+            replace(s, chips=by_index[s.index].chips, refs=by_index[s.index].refs)
+            for s in replica.stages
+        )
+        moves = tuple((m.stage, m.from_chips, m.to_chips) for m in moved.moves)
+        detail = "; ".join(
+            f"stage {m.stage} {', '.join(m.from_chips)} -> {', '.join(m.to_chips)}"
+            for m in moved.moves
+        )
+        restarts = replica.restarts + 1
+        reason = f"{what}; moving {detail} (restart {restarts} of {target.max_restarts})"
+        epoch = max(replica.epoch, replica.configured_epoch or 0, replica.running_epoch or 0) + 1
+        self.view.occupy([replace(replica, stages=stages)])
+        action = MoveStages(name, replica.index, stages, moves, epoch, restarts, reason)
+        event = self.event("StagesMoved", reason, deployment=name, kind=WARNING)
+        return _Failover(
+            actions=[action, event],
+            step=_Step(Phase.LOADING, chips=chips),
+            problem=("FailingOver", reason),
+        )
+
+    def why_lost(self, bad: list[str]) -> str:
+        """Why the chips are lost, for the event: a failed chip's reason, or its node gone."""
+        reasons = []
+        for chip in bad:
+            loc = self.view.chips.get(chip)
+            if loc is None:
+                why = "its node is not registered"
+            elif loc.node.name not in self.view.alive:
+                why = f"node {loc.node.name} is NotReady (no heartbeat)"
+            else:
+                why = f"chip failed: {loc.chip.reason or 'reported failed by its agent'}"
+            if why not in reasons:
+                reasons.append(why)
+        return "; ".join(reasons)
 
     # --- placement ------------------------------------------------------------------------
 

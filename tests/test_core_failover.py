@@ -1,0 +1,189 @@
+"""Incremental failover in the pure reconciler (`_Pass.failover`), against `core_world`.
+
+A replica that loses chips — a node gone silent, an agent reported dead (its chips marked
+failed), a chip its agent reports failed — moves only the stages on those chips (`MoveStages`),
+onto the same node first, then the same rack, then other racks; only the moved stages' shards
+load; the replica resynchronizes at a new epoch; the other replicas are untouched. Restarts are
+budgeted with exponential backoff; with no chip to move to, the whole replica is replaced
+(the safe fallback) or, when that does not fit either, the deployment stays Degraded saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from core_world import World, make_nodes, phases, target
+
+from orchestrator.core import (
+    Chip,
+    ChipHealth,
+    Configure,
+    Load,
+    MoveStages,
+    Phase,
+    Place,
+    RemoveReplica,
+    StartEpoch,
+    Unload,
+)
+
+
+def fail_chip(w: World, chip: str, reason: str = "ECC storm") -> None:
+    node_name, _, index = chip.rpartition("/chip-")
+    node = w.nodes[node_name]
+    chips = tuple(
+        replace(c, health=ChipHealth.FAILED, reason=reason) if c.index == int(index) else c
+        for c in node.chips
+    )
+    w.nodes[node_name] = replace(node, chips=chips)
+
+
+def kill_node(w: World, node_name: str) -> None:
+    """What the control plane records when the runtime reports the agent dead."""
+    node = w.nodes[node_name]
+    chips = tuple(Chip(c.index, c.sram_bytes, ChipHealth.FAILED, "agent died") for c in node.chips)
+    w.nodes[node_name] = replace(node, chips=chips)
+
+
+def node_of(chip: str) -> str:
+    return chip.rpartition("/chip-")[0]
+
+
+def ready_world(replicas: int = 2, racks: int = 2, nodes: int = 3, **kw: object) -> World:
+    w = World(make_nodes(racks, nodes))
+    w.targets["a"] = target("a", replicas=replicas, spread="rack", **kw)  # type: ignore[arg-type]
+    w.run()
+    assert w.status("a").phase is Phase.READY
+    w.log.clear()
+    w.events.clear()
+    return w
+
+
+def test_a_failed_chip_moves_only_its_stage_within_its_node() -> None:
+    w = ready_world()
+    r0, r1 = w.replicas[("a", 0)], w.replicas[("a", 1)]
+    victim = r0.stages[1].chips[0]
+    fail_chip(w, victim)
+    w.step()
+    (move,) = [a for a in w.log if isinstance(a, MoveStages)]
+    assert move.moves[0][0] == 1 and move.moves[0][1] == (victim,)
+    (new_chip,) = move.moves[0][2]
+    assert node_of(new_chip) == node_of(victim)  # same node first
+    st = w.status("a")
+    assert st.phase is Phase.DEGRADED and st.reason == "FailingOver" and victim in st.message
+    w.run()
+    assert w.status("a").phase is Phase.READY
+    after = w.replicas[("a", 0)]
+    assert [s.chips for s in after.stages] == [
+        (new_chip,) if s.index == 1 else s.chips for s in r0.stages
+    ]
+    assert after.epoch == r0.epoch + 1 and after.restarts == 1
+    # Only the moved stage's shard loads (the same blob, on the new chip); the failed chip's
+    # copy is unloaded; the replica is configured and started at its new epoch only.
+    loads = [(a.chip, a.shard_id) for a in w.log if isinstance(a, Load)]
+    assert loads == [(new_chip, r0.shard_for(victim).shard_id)]  # type: ignore[union-attr]
+    unloads = [a.chip for a in w.log if isinstance(a, Unload)]
+    assert unloads == [victim]
+    assert [(a.replica, a.epoch) for a in w.log if isinstance(a, Configure)] == [(0, 1)]
+    assert [(a.replica, a.epoch) for a in w.log if isinstance(a, StartEpoch)] == [(0, 1)]
+    assert w.replicas[("a", 1)] == r1  # the other replica was not touched
+    assert not any(isinstance(a, (RemoveReplica, Place)) for a in w.log)
+    reasons = [e.reason for e in w.events if e.deployment == "a"]
+    assert reasons.index("StagesMoved") < reasons.index("Degraded") < reasons.index("Ready")
+    assert phases(w.events, "a") == ["Degraded", "Ready"]
+
+
+def test_a_dead_agent_moves_every_stage_it_held_to_another_node() -> None:
+    w = ready_world()
+    r0 = w.replicas[("a", 0)]
+    dead = node_of(r0.stages[0].chips[0])
+    kill_node(w, dead)
+    w.run()
+    assert w.status("a").phase is Phase.READY
+    after = w.replicas[("a", 0)]
+    for before, now in zip(r0.stages, after.stages, strict=True):
+        if node_of(before.chips[0]) == dead:
+            assert node_of(now.chips[0]) != dead
+            # same rack first: the spread keeps replica 0 in its rack
+            assert now.chips[0].split("/")[0] == before.chips[0].split("/")[0]
+        else:
+            assert now.chips == before.chips
+    (move,) = [a for a in w.log if isinstance(a, MoveStages)]
+    assert "agent died" in move.reason
+
+
+def test_two_nodes_of_one_replica_lost_at_once_move_in_one_step() -> None:
+    w = ready_world(replicas=1, racks=1, nodes=4, tensor_parallel=1)
+    r0 = w.replicas[("a", 0)]
+    used = sorted({node_of(c) for c in r0.chips})
+    if len(used) < 2:  # the replica fits one node: fail two of its chips instead
+        for chip in r0.chips[:2]:
+            fail_chip(w, chip)
+        lost = set(r0.chips[:2])
+    else:
+        for n in used[:2]:
+            w.silent.add(n)
+        w.now += 3.0
+        lost = {c for c in r0.chips if node_of(c) in used[:2]}
+    w.run()
+    moves = [a for a in w.log if isinstance(a, MoveStages)]
+    assert len(moves) == 1
+    assert {c for _, frm, _ in moves[0].moves for c in frm} == lost
+    assert w.status("a").phase is Phase.READY
+    assert not lost & set(w.replicas[("a", 0)].chips)
+
+
+def test_restarts_back_off_exponentially_and_the_budget_fails_the_replica() -> None:
+    w = ready_world(replicas=1, max_restarts=2)
+    w.targets["a"] = replace(w.targets["a"], backoff_seconds=2.0)
+    fail_chip(w, w.replicas[("a", 0)].chips[0])
+    w.run()
+    first = w.replicas[("a", 0)]
+    assert first.restarts == 1 and w.status("a").phase is Phase.READY
+    # A second loss right after the first: it waits backoffSeconds after the last restart.
+    fail_chip(w, first.chips[-1])
+    w.step()
+    assert not any(isinstance(a, MoveStages) for a in w.log[-20:])
+    st = w.status("a")
+    assert st.reason == "BackOff" and "restarts used" in st.message
+    w.now = first.last_restart_time + 2.0  # type: ignore[operator]
+    w.run()
+    second = w.replicas[("a", 0)]
+    assert second.restarts == 2 and w.status("a").phase is Phase.READY
+    # The budget (2) is spent: a third loss fails the deployment; the replica and its
+    # history stay as they are.
+    fail_chip(w, second.chips[0])
+    w.now += 100.0
+    w.run()
+    st = w.status("a")
+    assert st.phase is Phase.FAILED and st.reason == "RestartsExhausted"
+    assert "maxRestarts 2" in st.message
+    assert w.replicas[("a", 0)].restarts == 2
+    assert [e.reason for e in w.events].count("StagesMoved") == 2
+
+
+def test_no_chip_to_move_to_replaces_the_replica_or_stays_degraded_with_the_reason() -> None:
+    # One rack of two nodes, 2 replicas of 3 chips in 8 chips: 2 free chips. Fail three chips
+    # of replica 0's node... the move cannot find room for all its stages at once.
+    w = World(make_nodes(1, 2))
+    w.targets["a"] = target("a", replicas=2, spread="none")
+    w.run()
+    assert w.status("a").phase is Phase.READY
+    r0 = w.replicas[("a", 0)]
+    others = {c for r in w.replicas.values() for c in r.chips}
+    free = [
+        f"{n}/chip-{c.index}"
+        for n, node in w.nodes.items()
+        for c in node.chips
+        if f"{n}/chip-{c.index}" not in others
+    ]
+    for chip in free:
+        fail_chip(w, chip)
+    fail_chip(w, r0.chips[0])
+    w.log.clear()
+    w.run()
+    assert any(isinstance(a, RemoveReplica) and a.replica == 0 for a in w.log)
+    st = w.status("a")
+    assert st.phase is Phase.DEGRADED and st.ready_replicas == 1
+    assert st.reason in ("ReplicaLost", "Unplaceable") and st.message
+    assert w.replicas[("a", 1)].running_epoch == 0  # the other replica keeps serving
