@@ -45,6 +45,7 @@ from orchestrator.core import (
     Chip,
     ChipHealth,
     Node,
+    Replica,
     chip_id,
     cluster_topology,
     loading_progress,
@@ -73,6 +74,21 @@ MAX_SLOT = 1023  # slots of a rack are 0..MAX_SLOT (the topology has one entry p
 MAX_CHIP_SRAM = 1 << 40
 MAX_WATCHES = 16  # open Watch streams (each holds a server worker thread)
 GENERATE_TIMEOUT = 300.0  # seconds, when the client sets no deadline
+# Failover of a Generate stream (`AdminService.Generate`): how long the gateway waits for a
+# pipeline that serves again, how often it looks, how many times one request may resume.
+FAILOVER_WAIT = 30.0
+RESUME_POLL = 0.02
+MAX_RESUMES = 8
+RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.ABORTED,  # a stage of the pipeline stopped, or it was removed
+        grpc.StatusCode.UNAVAILABLE,  # the stage-0 agent is gone
+        grpc.StatusCode.FAILED_PRECONDITION,  # a stopped pipeline refuses new requests
+        grpc.StatusCode.INVALID_ARGUMENT,  # the replica is no longer configured there
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 
 
 class TokenError(Exception):
@@ -404,65 +420,155 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Generate(
         self, request: admin_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[admin_pb2.GenerateResponse]:
+        """The Generate gateway, which also makes a request survive a failover.
+
+        It keeps what a stage-0 journal keeps — the prompt (ids or text), the sampling
+        parameters, and every token already delivered to the client — so when the pipeline
+        serving the request fails (its stage-0 stream ends ABORTED / UNAVAILABLE /
+        FAILED_PRECONDITION / NOT_FOUND / INTERNAL: a stage stopped, an agent died, the
+        replica was halted for a move), it re-submits the request with `resume_tokens` =
+        the delivered tokens to a pipeline that serves again, and the client's stream
+        continues: the agent prefills prompt + delivered tokens and samples at the same
+        positions, so no token is lost, repeated or changed. Where it resumes: the same
+        replica once Ready at a newer epoch, else any Ready replica of the deployment with
+        the same stage layout (same op ranges and tensor-parallel width: bit-identical
+        outputs by the lockstep contract) — whichever serves first. It waits for one up to
+        `FAILOVER_WAIT` seconds (or the client's deadline), at most `MAX_RESUMES` times; past
+        that the stream ends UNAVAILABLE (retryable) naming the failure. The first attempt
+        does not wait: no Ready replica is UNAVAILABLE at once, as before.
+        """
         record = self.store.deployment(request.deployment)
         if record is None:
             _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"no deployment named {request.deployment!r}"
             )
+        remaining = context.time_remaining()
+        budget = remaining if remaining is not None and 0 < remaining < GENERATE_TIMEOUT else None
+        deadline = time.monotonic() + (budget if budget is not None else GENERATE_TIMEOUT)
+        delivered: list[int] = []
+        resumed = 0
+        failed: dict[int, int] = {}  # replica index -> the epoch it failed at
+        layout: str | None = None
+        first = True
+        last_error = ""
+        while True:
+            picked = self._pick_replica(request.deployment, failed, layout)
+            if picked is None and (resumed == 0 or time.monotonic() >= deadline):
+                phase = record.status.phase.value
+                if resumed:
+                    why = f"no replica served again within {FAILOVER_WAIT:g}s after a failure"
+                    _abort(context, grpc.StatusCode.UNAVAILABLE, f"{why}: {last_error}")
+                _abort(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"deployment {request.deployment} has no Ready replica (phase "
+                    f"{phase}); wait for it: lpuctl get deployments",
+                )
+            if picked is None:
+                if not context.is_active():
+                    return
+                time.sleep(RESUME_POLL)
+                continue
+            replica, node = picked
+            layout = _layout(replica)
+            forward = agent_pb2.GenerateRequest(
+                deployment=request.deployment,
+                replica=replica.index,
+                request_id=uuid.uuid4().hex,
+                prompt_ids=list(request.prompt_ids),
+                prompt_text=request.prompt_text,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                seed=request.seed,
+                deadline_ms=request.deadline_ms,
+                resume_tokens=delivered,
+            )
+            stub = agent_pb2_grpc.AgentStub(self.gateway.channel(node.address, node.name))
+            left = max(0.1, deadline - time.monotonic())
+            calls = stub.Generate(forward, timeout=left)
+            context.add_callback(calls.cancel)
+            try:
+                for reply in calls:
+                    delivered.append(reply.token)
+                    yield admin_pb2.GenerateResponse(
+                        token=reply.token,
+                        index=reply.index,
+                        finished=reply.finished,
+                        text=reply.text,
+                        replica=replica.index if first else 0,
+                        resumed=resumed,
+                    )
+                    first = False
+                return
+            except grpc.RpcError as exc:
+                code = exc.code()
+                last_error = f"replica {replica.index} on {node.name}: {exc.details()}"
+                retry = _resumable(calls, exc) and context.is_active()
+                if not retry or resumed >= MAX_RESUMES:
+                    if retry or code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                        code = grpc.StatusCode.UNAVAILABLE  # retryable: the client may retry
+                    _abort(context, code, last_error)
+                log.info("request on %s resumes after: %s", last_error, code.name)
+                failed[replica.index] = replica.epoch
+                if resumed == 0:
+                    deadline = min(deadline, time.monotonic() + FAILOVER_WAIT)
+                resumed += 1
+
+    def _pick_replica(
+        self, deployment: str, failed: dict[int, int], layout: str | None
+    ) -> tuple[Replica, Node] | None:
+        """A Ready replica to (re)submit to, and its stage-0 node (see `Generate`): round
+        robin at first; after a failure the same replica at a newer epoch, else one with the
+        same layout."""
         ready = [
             r
-            for r in self.store.replicas(request.deployment)
-            if r.running_epoch == r.epoch and not r.removing
+            for r in self.store.replicas(deployment)
+            if r.running_epoch == r.epoch
+            and not r.removing
+            and r.stages
+            and r.epoch > failed.get(r.index, -1)
+            and (layout is None or _layout(r) == layout)
         ]
         if not ready:
-            _abort(
-                context,
-                grpc.StatusCode.UNAVAILABLE,
-                f"deployment {request.deployment} has no Ready replica (phase "
-                f"{record.status.phase.value}); wait for it: lpuctl get deployments",
-            )
-        replica = ready[next(self._turn) % len(ready)]
+            return None
+        if not failed:
+            replica = ready[next(self._turn) % len(ready)]
+        else:
+            same = [r for r in ready if r.index in failed]
+            replica = (same or ready)[0]
         first = replica.stages[0].chips[0]
-        node = next(
-            (
-                n
-                for n in self.store.nodes()
-                if any(chip_id(n.rack, n.slot, c.index) == first for c in n.chips)
-            ),
-            None,
-        )
-        if node is None:
-            _abort(context, grpc.StatusCode.UNAVAILABLE, f"stage 0 chip {first} has no node")
-        forward = agent_pb2.GenerateRequest(
-            deployment=request.deployment,
-            replica=replica.index,
-            request_id=uuid.uuid4().hex,
-            prompt_ids=list(request.prompt_ids),
-            prompt_text=request.prompt_text,
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            seed=request.seed,
-            deadline_ms=request.deadline_ms,
-        )
-        stub = agent_pb2_grpc.AgentStub(self.gateway.channel(node.address, node.name))
-        remaining = context.time_remaining()
-        bounded = remaining is not None and 0 < remaining < GENERATE_TIMEOUT
-        calls = stub.Generate(forward, timeout=remaining if bounded else GENERATE_TIMEOUT)
-        context.add_callback(calls.cancel)
-        try:
-            for reply in calls:
-                yield admin_pb2.GenerateResponse(
-                    token=reply.token,
-                    index=reply.index,
-                    finished=reply.finished,
-                    text=reply.text,
-                    replica=replica.index,
-                )
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-                code = grpc.StatusCode.UNAVAILABLE
-            _abort(context, code, f"replica {replica.index} on {node.name}: {exc.details()}")
+        for n in self.store.nodes():
+            if any(chip_id(n.rack, n.slot, c.index) == first for c in n.chips):
+                return replica, n
+        return None
+
+
+def _resumable(call: Any, exc: grpc.RpcError) -> bool:
+    """Whether a failed stage-0 stream is a pipeline failure the gateway resumes, rather than
+    the request's own fault. Once the agent admitted the request (the `lockstep-admitted`
+    header) every code in `RESUMABLE` is the pipeline's; before, only a gone agent, a stopped
+    pipeline, or a replica no longer configured there is — a bad prompt stays
+    INVALID_ARGUMENT."""
+    code = exc.code()
+    if code not in RESUMABLE:
+        return False
+    try:
+        admitted = any(k == "lockstep-admitted" for k, _ in call.initial_metadata() or ())
+    except grpc.RpcError:
+        admitted = False
+    if admitted or code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+        return True
+    details = exc.details() or ""
+    return code is grpc.StatusCode.FAILED_PRECONDITION or "is not configured on this agent" in (
+        details
+    )
+
+
+def _layout(replica: Replica) -> str:
+    """What makes two replicas' outputs bit-identical: each stage's op range and TP width."""
+    return json.dumps(
+        [[s.to_dict()["opRange"], len(s.chips)] for s in replica.stages], sort_keys=True
+    )
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -318,13 +318,15 @@ class ControlPlane:
         tmp.replace(self.paths.endpoint)
 
     def _supervise(self) -> None:
-        """Restart agents that died (the runtime reports them): a restarted agent registers
-        again, and the reconciler reloads its chips and resynchronizes the replicas it served
-        at a new epoch. Like Ray's `max_restarts=-1` for the process runtime; at most one
-        restart of a node per `restart_backoff` seconds."""
+        """Restart agents that died (the runtime reports them, polled every 0.1 s). A death
+        first marks the node's chips failed (`Controller.agent_died`) and waits for the
+        controller to decide the failover (the stages there move onto spares); then the agent
+        is restarted and registers again as a fresh node whose empty chips become spares.
+        Like Ray's `max_restarts=-1` for the process runtime; at most one restart of a node
+        per `restart_backoff` seconds."""
         specs = {s.name: s for s in self.specs}
         last: dict[str, float] = {}
-        while not self._stopping.wait(self.settings.heartbeat_interval):
+        while not self._stopping.wait(min(0.1, self.settings.heartbeat_interval)):
             if self.runtime is None:
                 continue
             dead = self.runtime.dead_agents()
@@ -333,6 +335,9 @@ class ControlPlane:
                 self.store.add_event(
                     time.time(), "Warning", "AgentDied", f"the agent of {node} exited", node=node
                 )
+                self.controller.agent_died(node, "agent died (reported by the runtime)")
+            if dead:  # fail over first: the restarted agent's chips come back as spares
+                self.controller.wait_passes(2, timeout=5.0)
             due = [n for n in dead if n in specs]
             for node in due:
                 wait = self.restart_backoff - (now - last.get(node, -1e9))

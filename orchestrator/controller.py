@@ -58,6 +58,7 @@ from orchestrator.core import (
     DeploymentTarget,
     HeldShard,
     Load,
+    MoveStages,
     Node,
     Phase,
     RecordEvent,
@@ -475,6 +476,9 @@ class Controller:
         elif isinstance(action, RemoveReplica):
             self._remove(action, nodes)
             self.store.record(action, now)
+        elif isinstance(action, MoveStages):
+            self.store.record(action, now)
+            self._move(action, nodes)
         elif not self.store.record(action, now):
             raise RuntimeError(f"no executor for {type(action).__name__}")
 
@@ -599,6 +603,55 @@ class Controller:
                 if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
                     raise
                 log.info("remove replica on %s: %s", node.name, _describe(exc))
+
+    def _move(self, action: MoveStages, nodes: Mapping[str, Node]) -> None:
+        """After an incremental failover is recorded: forget the replica's compiled bindings
+        (its chips changed; `_compiled` rebuilds them — a lookup, the blobs exist) and halt
+        the replica on the live agents of the chips it left (a chip reported failed on a
+        node that still runs): nothing keeps serving on, or binding, a chip that is out.
+        Best effort — the agents of a dead node are gone, and Configure removes the old
+        epoch's pipeline from every agent the replica keeps."""
+        self._refs.pop((action.deployment, action.replica), None)
+        for key in [k for k in self._configured if k[:2] == (action.deployment, action.replica)]:
+            del self._configured[key]
+        left = set(action.chip_map())
+        for node in nodes.values():
+            if not any(chip_id(node.rack, node.slot, c.index) in left for c in node.chips):
+                continue
+            try:
+                self.gateway.remove_replica(
+                    node.address, node.name, action.deployment, action.replica
+                )
+            except grpc.RpcError as exc:
+                log.info("halting the moved replica on %s: %s", node.name, _describe(exc))
+
+    def agent_died(self, node: str, why: str) -> bool:
+        """The runtime saw the node's agent die (a process exit, a Ray actor's death): mark
+        its chips failed now — a faster signal than the heartbeat timeout — so the next pass
+        moves the stages they held onto spares (`MoveStages`) instead of waiting for the
+        agent to come back. A restarted agent registers again with healthy, empty chips,
+        which become spares. False when the node is not known."""
+        known = self.store.node(node)
+        if known is None:
+            return False
+        for chip in known.chips:
+            try:
+                self.store.set_chip_health(node, chip.index, ChipHealth.FAILED, why)
+            except NotFound:
+                return False
+        return True
+
+    def wait_passes(self, count: int, timeout: float) -> bool:
+        """Wake the loop and wait until `count` more passes have completed (the first may
+        have read the store before the caller's change); False at the timeout."""
+        target = self.passes + count
+        deadline = time.monotonic() + timeout
+        while self.passes < target:
+            self.wake()
+            if time.monotonic() > deadline or self._stop.is_set():
+                return False
+            time.sleep(0.01)
+        return True
 
     # --- agents' reports ---------------------------------------------------------------------
 

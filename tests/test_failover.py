@@ -1,0 +1,228 @@
+"""Failover without restarting the replica, end to end on a real embedded cluster.
+
+One `lpuctl up` for the module (control plane and six agent processes, mutual TLS), the
+tiny-llama example (2 replicas, spread: rack, one spare node per rack). Faults are injected
+while a client streams tokens through the control plane's Generate gateway: an agent process
+SIGKILLed (a node failure), a chip marked failed by its agent. Each test checks what issue 10
+asks: the client's tokens equal the reference executor's (none lost, repeated or changed),
+the deployment goes Degraded (events StagesMoved, Degraded) and Ready again, only the lost
+stage's chips changed, the other replica was not touched, and no chip keeps a stale shard.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from agent_helpers import wait_for
+from test_control_plane import EXAMPLE, TINY, Cluster, _processes_of, cluster
+
+from agents.executor import ReferenceExecutor
+from orchestrator.agent_client import dial
+from orchestrator.weights import SeededWeights
+from protos import admin_pb2, agent_pb2, agent_pb2_grpc
+from security import certs as certs_mod
+
+__all__ = ["cluster"]  # the module-scoped embedded cluster of test_control_plane
+
+PROMPT = [5, 9, 2]
+MAX_TOKENS = 240  # long enough that the fault lands mid-stream on a busy machine
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[int]:
+    ref = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+    return list(ref.generate(PROMPT, MAX_TOKENS).tokens)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deployed(cluster: Cluster) -> Iterator[None]:
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--wait", "--timeout", "180")
+    assert run.returncode == 0, run.stdout + run.stderr
+    yield
+
+
+def _get(cluster: Cluster) -> admin_pb2.Deployment:
+    return cluster.stub.Get(admin_pb2.GetRequest(name="tiny-llama"), metadata=cluster.viewer)
+
+
+def _replicas(cluster: Cluster) -> dict[int, admin_pb2.ReplicaInfo]:
+    return {r.index: r for r in _get(cluster).replica_info}
+
+
+def _ready(cluster: Cluster) -> bool:
+    d = _get(cluster)
+    return d.phase == "Ready" and all(r.running for r in d.replica_info)
+
+
+def _last_event_id(cluster: Cluster) -> int:
+    events = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
+    return max((e.id for e in events), default=0)
+
+
+def _events_since(cluster: Cluster, after: int) -> list[admin_pb2.Event]:
+    events = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
+    return [e for e in events if e.id > after]
+
+
+class Stream:
+    """A Generate stream read on a thread: responses land on a queue as they arrive."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.responses: queue.SimpleQueue[admin_pb2.GenerateResponse | BaseException] = (
+            queue.SimpleQueue()
+        )
+        self.got: list[admin_pb2.GenerateResponse] = []
+        self.call = cluster.stub.Generate(
+            admin_pb2.GenerateRequest(
+                deployment="tiny-llama", prompt_ids=PROMPT, max_tokens=MAX_TOKENS
+            ),
+            metadata=cluster.viewer,
+            timeout=240,
+        )
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self.call:
+                self.responses.put(reply)
+        except BaseException as exc:  # handed to the test thread
+            self.responses.put(exc)
+
+    def next(self) -> admin_pb2.GenerateResponse:
+        item = self.responses.get(timeout=120)
+        if isinstance(item, BaseException):
+            raise item
+        self.got.append(item)
+        return item
+
+    def rest(self) -> list[admin_pb2.GenerateResponse]:
+        while not (self.got and self.got[-1].finished):
+            self.next()
+        self.thread.join(30)
+        return self.got
+
+
+def _stale_shards(cluster: Cluster) -> list[str]:
+    """Chips holding a shard that no replica's chip list names."""
+    claimed = {c for r in _get(cluster).replica_info for c in r.chips}
+    listed = cluster.stub.ListChips(admin_pb2.ListChipsRequest(), metadata=cluster.viewer)
+    return [c.id for c in listed.chips if c.shards and c.id not in claimed]
+
+
+def _check_failover(
+    cluster: Cluster,
+    stream: Stream,
+    reference: list[int],
+    before: dict[int, admin_pb2.ReplicaInfo],
+    serving: int,
+    lost: set[str],
+    since: int,
+) -> None:
+    got = stream.rest()
+    assert [r.token for r in got] == reference  # nothing lost, repeated or changed
+    assert [r.index for r in got] == list(range(len(reference)))
+    assert got[-1].resumed >= 1, "the fault did not land mid-stream"
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready again")
+    after = _replicas(cluster)
+    other = 1 - serving
+    assert after[other].epoch == before[other].epoch  # the other replica was not touched
+    assert list(after[other].chips) == list(before[other].chips)
+    assert after[serving].epoch > before[serving].epoch
+    changed = {
+        old
+        for old, new in zip(before[serving].chips, after[serving].chips, strict=True)
+        if old != new
+    }
+    assert changed == lost  # only the lost stages' chips moved
+    reasons = [e.reason for e in _events_since(cluster, since) if e.deployment == "tiny-llama"]
+    assert "StagesMoved" in reasons and "Degraded" in reasons, reasons
+    assert reasons.index("StagesMoved") < reasons.index("Degraded") < len(reasons)
+    assert "Ready" in reasons[reasons.index("Degraded") :]
+    assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
+    # Both replicas serve the reference again (the gateway alternates between them).
+    for _ in range(2):
+        run = cluster.lpuctl("generate", "tiny-llama", "--ids", "3", "1", "--max-tokens", "5")
+        assert run.returncode == 0, run.stderr
+        ref = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+        assert [int(t) for t in run.stdout.split()] == list(ref.generate([3, 1], 5).tokens)
+
+
+def test_a_node_killed_during_generation_moves_only_its_stages(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    first = stream.next()
+    serving = first.replica
+    chips = list(before[serving].chips)
+    head = chips[0].rsplit("/", 1)[0]
+    victims = sorted({c.rsplit("/", 1)[0] for c in chips} - {head})
+    assert victims, f"replica {serving} has every stage on its stage-0 node: {chips}"
+    node = victims[-1]
+    (pid,) = _processes_of(cluster.state, node=node)
+    os.kill(pid, signal.SIGKILL)
+    lost = {c for c in chips if c.startswith(node + "/")}
+    _check_failover(cluster, stream, reference, before, serving, lost, since)
+
+
+def test_a_chip_failed_during_generation_moves_its_stage(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    first = stream.next()
+    serving = first.replica
+    chips = list(before[serving].chips)
+    victim = chips[-1]  # the last stage (not stage 0)
+    node_name, _, index = victim.rpartition("/chip-")
+    node = next(
+        n
+        for n in cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+        if n.name == node_name
+    )
+    creds = certs_mod.load_control_plane(cluster.paths.certs)
+    with dial(node.address, creds, node.name) as channel:
+        agent_pb2_grpc.AgentStub(channel).MarkChipFailed(
+            agent_pb2.MarkChipFailedRequest(chip=int(index), reason="injected: ECC storm"),
+            timeout=30,
+        )
+    _check_failover(cluster, stream, reference, before, serving, {victim}, since)
+    chip = next(
+        c
+        for c in cluster.stub.ListChips(admin_pb2.ListChipsRequest(), metadata=cluster.viewer).chips
+        if c.id == victim
+    )
+    assert chip.health == "Failed" and not chip.shards and not chip.deployment
+
+
+def test_generate_through_the_gateway_is_unchanged_without_faults(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    stream = Stream(cluster)
+    got = stream.rest()
+    assert [r.token for r in got] == reference and got[-1].resumed == 0
+
+
+def test_a_bad_request_is_not_resumed(cluster: Cluster) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            cluster.stub.Generate(
+                admin_pb2.GenerateRequest(
+                    deployment="tiny-llama", prompt_ids=[999_999], max_tokens=3
+                ),
+                metadata=cluster.viewer,
+                timeout=60,
+            )
+        )
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
