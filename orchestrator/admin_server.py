@@ -510,6 +510,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                     _abort(context, code, last_error)
                 log.info("request on %s resumes after: %s", last_error, code.name)
                 failed[replica.index] = replica.epoch
+                self.controller.pipeline_stopped(
+                    request.deployment, replica.index, replica.epoch, f"{code.name}: {last_error}"
+                )
                 if resumed == 0:
                     deadline = min(deadline, time.monotonic() + FAILOVER_WAIT)
                 resumed += 1

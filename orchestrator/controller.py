@@ -51,6 +51,7 @@ from orchestrator.agent_client import declared_bytes_of, dial, load_file
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.core import (
     Action,
+    BumpEpoch,
     ChipHealth,
     Compile,
     Configure,
@@ -69,6 +70,7 @@ from orchestrator.core import (
     StartEpoch,
     Unload,
     chip_id,
+    node_alive,
     reconcile,
     replica_plan,
 )
@@ -88,6 +90,10 @@ from security.certs import Credentials
 log = logging.getLogger("lockstep.controller")
 
 Clock = Callable[[], float]
+
+# A pipeline the gateway saw stop is resynchronized this long after the report, unless a
+# dead agent or a failed chip explains it first (then its stages move instead).
+STOP_GRACE = 1.0
 
 
 # --- ports -------------------------------------------------------------------------------------
@@ -280,6 +286,7 @@ class Controller:
         self._refresh: set[str] = set()
         self._refresh_lock = threading.Lock()
         self._in_flight: set[str] = set()
+        self._stopped: dict[tuple[str, int, int], tuple[float, str]] = {}
         self._refs: dict[tuple[str, int], tuple[Plan, list[ShardRef]]] = {}
         self._configured: dict[
             tuple[str, int, int], tuple[dict[str, agent_pb2.ConfigureReplicaRequest], list[str]]
@@ -351,6 +358,7 @@ class Controller:
                     self._refresh_node(nodes[name])
                 except grpc.RpcError as exc:  # its heartbeats stop; the timeout decides
                     log.warning("status of node %s: %s", name, _describe(exc))
+        self._resync_stopped(self.clock())
         specs, targets, frozen = self._desired()
         now = self.clock()
         observed = self.store.observed(self.profile)
@@ -615,9 +623,12 @@ class Controller:
         for key in [k for k in self._configured if k[:2] == (action.deployment, action.replica)]:
             del self._configured[key]
         left = set(action.chip_map())
+        now = self.clock()
         for node in nodes.values():
             if not any(chip_id(node.rack, node.slot, c.index) in left for c in node.chips):
                 continue
+            if not node_alive(node, now, self.settings):
+                continue  # silent: an RPC would wait out its timeout; see _refresh_node
             try:
                 self.gateway.remove_replica(
                     node.address, node.name, action.deployment, action.replica
@@ -655,10 +666,67 @@ class Controller:
 
     # --- agents' reports ---------------------------------------------------------------------
 
+    def _remove_stale_pipelines(self, node: Node, status: agent_pb2.StatusResponse) -> None:
+        if not any(chip.pipelines for chip in status.chips):
+            return
+        for deployment, index in stale_pipelines(node, status, self.store.replicas()):
+            log.info("removing stale pipeline %s/%d on %s", deployment, index, node.name)
+            try:
+                self.gateway.remove_replica(node.address, node.name, deployment, index)
+            except grpc.RpcError as exc:
+                log.info("stale pipeline on %s: %s", node.name, _describe(exc))
+
+    def pipeline_stopped(self, deployment: str, replica: int, epoch: int, why: str) -> None:
+        """The gateway saw a replica's pipeline stop while serving (a broken or stalled link,
+        a stage that failed) at `epoch`. Applied by the loop (`_resync_stopped`) once
+        `STOP_GRACE` has passed, so that a dead agent or a failed chip — which move stages —
+        is noticed first and the replica is not resynchronized twice."""
+        with self._refresh_lock:
+            self._stopped.setdefault((deployment, replica, epoch), (self.clock(), why))
+        self.wake()
+
+    def _resync_stopped(self, now: float) -> None:
+        """Resynchronize, at a new epoch on the same chips, each reported replica that is
+        still at the epoch that stopped and whose chips are all healthy (`BumpEpoch`; the
+        next passes Configure and StartEpoch it: the links are opened anew)."""
+        with self._refresh_lock:
+            due = {k: v for k, v in self._stopped.items() if now - v[0] >= STOP_GRACE}
+            for key in due:
+                del self._stopped[key]
+        if not due:
+            return
+        observed = self.store.observed(self.profile)
+        healthy = {
+            n.chip_id(c.index)
+            for n in observed.nodes
+            if node_alive(n, now, self.settings)
+            for c in n.chips
+            if c.health is ChipHealth.HEALTHY
+        }
+        for (deployment, index, epoch), (_, why) in sorted(due.items()):
+            replica = next(
+                (
+                    r
+                    for r in observed.replicas
+                    if (r.deployment, r.index) == (deployment, index) and not r.removing
+                ),
+                None,
+            )
+            if replica is None or replica.epoch != epoch or replica.running_epoch != epoch:
+                continue  # moved, resynchronized or removed meanwhile
+            if not set(replica.chips) <= healthy:
+                continue  # the reconciler moves its stages
+            message = f"replica {index}: its pipeline stopped ({why}); epoch {epoch + 1}"
+            self.store.record(BumpEpoch(deployment, index, epoch + 1, message), now)
+            self.store.add_event(
+                now, "Warning", "Resynchronizing", message[:1000], deployment=deployment
+            )
+
     def _refresh_node(self, node: Node) -> None:
         """Write what the node's agent holds and its chips' health (its `Status`)."""
         status = self.gateway.status(node.address, node.name)
         self.store.report_held(node.name, held_from_status(node, status))
+        self._remove_stale_pipelines(node, status)
         known = {c.index: c for c in node.chips}
         for chip in status.chips:
             health = (
@@ -669,6 +737,19 @@ class Controller:
             before = known.get(chip.chip)
             if before is not None and before.health is not health:
                 self.store.set_chip_health(node.name, chip.chip, health, chip.failure_reason)
+
+
+def stale_pipelines(
+    node: Node, status: agent_pb2.StatusResponse, replicas: Iterable[Replica]
+) -> list[tuple[str, int]]:
+    """(deployment, replica) pipelines an agent still runs although the replica no longer
+    has a chip on its node — the replica moved away (failover) while the node was silent, or
+    was forgotten. They would keep the chips bound (a later Configure there is refused) and
+    their shards referenced."""
+    mine = {chip_id(node.rack, node.slot, c.index) for c in node.chips}
+    wanted = {(r.deployment, r.index) for r in replicas if mine.intersection(r.chips)}
+    found = {(p.deployment, p.replica) for chip in status.chips for p in chip.pipelines}
+    return sorted(found - wanted)
 
 
 def held_from_status(node: Node, status: agent_pb2.StatusResponse) -> list[HeldShard]:
@@ -721,4 +802,5 @@ __all__ = [
     "PassResult",
     "ShardCompiler",
     "held_from_status",
+    "stale_pipelines",
 ]

@@ -716,12 +716,15 @@ class Store:
     def move_stages(self, action: MoveStages, now: float) -> None:
         """Record an incremental failover: the replica's new stages, each moved chip's shard
         bound to its replacement, the new target epoch and one more restart (one
-        transaction: a crash leaves the replica entirely before or after the move)."""
+        transaction: a crash leaves the replica entirely before or after the move). Failed
+        steps counted before the move (they failed on the lost chips) are cleared: the moved
+        replica starts a fresh bring-up, budgeted by `restarts`."""
         chip_map = action.chip_map()
         with self.transaction():
             self._require_replica(action.deployment, action.replica)
             self._conn.execute(
-                "UPDATE replicas SET stages = ?, epoch = ?, restarts = ?, last_restart = ? "
+                "UPDATE replicas SET stages = ?, epoch = ?, restarts = ?, last_restart = ?, "
+                "failures = 0, last_failure = NULL, last_error = '' "
                 "WHERE deployment = ? AND idx = ?",
                 (
                     _stages_json(action.stages),

@@ -277,6 +277,9 @@ class World:
             epoch=a.epoch,
             restarts=a.restarts,
             last_restart_time=self.now,
+            failures=0,
+            last_failure_time=None,
+            last_error="",
         )
 
     def _on_RemoveReplica(self, a: RemoveReplica) -> None:

@@ -15,7 +15,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import grpc
 import pytest
@@ -110,26 +110,47 @@ class Stream:
 
 
 def _stale_shards(cluster: Cluster) -> list[str]:
-    """Chips holding a shard that no replica's chip list names."""
+    """Chips of live nodes holding a shard that no replica's chip list names (a NotReady
+    node's report is as old as its last word; it is checked when it is back)."""
     claimed = {c for r in _get(cluster).replica_info for c in r.chips}
-    listed = cluster.stub.ListChips(admin_pb2.ListChipsRequest(), metadata=cluster.viewer)
-    return [c.id for c in listed.chips if c.shards and c.id not in claimed]
+    nodes = cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+    return [
+        c.id
+        for n in nodes
+        if n.state != "NotReady"
+        for c in n.chips
+        if c.shards and c.id not in claimed
+    ]
+
+
+def _kill(cluster: Cluster, node: str) -> None:
+    (pid,) = _processes_of(cluster.state, node=node)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _nodes_of(chips: Iterable[str]) -> list[str]:
+    return sorted({c.rsplit("/", 1)[0] for c in chips})
 
 
 def _check_failover(
     cluster: Cluster,
-    stream: Stream,
+    stream: Stream | None,
     reference: list[int],
     before: dict[int, admin_pb2.ReplicaInfo],
     serving: int,
     lost: set[str],
     since: int,
 ) -> None:
-    got = stream.rest()
-    assert [r.token for r in got] == reference  # nothing lost, repeated or changed
-    assert [r.index for r in got] == list(range(len(reference)))
-    assert got[-1].resumed >= 1, "the fault did not land mid-stream"
-    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready again")
+    if stream is not None:
+        got = stream.rest()
+        assert [r.token for r in got] == reference  # nothing lost, repeated or changed
+        assert [r.index for r in got] == list(range(len(reference)))
+        assert got[-1].resumed >= 1, "the fault did not land mid-stream"
+
+    def healed() -> bool:
+        return _ready(cluster) and _replicas(cluster)[serving].epoch > before[serving].epoch
+
+    wait_for(healed, timeout=120, interval=0.1, what="Ready again at a new epoch")
     after = _replicas(cluster)
     other = 1 - serving
     assert after[other].epoch == before[other].epoch  # the other replica was not touched
@@ -165,13 +186,99 @@ def test_a_node_killed_during_generation_moves_only_its_stages(
     serving = first.replica
     chips = list(before[serving].chips)
     head = chips[0].rsplit("/", 1)[0]
-    victims = sorted({c.rsplit("/", 1)[0] for c in chips} - {head})
+    victims = sorted(set(_nodes_of(chips)) - {head})
+    assert victims, f"replica {serving} has every stage on its stage-0 node: {chips}"
+    node = victims[-1]
+    _kill(cluster, node)
+    lost = {c for c in chips if c.startswith(node + "/")}
+    _check_failover(cluster, stream, reference, before, serving, lost, since)
+
+
+def test_stage_0_killed_during_generation_the_gateway_resumes_the_stream(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """Stage 0's journal dies with its agent: the gateway re-submits prompt + the tokens
+    already delivered, and the client's stream goes on identically."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    head = chips[0].rsplit("/", 1)[0]
+    _kill(cluster, head)
+    lost = {c for c in chips if c.startswith(head + "/")}
+    _check_failover(cluster, stream, reference, before, serving, lost, since)
+
+
+def test_an_idle_replica_loses_a_node(cluster: Cluster, reference: list[int]) -> None:
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    chips = list(before[0].chips)
+    node = _nodes_of(chips)[-1]
+    _kill(cluster, node)
+    lost = {c for c in chips if c.startswith(node + "/")}
+    _check_failover(cluster, None, reference, before, 0, lost, since)
+
+
+def test_two_nodes_of_one_replica_killed_at_once(cluster: Cluster, reference: list[int]) -> None:
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    nodes = _nodes_of(chips)
+    if len(nodes) < 2:
+        pytest.skip(f"replica {serving} spans one node: {chips}")
+    for node in nodes[:2]:
+        _kill(cluster, node)
+    lost = {c for c in chips if c.rsplit("/", 1)[0] in nodes[:2]}
+    _check_failover(cluster, stream, reference, before, serving, lost, since)
+
+
+def test_a_stalled_agent_is_failed_over_and_its_stale_pipeline_removed_when_it_wakes(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """SIGSTOP: the process lives but says nothing (a hung host, a stalled link). Its
+    heartbeats stop, the node goes NotReady and its stages move; when it wakes it still
+    holds the old shards and pipeline — the control plane unloads and removes them."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    head = chips[0].rsplit("/", 1)[0]
+    victims = sorted(set(_nodes_of(chips)) - {head})
     assert victims, f"replica {serving} has every stage on its stage-0 node: {chips}"
     node = victims[-1]
     (pid,) = _processes_of(cluster.state, node=node)
-    os.kill(pid, signal.SIGKILL)
-    lost = {c for c in chips if c.startswith(node + "/")}
-    _check_failover(cluster, stream, reference, before, serving, lost, since)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lost = {c for c in chips if c.startswith(node + "/")}
+        _check_failover(cluster, stream, reference, before, serving, lost, since)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    # Awake again: Ready, and nothing of the old replica stays on its chips.
+    def clean() -> bool:
+        listed = cluster.stub.ListChips(
+            admin_pb2.ListChipsRequest(node=node), metadata=cluster.viewer
+        ).chips
+        return _ready(cluster) and not any(c.shards for c in listed) and not _stale_shards(cluster)
+
+    wait_for(clean, timeout=60, interval=0.2, what="the woken node holds nothing stale")
+    info = next(
+        n
+        for n in cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+        if n.name == node
+    )
+    creds = certs_mod.load_control_plane(cluster.paths.certs)
+    with dial(info.address, creds, info.name) as channel:
+        status = agent_pb2_grpc.AgentStub(channel).Status(agent_pb2.StatusRequest(), timeout=30)
+    assert not any(c.pipelines for c in status.chips)
 
 
 def test_a_chip_failed_during_generation_moves_its_stage(
