@@ -162,28 +162,37 @@ def test_restarts_back_off_exponentially_and_the_budget_fails_the_replica() -> N
     assert [e.reason for e in w.events].count("StagesMoved") == 2
 
 
-def test_no_chip_to_move_to_replaces_the_replica_or_stays_degraded_with_the_reason() -> None:
-    # One rack of two nodes, 2 replicas of 3 chips in 8 chips: 2 free chips. Fail three chips
-    # of replica 0's node... the move cannot find room for all its stages at once.
+def test_no_chip_to_move_to_waits_degraded_with_the_reason_then_moves() -> None:
+    # One rack of two nodes: 2 replicas of 3 chips in 8 chips, 2 left free — then failed.
     w = World(make_nodes(1, 2))
     w.targets["a"] = target("a", replicas=2, spread="none")
     w.run()
     assert w.status("a").phase is Phase.READY
-    r0 = w.replicas[("a", 0)]
-    others = {c for r in w.replicas.values() for c in r.chips}
-    free = [
-        f"{n}/chip-{c.index}"
-        for n, node in w.nodes.items()
-        for c in node.chips
-        if f"{n}/chip-{c.index}" not in others
-    ]
+    r0, r1 = w.replicas[("a", 0)], w.replicas[("a", 1)]
+    taken = set(r0.chips) | set(r1.chips)
+    free = [f"{n}/chip-{c.index}" for n, node in w.nodes.items() for c in node.chips]
+    free = [c for c in free if c not in taken]
     for chip in free:
-        fail_chip(w, chip)
+        fail_chip(w, chip, "burnt")
     fail_chip(w, r0.chips[0])
     w.log.clear()
     w.run()
-    assert any(isinstance(a, RemoveReplica) and a.replica == 0 for a in w.log)
     st = w.status("a")
     assert st.phase is Phase.DEGRADED and st.ready_replicas == 1
-    assert st.reason in ("ReplicaLost", "Unplaceable") and st.message
-    assert w.replicas[("a", 1)].running_epoch == 0  # the other replica keeps serving
+    assert st.reason == "NoSpare" and r0.chips[0] in st.message and "waiting" in st.message
+    assert not any(isinstance(a, (RemoveReplica, MoveStages, Place)) for a in w.log)
+    assert w.replicas[("a", 0)] == r0  # kept as it was, nothing torn down
+    assert w.replicas[("a", 1)] == r1  # the other replica keeps serving
+    # A chip comes back (repaired, or a restarted agent's): the stage moves there.
+    node_name, _, index = free[0].rpartition("/chip-")
+    node = w.nodes[node_name]
+    w.nodes[node_name] = replace(
+        node,
+        chips=tuple(
+            replace(c, health=ChipHealth.HEALTHY, reason="") if c.index == int(index) else c
+            for c in node.chips
+        ),
+    )
+    w.run()
+    assert w.status("a").phase is Phase.READY
+    assert free[0] in w.replicas[("a", 0)].chips

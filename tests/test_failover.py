@@ -333,3 +333,51 @@ def test_a_bad_request_is_not_resumed(cluster: Cluster) -> None:
             )
         )
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_no_spare_left_stays_degraded_with_the_reason_and_serves_on(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """Every node cordoned: a lost stage has nowhere to go. The replica waits (Degraded,
+    NoSpare, a Warning event), the other replica serves on; uncordoned, the stage moves."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    nodes = cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+    names = [n.name for n in nodes]
+    for name in names:
+        assert cluster.lpuctl("cordon", name).returncode == 0
+    try:
+        chips = list(before[0].chips)
+        node = _nodes_of(chips)[-1]
+        _kill(cluster, node)
+
+        def waiting() -> admin_pb2.Deployment | None:
+            d = _get(cluster)
+            return d if d.phase == "Degraded" and d.reason == "NoSpare" else None
+
+        d = wait_for(waiting, timeout=60, interval=0.1, what="Degraded, NoSpare")
+        assert node in d.message and "waiting for chips" in d.message
+        reasons = [e.reason for e in _events_since(cluster, since)]
+        assert "Unplaceable" in reasons and "Degraded" in reasons
+        # the other replica serves on, through the gateway, the reference tokens
+        run = cluster.lpuctl(
+            "generate", "tiny-llama", "--ids", *map(str, PROMPT), "--max-tokens", "8"
+        )
+        assert run.returncode == 0, run.stderr
+        assert [int(t) for t in run.stdout.split()] == reference[:8]
+    finally:
+        for name in names:
+            assert cluster.lpuctl("uncordon", name).returncode == 0
+
+    # The killed node's agent came back meanwhile with empty chips: uncordoned, the replica
+    # is whole again (on the same chips, reloaded, or moved) and resynchronized.
+    def healed() -> bool:
+        return _ready(cluster) and _replicas(cluster)[0].epoch > before[0].epoch
+
+    wait_for(healed, timeout=120, interval=0.1, what="Ready again")
+    after = _replicas(cluster)
+    assert after[1].epoch == before[1].epoch and list(after[1].chips) == list(before[1].chips)
+    kept = {c for c in chips if not c.startswith(node + "/")}
+    assert kept <= set(after[0].chips)  # the stages elsewhere never moved
+    assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")

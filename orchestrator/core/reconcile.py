@@ -25,9 +25,10 @@ One pass, in order:
      move is one restart of the replica: at most `failover.maxRestarts` in its life, the
      n-th not before `backoffSeconds` × 2^(n−2) after the one before (the first at once);
      past the budget the replica is Failed and kept as it is. Only when no chip can take a
-     lost stage is the whole replica removed and a new one placed (the safe fallback, which
-     reports Unplaceable when it does not fit either). The deployment is Degraded meanwhile
-     (reason FailingOver, BackOff or ReplicaLost; events StagesMoved, Degraded, Ready).
+     lost stage is the whole replica removed and a new one placed (the safe fallback), if
+     one fits; if not, it waits for chips (reason NoSpare) and moves when some appear. The
+     deployment is Degraded meanwhile (reason FailingOver, BackOff, ReplicaLost or NoSpare;
+     events StagesMoved, Degraded, Ready).
    * **Scaling**: too many replicas of the current template → remove the excess, replicas
      not yet ready first, then the highest index; too few → place the missing ones (all in
      one plan, so a fresh deployment gets exactly the plan `lpuctl plan` shows; if they do
@@ -434,6 +435,11 @@ class _Pass:
                 placement = _Placement()
         if placement.unplaceable is not None:
             problems.append(("Unplaceable", placement.unplaceable))
+        waiting = [detail for reason, detail in problems if reason == "NoSpare"]
+        if waiting and placement.unplaceable is None:
+            # A replica waiting for chips to move to is unplaced work: condition Placed is
+            # False (Unplaceable, with the re-plan's numbers) and one Warning event says so.
+            placement.unplaceable = waiting[0]
         if placement.replicas and placement.plan is not None:
             placed = tuple(placement.replicas)
             actions.append(Place(name, target.generation, template, placed, placement.plan))
@@ -468,8 +474,10 @@ class _Pass:
         (`placement.replan.replan_failed`: same node, then same rack, then other racks;
         reserved spares first) moves only the stages on the lost chips (`MoveStages`); when
         no such move exists (no spare or free chip can take a stage), the whole replica is
-        removed and a new one placed — the safe fallback, which reports Unplaceable when
-        that does not fit either.
+        removed and a new one placed — the safe fallback — when a new one fits; when it does
+        not either, the replica is kept as it is and waits (Degraded, reason NoSpare, retried
+        every pass: a restarted agent's chips, an uncordoned node or a repaired chip let it
+        move), and the other replicas keep serving.
         """
         name = target.name
         shown = f"{', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}"
@@ -496,11 +504,17 @@ class _Pass:
         try:
             moved = replan_failed(plan, self.view.topology, bad)
         except (Unplaceable, InputError) as exc:
-            message = f"{what}; no incremental move ({exc}): placing a new replica"
-            return _Failover(
-                actions=self.remove(replica, "ReplicaLost", message),
-                problem=("ReplicaLost", message),
+            if self.whole_replica_fits(target, replica):
+                message = f"{what}; no incremental move ({exc}): placing a new replica"
+                return _Failover(
+                    actions=self.remove(replica, "ReplicaLost", message),
+                    problem=("ReplicaLost", message),
+                )
+            message = (
+                f"{what}; no spare or free chip can take its stages ({exc}), nor a new "
+                "replica fit: waiting for chips (the other replicas keep serving)"
             )
+            return _Failover(step=_Step(Phase.PENDING, chips=chips), problem=("NoSpare", message))
         by_index = {s.index: s for s in moved.plan.stages}
         stages = tuple(
             replace(s, chips=by_index[s.index].chips, refs=by_index[s.index].refs)
@@ -522,6 +536,26 @@ class _Pass:
             step=_Step(Phase.LOADING, chips=chips),
             problem=("FailingOver", reason),
         )
+
+    def whole_replica_fits(self, target: DeploymentTarget, replica: Replica) -> bool:
+        """Whether a new replica could be placed now (the fallback when no stage can move
+        on its own): honours `spread: rack` against the deployment's other replicas."""
+        req = target.request
+        racks = req.racks
+        if req.spread == "rack":
+            others = [
+                r for r in self.mine(target.name) if r.index != replica.index and not r.removing
+            ]
+            taken = {chip.split("/", 1)[0] for r in others for chip in r.chips}
+            pool = racks if racks is not None else self.view.rack_names
+            racks = tuple(r for r in pool if r not in taken)
+            if not racks:
+                return False
+        try:
+            make_plan(replace(req, replicas=1, racks=racks), self.view.topology)
+        except (Unplaceable, InputError):
+            return False
+        return True
 
     def why_lost(self, bad: list[str]) -> str:
         """Why the chips are lost, for the event: a failed chip's reason, or its node gone."""
