@@ -613,13 +613,15 @@ class Controller:
                 log.info("remove replica on %s: %s", node.name, _describe(exc))
 
     def _move(self, action: MoveStages, nodes: Mapping[str, Node]) -> None:
-        """After an incremental failover is recorded: forget the replica's compiled bindings
-        (its chips changed; `_compiled` rebuilds them — a lookup, the blobs exist) and halt
+        """After an incremental failover is recorded: move the replica's cached compiled
+        bindings onto the new chips (`moved_refs`; the blobs do not change) and halt
         the replica on the live agents of the chips it left (a chip reported failed on a
         node that still runs): nothing keeps serving on, or binding, a chip that is out.
         Best effort — the agents of a dead node are gone, and Configure removes the old
         epoch's pipeline from every agent the replica keeps."""
-        self._refs.pop((action.deployment, action.replica), None)
+        known = self._refs.pop((action.deployment, action.replica), None)
+        if known is not None:
+            self._refs[(action.deployment, action.replica)] = moved_refs(known, action)
         for key in [k for k in self._configured if k[:2] == (action.deployment, action.replica)]:
             del self._configured[key]
         left = set(action.chip_map())
@@ -739,6 +741,37 @@ class Controller:
                 self.store.set_chip_health(node.name, chip.chip, health, chip.failure_reason)
 
 
+def moved_refs(
+    known: tuple[Plan, list[ShardRef]], action: MoveStages
+) -> tuple[Plan, list[ShardRef]]:
+    """A replica's compiled plan and shard refs with the moved chips renamed (`action`): the
+    blobs hold no placement, so only the bindings change — each moved chip's own id, and
+    every chip id in the bindings that name it (TP group, upstream, downstream). Saves a
+    recompile (a lookup, but it rebuilds every chip's program) on the failover path."""
+    plan, refs = known
+    chip_map = action.chip_map()
+
+    def rename(chips: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(chip_map.get(c, c) for c in chips)
+
+    stages = tuple(replace(s, chips=rename(s.chips), refs=()) for s in plan.stages)
+    moved = [
+        replace(
+            r,
+            chip=chip_map.get(r.chip, r.chip),
+            binding=replace(
+                r.binding,
+                chip=chip_map.get(r.binding.chip, r.binding.chip),
+                tp_group=rename(r.binding.tp_group),
+                upstream=rename(r.binding.upstream),
+                downstream=rename(r.binding.downstream),
+            ),
+        )
+        for r in refs
+    ]
+    return replace(plan, stages=stages), moved
+
+
 def stale_pipelines(
     node: Node, status: agent_pb2.StatusResponse, replicas: Iterable[Replica]
 ) -> list[tuple[str, int]]:
@@ -802,5 +835,6 @@ __all__ = [
     "PassResult",
     "ShardCompiler",
     "held_from_status",
+    "moved_refs",
     "stale_pipelines",
 ]

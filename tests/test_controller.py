@@ -9,15 +9,18 @@ shard before the deployment is forgotten.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
+from test_compiler import TINY, tiny_plan
 
-from orchestrator.controller import Controller, ShardCompiler, held_from_status
-from orchestrator.core import Chip, CoreSettings, Node, Phase, node_name
+from orchestrator.compiler import compile_plan
+from orchestrator.controller import Controller, ShardCompiler, held_from_status, moved_refs
+from orchestrator.core import Chip, CoreSettings, MoveStages, Node, Phase, node_name
 from orchestrator.spec import load_deployment_file
 from orchestrator.store import Store
 from placement.profiles import get_profile
@@ -234,3 +237,31 @@ def test_held_from_status_names_chips_by_rack_and_slot() -> None:
         ("rack-1/node-2/chip-3", "t", False),
     ]
     assert held[0].reserved_bytes == 7 and held[1].bytes_loaded == 1
+
+
+def test_moved_refs_equal_a_recompile_of_the_moved_plan(tmp_path: Path) -> None:
+    """The failover path renames the moved chips in the cached shard refs instead of
+    recompiling: the result must be exactly what compiling the moved plan gives (TP 2, so
+    TP groups and the neighbours' upstream/downstream lists are renamed too)."""
+    plan = tiny_plan(2)
+    refs = compile_plan(plan, TINY, 0, tmp_path)
+    stage = plan.stages[1]
+    used = {c for s in plan.stages for c in s.chips}
+    spare = next(
+        f"rack-1/node-{n}/chip-{i}"
+        for n in range(3)
+        for i in range(8)
+        if f"rack-1/node-{n}/chip-{i}" not in used
+    )
+    new_chips = (stage.chips[0], spare)
+    stages = tuple(
+        dataclasses.replace(s, chips=new_chips, refs=()) if s.index == 1 else s for s in plan.stages
+    )
+    move = MoveStages("demo", 0, stages, ((1, stage.chips, new_chips),), 1, 1, "test")
+    got_plan, got = moved_refs((plan, refs), move)
+    want = compile_plan(dataclasses.replace(plan, stages=stages), TINY, 0, tmp_path)
+    assert [s.chips for s in got_plan.stages] == [s.chips for s in stages]
+    assert [(r.chip, r.shard_id, r.binding) for r in got] == [
+        (r.chip, r.shard_id, r.binding) for r in want
+    ]
+    assert any(spare in r.binding.upstream or spare in r.binding.downstream for r in got)

@@ -162,6 +162,20 @@ def test_restarts_back_off_exponentially_and_the_budget_fails_the_replica() -> N
     assert [e.reason for e in w.events].count("StagesMoved") == 2
 
 
+def test_a_replica_that_served_a_restart_window_gets_a_fresh_budget() -> None:
+    w = ready_world(replicas=1, max_restarts=1)
+    fail_chip(w, w.replicas[("a", 0)].chips[0])
+    w.run()
+    first = w.replicas[("a", 0)]
+    assert first.restarts == 1 and w.status("a").phase is Phase.READY
+    w.now += w.settings.restart_window  # served ten minutes without a loss
+    fail_chip(w, first.chips[-1])
+    w.run()
+    assert w.status("a").phase is Phase.READY
+    assert w.replicas[("a", 0)].restarts == 1  # a new streak of one
+    assert [e.reason for e in w.events].count("StagesMoved") == 2
+
+
 def test_no_chip_to_move_to_waits_degraded_with_the_reason_then_moves() -> None:
     # One rack of two nodes: 2 replicas of 3 chips in 8 chips, 2 left free — then failed.
     w = World(make_nodes(1, 2))

@@ -22,8 +22,9 @@ One pass, in order:
      picks replacements on the same node, then the same rack, then other racks (reserved
      spares first); the moved stages' shards (the same blobs: a shard holds no placement)
      load onto the new chips, and the whole replica resynchronizes at a new epoch. Each
-     move is one restart of the replica: at most `failover.maxRestarts` in its life, the
-     n-th not before `backoffSeconds` × 2^(n−2) after the one before (the first at once);
+     move is one restart of the replica: at most `failover.maxRestarts` in a streak (moves
+     each within `CoreSettings.restart_window`, 10 min, of the one before), the n-th of a
+     streak not before `backoffSeconds` × 2^(n−2) after the one before (the first at once);
      past the budget the replica is Failed and kept as it is. Only when no chip can take a
      lost stage is the whole replica removed and a new one placed (the safe fallback), if
      one fits; if not, it waits for chips (reason NoSpare) and moves when some appear. The
@@ -483,21 +484,24 @@ class _Pass:
         shown = f"{', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}"
         what = f"replica {replica.index} lost {len(bad)} chip(s) ({shown}): {self.why_lost(bad)}"
         chips = len(replica.chips)
-        if replica.restarts >= target.max_restarts:
+        streak = replica.restarts
+        last = replica.last_restart_time
+        if last is not None and self.now - last >= self.settings.restart_window:
+            streak = 0  # served long enough since the last failover: a fresh budget
+        if streak >= target.max_restarts:
             why = (
-                f"{what}; its restart budget is spent ({replica.restarts} of maxRestarts "
-                f"{target.max_restarts} used)"
+                f"{what}; its restart budget is spent ({streak} of maxRestarts "
+                f"{target.max_restarts} used within {self.settings.restart_window:g}s of each "
+                "other)"
             )
             return _Failover(step=_Step(Phase.FAILED, exhausted=why, chips=chips))
-        if replica.restarts and replica.last_restart_time is not None:
-            delay = min(
-                target.backoff_seconds * 2 ** (replica.restarts - 1), self.settings.backoff_max
-            )
-            if self.now < replica.last_restart_time + delay:
+        if streak and last is not None:
+            delay = min(target.backoff_seconds * 2 ** (streak - 1), self.settings.backoff_max)
+            if self.now < last + delay:
                 problem = (
                     "BackOff",
                     f"{what}; moving its stages {delay:g}s after its last restart "
-                    f"({replica.restarts} of {target.max_restarts} restarts used)",
+                    f"({streak} of {target.max_restarts} restarts used)",
                 )
                 return _Failover(step=_Step(Phase.LOADING, chips=chips), problem=problem)
         plan = replica_plan(replica, target, self.view.profile.name)
@@ -525,7 +529,7 @@ class _Pass:
             f"stage {m.stage} {', '.join(m.from_chips)} -> {', '.join(m.to_chips)}"
             for m in moved.moves
         )
-        restarts = replica.restarts + 1
+        restarts = streak + 1
         reason = f"{what}; moving {detail} (restart {restarts} of {target.max_restarts})"
         epoch = max(replica.epoch, replica.configured_epoch or 0, replica.running_epoch or 0) + 1
         self.view.occupy([replace(replica, stages=stages)])
