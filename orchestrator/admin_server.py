@@ -381,14 +381,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return self._cordon(request.name, False, context)
 
     def Drain(self, request: admin_pb2.NodeRequest, context: grpc.ServicerContext) -> Any:
+        """Cordon the node and move what runs there off it, make before break: the
+        reconciler loads each affected stage onto a spare while the replica serves, switches
+        the replica over at a new epoch (the gateway resumes requests in flight), then
+        unloads the node's shards (`orchestrator.core.reconcile` `_Pass.drain`). Returns at
+        once; the node is drained when its chips hold nothing (`lpuctl drain` waits for
+        that). Uncordon ends the drain."""
         if self.store.node(request.name) is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"no node named {request.name!r}")
-        _abort(
-            context,
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "not yet: drain moves stages onto spares, which needs incremental failover (the "
-            "failover issue); cordon the node to keep new work off it",
-        )
+        self.store.set_cordoned(request.name, True, draining=True)
+        self.store.add_event(self.clock(), "Normal", "Draining", request.name, node=request.name)
+        self.controller.wake()
+        return self.GetNode(admin_pb2.GetNodeRequest(name=request.name), context)
 
     def Topology(self, request: admin_pb2.TopologyRequest, context: grpc.ServicerContext) -> Any:
         topology = self._topology()

@@ -329,15 +329,10 @@ class ControlPlane:
         while not self._stopping.wait(min(0.1, self.settings.heartbeat_interval)):
             if self.runtime is None:
                 continue
-            dead = self.runtime.dead_agents()
+            dead = self._record_deaths()
             now = time.monotonic()
-            for node in dead:
-                self.store.add_event(
-                    time.time(), "Warning", "AgentDied", f"the agent of {node} exited", node=node
-                )
-                self.controller.agent_died(node, "agent died (reported by the runtime)")
-            if dead:  # fail over first: the restarted agent's chips come back as spares
-                self.controller.wait_passes(2, timeout=5.0)
+            if dead:  # deaths noticed meanwhile belong to the same incident (one move)
+                dead += self._record_deaths()
             due = [n for n in dead if n in specs]
             for node in due:
                 wait = self.restart_backoff - (now - last.get(node, -1e9))
@@ -354,6 +349,21 @@ class ControlPlane:
                         self.store.add_event(
                             time.time(), "Normal", "AgentRestarted", f"restarted {node}", node=node
                         )
+
+    def _record_deaths(self) -> list[str]:
+        """Agents the runtime reports dead: an `AgentDied` event each, their chips marked
+        failed, and — before anything restarts them — the controller's passes that move
+        their stages onto spares (a restarted agent's chips come back as spares)."""
+        assert self.runtime is not None
+        dead = self.runtime.dead_agents()
+        for node in dead:
+            self.store.add_event(
+                time.time(), "Warning", "AgentDied", f"the agent of {node} exited", node=node
+            )
+            self.controller.agent_died(node, "agent died (reported by the runtime)")
+        if dead:
+            self.controller.wait_passes(2, timeout=5.0)
+        return dead
 
     def stop(self) -> None:
         self._stopping.set()

@@ -61,6 +61,7 @@ from orchestrator.core.actions import (
     MoveStages,
     Place,
     PlacedReplica,
+    PlanDrain,
     RecordEvent,
     RemoveReplica,
     SetCondition,
@@ -187,7 +188,7 @@ class ControlStore(Protocol):
     def register_nodes(self, nodes: Iterable[Node], now: float) -> None: ...
     def heartbeat(self, beats: Iterable[tuple[str, float]]) -> int: ...
     def set_node_ready(self, name: str, ready: bool) -> None: ...
-    def set_cordoned(self, name: str, cordoned: bool) -> None: ...
+    def set_cordoned(self, name: str, cordoned: bool, *, draining: bool = False) -> None: ...
     def set_chip_health(self, node: str, index: int, health: ChipHealth, reason: str) -> None: ...
     def nodes(self) -> list[Node]: ...
     def node(self, name: str) -> Node | None: ...
@@ -267,6 +268,7 @@ CREATE TABLE replicas (
     removing INTEGER NOT NULL DEFAULT 0,
     restarts INTEGER NOT NULL DEFAULT 0,
     last_restart REAL,
+    next_stages TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (deployment, idx)
 );
 CREATE TABLE shard_bindings (
@@ -287,6 +289,7 @@ CREATE TABLE nodes (
     identity TEXT NOT NULL,
     ready INTEGER NOT NULL DEFAULT 1,
     cordoned INTEGER NOT NULL DEFAULT 0,
+    draining INTEGER NOT NULL DEFAULT 0,
     last_heartbeat REAL NOT NULL,
     registered REAL NOT NULL,
     UNIQUE (rack, slot)
@@ -326,10 +329,13 @@ CREATE INDEX events_by_node ON events(node, id);
 
 # version -> SQL that upgrades a store from `version` to `version + 1`.
 _MIGRATIONS: dict[int, str] = {
-    # 1 -> 2: a replica's incremental failovers (MoveStages), for the restart budget.
+    # 1 -> 2: a replica's incremental failovers (MoveStages), for the restart budget; the
+    # stages a drain switches a replica to; draining nodes.
     1: """
 ALTER TABLE replicas ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE replicas ADD COLUMN last_restart REAL;
+ALTER TABLE replicas ADD COLUMN next_stages TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE nodes ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
 """,
 }
 
@@ -723,14 +729,14 @@ class Store:
         with self.transaction():
             self._require_replica(action.deployment, action.replica)
             self._conn.execute(
-                "UPDATE replicas SET stages = ?, epoch = ?, restarts = ?, last_restart = ?, "
-                "failures = 0, last_failure = NULL, last_error = '' "
-                "WHERE deployment = ? AND idx = ?",
+                "UPDATE replicas SET stages = ?, epoch = ?, restarts = ?, "
+                "last_restart = COALESCE(?, last_restart), failures = 0, last_failure = NULL, "
+                "last_error = '', next_stages = '[]' WHERE deployment = ? AND idx = ?",
                 (
                     _stages_json(action.stages),
                     action.epoch,
                     action.restarts,
-                    now,
+                    None if action.drain else now,
                     action.deployment,
                     action.replica,
                 ),
@@ -780,7 +786,8 @@ class Store:
             rows = self._conn.execute(
                 "SELECT deployment, idx, generation, template, stages, spares, epoch, "
                 "configured_epoch, running_epoch, failures, last_failure, last_error, removing, "
-                f"restarts, last_restart FROM replicas {where} ORDER BY deployment, idx",
+                "restarts, last_restart, next_stages "
+                f"FROM replicas {where} ORDER BY deployment, idx",
                 args,
             ).fetchall()
             bound: dict[tuple[str, int], list[ShardAssignment]] = {}
@@ -813,6 +820,7 @@ class Store:
                     removing=bool(r[12]),
                     restarts=r[13],
                     last_restart_time=r[14],
+                    next_stages=_stages_from_json(r[15]),
                 )
             )
         return out
@@ -871,10 +879,13 @@ class Store:
         with self.transaction():
             self._conn.execute("UPDATE nodes SET ready = ? WHERE name = ?", (int(ready), name))
 
-    def set_cordoned(self, name: str, cordoned: bool) -> None:
+    def set_cordoned(self, name: str, cordoned: bool, *, draining: bool = False) -> None:
+        """Cordon (or uncordon) a node; `draining` also moves its stages off it (drain).
+        Uncordon ends a drain too."""
         with self.transaction():
             cur = self._conn.execute(
-                "UPDATE nodes SET cordoned = ? WHERE name = ?", (int(cordoned), name)
+                "UPDATE nodes SET cordoned = ?, draining = ? WHERE name = ?",
+                (int(cordoned), int(cordoned and draining), name),
             )
             if cur.rowcount != 1:
                 raise NotFound(f"no node named {name}")
@@ -898,8 +909,8 @@ class Store:
     def _nodes(self, where: str, args: Sequence[Any]) -> list[Node]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT name, rack, slot, address, identity, ready, cordoned, last_heartbeat "
-                f"FROM nodes {where} ORDER BY rack, slot",
+                "SELECT name, rack, slot, address, identity, ready, cordoned, last_heartbeat, "
+                f"draining FROM nodes {where} ORDER BY rack, slot",
                 args,
             ).fetchall()
             chip_where = "WHERE node = ?" if where else ""
@@ -921,6 +932,7 @@ class Store:
                 last_heartbeat=r[7],
                 ready=bool(r[5]),
                 cordoned=bool(r[6]),
+                draining=bool(r[8]),
             )
             for r in rows
         ]
@@ -1082,6 +1094,12 @@ class Store:
                 self.mark_replica_removing(action.deployment, action.replica)
             elif isinstance(action, MoveStages):
                 self.move_stages(action, now)
+            elif isinstance(action, PlanDrain):
+                self._require_replica(action.deployment, action.replica)
+                self._conn.execute(
+                    "UPDATE replicas SET next_stages = ? WHERE deployment = ? AND idx = ?",
+                    (_stages_json(action.stages), action.deployment, action.replica),
+                )
             elif isinstance(action, BumpEpoch):
                 self.set_replica_epochs(action.deployment, action.replica, epoch=action.epoch)
             elif isinstance(action, ForgetReplica):

@@ -22,6 +22,7 @@ from orchestrator.core import (
     MoveStages,
     Phase,
     Place,
+    PlanDrain,
     RemoveReplica,
     StartEpoch,
     Unload,
@@ -210,3 +211,67 @@ def test_no_chip_to_move_to_waits_degraded_with_the_reason_then_moves() -> None:
     w.run()
     assert w.status("a").phase is Phase.READY
     assert free[0] in w.replicas[("a", 0)].chips
+
+
+def test_drain_loads_the_new_chips_first_then_switches_over_then_unloads() -> None:
+    w = ready_world()
+    r0, r1 = w.replicas[("a", 0)], w.replicas[("a", 1)]
+    node = node_of(r0.stages[-1].chips[0])
+    w.nodes[node] = replace(w.nodes[node], cordoned=True, draining=True)
+    w.step()
+    (plan,) = [a for a in w.log if isinstance(a, PlanDrain)]
+    moved = {c for s in r0.stages for c in s.chips if node_of(c) == node}
+    new = {c for s in plan.stages for c in s.chips} - set(r0.chips)
+    assert len(new) == len(moved) and not any(node_of(c) == node for c in new)
+    w.step()  # the new chips load while the replica keeps serving on the old ones
+    loads = [a for a in w.log if isinstance(a, Load)]
+    assert {a.chip for a in loads} == new
+    assert w.status("a").phase is Phase.READY and w.serving("a") == 2
+    assert not any(isinstance(a, (MoveStages, Unload)) for a in w.log)
+    w.run()
+    (switch,) = [a for a in w.log if isinstance(a, MoveStages)]
+    assert switch.drain and set(switch.chip_map()) == moved
+    # the switch came after every load, the unloads of the old chips after the switch
+    order = [type(a) for a in w.log if isinstance(a, (Load, MoveStages, Unload))]
+    assert order.index(MoveStages) > max(i for i, t in enumerate(order) if t is Load)
+    unloads = [a.chip for a in w.log if isinstance(a, Unload)]
+    assert set(unloads) == moved
+    after = w.replicas[("a", 0)]
+    assert not any(node_of(c) == node for c in after.chips)
+    assert after.restarts == 0 and after.next_stages == ()  # a drain is not a restart
+    assert w.status("a").phase is Phase.READY
+    assert w.replicas[("a", 1)] == r1
+    assert not any(h.chip.startswith(node + "/") for h in w.held.values())
+    reasons = [e.reason for e in w.events]
+    assert reasons.index("DrainStarted") < reasons.index("StagesDrained")
+
+
+def test_a_drain_whose_new_chip_fails_is_planned_again() -> None:
+    w = ready_world()
+    r0 = w.replicas[("a", 0)]
+    node = node_of(r0.stages[-1].chips[0])
+    w.nodes[node] = replace(w.nodes[node], cordoned=True, draining=True)
+    w.step()
+    first = w.replicas[("a", 0)].next_stages
+    new = next(c for s in first for c in s.chips if c not in r0.chips)
+    fail_chip(w, new)
+    w.run()
+    after = w.replicas[("a", 0)]
+    assert new not in after.chips and not any(node_of(c) == node for c in after.chips)
+    assert "DrainReplanned" in [e.reason for e in w.events]
+    assert w.status("a").phase is Phase.READY
+
+
+def test_a_second_loss_while_recovering_moves_at_once_and_counts() -> None:
+    w = ready_world(replicas=1)
+    w.targets["a"] = replace(w.targets["a"], backoff_seconds=30.0)
+    r0 = w.replicas[("a", 0)]
+    fail_chip(w, r0.chips[0])
+    w.step()  # the first move is decided; the replica is not running its new epoch yet
+    moving = w.replicas[("a", 0)]
+    assert moving.restarts == 1 and moving.running_epoch != moving.epoch
+    fail_chip(w, r0.chips[-1])
+    w.run()  # no 30 s backoff: the same incident
+    after = w.replicas[("a", 0)]
+    assert after.restarts == 2 and w.status("a").phase is Phase.READY
+    assert r0.chips[0] not in after.chips and r0.chips[-1] not in after.chips

@@ -381,3 +381,44 @@ def test_no_spare_left_stays_degraded_with_the_reason_and_serves_on(
     kept = {c for c in chips if not c.startswith(node + "/")}
     assert kept <= set(after[0].chips)  # the stages elsewhere never moved
     assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
+
+
+def test_drain_moves_a_serving_replica_off_a_node_without_failing_a_request(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """`lpuctl drain NODE` while a stream is served from it: the node's stages load onto
+    spares first, the replica switches over at a new epoch, the node's shards are unloaded;
+    the client's tokens are the reference, nothing failed."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    node = _nodes_of(chips)[-1]
+    try:
+        run = cluster.lpuctl("drain", node)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"node/{node}: drained" in run.stdout
+        got = stream.rest()
+        assert [r.token for r in got] == reference
+        listed = cluster.stub.ListChips(
+            admin_pb2.ListChipsRequest(node=node), metadata=cluster.viewer
+        ).chips
+        assert not any(c.shards or c.deployment for c in listed)
+        after = _replicas(cluster)
+        assert after[1 - serving].epoch == before[1 - serving].epoch
+        changed = {
+            old
+            for old, new in zip(before[serving].chips, after[serving].chips, strict=True)
+            if old != new
+        }
+        assert changed == {c for c in chips if c.startswith(node + "/")}
+        assert not any(c.startswith(node + "/") for c in after[serving].chips)
+        reasons = [e.reason for e in _events_since(cluster, since)]
+        assert reasons.index("DrainStarted") < reasons.index("StagesDrained")
+        assert "Draining" in reasons
+    finally:
+        assert cluster.lpuctl("uncordon", node).returncode == 0
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready after drain")
+    assert not _stale_shards(cluster)

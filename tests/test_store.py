@@ -253,12 +253,14 @@ def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:  # what a version-1 store looked like
         conn.execute("ALTER TABLE replicas DROP COLUMN restarts")
         conn.execute("ALTER TABLE replicas DROP COLUMN last_restart")
+        conn.execute("ALTER TABLE replicas DROP COLUMN next_stages")
+        conn.execute("ALTER TABLE nodes DROP COLUMN draining")
         conn.execute("UPDATE schema_version SET version = 1")
     with Store(path) as store:
         assert store.replicas() == [] and store.deployment("a") is not None
     with sqlite3.connect(path) as conn:
         cols = {row[1] for row in conn.execute("PRAGMA table_info(replicas)")}
-        assert {"restarts", "last_restart"} <= cols
+        assert {"restarts", "last_restart", "next_stages"} <= cols
         assert conn.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)
 
 

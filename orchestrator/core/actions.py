@@ -157,6 +157,7 @@ class MoveStages:
     epoch: int
     restarts: int
     reason: str
+    drain: bool = False  # a planned switch-over (drain), not a failure: no restart counted
 
     @property
     def key(self) -> str:
@@ -165,6 +166,22 @@ class MoveStages:
     def chip_map(self) -> dict[str, str]:
         """Old chip id -> new chip id, for every chip of a moved stage."""
         return {old: new for _, frm, to in self.moves for old, new in zip(frm, to, strict=True)}
+
+
+@dataclass(frozen=True)
+class PlanDrain:
+    """Store-only: the stages a replica will switch to to leave a draining node (`stages`;
+    empty: abandon the plan). The new chips are loaded while the replica keeps serving; a
+    `MoveStages` with `drain=True` switches over once they all hold their shards."""
+
+    deployment: str
+    replica: int
+    stages: tuple[StagePlan, ...]
+    reason: str
+
+    @property
+    def key(self) -> str:
+        return f"drain/{self.deployment}/{self.replica}/{len(self.stages)}"
 
 
 @dataclass(frozen=True)
@@ -278,6 +295,7 @@ Action = (
     | StartEpoch
     | BumpEpoch
     | MoveStages
+    | PlanDrain
     | RemoveReplica
     | ForgetReplica
     | SetPhase

@@ -151,6 +151,7 @@ class Node:
     last_heartbeat: float
     ready: bool = True
     cordoned: bool = False
+    draining: bool = False
 
     def chip_id(self, index: int) -> str:
         return chip_id(self.rack, self.slot, index)
@@ -191,7 +192,9 @@ class Replica:
     streak — each within `CoreSettings.restart_window` of the one before — and
     `last_restart_time` is when the last one was decided: the restart budget
     (`failover.maxRestarts`) and its exponential backoff (`failover.backoffSeconds`) read them.
-    Every failover is also a `StagesMoved` event (the history).
+    Every failover is also a `StagesMoved` event (the history). `next_stages` is set while
+    the replica is drained off a node: the stages it will switch to once their new chips
+    hold their shards (make before break; empty otherwise).
     """
 
     deployment: str
@@ -210,6 +213,7 @@ class Replica:
     removing: bool = False
     restarts: int = 0
     last_restart_time: float | None = None
+    next_stages: tuple[StagePlan, ...] = ()
 
     @property
     def chips(self) -> tuple[str, ...]:

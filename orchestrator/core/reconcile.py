@@ -87,6 +87,7 @@ from orchestrator.core.actions import (
     MoveStages,
     Place,
     PlacedReplica,
+    PlanDrain,
     RecordEvent,
     RemoveReplica,
     SetCondition,
@@ -293,7 +294,7 @@ class _Pass:
             self.event(reason, message, deployment=replica.deployment, kind=kind),
         ]
 
-    def drain(self, replica: Replica) -> list[Action]:
+    def drain_removed(self, replica: Replica) -> list[Action]:
         """A removing replica: unload what is left on live chips, or forget it."""
         actions = self.unloads(replica)
         if actions:
@@ -311,7 +312,7 @@ class _Pass:
         actions: list[Action] = []
         for replica in sorted(self.mine(name), key=lambda r: r.index):
             if replica.removing:
-                actions += self.drain(replica)
+                actions += self.drain_removed(replica)
             else:
                 actions += self.remove(replica, "Orphaned", f"deployment {name} no longer exists")
         return actions
@@ -344,7 +345,7 @@ class _Pass:
         actions: list[Action] = []
         for replica in mine:
             if replica.removing:
-                actions += self.drain(replica)
+                actions += self.drain_removed(replica)
         active = [r for r in mine if not r.removing]
         if target.deleting:
             for replica in active:
@@ -460,6 +461,8 @@ class _Pass:
             actions += step.actions
             if step.problem is not None:
                 problems.append(step.problem)
+            if replica.index not in held_back:
+                actions += self.drain(target, replica, step)
 
         actions += self.phase(target, status, kept, steps, placement, problems)
         return actions
@@ -471,7 +474,8 @@ class _Pass:
 
         In order: past the restart budget the replica is Failed and stays as it is (its
         history is in its events and `restarts`); inside the backoff after its last restart
-        it waits (Degraded, reason BackOff); else the incremental re-plan
+        it waits (Degraded, reason BackOff; not while it is still recovering from its last
+        move: a second loss then is the same incident); else the incremental re-plan
         (`placement.replan.replan_failed`: same node, then same rack, then other racks;
         reserved spares first) moves only the stages on the lost chips (`MoveStages`); when
         no such move exists (no spare or free chip can take a stage), the whole replica is
@@ -495,7 +499,11 @@ class _Pass:
                 "other)"
             )
             return _Failover(step=_Step(Phase.FAILED, exhausted=why, chips=chips))
-        if streak and last is not None:
+        # A loss while the replica is still coming back from its last move (it has not run
+        # its new epoch yet) is the same incident: it moves at once (and counts). Backoff is
+        # for a replica that came back, ran, and lost chips again.
+        recovering = replica.running_epoch != replica.epoch
+        if streak and last is not None and not recovering:
             delay = min(target.backoff_seconds * 2 ** (streak - 1), self.settings.backoff_max)
             if self.now < last + delay:
                 problem = (
@@ -560,6 +568,98 @@ class _Pass:
         except (Unplaceable, InputError):
             return False
         return True
+
+    # --- drain ----------------------------------------------------------------------------
+
+    def drain(self, target: DeploymentTarget, replica: Replica, step: _Step) -> list[Action]:
+        """Move a replica's stages off draining nodes, make before break.
+
+        A serving replica with chips on a draining node gets a plan (`PlanDrain`: the same
+        incremental re-plan as failover, the draining chips standing for lost ones). While it
+        keeps serving, the new chips are loaded with the moved stages' shards (claimed, so
+        never taken for garbage); once they all hold them, `MoveStages(drain=True)` switches
+        the replica over at a new epoch (Configure + StartEpoch; the gateway resumes the
+        requests in flight, so none fails) and the old chips' shards become garbage,
+        unloaded. No restart is counted. A plan whose new chips fail meanwhile is dropped and
+        made again; a replica that cannot be moved (no room) keeps serving where it is.
+        """
+        name = target.name
+        if replica.next_stages:
+            nxt = replica.next_stages
+            moves = tuple(
+                (a.index, a.chips, b.chips)
+                for a, b in zip(replica.stages, nxt, strict=False)
+                if a.chips != b.chips
+            )
+            new = [c for _, _, to in moves for c in to]
+            if len(nxt) != len(replica.stages) or not all(self.view.healthy(c) for c in new):
+                why = "its new chips are no longer usable; planning again"
+                return [
+                    PlanDrain(name, replica.index, (), why),
+                    self.event(
+                        "DrainReplanned", f"replica {replica.index}: {why}", deployment=name
+                    ),
+                ]
+            chip_map = {o: n for _, frm, to in moves for o, n in zip(frm, to, strict=True)}
+            shards = tuple(
+                replace(sh, chip=chip_map[sh.chip]) for sh in replica.shards if sh.chip in chip_map
+            )
+            for sh in shards:
+                self.claimed.add((sh.chip, sh.shard_id))
+            moved = replace(replica, stages=nxt, shards=shards)
+            loading = _Step(step.phase)
+            committed = 0
+            for chip in new:
+                shard = moved.shard_for(chip)
+                if shard is None:
+                    return []  # not compiled yet: wait
+                held = self.held.get(chip, ())
+                if any(h.shard_id == shard.shard_id and h.committed for h in held):
+                    committed += 1
+                else:
+                    self.load(moved, chip, loading)
+            if committed < len(new):
+                return loading.actions
+            epoch = (
+                max(replica.epoch, replica.configured_epoch or 0, replica.running_epoch or 0) + 1
+            )
+            detail = "; ".join(
+                f"stage {i} {', '.join(frm)} -> {', '.join(to)}" for i, frm, to in moves
+            )
+            why = f"drain: replica {replica.index} switches over at epoch {epoch}: {detail}"
+            return [
+                MoveStages(
+                    name, replica.index, nxt, moves, epoch, replica.restarts, why, drain=True
+                ),
+                self.event("StagesDrained", why, deployment=name),
+            ]
+        draining = [
+            c
+            for c in replica.chips
+            if (loc := self.view.chips.get(c)) is not None and loc.node.draining
+        ]
+        if not draining or step.phase is not Phase.READY or not replica.shards:
+            return []
+        plan = replica_plan(replica, target, self.view.profile.name)
+        try:
+            moved_plan = replan_failed(plan, self.view.topology, draining)
+        except (Unplaceable, InputError):
+            return []  # nowhere to go: it keeps serving here (lpuctl drain reports it)
+        by_index = {st.index: st for st in moved_plan.plan.stages}
+        nxt = tuple(
+            replace(st, chips=by_index[st.index].chips, refs=by_index[st.index].refs)
+            for st in replica.stages
+        )
+        self.view.occupy([replace(replica, stages=nxt)])
+        detail = "; ".join(
+            f"stage {m.stage} {', '.join(m.from_chips)} -> {', '.join(m.to_chips)}"
+            for m in moved_plan.moves
+        )
+        why = f"drain: replica {replica.index} loads its stages onto spares first: {detail}"
+        return [
+            PlanDrain(name, replica.index, nxt, why),
+            self.event("DrainStarted", why, deployment=name),
+        ]
 
     def why_lost(self, bad: list[str]) -> str:
         """Why the chips are lost, for the event: a failed chip's reason, or its node gone."""
