@@ -275,3 +275,20 @@ def test_a_second_loss_while_recovering_moves_at_once_and_counts() -> None:
     after = w.replicas[("a", 0)]
     assert after.restarts == 2 and w.status("a").phase is Phase.READY
     assert r0.chips[0] not in after.chips and r0.chips[-1] not in after.chips
+
+
+def test_a_node_lost_while_the_replica_loads_moves_its_stages_too() -> None:
+    w = World(make_nodes(2, 3))
+    w.targets["a"] = target("a", replicas=1)
+    while not any(isinstance(a, Load) for a in w.log):  # placed, compiled, loading
+        w.step()
+    r0 = w.replicas[("a", 0)]
+    dead = node_of(r0.chips[-1])
+    kill_node(w, dead)
+    w.run()
+    after = w.replicas[("a", 0)]
+    assert w.status("a").phase is Phase.READY
+    assert not any(node_of(c) == dead for c in after.chips)
+    assert [(s.index, s.first, s.last) for s in after.stages] == [
+        (s.index, s.first, s.last) for s in r0.stages
+    ]

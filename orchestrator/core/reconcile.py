@@ -111,9 +111,9 @@ from orchestrator.core.model import (
 )
 from placement.cost import Prediction
 from placement.errors import InputError, Unplaceable
-from placement.plan import Plan
+from placement.plan import Plan, StagePlan
 from placement.planner import make_plan
-from placement.replan import replan_failed
+from placement.replan import Replan, replan_failed
 
 DEFAULT_SETTINGS = CoreSettings()
 
@@ -204,6 +204,20 @@ class _Step:
     exhausted: str | None = None  # the restart budget is spent: why
     loaded_chips: int = 0
     chips: int = 0
+
+
+def _with_chips_of(replica: Replica, moved: Replan) -> tuple[StagePlan, ...]:
+    """The replica's stages on the chips of `moved` (its re-plan, which numbers the replica
+    0): every other field, the replica index included, stays the replica's."""
+    by_index = {s.index: s for s in moved.plan.stages}
+    return tuple(
+        replace(s, chips=by_index[s.index].chips, refs=by_index[s.index].refs)
+        for s in replica.stages
+    )
+
+
+def _describe_moves(moves: Iterable[tuple[int, tuple[str, ...], tuple[str, ...]]]) -> str:
+    return "; ".join(f"stage {i} {', '.join(frm)} -> {', '.join(to)}" for i, frm, to in moves)
 
 
 @dataclass
@@ -527,16 +541,9 @@ class _Pass:
                 "replica fit: waiting for chips (the other replicas keep serving)"
             )
             return _Failover(step=_Step(Phase.PENDING, chips=chips), problem=("NoSpare", message))
-        by_index = {s.index: s for s in moved.plan.stages}
-        stages = tuple(
-            replace(s, chips=by_index[s.index].chips, refs=by_index[s.index].refs)
-            for s in replica.stages
-        )
+        stages = _with_chips_of(replica, moved)
         moves = tuple((m.stage, m.from_chips, m.to_chips) for m in moved.moves)
-        detail = "; ".join(
-            f"stage {m.stage} {', '.join(m.from_chips)} -> {', '.join(m.to_chips)}"
-            for m in moved.moves
-        )
+        detail = _describe_moves(moves)
         restarts = streak + 1
         reason = f"{what}; moving {detail} (restart {restarts} of {target.max_restarts})"
         epoch = max(replica.epoch, replica.configured_epoch or 0, replica.running_epoch or 0) + 1
@@ -623,9 +630,7 @@ class _Pass:
             epoch = (
                 max(replica.epoch, replica.configured_epoch or 0, replica.running_epoch or 0) + 1
             )
-            detail = "; ".join(
-                f"stage {i} {', '.join(frm)} -> {', '.join(to)}" for i, frm, to in moves
-            )
+            detail = _describe_moves(moves)
             why = f"drain: replica {replica.index} switches over at epoch {epoch}: {detail}"
             return [
                 MoveStages(
@@ -645,16 +650,9 @@ class _Pass:
             moved_plan = replan_failed(plan, self.view.topology, draining)
         except (Unplaceable, InputError):
             return []  # nowhere to go: it keeps serving here (lpuctl drain reports it)
-        by_index = {st.index: st for st in moved_plan.plan.stages}
-        nxt = tuple(
-            replace(st, chips=by_index[st.index].chips, refs=by_index[st.index].refs)
-            for st in replica.stages
-        )
+        nxt = _with_chips_of(replica, moved_plan)
         self.view.occupy([replace(replica, stages=nxt)])
-        detail = "; ".join(
-            f"stage {m.stage} {', '.join(m.from_chips)} -> {', '.join(m.to_chips)}"
-            for m in moved_plan.moves
-        )
+        detail = _describe_moves((m.stage, m.from_chips, m.to_chips) for m in moved_plan.moves)
         why = f"drain: replica {replica.index} loads its stages onto spares first: {detail}"
         return [
             PlanDrain(name, replica.index, nxt, why),
