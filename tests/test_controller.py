@@ -20,7 +20,15 @@ from test_compiler import TINY, tiny_plan
 
 from orchestrator.compiler import compile_plan
 from orchestrator.controller import Controller, ShardCompiler, held_from_status, moved_refs
-from orchestrator.core import Chip, CoreSettings, MoveStages, Node, Phase, node_name
+from orchestrator.core import (
+    Chip,
+    ChipHealth,
+    CoreSettings,
+    MoveStages,
+    Node,
+    Phase,
+    node_name,
+)
 from orchestrator.spec import load_deployment_file
 from orchestrator.store import Store
 from placement.profiles import get_profile
@@ -265,3 +273,42 @@ def test_moved_refs_equal_a_recompile_of_the_moved_plan(tmp_path: Path) -> None:
         (r.chip, r.shard_id, r.binding) for r in want
     ]
     assert any(spare in r.binding.upstream or spare in r.binding.downstream for r in got)
+
+
+def test_a_stopped_pipeline_the_gateway_reports_is_resynchronized_unless_a_chip_explains_it(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    """A broken or stalled link stops a pipeline with every chip healthy: after the grace
+    period the replica is brought back at a new epoch on the same chips (no reload). A
+    report that a failed chip explains is left to the failover (the chip's stage moves)."""
+    controller, agents, store, clock = world
+    _apply(store, clock)
+    _run(controller, clock)
+    r0, r1 = store.replicas("tiny-llama")
+    controller.pipeline_stopped("tiny-llama", 0, r0.epoch, "ABORTED: link broken")
+    _run(controller, clock, passes=3)  # within the grace period: nothing yet
+    assert store.replicas("tiny-llama")[0].epoch == r0.epoch
+    clock.now += 1.0
+    agents.calls.clear()
+    _run(controller, clock)
+    after0, after1 = store.replicas("tiny-llama")
+    assert after0.epoch == r0.epoch + 1 and after0.running_epoch == after0.epoch
+    assert after0.chips == r0.chips and after1 == r1
+    assert not [c for c in agents.calls if c[0] == "load"]  # same chips, nothing reloaded
+    assert ("tiny-llama", 0, r0.epoch + 1) in agents.started
+    assert "Resynchronizing" in [e.reason for e in store.events(deployment="tiny-llama")]
+    # A report at an epoch the replica left is stale: nothing happens.
+    controller.pipeline_stopped("tiny-llama", 0, r0.epoch, "late report")
+    clock.now += 2.0
+    _run(controller, clock)
+    assert store.replicas("tiny-llama")[0].epoch == r0.epoch + 1
+    # A failed chip explains the stop: the failover moves its stage instead.
+    victim = after1.chips[-1]
+    node, _, index = victim.rpartition("/chip-")
+    store.set_chip_health(node, int(index), ChipHealth.FAILED, "ECC")
+    controller.pipeline_stopped("tiny-llama", 1, after1.epoch, "ABORTED: stage stopped")
+    clock.now += 2.0
+    _run(controller, clock)
+    moved = store.replicas("tiny-llama")[1]
+    assert victim not in moved.chips and moved.restarts == 1
+    assert moved.epoch == after1.epoch + 1  # one new epoch: the move's, not a second bump
