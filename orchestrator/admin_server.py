@@ -285,6 +285,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 failures=r.failures,
                 last_error=r.last_error,
                 stages=len(r.stages),
+                restarts=r.restarts,
+                draining_to=[c for s in r.next_stages for c in s.chips if c not in r.chips],
             )
         if detail:
             loaded, total = loading_progress(record.name, self.store.observed(self.profile))

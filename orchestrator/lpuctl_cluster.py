@@ -370,7 +370,17 @@ def cmd_describe(args: argparse.Namespace) -> int:
             print(f"  predicted: {json.dumps(predicted, sort_keys=True)}")
     print("Replicas:")
     _table(
-        ["  INDEX", "GENERATION", "EPOCH", "RUNNING", "STAGES", "CHIPS", "FAILURES", "LAST ERROR"],
+        [
+            "  INDEX",
+            "GENERATION",
+            "EPOCH",
+            "RUNNING",
+            "STAGES",
+            "CHIPS",
+            "RESTARTS",
+            "FAILURES",
+            "LAST ERROR",
+        ],
         [
             [
                 f"  {r.index}",
@@ -379,6 +389,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
                 r.running,
                 r.stages,
                 len(r.chips),
+                r.restarts,
                 r.failures,
                 r.last_error[:60],
             ]

@@ -162,6 +162,9 @@ def _check_failover(
         if old != new
     }
     assert changed == lost  # only the lost stages' chips moved
+    assert after[serving].restarts >= 1  # counted against failover.maxRestarts
+    described = cluster.lpuctl("describe", "deployment", "tiny-llama")
+    assert described.returncode == 0 and "RESTARTS" in described.stdout
     reasons = [e.reason for e in _events_since(cluster, since) if e.deployment == "tiny-llama"]
     assert "StagesMoved" in reasons and "Degraded" in reasons, reasons
     assert reasons.index("StagesMoved") < reasons.index("Degraded") < len(reasons)
