@@ -652,6 +652,10 @@ class Controller:
                 self.store.set_chip_health(node, chip.index, ChipHealth.FAILED, why)
             except NotFound:
                 return False
+        # Ask the agent at the next pass: dead, the call fails and the chips stay failed; but
+        # a runtime that reports a death late (after the restarted agent registered again)
+        # must not leave a live agent's chips failed — its Status puts their health back.
+        self.node_registered(node)
         return True
 
     def wait_passes(self, count: int, timeout: float) -> bool:

@@ -312,3 +312,22 @@ def test_a_stopped_pipeline_the_gateway_reports_is_resynchronized_unless_a_chip_
     moved = store.replicas("tiny-llama")[1]
     assert victim not in moved.chips and moved.restarts == 1
     assert moved.epoch == after1.epoch + 1  # one new epoch: the move's, not a second bump
+
+
+def test_a_death_reported_after_the_agent_came_back_leaves_its_chips_healthy(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    """The runtime may report a death late, after the restarted agent registered again: the
+    controller asks the agent, whose Status (all healthy here) puts the chips back, so no
+    stage moves off a live agent and no chip stays failed."""
+    controller, _, store, clock = world
+    _apply(store, clock)
+    _run(controller, clock)
+    before = store.replicas("tiny-llama")
+    node = before[0].chips[0].rpartition("/chip-")[0]
+    assert controller.agent_died(node, "agent died (late report)")
+    assert all(c.health is ChipHealth.FAILED for c in store.node(node).chips)  # type: ignore[union-attr]
+    _run(controller, clock)
+    assert all(c.health is ChipHealth.HEALTHY for c in store.node(node).chips)  # type: ignore[union-attr]
+    assert [r.chips for r in store.replicas("tiny-llama")] == [r.chips for r in before]
+    assert not controller.agent_died("rack-9/node-9", "unknown")
