@@ -3,7 +3,9 @@
 One `lpuctl up` for the module (control plane and six agent processes, mutual TLS), the
 tiny-llama example (2 replicas, spread: rack, one spare node per rack). Faults are injected
 while a client streams tokens through the control plane's Generate gateway: an agent process
-SIGKILLed (a node failure), a chip marked failed by its agent. Each test checks what issue 10
+SIGKILLed (a node failure; stage 0's node; two nodes at once; the spare while the moved
+stages load onto it), a chip marked failed by its agent, an agent SIGSTOPped (stalled) and
+woken, no spare left (every node cordoned), an idle replica's node, and a drain. Each test checks what issue 10
 asks: the client's tokens equal the reference executor's (none lost, repeated or changed),
 the deployment goes Degraded (events StagesMoved, Degraded) and Ready again, only the lost
 stage's chips changed, the other replica was not touched, and no chip keeps a stale shard.
@@ -425,3 +427,52 @@ def test_drain_moves_a_serving_replica_off_a_node_without_failing_a_request(
         assert cluster.lpuctl("uncordon", node).returncode == 0
     wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready after drain")
     assert not _stale_shards(cluster)
+
+
+def test_the_spare_killed_while_the_moved_stages_load_onto_it(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """A second fault during the failover's load: the node receiving the moved stages dies
+    while they load. The same incident moves them again (no backoff), the client's stream
+    still ends with the reference tokens."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    head = chips[0].rsplit("/", 1)[0]
+    node = sorted(set(_nodes_of(chips)) - {head})[-1]
+    _kill(cluster, node)
+
+    def moved_to() -> list[str]:
+        for e in _events_since(cluster, since):
+            if e.reason == "StagesMoved":  # "...; moving stage 1 A -> B; stage 2 C -> D (...)"
+                moves = e.message.split("; moving ", 1)[1].rsplit(" (restart", 1)[0]
+                targets = [part.split(" -> ")[1] for part in moves.split("; ")]
+                return _nodes_of(c for t in targets for c in t.split(", "))
+        return []
+
+    spare_nodes = [
+        n for n in wait_for(moved_to, timeout=30, interval=0.005, what="StagesMoved") if n != head
+    ]
+    assert spare_nodes, "the stages moved onto stage 0's node: no separate spare to kill"
+    for spare in spare_nodes:
+        _kill(cluster, spare)
+    got = stream.rest()
+    assert [r.token for r in got] == reference
+    wait_for(
+        lambda: _ready(cluster) and _replicas(cluster)[serving].epoch > before[serving].epoch,
+        timeout=120,
+        interval=0.1,
+        what="Ready again",
+    )
+    after = _replicas(cluster)
+    assert after[1 - serving].epoch == before[1 - serving].epoch
+    reasons = [e.reason for e in _events_since(cluster, since) if e.deployment == "tiny-llama"]
+    first = reasons.index("StagesMoved")
+    second = reasons.index("StagesMoved", first + 1)  # the spare's stages moved again,
+    assert "Ready" not in reasons[first:second]  # before the replica came back: mid-load
+    kept = [c for c in chips if c.rsplit("/", 1)[0] != node]
+    assert set(kept) <= set(after[serving].chips)
+    assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
