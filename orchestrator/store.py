@@ -18,7 +18,8 @@ What is stored, and why each table exists:
   last id it saw), indexed by deployment and by node.
 * `schema_version` — one row. A file with a newer version is refused with a clear error
   (an older Lockstep must not write a schema it does not understand); an older version is
-  migrated in a transaction by `_MIGRATIONS` (none yet: this is version 1).
+  migrated in a transaction by `_MIGRATIONS` (version 2 added the replicas' failover
+  restarts and drain target, and the nodes' draining flag).
 
 Decisions:
 
