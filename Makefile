@@ -55,6 +55,7 @@ bench: $(RUNTIME_STAMP)
 	$(BIN)/python -m bench.executor
 	$(BIN)/python -m bench.control_plane
 	$(BIN)/python -m bench.verify
+	$(BIN)/python -m bench.failover
 
 ## protos: regenerate protos/*_pb2*.py with the pinned grpcio-tools (a test fails when stale)
 protos: $(DEV_STAMP)

@@ -483,11 +483,17 @@ class ReplicaHost:
                 prompt = rep.text.encode(req.prompt_text)
             except TextError as exc:
                 raise InvalidArgument(str(exc)) from None
+        resume = [int(t) for t in req.resume_tokens]
+        if resume and len(resume) >= req.max_tokens:
+            raise InvalidArgument(
+                f"resume_tokens holds {len(resume)} tokens; at most max_tokens - 1 "
+                f"({max(req.max_tokens, 1) - 1}) may be resumed"
+            )
         try:
             stream = head.submit(
                 req.request_id,
-                prompt,
-                req.max_tokens,
+                [*prompt, *resume],
+                req.max_tokens - len(resume),
                 Sampling(req.temperature, req.seed),
             )
         except Stopped as exc:
@@ -497,7 +503,10 @@ class ReplicaHost:
         except QueueFull as exc:
             raise ResourceExhausted(str(exc)) from None
         decoder = rep.text.stream() if req.prompt_text and rep.text is not None else None
-        return self._stream_tokens(head, req, stream, context, decoder)
+        if decoder is not None:
+            for token in resume:  # the text already delivered: hold back the same bytes
+                decoder.push(token)
+        return self._stream_tokens(head, req, stream, context, decoder, len(resume))
 
     def _stream_tokens(
         self,
@@ -506,7 +515,10 @@ class ReplicaHost:
         stream: Any,
         context: grpc.ServicerContext,
         decoder: TextDecoder | None = None,
+        resumed: int = 0,
     ) -> Iterator[agent_pb2.GenerateResponse]:
+        """The request's tokens as responses; `resumed` tokens were delivered before (a
+        failover resumption), so indices continue after them."""
         finished = False
 
         def on_done() -> None:
@@ -539,7 +551,7 @@ class ReplicaHost:
                 yield agent_pb2.GenerateResponse(
                     request_id=req.request_id,
                     token=out.event.token,
-                    index=out.event.index,
+                    index=out.event.index + resumed,
                     finished=out.event.finished,
                     logits=logits,
                     text=decoder.push(out.event.token) if decoder is not None else "",

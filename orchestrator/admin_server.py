@@ -48,6 +48,7 @@ from orchestrator.core import (
     Chip,
     ChipHealth,
     Node,
+    Replica,
     chip_id,
     cluster_topology,
     loading_progress,
@@ -78,6 +79,21 @@ MAX_SLOT = 1023  # slots of a rack are 0..MAX_SLOT (the topology has one entry p
 MAX_CHIP_SRAM = 1 << 40
 MAX_WATCHES = 16  # open Watch streams (each holds a server worker thread)
 GENERATE_TIMEOUT = 300.0  # seconds, when the client sets no deadline
+# Failover of a Generate stream (`AdminService.Generate`): how long the gateway waits for a
+# pipeline that serves again, how often it looks, how many times one request may resume.
+FAILOVER_WAIT = 30.0
+RESUME_POLL = 0.02
+MAX_RESUMES = 8
+RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.ABORTED,  # a stage of the pipeline stopped, or it was removed
+        grpc.StatusCode.UNAVAILABLE,  # the stage-0 agent is gone
+        grpc.StatusCode.FAILED_PRECONDITION,  # a stopped pipeline refuses new requests
+        grpc.StatusCode.INVALID_ARGUMENT,  # the replica is no longer configured there
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 
 
 class TokenError(Exception):
@@ -269,6 +285,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
                 failures=r.failures,
                 last_error=r.last_error,
                 stages=len(r.stages),
+                restarts=r.restarts,
+                draining_to=[c for s in r.next_stages for c in s.chips if c not in r.chips],
             )
         if detail:
             loaded, total = loading_progress(record.name, self.store.observed(self.profile))
@@ -366,14 +384,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         return self._cordon(request.name, False, context)
 
     def Drain(self, request: admin_pb2.NodeRequest, context: grpc.ServicerContext) -> Any:
+        """Cordon the node and move what runs there off it, make before break: the
+        reconciler loads each affected stage onto a spare while the replica serves, switches
+        the replica over at a new epoch (the gateway resumes requests in flight), then
+        unloads the node's shards (`orchestrator.core.reconcile` `_Pass.drain`). Returns at
+        once; the node is drained when its chips hold nothing (`lpuctl drain` waits for
+        that). Uncordon ends the drain."""
         if self.store.node(request.name) is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"no node named {request.name!r}")
-        _abort(
-            context,
-            grpc.StatusCode.FAILED_PRECONDITION,
-            "not yet: drain moves stages onto spares, which needs incremental failover (the "
-            "failover issue); cordon the node to keep new work off it",
-        )
+        self.store.set_cordoned(request.name, True, draining=True)
+        self.store.add_event(self.clock(), "Normal", "Draining", request.name, node=request.name)
+        self.controller.wake()
+        return self.GetNode(admin_pb2.GetNodeRequest(name=request.name), context)
 
     def Topology(self, request: admin_pb2.TopologyRequest, context: grpc.ServicerContext) -> Any:
         topology = self._topology()
@@ -405,112 +427,132 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
     def Generate(
         self, request: admin_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[admin_pb2.GenerateResponse]:
-        """Serve on a Ready replica (round robin), streaming its stage-0 agent's tokens.
+        """The Generate gateway, which also makes a request survive a failover.
 
-        A replica removed under a request (a rolling replacement, a scale-down: the
-        controller marks it removing in the store before it drops the stages) does not fail
-        the request: it goes on on another Ready replica. Before any token was streamed it
-        starts there afresh; after some, a request given as ids resumes with the tokens so
-        far appended to its prompt and the rest of `max_tokens` (greedy decoding continues
-        exactly; a sampled one continues with another draw, and during a rollout the new
-        replica's model continues). A failure of a replica that is still Ready is the
-        request's: it is returned as before.
+        It keeps what a stage-0 journal keeps — the prompt (ids or text), the sampling
+        parameters, and every token already delivered to the client — so when the pipeline
+        serving the request fails (its stage-0 stream ends ABORTED / UNAVAILABLE /
+        FAILED_PRECONDITION / NOT_FOUND / INTERNAL: a stage stopped, an agent died, the
+        replica was halted for a move), it re-submits the request with `resume_tokens` =
+        the delivered tokens to a pipeline that serves again, and the client's stream
+        continues: the agent prefills prompt + delivered tokens and samples at the same
+        positions, so no token is lost, repeated or changed. Where it resumes: the same
+        replica once Ready at a newer epoch, else any Ready replica of the deployment with
+        the same stage layout (same op ranges and tensor-parallel width: bit-identical
+        outputs by the lockstep contract) — whichever serves first. It waits for one up to
+        `FAILOVER_WAIT` seconds (or the client's deadline), at most `MAX_RESUMES` times; past
+        that the stream ends UNAVAILABLE (retryable) naming the failure. The first attempt
+        does not wait: no Ready replica is UNAVAILABLE at once, as before. A replica removed
+        under a request (a rolling replacement or a scale-down: the controller marks it
+        removing in the store before it drops the stages) is one more such failure: before
+        any token was delivered the request starts afresh on any Ready replica; after some,
+        only a replica with the same layout takes it over.
         """
         record = self.store.deployment(request.deployment)
         if record is None:
             _abort(
                 context, grpc.StatusCode.NOT_FOUND, f"no deployment named {request.deployment!r}"
             )
-        sent: list[int] = []
-        tried: set[int] = set()
+        remaining = context.time_remaining()
+        budget = remaining if remaining is not None and 0 < remaining < GENERATE_TIMEOUT else None
+        deadline = time.monotonic() + (budget if budget is not None else GENERATE_TIMEOUT)
+        delivered: list[int] = []
+        resumed = 0
+        failed: dict[int, int] = {}  # replica index -> the epoch it failed at
+        layout: str | None = None
+        last_error = ""
         while True:
-            replica, node = self._pick(request.deployment, record.status.phase.value, tried)
-            if replica is None or node is None:
-                _abort(context, grpc.StatusCode.UNAVAILABLE, node or "no Ready replica")
-            tried.add(replica.index)
+            picked = self._pick_replica(request.deployment, failed, layout if delivered else None)
+            if picked is None and (resumed == 0 or time.monotonic() >= deadline):
+                phase = record.status.phase.value
+                if resumed:
+                    why = f"no replica served again within {FAILOVER_WAIT:g}s after a failure"
+                    _abort(context, grpc.StatusCode.UNAVAILABLE, f"{why}: {last_error}")
+                _abort(
+                    context,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"deployment {request.deployment} has no Ready replica (phase "
+                    f"{phase}); wait for it: lpuctl get deployments",
+                )
+            if picked is None:
+                if not context.is_active():
+                    return
+                time.sleep(RESUME_POLL)
+                continue
+            replica, node = picked
+            layout = _layout(replica)
             forward = agent_pb2.GenerateRequest(
                 deployment=request.deployment,
                 replica=replica.index,
                 request_id=uuid.uuid4().hex,
-                prompt_ids=[*request.prompt_ids, *sent],
+                prompt_ids=list(request.prompt_ids),
                 prompt_text=request.prompt_text,
-                max_tokens=request.max_tokens - len(sent) if sent else request.max_tokens,
+                max_tokens=request.max_tokens,
                 temperature=request.temperature,
                 seed=request.seed,
                 deadline_ms=request.deadline_ms,
+                resume_tokens=delivered,
             )
             stub = agent_pb2_grpc.AgentStub(self.gateway.channel(node.address, node.name))
-            remaining = context.time_remaining()
-            bounded = remaining is not None and 0 < remaining < GENERATE_TIMEOUT
-            calls = stub.Generate(forward, timeout=remaining if bounded else GENERATE_TIMEOUT)
+            left = max(0.1, deadline - time.monotonic())
+            calls = stub.Generate(forward, timeout=left)
             context.add_callback(calls.cancel)
             try:
                 for reply in calls:
-                    sent.append(reply.token)
+                    delivered.append(reply.token)
                     yield admin_pb2.GenerateResponse(
                         token=reply.token,
-                        index=len(sent) - 1,
+                        index=reply.index,
                         finished=reply.finished,
                         text=reply.text,
                         replica=replica.index,
+                        resumed=resumed,
                     )
                 return
             except grpc.RpcError as exc:
-                resumable = not sent or (
-                    bool(request.prompt_ids) and len(sent) < request.max_tokens
-                )
-                if context.is_active() and resumable and self._replaced(replica):
-                    log.info(
-                        "%s replica %d was removed under a request (%s): going on elsewhere "
-                        "after %d token(s)",
-                        request.deployment,
-                        replica.index,
-                        exc.code().name,
-                        len(sent),
-                    )
-                    continue
                 code = exc.code()
-                if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-                    code = grpc.StatusCode.UNAVAILABLE
-                _abort(context, code, f"replica {replica.index} on {node.name}: {exc.details()}")
+                last_error = f"replica {replica.index} on {node.name}: {exc.details()}"
+                retry = _resumable(calls, exc) and context.is_active()
+                if not retry or resumed >= MAX_RESUMES:
+                    if retry or code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                        code = grpc.StatusCode.UNAVAILABLE  # retryable: the client may retry
+                    _abort(context, code, last_error)
+                log.info("request on %s resumes after: %s", last_error, code.name)
+                failed[replica.index] = replica.epoch
+                self.controller.pipeline_stopped(
+                    request.deployment, replica.index, replica.epoch, f"{code.name}: {last_error}"
+                )
+                if resumed == 0:
+                    deadline = min(deadline, time.monotonic() + FAILOVER_WAIT)
+                resumed += 1
 
-    def _ready(self, deployment: str) -> list[Any]:
-        return [
+    def _pick_replica(
+        self, deployment: str, failed: dict[int, int], layout: str | None
+    ) -> tuple[Replica, Node] | None:
+        """A Ready replica to (re)submit to, and its stage-0 node (see `Generate`): round
+        robin at first; after a failure the same replica at a newer epoch, else one with the
+        same layout."""
+        ready = [
             r
             for r in self.store.replicas(deployment)
-            if r.running_epoch == r.epoch and not r.removing
+            if r.running_epoch == r.epoch
+            and not r.removing
+            and r.stages
+            and r.epoch > failed.get(r.index, -1)
+            and (layout is None or _layout(r) == layout)
         ]
-
-    def _replaced(self, replica: Any) -> bool:
-        """Whether `replica` (as it was when a request went to it) no longer serves."""
-        return all(
-            (r.index, r.epoch) != (replica.index, replica.epoch)
-            for r in self._ready(replica.deployment)
-        )
-
-    def _pick(self, deployment: str, phase: str, tried: set[int]) -> tuple[Any, Any]:
-        """A Ready replica not tried yet (round robin) and its stage-0 node; else (None, why)."""
-        ready = [r for r in self._ready(deployment) if r.index not in tried]
         if not ready:
-            if tried:
-                return None, f"deployment {deployment} has no other Ready replica"
-            return None, (
-                f"deployment {deployment} has no Ready replica (phase {phase}); wait for it: "
-                "lpuctl get deployments"
-            )
-        replica = ready[next(self._turn) % len(ready)]
+            return None
+        if not failed:
+            replica = ready[next(self._turn) % len(ready)]
+        else:
+            same = [r for r in ready if r.index in failed]
+            replica = (same or ready)[0]
         first = replica.stages[0].chips[0]
-        node = next(
-            (
-                n
-                for n in self.store.nodes()
-                if any(chip_id(n.rack, n.slot, c.index) == first for c in n.chips)
-            ),
-            None,
-        )
-        if node is None:
-            return None, f"stage 0 chip {first} has no node"
-        return replica, node
+        for n in self.store.nodes():
+            if any(chip_id(n.rack, n.slot, c.index) == first for c in n.chips):
+                return replica, n
+        return None
 
     def Verify(self, request: admin_pb2.VerifyRequest, context: grpc.ServicerContext) -> Any:
         try:
@@ -518,6 +560,34 @@ class AdminService(admin_pb2_grpc.AdminServicer):  # type: ignore[misc]
         except VerifyError as exc:
             _abort(context, exc.code, str(exc))
         return report.to_proto()
+
+
+def _resumable(call: Any, exc: grpc.RpcError) -> bool:
+    """Whether a failed stage-0 stream is a pipeline failure the gateway resumes, rather than
+    the request's own fault. Once the agent admitted the request (the `lockstep-admitted`
+    header) every code in `RESUMABLE` is the pipeline's; before, only a gone agent, a stopped
+    pipeline, or a replica no longer configured there is — a bad prompt stays
+    INVALID_ARGUMENT."""
+    code = exc.code()
+    if code not in RESUMABLE:
+        return False
+    try:
+        admitted = any(k == "lockstep-admitted" for k, _ in call.initial_metadata() or ())
+    except grpc.RpcError:
+        admitted = False
+    if admitted or code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+        return True
+    details = exc.details() or ""
+    return code is grpc.StatusCode.FAILED_PRECONDITION or "is not configured on this agent" in (
+        details
+    )
+
+
+def _layout(replica: Replica) -> str:
+    """What makes two replicas' outputs bit-identical: each stage's op range and TP width."""
+    return json.dumps(
+        [[s.to_dict()["opRange"], len(s.chips)] for s in replica.stages], sort_keys=True
+    )
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

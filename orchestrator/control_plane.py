@@ -412,21 +412,21 @@ class ControlPlane:
             tmp.replace(path)
 
     def _supervise(self) -> None:
-        """Restart agents that died (the runtime reports them): a restarted agent registers
-        again, and the reconciler reloads its chips and resynchronizes the replicas it served
-        at a new epoch. Like Ray's `max_restarts=-1` for the process runtime; at most one
-        restart of a node per `restart_backoff` seconds."""
+        """Restart agents that died (the runtime reports them, polled every 0.1 s). A death
+        first marks the node's chips failed (`Controller.agent_died`) and waits for the
+        controller to decide the failover (the stages there move onto spares); then the agent
+        is restarted and registers again as a fresh node whose empty chips become spares.
+        Like Ray's `max_restarts=-1` for the process runtime; at most one restart of a node
+        per `restart_backoff` seconds."""
         specs = {s.name: s for s in self.specs}
         last: dict[str, float] = {}
-        while not self._stopping.wait(self.settings.heartbeat_interval):
+        while not self._stopping.wait(min(0.1, self.settings.heartbeat_interval)):
             if self.runtime is None:
                 continue
-            dead = self.runtime.dead_agents()
+            dead = self._record_deaths()
             now = time.monotonic()
-            for node in dead:
-                self.store.add_event(
-                    time.time(), "Warning", "AgentDied", f"the agent of {node} exited", node=node
-                )
+            if dead:  # deaths noticed meanwhile belong to the same incident (one move)
+                dead += self._record_deaths()
             due = [n for n in dead if n in specs]
             for node in due:
                 wait = self.restart_backoff - (now - last.get(node, -1e9))
@@ -443,6 +443,21 @@ class ControlPlane:
                         self.store.add_event(
                             time.time(), "Normal", "AgentRestarted", f"restarted {node}", node=node
                         )
+
+    def _record_deaths(self) -> list[str]:
+        """Agents the runtime reports dead: an `AgentDied` event each, their chips marked
+        failed, and — before anything restarts them — the controller's passes that move
+        their stages onto spares (a restarted agent's chips come back as spares)."""
+        assert self.runtime is not None
+        dead = self.runtime.dead_agents()
+        for node in dead:
+            self.store.add_event(
+                time.time(), "Warning", "AgentDied", f"the agent of {node} exited", node=node
+            )
+            self.controller.agent_died(node, "agent died (reported by the runtime)")
+        if dead:
+            self.controller.wait_passes(2, timeout=5.0)
+        return dead
 
     def stop(self) -> None:
         self._stopping.set()

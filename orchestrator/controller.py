@@ -65,6 +65,7 @@ from orchestrator.agent_client import declared_bytes_of, dial, load_file
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.core import (
     Action,
+    BumpEpoch,
     ChipHealth,
     Compile,
     Configure,
@@ -72,6 +73,7 @@ from orchestrator.core import (
     DeploymentTarget,
     HeldShard,
     Load,
+    MoveStages,
     Node,
     Phase,
     RecordEvent,
@@ -82,6 +84,7 @@ from orchestrator.core import (
     StartEpoch,
     Unload,
     chip_id,
+    node_alive,
     reconcile,
     replica_plan,
 )
@@ -104,6 +107,10 @@ LOAD_WORKERS = 8
 LOADS_PER_NODE = 2
 
 Clock = Callable[[], float]
+
+# A pipeline the gateway saw stop is resynchronized this long after the report, unless a
+# dead agent or a failed chip explains it first (then its stages move instead).
+STOP_GRACE = 1.0
 
 
 # --- ports -------------------------------------------------------------------------------------
@@ -313,6 +320,7 @@ class Controller:
         self._finished: set[str] = set()  # loads ended since this pass read the store
         self._node_locks: dict[str, threading.Lock] = {}  # one Status report at a time
         self._load_lock = threading.Lock()
+        self._stopped: dict[tuple[str, int, int], tuple[float, str]] = {}
         self._refs: dict[tuple[str, int], tuple[Plan, list[ShardRef]]] = {}
         self._configured: dict[
             tuple[str, int, int], tuple[dict[str, agent_pb2.ConfigureReplicaRequest], list[str]]
@@ -408,6 +416,7 @@ class Controller:
                     continue
                 if name in self._adopting:
                     self._adopt(nodes[name], status)
+        self._resync_stopped(self.clock())
         specs, targets, frozen = self._desired()
         now = self.clock()
         observed = self.store.observed(self.profile)
@@ -576,6 +585,9 @@ class Controller:
         elif isinstance(action, RemoveReplica):
             self.store.record(action, now)  # removing first: Generate stops choosing it
             self._remove(action, nodes)
+        elif isinstance(action, MoveStages):
+            self.store.record(action, now)
+            self._move(action, nodes)
         elif not self.store.record(action, now):
             raise RuntimeError(f"no executor for {type(action).__name__}")
 
@@ -701,6 +713,64 @@ class Controller:
                     raise
                 log.info("remove replica on %s: %s", node.name, _describe(exc))
 
+    def _move(self, action: MoveStages, nodes: Mapping[str, Node]) -> None:
+        """After an incremental failover is recorded: move the replica's cached compiled
+        bindings onto the new chips (`moved_refs`; the blobs do not change) and halt
+        the replica on the live agents of the chips it left (a chip reported failed on a
+        node that still runs): nothing keeps serving on, or binding, a chip that is out.
+        Best effort — the agents of a dead node are gone, and Configure removes the old
+        epoch's pipeline from every agent the replica keeps."""
+        known = self._refs.pop((action.deployment, action.replica), None)
+        if known is not None:
+            self._refs[(action.deployment, action.replica)] = moved_refs(known, action)
+        for key in [k for k in self._configured if k[:2] == (action.deployment, action.replica)]:
+            del self._configured[key]
+        left = set(action.chip_map())
+        now = self.clock()
+        for node in nodes.values():
+            if not any(chip_id(node.rack, node.slot, c.index) in left for c in node.chips):
+                continue
+            if not node_alive(node, now, self.settings):
+                continue  # silent: an RPC would wait out its timeout; see _refresh_node
+            try:
+                self.gateway.remove_replica(
+                    node.address, node.name, action.deployment, action.replica
+                )
+            except grpc.RpcError as exc:
+                log.info("halting the moved replica on %s: %s", node.name, _describe(exc))
+
+    def agent_died(self, node: str, why: str) -> bool:
+        """The runtime saw the node's agent die (a process exit, a Ray actor's death): mark
+        its chips failed now — a faster signal than the heartbeat timeout — so the next pass
+        moves the stages they held onto spares (`MoveStages`) instead of waiting for the
+        agent to come back. A restarted agent registers again with healthy, empty chips,
+        which become spares. False when the node is not known."""
+        known = self.store.node(node)
+        if known is None:
+            return False
+        for chip in known.chips:
+            try:
+                self.store.set_chip_health(node, chip.index, ChipHealth.FAILED, why)
+            except NotFound:
+                return False
+        # Ask the agent at the next pass: dead, the call fails and the chips stay failed; but
+        # a runtime that reports a death late (after the restarted agent registered again)
+        # must not leave a live agent's chips failed — its Status puts their health back.
+        self.node_registered(node)
+        return True
+
+    def wait_passes(self, count: int, timeout: float) -> bool:
+        """Wake the loop and wait until `count` more passes have completed (the first may
+        have read the store before the caller's change); False at the timeout."""
+        target = self.passes + count
+        deadline = time.monotonic() + timeout
+        while self.passes < target:
+            self.wake()
+            if time.monotonic() > deadline or self._stop.is_set():
+                return False
+            time.sleep(0.01)
+        return True
+
     # --- agents' reports ---------------------------------------------------------------------
 
     def _adopt(self, node: Node, status: agent_pb2.StatusResponse) -> None:
@@ -735,6 +805,62 @@ class Controller:
             else:
                 self._adopting.discard(node.name)
 
+    def _remove_stale_pipelines(self, node: Node, status: agent_pb2.StatusResponse) -> None:
+        if not any(chip.pipelines for chip in status.chips):
+            return
+        for deployment, index in stale_pipelines(node, status, self.store.replicas()):
+            log.info("removing stale pipeline %s/%d on %s", deployment, index, node.name)
+            try:
+                self.gateway.remove_replica(node.address, node.name, deployment, index)
+            except grpc.RpcError as exc:
+                log.info("stale pipeline on %s: %s", node.name, _describe(exc))
+
+    def pipeline_stopped(self, deployment: str, replica: int, epoch: int, why: str) -> None:
+        """The gateway saw a replica's pipeline stop while serving (a broken or stalled link,
+        a stage that failed) at `epoch`. Applied by the loop (`_resync_stopped`) once
+        `STOP_GRACE` has passed, so that a dead agent or a failed chip — which move stages —
+        is noticed first and the replica is not resynchronized twice."""
+        with self._refresh_lock:
+            self._stopped.setdefault((deployment, replica, epoch), (self.clock(), why))
+        self.wake()
+
+    def _resync_stopped(self, now: float) -> None:
+        """Resynchronize, at a new epoch on the same chips, each reported replica that is
+        still at the epoch that stopped and whose chips are all healthy (`BumpEpoch`; the
+        next passes Configure and StartEpoch it: the links are opened anew)."""
+        with self._refresh_lock:
+            due = {k: v for k, v in self._stopped.items() if now - v[0] >= STOP_GRACE}
+            for key in due:
+                del self._stopped[key]
+        if not due:
+            return
+        observed = self.store.observed(self.profile)
+        healthy = {
+            n.chip_id(c.index)
+            for n in observed.nodes
+            if node_alive(n, now, self.settings)
+            for c in n.chips
+            if c.health is ChipHealth.HEALTHY
+        }
+        for (deployment, index, epoch), (_, why) in sorted(due.items()):
+            replica = next(
+                (
+                    r
+                    for r in observed.replicas
+                    if (r.deployment, r.index) == (deployment, index) and not r.removing
+                ),
+                None,
+            )
+            if replica is None or replica.epoch != epoch or replica.running_epoch != epoch:
+                continue  # moved, resynchronized or removed meanwhile
+            if not set(replica.chips) <= healthy:
+                continue  # the reconciler moves its stages
+            message = f"replica {index}: its pipeline stopped ({why}); epoch {epoch + 1}"
+            self.store.record(BumpEpoch(deployment, index, epoch + 1, message), now)
+            self.store.add_event(
+                now, "Warning", "Resynchronizing", message[:1000], deployment=deployment
+            )
+
     def _refresh_node(self, node: Node) -> agent_pb2.StatusResponse:
         """Write what the node's agent holds and its chips' health (its `Status`). One at a
         time per node (the pass and the load workers both ask): a report is written in the
@@ -747,6 +873,7 @@ class Controller:
     def _write_status(self, node: Node) -> agent_pb2.StatusResponse:
         status = self.gateway.status(node.address, node.name)
         self.store.report_held(node.name, held_from_status(node, status))
+        self._remove_stale_pipelines(node, status)
         known = {c.index: c for c in node.chips}
         for chip in status.chips:
             health = (
@@ -758,6 +885,50 @@ class Controller:
             if before is not None and before.health is not health:
                 self.store.set_chip_health(node.name, chip.chip, health, chip.failure_reason)
         return status
+
+
+def moved_refs(
+    known: tuple[Plan, list[ShardRef]], action: MoveStages
+) -> tuple[Plan, list[ShardRef]]:
+    """A replica's compiled plan and shard refs with the moved chips renamed (`action`): the
+    blobs hold no placement, so only the bindings change — each moved chip's own id, and
+    every chip id in the bindings that name it (TP group, upstream, downstream). Saves a
+    recompile (a lookup, but it rebuilds every chip's program) on the failover path."""
+    plan, refs = known
+    chip_map = action.chip_map()
+
+    def rename(chips: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(chip_map.get(c, c) for c in chips)
+
+    stages = tuple(replace(s, chips=rename(s.chips), refs=()) for s in plan.stages)
+    moved = [
+        replace(
+            r,
+            chip=chip_map.get(r.chip, r.chip),
+            binding=replace(
+                r.binding,
+                chip=chip_map.get(r.binding.chip, r.binding.chip),
+                tp_group=rename(r.binding.tp_group),
+                upstream=rename(r.binding.upstream),
+                downstream=rename(r.binding.downstream),
+            ),
+        )
+        for r in refs
+    ]
+    return replace(plan, stages=stages), moved
+
+
+def stale_pipelines(
+    node: Node, status: agent_pb2.StatusResponse, replicas: Iterable[Replica]
+) -> list[tuple[str, int]]:
+    """(deployment, replica) pipelines an agent still runs although the replica no longer
+    has a chip on its node — the replica moved away (failover) while the node was silent, or
+    was forgotten. They would keep the chips bound (a later Configure there is refused) and
+    their shards referenced."""
+    mine = {chip_id(node.rack, node.slot, c.index) for c in node.chips}
+    wanted = {(r.deployment, r.index) for r in replicas if mine.intersection(r.chips)}
+    found = {(p.deployment, p.replica) for chip in status.chips for p in chip.pipelines}
+    return sorted(found - wanted)
 
 
 def held_from_status(node: Node, status: agent_pb2.StatusResponse) -> list[HeldShard]:
@@ -810,4 +981,6 @@ __all__ = [
     "PassResult",
     "ShardCompiler",
     "held_from_status",
+    "moved_refs",
+    "stale_pipelines",
 ]

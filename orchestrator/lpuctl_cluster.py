@@ -371,7 +371,17 @@ def cmd_describe(args: argparse.Namespace) -> int:
             print(f"  predicted: {json.dumps(predicted, sort_keys=True)}")
     print("Replicas:")
     _table(
-        ["  INDEX", "GENERATION", "EPOCH", "RUNNING", "STAGES", "CHIPS", "FAILURES", "LAST ERROR"],
+        [
+            "  INDEX",
+            "GENERATION",
+            "EPOCH",
+            "RUNNING",
+            "STAGES",
+            "CHIPS",
+            "RESTARTS",
+            "FAILURES",
+            "LAST ERROR",
+        ],
         [
             [
                 f"  {r.index}",
@@ -380,6 +390,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
                 r.running,
                 r.stages,
                 len(r.chips),
+                r.restarts,
                 r.failures,
                 r.last_error[:60],
             ]
@@ -465,8 +476,25 @@ def cmd_node(args: argparse.Namespace) -> int:
     """cordon, uncordon, drain: `args.method` is the RPC."""
     client = connect(args)
     node = call(client, args.method, admin_pb2.NodeRequest(name=args.node))
-    print(f"node/{node.name}: {args.method.lower()} done ({node.state})")
-    return EXIT_OK
+    if args.method != "Drain" or not args.timeout:
+        print(f"node/{node.name}: {args.method.lower()} done ({node.state})")
+        return EXIT_OK
+    # Drain: the stages there load onto spares, switch over, then unload; wait for it.
+    deadline = time.monotonic() + args.timeout
+    while True:
+        busy = sorted({c.deployment for c in node.chips if c.deployment or c.shards} - {""})
+        held = sum(1 for c in node.chips if c.shards)
+        if not held and not busy:
+            print(f"node/{node.name}: drained ({node.state}; uncordon to use it again)")
+            return EXIT_OK
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"node/{node.name} not drained after {args.timeout:g}s: {held} chip(s) still "
+                f"hold shards ({', '.join(busy) or 'unclaimed'}); see lpuctl describe "
+                "deployment NAME (no spare to move to?)"
+            )
+        time.sleep(0.2)
+        node = call(client, "GetNode", admin_pb2.GetNodeRequest(name=args.node))
 
 
 def cmd_events(args: argparse.Namespace) -> int:

@@ -140,6 +140,13 @@ def register_cluster_commands(sub: Any, parser_class: Any) -> None:
     for method in ("Cordon", "Uncordon", "Drain"):
         p = sub.add_parser(method.lower(), parents=[common], help=f"{method.lower()} a node")
         p.add_argument("node")
+        if method == "Drain":
+            p.add_argument(
+                "--timeout",
+                type=float,
+                default=120.0,
+                help="seconds to wait until the node holds nothing (0: do not wait)",
+            )
         p.set_defaults(handler=_lazy("cmd_node"), method=method)
 
     events = sub.add_parser("events", parents=[common], help="events (--watch to follow)")

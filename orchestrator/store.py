@@ -18,7 +18,8 @@ What is stored, and why each table exists:
   last id it saw), indexed by deployment and by node.
 * `schema_version` — one row. A file with a newer version is refused with a clear error
   (an older Lockstep must not write a schema it does not understand); an older version is
-  migrated in a transaction by `_MIGRATIONS` (none yet: this is version 1).
+  migrated in a transaction by `_MIGRATIONS` (version 2 added the replicas' failover
+  restarts and drain target, and the nodes' draining flag).
 
 Decisions:
 
@@ -58,8 +59,10 @@ from orchestrator.core.actions import (
     ForgetReplica,
     MarkNodeNotReady,
     MarkNodeReady,
+    MoveStages,
     Place,
     PlacedReplica,
+    PlanDrain,
     RecordEvent,
     RemoveReplica,
     SetCondition,
@@ -82,7 +85,7 @@ from orchestrator.core.model import (
 from placement.plan import StagePlan
 from placement.profiles import ChipProfile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StoreError(Exception):
@@ -177,6 +180,7 @@ class ControlStore(Protocol):
     def record_replica_failure(
         self, deployment: str, index: int, error: str, now: float
     ) -> None: ...
+    def move_stages(self, action: MoveStages, now: float) -> None: ...
     def mark_replica_removing(self, deployment: str, index: int) -> None: ...
     def forget_replica(self, deployment: str, index: int) -> None: ...
     def replicas(self, deployment: str | None = None) -> list[Replica]: ...
@@ -185,7 +189,7 @@ class ControlStore(Protocol):
     def register_nodes(self, nodes: Iterable[Node], now: float) -> None: ...
     def heartbeat(self, beats: Iterable[tuple[str, float]]) -> int: ...
     def set_node_ready(self, name: str, ready: bool) -> None: ...
-    def set_cordoned(self, name: str, cordoned: bool) -> None: ...
+    def set_cordoned(self, name: str, cordoned: bool, *, draining: bool = False) -> None: ...
     def set_chip_health(self, node: str, index: int, health: ChipHealth, reason: str) -> None: ...
     def nodes(self) -> list[Node]: ...
     def node(self, name: str) -> Node | None: ...
@@ -263,6 +267,9 @@ CREATE TABLE replicas (
     last_failure REAL,
     last_error TEXT NOT NULL DEFAULT '',
     removing INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    last_restart REAL,
+    next_stages TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (deployment, idx)
 );
 CREATE TABLE shard_bindings (
@@ -283,6 +290,7 @@ CREATE TABLE nodes (
     identity TEXT NOT NULL,
     ready INTEGER NOT NULL DEFAULT 1,
     cordoned INTEGER NOT NULL DEFAULT 0,
+    draining INTEGER NOT NULL DEFAULT 0,
     last_heartbeat REAL NOT NULL,
     registered REAL NOT NULL,
     UNIQUE (rack, slot)
@@ -321,7 +329,16 @@ CREATE INDEX events_by_node ON events(node, id);
 """
 
 # version -> SQL that upgrades a store from `version` to `version + 1`.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: a replica's incremental failovers (MoveStages), for the restart budget; the
+    # stages a drain switches a replica to; draining nodes.
+    1: """
+ALTER TABLE replicas ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE replicas ADD COLUMN last_restart REAL;
+ALTER TABLE replicas ADD COLUMN next_stages TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE nodes ADD COLUMN draining INTEGER NOT NULL DEFAULT 0;
+""",
+}
 
 
 def _canonical(doc: Mapping[str, Any]) -> str:
@@ -703,6 +720,45 @@ class Store:
                 (now, error, deployment, index),
             )
 
+    def move_stages(self, action: MoveStages, now: float) -> None:
+        """Record an incremental failover: the replica's new stages, each moved chip's shard
+        bound to its replacement, the new target epoch and one more restart (one
+        transaction: a crash leaves the replica entirely before or after the move). Failed
+        steps counted before the move (they failed on the lost chips) are cleared: the moved
+        replica starts a fresh bring-up, budgeted by `restarts`."""
+        chip_map = action.chip_map()
+        with self.transaction():
+            self._require_replica(action.deployment, action.replica)
+            self._conn.execute(
+                "UPDATE replicas SET stages = ?, epoch = ?, restarts = ?, "
+                "last_restart = COALESCE(?, last_restart), failures = 0, last_failure = NULL, "
+                "last_error = '', next_stages = '[]' WHERE deployment = ? AND idx = ?",
+                (
+                    _stages_json(action.stages),
+                    action.epoch,
+                    action.restarts,
+                    None if action.drain else now,
+                    action.deployment,
+                    action.replica,
+                ),
+            )
+            bound = self._conn.execute(
+                "SELECT chip, shard_id, size_bytes FROM shard_bindings "
+                "WHERE deployment = ? AND replica = ?",
+                (action.deployment, action.replica),
+            ).fetchall()
+            self._conn.execute(
+                "DELETE FROM shard_bindings WHERE deployment = ? AND replica = ?",
+                (action.deployment, action.replica),
+            )
+            self._conn.executemany(
+                "INSERT INTO shard_bindings VALUES (?, ?, ?, ?, ?)",
+                [
+                    (action.deployment, action.replica, chip_map.get(b[0], b[0]), b[1], b[2])
+                    for b in bound
+                ],
+            )
+
     def mark_replica_removing(self, deployment: str, index: int) -> None:
         with self.transaction():
             self._conn.execute(
@@ -730,7 +786,8 @@ class Store:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT deployment, idx, generation, template, stages, spares, epoch, "
-                "configured_epoch, running_epoch, failures, last_failure, last_error, removing "
+                "configured_epoch, running_epoch, failures, last_failure, last_error, removing, "
+                "restarts, last_restart, next_stages "
                 f"FROM replicas {where} ORDER BY deployment, idx",
                 args,
             ).fetchall()
@@ -762,6 +819,9 @@ class Store:
                     last_failure_time=r[10],
                     last_error=r[11],
                     removing=bool(r[12]),
+                    restarts=r[13],
+                    last_restart_time=r[14],
+                    next_stages=_stages_from_json(r[15]),
                 )
             )
         return out
@@ -820,10 +880,13 @@ class Store:
         with self.transaction():
             self._conn.execute("UPDATE nodes SET ready = ? WHERE name = ?", (int(ready), name))
 
-    def set_cordoned(self, name: str, cordoned: bool) -> None:
+    def set_cordoned(self, name: str, cordoned: bool, *, draining: bool = False) -> None:
+        """Cordon (or uncordon) a node; `draining` also moves its stages off it (drain).
+        Uncordon ends a drain too."""
         with self.transaction():
             cur = self._conn.execute(
-                "UPDATE nodes SET cordoned = ? WHERE name = ?", (int(cordoned), name)
+                "UPDATE nodes SET cordoned = ?, draining = ? WHERE name = ?",
+                (int(cordoned), int(cordoned and draining), name),
             )
             if cur.rowcount != 1:
                 raise NotFound(f"no node named {name}")
@@ -847,8 +910,8 @@ class Store:
     def _nodes(self, where: str, args: Sequence[Any]) -> list[Node]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT name, rack, slot, address, identity, ready, cordoned, last_heartbeat "
-                f"FROM nodes {where} ORDER BY rack, slot",
+                "SELECT name, rack, slot, address, identity, ready, cordoned, last_heartbeat, "
+                f"draining FROM nodes {where} ORDER BY rack, slot",
                 args,
             ).fetchall()
             chip_where = "WHERE node = ?" if where else ""
@@ -870,6 +933,7 @@ class Store:
                 last_heartbeat=r[7],
                 ready=bool(r[5]),
                 cordoned=bool(r[6]),
+                draining=bool(r[8]),
             )
             for r in rows
         ]
@@ -991,8 +1055,8 @@ class Store:
         """Carry out an action whose whole effect is in the store; False for the others.
 
         Store-only: Place (the plan and the new replicas, together), SetPhase, SetCondition,
-        RecordEvent, MarkNodeNotReady/Ready, BumpEpoch, RemoveReplica (marks it removing — the
-        controller first asks the agents to drop the stages), ForgetReplica,
+        RecordEvent, MarkNodeNotReady/Ready, BumpEpoch, MoveStages, RemoveReplica (marks it
+        removing — the controller first asks the agents to drop the stages), ForgetReplica,
         DeleteDeployment. Compile, Load, Unload, Configure and StartEpoch need agents or the
         compiler; their results are recorded with the specific methods.
         """
@@ -1029,6 +1093,14 @@ class Store:
                 self.set_node_ready(action.node, True)
             elif isinstance(action, RemoveReplica):
                 self.mark_replica_removing(action.deployment, action.replica)
+            elif isinstance(action, MoveStages):
+                self.move_stages(action, now)
+            elif isinstance(action, PlanDrain):
+                self._require_replica(action.deployment, action.replica)
+                self._conn.execute(
+                    "UPDATE replicas SET next_stages = ? WHERE deployment = ? AND idx = ?",
+                    (_stages_json(action.stages), action.deployment, action.replica),
+                )
             elif isinstance(action, BumpEpoch):
                 self.set_replica_epochs(action.deployment, action.replica, epoch=action.epoch)
             elif isinstance(action, ForgetReplica):

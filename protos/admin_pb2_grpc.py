@@ -193,7 +193,8 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Drain(self, request, context):
-        """FAILED_PRECONDITION until incremental failover exists.
+        """Cordons the node and moves its stages onto spares (loaded first, switched over at an
+        epoch boundary, then unloaded); returns at once. Uncordon ends a drain.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -28,10 +28,12 @@ from orchestrator.core import (
     Load,
     MarkNodeNotReady,
     MarkNodeReady,
+    MoveStages,
     Node,
     Observed,
     Phase,
     Place,
+    PlanDrain,
     RecordEvent,
     RemoveReplica,
     Replica,
@@ -259,6 +261,37 @@ class World:
         r = self.replicas[(a.deployment, a.replica)]
         assert a.epoch > r.epoch
         self.replicas[(a.deployment, a.replica)] = replace(r, epoch=a.epoch)
+
+    def _on_MoveStages(self, a: MoveStages) -> None:
+        r = self.replicas[(a.deployment, a.replica)]
+        assert a.epoch > r.epoch
+        assert a.restarts == r.restarts if a.drain else 1 <= a.restarts <= r.restarts + 1
+        if a.drain:  # make before break: every new chip already holds its shard
+            for old, new in a.chip_map().items():
+                shard = r.shard_for(old)
+                assert shard is not None and (new, shard.shard_id) in self.held
+        taken = {c for o in self.replicas.values() if o is not r for c in o.chips}
+        chip_map = a.chip_map()
+        for new in chip_map.values():
+            assert new not in taken, f"MoveStages onto {new}, which another replica holds"
+            assert self.chip(new).health is ChipHealth.HEALTHY
+        shards = tuple(replace(s, chip=chip_map.get(s.chip, s.chip)) for s in r.shards)
+        self.replicas[(a.deployment, a.replica)] = replace(
+            r,
+            stages=a.stages,
+            shards=shards,
+            epoch=a.epoch,
+            restarts=a.restarts,
+            last_restart_time=r.last_restart_time if a.drain else self.now,
+            next_stages=(),
+            failures=0,
+            last_failure_time=None,
+            last_error="",
+        )
+
+    def _on_PlanDrain(self, a: PlanDrain) -> None:
+        r = self.replicas[(a.deployment, a.replica)]
+        self.replicas[(a.deployment, a.replica)] = replace(r, next_stages=a.stages)
 
     def _on_RemoveReplica(self, a: RemoveReplica) -> None:
         r = self.replicas[(a.deployment, a.replica)]

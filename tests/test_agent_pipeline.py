@@ -133,6 +133,33 @@ def test_generate_is_bit_identical_to_the_reference(
         assert logits.tobytes() == expected.logits.astype("<f4").tobytes()
 
 
+def test_a_resumed_request_continues_exactly_where_it_stopped(
+    replica: Replica, reference: ReferenceExecutor
+) -> None:
+    """What the control plane's gateway sends after a failover: the prompt, the tokens the
+    client already has (`resume_tokens`), the original max_tokens and sampling. The stream
+    continues at the next index with the tokens (and logits) of an uninterrupted run —
+    greedy and seeded alike, since sampling is indexed by the token's position."""
+    for rid, sampling in [("rg", Sampling()), ("rs", Sampling(0.9, 77))]:
+        prompt = (9, 8, 7)
+        expected = reference.generate(prompt, 7, sampling)
+        request = agent_pb2.GenerateRequest(
+            deployment=DEPLOYMENT,
+            request_id=rid,
+            prompt_ids=prompt,
+            max_tokens=7,
+            temperature=sampling.temperature,
+            seed=sampling.seed,
+            return_logits=True,
+            resume_tokens=expected.tokens[:3],
+        )
+        replies = list(replica.head.stub.Generate(request, timeout=60))
+        assert [r.index for r in replies] == [3, 4, 5, 6] and replies[-1].finished
+        assert tuple(r.token for r in replies) == expected.tokens[3:]
+        rows = np.stack([np.frombuffer(r.logits, dtype="<f4") for r in replies])
+        assert rows.tobytes() == expected.logits[3:].astype("<f4").tobytes()
+
+
 def test_concurrent_requests_equal_solo_runs(
     replica: Replica, reference: ReferenceExecutor
 ) -> None:

@@ -349,8 +349,8 @@ def test_node_registry_takes_the_node_from_the_certificate(cluster: Cluster) -> 
         admin_pb2.GetNodeRequest(name="rack-0/node-0"), metadata=cluster.viewer
     )
     assert node.address != "127.0.0.1:1"
-    drained = cluster.lpuctl("drain", "rack-0/node-0")
-    assert drained.returncode == 1 and "not yet" in drained.stderr
+    drained = cluster.lpuctl("drain", "rack-9/node-9")
+    assert drained.returncode == 1 and "rack-9/node-9" in drained.stderr
     as_plane.close()
     as_other.close()
 
@@ -458,7 +458,7 @@ def test_an_unplaceable_deployment_stays_pending_while_the_other_serves(
     assert [e.reason for e in events][-1] == "Deleted"
 
 
-def test_a_killed_agent_is_restarted_and_its_replica_resynchronized(cluster: Cluster) -> None:
+def test_a_killed_agent_is_restarted_and_its_replicas_stages_moved(cluster: Cluster) -> None:
     before = _replicas(cluster)
     node = "rack-1/node-1"  # holds stages of replica 1 (spread: rack)
     assert any(c.startswith(node) for c in before[1].chips)
@@ -473,12 +473,14 @@ def test_a_killed_agent_is_restarted_and_its_replica_resynchronized(cluster: Clu
     wait_for(healed, timeout=60, interval=0.1, what="replica 1 resynchronized")
     after = _replicas(cluster)
     assert after[0].epoch == before[0].epoch  # the other replica was not touched
-    assert list(after[1].chips) == list(before[1].chips)  # same chips, reloaded
+    # only the stages on the killed node moved (tests/test_failover.py checks the rest)
+    for was, now in zip(before[1].chips, after[1].chips, strict=True):
+        assert (was == now) != was.startswith(node + "/")
     reasons = [
         e.reason
         for e in cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
     ]
-    assert "AgentDied" in reasons and "AgentRestarted" in reasons and "Resynchronizing" in reasons
+    assert "AgentDied" in reasons and "AgentRestarted" in reasons and "StagesMoved" in reasons
     reference = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
     want = list(reference.generate([3, 1], 5).tokens)
     for _ in range(2):  # both replicas, round robin

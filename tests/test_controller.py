@@ -10,6 +10,7 @@ shard before the deployment is forgotten.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -18,9 +19,25 @@ from pathlib import Path
 import grpc
 import pytest
 from agent_helpers import wait_for
+from test_compiler import TINY, tiny_plan
 
-from orchestrator.controller import LOADS_PER_NODE, Controller, ShardCompiler, held_from_status
-from orchestrator.core import Chip, CoreSettings, Node, Phase, node_name
+from orchestrator.compiler import compile_plan
+from orchestrator.controller import (
+    LOADS_PER_NODE,
+    Controller,
+    ShardCompiler,
+    held_from_status,
+    moved_refs,
+)
+from orchestrator.core import (
+    Chip,
+    ChipHealth,
+    CoreSettings,
+    MoveStages,
+    Node,
+    Phase,
+    node_name,
+)
 from orchestrator.spec import load_deployment_file
 from orchestrator.store import Store
 from placement.profiles import get_profile
@@ -293,3 +310,89 @@ def test_held_from_status_names_chips_by_rack_and_slot() -> None:
         ("rack-1/node-2/chip-3", "t", False),
     ]
     assert held[0].reserved_bytes == 7 and held[1].bytes_loaded == 1
+
+
+def test_moved_refs_equal_a_recompile_of_the_moved_plan(tmp_path: Path) -> None:
+    """The failover path renames the moved chips in the cached shard refs instead of
+    recompiling: the result must be exactly what compiling the moved plan gives (TP 2, so
+    TP groups and the neighbours' upstream/downstream lists are renamed too)."""
+    plan = tiny_plan(2)
+    refs = compile_plan(plan, TINY, 0, tmp_path)
+    stage = plan.stages[1]
+    used = {c for s in plan.stages for c in s.chips}
+    spare = next(
+        f"rack-1/node-{n}/chip-{i}"
+        for n in range(3)
+        for i in range(8)
+        if f"rack-1/node-{n}/chip-{i}" not in used
+    )
+    new_chips = (stage.chips[0], spare)
+    stages = tuple(
+        dataclasses.replace(s, chips=new_chips, refs=()) if s.index == 1 else s for s in plan.stages
+    )
+    move = MoveStages("demo", 0, stages, ((1, stage.chips, new_chips),), 1, 1, "test")
+    got_plan, got = moved_refs((plan, refs), move)
+    want = compile_plan(dataclasses.replace(plan, stages=stages), TINY, 0, tmp_path)
+    assert [s.chips for s in got_plan.stages] == [s.chips for s in stages]
+    assert [(r.chip, r.shard_id, r.binding) for r in got] == [
+        (r.chip, r.shard_id, r.binding) for r in want
+    ]
+    assert any(spare in r.binding.upstream or spare in r.binding.downstream for r in got)
+
+
+def test_a_stopped_pipeline_the_gateway_reports_is_resynchronized_unless_a_chip_explains_it(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    """A broken or stalled link stops a pipeline with every chip healthy: after the grace
+    period the replica is brought back at a new epoch on the same chips (no reload). A
+    report that a failed chip explains is left to the failover (the chip's stage moves)."""
+    controller, agents, store, clock = world
+    _apply(store, clock)
+    _run(controller, clock)
+    r0, r1 = store.replicas("tiny-llama")
+    controller.pipeline_stopped("tiny-llama", 0, r0.epoch, "ABORTED: link broken")
+    _run(controller, clock, passes=3)  # within the grace period: nothing yet
+    assert store.replicas("tiny-llama")[0].epoch == r0.epoch
+    clock.now += 1.0
+    agents.calls.clear()
+    _run(controller, clock)
+    after0, after1 = store.replicas("tiny-llama")
+    assert after0.epoch == r0.epoch + 1 and after0.running_epoch == after0.epoch
+    assert after0.chips == r0.chips and after1 == r1
+    assert not [c for c in agents.calls if c[0] == "load"]  # same chips, nothing reloaded
+    assert ("tiny-llama", 0, r0.epoch + 1) in agents.started
+    assert "Resynchronizing" in [e.reason for e in store.events(deployment="tiny-llama")]
+    # A report at an epoch the replica left is stale: nothing happens.
+    controller.pipeline_stopped("tiny-llama", 0, r0.epoch, "late report")
+    clock.now += 2.0
+    _run(controller, clock)
+    assert store.replicas("tiny-llama")[0].epoch == r0.epoch + 1
+    # A failed chip explains the stop: the failover moves its stage instead.
+    victim = after1.chips[-1]
+    node, _, index = victim.rpartition("/chip-")
+    store.set_chip_health(node, int(index), ChipHealth.FAILED, "ECC")
+    controller.pipeline_stopped("tiny-llama", 1, after1.epoch, "ABORTED: stage stopped")
+    clock.now += 2.0
+    _run(controller, clock)
+    moved = store.replicas("tiny-llama")[1]
+    assert victim not in moved.chips and moved.restarts == 1
+    assert moved.epoch == after1.epoch + 1  # one new epoch: the move's, not a second bump
+
+
+def test_a_death_reported_after_the_agent_came_back_leaves_its_chips_healthy(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    """The runtime may report a death late, after the restarted agent registered again: the
+    controller asks the agent, whose Status (all healthy here) puts the chips back, so no
+    stage moves off a live agent and no chip stays failed."""
+    controller, _, store, clock = world
+    _apply(store, clock)
+    _run(controller, clock)
+    before = store.replicas("tiny-llama")
+    node = before[0].chips[0].rpartition("/chip-")[0]
+    assert controller.agent_died(node, "agent died (late report)")
+    assert all(c.health is ChipHealth.FAILED for c in store.node(node).chips)  # type: ignore[union-attr]
+    _run(controller, clock)
+    assert all(c.health is ChipHealth.HEALTHY for c in store.node(node).chips)  # type: ignore[union-attr]
+    assert [r.chips for r in store.replicas("tiny-llama")] == [r.chips for r in before]
+    assert not controller.agent_died("rack-9/node-9", "unknown")

@@ -154,7 +154,13 @@ def test_converges_again_after_changes(w: World, changes: list[tuple[str, int]])
         settled(w)
     for name in w.targets:
         assert w.status(name).observed_generation == w.targets[name].generation
-    # Nothing of a deleted deployment is left, and dead nodes' chips hold no live replica.
+    # Nothing of a deleted deployment is left, and a replica still on a dead node's chips is
+    # being removed or waits for chips to move to (its deployment says so, never Ready).
     for r in w.replicas.values():
         assert r.deployment in w.targets
-        assert not any(c.rpartition("/chip-")[0] in w.silent for c in r.chips) or r.removing
+        if any(c.rpartition("/chip-")[0] in w.silent for c in r.chips) and not r.removing:
+            st_ = w.status(r.deployment)
+            placed = st_.condition(ConditionType.PLACED)
+            assert st_.phase is not Phase.READY, (r, st_)
+            assert placed is not None and placed.status is ConditionStatus.FALSE, (r, st_)
+            assert "waiting for chips" in st_.message + placed.message, (r, st_)

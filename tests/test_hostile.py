@@ -1703,6 +1703,32 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
     ("token-negative", generate(prompt_ids=[-1]), CODE.INVALID_ARGUMENT, ""),
     ("token-beyond-vocab", generate(prompt_ids=[TINY.vocab_size]), CODE.INVALID_ARGUMENT, ""),
     ("max-tokens-zero", generate(max_tokens=0), CODE.INVALID_ARGUMENT, ""),
+    # Failover resumption (the gateway's resume_tokens): never more than max_tokens - 1, and
+    # every resumed token is checked like a prompt token.
+    (
+        "resume-all-max-tokens",
+        generate(resume_tokens=[3, 4], max_tokens=2),
+        CODE.INVALID_ARGUMENT,
+        "resume_tokens",
+    ),
+    (
+        "resume-token-beyond-vocab",
+        generate(resume_tokens=[TINY.vocab_size], max_tokens=3),
+        CODE.INVALID_ARGUMENT,
+        "",
+    ),
+    (
+        "resume-token-negative",
+        generate(resume_tokens=[-5], max_tokens=3),
+        CODE.INVALID_ARGUMENT,
+        "",
+    ),
+    (
+        "resume-a-million-tokens",
+        generate(resume_tokens=[1] * 10**5, max_tokens=3),
+        CODE.INVALID_ARGUMENT,
+        "resume_tokens",
+    ),
     ("over-the-context", generate(max_tokens=10_000), CODE.INVALID_ARGUMENT, ""),
     (
         "a-million-token-prompt",

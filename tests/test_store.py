@@ -19,6 +19,7 @@ from orchestrator.core import (
     ConditionType,
     HeldShard,
     Load,
+    MoveStages,
     Node,
     Phase,
     Place,
@@ -215,6 +216,53 @@ def test_replica_records(tmp_path: Path) -> None:
         assert [r.index for r in store.replicas()] == [1]
         with pytest.raises(NotFound, match="no replica 0"):
             store.set_replica_shards("a", 0, shards)
+
+
+def test_move_stages_rebinds_only_the_moved_chips_and_counts_a_restart(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        w = World(make_nodes(2, 3))
+        w.targets["a"] = target("a", replicas=1)
+        place = next(
+            a
+            for a in reconcile(list(w.targets.values()), w.observed(), 1.0)
+            if isinstance(a, Place)
+        )
+        store.apply_deployment("a", MANIFEST, now=1.0)
+        store.record(place, 1.0)
+        (before,) = store.replicas("a")
+        shards = [ShardAssignment(c, "sid-" + c, 10) for c in before.chips]
+        store.set_replica_shards("a", 0, shards)
+        old = before.stages[1].chips[0]
+        new = "rack-1/node-2/chip-3"
+        stages = tuple(replace(s, chips=(new,)) if s.index == 1 else s for s in before.stages)
+        move = MoveStages("a", 0, stages, ((1, (old,), (new,)),), 3, 1, "chip failed")
+        assert store.record(move, 7.0)
+        (after,) = store.replicas("a")
+        assert after.stages == stages and after.epoch == 3
+        assert (after.restarts, after.last_restart_time) == (1, 7.0)
+        assert after.shard_for(new) == ShardAssignment(new, "sid-" + old, 10)
+        assert after.shard_for(old) is None
+        assert [after.shard_for(c) for c in before.chips if c != old] == [
+            s for s in shards if s.chip != old
+        ]
+
+
+def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        store.apply_deployment("a", MANIFEST, now=1.0)
+    with sqlite3.connect(path) as conn:  # what a version-1 store looked like
+        conn.execute("ALTER TABLE replicas DROP COLUMN restarts")
+        conn.execute("ALTER TABLE replicas DROP COLUMN last_restart")
+        conn.execute("ALTER TABLE replicas DROP COLUMN next_stages")
+        conn.execute("ALTER TABLE nodes DROP COLUMN draining")
+        conn.execute("UPDATE schema_version SET version = 1")
+    with Store(path) as store:
+        assert store.replicas() == [] and store.deployment("a") is not None
+    with sqlite3.connect(path) as conn:
+        cols = {row[1] for row in conn.execute("PRAGMA table_info(replicas)")}
+        assert {"restarts", "last_restart", "next_stages"} <= cols
+        assert conn.execute("SELECT version FROM schema_version").fetchone() == (SCHEMA_VERSION,)
 
 
 def test_newer_schema_is_refused_with_a_clear_error(tmp_path: Path) -> None:

@@ -137,6 +137,54 @@ class BumpEpoch:
 
 
 @dataclass(frozen=True)
+class MoveStages:
+    """Incremental failover of one replica: only the stages on lost chips move.
+
+    Store-only. `stages` is the replica's whole new stage list (the moved stages on their new
+    chips, every other stage as it was); the shard of each moved chip is bound to the chip
+    that replaces it (a blob holds no placement, so the same shard id serves the new chip
+    and nothing is recompiled). The replica's target epoch becomes `epoch`: the next passes
+    load the moved stages' shards onto the new chips, Configure every agent of the replica at
+    `epoch` and StartEpoch — the replica resynchronizes; stages that did not move keep their
+    chips and shards. `restarts` is the replica's restart count after this move (the budget
+    `failover.maxRestarts` and the backoff read it). `moves` are (stage, from chips, to chips).
+    """
+
+    deployment: str
+    replica: int
+    stages: tuple[StagePlan, ...]
+    moves: tuple[tuple[int, tuple[str, ...], tuple[str, ...]], ...]
+    epoch: int
+    restarts: int
+    reason: str
+    drain: bool = False  # a planned switch-over (drain), not a failure: no restart counted
+
+    @property
+    def key(self) -> str:
+        return f"move/{self.deployment}/{self.replica}/{self.epoch}"
+
+    def chip_map(self) -> dict[str, str]:
+        """Old chip id -> new chip id, for every chip of a moved stage."""
+        return {old: new for _, frm, to in self.moves for old, new in zip(frm, to, strict=True)}
+
+
+@dataclass(frozen=True)
+class PlanDrain:
+    """Store-only: the stages a replica will switch to to leave a draining node (`stages`;
+    empty: abandon the plan). The new chips are loaded while the replica keeps serving; a
+    `MoveStages` with `drain=True` switches over once they all hold their shards."""
+
+    deployment: str
+    replica: int
+    stages: tuple[StagePlan, ...]
+    reason: str
+
+    @property
+    def key(self) -> str:
+        return f"drain/{self.deployment}/{self.replica}/{len(self.stages)}"
+
+
+@dataclass(frozen=True)
 class RemoveReplica:
     """Drop a replica's stages on its agents (if reachable) and mark it removing.
 
@@ -246,6 +294,8 @@ Action = (
     | Configure
     | StartEpoch
     | BumpEpoch
+    | MoveStages
+    | PlanDrain
     | RemoveReplica
     | ForgetReplica
     | SetPhase

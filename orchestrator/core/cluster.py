@@ -10,10 +10,12 @@ Rules (each keeps a chip out of new placements for a reason):
   plus one. A slot no node registered for counts as failed: its chips do not exist.
 * A node whose heartbeat is too old (NotReady): all its chips failed, whatever they report.
 * A cordoned node: its chips cordoned (kept out of new placements; what runs there stays).
+  A draining node likewise (and what runs there moves off it).
 * A chip the agent reports failed, a chip index the node did not register, or a chip with
   less SRAM than the profile the planner sizes stages for: failed (a smaller chip would be
   overfilled by a plan made for the profile).
-* A chip in any replica's stages, or holding any shard (even one no replica claims, until
+* A chip in any replica's stages (or the stages a drain will switch it to), or holding any
+  shard (even one no replica claims, until
   it is unloaded): used. This is what makes double-booking impossible.
 * A chip a replica keeps as a spare: spare (the mapper never places on spares, and another
   deployment may share them as spares).
@@ -101,7 +103,7 @@ class ClusterView:
         updates: dict[ChipRef, ChipState] = {}
         spares: list[str] = []
         for replica in replicas:
-            for chip in replica.chips:
+            for chip in (*replica.chips, *(c for s in replica.next_stages for c in s.chips)):
                 loc = self.chips.get(chip)
                 if loc is not None and self.topology.state(loc.ref) is not ChipState.FAILED:
                     updates[loc.ref] = ChipState.USED
@@ -131,7 +133,7 @@ def _base_state(node: Node, chip: Chip | None, alive: bool, profile_sram: int) -
         return ChipState.FAILED
     if chip.sram_bytes < profile_sram:
         return ChipState.FAILED
-    if node.cordoned:
+    if node.cordoned or node.draining:
         return ChipState.CORDONED
     return ChipState.FREE
 

@@ -153,6 +153,7 @@ class Node:
     last_heartbeat: float
     ready: bool = True
     cordoned: bool = False
+    draining: bool = False
 
     def chip_id(self, index: int) -> str:
         return chip_id(self.rack, self.slot, index)
@@ -189,6 +190,13 @@ class Replica:
     failed steps since the replica last became ready, for the restart budget and backoff.
     `removing` is set by `RemoveReplica`: the replica keeps its chips (so nothing else is
     placed on them) until its shards are unloaded, then `ForgetReplica` drops it.
+    `restarts` counts the incremental failovers (`MoveStages`) of the replica's current
+    streak — each within `CoreSettings.restart_window` of the one before — and
+    `last_restart_time` is when the last one was decided: the restart budget
+    (`failover.maxRestarts`) and its exponential backoff (`failover.backoffSeconds`) read them.
+    Every failover is also a `StagesMoved` event (the history). `next_stages` is set while
+    the replica is drained off a node: the stages it will switch to once their new chips
+    hold their shards (make before break; empty otherwise).
     """
 
     deployment: str
@@ -205,6 +213,9 @@ class Replica:
     last_failure_time: float | None = None
     last_error: str = ""
     removing: bool = False
+    restarts: int = 0
+    last_restart_time: float | None = None
+    next_stages: tuple[StagePlan, ...] = ()
 
     @property
     def chips(self) -> tuple[str, ...]:
@@ -280,11 +291,16 @@ class CoreSettings:
     heartbeat is older than the timeout (five missed beats) is NotReady. Five, not one or two,
     because a busy control plane handling 1,305 nodes in batches may process a beat late.
     `backoff_max` caps the exponential retry delay of a replica's failing step.
+    `restart_window`: a replica's failovers count toward `failover.maxRestarts` (and its
+    backoff) only while each comes within this many seconds of the one before — a replica
+    that served that long without losing a chip starts a fresh streak, as Kubernetes resets
+    a crash-looping container's backoff after ten minutes of running.
     """
 
     heartbeat_interval: float = 0.5
     heartbeat_timeout: float = 2.5
     backoff_max: float = 60.0
+    restart_window: float = 600.0
 
     def __post_init__(self) -> None:
         if not self.heartbeat_interval > 0:
@@ -293,6 +309,8 @@ class CoreSettings:
             raise ValueError("CoreSettings.heartbeat_timeout must exceed heartbeat_interval")
         if self.backoff_max < 0:
             raise ValueError("CoreSettings.backoff_max must not be negative")
+        if not self.restart_window > 0:
+            raise ValueError("CoreSettings.restart_window must be positive")
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,21 @@ One pass, in order:
    * Replicas marked removing are drained: their shards are unloaded from live chips, then the
      replica is forgotten. Until then their chips stay taken.
    * A delete removes every replica, then (nothing left) `DeleteDeployment`.
-   * A replica on a chip that failed or a node that is NotReady is lost: removed, and a new one
-     placed in its stead. (Incremental failover — moving only the lost stages onto spares — is
-     the failover issue's; this is the safe fallback that also converges.)
+   * **Failover.** A replica with a chip that failed (its agent reported it, or the control
+     plane fenced it) or on a node that is gone (heartbeats lost; the runtime reported the
+     agent dead, which marks its chips failed at once) moves only the stages on those chips
+     (`MoveStages`, see `_Pass.failover`): the incremental re-plan of `placement.replan`
+     picks replacements on the same node, then the same rack, then other racks (reserved
+     spares first); the moved stages' shards (the same blobs: a shard holds no placement)
+     load onto the new chips, and the whole replica resynchronizes at a new epoch. Each
+     move is one restart of the replica: at most `failover.maxRestarts` in a streak (moves
+     each within `CoreSettings.restart_window`, 10 min, of the one before), the n-th of a
+     streak not before `backoffSeconds` × 2^(n−2) after the one before (the first at once);
+     past the budget the replica is Failed and kept as it is. Only when no chip can take a
+     lost stage is the whole replica removed and a new one placed (the safe fallback), if
+     one fits; if not, it waits for chips (reason NoSpare) and moves when some appear. The
+     deployment is Degraded meanwhile (reason FailingOver, BackOff, ReplicaLost or NoSpare;
+     events StagesMoved, Degraded, Ready).
    * **Scaling**: too many replicas of the current template → remove the excess, replicas
      not yet ready first, then the highest index; too few → place the missing ones (all in
      one plan, so a fresh deployment gets exactly the plan `lpuctl plan` shows; if they do
@@ -72,8 +84,10 @@ from orchestrator.core.actions import (
     Load,
     MarkNodeNotReady,
     MarkNodeReady,
+    MoveStages,
     Place,
     PlacedReplica,
+    PlanDrain,
     RecordEvent,
     RemoveReplica,
     SetCondition,
@@ -97,8 +111,9 @@ from orchestrator.core.model import (
 )
 from placement.cost import Prediction
 from placement.errors import InputError, Unplaceable
-from placement.plan import Plan
+from placement.plan import Plan, StagePlan
 from placement.planner import make_plan
+from placement.replan import Replan, replan_failed
 
 DEFAULT_SETTINGS = CoreSettings()
 
@@ -191,6 +206,30 @@ class _Step:
     chips: int = 0
 
 
+def _with_chips_of(replica: Replica, moved: Replan) -> tuple[StagePlan, ...]:
+    """The replica's stages on the chips of `moved` (its re-plan, which numbers the replica
+    0): every other field, the replica index included, stays the replica's."""
+    by_index = {s.index: s for s in moved.plan.stages}
+    return tuple(
+        replace(s, chips=by_index[s.index].chips, refs=by_index[s.index].refs)
+        for s in replica.stages
+    )
+
+
+def _describe_moves(moves: Iterable[tuple[int, tuple[str, ...], tuple[str, ...]]]) -> str:
+    return "; ".join(f"stage {i} {', '.join(frm)} -> {', '.join(to)}" for i, frm, to in moves)
+
+
+@dataclass
+class _Failover:
+    """What `_Pass.failover` decided for a replica that lost chips: its actions, the step it
+    shows this pass (None: the replica is removed and replaced), and a problem for status."""
+
+    actions: list[Action] = field(default_factory=list)
+    step: _Step | None = None
+    problem: tuple[str, str] | None = None
+
+
 @dataclass
 class _Placement:
     replicas: list[PlacedReplica] = field(default_factory=list)
@@ -269,7 +308,7 @@ class _Pass:
             self.event(reason, message, deployment=replica.deployment, kind=kind),
         ]
 
-    def drain(self, replica: Replica) -> list[Action]:
+    def drain_removed(self, replica: Replica) -> list[Action]:
         """A removing replica: unload what is left on live chips, or forget it."""
         actions = self.unloads(replica)
         if actions:
@@ -287,7 +326,7 @@ class _Pass:
         actions: list[Action] = []
         for replica in sorted(self.mine(name), key=lambda r: r.index):
             if replica.removing:
-                actions += self.drain(replica)
+                actions += self.drain_removed(replica)
             else:
                 actions += self.remove(replica, "Orphaned", f"deployment {name} no longer exists")
         return actions
@@ -320,7 +359,7 @@ class _Pass:
         actions: list[Action] = []
         for replica in mine:
             if replica.removing:
-                actions += self.drain(replica)
+                actions += self.drain_removed(replica)
         active = [r for r in mine if not r.removing]
         if target.deleting:
             for replica in active:
@@ -350,21 +389,26 @@ class _Pass:
             return actions
 
         problems: list[tuple[str, str]] = []
-        lost = []
+        lost: list[Replica] = []
+        held_back: dict[int, _Step] = {}
         for replica in active:
             bad = [c for c in replica.chips if not self.view.healthy(c)]
-            if bad:
+            if not bad:
+                continue
+            outcome = self.failover(target, replica, bad)
+            actions += outcome.actions
+            if outcome.problem is not None:
+                problems.append(outcome.problem)
+            if outcome.step is not None:
+                held_back[replica.index] = outcome.step
+            else:
                 lost.append(replica)
-                message = (
-                    f"replica {replica.index} lost {len(bad)} chip(s) ({', '.join(bad[:4])}"
-                    f"{', ...' if len(bad) > 4 else ''}): failed or on a NotReady node; "
-                    "placing a new replica"
-                )
-                actions += self.remove(replica, "ReplicaLost", message)
-                problems.append(("ReplicaLost", message))
         active = [r for r in active if r not in lost]
 
-        steps = {r.index: self.step(target, r) for r in active}
+        steps = {
+            r.index: held_back[r.index] if r.index in held_back else self.step(target, r)
+            for r in active
+        }
 
         def ready(r: Replica) -> bool:
             return steps[r.index].phase is Phase.READY
@@ -407,6 +451,11 @@ class _Pass:
                 placement = _Placement()
         if placement.unplaceable is not None:
             problems.append(("Unplaceable", placement.unplaceable))
+        waiting = [detail for reason, detail in problems if reason == "NoSpare"]
+        if waiting and placement.unplaceable is None:
+            # A replica waiting for chips to move to is unplaced work: condition Placed is
+            # False (Unplaceable, with the re-plan's numbers) and one Warning event says so.
+            placement.unplaceable = waiting[0]
         if placement.replicas and placement.plan is not None:
             placed = tuple(placement.replicas)
             actions.append(Place(name, target.generation, template, placed, placement.plan))
@@ -426,9 +475,204 @@ class _Pass:
             actions += step.actions
             if step.problem is not None:
                 problems.append(step.problem)
+            if replica.index not in held_back:
+                actions += self.drain(target, replica, step)
 
         actions += self.phase(target, status, kept, steps, placement, problems)
         return actions
+
+    # --- failover -------------------------------------------------------------------------
+
+    def failover(self, target: DeploymentTarget, replica: Replica, bad: list[str]) -> _Failover:
+        """A replica with chips failed or on a node that is gone (module docstring, failover).
+
+        In order: past the restart budget the replica is Failed and stays as it is (its
+        history is in its events and `restarts`); inside the backoff after its last restart
+        it waits (Degraded, reason BackOff; not while it is still recovering from its last
+        move: a second loss then is the same incident); else the incremental re-plan
+        (`placement.replan.replan_failed`: same node, then same rack, then other racks;
+        reserved spares first) moves only the stages on the lost chips (`MoveStages`); when
+        no such move exists (no spare or free chip can take a stage), the whole replica is
+        removed and a new one placed — the safe fallback — when a new one fits; when it does
+        not either, the replica is kept as it is and waits (Degraded, reason NoSpare, retried
+        every pass: a restarted agent's chips, an uncordoned node or a repaired chip let it
+        move), and the other replicas keep serving.
+        """
+        name = target.name
+        shown = f"{', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}"
+        what = f"replica {replica.index} lost {len(bad)} chip(s) ({shown}): {self.why_lost(bad)}"
+        chips = len(replica.chips)
+        streak = replica.restarts
+        last = replica.last_restart_time
+        if last is not None and self.now - last >= self.settings.restart_window:
+            streak = 0  # served long enough since the last failover: a fresh budget
+        if streak >= target.max_restarts:
+            why = (
+                f"{what}; its restart budget is spent ({streak} of maxRestarts "
+                f"{target.max_restarts} used within {self.settings.restart_window:g}s of each "
+                "other)"
+            )
+            return _Failover(step=_Step(Phase.FAILED, exhausted=why, chips=chips))
+        # A loss while the replica is still coming back from its last move (it has not run
+        # its new epoch yet) is the same incident: it moves at once (and counts). Backoff is
+        # for a replica that came back, ran, and lost chips again.
+        recovering = replica.running_epoch != replica.epoch
+        if streak and last is not None and not recovering:
+            delay = min(target.backoff_seconds * 2 ** (streak - 1), self.settings.backoff_max)
+            if self.now < last + delay:
+                problem = (
+                    "BackOff",
+                    f"{what}; moving its stages {delay:g}s after its last restart "
+                    f"({streak} of {target.max_restarts} restarts used)",
+                )
+                return _Failover(step=_Step(Phase.LOADING, chips=chips), problem=problem)
+        plan = replica_plan(replica, target, self.view.profile.name)
+        try:
+            moved = replan_failed(plan, self.view.topology, bad)
+        except (Unplaceable, InputError) as exc:
+            if self.whole_replica_fits(target, replica):
+                message = f"{what}; no incremental move ({exc}): placing a new replica"
+                return _Failover(
+                    actions=self.remove(replica, "ReplicaLost", message),
+                    problem=("ReplicaLost", message),
+                )
+            message = (
+                f"{what}; no spare or free chip can take its stages ({exc}), nor a new "
+                "replica fit: waiting for chips (the other replicas keep serving)"
+            )
+            return _Failover(step=_Step(Phase.PENDING, chips=chips), problem=("NoSpare", message))
+        stages = _with_chips_of(replica, moved)
+        moves = tuple((m.stage, m.from_chips, m.to_chips) for m in moved.moves)
+        detail = _describe_moves(moves)
+        restarts = streak + 1
+        reason = f"{what}; moving {detail} (restart {restarts} of {target.max_restarts})"
+        epoch = max(replica.epoch, replica.configured_epoch or 0, replica.running_epoch or 0) + 1
+        self.view.occupy([replace(replica, stages=stages)])
+        action = MoveStages(name, replica.index, stages, moves, epoch, restarts, reason)
+        event = self.event("StagesMoved", reason, deployment=name, kind=WARNING)
+        return _Failover(
+            actions=[action, event],
+            step=_Step(Phase.LOADING, chips=chips),
+            problem=("FailingOver", reason),
+        )
+
+    def whole_replica_fits(self, target: DeploymentTarget, replica: Replica) -> bool:
+        """Whether a new replica could be placed now (the fallback when no stage can move
+        on its own): honours `spread: rack` against the deployment's other replicas."""
+        req = target.request
+        racks = req.racks
+        if req.spread == "rack":
+            others = [
+                r for r in self.mine(target.name) if r.index != replica.index and not r.removing
+            ]
+            taken = {chip.split("/", 1)[0] for r in others for chip in r.chips}
+            pool = racks if racks is not None else self.view.rack_names
+            racks = tuple(r for r in pool if r not in taken)
+            if not racks:
+                return False
+        try:
+            make_plan(replace(req, replicas=1, racks=racks), self.view.topology)
+        except (Unplaceable, InputError):
+            return False
+        return True
+
+    # --- drain ----------------------------------------------------------------------------
+
+    def drain(self, target: DeploymentTarget, replica: Replica, step: _Step) -> list[Action]:
+        """Move a replica's stages off draining nodes, make before break.
+
+        A serving replica with chips on a draining node gets a plan (`PlanDrain`: the same
+        incremental re-plan as failover, the draining chips standing for lost ones). While it
+        keeps serving, the new chips are loaded with the moved stages' shards (claimed, so
+        never taken for garbage); once they all hold them, `MoveStages(drain=True)` switches
+        the replica over at a new epoch (Configure + StartEpoch; the gateway resumes the
+        requests in flight, so none fails) and the old chips' shards become garbage,
+        unloaded. No restart is counted. A plan whose new chips fail meanwhile is dropped and
+        made again; a replica that cannot be moved (no room) keeps serving where it is.
+        """
+        name = target.name
+        if replica.next_stages:
+            nxt = replica.next_stages
+            moves = tuple(
+                (a.index, a.chips, b.chips)
+                for a, b in zip(replica.stages, nxt, strict=False)
+                if a.chips != b.chips
+            )
+            new = [c for _, _, to in moves for c in to]
+            if len(nxt) != len(replica.stages) or not all(self.view.healthy(c) for c in new):
+                why = "its new chips are no longer usable; planning again"
+                return [
+                    PlanDrain(name, replica.index, (), why),
+                    self.event(
+                        "DrainReplanned", f"replica {replica.index}: {why}", deployment=name
+                    ),
+                ]
+            chip_map = {o: n for _, frm, to in moves for o, n in zip(frm, to, strict=True)}
+            shards = tuple(
+                replace(sh, chip=chip_map[sh.chip]) for sh in replica.shards if sh.chip in chip_map
+            )
+            for sh in shards:
+                self.claimed.add((sh.chip, sh.shard_id))
+            moved = replace(replica, stages=nxt, shards=shards)
+            loading = _Step(step.phase)
+            committed = 0
+            for chip in new:
+                shard = moved.shard_for(chip)
+                if shard is None:
+                    return []  # not compiled yet: wait
+                held = self.held.get(chip, ())
+                if any(h.shard_id == shard.shard_id and h.committed for h in held):
+                    committed += 1
+                else:
+                    self.load(moved, chip, loading)
+            if committed < len(new):
+                return loading.actions
+            epoch = (
+                max(replica.epoch, replica.configured_epoch or 0, replica.running_epoch or 0) + 1
+            )
+            detail = _describe_moves(moves)
+            why = f"drain: replica {replica.index} switches over at epoch {epoch}: {detail}"
+            return [
+                MoveStages(
+                    name, replica.index, nxt, moves, epoch, replica.restarts, why, drain=True
+                ),
+                self.event("StagesDrained", why, deployment=name),
+            ]
+        draining = [
+            c
+            for c in replica.chips
+            if (loc := self.view.chips.get(c)) is not None and loc.node.draining
+        ]
+        if not draining or step.phase is not Phase.READY or not replica.shards:
+            return []
+        plan = replica_plan(replica, target, self.view.profile.name)
+        try:
+            moved_plan = replan_failed(plan, self.view.topology, draining)
+        except (Unplaceable, InputError):
+            return []  # nowhere to go: it keeps serving here (lpuctl drain reports it)
+        nxt = _with_chips_of(replica, moved_plan)
+        self.view.occupy([replace(replica, stages=nxt)])
+        detail = _describe_moves((m.stage, m.from_chips, m.to_chips) for m in moved_plan.moves)
+        why = f"drain: replica {replica.index} loads its stages onto spares first: {detail}"
+        return [
+            PlanDrain(name, replica.index, nxt, why),
+            self.event("DrainStarted", why, deployment=name),
+        ]
+
+    def why_lost(self, bad: list[str]) -> str:
+        """Why the chips are lost, for the event: a failed chip's reason, or its node gone."""
+        reasons = []
+        for chip in bad:
+            loc = self.view.chips.get(chip)
+            if loc is None:
+                why = "its node is not registered"
+            elif loc.node.name not in self.view.alive:
+                why = f"node {loc.node.name} is NotReady (no heartbeat)"
+            else:
+                why = f"chip failed: {loc.chip.reason or 'reported failed by its agent'}"
+            if why not in reasons:
+                reasons.append(why)
+        return "; ".join(reasons)
 
     # --- placement ------------------------------------------------------------------------
 

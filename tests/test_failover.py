@@ -1,0 +1,496 @@
+"""Failover without restarting the replica, end to end on a real embedded cluster.
+
+One `lpuctl up` for the module (control plane and six agent processes, mutual TLS), the
+tiny-llama example (2 replicas, spread: rack, one spare node per rack). Faults are injected
+while a client streams tokens through the control plane's Generate gateway: an agent process
+SIGKILLed (a node failure; stage 0's node; two nodes at once; the spare while the moved
+stages load onto it), a chip marked failed by its agent, an agent SIGSTOPped (stalled) and
+woken, no spare left (every node cordoned), an idle replica's node, and a drain. Each test
+checks what issue 10 asks: the client's tokens equal the reference executor's (none lost,
+repeated or changed), the deployment goes Degraded (events StagesMoved, Degraded) and Ready
+again, only the lost stage's chips changed, the other replica was not touched (unless earlier
+failovers left some of its stages on the same node), and no chip keeps a stale shard.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+
+import grpc
+import pytest
+from agent_helpers import wait_for
+from test_control_plane import EXAMPLE, TINY, Cluster, _processes_of, cluster
+
+from agents.executor import ReferenceExecutor
+from orchestrator.agent_client import dial
+from orchestrator.weights import SeededWeights
+from protos import admin_pb2, agent_pb2, agent_pb2_grpc
+from security import certs as certs_mod
+
+__all__ = ["cluster"]  # the module-scoped embedded cluster of test_control_plane
+
+PROMPT = [5, 9, 2]
+MAX_TOKENS = 240  # long enough that the fault lands mid-stream on a busy machine
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[int]:
+    ref = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+    return list(ref.generate(PROMPT, MAX_TOKENS).tokens)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def deployed(cluster: Cluster) -> Iterator[None]:
+    run = cluster.lpuctl("apply", "-f", str(EXAMPLE), "--wait", "--timeout", "180")
+    assert run.returncode == 0, run.stdout + run.stderr
+    yield
+
+
+def _get(cluster: Cluster) -> admin_pb2.Deployment:
+    return cluster.stub.Get(admin_pb2.GetRequest(name="tiny-llama"), metadata=cluster.viewer)
+
+
+def _replicas(cluster: Cluster) -> dict[int, admin_pb2.ReplicaInfo]:
+    return {r.index: r for r in _get(cluster).replica_info}
+
+
+def _ready(cluster: Cluster) -> bool:
+    d = _get(cluster)
+    return d.phase == "Ready" and all(r.running for r in d.replica_info)
+
+
+def _last_event_id(cluster: Cluster) -> int:
+    events = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
+    return max((e.id for e in events), default=0)
+
+
+def _events_since(cluster: Cluster, after: int) -> list[admin_pb2.Event]:
+    events = cluster.stub.Events(admin_pb2.EventsRequest(), metadata=cluster.viewer).events
+    return [e for e in events if e.id > after]
+
+
+class Stream:
+    """A Generate stream read on a thread: responses land on a queue as they arrive."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.responses: queue.SimpleQueue[admin_pb2.GenerateResponse | BaseException] = (
+            queue.SimpleQueue()
+        )
+        self.got: list[admin_pb2.GenerateResponse] = []
+        self.call = cluster.stub.Generate(
+            admin_pb2.GenerateRequest(
+                deployment="tiny-llama", prompt_ids=PROMPT, max_tokens=MAX_TOKENS
+            ),
+            metadata=cluster.viewer,
+            timeout=240,
+        )
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self.call:
+                self.responses.put(reply)
+        except BaseException as exc:  # handed to the test thread
+            self.responses.put(exc)
+
+    def next(self) -> admin_pb2.GenerateResponse:
+        item = self.responses.get(timeout=120)
+        if isinstance(item, BaseException):
+            raise item
+        self.got.append(item)
+        return item
+
+    def rest(self) -> list[admin_pb2.GenerateResponse]:
+        while not (self.got and self.got[-1].finished):
+            self.next()
+        self.thread.join(30)
+        return self.got
+
+
+def _stale_shards(cluster: Cluster) -> list[str]:
+    """Chips of live nodes holding a shard that no replica's chip list names (a NotReady
+    node's report is as old as its last word; it is checked when it is back)."""
+    claimed = {c for r in _get(cluster).replica_info for c in r.chips}
+    nodes = cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+    return [
+        c.id
+        for n in nodes
+        if n.state != "NotReady"
+        for c in n.chips
+        if c.shards and c.id not in claimed
+    ]
+
+
+def _kill(cluster: Cluster, node: str) -> None:
+    (pid,) = _processes_of(cluster.state, node=node)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _nodes_of(chips: Iterable[str]) -> list[str]:
+    return sorted({c.rsplit("/", 1)[0] for c in chips})
+
+
+def _check_other_replica(
+    before: dict[int, admin_pb2.ReplicaInfo],
+    after: dict[int, admin_pb2.ReplicaInfo],
+    other: int,
+    dead: list[str],
+) -> None:
+    """The other replica was not touched — unless earlier failovers left some of its stages
+    on a node that died here too (then only those moved)."""
+    hit = [c for c in before[other].chips if c.rsplit("/", 1)[0] in dead]
+    if not hit:
+        assert after[other].epoch == before[other].epoch
+        assert list(after[other].chips) == list(before[other].chips)
+        return
+    for was, now in zip(before[other].chips, after[other].chips, strict=True):
+        assert was == now or was in hit
+
+
+def _check_failover(
+    cluster: Cluster,
+    stream: Stream | None,
+    reference: list[int],
+    before: dict[int, admin_pb2.ReplicaInfo],
+    serving: int,
+    lost: set[str],
+    since: int,
+    *,
+    nodes_died: bool = True,
+) -> None:
+    if stream is not None:
+        got = stream.rest()
+        assert [r.token for r in got] == reference  # nothing lost, repeated or changed
+        assert [r.index for r in got] == list(range(len(reference)))
+        assert got[-1].resumed >= 1, "the fault did not land mid-stream"
+
+    def healed() -> bool:
+        return _ready(cluster) and _replicas(cluster)[serving].epoch > before[serving].epoch
+
+    wait_for(healed, timeout=120, interval=0.1, what="Ready again at a new epoch")
+    after = _replicas(cluster)
+    _check_other_replica(before, after, 1 - serving, _nodes_of(lost) if nodes_died else [])
+    assert after[serving].epoch > before[serving].epoch
+    changed = {
+        old
+        for old, new in zip(before[serving].chips, after[serving].chips, strict=True)
+        if old != new
+    }
+    assert changed == lost  # only the lost stages' chips moved
+    assert after[serving].restarts >= 1  # counted against failover.maxRestarts
+    described = cluster.lpuctl("describe", "deployment", "tiny-llama")
+    assert described.returncode == 0 and "RESTARTS" in described.stdout
+    reasons = [e.reason for e in _events_since(cluster, since) if e.deployment == "tiny-llama"]
+    assert "StagesMoved" in reasons and "Degraded" in reasons, reasons
+    assert reasons.index("StagesMoved") < reasons.index("Degraded") < len(reasons)
+    assert "Ready" in reasons[reasons.index("Degraded") :]
+    assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
+    # Both replicas serve the reference again (the gateway alternates between them).
+    for _ in range(2):
+        run = cluster.lpuctl("generate", "tiny-llama", "--ids", "3", "1", "--max-tokens", "5")
+        assert run.returncode == 0, run.stderr
+        ref = ReferenceExecutor(TINY, SeededWeights(TINY, 0, "F16"), max_context=256)
+        assert [int(t) for t in run.stdout.split()] == list(ref.generate([3, 1], 5).tokens)
+
+
+def test_a_node_killed_during_generation_moves_only_its_stages(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    first = stream.next()
+    serving = first.replica
+    chips = list(before[serving].chips)
+    head = chips[0].rsplit("/", 1)[0]
+    victims = sorted(set(_nodes_of(chips)) - {head})
+    assert victims, f"replica {serving} has every stage on its stage-0 node: {chips}"
+    node = victims[-1]
+    _kill(cluster, node)
+    lost = {c for c in chips if c.startswith(node + "/")}
+    _check_failover(cluster, stream, reference, before, serving, lost, since)
+
+
+def test_stage_0_killed_during_generation_the_gateway_resumes_the_stream(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """Stage 0's journal dies with its agent: the gateway re-submits prompt + the tokens
+    already delivered, and the client's stream goes on identically."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    head = chips[0].rsplit("/", 1)[0]
+    _kill(cluster, head)
+    lost = {c for c in chips if c.startswith(head + "/")}
+    _check_failover(cluster, stream, reference, before, serving, lost, since)
+
+
+def test_an_idle_replica_loses_a_node(cluster: Cluster, reference: list[int]) -> None:
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    chips = list(before[0].chips)
+    node = _nodes_of(chips)[-1]
+    _kill(cluster, node)
+    lost = {c for c in chips if c.startswith(node + "/")}
+    _check_failover(cluster, None, reference, before, 0, lost, since)
+
+
+def test_two_nodes_of_one_replica_killed_at_once(cluster: Cluster, reference: list[int]) -> None:
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    nodes = _nodes_of(chips)
+    if len(nodes) < 2:
+        pytest.skip(f"replica {serving} spans one node: {chips}")
+    for node in nodes[:2]:
+        _kill(cluster, node)
+    lost = {c for c in chips if c.rsplit("/", 1)[0] in nodes[:2]}
+    _check_failover(cluster, stream, reference, before, serving, lost, since)
+
+
+def test_a_stalled_agent_is_failed_over_and_its_stale_pipeline_removed_when_it_wakes(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """SIGSTOP: the process lives but says nothing (a hung host, a stalled link). Its
+    heartbeats stop, the node goes NotReady and its stages move; when it wakes it still
+    holds the old shards and pipeline — the control plane unloads and removes them."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    head = chips[0].rsplit("/", 1)[0]
+    victims = sorted(set(_nodes_of(chips)) - {head})
+    assert victims, f"replica {serving} has every stage on its stage-0 node: {chips}"
+    node = victims[-1]
+    (pid,) = _processes_of(cluster.state, node=node)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lost = {c for c in chips if c.startswith(node + "/")}
+        _check_failover(cluster, stream, reference, before, serving, lost, since)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+    # Awake again: Ready, and nothing of the old replica stays on its chips.
+    def clean() -> bool:
+        listed = cluster.stub.ListChips(
+            admin_pb2.ListChipsRequest(node=node), metadata=cluster.viewer
+        ).chips
+        return _ready(cluster) and not any(c.shards for c in listed) and not _stale_shards(cluster)
+
+    wait_for(clean, timeout=60, interval=0.2, what="the woken node holds nothing stale")
+    info = next(
+        n
+        for n in cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+        if n.name == node
+    )
+    creds = certs_mod.load_control_plane(cluster.paths.certs)
+    with dial(info.address, creds, info.name) as channel:
+        status = agent_pb2_grpc.AgentStub(channel).Status(agent_pb2.StatusRequest(), timeout=30)
+    assert not any(c.pipelines for c in status.chips)
+
+
+def test_a_chip_failed_during_generation_moves_its_stage(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    first = stream.next()
+    serving = first.replica
+    chips = list(before[serving].chips)
+    victim = chips[-1]  # the last stage (not stage 0)
+    node_name, _, index = victim.rpartition("/chip-")
+    node = next(
+        n
+        for n in cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+        if n.name == node_name
+    )
+    creds = certs_mod.load_control_plane(cluster.paths.certs)
+    with dial(node.address, creds, node.name) as channel:
+        agent_pb2_grpc.AgentStub(channel).MarkChipFailed(
+            agent_pb2.MarkChipFailedRequest(chip=int(index), reason="injected: ECC storm"),
+            timeout=30,
+        )
+    _check_failover(cluster, stream, reference, before, serving, {victim}, since, nodes_died=False)
+    chip = next(
+        c
+        for c in cluster.stub.ListChips(admin_pb2.ListChipsRequest(), metadata=cluster.viewer).chips
+        if c.id == victim
+    )
+    assert chip.health == "Failed" and not chip.shards and not chip.deployment
+
+
+def test_generate_through_the_gateway_is_unchanged_without_faults(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    stream = Stream(cluster)
+    got = stream.rest()
+    assert [r.token for r in got] == reference and got[-1].resumed == 0
+
+
+def test_a_bad_request_is_not_resumed(cluster: Cluster) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            cluster.stub.Generate(
+                admin_pb2.GenerateRequest(
+                    deployment="tiny-llama", prompt_ids=[999_999], max_tokens=3
+                ),
+                metadata=cluster.viewer,
+                timeout=60,
+            )
+        )
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_no_spare_left_stays_degraded_with_the_reason_and_serves_on(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """Every node cordoned: a lost stage has nowhere to go. The replica waits (Degraded,
+    NoSpare, a Warning event), the other replica serves on; uncordoned, the stage moves."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    nodes = cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+    names = [n.name for n in nodes]
+    for name in names:
+        assert cluster.lpuctl("cordon", name).returncode == 0
+    try:
+        chips = list(before[0].chips)
+        node = _nodes_of(chips)[-1]
+        _kill(cluster, node)
+
+        def waiting() -> admin_pb2.Deployment | None:
+            d = _get(cluster)
+            return d if d.phase == "Degraded" and d.reason == "NoSpare" else None
+
+        d = wait_for(waiting, timeout=60, interval=0.1, what="Degraded, NoSpare")
+        assert node in d.message and "waiting for chips" in d.message
+        reasons = [e.reason for e in _events_since(cluster, since)]
+        assert "Unplaceable" in reasons and "Degraded" in reasons
+        # the other replica serves on, through the gateway, the reference tokens
+        run = cluster.lpuctl(
+            "generate", "tiny-llama", "--ids", *map(str, PROMPT), "--max-tokens", "8"
+        )
+        assert run.returncode == 0, run.stderr
+        assert [int(t) for t in run.stdout.split()] == reference[:8]
+    finally:
+        for name in names:
+            assert cluster.lpuctl("uncordon", name).returncode == 0
+
+    # The killed node's agent came back meanwhile with empty chips: uncordoned, the replica
+    # is whole again (on the same chips, reloaded, or moved) and resynchronized.
+    def healed() -> bool:
+        return _ready(cluster) and _replicas(cluster)[0].epoch > before[0].epoch
+
+    wait_for(healed, timeout=120, interval=0.1, what="Ready again")
+    after = _replicas(cluster)
+    _check_other_replica(before, after, 1, [node])
+    kept = {c for c in chips if not c.startswith(node + "/")}
+    assert kept <= set(after[0].chips)  # the stages elsewhere never moved
+    assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
+
+
+def test_drain_moves_a_serving_replica_off_a_node_without_failing_a_request(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """`lpuctl drain NODE` while a stream is served from it: the node's stages load onto
+    spares first, the replica switches over at a new epoch, the node's shards are unloaded;
+    the client's tokens are the reference, nothing failed."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    node = _nodes_of(chips)[-1]
+    try:
+        run = cluster.lpuctl("drain", node)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert f"node/{node}: drained" in run.stdout
+        got = stream.rest()
+        assert [r.token for r in got] == reference
+        listed = cluster.stub.ListChips(
+            admin_pb2.ListChipsRequest(node=node), metadata=cluster.viewer
+        ).chips
+        assert not any(c.shards or c.deployment for c in listed)
+        after = _replicas(cluster)
+        _check_other_replica(before, after, 1 - serving, [node])
+        changed = {
+            old
+            for old, new in zip(before[serving].chips, after[serving].chips, strict=True)
+            if old != new
+        }
+        assert changed == {c for c in chips if c.startswith(node + "/")}
+        assert not any(c.startswith(node + "/") for c in after[serving].chips)
+        reasons = [e.reason for e in _events_since(cluster, since)]
+        assert reasons.index("DrainStarted") < reasons.index("StagesDrained")
+        assert "Draining" in reasons
+    finally:
+        assert cluster.lpuctl("uncordon", node).returncode == 0
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready after drain")
+    assert not _stale_shards(cluster)
+
+
+def test_the_spare_killed_while_the_moved_stages_load_onto_it(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """A second fault during the failover's load: the node receiving the moved stages dies
+    while they load. The same incident moves them again (no backoff), the client's stream
+    still ends with the reference tokens."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    head = chips[0].rsplit("/", 1)[0]
+    node = sorted(set(_nodes_of(chips)) - {head})[-1]
+    _kill(cluster, node)
+
+    def moved_to() -> list[str]:
+        for e in _events_since(cluster, since):
+            if e.reason == "StagesMoved":  # "...; moving stage 1 A -> B; stage 2 C -> D (...)"
+                moves = e.message.split("; moving ", 1)[1].rsplit(" (restart", 1)[0]
+                targets = [part.split(" -> ")[1] for part in moves.split("; ")]
+                return _nodes_of(c for t in targets for c in t.split(", "))
+        return []
+
+    spare_nodes = [
+        n for n in wait_for(moved_to, timeout=30, interval=0.005, what="StagesMoved") if n != head
+    ]
+    assert spare_nodes, "the stages moved onto stage 0's node: no separate spare to kill"
+    for spare in spare_nodes:
+        _kill(cluster, spare)
+    got = stream.rest()
+    assert [r.token for r in got] == reference
+    wait_for(
+        lambda: _ready(cluster) and _replicas(cluster)[serving].epoch > before[serving].epoch,
+        timeout=120,
+        interval=0.1,
+        what="Ready again",
+    )
+    after = _replicas(cluster)
+    _check_other_replica(before, after, 1 - serving, [node, *spare_nodes])
+    reasons = [e.reason for e in _events_since(cluster, since) if e.deployment == "tiny-llama"]
+    first = reasons.index("StagesMoved")
+    second = reasons.index("StagesMoved", first + 1)  # the spare's stages moved again,
+    assert "Ready" not in reasons[first:second]  # before the replica came back: mid-load
+    kept = [c for c in chips if c.rsplit("/", 1)[0] != node]
+    assert set(kept) <= set(after[serving].chips)
+    assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
