@@ -220,6 +220,7 @@ def make_runtime(
     interval: float,
     ray_address: str | None = None,
     agent_args: tuple[str, ...] = (),
+    owns_ray: bool = False,
 ) -> Runtime:
     if ray_address is not None and name != "ray":
         raise ValueError(f"--ray-address joins a Ray cluster: it needs --runtime ray, not {name}")
@@ -248,6 +249,7 @@ def make_runtime(
             log_dir=paths.logs,
             heartbeat_interval=interval,
             **({} if ray_address is None else {"address": ray_address}),
+            **({"owns_ray": True} if owns_ray else {}),
         )
     else:  # an adapter without the factory: its agents must register by themselves
         cls: Any = getattr(module, f"{name.title()}Runtime", None)
@@ -288,6 +290,10 @@ class ControlPlane:
         any port); `registry_listen` likewise for the node registry (a fixed port for agents
         that are told where to register, e.g. the Kubernetes DaemonSet)."""
         self.ray_address = ray_address
+        self.owns_ray = False
+        if runtime == "ray":  # before any gRPC server or channel: see ray_runtime.connect_ray
+            ray_runtime: Any = importlib.import_module("orchestrator.ray_runtime")
+            self.owns_ray = ray_runtime.connect_ray(ray_address)
         self.agent_args = ("--allow-fault-injection",) if allow_fault_injection else ()
         self.specs: list[NodeSpec] = []
         self.listen = listen.strip("[]")
@@ -371,6 +377,7 @@ class ControlPlane:
             self.settings.heartbeat_interval,
             self.ray_address,
             self.agent_args,
+            self.owns_ray,
         )
         if self.ray_address is None:
             self.specs = node_specs(self.racks, self.nodes_per_rack, self.profile.name)
@@ -538,7 +545,15 @@ def main(argv: list[str] | None = None) -> int:
             ray_address=args.ray_address,
             allow_fault_injection=args.allow_fault_injection,
         )
-    except (ValueError, OSError, InputError, TokenError, CertError, StoreError) as exc:
+    except (
+        ValueError,
+        OSError,
+        RuntimeError,
+        InputError,
+        TokenError,
+        CertError,
+        StoreError,
+    ) as exc:  # RuntimeError: Ray could not be joined or started
         print(f"control plane: cannot start: {exc}", file=sys.stderr)
         return 1
     try:

@@ -109,6 +109,37 @@ def init_embedded(
                 raise
 
 
+def connect_ray(
+    address: str | None,
+    *,
+    namespace: str = NAMESPACE,
+    num_cpus: int = 2,
+    object_store_memory: int = EMBEDDED_OBJECT_STORE,
+) -> bool:
+    """Join the Ray cluster at `address`, or start the embedded default; True when Ray was
+    started here (the caller owns it and shuts it down). RayRuntimeError says why not.
+
+    A process that serves gRPC must call this BEFORE its first gRPC server or channel: Ray
+    starts its GCS and raylet with `subprocess.Popen(preexec_fn=...)`, which runs Python in the
+    forked child, and a fork taken while gRPC's threads hold locks can hang that child before
+    it execs (seen in CI: the GCS never wrote its port file, `Other threads are currently
+    calling into gRPC, skipping fork() handlers` in the log)."""
+    if address is not None:
+        try:
+            ray.init(address=address, namespace=namespace, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RayRuntimeError(f"cannot join the Ray cluster at {address}: {exc}") from None
+        return False
+    try:
+        init_embedded(
+            num_cpus=num_cpus, object_store_memory=object_store_memory, namespace=namespace
+        )
+    except Exception as exc:
+        ray.shutdown()
+        raise RayRuntimeError(f"cannot start the embedded Ray: {exc}") from None
+    return True
+
+
 def lockstep_hosts() -> list[str]:
     """The hosts of the connected Ray cluster that advertise a `lockstep-host:` resource."""
     return sorted(
@@ -240,7 +271,8 @@ class RayRuntime:
     the host of its own name, else to the only host when there is one. `listen_host` is the
     address agents bind (default: 127.0.0.1 on the embedded default, the Ray node's IP when
     joining a cluster). `agent_options` are more keyword arguments of
-    `agents.hosted.start_agent` for every agent (e.g. its `settings`).
+    `agents.hosted.start_agent` for every agent (e.g. its `settings`). `owns_ray`: Ray was
+    already started for this runtime (`connect_ray`), and `stop()` shuts it down.
     """
 
     def __init__(
@@ -257,6 +289,7 @@ class RayRuntime:
         start_timeout: float = 60.0,
         stop_grace: float = 2.0,
         agent_options: Mapping[str, Any] | None = None,
+        owns_ray: bool = False,
     ) -> None:
         self.agent_options = dict(agent_options or {})
         self.certs = None if certs is None else str(certs)
@@ -267,24 +300,17 @@ class RayRuntime:
         self._hosts = dict(hosts or {})
         self._agents: dict[str, _Agent] = {}
         self._lock = threading.Lock()
-        self.owns_ray = False
+        self.owns_ray = owns_ray
         if ray.is_initialized():
             embedded = address is None
-        elif address is not None:
-            try:
-                ray.init(address=address, namespace=namespace, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise RayRuntimeError(f"cannot join the Ray cluster at {address}: {exc}") from None
-            embedded = False
         else:
-            try:
-                init_embedded(
-                    num_cpus=num_cpus, object_store_memory=object_store_memory, namespace=namespace
-                )
-            except Exception as exc:
-                ray.shutdown()
-                raise RayRuntimeError(f"cannot start the embedded Ray: {exc}") from None
-            self.owns_ray = embedded = True
+            self.owns_ray = connect_ray(
+                address,
+                namespace=namespace,
+                num_cpus=num_cpus,
+                object_store_memory=object_store_memory,
+            )
+            embedded = self.owns_ray
         self.listen_host = listen_host or ("127.0.0.1" if embedded else None)
 
     # --- the port ---
@@ -478,15 +504,18 @@ def make_runtime(
     log_dir: str | Path,
     heartbeat_interval: float,
     address: str | None = None,
+    owns_ray: bool = False,
 ) -> RayRuntime:
     """The control plane's factory (`orchestrator.control_plane.make_runtime`): agents that
     register with `control_plane` and heartbeat every `heartbeat_interval` seconds, on the
     embedded Ray or, with `address`, on an existing Ray cluster. `log_dir` is unused: an
-    actor's output goes to Ray's session logs (`/tmp/ray/session_latest/logs/worker-*`)."""
+    actor's output goes to Ray's session logs (`/tmp/ray/session_latest/logs/worker-*`).
+    `owns_ray`: the caller started Ray (`connect_ray`) and hands it over."""
     del log_dir
     return RayRuntime(
         certs,
         address=address,
+        owns_ray=owns_ray,
         agent_options={"control_plane": control_plane, "heartbeat_interval": heartbeat_interval},
     )
 

@@ -8,6 +8,11 @@ Pure helpers (shards, load streams, polling, threads) and the classes handed out
 * `agent_cluster`: an `AgentCluster` per test module (start agents with `.start(node, ...)`);
   every agent it started is terminated and reaped when the module ends, even on failure.
 * `fresh_agent_cluster`: the same, per test.
+
+The session's one embedded Ray is started when collection ends, before the first test, if any
+selected test uses the `ray_session` fixture (tests/test_ray_runtime.py): Ray starts its GCS
+and raylet with a `preexec_fn`, and a fork taken once gRPC's threads exist (every agent test
+makes channels) can hang the child before it execs (`orchestrator.ray_runtime.connect_ray`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,20 @@ import pytest
 from agent_helpers import AgentCluster
 
 from security import certs as certs_mod
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the session's embedded Ray now, while the process has no gRPC thread yet, when
+    a selected test needs it; it is shut down when the session ends."""
+    if not any("ray_session" in getattr(item, "fixturenames", ()) for item in items):
+        return
+    import ray
+
+    from orchestrator.ray_runtime import init_embedded
+
+    if not ray.is_initialized():
+        init_embedded()
+        config.add_cleanup(ray.shutdown)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Ray mode: node agents as Ray actors (mTLS, death detection, restart, clean stop) and the
 compile fan-out over Ray tasks (exactly the in-process result).
 
-One embedded Ray serves the whole module (about 4 s and 600 MB to start): the `ray_session`
-fixture starts it and shuts it down at the end, so the runtimes made here join it.
+One embedded Ray serves the whole session (about 4 s and 600 MB to start): conftest.py starts
+it before the first test when this module is selected, so the runtimes made here join it.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ TINY = MODEL_PRESETS["tiny-llama"]
 
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[None]:
-    """The module's embedded Ray (started here unless the session already has one)."""
+    """The session's embedded Ray: conftest.py starts it before the first test (while no gRPC
+    thread exists); started here only when it is not running."""
     started = not ray.is_initialized()
     if started:
         init_embedded()
@@ -325,3 +326,33 @@ def test_embedded_start_is_tried_again_after_a_failed_start(
     with pytest.raises(RuntimeError, match="second"):
         ray_runtime.init_embedded()
     assert calls == ["init local", "shutdown", "init local", "shutdown"]
+
+
+def test_the_control_plane_joins_ray_before_it_serves_grpc(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`ControlPlane(runtime="ray")` starts (or joins) Ray before its first gRPC server: Ray
+    forks its GCS and raylet with a `preexec_fn`, which can hang once gRPC's threads run (seen
+    in CI). Both steps are replaced here: the test records their order, no Ray starts."""
+    import orchestrator.control_plane as control_plane
+    import orchestrator.ray_runtime as ray_runtime
+
+    order: list[str] = []
+
+    def connect(address: str | None, **_: object) -> bool:
+        order.append(f"ray {address}")
+        return True
+
+    def servers(*_: object, **__: object) -> None:
+        order.append("grpc")
+        raise OSError("stop here")
+
+    monkeypatch.setattr(ray_runtime, "connect_ray", connect)
+    monkeypatch.setattr(control_plane, "start_servers", servers)
+    with pytest.raises(OSError, match="stop here"):
+        control_plane.ControlPlane(tmp_path / "state", runtime="ray")
+    assert order == ["ray None", "grpc"]
+    order.clear()
+    with pytest.raises(OSError, match="stop here"):
+        control_plane.ControlPlane(tmp_path / "state2", runtime="process")
+    assert order == ["grpc"]
