@@ -481,11 +481,19 @@ class ControlPlane:
         self.store.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.control_plane")
-    parser.add_argument("--state", required=True)
+START_ERRORS = (ValueError, OSError, RuntimeError, InputError, TokenError, CertError, StoreError)
+"""What a control plane that cannot start raises (RuntimeError: Ray could not be joined or
+started); `main` and the operator turn it into one line and exit 1."""
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser, *, racks: int = 2, racks_help: str | None = None
+) -> None:
+    """The control plane's flags, shared by `python -m orchestrator.control_plane` and the
+    Kubernetes operator (which runs the same control plane); `from_arguments` reads them."""
+    parser.add_argument("--state", required=True, help="the control plane's state directory")
     parser.add_argument("--profile", default="dev")
-    parser.add_argument("--racks", type=int, default=2)
+    parser.add_argument("--racks", type=int, default=racks, help=racks_help)
     parser.add_argument("--nodes-per-rack", type=int, default=3)
     parser.add_argument("--runtime", default="process")
     parser.add_argument("--ray-address", help="join this Ray cluster (with --runtime ray)")
@@ -519,6 +527,30 @@ def main(argv: list[str] | None = None) -> int:
         help="a node not heard from for this long is NotReady and its replicas are replaced "
         f"(default {CoreSettings.heartbeat_timeout:g})",
     )
+
+
+def from_arguments(args: argparse.Namespace) -> ControlPlane:
+    """The control plane `add_arguments`' flags describe (raises one of `START_ERRORS`)."""
+    return ControlPlane(
+        args.state,
+        profile=args.profile,
+        racks=args.racks,
+        nodes_per_rack=args.nodes_per_rack,
+        runtime=args.runtime,
+        listen=args.listen,
+        advertise=args.advertise,
+        admin_listen=args.admin_listen,
+        registry_listen=args.registry_listen,
+        metrics_port=args.metrics_port,
+        settings=CoreSettings(heartbeat_timeout=args.heartbeat_timeout),
+        ray_address=args.ray_address,
+        allow_fault_injection=args.allow_fault_injection,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.control_plane")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -529,31 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        settings = CoreSettings(heartbeat_timeout=args.heartbeat_timeout)
-        plane = ControlPlane(
-            args.state,
-            profile=args.profile,
-            racks=args.racks,
-            nodes_per_rack=args.nodes_per_rack,
-            runtime=args.runtime,
-            listen=args.listen,
-            advertise=args.advertise,
-            admin_listen=args.admin_listen,
-            registry_listen=args.registry_listen,
-            metrics_port=args.metrics_port,
-            settings=settings,
-            ray_address=args.ray_address,
-            allow_fault_injection=args.allow_fault_injection,
-        )
-    except (
-        ValueError,
-        OSError,
-        RuntimeError,
-        InputError,
-        TokenError,
-        CertError,
-        StoreError,
-    ) as exc:  # RuntimeError: Ray could not be joined or started
+        plane = from_arguments(args)
+    except START_ERRORS as exc:
         print(f"control plane: cannot start: {exc}", file=sys.stderr)
         return 1
     try:

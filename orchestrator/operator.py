@@ -47,8 +47,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator.admin_server import TokenError
-from orchestrator.control_plane import ControlPlane
+from orchestrator.control_plane import START_ERRORS, ControlPlane, add_arguments, from_arguments
 from orchestrator.core import loading_progress
 from orchestrator.core.model import ConditionType, DeploymentStatus, Phase, Replica
 from orchestrator.deployments import store_deployment
@@ -63,9 +62,7 @@ from orchestrator.kube_gateway import (
     rfc3339_micro,
 )
 from orchestrator.spec import SpecError, deployment_from_manifest, strip_server_fields
-from orchestrator.store import Conflict, DeploymentRecord, Store, StoreError
-from placement.errors import InputError
-from security.certs import CertError
+from orchestrator.store import Conflict, DeploymentRecord, Store
 
 log = logging.getLogger("lockstep.operator")
 
@@ -569,22 +566,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--renew-deadline", type=float, default=10.0)
     parser.add_argument("--retry-period", type=float, default=2.0)
     parser.add_argument("--sync-interval", type=float, default=0.5)
-    parser.add_argument("--state", required=True, help="the control plane's state directory")
-    parser.add_argument("--profile", default="dev")
-    parser.add_argument(
-        "--racks",
-        type=int,
-        default=0,
-        help="racks of agents the control plane starts itself (0: agents register, "
+    add_arguments(
+        parser,
+        racks=0,
+        racks_help="racks of agents the control plane starts itself (0: agents register, "
         "e.g. from the DaemonSet)",
     )
-    parser.add_argument("--nodes-per-rack", type=int, default=3)
-    parser.add_argument("--runtime", default="process")
-    parser.add_argument("--listen", default="127.0.0.1")
-    parser.add_argument("--advertise")
-    parser.add_argument("--admin-listen")
-    parser.add_argument("--registry-listen")
-    parser.add_argument("--metrics-port", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
@@ -635,18 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     operator: Operator | None = None
     code = 0
     try:
-        plane = ControlPlane(
-            args.state,
-            profile=args.profile,
-            racks=args.racks,
-            nodes_per_rack=args.nodes_per_rack,
-            runtime=args.runtime,
-            listen=args.listen,
-            advertise=args.advertise,
-            admin_listen=args.admin_listen,
-            registry_listen=args.registry_listen,
-            metrics_port=args.metrics_port,
-        )
+        plane = from_arguments(args)
         plane.start()
         operator = Operator(
             gateway,
@@ -659,15 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         operator.start()
         print(f"leading as {args.identity}; control plane admin {plane.admin_address}", flush=True)
         stop.wait()
-    except (
-        ValueError,
-        OSError,
-        RuntimeError,
-        InputError,
-        TokenError,
-        CertError,
-        StoreError,
-    ) as exc:
+    except START_ERRORS as exc:
         print(f"operator: cannot start the control plane: {exc}", file=sys.stderr)
         code = 1
     finally:
