@@ -12,6 +12,7 @@ agents.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -96,12 +97,13 @@ def lpuctl_env(state: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    state = tmp_path_factory.mktemp("lockstep-home")
+@contextlib.contextmanager
+def running_cluster(state: Path, *up_flags: str) -> Iterator[Cluster]:
+    """`lpuctl up [up_flags]` on `state`, connected as admin and viewer; on exit `lpuctl down`,
+    checking that no process the cluster started is left."""
     env = lpuctl_env(state)
     up = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "up", "--timeout", "120"],
+        [sys.executable, "-m", "orchestrator.cli", "up", "--timeout", "120", *up_flags],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -138,6 +140,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         assert down.returncode == 0, down.stderr
         assert not _left(endpoint), f"processes left after lpuctl down: {_left(endpoint)}"
         assert not _processes_of(state), f"processes left: {_processes_of(state)}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(tmp_path_factory.mktemp("lockstep-home")) as made:
+        yield made
 
 
 def _processes_of(state: Path, *, node: str | None = None) -> list[int]:

@@ -12,18 +12,15 @@ again. The admin API refuses Verify to a viewer and for an unknown deployment.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import grpc
 import pytest
 from agent_helpers import wait_for
-from test_control_plane import EXAMPLE, ROOT, Cluster, _left, _processes_of
+from test_control_plane import EXAMPLE, Cluster, running_cluster
 
 from orchestrator.agent_client import dial
-from orchestrator.control_plane import StatePaths, token_for
 from protos import admin_pb2, agent_pb2, agent_pb2_grpc
 from security import certs as certs_mod
 
@@ -33,58 +30,10 @@ NAME = "tiny-llama"
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     state = tmp_path_factory.mktemp("lockstep-verify")
-    env = {**os.environ, "LOCKSTEP_HOME": str(state), "PYTHONUNBUFFERED": "1"}
-    for key in ("LOCKSTEP_SERVER", "LOCKSTEP_TOKEN", "LOCKSTEP_CA"):
-        env.pop(key, None)
-    env["LOCKSTEP_CONFIG"] = str(state / "no-config.yaml")
-    up = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator.cli",
-            "up",
-            "--timeout",
-            "120",
-            "--allow-fault-injection",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    paths = StatePaths(state)
-    made: list[Cluster] = []
-    try:
-        assert up.returncode == 0, up.stdout + up.stderr
-        made.append(
-            Cluster(
-                state,
-                paths,
-                env,
-                None,  # type: ignore[arg-type]  # set by connect()
-                (("authorization", f"Bearer {token_for(paths, 'admin')}"),),
-                (("authorization", f"Bearer {token_for(paths, 'viewer')}"),),
-                {},
-            )
-        )
-        made[0].connect()
-        run = made[0].lpuctl("apply", "-f", str(EXAMPLE), "--wait", "--timeout", "150")
+    with running_cluster(state, "--allow-fault-injection") as made:
+        run = made.lpuctl("apply", "-f", str(EXAMPLE), "--wait", "--timeout", "150")
         assert run.returncode == 0, run.stdout + run.stderr
-        yield made[0]
-    finally:
-        endpoint = made[0].endpoint if made else {}
-        down = subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", "down"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert down.returncode == 0, down.stderr
-        assert not _left(endpoint), f"processes left after lpuctl down: {_left(endpoint)}"
-        assert not _processes_of(state), f"processes left: {_processes_of(state)}"
+        yield made
 
 
 def verify(cluster: Cluster) -> subprocess.CompletedProcess[str]:
