@@ -56,6 +56,7 @@ from orchestrator.core import (
 )
 from orchestrator.deployments import plan_request_from_spec, store_deployment
 from orchestrator.registry_server import RegistryServer
+from orchestrator.safe_yaml import clip
 from orchestrator.spec import SpecError, parse_deployment
 from orchestrator.store import Conflict, ControlStore, DeploymentRecord
 from orchestrator.throughput import TokenRates
@@ -74,6 +75,7 @@ ADMIN_SERVICE = "lockstep.admin.v1.Admin"
 WRITE_METHODS = frozenset({"Apply", "Delete", "Cordon", "Uncordon", "Drain", "Verify"})
 ROLES = ("admin", "viewer")
 MAX_MESSAGE_BYTES = 2 << 20
+ERROR_DETAILS_LIMIT = 2000  # characters of an error message (see `_abort`)
 MAX_NODE_CHIPS = 1024
 MAX_SLOT = 1023  # slots of a rack are 0..MAX_SLOT (the topology has one entry per slot)
 MAX_CHIP_SRAM = 1 << 40
@@ -591,8 +593,11 @@ def _layout(replica: Replica) -> str:
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
-    """`context.abort` (it raises; typed so the checker knows it does not return)."""
-    context.abort(code, message)
+    """`context.abort` (it raises; typed so the checker knows it does not return), with the
+    message clipped to `ERROR_DETAILS_LIMIT` characters: it may quote a caller's names, and
+    details travel in a header, which gRPC limits (a 100 kB name would turn a NOT_FOUND into
+    RESOURCE_EXHAUSTED)."""
+    context.abort(code, clip(message, ERROR_DETAILS_LIMIT))
     raise AssertionError("unreachable: context.abort raises")
 
 

@@ -324,6 +324,23 @@ def test_auth_failures(cluster: Cluster) -> None:
     assert _deployments(cluster) == {"tiny-llama": 1}
 
 
+def test_huge_names_get_a_clipped_not_found(cluster: Cluster) -> None:
+    """A 100 kB name is NOT_FOUND with a short message, not RESOURCE_EXHAUSTED: error details
+    travel in a header and gRPC bounds headers, so the admin API clips what it quotes."""
+    huge = "n" * 100_000
+    calls = (
+        lambda: cluster.stub.Get(admin_pb2.GetRequest(name=huge), metadata=cluster.viewer),
+        lambda: cluster.stub.Delete(admin_pb2.DeleteRequest(name=huge), metadata=cluster.admin),
+        lambda: cluster.stub.GetNode(admin_pb2.GetNodeRequest(name=huge), metadata=cluster.viewer),
+    )
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() is grpc.StatusCode.NOT_FOUND, caught.value.details()
+        assert len(caught.value.details() or "") <= 2000
+    assert _deployments(cluster) == {"tiny-llama": 1}
+
+
 def test_node_registry_takes_the_node_from_the_certificate(cluster: Cluster) -> None:
     registry = str(cluster.endpoint["registry"])
     request = admin_pb2.RegisterRequest(
