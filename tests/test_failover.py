@@ -14,9 +14,12 @@ failovers left some of its stages on the same node), and no chip keeps a stale s
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
+import shutil
 import signal
+import subprocess
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -494,3 +497,89 @@ def test_the_spare_killed_while_the_moved_stages_load_onto_it(
     kept = [c for c in chips if c.rsplit("/", 1)[0] != node]
     assert set(kept) <= set(after[serving].chips)
     assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
+
+
+def _cut_tcp(pid: int, address: str) -> int:
+    """Reset every established TCP connection process `pid` holds to `address` (host:port),
+    with `ss -K` (SOCK_DESTROY: the kernel aborts the socket and sends the peer an RST, as
+    a failed switch port or a middlebox dropping the flow would). Returns how many were cut."""
+    host, _, port = address.rpartition(":")
+    listed = subprocess.run(
+        ["ss", "-tnpH", "state", "established", "dst", f"{host}:{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    local_ports = [
+        line.split()[2].rpartition(":")[2] for line in listed.splitlines() if f"pid={pid}," in line
+    ]
+    for local in local_ports:
+        subprocess.run(
+            [
+                "ss",
+                "-K",
+                "-tn",
+                "state",
+                "established",
+                "sport",
+                f"= :{local}",
+                "dport",
+                f"= :{port}",
+            ],
+            capture_output=True,
+            check=True,
+        )
+    return len(local_ports)
+
+
+@pytest.mark.skipif(
+    shutil.which("ss") is None or os.geteuid() != 0, reason="needs ss -K (root, CAP_NET_ADMIN)"
+)
+def test_a_link_broken_between_two_live_agents_resynchronizes_on_the_same_chips(
+    cluster: Cluster, reference: list[int]
+) -> None:
+    """The TCP connection carrying a stage-to-stage Link stream is reset (`ss -K` on the
+    sending agent's sockets to the receiving agent) while both agents live: the real fault
+    of a flapping link. Links dial the downstream agent directly, so no proxy can sit in
+    between, and no agent RPC breaks a link without also dropping or halting a stage (which
+    would be a different fault). The sending stage sees its stream break and stops, the
+    gateway sees the pipeline stop, no chip or node explains it, so after the grace period
+    the replica resynchronizes at a new epoch on the same chips and the client's stream goes
+    on identically."""
+    wait_for(lambda: _ready(cluster), timeout=120, interval=0.1, what="Ready")
+    before = _replicas(cluster)
+    since = _last_event_id(cluster)
+    stream = Stream(cluster)
+    serving = stream.next().replica
+    chips = list(before[serving].chips)
+    nodes = [c.rsplit("/", 1)[0] for c in chips]
+    pairs = [(a, b) for a, b in itertools.pairwise(nodes) if a != b]
+    if not pairs:
+        pytest.skip(f"replica {serving} has no link between two agents: {chips}")
+    sender, receiver = pairs[0]
+    listed = cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
+    address = next(n.address for n in listed if n.name == receiver)
+    (pid,) = _processes_of(cluster.state, node=sender)
+    assert _cut_tcp(pid, address) >= 1, f"no connection from {sender} to {receiver} ({address})"
+    assert _processes_of(cluster.state, node=sender) == [pid]  # both agents live on
+
+    got = stream.rest()
+    assert [r.token for r in got] == reference  # nothing lost, repeated or changed
+    assert [r.index for r in got] == list(range(len(reference)))
+    assert got[-1].resumed >= 1, "the link broke after the stream ended"
+
+    def healed() -> bool:
+        return _ready(cluster) and _replicas(cluster)[serving].epoch > before[serving].epoch
+
+    wait_for(healed, timeout=120, interval=0.1, what="Ready again at a new epoch")
+    after = _replicas(cluster)
+    assert list(after[serving].chips) == chips  # resynchronized where it was
+    assert _processes_of(cluster.state, node=receiver)  # nobody died
+    reasons = [e.reason for e in _events_since(cluster, since) if e.deployment == "tiny-llama"]
+    assert "Resynchronizing" in reasons, reasons
+    assert "StagesMoved" not in reasons, reasons
+    assert "AgentDied" not in [e.reason for e in _events_since(cluster, since)]
+    assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
+    run = cluster.lpuctl("generate", "tiny-llama", "--ids", *map(str, PROMPT), "--max-tokens", "8")
+    assert run.returncode == 0, run.stderr
+    assert [int(t) for t in run.stdout.split()] == reference[:8]
