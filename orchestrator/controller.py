@@ -91,7 +91,7 @@ from orchestrator.core import (
 from orchestrator.deployments import model_for_spec
 from orchestrator.metrics import PassStats
 from orchestrator.serving import configure_replica, configure_requests, start_epoch
-from orchestrator.shard_store import ShardStore
+from orchestrator.shard_store import ShardStore, StoreError
 from orchestrator.spec import DeploymentSpec, SpecError, deployment_from_manifest
 from orchestrator.store import ControlStore, NotFound
 from orchestrator.targets import target_from_spec
@@ -252,7 +252,15 @@ class ShardCompiler:
         text = None
         if spec.checkpoint_path is None and spec.model_preset == "tiny-llama":
             text = tiny_text_spec()
-        return compile_plan(plan, cfg, source, self.store_dir, text=text)
+        try:
+            return compile_plan(plan, cfg, source, self.store_dir, text=text)
+        except OSError as exc:  # a full disk, a quota: say where, for the deployment's events
+            if isinstance(exc, FileNotFoundError) and spec.checkpoint_path is not None:
+                raise  # a checkpoint gone is not the store's fault
+            raise StoreError(
+                f"writing the shard store {self.store_dir}: {exc.strerror or exc} "
+                f"(errno {exc.errno}); nothing half-written is kept, the compile is retried"
+            ) from exc
 
 
 class HeartbeatBuffer:
