@@ -91,7 +91,7 @@ from orchestrator.core import (
 from orchestrator.deployments import model_for_spec
 from orchestrator.metrics import PassStats
 from orchestrator.serving import configure_replica, configure_requests, start_epoch
-from orchestrator.shard_store import ShardStore
+from orchestrator.shard_store import ShardStore, StoreError
 from orchestrator.spec import DeploymentSpec, SpecError, deployment_from_manifest
 from orchestrator.store import ControlStore, NotFound
 from orchestrator.targets import target_from_spec
@@ -252,7 +252,15 @@ class ShardCompiler:
         text = None
         if spec.checkpoint_path is None and spec.model_preset == "tiny-llama":
             text = tiny_text_spec()
-        return compile_plan(plan, cfg, source, self.store_dir, text=text)
+        try:
+            return compile_plan(plan, cfg, source, self.store_dir, text=text)
+        except OSError as exc:  # a full disk, a quota: say where, for the deployment's events
+            if isinstance(exc, FileNotFoundError) and spec.checkpoint_path is not None:
+                raise  # a checkpoint gone is not the store's fault
+            raise StoreError(
+                f"writing the shard store {self.store_dir}: {exc.strerror or exc} "
+                f"(errno {exc.errno}); nothing half-written is kept, the compile is retried"
+            ) from exc
 
 
 class HeartbeatBuffer:
@@ -527,6 +535,11 @@ class Controller:
             log.warning("%s failed: %s", action.key, why)
             self.stats.action_failed()
             self._record_failure(action, why, self.clock())
+            if isinstance(exc, grpc.RpcError) and exc.code() is grpc.StatusCode.DATA_LOSS:
+                try:
+                    self._replace_corrupt_blob(action)
+                except Exception:  # the next pass retries the load; it ends up here again
+                    log.exception("checking the store's copy of %s", action.shard_id)
         try:
             node = self.store.node(action.node)
             if node is not None and node.address == action.address:
@@ -540,6 +553,36 @@ class Controller:
                 self._loading.pop(action.key, None)
                 self._finished.add(action.key)
             self.wake()
+
+    def _replace_corrupt_blob(self, action: Load) -> None:
+        """The agent refused a load as corrupt (DATA_LOSS). If the store's own copy no longer
+        hashes to its id (a bad disk, a stray write), every retry would stream the same bad
+        bytes and fail forever: remove the blob and recompile the replica, which writes it
+        again from the checkpoint (content-addressed: the same id), and the next pass loads
+        it. A good copy means the bytes broke on the way: the next pass retries as usual."""
+        store = ShardStore(self.compiler.store_dir)
+        if store.verify(action.shard_id):
+            return
+        store.remove(action.shard_id)
+        self.store.add_event(
+            self.clock(),
+            "Warning",
+            "ShardCorrupt",
+            f"shard {action.shard_id} in the shard store failed its BLAKE3 check (node "
+            f"{action.node} refused it with DATA_LOSS): removed, recompiling replica "
+            f"{action.replica} of {action.deployment}",
+            deployment=action.deployment,
+            node=action.node,
+        )
+        record = self.store.deployment(action.deployment)
+        if record is None:
+            return
+        spec = deployment_from_manifest(record.manifest, source=f"stored deployment {record.name}")
+        target = target_from_spec(spec, record.generation, deleting=record.deleting)
+        self._refs.pop((action.deployment, action.replica), None)
+        _, refs = self._compiled(target, action.replica)
+        if not any(r.shard_id == action.shard_id for r in refs):
+            log.warning("recompiling %s gave other shard ids", action.deployment)
 
     def _record_failure(self, action: Action, why: str, now: float) -> None:
         deployment = getattr(action, "deployment", None)

@@ -214,6 +214,12 @@ class ShardStore:
         path = self.blob_path(shard_id)
         return path.is_file() and file_shard_id(path) == shard_id
 
+    def remove(self, shard_id: str) -> None:
+        """Delete a blob (one that failed `verify`); its recipes then miss, so a compile
+        writes it again. Missing already: nothing to do."""
+        with contextlib.suppress(FileNotFoundError):
+            self.blob_path(shard_id).unlink()
+
     def sha256(self, shard_id: str) -> str:
         """The sha256 of a stored blob: the audit digest, for tools that want one."""
         return file_sha256(self.blob_path(shard_id))

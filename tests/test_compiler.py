@@ -140,6 +140,25 @@ def test_recompile_is_a_no_op(tmp_path: Path) -> None:
     }
 
 
+def test_a_removed_corrupt_blob_is_rebuilt_to_the_same_address(tmp_path: Path) -> None:
+    """What the controller does when an agent refuses a blob with DATA_LOSS and the store's
+    copy is bad: remove it; the next compile misses its recipe and writes it again."""
+    plan = tiny_plan(1)
+    first = compile_plan(plan, TINY, 11, tmp_path)
+    store = ShardStore(tmp_path)
+    victim = first[0].shard_id
+    data = bytearray(store.read(victim))
+    data[len(data) // 2] ^= 0xFF
+    store.blob_path(victim).write_bytes(bytes(data))
+    assert not store.verify(victim)
+    assert compile_plan(plan, TINY, 11, tmp_path) == first  # same size: the lookup is fooled
+    assert not store.verify(victim)
+    store.remove(victim)
+    store.remove(victim)  # gone already: nothing to do
+    assert compile_plan(plan, TINY, 11, tmp_path) == first
+    assert store.verify(victim)
+
+
 def test_checkpoint_and_seed_compile_to_the_same_blobs(tmp_path: Path) -> None:
     plan = tiny_plan(4)
     write_checkpoint(TINY, tmp_path / "ckpt", seed=11, max_file_bytes=4 << 20)
