@@ -43,11 +43,11 @@ from typing import Any
 import grpc
 
 from agents.executor import ReferenceExecutor
+from bench.control_plane import _admin_stub, _poll
 from orchestrator.control_plane import ControlPlane, token_for
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS
 from protos import admin_pb2, admin_pb2_grpc
-from security.identity import CONTROL_PLANE, dns_name
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "manifests" / "examples" / "tiny-llama.yaml"
@@ -56,26 +56,6 @@ NAME = "tiny-llama"
 PROMPT = [5, 9, 2]
 MAX_TOKENS = 200
 PHASE_KEYS = ("detect", "replan", "load", "resync", "replay", "ready_again", "stall")
-
-
-def _stub(plane: ControlPlane) -> tuple[admin_pb2_grpc.AdminStub, grpc.Channel]:
-    ca = (plane.paths.certs / "ca.crt").read_bytes()
-    channel = grpc.secure_channel(
-        plane.admin_address,
-        grpc.ssl_channel_credentials(ca),
-        options=[("grpc.ssl_target_name_override", dns_name(CONTROL_PLANE))],
-    )
-    return admin_pb2_grpc.AdminStub(channel), channel
-
-
-def _poll(probe: Any, timeout: float, what: str, every: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _agent_pid(state: str, node: str) -> int:
@@ -232,7 +212,7 @@ def main() -> None:
         plane = ControlPlane(state)
         try:
             plane.start()
-            stub, channel = _stub(plane)
+            stub, channel = _admin_stub(plane.paths, plane.admin_address)
             auth = (("authorization", f"Bearer {token_for(plane.paths, 'admin')}"),)
             stub.Apply(admin_pb2.ApplyRequest(yaml=manifest, source="bench"), metadata=auth)
             for i in range(args.runs):
