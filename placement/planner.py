@@ -15,6 +15,7 @@ from placement.cost import (
     Prediction,
     Workload,
     hop_seconds,
+    kv_group_bytes,
     op_sram_bytes,
     ring_prediction,
     token_hop_bytes,
@@ -22,7 +23,12 @@ from placement.cost import (
 from placement.errors import InputError, Unplaceable
 from placement.mapper import SPREADS, Mapping, map_replicas
 from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
-from placement.partition import Partition, lower_bound_chips, ranked_partitions
+from placement.partition import (
+    CHIPS_TARGET_RATIO,
+    Partition,
+    lower_bound_chips,
+    ranked_partitions,
+)
 from placement.plan import OpCut, Plan, StagePlan
 from placement.profiles import ChipProfile
 from placement.topology import ChipRef, Topology
@@ -130,7 +136,7 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
         chips_lower_bound=bound,
         sram_bytes_needed=needed,
         predicted=prediction,
-        notes=tuple(_explain(partition, ops, chips_used, bound, request, profile)),
+        notes=tuple(_explain(partition, ops, chips_used, bound, request, profile, work)),
     )
 
 
@@ -226,6 +232,7 @@ def _explain(
     bound: int,
     request: PlanRequest,
     profile: ChipProfile,
+    work: Workload,
 ) -> list[str]:
     """Why the plan uses more chips than the SRAM lower bound, in numbers."""
     table = partition.table
@@ -259,12 +266,41 @@ def _explain(
             f"({size / table.capacity:.0%} of a chip: {op.kind} ops are cut only at "
             f"{_cut_unit(op.kind, profile.mlp_cut_columns)} boundaries)"
         )
+    if partition.finest_chips is not None:
+        notes.append(_finest_note(partition.finest_chips, ops, request, profile, work))
     if tp > 1:
         notes.append(
             f"tensorParallel {tp}: every stage takes {tp} chips, and stage counts round up "
             f"per TP group ({request.replicas} replicas x {partition.stage_count} stages x {tp})"
         )
     return notes
+
+
+def _finest_note(
+    finest_chips: int,
+    ops: Sequence[Op],
+    request: PlanRequest,
+    profile: ChipProfile,
+    work: Workload,
+) -> str:
+    """The second look of `ranked_partitions` at a plan over the target, and the piece that
+    makes a stage boundary costly: a KV group, held whole on both sides of a boundary inside
+    it (the lower bound counts it once)."""
+    note = (
+        f"over x{CHIPS_TARGET_RATIO} of the bound at the default pieces, every op was cut "
+        f"into the finest pieces the layout supports (a query head, "
+        f"{profile.mlp_cut_columns} MLP columns, 128 vocabulary rows): no contiguous split "
+        f"of them fits one replica in fewer than {finest_chips} chips"
+    )
+    groups = [kv_group_bytes(op, request.model, work) for op in ops if op.kind == "attention"]
+    if groups:
+        share = max(groups) // request.model.num_key_value_heads
+        note += (
+            f"; a stage boundary inside a KV group holds the group's K/V projections and cache "
+            f"on both sides, {share / 2**20:,.1f} MiB ({share / profile.usable_sram_bytes:.1%} "
+            f"of a chip)"
+        )
+    return note
 
 
 def prediction_for(plan: Plan, topology: Topology) -> Prediction:
