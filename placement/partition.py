@@ -25,7 +25,6 @@ inside the op).
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -356,7 +355,7 @@ class Partition:
     table: ChunkTable
     bounds: tuple[int, ...]
     # The fewest chips any contiguous split of the finest pieces needs (over every TP width),
-    # when `ranked_partitions` looked (only for plans over `CHIPS_TARGET_RATIO`); else None.
+    # when `ranked_partitions` looked (only for plans over `chips_target`); else None.
     finest_chips: int | None = None
 
     @property
@@ -460,9 +459,21 @@ class TPChoice:
         return self.tp * self.stages
 
 
-# Chips against the SRAM lower bound a plan aims for (issue 12). Plans the default pieces
-# leave above it get a second look at the finest pieces (`ranked_partitions`).
-CHIPS_TARGET_RATIO = 1.03
+# Chips against the SRAM lower bound a plan aims for, in percent (issue 12: x1.03). Plans the
+# default pieces leave above it get a second look at the finest pieces (`ranked_partitions`).
+CHIPS_TARGET_PERCENT = 103
+
+
+def chips_target(lower_bound: int, finest_chips: int | None = None) -> int:
+    """The most chips a plan of automatic stage count should use: 3 % over the lower bound
+    (rounded down: chips are whole), or the fewest chips any contiguous split of the finest
+    pieces needs, whichever is more.
+
+    The second term decides only for models of a few dozen chips, where one chip is more
+    than 3 % and a stage boundary can cost more than the bound's slack: a boundary inside
+    attention holds a KV group's K/V projections and cache on both sides.
+    """
+    return max(lower_bound * CHIPS_TARGET_PERCENT // 100, finest_chips or 0)
 
 
 def ranked_partitions(
@@ -483,7 +494,7 @@ def ranked_partitions(
     Chunks of about 1/`max_chunks_per_chip` of a chip keep the tables small (405B: ~250k
     chunks per width) and waste at most one chunk per stage — a few tenths of a percent, which
     matters only for models of a few dozen chips, where one chip is more than 3 %. So when the
-    fewest chips of any width exceed `CHIPS_TARGET_RATIO` x the lower bound (one replica's),
+    fewest chips of any width exceed `chips_target` of the lower bound (one replica's),
     every width is cut again at the finest pieces (`build_chunk_table(finest=True)`); if that
     saves chips, a width keeps the finer table where it needs fewer stages. Plans within the
     target never pay for this second look, and no plan changes unless it saves chips; the ones
@@ -525,7 +536,7 @@ def ranked_partitions(
     bound = lower_bound_chips(
         int((columns.split_bytes + columns.replicated).sum()), profile.usable_sram_bytes
     )
-    if pipeline_stages is None and min(c.chips for c in choices) > CHIPS_TARGET_RATIO * bound:
+    if pipeline_stages is None and min(c.chips for c in choices) > chips_target(bound):
         finest = [_finest(c.tp, ops, cfg, profile, work, columns) for c in choices]
         finest_chips = min(f.chips for f in finest)
         # Only a saving changes the plan; then a width keeps the finer table where it needs
@@ -557,4 +568,5 @@ def _finest(
 
 
 def lower_bound_chips(total_bytes: int, usable_per_chip: int) -> int:
-    return max(1, math.ceil(total_bytes / usable_per_chip))
+    """Chips the bytes need at the least: every chip filled to its usable SRAM."""
+    return max(1, -(-total_bytes // usable_per_chip))

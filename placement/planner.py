@@ -24,8 +24,9 @@ from placement.errors import InputError, Unplaceable
 from placement.mapper import SPREADS, Mapping, map_replicas
 from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
 from placement.partition import (
-    CHIPS_TARGET_RATIO,
+    CHIPS_TARGET_PERCENT,
     Partition,
+    chips_target,
     lower_bound_chips,
     ranked_partitions,
 )
@@ -117,8 +118,12 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
             )
         hops.append(replica_hops(topology, [g[0] for g in groups], activation_out))
     prediction = ring_prediction([stage_seconds] * request.replicas, hops, request.max_batch)
-    needed = request.replicas * sum(op_sram_bytes(op, 1, request.model, work) for op in ops)
-    bound = lower_bound_chips(needed, profile.usable_sram_bytes)
+    # Replicas share no chip, so each needs its own whole number of chips.
+    per_replica = sum(op_sram_bytes(op, 1, request.model, work) for op in ops)
+    needed = request.replicas * per_replica
+    bound = request.replicas * lower_bound_chips(per_replica, profile.usable_sram_bytes)
+    finest = partition.finest_chips
+    target = chips_target(bound, None if finest is None else request.replicas * finest)
     chips_used = partition.stage_count * tp * request.replicas
     return Plan(
         deployment=request.name,
@@ -134,6 +139,7 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
         spares=tuple(topology.chip_id(ref) for ref in mapping.spares),
         chips_used=chips_used,
         chips_lower_bound=bound,
+        chips_target=target,
         sram_bytes_needed=needed,
         predicted=prediction,
         notes=tuple(_explain(partition, ops, chips_used, bound, request, profile, work)),
@@ -287,7 +293,7 @@ def _finest_note(
     makes a stage boundary costly: a KV group, held whole on both sides of a boundary inside
     it (the lower bound counts it once)."""
     note = (
-        f"over x{CHIPS_TARGET_RATIO} of the bound at the default pieces, every op was cut "
+        f"over x{CHIPS_TARGET_PERCENT / 100} of the bound at the default pieces, every op was cut "
         f"into the finest pieces the layout supports (a query head, "
         f"{profile.mlp_cut_columns} MLP columns, 128 vocabulary rows): no contiguous split "
         f"of them fits one replica in fewer than {finest_chips} chips"
