@@ -25,10 +25,9 @@ inside the op).
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -213,8 +212,14 @@ def build_chunk_table(
     work: Workload,
     tp: int,
     columns: OpColumns | None = None,
+    finest: bool = False,
 ) -> ChunkTable:
     """Size every op at width `tp` and cut the large ones into chunks.
+
+    By default an op is cut into pieces of about usable SRAM / `max_chunks_per_chip`;
+    `finest` cuts every op into the most pieces the layout supports (`models.chunk_limits`:
+    one query head, `mlp_cut_columns` columns, 128 vocabulary rows), for `ranked_partitions`'
+    second look at plans the default pieces leave over the target.
 
     An attention op cut into more chunks than it has KV heads is cut inside the KV groups
     (`models.chunk_units`): every group into the same number of query-head sub-chunks. Each
@@ -236,7 +241,7 @@ def build_chunk_table(
             f"the per-chip activation workspace ({chip_workspace_bytes(cfg, work):,} bytes for "
             f"maxBatch {work.max_batch}) exceeds usable SRAM ({profile.usable_sram_bytes:,})"
         )
-    target = max(1, capacity // profile.max_chunks_per_chip)
+    target = 1 if finest else max(1, capacity // profile.max_chunks_per_chip)
     kv_heads = cfg.num_key_value_heads
     group = cfg.num_attention_heads // kv_heads
     col = columns or OpColumns.of(ops, cfg, profile, work)
@@ -349,6 +354,9 @@ class Partition:
 
     table: ChunkTable
     bounds: tuple[int, ...]
+    # The fewest chips any contiguous split of the finest pieces needs (over every TP width),
+    # when `ranked_partitions` looked (only for plans over `chips_target`); else None.
+    finest_chips: int | None = None
 
     @property
     def stage_count(self) -> int:
@@ -451,6 +459,23 @@ class TPChoice:
         return self.tp * self.stages
 
 
+# Chips against the SRAM lower bound a plan aims for, in percent (issue 12: x1.03). Plans the
+# default pieces leave above it get a second look at the finest pieces (`ranked_partitions`).
+CHIPS_TARGET_PERCENT = 103
+
+
+def chips_target(lower_bound: int, finest_chips: int | None = None) -> int:
+    """The most chips a plan of automatic stage count should use: 3 % over the lower bound
+    (rounded down: chips are whole), or the fewest chips any contiguous split of the finest
+    pieces needs, whichever is more.
+
+    The second term decides only for models of a few dozen chips, where one chip is more
+    than 3 % and a stage boundary can cost more than the bound's slack: a boundary inside
+    attention holds a KV group's K/V projections and cache on both sides.
+    """
+    return max(lower_bound * CHIPS_TARGET_PERCENT // 100, finest_chips or 0)
+
+
 def ranked_partitions(
     ops: Sequence[Op],
     cfg: ModelConfig,
@@ -465,6 +490,16 @@ def ranked_partitions(
     `pipeline_stages` asks for exactly that many stages (more stages than the fewest that fit
     shorten the slowest stage); widths that cannot give that many are skipped. Raises
     `Unplaceable` with every width's reason when none is feasible.
+
+    Chunks of about 1/`max_chunks_per_chip` of a chip keep the tables small (405B: ~250k
+    chunks per width) and waste at most one chunk per stage — a few tenths of a percent, which
+    matters only for models of a few dozen chips, where one chip is more than 3 %. So when the
+    fewest chips of any width exceed `chips_target` of the lower bound (one replica's),
+    every width is cut again at the finest pieces (`build_chunk_table(finest=True)`); if that
+    saves chips, a width keeps the finer table where it needs fewer stages. Plans within the
+    target never pay for this second look, and no plan changes unless it saves chips; the ones
+    over the target carry `finest_chips`, the fewest any split of the finest pieces needs,
+    which the plan's notes quote.
     """
     if tensor_parallel and tensor_parallel > profile.chips_per_node:
         raise Unplaceable(
@@ -497,10 +532,41 @@ def ranked_partitions(
             choices.append(TPChoice(tp, table, pipeline_stages))
     if not choices:
         raise Unplaceable("; ".join(reasons))
+    finest_chips = None
+    bound = lower_bound_chips(
+        int((columns.split_bytes + columns.replicated).sum()), profile.usable_sram_bytes
+    )
+    if pipeline_stages is None and min(c.chips for c in choices) > chips_target(bound):
+        finest = [_finest(c.tp, ops, cfg, profile, work, columns) for c in choices]
+        finest_chips = min(f.chips for f in finest)
+        # Only a saving changes the plan; then a width keeps the finer table where it needs
+        # fewer stages (finer pieces can also need more: every piece's share is rounded up).
+        if finest_chips < min(c.chips for c in choices):
+            choices = [
+                f if f.stages < c.stages else c for c, f in zip(choices, finest, strict=True)
+            ]
     for chips in sorted({c.chips for c in choices}):
-        same = [optimal_partition(c.table, c.stages) for c in choices if c.chips == chips]
+        same = [
+            replace(optimal_partition(c.table, c.stages), finest_chips=finest_chips)
+            for c in choices
+            if c.chips == chips
+        ]
         yield from sorted(same, key=lambda p: p.bottleneck_ps)
 
 
+def _finest(
+    tp: int,
+    ops: Sequence[Op],
+    cfg: ModelConfig,
+    profile: ChipProfile,
+    work: Workload,
+    columns: OpColumns,
+) -> TPChoice:
+    """The fewest stages at width `tp` of the finest pieces the layout supports."""
+    table = build_chunk_table(ops, cfg, profile, work, tp, columns, finest=True)
+    return TPChoice(tp, table, min_stage_count(table))
+
+
 def lower_bound_chips(total_bytes: int, usable_per_chip: int) -> int:
-    return max(1, math.ceil(total_bytes / usable_per_chip))
+    """Chips the bytes need at the least: every chip filled to its usable SRAM."""
+    return max(1, -(-total_bytes // usable_per_chip))

@@ -96,6 +96,9 @@ class Plan:
     sram_bytes_needed: int
     predicted: Prediction
     notes: tuple[str, ...] = ()
+    # The most chips the plan should use (`partition.chips_target`); 0 in plans stored before
+    # it was recorded.
+    chips_target: int = 0
     plan_seconds: float = field(default=0.0, compare=False)
 
     def replica_stages(self, replica: int) -> list[StagePlan]:
@@ -120,6 +123,7 @@ class Plan:
             "pipelineStages": self.pipeline_stages,
             "chipsUsed": self.chips_used,
             "chipsLowerBound": self.chips_lower_bound,
+            "chipsTarget": self.chips_target,
             "sramBytesNeeded": self.sram_bytes_needed,
             "spares": list(self.spares),
             "predicted": self.predicted.to_dict(),
@@ -155,5 +159,6 @@ class Plan:
                 bottleneck_stage_ms=float(pred["bottleneckStageMs"]),
             ),
             notes=tuple(raw.get("notes", ())),
+            chips_target=int(raw.get("chipsTarget", 0)),
             plan_seconds=float(raw.get("planSeconds", 0.0)),
         )

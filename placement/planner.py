@@ -15,6 +15,7 @@ from placement.cost import (
     Prediction,
     Workload,
     hop_seconds,
+    kv_group_bytes,
     op_sram_bytes,
     ring_prediction,
     token_hop_bytes,
@@ -22,7 +23,13 @@ from placement.cost import (
 from placement.errors import InputError, Unplaceable
 from placement.mapper import SPREADS, Mapping, map_replicas
 from placement.models import PRECISION_BYTES, ModelConfig, Op, build_ops
-from placement.partition import Partition, lower_bound_chips, ranked_partitions
+from placement.partition import (
+    CHIPS_TARGET_PERCENT,
+    Partition,
+    chips_target,
+    lower_bound_chips,
+    ranked_partitions,
+)
 from placement.plan import OpCut, Plan, StagePlan
 from placement.profiles import ChipProfile
 from placement.topology import ChipRef, Topology
@@ -111,8 +118,12 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
             )
         hops.append(replica_hops(topology, [g[0] for g in groups], activation_out))
     prediction = ring_prediction([stage_seconds] * request.replicas, hops, request.max_batch)
-    needed = request.replicas * sum(op_sram_bytes(op, 1, request.model, work) for op in ops)
-    bound = lower_bound_chips(needed, profile.usable_sram_bytes)
+    # Replicas share no chip, so each needs its own whole number of chips.
+    per_replica = sum(op_sram_bytes(op, 1, request.model, work) for op in ops)
+    needed = request.replicas * per_replica
+    bound = request.replicas * lower_bound_chips(per_replica, profile.usable_sram_bytes)
+    finest = partition.finest_chips
+    target = chips_target(bound, None if finest is None else request.replicas * finest)
     chips_used = partition.stage_count * tp * request.replicas
     return Plan(
         deployment=request.name,
@@ -128,9 +139,10 @@ def make_plan(request: PlanRequest, topology: Topology) -> Plan:
         spares=tuple(topology.chip_id(ref) for ref in mapping.spares),
         chips_used=chips_used,
         chips_lower_bound=bound,
+        chips_target=target,
         sram_bytes_needed=needed,
         predicted=prediction,
-        notes=tuple(_explain(partition, ops, chips_used, bound, request, profile)),
+        notes=tuple(_explain(partition, ops, chips_used, bound, request, profile, work)),
     )
 
 
@@ -226,6 +238,7 @@ def _explain(
     bound: int,
     request: PlanRequest,
     profile: ChipProfile,
+    work: Workload,
 ) -> list[str]:
     """Why the plan uses more chips than the SRAM lower bound, in numbers."""
     table = partition.table
@@ -259,12 +272,41 @@ def _explain(
             f"({size / table.capacity:.0%} of a chip: {op.kind} ops are cut only at "
             f"{_cut_unit(op.kind, profile.mlp_cut_columns)} boundaries)"
         )
+    if partition.finest_chips is not None:
+        notes.append(_finest_note(partition.finest_chips, ops, request, profile, work))
     if tp > 1:
         notes.append(
             f"tensorParallel {tp}: every stage takes {tp} chips, and stage counts round up "
             f"per TP group ({request.replicas} replicas x {partition.stage_count} stages x {tp})"
         )
     return notes
+
+
+def _finest_note(
+    finest_chips: int,
+    ops: Sequence[Op],
+    request: PlanRequest,
+    profile: ChipProfile,
+    work: Workload,
+) -> str:
+    """The second look of `ranked_partitions` at a plan over the target, and the piece that
+    makes a stage boundary costly: a KV group, held whole on both sides of a boundary inside
+    it (the lower bound counts it once)."""
+    note = (
+        f"over x{CHIPS_TARGET_PERCENT / 100} of the bound at the default pieces, every op was cut "
+        f"into the finest pieces the layout supports (a query head, "
+        f"{profile.mlp_cut_columns} MLP columns, 128 vocabulary rows): no contiguous split "
+        f"of them fits one replica in fewer than {finest_chips} chips"
+    )
+    groups = [kv_group_bytes(op, request.model, work) for op in ops if op.kind == "attention"]
+    if groups:
+        share = max(groups) // request.model.num_key_value_heads
+        note += (
+            f"; a stage boundary inside a KV group holds the group's K/V projections and cache "
+            f"on both sides, {share / 2**20:,.1f} MiB ({share / profile.usable_sram_bytes:.1%} "
+            f"of a chip)"
+        )
+    return note
 
 
 def prediction_for(plan: Plan, topology: Topology) -> Prediction:

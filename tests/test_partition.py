@@ -5,16 +5,23 @@ from __future__ import annotations
 from itertools import combinations, pairwise
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from placement.cost import Workload
+from placement.models import build_ops, chunk_limits, model_preset
 from placement.partition import (
     ChunkTable,
+    Partition,
+    build_chunk_table,
     greedy_cuts,
     optimal_bottleneck,
     optimal_partition,
+    ranked_partitions,
     table_bottleneck,
 )
+from placement.profiles import GROQ_RACK
 
 
 def prefix(values: list[int]) -> list[int]:
@@ -174,3 +181,42 @@ def test_partition_with_kv_group_starts_matches_exhaustive_search(
         wider = optimal_partition(table, stages + 1)
         assert wider.stage_count == stages + 1 and wider.bottleneck_ps <= bound
         assert all(wider.stage_bytes(i) <= capacity for i in range(stages + 1))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_finest_table_cuts_every_op_into_the_most_pieces_the_layout_supports(tp: int) -> None:
+    """`finest=True`: an op is cut into `chunk_limits` pieces, attention at TP 1 into one
+    query head per piece (at TP > 1 into whole KV groups, as by default); the same bytes as
+    the default pieces but for per-piece rounding."""
+    cfg = model_preset("llama-3.2-3b")
+    work = Workload(4096, 4, "int8")
+    ops = build_ops(cfg, "int8")
+    default = build_chunk_table(ops, cfg, GROQ_RACK, work, tp)
+    finest = build_chunk_table(ops, cfg, GROQ_RACK, work, tp, finest=True)
+    limits = chunk_limits(cfg, GROQ_RACK.mlp_cut_columns)
+    pairs = zip(finest.op_index, finest.chunk_count, strict=True)
+    counts = {ops[int(o)].kind: int(c) for o, c in pairs}
+    assert counts["mlp"] == limits["mlp"] == 256 and counts["lm_head"] == limits["lm_head"]
+    kv = cfg.num_key_value_heads
+    assert counts["attention"] == (cfg.num_attention_heads if tp == 1 else kv // tp)
+    assert finest.size > default.size
+    # Per-rank rounding goes either way (a piece of an odd number of units at TP 2 charges
+    # half a unit more); at TP 1 the K/V a group cut into query heads holds again only adds.
+    assert abs(int(finest.prefix_bytes[-1]) / int(default.prefix_bytes[-1]) - 1) < 0.01
+    if tp == 1:
+        assert int(finest.prefix_bytes[-1]) >= int(default.prefix_bytes[-1])
+
+
+def test_second_look_only_over_the_target() -> None:
+    """`ranked_partitions` cuts at the finest pieces only when the default pieces leave the
+    best width over `chips_target`; the partitions then carry `finest_chips`."""
+
+    def first(name: str, batch: int) -> Partition:
+        cfg = model_preset(name)
+        work = Workload(4096, batch, "int8")
+        return next(ranked_partitions(build_ops(cfg, "int8"), cfg, GROQ_RACK, work, None))
+
+    within = first("llama-3.2-3b", 8)  # 26 chips for a bound of 26
+    assert within.finest_chips is None
+    over = first("llama-3.2-3b", 4)  # 22 for 21 at the default pieces, and at the finest
+    assert over.finest_chips == 22 == over.stage_count * over.table.tp
