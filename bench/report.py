@@ -164,7 +164,9 @@ def save(name: str, facts: dict[str, Any], result: dict[str, Any], data: Path = 
     return path
 
 
-def run_control_plane_cpu(nodes: Sequence[int] = HB_NODES) -> tuple[dict[str, Any], dict]:  # type: ignore[type-arg]
+def run_control_plane_cpu(
+    nodes: Sequence[int] = HB_NODES,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Control-plane CPU at several node counts: one `--only heartbeat` run per count (a small
     unary baseline, 16 nodes, to keep each run short), folded into `cpu_vs_nodes`."""
     runs, facts_all = [], []
@@ -226,10 +228,10 @@ def read(name: str, data: Path = DATA) -> dict[str, Any]:
 def _footer(records: Sequence[dict[str, Any]]) -> str:
     lines = []
     for r in records:
-        load = r.get("load_before"), r.get("load_after")
+        before, after = r.get("load_before"), r.get("load_after")
         load_text = (
-            f"load avg (1 min) {load[0][0]} -> {load[1][0]} on {r.get('cpus', '?')} CPUs"
-            if all(isinstance(x, list) and x for x in load)
+            f"load avg (1 min) {before[0]} -> {after[0]} on {r.get('cpus', '?')} CPUs"
+            if isinstance(before, list) and before and isinstance(after, list) and after
             else "load not recorded"
         )
         lines.append(f"{r.get('command', '?')}\n{r.get('started_utc', '?')} UTC, {load_text}")
