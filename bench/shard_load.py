@@ -430,14 +430,20 @@ def agent_args(node: str, sram_mib: int, certs: Path | None) -> tuple[str, ...]:
     )
 
 
+def blob_and_ca(tmp: Path, size_mib: int) -> tuple[Path, Path]:
+    """A run's shard file and cluster CA, under `tmp`."""
+    blob_path = tmp / "shard.safetensors"
+    blob_path.write_bytes(make_blob(size_mib))
+    certs = tmp / "certs"
+    certs_mod.init_cluster(certs)
+    return blob_path, certs
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sram_mib = args.size_mib + 16
     me = ("-m", "bench.shard_load")  # the helper processes run this module in a role
     with tempfile.TemporaryDirectory() as tmp, processes() as start:
-        blob_path = Path(tmp) / "shard.safetensors"
-        blob_path.write_bytes(make_blob(args.size_mib))
-        certs = Path(tmp) / "certs"
-        certs_mod.init_cluster(certs)
+        blob_path, certs = blob_and_ca(Path(tmp), args.size_mib)
         agent, agent_addr = start("-m", "agents.main", *agent_args("bench0", sram_mib, certs))
         plain_agent, plain_agent_addr = start(
             "-m", "agents.main", *agent_args("plain0", sram_mib, None)
@@ -498,10 +504,7 @@ def run_chunk_sweep(args: argparse.Namespace) -> dict[str, Any]:
     """Two one-chip agents (mutual TLS, plaintext) and the sweep's sender process."""
     sram_mib = args.size_mib + 16
     with tempfile.TemporaryDirectory() as tmp, processes() as start:
-        blob_path = Path(tmp) / "shard.safetensors"
-        blob_path.write_bytes(make_blob(args.size_mib))
-        certs = Path(tmp) / "certs"
-        certs_mod.init_cluster(certs)
+        blob_path, certs = blob_and_ca(Path(tmp), args.size_mib)
         tls, tls_addr = start("-m", "agents.main", *agent_args("bench0", sram_mib, certs))
         plain, plain_addr = start("-m", "agents.main", *agent_args("plain0", sram_mib, None))
         cfg = {
