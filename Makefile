@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.installed-runtime
 DEV_STAMP     := $(VENV)/.installed-dev
 
-.PHONY: run test lint bench protos clean
+.PHONY: run test lint bench report plots protos clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,19 @@ bench: $(RUNTIME_STAMP)
 	$(BIN)/python -m bench.control_plane
 	$(BIN)/python -m bench.verify
 	$(BIN)/python -m bench.failover
+
+## report: run the benchmarks behind the report's figures (several minutes), save their JSON under
+## docs/data/ and draw the PNGs under docs/ (BENCHMARKS.md); `make plots` redraws from the JSON only
+REPORT_STAMP := $(VENV)/.installed-report
+$(REPORT_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[report]'
+	touch $@ $(RUNTIME_STAMP)
+
+report: $(REPORT_STAMP)
+	$(BIN)/python -m bench.report run
+
+plots: $(REPORT_STAMP)
+	$(BIN)/python -m bench.report plot
 
 ## protos: regenerate protos/*_pb2*.py with the pinned grpcio-tools (a test fails when stale)
 protos: $(DEV_STAMP)

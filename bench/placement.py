@@ -17,7 +17,8 @@ is one JSON object with the figures.
 Plan time is the wall-clock median ("plan ms") and the least CPU time of the repetitions
 ("cpu ms", steadier on a shared machine).
 
-Run: `make bench` or `.venv/bin/python -m bench.placement [--repeats N]`.
+Run: `make bench` or `.venv/bin/python -m bench.placement [--repeats N] [--racks 1,2,4,...,145]`
+(`--racks` sweeps cluster sizes for the plan-time figure of `python -m bench.report`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,23 @@ from placement.topology import ChipState, preset_topology
 
 MODELS = ("llama-3-8b", "llama-3-70b", "llama-3.1-405b", "mixtral-8x7b")
 RACKS = (1, 8, 145)
+# `--racks` for the plan-time-against-cluster-size figure (`bench.report`): from one rack to
+# Groq's largest published system, 145 racks (10,440 chips).
+SWEEP_RACKS = (1, 2, 4, 8, 16, 36, 72, 145)
+
+
+def rack_list(text: str) -> tuple[int, ...]:
+    """`--racks 1,8,145`: rack counts, each a positive integer, 145 among them (the summary's
+    405B figure is taken there)."""
+    try:
+        racks = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--racks: integers separated by commas, got {text!r}"
+        ) from None
+    if not racks or racks[0] < 1 or 145 not in racks:
+        raise argparse.ArgumentTypeError(f"--racks: positive, and 145 among them, got {text!r}")
+    return racks
 
 
 def request(model: str) -> PlanRequest:
@@ -97,6 +115,12 @@ def timed(fn, repeats: int) -> tuple[float, object, float]:  # type: ignore[no-u
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--racks",
+        type=rack_list,
+        default=RACKS,
+        help=f"rack counts, e.g. {','.join(map(str, SWEEP_RACKS))} (default 1,8,145)",
+    )
     args = parser.parse_args()
 
     rows = []
@@ -105,7 +129,7 @@ def main() -> None:
         f"{'chips':>6} {'bound':>6} {'ratio':>6}  tokens/s/user"
     )
     for model in MODELS:
-        for racks in RACKS:
+        for racks in args.racks:
             topo = preset_topology(racks, "groq-rack")
             seconds, result, cpu = timed(
                 lambda t=topo, m=model: make_plan(request(m), t), args.repeats
@@ -207,6 +231,7 @@ def main() -> None:
             and presets_ok
         ),
         "repeats": args.repeats,
+        "racks": list(args.racks),
         "cases": rows,
     }
     print(

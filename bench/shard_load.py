@@ -46,7 +46,15 @@ of the transport); the four agents of the aggregate speak TLS.
 Targets (issue 3, 7): load+verify ≥ 1.0 GB/s with TLS, ≥ 0.8 of the bare gRPC stream, agent
 peak RSS ≤ shard size + 150 MB. The last line of output is one JSON object with the figures.
 
-Run: `.venv/bin/python -m bench.shard_load [--reps 5] [--size-mib 256] [--chunk-mib 1]`.
+Chunk sweep (`--chunk-sweep`, the GB/s-against-chunk-size figure of `python -m bench.report`):
+only two agents, one mutual TLS and one `--insecure`, loaded with the same shard cut into each
+of `--sweep-kib` chunk sizes (64 KiB .. 8 MiB, the largest an agent accepts), TLS and
+plaintext alternating load by load, `--reps` warm loads per size and transport after one
+untimed; per size the median GB/s, core-seconds per GB (sender + agent) and the other
+processes' cores. Its last line is one JSON object with `"chunk_sweep": [...]`.
+
+Run: `.venv/bin/python -m bench.shard_load [--reps 5] [--size-mib 256] [--chunk-mib 1]`,
+`.venv/bin/python -m bench.shard_load --chunk-sweep [--reps 3] [--sweep-kib 64,256,1024]`.
 """
 
 from __future__ import annotations
@@ -82,6 +90,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SINK_METHOD = "/bench.Sink/Put"
 SINK_NODE = "sink0"  # the TLS sink's agent identity
 CORES = os.cpu_count() or 2
+SWEEP_KIB = (64, 128, 256, 512, 1024, 2048, 4096, 8192)  # --chunk-sweep: 64 KiB .. 8 MiB
 GB = 1e9
 
 
@@ -303,6 +312,33 @@ def _aggregate(cfg: dict[str, Any], messages: list[bytes], shard_id: str, reps: 
     return seconds
 
 
+def run_sweep_sender(cfg: dict[str, Any]) -> None:
+    """The chunk sweep's timed loads; print one JSON object of samples per transport and size."""
+    blob = Path(cfg["blob"]).read_bytes()
+    size = len(blob)
+    b3 = agent_client.make_header(blob, 0, algorithm="blake3")
+    channels = {t: _channel(cfg, addr, node) for t, (addr, node, _) in cfg["agents"].items()}
+    stubs = {t: agent_pb2_grpc.AgentStub(c) for t, c in channels.items()}
+    for stub in stubs.values():
+        stub.Status(agent_pb2.StatusRequest())
+    unload = agent_pb2.UnloadShardRequest(chip=0, shard_id=b3.shard_id)
+    order = list(channels)
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {t: {} for t in order}
+    for kib in cfg["chunks_kib"]:
+        messages = load_stream.load_messages(b3, blob, kib << 10)
+        for rep in range(cfg["reps"] + 1):  # rep 0 untimed: the size's first load
+            for t in order if rep % 2 else order[::-1]:
+                pid = cfg["agents"][t][2]
+                sample = timed(
+                    lambda t=t, m=messages: agent_client.send_load(channels[t], m), pid, size
+                )
+                stubs[t].UnloadShard(unload)
+                if rep:
+                    samples[t].setdefault(str(kib), []).append(sample)
+        del messages
+    print(json.dumps({"size": size, "samples": samples}), flush=True)
+
+
 # --- orchestration ---------------------------------------------------------------------------
 
 
@@ -394,14 +430,20 @@ def agent_args(node: str, sram_mib: int, certs: Path | None) -> tuple[str, ...]:
     )
 
 
+def blob_and_ca(tmp: Path, size_mib: int) -> tuple[Path, Path]:
+    """A run's shard file and cluster CA, under `tmp`."""
+    blob_path = tmp / "shard.safetensors"
+    blob_path.write_bytes(make_blob(size_mib))
+    certs = tmp / "certs"
+    certs_mod.init_cluster(certs)
+    return blob_path, certs
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sram_mib = args.size_mib + 16
     me = ("-m", "bench.shard_load")  # the helper processes run this module in a role
     with tempfile.TemporaryDirectory() as tmp, processes() as start:
-        blob_path = Path(tmp) / "shard.safetensors"
-        blob_path.write_bytes(make_blob(args.size_mib))
-        certs = Path(tmp) / "certs"
-        certs_mod.init_cluster(certs)
+        blob_path, certs = blob_and_ca(Path(tmp), args.size_mib)
         agent, agent_addr = start("-m", "agents.main", *agent_args("bench0", sram_mib, certs))
         plain_agent, plain_agent_addr = start(
             "-m", "agents.main", *agent_args("plain0", sram_mib, None)
@@ -456,6 +498,92 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["before_agent_peak_rss_mb"] = peak_rss_mb(before.pid)
         result["agents4_peak_rss_mb"] = max(peak_rss_mb(p.pid) for p, _ in agents4)
     return result
+
+
+def run_chunk_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """Two one-chip agents (mutual TLS, plaintext) and the sweep's sender process."""
+    sram_mib = args.size_mib + 16
+    with tempfile.TemporaryDirectory() as tmp, processes() as start:
+        blob_path, certs = blob_and_ca(Path(tmp), args.size_mib)
+        tls, tls_addr = start("-m", "agents.main", *agent_args("bench0", sram_mib, certs))
+        plain, plain_addr = start("-m", "agents.main", *agent_args("plain0", sram_mib, None))
+        cfg = {
+            "blob": str(blob_path),
+            "certs": str(certs),
+            "reps": args.reps,
+            "chunks_kib": list(args.sweep_kib),
+            "agents": {
+                "tls": (tls_addr, "bench0", tls.pid),
+                "plaintext": (plain_addr, None, plain.pid),
+            },
+        }
+        sender = ("-m", "bench.shard_load", "--role", "sweep-sender", "--config")
+        out = subprocess.run(
+            [sys.executable, *sender, json.dumps(cfg)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def report_chunk_sweep(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    samples, size = result["samples"], result["size"]
+    print(
+        f"shard {size / (1 << 20):.1f} MiB, {args.reps} warm loads per chunk size and transport "
+        "(medians), TLS and plaintext alternating, sender in its own process"
+    )
+    print(
+        f"{'chunk':>9s} {'TLS GB/s':>9s} {'core-s/GB':>10s} {'plain GB/s':>11s} "
+        f"{'core-s/GB':>10s} {'other cores':>12s}"
+    )
+    rows = []
+    for kib in args.sweep_kib:
+        tls, plain = samples["tls"][str(kib)], samples["plaintext"][str(kib)]
+        tls_cpu, plain_cpu = cpu_per_gb(tls), cpu_per_gb(plain)
+        row = {
+            "chunk_kib": kib,
+            "tls_gbps": round(median(tls), 3),
+            "plaintext_gbps": round(median(plain), 3),
+            "tls_core_s_per_gb": tls_cpu["core_s_per_gb"],
+            "plaintext_core_s_per_gb": plain_cpu["core_s_per_gb"],
+            "other_cores": round(median(tls + plain, "other_cores"), 2),
+            "tls_samples_gbps": [round(s["gbps"], 3) for s in tls],
+            "plaintext_samples_gbps": [round(s["gbps"], 3) for s in plain],
+        }
+        rows.append(row)
+        label = f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
+        print(
+            f"{label:>9s} {row['tls_gbps']:9.2f} {row['tls_core_s_per_gb']:10.3f} "
+            f"{row['plaintext_gbps']:11.2f} {row['plaintext_core_s_per_gb']:10.3f} "
+            f"{row['other_cores']:12.2f}"
+        )
+    best = max(rows, key=lambda r: r["tls_gbps"])
+    every = [s for per in samples.values() for runs in per.values() for s in runs]
+    return {
+        "bench": "shard_load",
+        "mode": "chunk_sweep",
+        "shard_mib": round(size / (1 << 20), 1),
+        "reps": args.reps,
+        "default_chunk_kib": load_stream.DEFAULT_CHUNK_BYTES >> 10,
+        "best_tls_chunk_kib": best["chunk_kib"],
+        "best_tls_gbps": best["tls_gbps"],
+        "background_cores": round(median(every, "other_cores"), 2),
+        "chunk_sweep": rows,
+    }
+
+
+def kib_list(text: str) -> tuple[int, ...]:
+    """`--sweep-kib 64,1024`: chunk sizes in KiB, each within what an agent accepts."""
+    limit = load_stream.MAX_CHUNK_BYTES >> 10
+    try:
+        sizes = tuple(sorted({int(part) for part in text.split(",")}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"integers separated by commas, got {text!r}") from None
+    if not sizes or sizes[0] < 1 or sizes[-1] > limit:
+        raise argparse.ArgumentTypeError(f"sizes in 1..{limit} KiB, got {text!r}")
+    return sizes
 
 
 def median(samples: list[dict[str, float]], key: str = "gbps") -> float:
@@ -626,8 +754,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--role",
-        choices=("grpc-sink", "tcp-sink", "sender", "agent-before"),
+        choices=("grpc-sink", "tcp-sink", "sender", "agent-before", "sweep-sender"),
         help=argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--chunk-sweep", action="store_true", help="GB/s against chunk size (TLS, plaintext)"
+    )
+    parser.add_argument(
+        "--sweep-kib",
+        type=kib_list,
+        default=SWEEP_KIB,
+        help=f"chunk sizes of --chunk-sweep, KiB (default {','.join(map(str, SWEEP_KIB))})",
     )
     parser.add_argument("agent_argv", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--tuned", action="store_true", help=argparse.SUPPRESS)
@@ -642,6 +779,10 @@ def main() -> None:
         run_sender(json.loads(args.config))
     elif args.role == "agent-before":
         run_before_agent(args.agent_argv)
+    elif args.role == "sweep-sender":
+        run_sweep_sender(json.loads(args.config))
+    elif args.chunk_sweep:
+        print(json.dumps(report_chunk_sweep(run_chunk_sweep(args), args)), flush=True)
     else:
         summary = report(run(args), args)
         print(json.dumps(summary), flush=True)
