@@ -415,6 +415,14 @@ def test_ticks_run_a_full_pass_only_when_something_changed(
         beat_all()
         assert controller.tick() is None
     assert all(n.last_heartbeat == clock.now for n in store.nodes())
+    # a store write: a full pass, but not sooner than a heartbeat interval after the last
+    store.add_event(clock.now, "Normal", "Test", "a write")
+    assert controller.tick() is not None
+    store.add_event(clock.now, "Normal", "Test", "another write")
+    clock.now += 0.25
+    assert controller.tick() is None  # 0.25 s after the last pass: it waits
+    clock.now += 0.25
+    assert controller.tick() is not None
     passes = controller.passes
     _apply(store, clock)  # a store write: the next tick is a full pass, and so on until Ready
     for _ in range(80):
@@ -424,9 +432,17 @@ def test_ticks_run_a_full_pass_only_when_something_changed(
         controller.tick()
         record = store.deployment("tiny-llama")
         assert record is not None
-        if record.status.phase is Phase.READY and controller.tick() is None:
+        if record.status.phase is Phase.READY:
             break
     assert record.status.phase is Phase.READY and controller.passes > passes + 3
+    for _ in range(10):  # the passes after Ready write nothing: then ticks stay cheap
+        clock.now += 0.6
+        beat_all()
+        if controller.tick() is None:
+            break
+    clock.now += 0.6
+    beat_all()
+    assert controller.tick() is None
     # one node falls silent: a full pass once its heartbeat is older than the timeout
     silent = "rack-1/node-2"
     passes = controller.passes
