@@ -36,7 +36,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -59,6 +58,10 @@ from orchestrator.deployments import plan_request_from_spec, store_deployment
 from orchestrator.registry_server import RegistryServer
 from orchestrator.safe_yaml import clip
 from orchestrator.spec import SpecError, parse_deployment
+from orchestrator.state_files import ROLES as ROLES  # re-exported
+from orchestrator.state_files import Principal
+from orchestrator.state_files import TokenError as TokenError
+from orchestrator.state_files import load_tokens as load_tokens
 from orchestrator.store import Conflict, ControlStore, DeploymentRecord
 from orchestrator.throughput import TokenRates
 from orchestrator.verify import Verifier, VerifyError
@@ -74,7 +77,6 @@ log = logging.getLogger("lockstep.admin")
 
 ADMIN_SERVICE = "lockstep.admin.v1.Admin"
 WRITE_METHODS = frozenset({"Apply", "Delete", "Cordon", "Uncordon", "Drain", "Verify"})
-ROLES = ("admin", "viewer")
 MAX_MESSAGE_BYTES = 2 << 20
 ERROR_DETAILS_LIMIT = 2000  # characters of an error message (see `_abort`)
 MAX_NODE_CHIPS = 1024
@@ -97,39 +99,6 @@ RESUMABLE = frozenset(
         grpc.StatusCode.UNKNOWN,
     }
 )
-
-
-class TokenError(Exception):
-    """A tokens file that cannot be used."""
-
-
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    role: str
-
-
-def load_tokens(path: str | Path) -> dict[str, Principal]:
-    """Tokens file: one `TOKEN ROLE [NAME]` per line, `#` comments (see the module docstring)."""
-    tokens: dict[str, Principal] = {}
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TokenError(f"cannot read tokens file {path}: {exc.strerror}") from None
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        parts = line.split()
-        if len(parts) not in (2, 3) or parts[1] not in ROLES or len(parts[0]) < 16:
-            raise TokenError(
-                f"{path}:{number}: expected 'TOKEN ROLE [NAME]' with a token of at least 16 "
-                f"characters and a role of {', '.join(ROLES)}"
-            )
-        tokens[parts[0]] = Principal(parts[2] if len(parts) == 3 else f"token-{number}", parts[1])
-    if not tokens:
-        raise TokenError(f"tokens file {path} holds no token")
-    return tokens
 
 
 class TokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
