@@ -89,7 +89,10 @@ def serve(state: str, profile: str) -> None:
         ),
         flush=True,
     )
-    sys.stdin.readline()  # EOF or a line: stop
+    controller = plane.controller
+    while sys.stdin.readline().strip() == "stats":  # EOF or another line: stop
+        stats = {"passes": controller.passes, "ticks": controller.ticks}
+        print(json.dumps({**stats, "reasons": dict(controller.pass_reasons)}), flush=True)
     plane.stop()
 
 
@@ -348,6 +351,13 @@ def measure_scale(
                 driver.stdin.flush()
                 return driver.stdout.readline().strip()
 
+            def stats() -> dict[str, Any]:
+                assert server.stdin is not None and server.stdout is not None
+                server.stdin.write("stats\n")
+                server.stdin.flush()
+                found: dict[str, Any] = json.loads(server.stdout.readline())
+                return found
+
             cpu: list[list[float]] = []
             added = 0
             for count in sorted(counts):
@@ -358,12 +368,24 @@ def measure_scale(
                     added = count
                 add_s = time.perf_counter() - t
                 time.sleep(3.0)  # the registrations' passes and refreshes settle
+                before = stats()
+                t = time.monotonic()
                 samples = cpu_windows(pid, windows, window)
+                after, span = stats(), time.monotonic() - t
+                passes = (after["passes"] - before["passes"]) / span
+                reasons = {
+                    k: v - before["reasons"].get(k, 0)
+                    for k, v in after["reasons"].items()
+                    if v - before["reasons"].get(k, 0)
+                }
+                result.setdefault("full_passes_per_s", {})[str(count)] = round(passes, 3)
+                result.setdefault("full_pass_reasons", {})[str(count)] = reasons
                 core = statistics.median(samples)
                 cpu.append([count, round(core, 4)])
                 print(
                     f"  {count} nodes: control-plane CPU {core:.3f} core (windows "
-                    f"{[round(s, 3) for s in samples]}), registering took {add_s:.1f} s",
+                    f"{[round(s, 3) for s in samples]}), registering took {add_s:.1f} s; "
+                    f"{passes:.2f} full passes a second {reasons}",
                     flush=True,
                 )
                 result.setdefault("cpu_windows", {})[str(count)] = [round(s, 4) for s in samples]

@@ -61,6 +61,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -346,6 +347,7 @@ class Controller:
         ] = {}
         self.passes = 0
         self.ticks = 0
+        self.pass_reasons: Counter[str] = Counter()  # why the loop ran its full passes
         self._last_pass = float("-inf")
         self.gate = PassGate()
         self.stats = PassStats()
@@ -429,6 +431,7 @@ class Controller:
         why = self.gate.due(self.store.revision(), now, self.settings, woken=woken or own)
         if why is None:
             return None
+        self.pass_reasons["liveness" if why.startswith("node ") else why] += 1
         return self.run_pass()
 
     def _flush(self) -> None:
