@@ -208,16 +208,13 @@ def cpu_windows(pid: int, windows: int, seconds: float) -> list[float]:
     return out
 
 
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
 def _lag(
     sends: dict[str, list[float]], polls: list[tuple[float, dict[str, float]]]
 ) -> dict[str, Any]:
     """Each recorded beat's lag: from its send to the first poll that shows it (see the module
     docstring). Beats sent in the last 2 s of the recording are left out (no poll after)."""
+    from bench.control_plane import _pct
+
     if not polls:
         return {}
     end = polls[-1][0] - 2.0
@@ -234,12 +231,14 @@ def _lag(
                 unseen += 1
                 continue
             lags.append(polls[i][0] - sent)
+    if not lags:
+        return {"beats": 0, "unseen": unseen}
     return {
         "beats": len(lags),
         "unseen": unseen,
         "p50_ms": round(_pct(lags, 0.5) * 1e3, 1),
         "p99_ms": round(_pct(lags, 0.99) * 1e3, 1),
-        "max_ms": round(max(lags) * 1e3, 1) if lags else None,
+        "max_ms": round(max(lags) * 1e3, 1),
         "poll_ms": POLL_S * 1e3,
     }
 
@@ -287,7 +286,7 @@ def measure_scale(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from bench.control_plane import _admin_stub
+    from bench.control_plane import _admin_stub, _pct
     from orchestrator.control_plane import prepare_state, token_for
     from placement.profiles import get_profile
     from protos import admin_pb2
