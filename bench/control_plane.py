@@ -557,6 +557,32 @@ def _heartbeat_in_process(nodes: int) -> dict[str, float]:
 # --- main ---------------------------------------------------------------------------------------
 
 
+def _scale(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """`--only scale` (`bench.cp_scale`): the control plane as its own process with up to
+    `--nodes` (1,305) groq-rack nodes registered and beating once a second. The last line is
+    the JSON, with `cpu_vs_nodes` first."""
+    from bench.cp_scale import measure_scale
+
+    top = PROJECT_NODES if args.nodes is None else args.nodes
+    if args.scale_counts:
+        counts = sorted({int(c) for c in args.scale_counts.split(",")})
+    else:
+        counts = sorted({0, top // 8, top // 4, top // 2, top})
+    s = measure_scale(counts, windows=args.scale_windows, window=args.scale_window)
+    lag, p50 = s["lag"], s["p50_ms"]
+    print(
+        f"control plane at {s['nodes']} nodes ({s['chips']} chips) beating every "
+        f"{s['interval_s']:g} s: CPU {s['cpu_cores_at_top']:.3f} core (median of "
+        f"{s['windows']} x {s['window_s']:g} s; {s['cpu_cores_at_0_nodes']} at 0 nodes; "
+        f"target < 0.5); lag p99 {lag.get('p99_ms')} ms (target < 1000); ListNodes p50 "
+        f"{p50['list_nodes']} ms, bare gRPC {p50['grpc_health']} ms; lpuctl get nodes p50 "
+        f"{s['lpuctl_get_nodes_s']['p50']} s (target < 1); CPU vs nodes {s['cpu_vs_nodes']}",
+        flush=True,
+    )
+    s["load_before"], s["load_after"] = result["load_before"], _load()
+    print(json.dumps({"cpu_vs_nodes": s.pop("cpu_vs_nodes"), "bench": "control_plane.scale", **s}))
+
+
 def _load() -> str:
     one, five, _ = os.getloadavg()
     return f"loadavg {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} CPUs"
@@ -586,7 +612,15 @@ def main() -> None:
     parser.add_argument("--skip-ray", action="store_true", help="no Ray: a quick run")
     parser.add_argument("--reps", type=int, default=5, help="apply -> Ready repetitions")
     parser.add_argument("--deployments", type=int, default=100)
-    parser.add_argument("--nodes", type=int, default=64)
+    parser.add_argument(
+        "--nodes", type=int, help="read: registered nodes (64); scale: the largest count (1305)"
+    )
+    parser.add_argument(
+        "--scale-counts",
+        help="scale: node counts, comma-separated (default 0, 1/8, 1/4, 1/2 and all of --nodes)",
+    )
+    parser.add_argument("--scale-windows", type=int, default=5, help="scale: CPU windows per count")
+    parser.add_argument("--scale-window", type=float, default=5.0, help="scale: seconds a window")
     parser.add_argument("--calls", type=int, default=200, help="calls per read measurement")
     parser.add_argument("--hb-nodes", type=int, default=PROJECT_NODES, help="heartbeat streams")
     parser.add_argument("--hb-baseline-nodes", type=int, default=128, help="unary baseline")
@@ -596,11 +630,17 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-0.5b", help="Ray part: seeded model")
     parser.add_argument("--skip-real", action="store_true", help="Ray part: only virtual 405B")
     parser.add_argument(
-        "--only", choices=("heartbeat",), help="run this section alone (implies --skip-ray)"
+        "--only",
+        choices=("heartbeat", "scale"),
+        help="run this section alone (implies --skip-ray)",
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     result: dict[str, Any] = {"bench": "control_plane", "load_before": _load()}
+    if args.only == "scale":
+        _scale(args, result)
+        return
+    args.nodes = 64 if args.nodes is None else args.nodes
 
     if args.only == "heartbeat":
         args.skip_ray = True

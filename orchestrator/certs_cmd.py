@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from security.certs import CertError, init_ca, issue, paths_for
 from security.identity import CONTROL_PLANE, agent_identity
 
 EXIT_OK, EXIT_INVALID = 0, 2
@@ -53,6 +52,8 @@ def _report(made: bool, what: str, path: object) -> None:
 
 
 def cmd_certs_init(args: argparse.Namespace) -> int:
+    from security.certs import CertError, init_ca, issue, paths_for  # cryptography: only here
+
     try:
         _report(init_ca(args.directory), "cluster CA", f"{args.directory}/ca.crt")
         made = issue(args.directory, CONTROL_PLANE)
@@ -64,6 +65,8 @@ def cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def cmd_certs_issue(args: argparse.Namespace) -> int:
+    from security.certs import CertError, issue, paths_for
+
     try:
         identity = CONTROL_PLANE if args.control_plane else agent_identity(args.node)
         made = issue(args.directory, identity, hosts=args.host, rotate=args.rotate)

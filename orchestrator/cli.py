@@ -22,18 +22,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-import yaml
-
 from orchestrator.certs_cmd import register_certs_command
-from orchestrator.deployments import plan_request_from_spec
 from orchestrator.lpuctl_commands import CommandError, register_cluster_commands
-from orchestrator.render import print_plan_table
-from orchestrator.spec import SpecError, load_deployment_file
+from orchestrator.safe_yaml import SpecError
 from orchestrator.topology_file import DEFAULT_TOPOLOGY, load_topology_file
 from placement.errors import InputError, Unplaceable
-from placement.planner import make_plan
 from placement.profiles import profile_names
 from placement.topology import MAX_RACKS, Topology, preset_topology
+
+# Only what the parser and the error handling need is imported here: the planner (numpy),
+# the spec's JSON schema and the table renderer are imported by `cmd_plan`, so a client
+# command (`lpuctl get nodes`) pays only for gRPC and its own module.
 
 EXIT_OK, EXIT_UNPLACEABLE, EXIT_INVALID, EXIT_INTERNAL = 0, 1, 2, 3
 AGENT_ENTRY_MODULE = "agents.main"
@@ -133,6 +132,13 @@ def resolve_topology(args: argparse.Namespace) -> Topology:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    import yaml
+
+    from orchestrator.deployments import plan_request_from_spec
+    from orchestrator.render import print_plan_table
+    from orchestrator.spec import load_deployment_file
+    from placement.planner import make_plan
+
     spec = load_deployment_file(args.filename)
     topology = resolve_topology(args)
     request = plan_request_from_spec(spec)

@@ -50,15 +50,21 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from orchestrator.admin_server import Servers, TokenError, load_tokens, start_servers
+from orchestrator.admin_server import Servers, start_servers
 from orchestrator.controller import Controller, GrpcAgentGateway, ShardCompiler
 from orchestrator.core import CoreSettings, node_name
 from orchestrator.metrics import ControlPlaneCollector, serve_metrics
 from orchestrator.runtime import NodeSpec, Runtime
+from orchestrator.state_files import AGENTS_FILE as AGENTS_FILE  # re-exported, as below
+from orchestrator.state_files import ENDPOINT_FILE as ENDPOINT_FILE
+from orchestrator.state_files import PORTS_FILE as PORTS_FILE
+from orchestrator.state_files import TOKENS_FILE as TOKENS_FILE
+from orchestrator.state_files import StatePaths, TokenError, load_tokens
+from orchestrator.state_files import token_for as token_for
 from orchestrator.store import Store, StoreError
 from orchestrator.verify import VerificationLoop
 from placement.errors import InputError
@@ -67,48 +73,6 @@ from security.certs import CertError, init_cluster, load_control_plane, paths_fo
 from security.identity import CONTROL_PLANE
 
 log = logging.getLogger("lockstep.control_plane")
-
-ENDPOINT_FILE = "endpoint.json"
-TOKENS_FILE = "tokens"
-PORTS_FILE = "ports.json"
-AGENTS_FILE = "agents.json"
-
-
-@dataclass(frozen=True)
-class StatePaths:
-    root: Path
-
-    @property
-    def store(self) -> Path:
-        return self.root / "store.db"
-
-    @property
-    def certs(self) -> Path:
-        return self.root / "certs"
-
-    @property
-    def tokens(self) -> Path:
-        return self.root / TOKENS_FILE
-
-    @property
-    def shards(self) -> Path:
-        return self.root / "shards"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def endpoint(self) -> Path:
-        return self.root / ENDPOINT_FILE
-
-    @property
-    def ports(self) -> Path:
-        return self.root / PORTS_FILE
-
-    @property
-    def agents(self) -> Path:
-        return self.root / AGENTS_FILE
 
 
 def previous_ports(paths: StatePaths) -> dict[str, int]:
@@ -143,13 +107,6 @@ def prepare_state(root: str | Path, hosts: tuple[str, ...] = ()) -> StatePaths:
             f.write(f"{secrets.token_hex(32)} admin admin\n")
             f.write(f"{secrets.token_hex(32)} viewer viewer\n")
     return paths
-
-
-def token_for(paths: StatePaths, role: str) -> str:
-    for token, principal in load_tokens(paths.tokens).items():
-        if principal.role == role:
-            return token
-    raise LookupError(f"no {role} token in {paths.tokens}")
 
 
 WILDCARDS = ("0.0.0.0", "::", "")

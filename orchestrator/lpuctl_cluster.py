@@ -35,15 +35,14 @@ import grpc
 import yaml
 from google.protobuf.json_format import MessageToDict
 
-from orchestrator.control_plane import ENDPOINT_FILE, StatePaths, prepare_state, token_for
 from orchestrator.lpuctl_commands import (
     DEFAULT_STATE,
     EXIT_INVALID,
     EXIT_OK,
     CommandError,
 )
-from orchestrator.process_runtime import process_started_at, recorded_agents
 from orchestrator.safe_yaml import SpecError
+from orchestrator.state_files import ENDPOINT_FILE, StatePaths, token_for
 from protos import admin_pb2, admin_pb2_grpc
 from security.identity import CONTROL_PLANE, dns_name
 
@@ -523,6 +522,8 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from orchestrator.control_plane import prepare_state  # only here: a heavy import
+
     root = state_dir(args)
     paths = prepare_state(root)
     if paths.endpoint.exists():
@@ -621,6 +622,8 @@ STOP_TIMEOUT = 60.0
 def _descendants(root: int) -> dict[int, int]:
     """Every process below `root` (by parent pid, from /proc), with its start time so that a
     reused pid is never signalled later."""
+    from orchestrator.process_runtime import process_started_at
+
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -681,6 +684,8 @@ def _is_agent(pid: int) -> bool:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    from orchestrator.process_runtime import process_started_at, recorded_agents
+
     root = state_dir(args)
     pid_file = root / "control-plane.pid"
     try:

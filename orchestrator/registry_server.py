@@ -79,6 +79,9 @@ SERVER_OPTIONS = [
 ]
 
 
+_EMPTY_BEAT = admin_pb2.HeartbeatRequest()  # shared, never changed
+
+
 class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -176,13 +179,15 @@ class HeartbeatStreams:
                     problem = _check(raw, tokens, rate)
                     if problem is not None:
                         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, problem)
-                    beat = admin_pb2.HeartbeatRequest()
-                    try:
-                        beat.ParseFromString(raw)
-                    except DecodeError:
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, "a heartbeat that does not parse"
-                        )
+                    beat = _EMPTY_BEAT  # an idle agent's beat has no field set: no bytes
+                    if raw:
+                        beat = admin_pb2.HeartbeatRequest()
+                        try:
+                            beat.ParseFromString(raw)
+                        except DecodeError:
+                            await context.abort(
+                                grpc.StatusCode.INVALID_ARGUMENT, "a heartbeat that does not parse"
+                            )
                     if beat.node and beat.node != node:
                         await context.abort(
                             grpc.StatusCode.PERMISSION_DENIED,

@@ -242,3 +242,27 @@ def test_agent_subcommand_runs_the_agent_entry_point_by_name() -> None:
         env={k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"},
     )
     assert probe.stdout.strip().endswith("[] None"), probe.stdout[-300:]
+
+
+def test_client_commands_import_neither_the_control_plane_nor_the_planner() -> None:
+    """`lpuctl get nodes` runs as a fresh process per call: its imports are most of its time.
+    A client command needs gRPC and the state directory's layout, not the store, the
+    controller, the planner (numpy), the spec's JSON schema or the certificate authority."""
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from orchestrator.cli import main;"
+            "code = main(['get', 'nodes', '--server', '127.0.0.1:1', '--ca', sys.argv[1]]);"
+            "heavy = ('numpy', 'jsonschema', 'cryptography', 'orchestrator.store',"
+            " 'orchestrator.controller', 'orchestrator.control_plane', 'placement.planner');"
+            "print(code, sorted(m for m in heavy if m in sys.modules))",
+            str(TINY),  # not a CA: the command fails, after its imports
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=True,
+    )
+    assert probe.stdout.strip().endswith("1 []"), probe.stdout[-300:] + probe.stderr[-300:]

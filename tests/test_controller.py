@@ -396,3 +396,64 @@ def test_a_death_reported_after_the_agent_came_back_leaves_its_chips_healthy(
     assert all(c.health is ChipHealth.HEALTHY for c in store.node(node).chips)  # type: ignore[union-attr]
     assert [r.chips for r in store.replicas("tiny-llama")] == [r.chips for r in before]
     assert not controller.agent_died("rack-9/node-9", "unknown")
+
+
+def test_ticks_run_a_full_pass_only_when_something_changed(
+    world: tuple[Controller, FakeAgents, Store, Clock],
+) -> None:
+    """The loop's tick: heartbeats reach the store every tick, a full pass only when the
+    store changed, a node went silent, a deployment is on its way, or it was woken."""
+    controller, _, store, clock = world
+
+    def beat_all() -> None:
+        for node in store.nodes():
+            controller.heartbeats.add(node.name, clock.now)
+
+    assert controller.tick() is not None  # the first tick is a full pass
+    for _ in range(8):  # idle, every node beating: heartbeats flushed, no full pass
+        clock.now += 0.25
+        beat_all()
+        assert controller.tick() is None
+    assert all(n.last_heartbeat == clock.now for n in store.nodes())
+    # a store write: a full pass, but not sooner than a heartbeat interval after the last
+    store.add_event(clock.now, "Normal", "Test", "a write")
+    assert controller.tick() is not None
+    store.add_event(clock.now, "Normal", "Test", "another write")
+    clock.now += 0.25
+    assert controller.tick() is None  # 0.25 s after the last pass: it waits
+    clock.now += 0.25
+    assert controller.tick() is not None
+    passes = controller.passes
+    _apply(store, clock)  # a store write: the next tick is a full pass, and so on until Ready
+    for _ in range(80):
+        wait_for(lambda: not controller.loads_in_flight(), timeout=30, what="loads")
+        clock.now += 0.1
+        beat_all()
+        controller.tick()
+        record = store.deployment("tiny-llama")
+        assert record is not None
+        if record.status.phase is Phase.READY:
+            break
+    assert record.status.phase is Phase.READY and controller.passes > passes + 3
+    for _ in range(10):  # the passes after Ready write nothing: then ticks stay cheap
+        clock.now += 0.6
+        beat_all()
+        if controller.tick() is None:
+            break
+    clock.now += 0.6
+    beat_all()
+    assert controller.tick() is None
+    # one node falls silent: a full pass once its heartbeat is older than the timeout
+    silent = "rack-1/node-2"
+    passes = controller.passes
+    for _ in range(10):  # 2.5 s: not yet past heartbeat_timeout
+        clock.now += 0.25
+        for node in store.nodes():
+            if node.name != silent:
+                controller.heartbeats.add(node.name, clock.now)
+        assert controller.tick() is None
+    clock.now += 0.25
+    assert controller.tick() is not None
+    node = store.node(silent)
+    assert node is not None and not node.ready and controller.passes > passes
+    assert controller.tick(woken=True) is not None  # a wake is always a full pass

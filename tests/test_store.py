@@ -414,3 +414,42 @@ def test_conflicting_writes_are_conflicts_and_events_are_pruned(tmp_path: Path) 
 def test_an_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open the store"):
         Store(tmp_path / "no" / "such" / "dir" / "s.db")
+
+
+def test_revision_moves_on_writes_but_not_on_heartbeats(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        nodes = registered(store)
+        before = store.revision()
+        store.heartbeat((name, 5.0) for name in nodes)
+        assert store.revision() == before  # heartbeats alone: the controller's gate skips
+        store.set_cordoned("rack-0/node-0", True)
+        assert store.revision() == before + 1
+        with store.transaction():  # a write with heartbeats inside counts once
+            store.heartbeat([("rack-0/node-1", 6.0)])
+            store.set_node_ready("rack-0/node-1", False)
+        assert store.revision() == before + 2
+        with pytest.raises(RuntimeError), store.transaction():
+            store.set_node_ready("rack-0/node-2", False)
+            raise RuntimeError("rolled back")
+        assert store.revision() == before + 2  # nothing committed
+
+
+def test_cached_chips_follow_health_registration_and_rollback(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as store:
+        nodes = registered(store)
+        name = "rack-0/node-1"
+        assert store.nodes()[1].chips == nodes[name].chips  # read, and kept
+        store.set_chip_health(name, 2, ChipHealth.FAILED, "ecc")
+        assert store.nodes()[1].chips[2].health is ChipHealth.FAILED
+        with pytest.raises(RuntimeError), store.transaction():
+            store.set_chip_health(name, 2, ChipHealth.HEALTHY, "")
+            assert store.nodes()[1].chips[2].health is ChipHealth.HEALTHY  # inside: its own
+            raise RuntimeError("rolled back")
+        assert store.nodes()[1].chips[2].health is ChipHealth.FAILED
+        fewer = replace(nodes[name], chips=nodes[name].chips[:2])
+        store.register_nodes([fewer], now=1.0)
+        assert len(store.nodes()[1].chips) == 2
+        with Store(tmp_path / "s.db", readonly=True) as reader:  # another process's view
+            assert reader.nodes()[1].chips == fewer.chips
+            store.set_chip_health(name, 0, ChipHealth.FAILED, "x")
+            assert reader.nodes()[1].chips[0].health is ChipHealth.FAILED
