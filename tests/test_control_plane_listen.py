@@ -58,12 +58,33 @@ def lpuctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def refused(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=5):
-            return False
-    except ConnectionRefusedError:
-        return True
+def listening_hosts(pid: int, port: int) -> set[str]:
+    """The local addresses `pid` listens on at `port`, read from /proc: whether another
+    process on this machine happens to listen on 127.0.0.1 at the same port number says
+    nothing about the control plane, so a connect() test would be flaky."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    hosts = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            address, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port or inode not in inodes:
+                continue  # 0A: LISTEN
+            raw = bytes.fromhex(address)
+            # /proc prints each 32-bit word in host (little-endian) order.
+            words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(words if width == 16 else words[:4])
+            mapped = getattr(ip, "ipv4_mapped", None)  # gRPC listens on ::ffff:a.b.c.d
+            hosts.add(str(mapped or ip))
+    return hosts
 
 
 @pytest.mark.skipif(not _loopback_alias_works(), reason=f"{HOST} is not a loopback address here")
@@ -84,8 +105,9 @@ def test_up_listens_on_the_given_host_only(tmp_path: Path) -> None:
         assert admin.startswith(f"{HOST}:") and registry.startswith(f"{HOST}:")
         assert str(endpoint["metrics"]).startswith(f"https://{HOST}:")
         metrics_port = int(str(endpoint["metrics"]).rsplit(":", 1)[1].split("/")[0])
+        pid = int(str(endpoint["pid"]))
         for port in (int(admin.rsplit(":", 1)[1]), int(registry.rsplit(":", 1)[1]), metrics_port):
-            assert refused("127.0.0.1", port), f"port {port} also answers on 127.0.0.1"
+            assert listening_hosts(pid, port) == {HOST}, f"port {port} listens beyond {HOST}"
 
         cert_path, _ = paths_for(paths.certs, CONTROL_PLANE)
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
