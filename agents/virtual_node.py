@@ -27,14 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import blake3
 import grpc
 import grpc.aio
 
@@ -55,6 +53,7 @@ from agents.loader import (
     MAX_CHUNK_BYTES,
     ShardHeader,
     chunk_payload,
+    new_hash,
     parse_header_message,
     validate_header,
 )
@@ -146,9 +145,8 @@ class VirtualReceiver:
         self.header = header
         self.bytes_loaded = 0
         self._target = target
-        self._hashes = {SHARD_ID_ALGORITHM: blake3.blake3()}
-        if header.algorithm != SHARD_ID_ALGORITHM:
-            self._hashes[header.algorithm] = hashlib.sha256()
+        algorithms = dict.fromkeys((SHARD_ID_ALGORITHM, header.algorithm))
+        self._hashes: dict[str, Any] = {a: new_hash(a) for a in algorithms}
 
     def write(self, payload: memoryview) -> None:
         start, end = self.bytes_loaded, self.bytes_loaded + len(payload)
@@ -180,7 +178,7 @@ class VirtualReceiver:
                     f"chip {header.chip}: {header.label} failed verification: {algorithm} of "
                     f"the received bytes is {actual}, {what} is {digest}; nothing was committed"
                 )
-        return expected[header.algorithm]
+        return str(expected[header.algorithm])
 
     def close(self) -> None:
         self._target = memoryview(b"")
@@ -348,7 +346,7 @@ class VirtualNode:
             return _response(header, flight, started, already=True)
         committed = False
         try:
-            receiver: VirtualReceiver = flight.receiver  # type: ignore[assignment]
+            receiver: VirtualReceiver = flight.receiver
             while (message := await self._next(requests, f"{header.label}: no data")) is not None:
                 if chip.failed_reason is not None:
                     chip.check_healthy("finish loading " + header.label)
@@ -423,7 +421,7 @@ class VirtualNode:
     ) -> agent_pb2.MarkChipFailedResponse:
         chip = self._chip(request.chip)
         if request.recover:
-            snap, lost = chip.recover(), []
+            snap, lost = chip.recover(), list[str]()
         else:
             reason = clip(request.reason or "marked failed", self.settings.text_limit)
             lost, snap = chip.fail(reason)
