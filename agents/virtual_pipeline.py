@@ -186,10 +186,10 @@ class SimReplica:
     _seq: itertools.count[int] = field(default_factory=itertools.count)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
+    schedule: Schedule = field(init=False)
 
-    @property
-    def schedule(self) -> Schedule:
-        return Schedule(self.stages, self.max_batch)
+    def __post_init__(self) -> None:
+        self.schedule = Schedule(self.stages, self.max_batch)
 
     # --- membership -------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ from orchestrator.core import (
 )
 from orchestrator.deployments import model_for_spec
 from orchestrator.metrics import PassStats
-from orchestrator.serving import configure_replica, configure_requests, start_epoch
+from orchestrator.serving import configure_replica, configure_requests, fan_out, start_epoch
 from orchestrator.shard_store import ShardStore, StoreError
 from orchestrator.spec import DeploymentSpec, SpecError, deployment_from_manifest
 from orchestrator.store import ControlStore, NotFound
@@ -740,7 +740,8 @@ class Controller:
             epoch=action.epoch,
             nodes=names,
         )
-        for address in requests:  # a pipeline of an older epoch (or incarnation) goes first
+
+        def clear(address: str) -> None:  # a pipeline of an older epoch (or incarnation) goes
             status = self.gateway.status(address, names[address])
             if any(
                 p.deployment == action.deployment and p.replica == action.replica
@@ -750,6 +751,8 @@ class Controller:
                 self.gateway.remove_replica(
                     address, names[address], action.deployment, action.replica
                 )
+
+        fan_out("configure", list(requests), clear)  # the agents in parallel
         ready = self.gateway.configure(requests, names)
         self._configured[(action.deployment, action.replica, action.epoch)] = (requests, ready)
         self.store.set_replica_epochs(action.deployment, action.replica, configured=action.epoch)
