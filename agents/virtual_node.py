@@ -517,10 +517,11 @@ class VirtualNode:
             for index in sorted({c for a in req.assignments for c in a.chips}):
                 self.chips[index].bind(owner)
                 bound.append(self.chips[index])
+            replica_chips = frozenset(req.replica_chips)  # one set for all its stages here
             for a in req.assignments:
                 manifest, shard_id = self._stage_manifest(req, a)
                 vocab = manifest.config.vocab_size
-                stages.append(self._sim_stage(req, a, schedule, manifest, shard_id))
+                stages.append(self._sim_stage(req, a, schedule, manifest, shard_id, replica_chips))
                 chips |= {c: (a.stage, n) for c, n in zip(a.chips, a.chip_names, strict=True)}
             sim = self.fleet.replica_for(req, self.profile, vocab)
         except BaseException:
@@ -583,6 +584,7 @@ class VirtualNode:
         schedule: Schedule,
         manifest: Manifest,
         shard_id: str,
+        replica_chips: frozenset[str],
     ) -> SimStage:
         if a.downstream_address and a.downstream_address not in self.fleet.by_address:
             raise FailedPrecondition(
@@ -600,7 +602,7 @@ class VirtualNode:
             stage=a.stage,
             schedule=schedule,
             window=req.window or self.settings.window,
-            chips=frozenset(req.replica_chips),
+            chips=replica_chips,
             journal=journal,
             vocab_size=manifest.config.vocab_size,
             epoch=req.epoch,
