@@ -187,10 +187,42 @@ class VirtualReceiver:
 # --- the servicer --------------------------------------------------------------------------
 
 
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+@dataclass(frozen=True)
+class ShardInfo:
+    """What a virtual node keeps of a held shard's manifest: the fields ConfigureReplica
+    checks and the stage's time from the cost model (a parsed 405B manifest is large, and
+    1,305 nodes hold 3,736 of them)."""
+
+    stage: int
+    stages: int
+    max_batch: int
+    max_context: int
+    tp_rank: int
+    tp_size: int
+    vocab_size: int
+    hidden_size: int
+    seconds: float
+
+
+_INFOS: dict[tuple[str, str], ShardInfo] = {}  # (shard id, profile) -> info, shared by nodes
+
+
+def shard_info(shard_id: str, manifest: Manifest, profile: ChipProfile) -> ShardInfo:
+    key = (shard_id, profile.name)
+    info = _INFOS.get(key)
+    if info is None:
+        info = _INFOS[key] = ShardInfo(
+            manifest.stage,
+            manifest.stages,
+            manifest.max_batch,
+            manifest.max_context,
+            manifest.tp_rank,
+            manifest.tp_size,
+            manifest.config.vocab_size,
+            manifest.config.hidden_size,
+            stage_seconds(manifest, profile),
+        )
+    return info
 
 
 def _rpc(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -253,7 +285,7 @@ class VirtualNode:
     address: str = ""
     server: grpc.aio.Server | None = None
     registration: asyncio.Task[None] | None = None
-    manifests: dict[str, Manifest] = field(default_factory=dict)
+    manifests: dict[str, ShardInfo] = field(default_factory=dict)
     hosted: dict[tuple[str, int], _Hosted] = field(default_factory=dict)
     alive: bool = True
     beats: int = 0
@@ -360,7 +392,7 @@ class VirtualNode:
             if not committed:
                 chip.abort(flight)
         if manifest is not None:
-            self.manifests[header.shard_id] = manifest
+            self.manifests[header.shard_id] = shard_info(header.shard_id, manifest, self.profile)
         return _response(header, entry, started, already=False)
 
     # --- unload, status, chip failure ---------------------------------------------------------
@@ -520,7 +552,7 @@ class VirtualNode:
             replica_chips = frozenset(req.replica_chips)  # one set for all its stages here
             for a in req.assignments:
                 manifest, shard_id = self._stage_manifest(req, a)
-                vocab = manifest.config.vocab_size
+                vocab = manifest.vocab_size
                 stages.append(self._sim_stage(req, a, schedule, manifest, shard_id, replica_chips))
                 chips |= {c: (a.stage, n) for c, n in zip(a.chips, a.chip_names, strict=True)}
             sim = self.fleet.replica_for(req, self.profile, vocab)
@@ -535,10 +567,10 @@ class VirtualNode:
 
     def _stage_manifest(
         self, req: agent_pb2.ConfigureReplicaRequest, a: agent_pb2.StageAssignment
-    ) -> tuple[Manifest, str]:
+    ) -> tuple[ShardInfo, str]:
         """The checks `agents.replicas.ReplicaHost._stepper` makes, on the shards' manifests;
         the manifest and shard id of the stage's TP rank 0."""
-        found: list[tuple[Manifest, str]] = []
+        found: list[tuple[ShardInfo, str]] = []
         for index, shard_id, name in zip(a.chips, a.shard_ids, a.chip_names, strict=True):
             chip = self.chips[index]
             chip.check_healthy(f"run stage {a.stage}")
@@ -582,7 +614,7 @@ class VirtualNode:
         req: agent_pb2.ConfigureReplicaRequest,
         a: agent_pb2.StageAssignment,
         schedule: Schedule,
-        manifest: Manifest,
+        manifest: ShardInfo,
         shard_id: str,
         replica_chips: frozenset[str],
     ) -> SimStage:
@@ -604,7 +636,7 @@ class VirtualNode:
             window=req.window or self.settings.window,
             chips=replica_chips,
             journal=journal,
-            vocab_size=manifest.config.vocab_size,
+            vocab_size=manifest.vocab_size,
             epoch=req.epoch,
             chain_log_limit=self.settings.chain_log_limit,
         )
@@ -617,8 +649,8 @@ class VirtualNode:
             shard_id=shard_id,
             chip_names=tuple(a.chip_names),
             chips=tuple(a.chips),
-            seconds=stage_seconds(manifest, self.profile),
-            hop_bytes=manifest.config.hidden_size * 4,
+            seconds=manifest.seconds,
+            hop_bytes=manifest.hidden_size * 4,
             downstream_address=a.downstream_address,
             upstream_identity=a.upstream_identity,
         )
