@@ -53,6 +53,7 @@ import random
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,13 @@ SERVER_OPTIONS = [
 ]
 
 
+# A virtual node's settings: an agent's, but with a shorter chain log per stage (256
+# (tick, head) pairs instead of 4,096): one process holds every stage of a 1,868-stage replica,
+# and at 4,096 the logs alone would take about a gigabyte per replica. The canary's
+# StageDigests can then look back 256 ticks.
+FLEET_SETTINGS = replace(DEFAULT_SETTINGS, chain_log_limit=256)
+
+
 class Fleet:
     """Every virtual node and timing-only replica of this process."""
 
@@ -90,7 +98,7 @@ class Fleet:
         interval: float,
         time_scale: float,
         listen_host: str = "127.0.0.1",
-        settings: AgentSettings = DEFAULT_SETTINGS,
+        settings: AgentSettings = FLEET_SETTINGS,
         emit: Callable[[dict[str, Any]], None] = lambda event: None,
     ) -> None:
         self.control_plane = control_plane
