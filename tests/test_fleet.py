@@ -284,4 +284,8 @@ def test_bad_pipeline_requests_get_a_real_agents_codes(fleet: Cluster) -> None:
 def test_the_fleet_stops_with_its_control_plane(fleet: Cluster) -> None:
     pid = int(fleet.endpoint["agent_pids"][0])  # type: ignore[index]
     assert Path(f"/proc/{pid}").exists()
-    assert os.stat(socket_path(fleet.state)).st_mode & 0o077 == 0  # only its user may kill
+    path = socket_path(fleet.state)
+    assert os.stat(path).st_mode & 0o077 == 0  # only its user may kill
+    assert "error" in send_control(path, {"op": "reboot"})
+    assert "error" in send_control(path, {"no-op": 1})
+    assert send_control(path, {"op": "kill", "node": "rack-9/node-9"}) == {"ok": False}
