@@ -34,7 +34,7 @@ from security.identity import agent_identity
 from security.tls import open_channel
 from shardformat.address import SHARD_ID_ALGORITHM, file_shard_id, shard_id_of
 from shardformat.codec import parse_header
-from shardformat.manifest import manifest_of_metadata
+from shardformat.manifest import Manifest, manifest_of_metadata
 
 DIGEST_ALGORITHMS = ("blake3", "sha256")
 _MAX_HEADER_READ = 128 << 20  # more than any safetensors header the codec accepts
@@ -134,10 +134,8 @@ def make_file_header(
     )
 
 
-def declared_bytes_of(path: str | Path) -> int:
-    """The SRAM bytes the plan budgets for a shard's chip (weights + KV cache + workspace),
-    from the manifest of the blob at `path`. A load header declares them, so the agent
-    reserves the whole budget (for a virtual, manifest-only shard it must)."""
+def blob_manifest(path: str | Path) -> Manifest:
+    """The manifest of the shard blob at `path` (read from its header only)."""
     with open(path, "rb") as f:
         length = f.read(8)
         size = int.from_bytes(length, "little") if len(length) == 8 else 0
@@ -145,7 +143,14 @@ def declared_bytes_of(path: str | Path) -> int:
     manifest = manifest_of_metadata(parse_header(prefix).metadata)
     if manifest is None:
         raise ValueError(f"{path}: not a Lockstep shard (no manifest)")
-    return manifest.declared_bytes
+    return manifest
+
+
+def declared_bytes_of(path: str | Path) -> int:
+    """The SRAM bytes the plan budgets for a shard's chip (weights + KV cache + workspace),
+    from the manifest of the blob at `path`. A load header declares them, so the agent
+    reserves the whole budget (for a virtual, manifest-only shard it must)."""
+    return blob_manifest(path).declared_bytes
 
 
 # --- streams ---------------------------------------------------------------------------------
@@ -214,12 +219,13 @@ def load_file(
 ) -> agent_pb2.LoadShardResponse:
     """Load the shard-store blob at `path` (named `shard_id`) onto `chip` of the agent behind
     `channel`; the header declares the chip's SRAM budget from the shard's manifest."""
+    manifest = blob_manifest(path)  # a virtual blob says so, whatever the caller passed
     header = make_file_header(
         path,
         chip,
         shard_id=shard_id,
         algorithm=algorithm,
-        virtual=virtual,
-        declared_bytes=declared_bytes_of(path),
+        virtual=virtual or manifest.virtual,
+        declared_bytes=manifest.declared_bytes,
     )
     return send_load(channel, file_messages(header, path, chunk_bytes), timeout=timeout)

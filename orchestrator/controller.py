@@ -101,7 +101,7 @@ from orchestrator.core import (
 from orchestrator.core.passes import PassGate, settled
 from orchestrator.deployments import model_for_spec
 from orchestrator.metrics import PassStats
-from orchestrator.serving import configure_replica, configure_requests, start_epoch
+from orchestrator.serving import configure_replica, configure_requests, fan_out, start_epoch
 from orchestrator.shard_store import ShardStore, StoreError
 from orchestrator.spec import DeploymentSpec, SpecError, deployment_from_manifest
 from orchestrator.store import ControlStore, NotFound
@@ -117,6 +117,10 @@ log = logging.getLogger("lockstep.controller")
 LOAD_WORKERS = 8
 LOADS_PER_NODE = 2
 TICK_SECONDS = 0.1  # heartbeats into the store, and the full-pass check (at most this apart)
+# Blobs smaller than this (virtual shards: a manifest of a few kB) do not count against
+# LOADS_PER_NODE: the limit shares a node's bandwidth and CPU among large streams, and holding
+# back 8 tiny loads per node for 4 passes made a 3,736-chip bring-up wait on passes.
+SMALL_LOAD_BYTES = 1 << 20
 
 Clock = Callable[[], float]
 
@@ -337,6 +341,8 @@ class Controller:
         self._in_flight: set[str] = set()
         self._loads = ThreadPoolExecutor(LOAD_WORKERS, thread_name_prefix="load")
         self._loading: dict[str, str] = {}  # Load key -> node, under _load_lock
+        self._large: dict[str, str] = {}  # of those, the loads LOADS_PER_NODE counts
+        self._large_per_node: dict[str, int] = {}
         self._finished: set[str] = set()  # loads ended since this pass read the store
         self._node_locks: dict[str, threading.Lock] = {}  # one Status report at a time
         self._load_lock = threading.Lock()
@@ -406,7 +412,15 @@ class Controller:
         while not self._stop.is_set():
             try:
                 result = self.tick(woken=woken)
-                progressed = result is not None and result.progressed and not result.failed
+                # A pass that only handed loads to the pool waits: thousands of loads (a
+                # 3,736-chip deployment) would otherwise run a full pass per finished load,
+                # back to back, and starve the loads of CPU. The last load to end wakes it.
+                progressed = (
+                    result is not None
+                    and result.progressed
+                    and not result.failed
+                    and not all(isinstance(a, Load) for a in result.executed)
+                )
             except Exception as exc:  # the loop must survive a bad pass; the next one retries
                 log.exception("reconcile pass failed")
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -554,28 +568,47 @@ class Controller:
         """Hand a load to the pool unless it runs already, ended after this pass read the
         store (its result may be missing from what the reconciler saw), or its node has
         `LOADS_PER_NODE` running (the next pass offers it again)."""
+        try:
+            size = ShardStore(self.compiler.store_dir).blob_path(action.shard_id).stat().st_size
+        except OSError:
+            size = SMALL_LOAD_BYTES  # let the load itself fail and say why
+        large = size >= SMALL_LOAD_BYTES
         with self._load_lock:
             if action.key in self._loading or action.key in self._finished:
                 return False
-            if sum(1 for n in self._loading.values() if n == action.node) >= LOADS_PER_NODE:
+            if large and self._large_per_node.get(action.node, 0) >= LOADS_PER_NODE:
                 return False
             self._loading[action.key] = action.node
+            if large:
+                self._large[action.key] = action.node
+                self._large_per_node[action.node] = self._large_per_node.get(action.node, 0) + 1
         try:
             self._loads.submit(self._load, action)
         except RuntimeError:  # stopping: the pool takes no more work
             with self._load_lock:
-                self._loading.pop(action.key, None)
+                self._release_load(action.key)
             return False
         return True
+
+    def _release_load(self, key: str) -> None:
+        """Forget a load that ended (call with `_load_lock` held)."""
+        self._loading.pop(key, None)
+        node = self._large.pop(key, None)
+        if node is not None:
+            self._large_per_node[node] -= 1
+            if not self._large_per_node[node]:
+                del self._large_per_node[node]
 
     def _load(self, action: Load) -> None:
         """One load on a pool thread: stream it, write what the agent now holds, release the
         key, wake the loop (see the module docstring)."""
+        failed = True
         try:
             path = ShardStore(self.compiler.store_dir).blob_path(action.shard_id)
             self.gateway.load(
                 action.address, action.node, action.chip_index, path, action.shard_id, False
             )
+            failed = False
         except Exception as exc:
             why = _describe(exc)
             log.warning("%s failed: %s", action.key, why)
@@ -596,9 +629,11 @@ class Controller:
             log.exception("after %s", action.key)
         finally:
             with self._load_lock:
-                self._loading.pop(action.key, None)
+                self._release_load(action.key)
                 self._finished.add(action.key)
-            self.wake()
+                last = not self._loading
+            if last or failed:  # see `_run`: one pass per batch of loads, not one per load
+                self.wake()
 
     def _replace_corrupt_blob(self, action: Load) -> None:
         """The agent refused a load as corrupt (DATA_LOSS). If the store's own copy no longer
@@ -752,7 +787,8 @@ class Controller:
             epoch=action.epoch,
             nodes=names,
         )
-        for address in requests:  # a pipeline of an older epoch (or incarnation) goes first
+
+        def clear(address: str) -> None:  # a pipeline of an older epoch (or incarnation) goes
             status = self.gateway.status(address, names[address])
             if any(
                 p.deployment == action.deployment and p.replica == action.replica
@@ -762,6 +798,8 @@ class Controller:
                 self.gateway.remove_replica(
                     address, names[address], action.deployment, action.replica
                 )
+
+        fan_out("configure", list(requests), clear)  # the agents in parallel
         ready = self.gateway.configure(requests, names)
         self._configured[(action.deployment, action.replica, action.epoch)] = (requests, ready)
         self.store.set_replica_epochs(action.deployment, action.replica, configured=action.epoch)

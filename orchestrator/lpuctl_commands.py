@@ -63,7 +63,7 @@ def register_cluster_commands(sub: Any, parser_class: Any) -> None:
     up.add_argument("--racks", type=int, default=2)
     up.add_argument("--nodes-per-rack", type=int, default=3)
     up.add_argument("--profile", default="dev")
-    up.add_argument("--runtime", choices=("process", "ray"), default="process")
+    up.add_argument("--runtime", choices=("process", "ray", "fleet"), default="process")
     up.add_argument(
         "--ray-address",
         metavar="ADDR",

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import secrets
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -40,6 +41,8 @@ from placement.plan import Plan
 from protos import agent_pb2, agent_pb2_grpc
 from protos.load_stream import DEFAULT_CHUNK_BYTES
 from security.identity import LINK_SECRET_BYTES, agent_identity
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -287,26 +290,64 @@ def load_shards(
     return [load for _, load in sorted(results, key=lambda pair: pair[0])]
 
 
+FAN_OUT = 32  # agents asked at once by configure_replica / start_epoch
+
+
+def fan_out(
+    step: str,
+    addresses: Sequence[str],
+    call: Callable[[str], _T],
+    *,
+    workers: int = FAN_OUT,
+) -> dict[str, _T]:
+    """`call(address)` for every address, up to `workers` at once (a 405B replica spans 233
+    agents: one after another, Configure and StartEpoch alone took seconds). The results by
+    address; on failure, `BringUpError` (`step`) for the first failed address in order, naming
+    the agents the step succeeded on."""
+    if len(addresses) <= 1 or workers <= 1:
+        jobs = {a: _settle(call, a) for a in addresses}
+    else:
+        with futures.ThreadPoolExecutor(min(workers, len(addresses))) as pool:
+            running = {a: pool.submit(_settle, call, a) for a in addresses}
+            jobs = {a: f.result() for a, f in running.items()}
+    failed = [(a, r) for a, r in jobs.items() if isinstance(r, _Failed)]
+    if failed:
+        address, first = failed[0]
+        done = [a for a, r in jobs.items() if not isinstance(r, _Failed)]
+        raise _failure(step, address, first.exc, done) from first.exc
+    return {a: r for a, r in jobs.items() if not isinstance(r, _Failed)}
+
+
+@dataclass(frozen=True)
+class _Failed:
+    exc: Exception
+
+
+def _settle(call: Callable[[str], _T], address: str) -> _T | _Failed:
+    try:
+        return call(address)
+    except grpc.RpcError as exc:
+        return _Failed(exc)
+
+
 def configure_replica(
     channels: Mapping[str, grpc.Channel],
     requests: Mapping[str, agent_pb2.ConfigureReplicaRequest],
     *,
     timeout: float = DEFAULT_BRING_UP.rpc_timeout,
 ) -> list[str]:
-    """Send each agent its `ConfigureReplica`; every chip's ready confirmation, in order. The
-    replica is then bound but its barrier is closed: nothing runs until `start_epoch`."""
-    ready: list[str] = []
-    done: list[str] = []
-    for address, request in requests.items():
-        try:
-            reply = agent_pb2_grpc.AgentStub(channels[address]).ConfigureReplica(
-                request, timeout=timeout
-            )
-        except grpc.RpcError as exc:
-            raise _failure("configure", address, exc, done) from exc
-        ready += reply.chips_ready
-        done.append(address)
-    return ready
+    """Send each agent its `ConfigureReplica` (in parallel, `fan_out`); every chip's ready
+    confirmation, in request order. The replica is then bound but its barrier is closed:
+    nothing runs until `start_epoch`."""
+
+    def configure(address: str) -> agent_pb2.ConfigureReplicaResponse:
+        reply: agent_pb2.ConfigureReplicaResponse = agent_pb2_grpc.AgentStub(
+            channels[address]
+        ).ConfigureReplica(requests[address], timeout=timeout)
+        return reply
+
+    replies = fan_out("configure", list(requests), configure)
+    return [chip for address in requests for chip in replies[address].chips_ready]
 
 
 def start_epoch(
@@ -317,8 +358,8 @@ def start_epoch(
     tick: int = 0,
     timeout: float = DEFAULT_BRING_UP.rpc_timeout,
 ) -> None:
-    """Open the start barrier on every agent of the replica with every chip's confirmation:
-    the epoch configured in `requests` starts at `tick`."""
+    """Open the start barrier on every agent of the replica (in parallel, `fan_out`) with
+    every chip's confirmation: the epoch configured in `requests` starts at `tick`."""
     first = next(iter(requests.values()))
     request = agent_pb2.StartEpochRequest(
         deployment=first.deployment,
@@ -327,13 +368,11 @@ def start_epoch(
         tick=tick,
         ready_chips=ready_chips,
     )
-    done: list[str] = []
-    for address in requests:
-        try:
-            agent_pb2_grpc.AgentStub(channels[address]).StartEpoch(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            raise _failure("start", address, exc, done) from exc
-        done.append(address)
+
+    def start(address: str) -> None:
+        agent_pb2_grpc.AgentStub(channels[address]).StartEpoch(request, timeout=timeout)
+
+    fan_out("start", list(requests), start)
 
 
 def bring_up_replica(
