@@ -58,11 +58,12 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -344,6 +345,11 @@ class Controller:
         self._large: dict[str, str] = {}  # of those, the loads LOADS_PER_NODE counts
         self._large_per_node: dict[str, int] = {}
         self._finished: set[str] = set()  # loads ended since this pass read the store
+        self._per_node: dict[str, int] = {}  # loads running per node
+        # Loads that ended on a node with others still running: its Status is asked once,
+        # when the last of them ends (a node's 8 chips: one Status and one write, not 8);
+        # until then they are neither offered again nor counted as done.
+        self._unreported: dict[str, set[str]] = {}
         self._node_locks: dict[str, threading.Lock] = {}  # one Status report at a time
         self._load_lock = threading.Lock()
         self._stopped: dict[tuple[str, int, int], tuple[float, str]] = {}
@@ -564,21 +570,29 @@ class Controller:
                     log.warning("status of node %s: %s", name, _describe(exc))
         return PassResult(tuple(executed), tuple(failed))
 
+    @functools.cached_property
+    def _shard_store(self) -> ShardStore:
+        """The compiler's shard store, opened once (opening makes its directories)."""
+        return ShardStore(self.compiler.store_dir)
+
     def _submit_load(self, action: Load) -> bool:
         """Hand a load to the pool unless it runs already, ended after this pass read the
         store (its result may be missing from what the reconciler saw), or its node has
         `LOADS_PER_NODE` running (the next pass offers it again)."""
         try:
-            size = ShardStore(self.compiler.store_dir).blob_path(action.shard_id).stat().st_size
+            size = self._shard_store.blob_path(action.shard_id).stat().st_size
         except OSError:
             size = SMALL_LOAD_BYTES  # let the load itself fail and say why
         large = size >= SMALL_LOAD_BYTES
         with self._load_lock:
             if action.key in self._loading or action.key in self._finished:
                 return False
+            if action.key in self._unreported.get(action.node, ()):
+                return False
             if large and self._large_per_node.get(action.node, 0) >= LOADS_PER_NODE:
                 return False
             self._loading[action.key] = action.node
+            self._per_node[action.node] = self._per_node.get(action.node, 0) + 1
             if large:
                 self._large[action.key] = action.node
                 self._large_per_node[action.node] = self._large_per_node.get(action.node, 0) + 1
@@ -592,7 +606,11 @@ class Controller:
 
     def _release_load(self, key: str) -> None:
         """Forget a load that ended (call with `_load_lock` held)."""
-        self._loading.pop(key, None)
+        owner = self._loading.pop(key, None)
+        if owner is not None:
+            self._per_node[owner] -= 1
+            if not self._per_node[owner]:
+                del self._per_node[owner]
         node = self._large.pop(key, None)
         if node is not None:
             self._large_per_node[node] -= 1
@@ -604,7 +622,7 @@ class Controller:
         key, wake the loop (see the module docstring)."""
         failed = True
         try:
-            path = ShardStore(self.compiler.store_dir).blob_path(action.shard_id)
+            path = self._shard_store.blob_path(action.shard_id)
             self.gateway.load(
                 action.address, action.node, action.chip_index, path, action.shard_id, False
             )
@@ -619,8 +637,15 @@ class Controller:
                     self._replace_corrupt_blob(action)
                 except Exception:  # the next pass retries the load; it ends up here again
                     log.exception("checking the store's copy of %s", action.shard_id)
+        with self._load_lock:
+            self._release_load(action.key)
+            waiting = self._unreported.setdefault(action.node, set())
+            waiting.add(action.key)
+            report = failed or action.node not in self._per_node
+            if report:
+                del self._unreported[action.node]
         try:
-            node = self.store.node(action.node)
+            node = self.store.node(action.node) if report else None
             if node is not None and node.address == action.address:
                 self._refresh_node(node)
         except grpc.RpcError as exc:
@@ -629,8 +654,8 @@ class Controller:
             log.exception("after %s", action.key)
         finally:
             with self._load_lock:
-                self._release_load(action.key)
-                self._finished.add(action.key)
+                if report:
+                    self._finished.update(waiting)
                 last = not self._loading
             if last or failed:  # see `_run`: one pass per batch of loads, not one per load
                 self.wake()
@@ -641,7 +666,7 @@ class Controller:
         bytes and fail forever: remove the blob and recompile the replica, which writes it
         again from the checkpoint (content-addressed: the same id), and the next pass loads
         it. A good copy means the bytes broke on the way: the next pass retries as usual."""
-        store = ShardStore(self.compiler.store_dir)
+        store = self._shard_store
         if store.verify(action.shard_id):
             return
         store.remove(action.shard_id)
@@ -935,7 +960,7 @@ class Controller:
     def _remove_stale_pipelines(self, node: Node, status: agent_pb2.StatusResponse) -> None:
         if not any(chip.pipelines for chip in status.chips):
             return
-        for deployment, index in stale_pipelines(node, status, self.store.replicas()):
+        for deployment, index in stale_pipelines(node, status, self.store.replica_chips()):
             log.info("removing stale pipeline %s/%d on %s", deployment, index, node.name)
             try:
                 self.gateway.remove_replica(node.address, node.name, deployment, index)
@@ -1046,14 +1071,16 @@ def moved_refs(
 
 
 def stale_pipelines(
-    node: Node, status: agent_pb2.StatusResponse, replicas: Iterable[Replica]
+    node: Node,
+    status: agent_pb2.StatusResponse,
+    replicas: Mapping[tuple[str, int], Collection[str]],
 ) -> list[tuple[str, int]]:
     """(deployment, replica) pipelines an agent still runs although the replica no longer
     has a chip on its node — the replica moved away (failover) while the node was silent, or
     was forgotten. They would keep the chips bound (a later Configure there is refused) and
     their shards referenced."""
     mine = {chip_id(node.rack, node.slot, c.index) for c in node.chips}
-    wanted = {(r.deployment, r.index) for r in replicas if mine.intersection(r.chips)}
+    wanted = {key for key, chips in replicas.items() if not mine.isdisjoint(chips)}
     found = {(p.deployment, p.replica) for chip in status.chips for p in chip.pipelines}
     return sorted(found - wanted)
 

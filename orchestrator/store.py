@@ -49,6 +49,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import sqlite3
@@ -190,6 +191,7 @@ class ControlStore(Protocol):
     def mark_replica_removing(self, deployment: str, index: int) -> None: ...
     def forget_replica(self, deployment: str, index: int) -> None: ...
     def replicas(self, deployment: str | None = None) -> list[Replica]: ...
+    def replica_chips(self) -> dict[tuple[str, int], frozenset[str]]: ...
 
     # nodes, chips, held shards
     def register_nodes(self, nodes: Iterable[Node], now: float) -> None: ...
@@ -806,6 +808,13 @@ class Store:
         if row is None:
             raise NotFound(f"deployment {deployment} has no replica {index}")
 
+    def replica_chips(self) -> dict[tuple[str, int], frozenset[str]]:
+        """(deployment, replica) -> the chips its stages use: what `replicas` says about
+        where replicas are, without their shard bindings (asked on every agent's Status)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT deployment, idx, stages FROM replicas").fetchall()
+        return {(r[0], r[1]): _chips_of(r[2]) for r in rows}
+
     def replicas(self, deployment: str | None = None) -> list[Replica]:
         where = "WHERE deployment = ?" if deployment is not None else ""
         args: tuple[Any, ...] = (deployment,) if deployment is not None else ()
@@ -1168,11 +1177,20 @@ def _stages_json(stages: Sequence[StagePlan]) -> str:
     return json.dumps([s.to_dict() | {"stageSeconds": s.stage_seconds} for s in stages])
 
 
+@functools.lru_cache(maxsize=512)
 def _stages_from_json(text: str) -> tuple[StagePlan, ...]:
+    """Parsed stages, cached by their text: every pass reads every replica, and a 1,868-stage
+    replica's JSON took most of a pass to parse again (the stages are frozen, so sharing is
+    safe; a changed row is a different text)."""
     return tuple(
         replace(StagePlan.from_dict(raw), stage_seconds=float(raw["stageSeconds"]))
         for raw in json.loads(text)
     )
+
+
+@functools.lru_cache(maxsize=512)
+def _chips_of(stages_text: str) -> frozenset[str]:
+    return frozenset(chip for stage in _stages_from_json(stages_text) for chip in stage.chips)
 
 
 def _statements(script: str) -> list[str]:
