@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agents.settings import DEFAULT_SETTINGS, AgentSettings
+from agents.settings import DEFAULT_SETTINGS, LINK_TRANSPORTS, AgentSettings
 from placement.profiles import profile_names
 
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -249,6 +249,14 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         f"{DEFAULT_SETTINGS.link_heartbeat:g} s)",
     )
     parser.add_argument(
+        "--link-transport",
+        choices=LINK_TRANSPORTS,
+        default=DEFAULT_SETTINGS.link_transport,
+        help="links to other agents: framed (length-prefixed frames over TCP, mutual TLS, "
+        "on a port shown in Status), grpc (the Link stream), or auto: framed when the "
+        "downstream agent serves it, else grpc (ConfigureReplica may choose per replica)",
+    )
+    parser.add_argument(
         "--control-plane",
         metavar="ADDR",
         help="HOST:PORT of the control plane's node registry: register there and heartbeat",
@@ -305,6 +313,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             load_idle_timeout=args.load_idle_timeout,
             link_idle_timeout=args.link_idle_timeout,
             link_heartbeat=min(DEFAULT_SETTINGS.link_heartbeat, args.link_idle_timeout / 4),
+            link_transport=args.link_transport,
             heartbeat_interval=args.heartbeat_interval,
             allow_fault_injection=args.allow_fault_injection,
         ),
