@@ -493,9 +493,7 @@ class LinkService:
                     f"stage frames need the {TARGET_KEY} and {INCARNATION_KEY} metadata",
                 )
             if not intact:
-                return End(
-                    grpc.StatusCode.DATA_LOSS, f"probe frame {msg.tick} failed its checksum"
-                )
+                return End(grpc.StatusCode.DATA_LOSS, f"probe frame {msg.tick} failed its checksum")
             return None
         target, runner = opened
         if msg.ping:

@@ -152,7 +152,8 @@ def run_agent(
 
 
 def metrics_port_arg(text: str) -> int | None:
-    """An argparse `type` for --metrics-port: a port, 0 for any free one, `off` for none."""
+    """An argparse `type` for --metrics-port and --link-port: a port, 0 for any free one,
+    `off` for none."""
     if text.strip().lower() == "off":
         return None
     return whole_number(0, 65535)(text)
@@ -257,6 +258,14 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         "downstream agent serves it, else grpc (ConfigureReplica may choose per replica)",
     )
     parser.add_argument(
+        "--link-port",
+        type=metrics_port_arg,
+        default=0,
+        metavar="PORT|off",
+        help="port of the framed link listener on the --listen host (0: any free port, shown "
+        "in Status; off: none, links into this agent use gRPC)",
+    )
+    parser.add_argument(
         "--control-plane",
         metavar="ADDR",
         help="HOST:PORT of the control plane's node registry: register there and heartbeat",
@@ -314,6 +323,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             link_idle_timeout=args.link_idle_timeout,
             link_heartbeat=min(DEFAULT_SETTINGS.link_heartbeat, args.link_idle_timeout / 4),
             link_transport=args.link_transport,
+            link_port=args.link_port,
             heartbeat_interval=args.heartbeat_interval,
             allow_fault_injection=args.allow_fault_injection,
         ),

@@ -843,11 +843,12 @@ def start_server(
         port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
-    try:
-        service.wire.listen(listen.rsplit(":", 1)[0])
-    except OSError:
-        server.stop(0)
-        raise
+    if service.settings.link_port is not None:
+        try:
+            service.wire.listen(listen.rsplit(":", 1)[0], service.settings.link_port)
+        except OSError:
+            server.stop(0)
+            raise
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -54,6 +54,9 @@ class AgentSettings:
     # or "auto": framed when the downstream agent advertises a link port, else gRPC.
     # ConfigureReplica's `link_transport` overrides it per replica.
     link_transport: str = "auto"
+    # The framed link port (on the gRPC listen host): 0 any free port, None none (links into
+    # this agent then go over gRPC; senders on "auto" fall back to it).
+    link_port: int | None = 0
     # The framed link port's bounds: the largest frame (as the gRPC Link's message limit), the
     # time a connection has for its TLS handshake and hello (at most the idle timeout), and
     # the connections open at once, in all and per peer identity (one reader thread each).
@@ -113,6 +116,8 @@ class AgentSettings:
             raise ValueError(
                 f"AgentSettings.link_transport must be one of {', '.join(LINK_TRANSPORTS)}"
             )
+        if self.link_port is not None and not 0 <= self.link_port <= 65535:
+            raise ValueError("AgentSettings.link_port must be a port (0: any free one) or None")
         if not self.link_handshake_timeout > 0:
             raise ValueError("AgentSettings.link_handshake_timeout must be positive")
         if self.ping_max_payload_bytes < 0:

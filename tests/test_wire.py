@@ -148,11 +148,21 @@ def deploy(
 
 
 def serve_all(agent: AgentProcess, name: str) -> list[tuple[tuple[int, ...], bytes]]:
-    """Both prompts at once (the ring carries two sequences); tokens and logits bytes."""
+    """Both prompts at once (the ring carries two sequences); tokens and logits bytes. A
+    request's failure is raised here."""
     out: dict[int, tuple[tuple[int, ...], bytes]] = {}
+    errors: list[BaseException] = []
 
     def one(i: int) -> None:
-        replies = list(
+        try:
+            replies = served(i)
+        except BaseException as exc:  # raised below, in the test's thread
+            errors.append(exc)
+            return
+        out[i] = (tuple(r.token for r in replies), b"".join(r.logits for r in replies))
+
+    def served(i: int) -> list[agent_pb2.GenerateResponse]:
+        return list(
             agent.stub.Generate(
                 agent_pb2.GenerateRequest(
                     deployment=name,
@@ -164,13 +174,14 @@ def serve_all(agent: AgentProcess, name: str) -> list[tuple[tuple[int, ...], byt
                 timeout=120,
             )
         )
-        out[i] = (tuple(r.token for r in replies), b"".join(r.logits for r in replies))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(180)
+    if errors:
+        raise errors[0]
     return [out[i] for i in range(len(PROMPTS))]
 
 
@@ -235,3 +246,31 @@ def test_link_ping_over_the_framed_transport(fresh_agent_cluster: AgentCluster) 
     )
     assert len(reply.one_way_ms) == len(reply.round_trip_ms) == 50
     assert all(0 < o <= r for o, r in zip(reply.one_way_ms, reply.round_trip_ms, strict=True))
+
+
+def test_auto_falls_back_to_grpc_when_the_downstream_serves_no_link_port(
+    fresh_agent_cluster: AgentCluster,
+    tmp_path: object,
+    expected: list[tuple[tuple[int, ...], bytes]],
+) -> None:
+    a = fresh_agent_cluster.start("f0", chips=4, extra=["--sram-bytes", "64MiB"])
+    b = fresh_agent_cluster.start(
+        "f1", chips=4, extra=["--sram-bytes", "64MiB", "--link-port", "off"]
+    )
+    assert b.status().link_port == 0 and a.status().link_port > 0
+    channels = {x.address: x.channel for x in (a, b)}
+    _, _, used = deploy("auto", [a, b], fresh_agent_cluster, tmp_path, 0)  # agents' "auto"
+    assert serve_all(a, "auto") == expected
+    assert "at " + b.address + ": gRPC" in a.stderr()  # 1 -> 2 into b: gRPC
+    assert "framed on port" in b.stderr()  # 3 -> 0 into a: framed
+    remove_replica(channels, "auto", used)
+    # Forced to the framed transport, the link into b cannot open: the replica stops, and
+    # says why.
+    _, _, used = deploy("forced", [a, b], fresh_agent_cluster, tmp_path, 2)
+    with pytest.raises(grpc.RpcError) as info:
+        serve_all(a, "forced")
+    assert info.value.code() == grpc.StatusCode.ABORTED
+    assert "serves no framed link port" in str(info.value.details())
+    remove_replica(channels, "forced", used)
+    for agent in (a, b):
+        assert "Traceback" not in agent.stderr()
