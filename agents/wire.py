@@ -699,8 +699,8 @@ class FramedLink:
     while idle and calls `on_ack`/`on_error`. It first asks the downstream agent's `Status` for
     its link port; with `fallback` a peer that advertises none (or cannot be asked) is served
     over a `GrpcLink` instead. Frames are written by the caller's thread (the stage's): the
-    credit window bounds how much can be in flight, so a write waits only for a full socket
-    buffer, at most the connect timeout, after which the stage stops with the error.
+    credit window bounds how much can be in flight, so a write waits only while the socket
+    buffer is full; a write that fails stops the stage with the error.
     """
 
     def __init__(
@@ -776,7 +776,12 @@ class FramedLink:
             if port == 0:
                 if not self._fallback:
                     raise ConnectionError(f"{self._address} serves no framed link port")
+                if self._closing.is_set():
+                    raise ConnectionError("the link is closed")
                 self._grpc = self._grpc_link()
+                if self._closing.is_set():  # close() may have missed it
+                    self._grpc.close()
+                    raise ConnectionError("the link is closed")
                 self.transport = "grpc"
                 log.info("link to stage %d at %s: gRPC", self._route[2], self._address)
                 return None
@@ -793,6 +798,9 @@ class FramedLink:
                 channel.shutdown()
                 raise
             self._channel = channel
+            if self._closing.is_set():  # closed while connecting (close() may have missed it)
+                channel.shutdown()
+                raise ConnectionError("the link is closed")
             self.transport = "framed"
             log.info(
                 "link to stage %d at %s: framed on port %d", self._route[2], self._address, port
@@ -851,11 +859,12 @@ class FramedLink:
             self._last_send = time.monotonic()
 
     def close(self) -> None:
+        """Stop sending and close the connection. Does not wait for an `_open` in progress
+        (it holds the lock through the network round trips; it checks `_closing` after)."""
         self._closing.set()
         if self._jitter is not None:
             self._jitter.close()
-        with self._lock:
-            channel, link = self._channel, self._grpc
+        channel, link = self._channel, self._grpc
         if channel is not None:
             channel.shutdown()
         if link is not None:
