@@ -318,16 +318,22 @@ class TlsChannel:
             self._flush()
 
     def recv(self, deadline: float) -> bytes:
+        """The plaintext of every whole TLS record received so far (a 16 KiB frame spans two
+        records: one call, one lock round, returns both when both are in)."""
         while True:
             with self.lock:
-                try:
-                    data = self.tls.read(1 << 18)
-                except ssl.SSLWantReadError:
-                    self._flush()  # TLS 1.3 post-handshake messages may want an answer
-                else:
+                chunks = []
+                while True:
+                    try:
+                        data = self.tls.read(1 << 18)
+                    except ssl.SSLWantReadError:
+                        break
                     if not data:
                         raise Closed("the peer closed the TLS session")
-                    return data
+                    chunks.append(data)
+                if chunks:
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._flush()  # TLS 1.3 post-handshake messages may want an answer
             self._feed(deadline)
 
     def peer_identity(self) -> str | None:

@@ -10,7 +10,8 @@ In one run, on loopback:
   agent A when s < S/2 else agent B (so the ring has in-process and network links), served
   through `Generate` on stage 0's agent: one request, then maxBatch requests at once. The
   single-process `ReferenceExecutor` generates the same requests in this process (one
-  request; and the batch as one batched `generate` call) for the ratio. Note what that ratio
+  request; and the batch as one batched `generate` call) for the ratio, sampled once per rep
+  of every stage count, in turn with the pipelines, so that it sees the same machine load. Note what that ratio
   compares: an in-process reference with no gRPC against a multi-process gRPC pipeline (the
   JSON says so in `reference_kind`), so it is the pipeline's overhead, not a stage speedup.
 * identity: every pipeline's tokens and logits (streamed with `return_logits`) are compared
@@ -66,7 +67,7 @@ import numpy as np  # noqa: E402
 
 from agents.executor import ReferenceExecutor  # noqa: E402
 from agents.sampling import Request, Sampling, generate  # noqa: E402
-from bench.shard_load import processes  # noqa: E402
+from bench.shard_load import processes, recv_exact  # noqa: E402
 from orchestrator.agent_client import dial  # noqa: E402
 from orchestrator.compiler import compile_plan  # noqa: E402
 from orchestrator.serving import BringUpOptions, bring_up_replica, remove_replica  # noqa: E402
@@ -123,37 +124,42 @@ def percentile(values: list[float], q: float) -> float:
 # --- hop latency -----------------------------------------------------------------------------
 
 
-def hop_latency(
-    stubs: list[Any], addresses: list[str], pings: int, reps: int, transport: int = 0
-) -> dict[str, float]:
-    runs = []
-    for _ in range(reps):
-        reply = stubs[0].LinkPing(
-            agent_pb2.LinkPingRequest(
-                peer=addresses[1], count=pings, payload_bytes=FRAME_BYTES, transport=transport
-            ),
-            timeout=300,
-        )
-        runs.append((list(reply.one_way_ms), list(reply.round_trip_ms)))
+def hop_latencies(
+    stubs: list[Any], addresses: list[str], pings: int, reps: int
+) -> dict[str, dict[str, float]]:
+    """Per transport, medians over `reps` of LinkPing's p50/p99. The transports take turns
+    (their order alternating rep by rep) so that both see the same load on a shared machine."""
+    runs: dict[str, list[tuple[list[float], list[float]]]] = {t: [] for t in TRANSPORTS}
+    for rep in range(reps):
+        for label in turns(rep):
+            reply = stubs[0].LinkPing(
+                agent_pb2.LinkPingRequest(
+                    peer=addresses[1],
+                    count=pings,
+                    payload_bytes=FRAME_BYTES,
+                    transport=TRANSPORTS[label],
+                ),
+                timeout=300,
+            )
+            runs[label].append((list(reply.one_way_ms), list(reply.round_trip_ms)))
     return {
-        "hop_p50_ms": statistics.median(percentile(o, 50) for o, _ in runs),
-        "hop_p99_ms": statistics.median(percentile(o, 99) for o, _ in runs),
-        "round_trip_p50_ms": statistics.median(percentile(r, 50) for _, r in runs),
-        "round_trip_p99_ms": statistics.median(percentile(r, 99) for _, r in runs),
+        label: {
+            "hop_p50_ms": statistics.median(percentile(o, 50) for o, _ in got),
+            "hop_p99_ms": statistics.median(percentile(o, 99) for o, _ in got),
+            "round_trip_p50_ms": statistics.median(percentile(r, 50) for _, r in got),
+            "round_trip_p99_ms": statistics.median(percentile(r, 99) for _, r in got),
+        }
+        for label, got in runs.items()
     }
 
 
+def turns(rep: int) -> list[str]:
+    """The transports in the order rep `rep` measures them (alternating)."""
+    order = list(TRANSPORTS)
+    return order if rep % 2 == 0 else order[::-1]
+
+
 # --- the raw TCP / TLS baseline --------------------------------------------------------------
-
-
-def _recv_exact(sock: socket.socket | ssl.SSLSocket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return bytes(buf)
 
 
 def run_echo(kind: str, certs: str | None) -> None:
@@ -173,8 +179,8 @@ def run_echo(kind: str, certs: str | None) -> None:
         with conn:
             try:
                 while True:
-                    (n,) = _LEN.unpack(_recv_exact(conn, _LEN.size))
-                    _recv_exact(conn, n)
+                    (n,) = _LEN.unpack(recv_exact(conn, _LEN.size))
+                    recv_exact(conn, n)
                     conn.sendall(_LEN.pack(n))
             except (ConnectionError, OSError):
                 continue
@@ -199,7 +205,7 @@ def raw_round_trip(
             for i in range(pings + 1):
                 started = time.perf_counter_ns()
                 sock.sendall(payload)
-                _recv_exact(sock, _LEN.size)
+                recv_exact(sock, _LEN.size)
                 if i:
                     times.append((time.perf_counter_ns() - started) / 1e6)
         runs.append(times)
@@ -246,9 +252,11 @@ def deploy(
     store: Path,
     transport: int = 0,
     tag: str = "",
+    chip_offset: int = 0,
 ) -> tuple[str, list[str]]:
     """Compile, load and start a replica of `stages` stages whose links between the agents use
-    `transport` (agent_pb2.LinkTransport): its name, the agents used."""
+    `transport` (agent_pb2.LinkTransport), on chips from `chip_offset` up: its name, the
+    agents used."""
     name = f"s{stages}{tag}"
     request = PlanRequest(
         name,
@@ -269,7 +277,7 @@ def deploy(
     where = {
         r.chip: (
             addresses[0 if r.binding.stage < half or stages == 1 else 1],
-            r.binding.stage % half,
+            chip_offset + r.binding.stage % half,
         )
         for r in refs
     }
@@ -340,19 +348,26 @@ def timed_batch(
     return seconds, results
 
 
-def reference_runs(
-    ref: ReferenceExecutor, batch: list[tuple[int, ...]], n: int, reps: int
-) -> tuple[dict[str, float], list[Any]]:
-    one, many = [], []
-    solo = [ref.generate(p, n) for p in batch]  # also warms up
-    for _ in range(reps):
+class ReferenceRuns:
+    """The reference executor's tokens/s, sampled in turn with the pipelines (one sample per
+    rep of every stage count, on both pairs) so that its figure sees the same machine load."""
+
+    def __init__(self, ref: ReferenceExecutor, batch: list[tuple[int, ...]], n: int) -> None:
+        self.ref, self.batch, self.n = ref, batch, n
+        self.solo = [ref.generate(p, n) for p in batch]  # also warms up
+        self.samples: dict[str, list[float]] = {"one": [], "batch": []}
+
+    def sample(self) -> None:
+        n, batch = self.n, self.batch
         started = time.perf_counter()
-        ref.generate(batch[0], n)
-        one.append(n / (time.perf_counter() - started))
+        self.ref.generate(batch[0], n)
+        self.samples["one"].append(n / (time.perf_counter() - started))
         started = time.perf_counter()
-        generate(ref.step, [Request(p, n, Sampling(), slot=i) for i, p in enumerate(batch)])
-        many.append(len(batch) * n / (time.perf_counter() - started))
-    return {"one": statistics.median(one), "batch": statistics.median(many)}, solo
+        generate(self.ref.step, [Request(p, n, Sampling(), slot=i) for i, p in enumerate(batch)])
+        self.samples["batch"].append(len(batch) * n / (time.perf_counter() - started))
+
+    def rates(self) -> dict[str, float]:
+        return {mode: statistics.median(values) for mode, values in self.samples.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -361,13 +376,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref = ReferenceExecutor(
         TINY, SeededWeights(TINY, SEED, "F16"), max_batch=MAX_BATCH, max_context=MAX_CONTEXT
     )
-    ref_rates, solo = reference_runs(ref, batch, n, args.reps)
+    reference = ReferenceRuns(ref, batch, n)
     with tempfile.TemporaryDirectory() as tmp:
         certs = Path(tmp) / "certs"
         certs_mod.init_cluster(certs)
         raw = raw_baselines(args, certs)
-        tls = run_pair(args, certs, Path(tmp) / "tls", batch, solo)
-        plain = run_pair(args, None, Path(tmp) / "plain", batch, solo)
+        tls = run_pair(args, certs, Path(tmp) / "tls", batch, reference)
+        plain = run_pair(args, None, Path(tmp) / "plain", batch, reference)
+    ref_rates = reference.rates()
     return {
         "hops": tls["grpc"]["hops"],
         "tokens_per_s": {"reference": ref_rates, **tls["grpc"]["tokens_per_s"]},
@@ -383,7 +399,7 @@ def run_pair(
     certs: Path | None,
     store: Path,
     batch: list[tuple[int, ...]],
-    solo: list[Any],
+    reference: ReferenceRuns,
 ) -> dict[str, Any]:
     """Hops and serving on a fresh pair of agents (TLS with `certs`, plaintext when None), for
     each link transport: {"grpc": {hops, tokens_per_s}, "framed": {...}, "identical": bool}."""
@@ -396,13 +412,12 @@ def run_pair(
         channels = [pair.channel(i) for i in range(2)]
         by_address = dict(zip(addresses, channels, strict=True))
         stubs = [agent_pb2_grpc.AgentStub(c) for c in channels]
-        for label, transport in TRANSPORTS.items():
-            hops = hop_latency(stubs, addresses, args.pings, args.reps, transport)
-            rates, identical = serve_stages(
-                args, pair, by_address, stubs, store, batch, solo, transport, label
-            )
-            out[label] = {"hops": hops, "tokens_per_s": rates}
-            out["identical"] &= identical
+        hops = hop_latencies(stubs, addresses, args.pings, args.reps)
+        rates, out["identical"] = serve_stages(
+            args, pair, by_address, stubs, store, batch, reference
+        )
+        for label in TRANSPORTS:
+            out[label] = {"hops": hops[label], "tokens_per_s": rates[label]}
         for channel in channels:
             channel.close()
     return out
@@ -415,40 +430,50 @@ def serve_stages(
     stubs: list[Any],
     store: Path,
     batch: list[tuple[int, ...]],
-    solo: list[Any],
-    transport: int,
-    label: str,
-) -> tuple[dict[str, dict[str, float]], bool]:
-    """tokens/s of 1, 2, 4, 8 stages over `transport`, and whether every token and logit was
-    the reference's."""
+    reference: ReferenceRuns,
+) -> tuple[dict[str, dict[str, dict[str, float]]], bool]:
+    """tokens/s of 1, 2, 4, 8 stages per transport, and whether every token and logit was the
+    reference's. For each stage count both transports' replicas run side by side (gRPC links
+    on chips 0-3, framed on chips 4-7) and take turns rep by rep, in alternating order, so a
+    load change on the shared machine falls on both."""
     n = args.tokens
-    tokens_per_s: dict[str, dict[str, float]] = {}
+    solo = reference.solo
+    tokens_per_s: dict[str, dict[str, dict[str, float]]] = {t: {} for t in TRANSPORTS}
     identical = True
+    head = stubs[0]
     for stages in STAGE_COUNTS:
-        name, used = deploy(stages, by_address, pair, store, transport, f"-{label}")
-        head = stubs[0]
-        serve(head, name, "warm", batch[0], 4)
-        one, many = [], []
-        for rep in range(args.reps):
-            t0 = time.perf_counter()
-            tokens, logits = serve(head, name, f"one-{rep}", batch[0], n)
-            one.append(n / (time.perf_counter() - t0))
-            identical &= (
-                tokens == solo[0].tokens
-                and logits.tobytes() == solo[0].logits.astype("<f4").tobytes()
+        names = {}
+        for i, (label, transport) in enumerate(TRANSPORTS.items()):
+            names[label] = deploy(
+                stages, by_address, pair, store, transport, f"-{label}", chip_offset=4 * i
             )
-            seconds, results = timed_batch(head, name, f"b{rep}", batch, n)
-            many.append(len(batch) * n / seconds)
-            for i, (tokens, logits) in results.items():
+            serve(head, names[label][0], "warm", batch[0], 4)
+        one: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+        many: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+        for rep in range(args.reps):
+            reference.sample()
+            for label in turns(rep):
+                name = names[label][0]
+                t0 = time.perf_counter()
+                tokens, logits = serve(head, name, f"one-{rep}", batch[0], n)
+                one[label].append(n / (time.perf_counter() - t0))
                 identical &= (
-                    tokens == solo[i].tokens
-                    and logits.tobytes() == solo[i].logits.astype("<f4").tobytes()
+                    tokens == solo[0].tokens
+                    and logits.tobytes() == solo[0].logits.astype("<f4").tobytes()
                 )
-        tokens_per_s[f"{stages}_stages"] = {
-            "one": statistics.median(one),
-            "batch": statistics.median(many),
-        }
-        remove_replica(by_address, name, used)
+                seconds, results = timed_batch(head, name, f"b{rep}", batch, n)
+                many[label].append(len(batch) * n / seconds)
+                for i, (tokens, logits) in results.items():
+                    identical &= (
+                        tokens == solo[i].tokens
+                        and logits.tobytes() == solo[i].logits.astype("<f4").tobytes()
+                    )
+        for label, (name, used) in names.items():
+            tokens_per_s[label][f"{stages}_stages"] = {
+                "one": statistics.median(one[label]),
+                "batch": statistics.median(many[label]),
+            }
+            remove_replica(by_address, name, used)
     return tokens_per_s, identical
 
 

@@ -1766,6 +1766,12 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
     ),
     ("configure-the-ring-again", configure(deployment=RING), CODE.ALREADY_EXISTS, "already"),
     ("configure-chip-out-of-range", configure(a_chips=[9]), CODE.INVALID_ARGUMENT, "chip 9"),
+    (
+        "configure-link-transport-unknown",
+        configure(link_transport=99),
+        CODE.INVALID_ARGUMENT,
+        "link_transport 99",
+    ),
     ("configure-shard-not-held", configure(), CODE.NOT_FOUND, "does not hold"),
     (
         "configure-another-stages-shard",

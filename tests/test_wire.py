@@ -120,6 +120,20 @@ def test_the_reader_bounds_every_message_before_reading_it() -> None:
         reader_of(b"LW", close=False).read(time.monotonic() + 0.2, 100)
 
 
+def test_the_transport_settings_are_checked() -> None:
+    from agents.settings import AgentSettings
+
+    for bad in (
+        {"link_transport": "udp"},
+        {"link_port": 70000},
+        {"link_handshake_timeout": 0},
+        {"link_max_connections_per_peer": 0},
+    ):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AgentSettings(**bad)  # type: ignore[arg-type]
+    assert AgentSettings(link_port=None).link_port is None
+
+
 # --- pipelines across agent processes ---------------------------------------------------------
 
 
