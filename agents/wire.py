@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -93,6 +94,7 @@ HELLO_LIMIT = HELLO_BODY.size + 255 + MAX_DEPLOYMENT_BYTES
 END_LIMIT = 4096  # what a client reads of an END (the server sends at most ~1 KiB)
 MESSAGE_LIMIT = 1000
 CONNECT_TIMEOUT = 10.0
+SEND_TIMEOUT = 30.0  # a sender's write to a receiver that reads nothing fails after this
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -259,7 +261,7 @@ class PlainChannel:
             self.sock.sendall(data)
 
     def recv(self, deadline: float) -> bytes:
-        self.sock.settimeout(_remaining(deadline))
+        _wait_readable(self.sock, deadline)
         data = self.sock.recv(1 << 18)
         if not data:
             raise Closed("the peer closed the connection")
@@ -301,11 +303,10 @@ class TlsChannel:
     def _flush(self) -> None:
         data = self._out.read()
         if data:
-            self.sock.settimeout(CONNECT_TIMEOUT)
             self.sock.sendall(data)
 
     def _feed(self, deadline: float) -> None:
-        self.sock.settimeout(_remaining(deadline))
+        _wait_readable(self.sock, deadline)
         data = self.sock.recv(1 << 18)
         if not data:
             raise Closed("the peer closed the connection")
@@ -341,6 +342,33 @@ class TlsChannel:
 
     def shutdown(self) -> None:
         _shutdown(self.sock)
+
+
+def blocking(sock: socket.socket, send_timeout: float) -> socket.socket:
+    """Put a connection in blocking mode for good, with a kernel send timeout.
+
+    A connection is read by one thread and written by another, so neither may call
+    `settimeout`: it is one setting of the whole socket (and flips O_NONBLOCK), so a writer's
+    timeout would become the reader's. Reads wait with `poll` up to their own deadline
+    (`_wait_readable`); writes are bounded by SO_SNDTIMEO (a write stuck that long fails with
+    an OSError), which Python does not see or change."""
+    sock.settimeout(None)
+    seconds = int(send_timeout)
+    micros = int((send_timeout - seconds) * 1e6)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
+    return sock
+
+
+def _wait_readable(sock: socket.socket, deadline: float) -> None:
+    """Wait until `sock` has something to read (or its peer closed it): `TimeoutError` past
+    `deadline` (infinite: wait for good)."""
+    left = _remaining(deadline)
+    if left is None:
+        return
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(max(1, int(left * 1000))):
+        raise TimeoutError("deadline passed")
 
 
 def _remaining(deadline: float) -> float | None:
@@ -495,6 +523,7 @@ class WireServer:
         channel: Channel | None = None
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            blocking(conn, self.settings.link_idle_timeout)
             deadline = time.monotonic() + self.handshake_timeout
             identity = None
             if self.ctx is not None:
@@ -672,6 +701,7 @@ def connect(
     sock = socket.create_connection((host.strip("[]"), port), timeout=CONNECT_TIMEOUT)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        blocking(sock, SEND_TIMEOUT)
         if creds is None:
             return PlainChannel(sock)
         ctx = ctx or ssl_context(creds, server_side=False)
