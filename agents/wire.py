@@ -261,8 +261,7 @@ class PlainChannel:
             self.sock.sendall(data)
 
     def recv(self, deadline: float) -> bytes:
-        _wait_readable(self.sock, deadline)
-        data = self.sock.recv(1 << 18)
+        data = _recv_some(self.sock, deadline)
         if not data:
             raise Closed("the peer closed the connection")
         return data
@@ -306,8 +305,7 @@ class TlsChannel:
             self.sock.sendall(data)
 
     def _feed(self, deadline: float) -> None:
-        _wait_readable(self.sock, deadline)
-        data = self.sock.recv(1 << 18)
+        data = _recv_some(self.sock, deadline)
         if not data:
             raise Closed("the peer closed the connection")
         with self.lock:
@@ -357,6 +355,18 @@ def blocking(sock: socket.socket, send_timeout: float) -> socket.socket:
     micros = int((send_timeout - seconds) * 1e6)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", seconds, micros))
     return sock
+
+
+def _recv_some(sock: socket.socket, deadline: float) -> bytes:
+    """What `sock` has to read, waiting up to `deadline`: first without waiting (MSG_DONTWAIT:
+    under traffic the bytes are usually there, one system call), then `poll`, then read."""
+    if deadline != float("inf"):
+        try:
+            return sock.recv(1 << 18, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        _wait_readable(sock, deadline)
+    return sock.recv(1 << 18)
 
 
 def _wait_readable(sock: socket.socket, deadline: float) -> None:
