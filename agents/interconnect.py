@@ -279,7 +279,9 @@ class GrpcLink:
 
 
 @dataclass(frozen=True)
-class _End:
+class End:
+    """Why a link stream ends: the status code and message its peer gets."""
+
     code: grpc.StatusCode
     message: str
 
@@ -297,6 +299,14 @@ _ERROR_CODES: dict[type[AgentError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
 }
+
+
+def status_of_refusal(exc: AgentError) -> grpc.StatusCode:
+    """The status an `authorize` refusal ends a link with (PERMISSION_DENIED by default)."""
+    return next(
+        (c for t, c in _ERROR_CODES.items() if isinstance(exc, t)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
 
 
 class LinkService:
@@ -326,7 +336,7 @@ class LinkService:
         self.authorize = authorize
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
-        self._open: set[queue.SimpleQueue[interconnect_pb2.LinkAck | _End | None]] = set()
+        self._open: set[queue.SimpleQueue[interconnect_pb2.LinkAck | End | None]] = set()
         self._closed = False
         # Frames refused (the stream then ends), by status code name, for the agent's
         # metrics. Counted under `_lock`: a rejection ends its stream, so it is never hot.
@@ -339,6 +349,11 @@ class LinkService:
             streams, self._open = list(self._open), set()
         for acks in streams:
             acks.put(None)
+
+    def count_rejection(self, code: grpc.StatusCode) -> None:
+        """One frame refused (its stream or connection then ends), for the agent's metrics."""
+        with self._lock:
+            self._rejected[code.name] += 1
 
     def frames_rejected(self) -> dict[str, int]:
         """Frames refused so far, by the status code their stream ended with (a copy)."""
@@ -372,17 +387,13 @@ class LinkService:
         try:
             self.authorize(context, runner)
         except AgentError as exc:
-            code = next(
-                (c for t, c in _ERROR_CODES.items() if isinstance(exc, t)),
-                grpc.StatusCode.PERMISSION_DENIED,
-            )
-            self._abort(context, code, exc.message)
+            self._abort(context, status_of_refusal(exc), exc.message)
         return target, runner
 
     def Exchange(
         self, requests: Iterator[interconnect_pb2.LinkFrame], context: grpc.ServicerContext
     ) -> Iterator[interconnect_pb2.LinkAck]:
-        acks: queue.SimpleQueue[interconnect_pb2.LinkAck | _End | None] = queue.SimpleQueue()
+        acks: queue.SimpleQueue[interconnect_pb2.LinkAck | End | None] = queue.SimpleQueue()
         with self._lock:
             if self._closed:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"node {self.node} is stopping")
@@ -392,7 +403,7 @@ class LinkService:
             acks.put(interconnect_pb2.LinkAck(epoch=epoch, tick=tick))
 
         def end(code: grpc.StatusCode) -> Callable[[str], None]:
-            return lambda message: acks.put(_End(code, message))
+            return lambda message: acks.put(End(code, message))
 
         if opened is not None:
             target, runner = opened
@@ -428,7 +439,7 @@ class LinkService:
                     continue
                 if item is None:
                     return
-                if isinstance(item, _End):
+                if isinstance(item, End):
                     self._abort(context, item.code, item.message)
                 yield item
         finally:
@@ -440,7 +451,7 @@ class LinkService:
     def _read(
         self,
         requests: Iterator[interconnect_pb2.LinkFrame],
-        acks: queue.SimpleQueue[interconnect_pb2.LinkAck | _End | None],
+        acks: queue.SimpleQueue[interconnect_pb2.LinkAck | End | None],
         opened: tuple[Target, StageRunner] | None,
         send_ack: Callable[[int, int], None],
         seen: list[float],
@@ -448,10 +459,9 @@ class LinkService:
         try:
             for msg in requests:
                 seen[0] = time.monotonic()
-                end = self._check(msg, opened, send_ack)
+                end = self.check_frame(msg, opened, send_ack)
                 if end is not None:
-                    with self._lock:
-                        self._rejected[end.code.name] += 1
+                    self.count_rejection(end.code)
                     acks.put(end)
                     return
                 if msg.ping:
@@ -467,30 +477,29 @@ class LinkService:
                 opened[1].unbind_upstream(send_ack)
             acks.put(None)
 
-    def _check(
+    def check_frame(
         self,
         msg: interconnect_pb2.LinkFrame,
         opened: tuple[Target, StageRunner] | None,
         send_ack: Callable[[int, int], None],
-    ) -> _End | None:
-        """Check one frame and hand it to the stage; the end of the stream if refused."""
+    ) -> End | None:
+        """Check one frame and hand it to the stage; the end of the stream if refused (the
+        framed transport, `agents.wire`, runs its frames through here too)."""
         intact = frame_checksum(msg) == msg.checksum
         if opened is None:
             if not msg.ping:
-                return _End(
+                return End(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"stage frames need the {TARGET_KEY} and {INCARNATION_KEY} metadata",
                 )
             if not intact:
-                return _End(
-                    grpc.StatusCode.DATA_LOSS, f"probe frame {msg.tick} failed its checksum"
-                )
+                return End(grpc.StatusCode.DATA_LOSS, f"probe frame {msg.tick} failed its checksum")
             return None
         target, runner = opened
         if msg.ping:
-            return _End(grpc.StatusCode.INVALID_ARGUMENT, "probe frames on a stage stream")
+            return End(grpc.StatusCode.INVALID_ARGUMENT, "probe frames on a stage stream")
         if not target.names(msg):
-            return _End(
+            return End(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"frame of tick {msg.tick} names {msg.deployment[:200]!r} replica "
                 f"{msg.replica} stage {msg.to_stage}; the stream's target is "
@@ -503,15 +512,15 @@ class LinkService:
                 "(corrupted on the link)"
             )
             runner.fail_via(send_ack, error)
-            return _End(grpc.StatusCode.DATA_LOSS, error)
+            return End(grpc.StatusCode.DATA_LOSS, error)
         if msg.heartbeat:
             if msg.payload:
-                return _End(grpc.StatusCode.INVALID_ARGUMENT, "a heartbeat carries no payload")
+                return End(grpc.StatusCode.INVALID_ARGUMENT, "a heartbeat carries no payload")
             return None
         slot = None if msg.slot < 0 else msg.slot
         rejected = runner.on_frame(Frame(msg.epoch, msg.tick, slot, msg.payload), via=send_ack)
         if rejected is not None:
-            return _End(getattr(grpc.StatusCode, rejected.code.value), rejected.reason)
+            return End(getattr(grpc.StatusCode, rejected.code.value), rejected.reason)
         return None
 
 

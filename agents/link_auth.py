@@ -23,6 +23,25 @@ from security.tls import link_secret, peer_identity
 LinkPolicyOf = Callable[[StageRunner], "tuple[str, bytes] | None"]
 
 
+def authorize_link(
+    policy_of: LinkPolicyOf, runner: StageRunner, identity: str | None, secret: bytes | None
+) -> None:
+    """Return when the peer `identity` presenting `secret` may feed `runner`; raise
+    `PermissionDenied` or `Unauthenticated` (naming peer and stage) if not. Transport-neutral:
+    the gRPC Link reads identity and secret from the call, the framed link (`agents.wire`)
+    from its TLS session and hello frame."""
+    policy = policy_of(runner)
+    if policy is None:
+        raise PermissionDenied(f"{runner.label} is no longer configured")
+    expected_identity, expected_secret = policy
+    refusal = check_link(identity, secret, expected_identity, expected_secret, runner.label)
+    if refusal is None:
+        return
+    if refusal.code == "UNAUTHENTICATED":
+        raise Unauthenticated(refusal.message)
+    raise PermissionDenied(refusal.message)
+
+
 def link_authorizer(
     policy_of: LinkPolicyOf,
 ) -> Callable[[grpc.ServicerContext, StageRunner], None]:
@@ -31,21 +50,6 @@ def link_authorizer(
     `policy_of(runner)` gives (upstream identity, link secret), None when not configured."""
 
     def authorize(context: grpc.ServicerContext, runner: StageRunner) -> None:
-        policy = policy_of(runner)
-        if policy is None:
-            raise PermissionDenied(f"{runner.label} is no longer configured")
-        expected_identity, expected_secret = policy
-        refusal = check_link(
-            peer_identity(context),
-            link_secret(context),
-            expected_identity,
-            expected_secret,
-            runner.label,
-        )
-        if refusal is None:
-            return
-        if refusal.code == "UNAUTHENTICATED":
-            raise Unauthenticated(refusal.message)
-        raise PermissionDenied(refusal.message)
+        authorize_link(policy_of, runner, peer_identity(context), link_secret(context))
 
     return authorize

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agents.settings import DEFAULT_SETTINGS, AgentSettings
+from agents.settings import DEFAULT_SETTINGS, LINK_TRANSPORTS, AgentSettings
 from placement.profiles import profile_names
 
 BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -152,7 +152,8 @@ def run_agent(
 
 
 def metrics_port_arg(text: str) -> int | None:
-    """An argparse `type` for --metrics-port: a port, 0 for any free one, `off` for none."""
+    """An argparse `type` for --metrics-port and --link-port: a port, 0 for any free one,
+    `off` for none."""
     if text.strip().lower() == "off":
         return None
     return whole_number(0, 65535)(text)
@@ -249,6 +250,22 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         f"{DEFAULT_SETTINGS.link_heartbeat:g} s)",
     )
     parser.add_argument(
+        "--link-transport",
+        choices=LINK_TRANSPORTS,
+        default=DEFAULT_SETTINGS.link_transport,
+        help="links to other agents: framed (length-prefixed frames over TCP, mutual TLS, "
+        "on a port shown in Status), grpc (the Link stream), or auto: framed when the "
+        "downstream agent serves it, else grpc (ConfigureReplica may choose per replica)",
+    )
+    parser.add_argument(
+        "--link-port",
+        type=metrics_port_arg,
+        default=0,
+        metavar="PORT|off",
+        help="port of the framed link listener on the --listen host (0: any free port, shown "
+        "in Status; off: none, links into this agent use gRPC)",
+    )
+    parser.add_argument(
         "--control-plane",
         metavar="ADDR",
         help="HOST:PORT of the control plane's node registry: register there and heartbeat",
@@ -305,6 +322,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
             load_idle_timeout=args.load_idle_timeout,
             link_idle_timeout=args.link_idle_timeout,
             link_heartbeat=min(DEFAULT_SETTINGS.link_heartbeat, args.link_idle_timeout / 4),
+            link_transport=args.link_transport,
+            link_port=args.link_port,
             heartbeat_interval=args.heartbeat_interval,
             allow_fault_injection=args.allow_fault_injection,
         ),

@@ -3,9 +3,10 @@
 `ReplicaHost` keeps, per (deployment, replica), the `StageRunner`s of the stages this agent
 hosts. `ConfigureReplica` builds each stage's program from the shards its chips hold (a TP
 group — always inside one agent — steps as one `TensorParallelGroup`), joins consecutive
-stages of this agent with `LocalLink`s and opens a `GrpcLink` to the agent of any downstream
-stage elsewhere. Stages start only when `StartEpoch` brings every chip of the replica through
-the barrier. `Generate` enters at stage 0 and streams tokens as they come back round the ring.
+stages of this agent with `LocalLink`s and opens a `FramedLink` (`agents.wire`; or a `GrpcLink`,
+by the replica's or the agent's `link_transport`) to the agent of any downstream stage
+elsewhere. Stages start only when `StartEpoch` brings every chip of the replica through the
+barrier. `Generate` enters at stage 0 and streams tokens as they come back round the ring.
 
 While a stage steps it holds its chips' execution locks and checks they are healthy and still
 hold their shards, so `UnloadShard` and `MarkChipFailed` never free weights under a running
@@ -53,6 +54,7 @@ from agents.stage_core import Stopped
 from agents.status_codes import MESSAGE_LIMIT
 from agents.text import clip, quote
 from agents.tokenizer import TextCodec, TextDecoder, TextError
+from agents.wire import FramedLink
 from placement.models import ModelConfig
 from protos import agent_pb2
 from security.certs import Credentials
@@ -60,6 +62,12 @@ from shardformat.errors import ExecutionError
 from shardformat.text import TextSpec
 
 log = logging.getLogger("lockstep.agent")
+
+_TRANSPORTS = {
+    agent_pb2.LINK_TRANSPORT_GRPC: "grpc",
+    agent_pb2.LINK_TRANSPORT_FRAMED: "framed",
+    agent_pb2.LINK_TRANSPORT_AUTO: "auto",
+}
 
 
 @dataclass
@@ -319,6 +327,11 @@ class ReplicaHost:
             raise InvalidArgument(
                 f"jitter_ms {req.jitter_ms} must be from 0 to {self.settings.max_jitter_ms}"
             )
+        if req.link_transport and req.link_transport not in _TRANSPORTS:
+            raise InvalidArgument(
+                f"link_transport {req.link_transport} is not a LinkTransport value "
+                f"(0 unspecified, {', '.join(f'{k} {v}' for k, v in _TRANSPORTS.items())})"
+            )
         if not req.assignments:
             raise InvalidArgument("no stage assignments")
         seen = set()
@@ -410,6 +423,24 @@ class ReplicaHost:
                     )
                 runner.connect(LocalLink(runners[down].on_frame, req.jitter_ms, seed))
                 runners[down].set_upstream(runner.on_ack, runner.fail)
+            elif self._transport(req) != "grpc":
+                runner.connect(
+                    FramedLink(
+                        address,
+                        req.deployment,
+                        req.replica,
+                        down,
+                        on_ack=runner.on_ack,
+                        on_error=runner.fail,
+                        creds=self.tls,
+                        peer=by_stage[stage].downstream_identity or None,
+                        secret=req.link_secret,
+                        jitter_ms=req.jitter_ms,
+                        seed=seed,
+                        heartbeat=self.settings.link_heartbeat,
+                        fallback=self._transport(req) == "auto",
+                    )
+                )
             else:
                 runner.connect(
                     GrpcLink(
@@ -428,6 +459,10 @@ class ReplicaHost:
                         secret=req.link_secret,
                     )
                 )
+
+    def _transport(self, req: agent_pb2.ConfigureReplicaRequest) -> str:
+        """The replica's link transport: its request's, else this agent's setting."""
+        return _TRANSPORTS.get(req.link_transport, self.settings.link_transport)
 
     # --- StartEpoch, Halt, RemoveReplica --------------------------------------------------
 

@@ -67,6 +67,8 @@ from agents.settings import DEFAULT_SETTINGS, AgentSettings
 from agents.status_codes import status_of
 from agents.streams import StreamGate
 from agents.text import clip, quote
+from agents.wire import WireError, WireServer, advertised_port
+from agents.wire import ping as wire_ping
 from protos import agent_pb2
 from security.certs import Credentials
 from security.identity import CONTROL_PLANE, OPEN_SERVICES
@@ -199,6 +201,8 @@ class AgentService:
             authorize=allow_all if tls is None else link_authorizer(self.replicas.link_policy),
             idle_timeout=self.settings.link_idle_timeout,
         )
+        # The framed link port (`agents.wire`): listening once `start_server` knows the host.
+        self.wire = WireServer(self.links, self.replicas.link_policy, tls, settings)
         self.streams = StreamGate(
             settings.max_streams,
             settings.max_streams_per_peer,
@@ -226,6 +230,7 @@ class AgentService:
         runs, so a graceful stop would otherwise wait out its whole grace period on them)."""
         self.replicas.close()
         self.links.close()
+        self.wire.close()
 
     def _reap_idle_loads(self) -> None:
         """End loads whose client sent nothing — header or chunk — for the idle timeout."""
@@ -361,7 +366,11 @@ class AgentService:
             message.pipelines.extend(self.replicas.chip_status(chip.index))
             chips.append(message)
         return agent_pb2.StatusResponse(
-            node=self.node, profile=self.profile, chips=chips, metrics_port=self.metrics_port
+            node=self.node,
+            profile=self.profile,
+            chips=chips,
+            metrics_port=self.metrics_port,
+            link_port=self.wire.port,
         )
 
     @_rpc
@@ -524,7 +533,16 @@ class AgentService:
         peer = peer_key(context)  # a ping holds a worker as long as a stream: admit it as one
         self.streams.enter(peer, "LinkPing")
         try:
-            one_way, round_trip = ping(request.peer, request.count, request.payload_bytes, self.tls)
+            if request.transport == agent_pb2.LINK_TRANSPORT_FRAMED:
+                one_way, round_trip = self._wire_ping(request)
+            else:
+                one_way, round_trip = ping(
+                    request.peer, request.count, request.payload_bytes, self.tls
+                )
+        except (OSError, WireError) as exc:
+            raise Unavailable(
+                f"LinkPing to {quote(request.peer)} over the framed link failed: {clip(str(exc))}"
+            ) from None
         except grpc.RpcError as exc:
             code = exc.code() if isinstance(exc, grpc.Call) else None
             details = exc.details() if isinstance(exc, grpc.Call) else ""
@@ -535,6 +553,14 @@ class AgentService:
         finally:
             self.streams.leave(peer)
         return agent_pb2.LinkPingResponse(one_way_ms=one_way, round_trip_ms=round_trip)
+
+    def _wire_ping(self, request: agent_pb2.LinkPingRequest) -> tuple[list[float], list[float]]:
+        """A framed-link ping: the peer's link port from its Status, then `agents.wire.ping`."""
+        port = advertised_port(request.peer, self.tls, None)
+        if port == 0:
+            raise WireError(grpc.StatusCode.UNAVAILABLE, "the peer serves no framed link port")
+        host = request.peer.rsplit(":", 1)[0]
+        return wire_ping(host, port, request.count, request.payload_bytes, self.tls)
 
 
 def _response(
@@ -817,6 +843,12 @@ def start_server(
         port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
+    if service.settings.link_port is not None:
+        try:
+            service.wire.listen(listen.rsplit(":", 1)[0], service.settings.link_port)
+        except OSError:
+            server.stop(0)
+            raise
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

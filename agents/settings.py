@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+LINK_TRANSPORTS = ("auto", "framed", "grpc")
+
 
 @dataclass(frozen=True)
 class AgentSettings:
@@ -47,6 +49,21 @@ class AgentSettings:
     # services (health Watch, reflection) end after it too (`agents.server.StreamLimit`).
     link_idle_timeout: float = 30.0
     link_heartbeat: float = 5.0
+    # Links between agents: "framed" (`agents.wire`: length-prefixed frames over TCP with
+    # mutual TLS, measured faster, see bench/lockstep.py), "grpc" (the Link/Exchange stream),
+    # or "auto": framed when the downstream agent advertises a link port, else gRPC.
+    # ConfigureReplica's `link_transport` overrides it per replica.
+    link_transport: str = "auto"
+    # The framed link port (on the gRPC listen host): 0 any free port, None none (links into
+    # this agent then go over gRPC; senders on "auto" fall back to it).
+    link_port: int | None = 0
+    # The framed link port's bounds: the largest frame (as the gRPC Link's message limit), the
+    # time a connection has for its TLS handshake and hello (at most the idle timeout), and
+    # the connections open at once, in all and per peer identity (one reader thread each).
+    link_max_frame_bytes: int = 64 << 20
+    link_handshake_timeout: float = 10.0
+    link_max_connections: int = 128
+    link_max_connections_per_peer: int = 32
     # ConfigureReplica bounds. The window bounds what a stage buffers (W frames of upstream
     # ticks), so an unbounded one would let a peer fill memory with future frames again; the
     # jitter (a test hook) is slept by a link thread, which a huge value would kill.
@@ -83,6 +100,9 @@ class AgentSettings:
             "max_streams_per_peer",
             "unary_reserve",
             "text_limit",
+            "link_max_frame_bytes",
+            "link_max_connections",
+            "link_max_connections_per_peer",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"AgentSettings.{name} must be at least 1")
@@ -92,6 +112,14 @@ class AgentSettings:
             raise ValueError("AgentSettings.load_idle_timeout must be positive")
         if not 0 <= self.max_jitter_ms < float("inf"):
             raise ValueError("AgentSettings.max_jitter_ms must be finite and not negative")
+        if self.link_transport not in LINK_TRANSPORTS:
+            raise ValueError(
+                f"AgentSettings.link_transport must be one of {', '.join(LINK_TRANSPORTS)}"
+            )
+        if self.link_port is not None and not 0 <= self.link_port <= 65535:
+            raise ValueError("AgentSettings.link_port must be a port (0: any free one) or None")
+        if not self.link_handshake_timeout > 0:
+            raise ValueError("AgentSettings.link_handshake_timeout must be positive")
         if self.ping_max_payload_bytes < 0:
             raise ValueError("AgentSettings.ping_max_payload_bytes must not be negative")
 

@@ -10,7 +10,8 @@ In one run, on loopback:
   agent A when s < S/2 else agent B (so the ring has in-process and network links), served
   through `Generate` on stage 0's agent: one request, then maxBatch requests at once. The
   single-process `ReferenceExecutor` generates the same requests in this process (one
-  request; and the batch as one batched `generate` call) for the ratio. Note what that ratio
+  request; and the batch as one batched `generate` call) for the ratio, sampled once per rep
+  of every stage count, in turn with the pipelines, so that it sees the same machine load. Note what that ratio
   compares: an in-process reference with no gRPC against a multi-process gRPC pipeline (the
   JSON says so in `reference_kind`), so it is the pipeline's overhead, not a stage speedup.
 * identity: every pipeline's tokens and logits (streamed with `return_logits`) are compared
@@ -23,10 +24,21 @@ authenticated by certificate and link secret) and on a pair started with `--inse
 headline figures are the TLS ones; `plaintext` and `tls_cost_ratio` (TLS / plaintext for
 latencies, plaintext / TLS for rates: above 1 means TLS is slower) give the cost.
 
+And on each pair, for both link transports: the gRPC Link stream (the top-level figures, as
+before) and the framed transport (`agents.wire`, under `framed`): hop latency (LinkPing with
+`transport` FRAMED) and the 1/2/4/8-stage tokens/s with every replica's links forced to it
+(`ConfigureReplica.link_transport`). The baseline of the issue is measured in the same run: a
+raw round trip (16 KiB frame with an 8-byte length, 8-byte ack back) between this process and
+an echo process, over plain TCP and over TLS 1.3 (Python `ssl`, the cluster's certificates),
+one blocking socket each side. `framed.vs_raw` divides the framed hop (one way, as the issue
+states its target) and the framed round trip by the raw round trip of the same security:
+TLS by raw TLS, plaintext by raw TCP; `within_2x` is the hop test of the issue.
+
 Medians over `--reps`. Prints a table, then one JSON line (last). Both agents and this
 process share the machine's cores, so multi-stage figures include that contention.
 
 Run: `.venv/bin/python -m bench.lockstep [--reps 3] [--tokens 32] [--pings 2000]`.
+(`--echo tcp|tls` is the raw baseline's echo process, started by the benchmark itself.)
 """
 
 from __future__ import annotations
@@ -38,7 +50,10 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import socket  # noqa: E402
+import ssl  # noqa: E402
 import statistics  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
@@ -52,16 +67,18 @@ import numpy as np  # noqa: E402
 
 from agents.executor import ReferenceExecutor  # noqa: E402
 from agents.sampling import Request, Sampling, generate  # noqa: E402
-from bench.shard_load import processes  # noqa: E402
+from bench.shard_load import processes, recv_exact  # noqa: E402
 from orchestrator.agent_client import dial  # noqa: E402
 from orchestrator.compiler import compile_plan  # noqa: E402
-from orchestrator.serving import bring_up_replica, remove_replica  # noqa: E402
+from orchestrator.serving import BringUpOptions, bring_up_replica, remove_replica  # noqa: E402
 from orchestrator.weights import SeededWeights  # noqa: E402
 from placement.models import MODEL_PRESETS  # noqa: E402
 from placement.planner import PlanRequest, make_plan  # noqa: E402
 from placement.topology import preset_topology  # noqa: E402
 from protos import agent_pb2, agent_pb2_grpc  # noqa: E402
 from security import certs as certs_mod  # noqa: E402
+from security.identity import CONTROL_PLANE, agent_identity, dns_name  # noqa: E402
+from security.tls import ssl_context  # noqa: E402
 
 TINY = MODEL_PRESETS["tiny-llama"]
 SEED, MAX_BATCH, MAX_CONTEXT = 3, 4, 128
@@ -69,6 +86,10 @@ STAGE_COUNTS = (1, 2, 4, 8)
 # What `ratio_vs_reference` divides by: the in-process ReferenceExecutor, not a 1-stage pipeline.
 REFERENCE_KIND = "in-process single executor"
 PROMPT_LEN = 8
+FRAME_BYTES = 16 << 10
+TRANSPORTS = {"grpc": agent_pb2.LINK_TRANSPORT_GRPC, "framed": agent_pb2.LINK_TRANSPORT_FRAMED}
+ECHO_NODE = "raw-echo"
+_LEN = struct.Struct("<Q")
 
 
 def agent_args(node: str, certs: Path | None) -> tuple[str, ...]:
@@ -103,20 +124,106 @@ def percentile(values: list[float], q: float) -> float:
 # --- hop latency -----------------------------------------------------------------------------
 
 
-def hop_latency(stubs: list[Any], addresses: list[str], pings: int, reps: int) -> dict[str, float]:
+def hop_latencies(
+    stubs: list[Any], addresses: list[str], pings: int, reps: int
+) -> dict[str, dict[str, float]]:
+    """Per transport, medians over `reps` of LinkPing's p50/p99. The transports take turns
+    (their order alternating rep by rep) so that both see the same load on a shared machine."""
+    runs: dict[str, list[tuple[list[float], list[float]]]] = {t: [] for t in TRANSPORTS}
+    for rep in range(reps):
+        for label in turns(rep):
+            reply = stubs[0].LinkPing(
+                agent_pb2.LinkPingRequest(
+                    peer=addresses[1],
+                    count=pings,
+                    payload_bytes=FRAME_BYTES,
+                    transport=TRANSPORTS[label],
+                ),
+                timeout=300,
+            )
+            runs[label].append((list(reply.one_way_ms), list(reply.round_trip_ms)))
+    return {
+        label: {
+            "hop_p50_ms": statistics.median(percentile(o, 50) for o, _ in got),
+            "hop_p99_ms": statistics.median(percentile(o, 99) for o, _ in got),
+            "round_trip_p50_ms": statistics.median(percentile(r, 50) for _, r in got),
+            "round_trip_p99_ms": statistics.median(percentile(r, 99) for _, r in got),
+        }
+        for label, got in runs.items()
+    }
+
+
+def turns(rep: int) -> list[str]:
+    """The transports in the order rep `rep` measures them (alternating)."""
+    order = list(TRANSPORTS)
+    return order if rep % 2 == 0 else order[::-1]
+
+
+# --- the raw TCP / TLS baseline --------------------------------------------------------------
+
+
+def run_echo(kind: str, certs: str | None) -> None:
+    """The echo process: one connection at a time, each length-prefixed frame answered with
+    an 8-byte ack (its length), on one blocking socket — the simplest raw round trip."""
+    ctx = None
+    if kind == "tls":
+        assert certs is not None
+        certs_mod.issue(certs, agent_identity(ECHO_NODE))
+        ctx = ssl_context(certs_mod.load_agent(certs, ECHO_NODE), server_side=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    print(f"listening on 127.0.0.1:{listener.getsockname()[1]}", flush=True)
+    while True:
+        raw, _ = listener.accept()
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = ctx.wrap_socket(raw, server_side=True) if ctx is not None else raw
+        with conn:
+            try:
+                while True:
+                    (n,) = _LEN.unpack(recv_exact(conn, _LEN.size))
+                    recv_exact(conn, n)
+                    conn.sendall(_LEN.pack(n))
+            except (ConnectionError, OSError):
+                continue
+
+
+def raw_round_trip(
+    address: str, pings: int, reps: int, certs: Path | None = None
+) -> dict[str, float]:
+    """p50/p99 (medians over `reps`) of a 16 KiB frame + ack round trip to the echo process."""
+    host, port = address.rsplit(":", 1)
+    payload = _LEN.pack(FRAME_BYTES) + bytes(FRAME_BYTES)
     runs = []
     for _ in range(reps):
-        reply = stubs[0].LinkPing(
-            agent_pb2.LinkPingRequest(peer=addresses[1], count=pings, payload_bytes=16 << 10),
-            timeout=300,
-        )
-        runs.append((list(reply.one_way_ms), list(reply.round_trip_ms)))
+        raw = socket.create_connection((host, int(port)))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock: socket.socket | ssl.SSLSocket = raw
+        if certs is not None:
+            ctx = ssl_context(certs_mod.load(certs, CONTROL_PLANE), server_side=False)
+            sock = ctx.wrap_socket(raw, server_hostname=dns_name(agent_identity(ECHO_NODE)))
+        times = []
+        with sock:
+            for i in range(pings + 1):
+                started = time.perf_counter_ns()
+                sock.sendall(payload)
+                recv_exact(sock, _LEN.size)
+                if i:
+                    times.append((time.perf_counter_ns() - started) / 1e6)
+        runs.append(times)
     return {
-        "hop_p50_ms": statistics.median(percentile(o, 50) for o, _ in runs),
-        "hop_p99_ms": statistics.median(percentile(o, 99) for o, _ in runs),
-        "round_trip_p50_ms": statistics.median(percentile(r, 50) for _, r in runs),
-        "round_trip_p99_ms": statistics.median(percentile(r, 99) for _, r in runs),
+        "round_trip_p50_ms": statistics.median(percentile(t, 50) for t in runs),
+        "round_trip_p99_ms": statistics.median(percentile(t, 99) for t in runs),
     }
+
+
+def raw_baselines(args: argparse.Namespace, certs: Path) -> dict[str, dict[str, float]]:
+    out = {}
+    with processes() as start:
+        for kind in ("tcp", "tls"):
+            _, address = start("-m", "bench.lockstep", "--echo", kind, "--certs", str(certs))
+            out[kind] = raw_round_trip(
+                address, args.pings, args.reps, certs if kind == "tls" else None
+            )
+    return out
 
 
 # --- serving ---------------------------------------------------------------------------------
@@ -139,10 +246,18 @@ class Pair:
 
 
 def deploy(
-    stages: int, channels: dict[str, grpc.Channel], pair: Pair, store: Path
+    stages: int,
+    channels: dict[str, grpc.Channel],
+    pair: Pair,
+    store: Path,
+    transport: int = 0,
+    tag: str = "",
+    chip_offset: int = 0,
 ) -> tuple[str, list[str]]:
-    """Compile, load and start a replica of `stages` stages: its name, the agents used."""
-    name = f"s{stages}"
+    """Compile, load and start a replica of `stages` stages whose links between the agents use
+    `transport` (agent_pb2.LinkTransport), on chips from `chip_offset` up: its name, the
+    agents used."""
+    name = f"s{stages}{tag}"
     request = PlanRequest(
         name,
         TINY,
@@ -162,11 +277,18 @@ def deploy(
     where = {
         r.chip: (
             addresses[0 if r.binding.stage < half or stages == 1 else 1],
-            r.binding.stage % half,
+            chip_offset + r.binding.stage % half,
         )
         for r in refs
     }
-    up = bring_up_replica(plan, refs, where, channels, nodes=pair.nodes())
+    up = bring_up_replica(
+        plan,
+        refs,
+        where,
+        channels,
+        nodes=pair.nodes(),
+        options=BringUpOptions(link_transport=transport),
+    )
     return name, up.addresses
 
 
@@ -226,19 +348,26 @@ def timed_batch(
     return seconds, results
 
 
-def reference_runs(
-    ref: ReferenceExecutor, batch: list[tuple[int, ...]], n: int, reps: int
-) -> tuple[dict[str, float], list[Any]]:
-    one, many = [], []
-    solo = [ref.generate(p, n) for p in batch]  # also warms up
-    for _ in range(reps):
+class ReferenceRuns:
+    """The reference executor's tokens/s, sampled in turn with the pipelines (one sample per
+    rep of every stage count, on both pairs) so that its figure sees the same machine load."""
+
+    def __init__(self, ref: ReferenceExecutor, batch: list[tuple[int, ...]], n: int) -> None:
+        self.ref, self.batch, self.n = ref, batch, n
+        self.solo = [ref.generate(p, n) for p in batch]  # also warms up
+        self.samples: dict[str, list[float]] = {"one": [], "batch": []}
+
+    def sample(self) -> None:
+        n, batch = self.n, self.batch
         started = time.perf_counter()
-        ref.generate(batch[0], n)
-        one.append(n / (time.perf_counter() - started))
+        self.ref.generate(batch[0], n)
+        self.samples["one"].append(n / (time.perf_counter() - started))
         started = time.perf_counter()
-        generate(ref.step, [Request(p, n, Sampling(), slot=i) for i, p in enumerate(batch)])
-        many.append(len(batch) * n / (time.perf_counter() - started))
-    return {"one": statistics.median(one), "batch": statistics.median(many)}, solo
+        generate(self.ref.step, [Request(p, n, Sampling(), slot=i) for i, p in enumerate(batch)])
+        self.samples["batch"].append(len(batch) * n / (time.perf_counter() - started))
+
+    def rates(self) -> dict[str, float]:
+        return {mode: statistics.median(values) for mode, values in self.samples.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -247,17 +376,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ref = ReferenceExecutor(
         TINY, SeededWeights(TINY, SEED, "F16"), max_batch=MAX_BATCH, max_context=MAX_CONTEXT
     )
-    ref_rates, solo = reference_runs(ref, batch, n, args.reps)
+    reference = ReferenceRuns(ref, batch, n)
     with tempfile.TemporaryDirectory() as tmp:
         certs = Path(tmp) / "certs"
         certs_mod.init_cluster(certs)
-        tls = run_pair(args, certs, Path(tmp) / "tls", batch, solo)
-        plain = run_pair(args, None, Path(tmp) / "plain", batch, solo)
+        raw = raw_baselines(args, certs)
+        tls = run_pair(args, certs, Path(tmp) / "tls", batch, reference)
+        plain = run_pair(args, None, Path(tmp) / "plain", batch, reference)
+    ref_rates = reference.rates()
     return {
-        "hops": tls["hops"],
-        "tokens_per_s": {"reference": ref_rates, **tls["tokens_per_s"]},
+        "hops": tls["grpc"]["hops"],
+        "tokens_per_s": {"reference": ref_rates, **tls["grpc"]["tokens_per_s"]},
         "identical": tls["identical"] and plain["identical"],
-        "plaintext": plain,
+        "plaintext": plain["grpc"],
+        "framed": {**tls["framed"], "plaintext": plain["framed"]},
+        "raw": raw,
     }
 
 
@@ -266,13 +399,12 @@ def run_pair(
     certs: Path | None,
     store: Path,
     batch: list[tuple[int, ...]],
-    solo: list[Any],
+    reference: ReferenceRuns,
 ) -> dict[str, Any]:
-    """Hops and serving on a fresh pair of agents (TLS with `certs`, plaintext when None)."""
-    n = args.tokens
-    tokens_per_s: dict[str, dict[str, float]] = {}
-    identical = True
+    """Hops and serving on a fresh pair of agents (TLS with `certs`, plaintext when None), for
+    each link transport: {"grpc": {hops, tokens_per_s}, "framed": {...}, "identical": bool}."""
     store.mkdir()
+    out: dict[str, Any] = {"identical": True}
     with processes() as start:
         started = [start(*agent_args(f"n{i}", certs)) for i in range(2)]
         pair = Pair([address for _, address in started], certs)
@@ -280,35 +412,69 @@ def run_pair(
         channels = [pair.channel(i) for i in range(2)]
         by_address = dict(zip(addresses, channels, strict=True))
         stubs = [agent_pb2_grpc.AgentStub(c) for c in channels]
-        hops = hop_latency(stubs, addresses, args.pings, args.reps)
-        for stages in STAGE_COUNTS:
-            name, used = deploy(stages, by_address, pair, store)
-            head = stubs[0]
-            serve(head, name, "warm", batch[0], 4)
-            one, many = [], []
-            for rep in range(args.reps):
+        hops = hop_latencies(stubs, addresses, args.pings, args.reps)
+        rates, out["identical"] = serve_stages(
+            args, pair, by_address, stubs, store, batch, reference
+        )
+        for label in TRANSPORTS:
+            out[label] = {"hops": hops[label], "tokens_per_s": rates[label]}
+        for channel in channels:
+            channel.close()
+    return out
+
+
+def serve_stages(
+    args: argparse.Namespace,
+    pair: Pair,
+    by_address: dict[str, grpc.Channel],
+    stubs: list[Any],
+    store: Path,
+    batch: list[tuple[int, ...]],
+    reference: ReferenceRuns,
+) -> tuple[dict[str, dict[str, dict[str, float]]], bool]:
+    """tokens/s of 1, 2, 4, 8 stages per transport, and whether every token and logit was the
+    reference's. For each stage count both transports' replicas run side by side (gRPC links
+    on chips 0-3, framed on chips 4-7) and take turns rep by rep, in alternating order, so a
+    load change on the shared machine falls on both."""
+    n = args.tokens
+    solo = reference.solo
+    tokens_per_s: dict[str, dict[str, dict[str, float]]] = {t: {} for t in TRANSPORTS}
+    identical = True
+    head = stubs[0]
+    for stages in STAGE_COUNTS:
+        names = {}
+        for i, (label, transport) in enumerate(TRANSPORTS.items()):
+            names[label] = deploy(
+                stages, by_address, pair, store, transport, f"-{label}", chip_offset=4 * i
+            )
+            serve(head, names[label][0], "warm", batch[0], 4)
+        one: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+        many: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+        for rep in range(args.reps):
+            reference.sample()
+            for label in turns(rep):
+                name = names[label][0]
                 t0 = time.perf_counter()
                 tokens, logits = serve(head, name, f"one-{rep}", batch[0], n)
-                one.append(n / (time.perf_counter() - t0))
+                one[label].append(n / (time.perf_counter() - t0))
                 identical &= (
                     tokens == solo[0].tokens
                     and logits.tobytes() == solo[0].logits.astype("<f4").tobytes()
                 )
                 seconds, results = timed_batch(head, name, f"b{rep}", batch, n)
-                many.append(len(batch) * n / seconds)
+                many[label].append(len(batch) * n / seconds)
                 for i, (tokens, logits) in results.items():
                     identical &= (
                         tokens == solo[i].tokens
                         and logits.tobytes() == solo[i].logits.astype("<f4").tobytes()
                     )
-            tokens_per_s[f"{stages}_stages"] = {
-                "one": statistics.median(one),
-                "batch": statistics.median(many),
+        for label, (name, used) in names.items():
+            tokens_per_s[label][f"{stages}_stages"] = {
+                "one": statistics.median(one[label]),
+                "batch": statistics.median(many[label]),
             }
             remove_replica(by_address, name, used)
-        for channel in channels:
-            channel.close()
-    return {"hops": hops, "tokens_per_s": tokens_per_s, "identical": identical}
+    return tokens_per_s, identical
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -338,6 +504,7 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "(no gRPC, no processes); the pipelines run as agent processes over gRPC"
     )
     extra = tls_cost(result)
+    framed = framed_report(result)
     return {
         "bench": "lockstep",
         "hop_p50_ms": round(hops["hop_p50_ms"], 4),
@@ -354,7 +521,9 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_request": args.tokens,
         "reps": args.reps,
         "transport": "mutual TLS",
+        "link_transport": "grpc",
         **extra,
+        **framed,
     }
 
 
@@ -400,12 +569,94 @@ def tls_cost(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def framed_report(result: dict[str, Any]) -> dict[str, Any]:
+    """The framed transport's figures beside the gRPC Link's and the raw baselines (empty
+    when the run measured none)."""
+    framed, raw = result.get("framed"), result.get("raw")
+    if framed is None or raw is None:
+        return {}
+    ref = result["tokens_per_s"]["reference"]
+    plain = framed["plaintext"]
+    grpc_tls, grpc_plain = result["hops"], result["plaintext"]["hops"]
+
+    def over(hops: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+        return {
+            "hop_p50": hops["hop_p50_ms"] / base["round_trip_p50_ms"],
+            "round_trip_p50": hops["round_trip_p50_ms"] / base["round_trip_p50_ms"],
+        }
+
+    vs_raw = {"tls": over(framed["hops"], raw["tls"]), "plaintext": over(plain["hops"], raw["tcp"])}
+    grpc_vs_raw = {"tls": over(grpc_tls, raw["tls"]), "plaintext": over(grpc_plain, raw["tcp"])}
+    within = all(v["hop_p50"] <= 2.0 for v in vs_raw.values())
+    print("raw baseline (16 KiB frame + 8-byte ack, one blocking socket each side):")
+    for kind in ("tcp", "tls"):
+        print(
+            f"  raw {kind.upper():<4} round trip p50 {raw[kind]['round_trip_p50_ms']:.3f} ms, "
+            f"p99 {raw[kind]['round_trip_p99_ms']:.3f} ms"
+        )
+    for label, hops, base in (
+        ("gRPC Link, TLS", grpc_tls, "tls"),
+        ("framed, TLS", framed["hops"], "tls"),
+        ("gRPC Link, plain", grpc_plain, "tcp"),
+        ("framed, plain", plain["hops"], "tcp"),
+    ):
+        print(
+            f"  {label:<18} hop p50 {hops['hop_p50_ms']:.3f} ms p99 {hops['hop_p99_ms']:.3f} ms,"
+            f" round trip p50 {hops['round_trip_p50_ms']:.3f} ms; hop / raw {base.upper()} "
+            f"round trip x{hops['hop_p50_ms'] / raw[base]['round_trip_p50_ms']:.2f}"
+        )
+    print(
+        f"framed hop within 2x of the raw round trip of the same security (TLS vs raw TLS, "
+        f"plaintext vs raw TCP): {within}"
+    )
+    print(f"{'framed':<12}{'1 request tok/s':>18}{'ratio':>8}{f'{MAX_BATCH} requests tok/s':>20}")
+    for key, value in framed["tokens_per_s"].items():
+        print(
+            f"{key:<12}{value['one']:>18.1f}{value['one'] / ref['one']:>8.2f}"
+            f"{value['batch']:>20.1f}{value['batch'] / ref['batch']:>8.2f}"
+        )
+
+    def rounded(rates: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        return {k: {m: round(x, 1) for m, x in v.items()} for k, v in rates.items()}
+
+    def hop_figures(hops: dict[str, float]) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in hops.items()}
+
+    return {
+        "raw_round_trip_ms": {
+            kind: {k: round(v, 4) for k, v in figures.items()} for kind, figures in raw.items()
+        },
+        "framed": {
+            **hop_figures(framed["hops"]),
+            "tokens_per_s": rounded(framed["tokens_per_s"]),
+            "ratio_vs_reference": {
+                k: {m: round(x / ref[m], 3) for m, x in v.items()}
+                for k, v in framed["tokens_per_s"].items()
+            },
+            "plaintext": {
+                **hop_figures(plain["hops"]),
+                "tokens_per_s": rounded(plain["tokens_per_s"]),
+            },
+            "vs_raw": {k: {m: round(x, 2) for m, x in v.items()} for k, v in vs_raw.items()},
+            "compared_with": "the raw round trip of the same security (TLS: raw TLS; "
+            "plaintext: raw TCP), measured in this run",
+            "within_2x": within,
+        },
+        "grpc_vs_raw": {k: {m: round(x, 2) for m, x in v.items()} for k, v in grpc_vs_raw.items()},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--pings", type=int, default=2000)
+    parser.add_argument("--echo", choices=("tcp", "tls"), help=argparse.SUPPRESS)
+    parser.add_argument("--certs", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo:
+        run_echo(args.echo, args.certs)
+        return
     try:
         result = run(args)
     except (BenchFailed, grpc.RpcError) as exc:

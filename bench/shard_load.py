@@ -154,7 +154,7 @@ def run_tcp_sink(capacity: int) -> None:
         conn, _ = listener.accept()
         with conn:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            (length,) = struct.unpack("<Q", _recv_exact(conn, 8))
+            (length,) = struct.unpack("<Q", recv_exact(conn, 8))
             got = 0
             while got < length:
                 n = conn.recv_into(view[got:length], min(length - got, 4 << 20))
@@ -164,7 +164,7 @@ def run_tcp_sink(capacity: int) -> None:
             conn.sendall(b"k")
 
 
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
+def recv_exact(conn: socket.socket, n: int) -> bytes:
     data = b""
     while len(data) < n:
         part = conn.recv(n - len(data))

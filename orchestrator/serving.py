@@ -63,6 +63,8 @@ class BringUpOptions:
     max_parallel_agents: int = 32
     rpc_timeout: float = 60.0
     load_timeout: float = 300.0
+    # agent_pb2.LinkTransport of the replica's links (0: each agent's --link-transport).
+    link_transport: int = 0
 
 
 DEFAULT_BRING_UP = BringUpOptions()
@@ -151,6 +153,7 @@ def configure_requests(
     jitter_seed: int = 0,
     nodes: Mapping[str, str] | None = None,
     link_secret: bytes | None = None,
+    link_transport: int = 0,
 ) -> dict[str, agent_pb2.ConfigureReplicaRequest]:
     """One request per agent address; `where` maps each plan chip id to (address, index).
 
@@ -195,6 +198,7 @@ def configure_requests(
                 jitter_ms=jitter_ms,
                 jitter_seed=jitter_seed,
                 link_secret=secret,
+                link_transport=link_transport,
             ),
         )
         down = home[(stage + 1) % stages]
@@ -407,6 +411,7 @@ def bring_up_replica(
         jitter_seed=options.jitter_seed,
         nodes=nodes,
         link_secret=options.link_secret,
+        link_transport=options.link_transport,
     )
     ready = configure_replica(channels, requests, timeout=options.rpc_timeout)
     start_epoch(channels, requests, ready, tick=options.tick, timeout=options.rpc_timeout)

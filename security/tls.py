@@ -10,7 +10,10 @@ interceptor's decision, made once per call before the handler runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import os
+import ssl
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -71,6 +74,12 @@ def peer_identity(context: grpc.ServicerContext) -> str | None:
         uris: list[bytes] = context.auth_context().get("peer_uri", [])
     except (AttributeError, ValueError):
         return None
+    return identity_of_uris(uris)
+
+
+def identity_of_uris(uris: Iterable[bytes]) -> str | None:
+    """The one `spiffe://lockstep/...` URI among a certificate's URI SANs, or None (no or
+    several, or not ASCII): the rule both gRPC and the framed links (`ssl_peer_identity`) use."""
     ours = [u for u in uris if u.startswith(_PEER_PREFIX)]
     if len(ours) != 1:
         return None
@@ -78,6 +87,42 @@ def peer_identity(context: grpc.ServicerContext) -> str | None:
         return ours[0].decode("ascii")
     except UnicodeDecodeError:
         return None
+
+
+def ssl_peer_identity(sock: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    """`peer_identity` for a Python `ssl` connection whose handshake verified the peer."""
+    cert = sock.getpeercert()
+    if not cert:
+        return None
+    sans: Any = cert.get("subjectAltName", ())
+    return identity_of_uris(
+        str(value).encode("utf-8", "replace") for kind, value in sans if kind == "URI"
+    )
+
+
+def ssl_context(creds: Credentials, *, server_side: bool) -> ssl.SSLContext:
+    """A Python `ssl` context with the same trust as the gRPC credentials: this peer's
+    certificate, only the cluster CA trusted, the peer's certificate required (mutual TLS),
+    TLS 1.3 only. A client context checks the server's host name: set `server_hostname` to
+    `security.identity.dns_name` of the identity it expects, as `target_options` does.
+
+    The key is PEM bytes in memory; `load_cert_chain` reads files only, so it goes through a
+    private temporary directory (0700, removed at once)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=creds.ca_pem.decode("ascii"))
+    with tempfile.TemporaryDirectory(prefix="lockstep-tls-") as tmp:
+        cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        with open(cert, "wb") as f:
+            f.write(creds.cert_pem)
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(creds.key_pem)
+        ctx.load_cert_chain(cert, key)
+    if server_side:
+        ctx.num_tickets = 0  # links are long-lived: no session resumption to keep tickets for
+    return ctx
 
 
 def link_metadata(secret: bytes) -> tuple[tuple[str, str], ...]:

@@ -79,3 +79,47 @@ def test_report_states_the_tls_cost_against_the_plaintext_pair(
     assert out["tls_cost_ratio"]["1_stages_batch_tokens_per_s"] == 1.5
     assert out["plaintext"]["hop_p50_ms"] == 0.1
     assert "TLS cost: hop p50 x2.00" in capsys.readouterr().out
+
+
+def test_report_compares_the_framed_hop_with_the_raw_round_trip_of_the_same_security(
+    bench: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def hops(p50: float, rt: float) -> dict[str, float]:
+        return {
+            "hop_p50_ms": p50,
+            "hop_p99_ms": p50,
+            "round_trip_p50_ms": rt,
+            "round_trip_p99_ms": rt,
+        }
+
+    rates = {"reference": {"one": 10.0, "batch": 20.0}, "1_stages": {"one": 5.0, "batch": 10.0}}
+    result = {
+        "hops": hops(0.2, 0.4),
+        "tokens_per_s": rates,
+        "identical": True,
+        "plaintext": {"hops": hops(0.15, 0.3), "tokens_per_s": {"1_stages": rates["1_stages"]}},
+        "framed": {
+            "hops": hops(0.09, 0.12),  # TLS: x1.8 of raw TLS, x4.5 of raw TCP
+            "tokens_per_s": {"1_stages": {"one": 8.0, "batch": 10.0}},
+            "plaintext": {
+                "hops": hops(0.03, 0.04),
+                "tokens_per_s": {"1_stages": rates["1_stages"]},
+            },
+        },
+        "raw": {
+            "tcp": {"round_trip_p50_ms": 0.02, "round_trip_p99_ms": 0.03},
+            "tls": {"round_trip_p50_ms": 0.05, "round_trip_p99_ms": 0.06},
+        },
+    }
+    out = bench.report(result, argparse.Namespace(tokens=4, reps=1))
+    framed = out["framed"]
+    assert framed["vs_raw"]["tls"] == {"hop_p50": 1.8, "round_trip_p50": 2.4}
+    assert framed["vs_raw"]["plaintext"] == {"hop_p50": 1.5, "round_trip_p50": 2.0}
+    assert framed["within_2x"] is True
+    assert framed["ratio_vs_reference"]["1_stages"] == {"one": 0.8, "batch": 0.5}
+    assert out["grpc_vs_raw"]["tls"]["hop_p50"] == 4.0
+    result["framed"]["plaintext"]["hops"] = hops(0.05, 0.06)  # x2.5 of raw TCP
+    assert (
+        bench.report(result, argparse.Namespace(tokens=4, reps=1))["framed"]["within_2x"] is False
+    )
+    assert "TLS vs raw TLS, plaintext vs raw TCP" in capsys.readouterr().out

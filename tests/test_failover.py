@@ -576,7 +576,13 @@ def test_a_link_broken_between_two_live_agents_resynchronizes_on_the_same_chips(
     listed = cluster.stub.ListNodes(admin_pb2.ListNodesRequest(), metadata=cluster.viewer).nodes
     address = next(n.address for n in listed if n.name == receiver)
     (pid,) = _processes_of(cluster.state, node=sender)
-    assert _cut_tcp(pid, address) >= 1, f"no connection from {sender} to {receiver} ({address})"
+    # The link runs over the receiver's framed link port (agents.wire) or its gRPC port.
+    creds = certs_mod.load_control_plane(cluster.paths.certs)
+    with dial(address, creds, receiver) as channel:
+        link_port = agent_pb2_grpc.AgentStub(channel).Status(agent_pb2.StatusRequest()).link_port
+    targets = [address, *([f"{address.rpartition(':')[0]}:{link_port}"] if link_port else [])]
+    cut = sum(_cut_tcp(pid, target) for target in targets)
+    assert cut >= 1, f"no connection from {sender} to {receiver} ({targets})"
     assert _processes_of(cluster.state, node=sender) == [pid]  # both agents live on
     after = _resumed_and_healed(cluster, stream, reference, before, serving)
     assert list(after[serving].chips) == chips  # resynchronized where it was

@@ -31,6 +31,8 @@ import itertools
 import json
 import os
 import shutil
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -56,6 +58,7 @@ from agent_helpers import (
 )
 from cryptography import x509
 
+from agents import wire
 from agents.activation import ACTIVATION_KEY, ACTIVATION_VERSION, Activation
 from agents.executor import ReferenceExecutor, load_shard
 from agents.interconnect import (
@@ -1494,7 +1497,9 @@ def test_silent_streams_are_bounded_in_all_and_leave_the_control_plane_its_place
     their own: while every other place is held it still loads a shard and serves the ring."""
     release = threading.Event()
     calls: list[Any] = []
-    ring_links = 1  # the ring's link from h0 into stage 1 holds one of b's places
+    # The ring's link from h0 into stage 1 runs on b's framed link port (agents.wire, the
+    # default transport), not in one of b's stream places.
+    ring_links = 0
     over = 2 * PER_PEER + 3 + ring_links - MAX_STREAMS
     blob = make_shard(4096, seed=99)
     try:
@@ -1761,6 +1766,12 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
     ),
     ("configure-the-ring-again", configure(deployment=RING), CODE.ALREADY_EXISTS, "already"),
     ("configure-chip-out-of-range", configure(a_chips=[9]), CODE.INVALID_ARGUMENT, "chip 9"),
+    (
+        "configure-link-transport-unknown",
+        configure(link_transport=99),
+        CODE.INVALID_ARGUMENT,
+        "link_transport 99",
+    ),
     ("configure-shard-not-held", configure(), CODE.NOT_FOUND, "does not hold"),
     (
         "configure-another-stages-shard",
@@ -2027,6 +2038,446 @@ def test_a_client_that_never_reads_does_not_hold_the_ring(world: World) -> None:
         assert world.serve() == world.expected
     finally:
         call.cancel()
+    assert_invariants(world)
+
+
+# --- the framed link port (agents.wire) -------------------------------------------------------
+#
+# The same attacks on the port of the framed transport: every refusal is an END message with
+# the gRPC status code the Link stream would end with (or, when no TLS session exists, the
+# connection closed), and the invariants hold after each.
+
+
+def wire_channel(w: World, agent: AgentProcess, creds: certs.Credentials) -> wire.Channel:
+    """A handshaken TLS channel to `agent`'s link port, dialling with `creds`."""
+    return wire.connect("127.0.0.1", agent.status().link_port, creds, agent.identity)
+
+
+PROBE_HELLO = wire.hello("", 0, 0, 0, b"", probe=True)
+
+
+def wire_end(
+    channel: wire.Channel, timeout: float = 20, *, accepted: bool = False
+) -> tuple[grpc.StatusCode, str]:
+    """The END the server answers with (anything else before it fails the test; `accepted`:
+    the hello was a probe's, which the server ACCEPTs first)."""
+    reader = wire.Reader(channel)
+    kind, body = reader.read(time.monotonic() + timeout, wire.END_LIMIT)
+    if accepted:
+        assert kind == wire.ACCEPT, f"expected ACCEPT, got {wire.KINDS[kind]}"
+        kind, body = reader.read(time.monotonic() + timeout, wire.END_LIMIT)
+    assert kind == wire.END, f"expected END, got {wire.KINDS[kind]}"
+    code, text = wire.parse_end(body)
+    assert len(text) < DETAIL_LIMIT
+    return code, text
+
+
+def wire_refused(
+    w: World,
+    agent: AgentProcess,
+    identity: str,
+    data: bytes,
+    code: grpc.StatusCode,
+    words: str,
+    *,
+    close_write: bool = False,
+) -> None:
+    channel = wire_channel(w, agent, credentials(w.certs, identity))
+    try:
+        channel.send(data)
+        if close_write:  # the peer's end arrives in the middle of a message
+            assert isinstance(channel, wire.TlsChannel)
+            channel.sock.shutdown(socket.SHUT_WR)
+        got, text = wire_end(channel, accepted=data.startswith(PROBE_HELLO))
+        assert (got, words in text) == (code, True), (got, text)
+    finally:
+        channel.shutdown()
+
+
+def wire_hello(deployment: str, stage: int, secret: bytes, incarnation: int | None = None) -> bytes:
+    return wire.hello(
+        deployment, 0, stage, time.time_ns() if incarnation is None else incarnation, secret
+    )
+
+
+WIRE_CASES: list[tuple[str, int, str, Callable[[], bytes], CODE, str]] = [
+    # (id, stage (0: agent a, 1: agent b), identity, bytes sent, code, words)
+    (
+        "another-nodes-cert",
+        1,
+        H1,
+        lambda: wire_hello(RING, 1, RING_SECRET),
+        CODE.PERMISSION_DENIED,
+        "configured upstream",
+    ),
+    (
+        "rogue-node-cert",
+        1,
+        ROGUE,
+        lambda: wire_hello(RING, 1, RING_SECRET),
+        CODE.PERMISSION_DENIED,
+        "configured upstream",
+    ),
+    (
+        "control-plane-cert",
+        1,
+        CONTROL_PLANE,
+        lambda: wire_hello(RING, 1, RING_SECRET),
+        CODE.PERMISSION_DENIED,
+        "may not call",
+    ),
+    (
+        "missing-secret",
+        1,
+        H0,
+        lambda: wire_hello(RING, 1, b""),
+        CODE.UNAUTHENTICATED,
+        "link secret",
+    ),
+    (
+        "wrong-secret",
+        1,
+        H0,
+        lambda: wire_hello(RING, 1, bytes(32)),
+        CODE.PERMISSION_DENIED,
+        "wrong link secret",
+    ),
+    (
+        "another-replicas-secret",
+        1,
+        H0,
+        lambda: wire_hello(RING, 1, VICTIM_SECRET),
+        CODE.PERMISSION_DENIED,
+        "wrong link secret",
+    ),
+    (
+        "upstream-of-the-other-stage",
+        0,
+        H0,
+        lambda: wire_hello(RING, 0, RING_SECRET),
+        CODE.PERMISSION_DENIED,
+        "configured upstream",
+    ),
+    (
+        "older-incarnation",
+        1,
+        H0,
+        lambda: wire_hello(RING, 1, RING_SECRET, incarnation=1),
+        CODE.FAILED_PRECONDITION,
+        "does not replace",
+    ),
+    (
+        "unknown-deployment",
+        1,
+        H0,
+        lambda: wire_hello("nobody", 1, RING_SECRET),
+        CODE.NOT_FOUND,
+        "no stage 1",
+    ),
+    (
+        "incarnation-over-int64",
+        1,
+        H0,
+        lambda: wire_hello(RING, 1, RING_SECRET, incarnation=2**63),
+        CODE.INVALID_ARGUMENT,
+        "non-negative",
+    ),
+    (
+        "hello-lengths-lie",
+        1,
+        H0,
+        lambda: wire.message(wire.HELLO, wire_hello(RING, 1, RING_SECRET)[wire.HEAD.size :] + b"x"),
+        CODE.INVALID_ARGUMENT,
+        "lengths",
+    ),
+    (
+        "oversize-length-prefix",
+        1,
+        H0,
+        lambda: wire.HEAD.pack(wire.MAGIC, wire.VERSION, wire.HELLO, 2**32 - 1),
+        CODE.RESOURCE_EXHAUSTED,
+        "over the limit",
+    ),
+    (
+        "garbage",
+        1,
+        H0,
+        lambda: b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        CODE.INVALID_ARGUMENT,
+        "not a Lockstep link message",
+    ),
+    (
+        "frame-before-hello",
+        1,
+        H0,
+        lambda: wire.frame_message(RING, 0, 1, Frame(0, 0, None, b"")),
+        CODE.INVALID_ARGUMENT,
+        "must be a HELLO",
+    ),
+    (
+        "stage-frame-on-a-probe",
+        1,
+        ROGUE,
+        lambda: (
+            wire.hello("", 0, 0, 0, b"", probe=True)
+            + wire.frame_message(RING, 0, 1, Frame(0, 0, None, b""))
+        ),
+        CODE.INVALID_ARGUMENT,
+        "metadata",
+    ),
+    (
+        "probe-with-a-bad-checksum",
+        1,
+        ROGUE,
+        lambda: (
+            wire.hello("", 0, 0, 0, b"", probe=True)
+            + corrupt_crc(wire.frame_message("", 0, 0, Frame(0, 3, None, b"x"), wire.PING))
+        ),
+        CODE.DATA_LOSS,
+        "checksum",
+    ),
+]
+
+
+def corrupt_crc(data: bytes) -> bytes:
+    """A FRAME message with its CRC-32 field flipped."""
+    at = wire.HEAD.size + struct.calcsize("<IIQqiB")
+    return data[:at] + bytes(b ^ 0x5A for b in data[at : at + 4]) + data[at + 4 :]
+
+
+@pytest.mark.parametrize(
+    ("stage", "identity", "data", "code", "words"),
+    [case[1:] for case in WIRE_CASES],
+    ids=[case[0] for case in WIRE_CASES],
+)
+def test_a_framed_link_into_the_serving_ring_is_refused(
+    world: World,
+    stage: int,
+    identity: str,
+    data: Callable[[], bytes],
+    code: grpc.StatusCode,
+    words: str,
+) -> None:
+    with served_concurrently(world):
+        wire_refused(world, world.agents[stage], identity, data(), code, words)
+    assert_invariants(world)
+
+
+def test_a_truncated_hello_is_refused(world: World) -> None:
+    with served_concurrently(world):
+        data = wire_hello(RING, 1, RING_SECRET)
+        wire_refused(
+            world, world.b, H0, data[:-7], CODE.INVALID_ARGUMENT, "truncated", close_write=True
+        )
+    assert_invariants(world)
+
+
+VICTIM_WIRE_CASES: list[tuple[str, Callable[[], bytes], CODE, str, bool]] = [
+    # (id, bytes after an accepted hello into victim stage 1, code, words, half-close after)
+    (
+        "oversize-frame",
+        lambda: wire.HEAD.pack(wire.MAGIC, wire.VERSION, wire.FRAME, 2**31),
+        CODE.RESOURCE_EXHAUSTED,
+        "over the limit",
+        False,
+    ),
+    (
+        "truncated-frame",
+        lambda: wire.frame_message(VICTIM, 0, 1, Frame(0, 0, None, bytes(4096)))[:-100],
+        CODE.INVALID_ARGUMENT,
+        "truncated",
+        True,
+    ),
+    (
+        "garbage-after-hello",
+        lambda: b"\x00" * 64,
+        CODE.INVALID_ARGUMENT,
+        "not a Lockstep link message",
+        False,
+    ),
+    (
+        "a-second-hello",
+        lambda: wire_hello(VICTIM, 1, VICTIM_SECRET),
+        CODE.INVALID_ARGUMENT,
+        "only FRAME",
+        False,
+    ),
+    (
+        "frame-for-another-stage",
+        lambda: wire.frame_message(VICTIM, 0, 0, Frame(0, 0, None, b"")),
+        CODE.INVALID_ARGUMENT,
+        "the stream's target",
+        False,
+    ),
+    (
+        "corrupted-checksum",
+        lambda: corrupt_crc(wire.frame_message(VICTIM, 0, 1, Frame(0, 0, None, b""))),
+        CODE.DATA_LOSS,
+        "checksum",
+        False,
+    ),
+    (
+        "beyond-the-window",
+        lambda: wire.frame_message(VICTIM, 0, 1, Frame(0, 2, None, b"")),
+        CODE.OUT_OF_RANGE,
+        "credit window",
+        False,
+    ),
+    (
+        "unknown-flags",
+        lambda: wire.frame_message(VICTIM, 0, 1, Frame(0, 0, None, b""), flags=0x80),
+        CODE.INVALID_ARGUMENT,
+        "unknown frame flags",
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "code", "words", "close_write"),
+    [case[1:] for case in VICTIM_WIRE_CASES],
+    ids=[case[0] for case in VICTIM_WIRE_CASES],
+)
+def test_a_hostile_frame_from_the_upstream_on_the_framed_port_is_refused(
+    world: World, data: Callable[[], bytes], code: grpc.StatusCode, words: str, close_write: bool
+) -> None:
+    world.configure_victim()
+    try:
+        with served_concurrently(world):
+            channel = wire_channel(world, world.b, credentials(world.certs, H0))
+            try:
+                channel.send(wire_hello(VICTIM, 1, VICTIM_SECRET))
+                wire.expect_accept(wire.Reader(channel))
+                channel.send(data())
+                if close_write:
+                    assert isinstance(channel, wire.TlsChannel)
+                    channel.sock.shutdown(socket.SHUT_WR)
+                got, text = wire_end(channel)
+                assert (got, words in text) == (code, True), (got, text)
+            finally:
+                channel.shutdown()
+    finally:
+        world.remove_victim()
+    assert_invariants(world)
+
+
+def test_a_foreign_or_expired_certificate_fails_the_framed_handshake(
+    world: World, tmp_path: Path
+) -> None:
+    ca = credentials(world.certs).ca_pem
+    for creds in (
+        foreign_control_plane(tmp_path),
+        expired_control_plane(tmp_path, world.certs),
+    ):
+        # Trusting the agent's CA, presenting a certificate it must refuse.
+        client = certs.Credentials(creds.identity, creds.cert_pem, creds.key_pem, ca)
+        with served_concurrently(world), pytest.raises((ssl.SSLError, wire.Closed, OSError)):
+            channel = wire_channel(world, world.b, client)
+            try:  # TLS 1.3: the client's handshake ends first; the refusal is the next read
+                channel.send(wire_hello(RING, 1, RING_SECRET))
+                wire.Reader(channel).read(time.monotonic() + 20, wire.END_LIMIT)
+            finally:
+                channel.shutdown()
+    assert_invariants(world)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> float:
+    """Seconds until the peer closes `sock` (fails past `timeout`)."""
+    started = time.monotonic()
+    sock.settimeout(timeout)
+    with contextlib.suppress(ConnectionResetError):
+        while sock.recv(4096):
+            pass
+    return time.monotonic() - started
+
+
+def test_plaintext_and_silence_on_the_framed_port_are_cut_off(world: World) -> None:
+    port = world.b.status().link_port
+    with served_concurrently(world):
+        # Garbage where a TLS ClientHello should be: the handshake fails, the port closes.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"\x00" * 64 + b"GET / HTTP/1.1\r\n\r\n")
+            assert closed_by_peer(sock, 20) < 20
+        # A connection that never says anything: closed after the handshake timeout.
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            took = closed_by_peer(sock, 30)
+            assert LINK_IDLE * 0.8 < took < LINK_IDLE + 15, took
+    assert_invariants(world)
+
+
+def test_a_slowloris_on_the_framed_port_ends_at_its_timeouts(world: World) -> None:
+    """Bytes dribbled into a hello do not reset its deadline; an accepted but silent link
+    ends after the idle timeout."""
+    hello_bytes = wire_hello(RING, 1, RING_SECRET)
+    with served_concurrently(world):
+        channel = wire_channel(world, world.b, credentials(world.certs, ROGUE))
+        try:
+            started = time.monotonic()
+            with contextlib.suppress(OSError):
+                for byte in hello_bytes[:-1]:
+                    channel.send(bytes([byte]))
+                    time.sleep(0.25)  # the attack itself: a byte at a time
+                    if time.monotonic() - started > LINK_IDLE + 10:
+                        break
+            got, text = wire_end(channel)
+            assert (got, "no hello" in text) == (CODE.DEADLINE_EXCEEDED, True), (got, text)
+            assert time.monotonic() - started < LINK_IDLE + 15
+        finally:
+            channel.shutdown()
+    world.configure_victim()
+    try:
+        channel = wire_channel(world, world.b, credentials(world.certs, H0))
+        try:
+            channel.send(wire_hello(VICTIM, 1, VICTIM_SECRET))
+            reader = wire.Reader(channel)
+            wire.expect_accept(reader)
+            kind, body = reader.read(time.monotonic() + LINK_IDLE + 15, wire.END_LIMIT)
+            assert kind == wire.END
+            got, text = wire.parse_end(body)
+            assert (got, "no frame for" in text) == (CODE.DEADLINE_EXCEEDED, True), (got, text)
+        finally:
+            channel.shutdown()
+    finally:
+        world.remove_victim()
+    assert_invariants(world)
+
+
+def test_framed_connections_are_bounded_per_peer(world: World) -> None:
+    """One identity holds at most `link_max_connections_per_peer` connections (probe links,
+    kept alive with pings); the next is refused with RESOURCE_EXHAUSTED; the configured
+    upstreams' links are untouched."""
+    per_peer = DEFAULT_SETTINGS.link_max_connections_per_peer
+    creds = credentials(world.certs, ROGUE)
+    held: list[wire.Channel] = []
+    stop = threading.Event()
+
+    def keep_alive() -> None:
+        ping = wire.frame_message("", 0, 0, Frame(0, 0, None, b""), wire.PING)
+        while not stop.wait(0.5):
+            for channel in list(held):
+                with contextlib.suppress(OSError):
+                    channel.send(ping)
+
+    keeper = threading.Thread(target=keep_alive, daemon=True)
+    keeper.start()
+    try:
+        with served_concurrently(world):
+            for _ in range(per_peer):
+                channel = wire_channel(world, world.b, creds)
+                held.append(channel)
+                channel.send(wire.hello("", 0, 0, 0, b"", probe=True))
+                wire.expect_accept(wire.Reader(channel))
+            extra = wire_channel(world, world.b, creds)
+            try:
+                got, text = wire_end(extra)
+                assert (got, "max_streams_per_peer" in text) == (CODE.RESOURCE_EXHAUSTED, True)
+            finally:
+                extra.shutdown()
+    finally:
+        stop.set()
+        keeper.join(10)
+        for channel in held:
+            channel.shutdown()
     assert_invariants(world)
 
 
