@@ -11,9 +11,10 @@ In one run, on loopback:
   through `Generate` on stage 0's agent: one request, then maxBatch requests at once. The
   single-process `ReferenceExecutor` generates the same requests in this process (one
   request; and the batch as one batched `generate` call) for the ratio, sampled once per rep
-  of every stage count, in turn with the pipelines, so that it sees the same machine load. Note what that ratio
-  compares: an in-process reference with no gRPC against a multi-process gRPC pipeline (the
-  JSON says so in `reference_kind`), so it is the pipeline's overhead, not a stage speedup.
+  of every stage count, in turn with the pipelines, so that it sees the same machine load.
+  Note what that ratio compares: an in-process reference with no gRPC against a
+  multi-process gRPC pipeline (the JSON says so in `reference_kind`), so it is the
+  pipeline's overhead, not a stage speedup.
 * identity: every pipeline's tokens and logits (streamed with `return_logits`) are compared
   bit for bit with the reference's; `bit_identical_to_reference` is computed here. A request
   that fails or returns nothing fails the whole run (exit status 1, the reason on stderr).
