@@ -206,8 +206,10 @@ def _check_failover(
     assert described.returncode == 0 and "RESTARTS" in described.stdout
     reasons = [e.reason for e in _events_since(cluster, since) if e.deployment == "tiny-llama"]
     assert "StagesMoved" in reasons and "Degraded" in reasons, reasons
-    assert reasons.index("StagesMoved") < reasons.index("Degraded") < len(reasons)
-    assert "Ready" in reasons[reasons.index("Degraded") :]
+    # Degraded may come first: the survivors' links break (and they report the pipeline
+    # stopped) before the runtime reports the dead agent — with framed links, at once.
+    healing = max(reasons.index("StagesMoved"), reasons.index("Degraded"))
+    assert "Ready" in reasons[healing:], reasons
     assert wait_for(lambda: not _stale_shards(cluster), timeout=30, what="no stale shards")
     # Both replicas serve the reference again (the gateway alternates between them).
     for _ in range(2):
