@@ -23,8 +23,8 @@ Figures and the data sets they read:
 * `control_plane_cpu.png` — `control_plane_cpu`: control-plane CPU (cores) against node
   count, from a result holding `"cpu_vs_nodes": [[nodes, cores], ...]` (optionally
   `"idle_vs_nodes"` of the same shape: the CPU with every stream open and no beats). `run`
-  builds it from `bench.control_plane --only heartbeat` at several `--hb-nodes` (the
-  `busy_cpu_fraction` of each run: the whole control-plane process while 1/0.5 s beats flow).
+  takes it from `bench.control_plane --only scale` (the whole control-plane process, in its
+  own process, every node beating once a second, nodes added in steps up to 1,305).
 
 Run: `make report`, or `.venv/bin/python -m bench.report run [NAME ...] [--no-plot]`,
 `.venv/bin/python -m bench.report plot`, `.venv/bin/python -m bench.report save NAME -- CMD`.
@@ -49,8 +49,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "docs" / "data"
 OUT = ROOT / "docs"
-
-HB_NODES = (163, 326, 652, 1305)  # 1/8 .. all of 145 racks x 9 nodes
 
 
 class ReportError(Exception):
@@ -79,7 +77,7 @@ JOBS: dict[str, Job] = {
     "failover": Job("bench.failover", ("--runs", "3"), True),
     "failover_stage0": Job("bench.failover", ("--stage0", "--runs", "3"), True),
     "shard_load_chunks": Job("bench.shard_load", ("--chunk-sweep", "--reps", "3"), True),
-    # control_plane_cpu: several heartbeat runs, see `run_control_plane_cpu`
+    # control_plane_cpu: `bench.control_plane --only scale`, see `run_control_plane_cpu`
     "shard_load": Job("bench.shard_load"),
     "lockstep": Job("bench.lockstep"),
     "executor": Job("bench.executor"),
@@ -165,48 +163,11 @@ def save(name: str, facts: dict[str, Any], result: dict[str, Any], data: Path = 
     return path
 
 
-def run_control_plane_cpu(
-    nodes: Sequence[int] = HB_NODES,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Control-plane CPU at several node counts: one `--only heartbeat` run per count (a small
-    unary baseline, 16 nodes, to keep each run short), folded into `cpu_vs_nodes`."""
-    runs, facts_all = [], []
-    for n in nodes:
-        result, facts = execute(
-            [
-                sys.executable,
-                "-m",
-                "bench.control_plane",
-                "--only",
-                "heartbeat",
-                "--hb-nodes",
-                str(n),
-                "--hb-baseline-nodes",
-                "16",
-                "--hb-seconds",
-                "5",
-            ]
-        )
-        runs.append(result["heartbeat"]["stream"])
-        facts_all.append(facts)
-    result = {
-        "bench": "control_plane",
-        "mode": "heartbeat at several node counts",
-        "cpu_vs_nodes": [[r["nodes"], r["busy_cpu_fraction"]] for r in runs],
-        "idle_vs_nodes": [[r["nodes"], r["idle_cpu_fraction"]] for r in runs],
-        "interval_s": runs[0]["interval_s"],
-        "runs": runs,
-    }
-    facts = {
-        "command": facts_all[0]["command"].replace(f"--hb-nodes {nodes[0]}", "--hb-nodes N")
-        + f"  (N = {', '.join(map(str, nodes))})",
-        "started_utc": facts_all[0]["started_utc"],
-        "seconds": round(sum(f["seconds"] for f in facts_all), 1),
-        "load_before": facts_all[0]["load_before"],
-        "load_after": facts_all[-1]["load_after"],
-        "cpus": facts_all[0]["cpus"],
-        "commit": facts_all[0]["commit"],
-    }
+def run_control_plane_cpu() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Control-plane CPU at several node counts: `bench.control_plane --only scale`, the whole
+    control plane in its own process with every node beating once a second (its JSON carries
+    `cpu_vs_nodes`)."""
+    result, facts = execute([sys.executable, "-m", "bench.control_plane", "--only", "scale"])
     return result, facts
 
 
@@ -385,7 +346,7 @@ def plot_control_plane_cpu(plt: Any, data: Path, out: Path) -> Path:
         color="red",
         lw=0.8,
         ls=":",
-        label="issue 12: < 0.5 core, 1,305 nodes beating every 1 s",
+        label="issue 12: < 0.5 core\nat 1,305 nodes, 1 beat/s",
     )
     ax.axvline(1305, color="0.5", lw=0.8, ls=":")
     ax.set_xlabel("nodes (1,305 = 145 racks x 9 nodes, 10,440 chips)")
