@@ -41,16 +41,14 @@ from agents.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
 )
 from agents.executor import Stepper, TensorParallelGroup
 from agents.interconnect import GrpcLink, link_channels
-from agents.journal import Journal, JournalError, QueueFull
+from agents.journal import Journal
 from agents.lockstep import Schedule
 from agents.pipeline import LocalLink, StageRunner
 from agents.sampling import Sampling
 from agents.settings import DEFAULT_SETTINGS, AgentSettings
-from agents.stage_core import Stopped
 from agents.status_codes import MESSAGE_LIMIT
 from agents.text import clip, quote
 from agents.tokenizer import TextCodec, TextDecoder, TextError
@@ -119,6 +117,18 @@ class Replica:
 def owner_label(deployment: str, replica: int) -> str:
     """The name a bound chip gives for the replica holding it (bounded)."""
     return f"{quote(deployment)}/replica-{replica}"
+
+
+def resume_tokens_of(req: agent_pb2.GenerateRequest) -> list[int]:
+    """The tokens a failover resume says were already delivered (the gateway replays the
+    request with them); at most max_tokens - 1, so there is something left to generate."""
+    resume = [int(t) for t in req.resume_tokens]
+    if resume and len(resume) >= req.max_tokens:
+        raise InvalidArgument(
+            f"resume_tokens holds {len(resume)} tokens; at most max_tokens - 1 "
+            f"({max(req.max_tokens, 1) - 1}) may be resumed"
+        )
+    return resume
 
 
 def _stop_others(runners: dict[int, StageRunner], stopped: int, reason: str) -> None:
@@ -518,25 +528,14 @@ class ReplicaHost:
                 prompt = rep.text.encode(req.prompt_text)
             except TextError as exc:
                 raise InvalidArgument(str(exc)) from None
-        resume = [int(t) for t in req.resume_tokens]
-        if resume and len(resume) >= req.max_tokens:
-            raise InvalidArgument(
-                f"resume_tokens holds {len(resume)} tokens; at most max_tokens - 1 "
-                f"({max(req.max_tokens, 1) - 1}) may be resumed"
-            )
-        try:
-            stream = head.submit(
-                req.request_id,
-                [*prompt, *resume],
-                req.max_tokens - len(resume),
-                Sampling(req.temperature, req.seed),
-            )
-        except Stopped as exc:
-            raise FailedPrecondition(str(exc)) from None
-        except JournalError as exc:
-            raise InvalidArgument(str(exc)) from None
-        except QueueFull as exc:
-            raise ResourceExhausted(str(exc)) from None
+        resume = resume_tokens_of(req)
+        # Stopped, JournalError and QueueFull map through agents.status_codes.
+        stream = head.submit(
+            req.request_id,
+            [*prompt, *resume],
+            req.max_tokens - len(resume),
+            Sampling(req.temperature, req.seed),
+        )
         decoder = rep.text.stream() if req.prompt_text and rep.text is not None else None
         if decoder is not None:
             for token in resume:  # the text already delivered: hold back the same bytes

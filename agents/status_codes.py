@@ -18,6 +18,7 @@ from agents import errors
 from agents.arena import ArenaExhausted
 from agents.journal import JournalError, QueueFull
 from agents.lockstep import ProtocolError
+from agents.stage_core import Stopped
 from agents.text import clip
 from protos.load_stream import FramingError
 from shardformat.errors import ExecutionError
@@ -42,6 +43,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     # Domain errors of modules that know nothing of RPCs:
     (ArenaExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),  # SRAM does not fit
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),  # a replica's request queue is full
+    (Stopped, grpc.StatusCode.FAILED_PRECONDITION),  # the pipeline stopped (a JournalError)
     (JournalError, grpc.StatusCode.INVALID_ARGUMENT),  # a request the journal cannot take
     (ExecutionError, grpc.StatusCode.INVALID_ARGUMENT),  # malformed activation or batch
     (FramingError, grpc.StatusCode.INVALID_ARGUMENT),  # a malformed LoadShard message

@@ -46,9 +46,8 @@ from agents.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
 )
-from agents.journal import Journal, JournalError, QueueFull
+from agents.journal import Journal
 from agents.loader import (
     MAX_CHUNK_BYTES,
     ShardHeader,
@@ -58,7 +57,7 @@ from agents.loader import (
     validate_header,
 )
 from agents.lockstep import Schedule
-from agents.replicas import ReplicaHost, owner_label
+from agents.replicas import ReplicaHost, owner_label, resume_tokens_of
 from agents.sampling import Sampling
 from agents.server import _check_blob, _chip_message, _response
 from agents.settings import DEFAULT_SETTINGS, AgentSettings
@@ -68,7 +67,6 @@ from agents.stage_core import (
     Halt,
     Resume,
     StageCore,
-    Stopped,
     Submit,
 )
 from agents.status_codes import MESSAGE_LIMIT, status_of
@@ -731,12 +729,7 @@ class VirtualNode:
                 "this model has no tokenizer (timing-only stages produce synthetic token ids): "
                 "send prompt_ids (token ids)"
             )
-        resume = [int(t) for t in req.resume_tokens]
-        if resume and len(resume) >= req.max_tokens:
-            raise InvalidArgument(
-                f"resume_tokens holds {len(resume)} tokens; at most max_tokens - 1 "
-                f"({max(req.max_tokens, 1) - 1}) may be resumed"
-            )
+        resume = resume_tokens_of(req)
         sim = hosted.sim
         submit = Submit(
             req.request_id,
@@ -744,14 +737,7 @@ class VirtualNode:
             req.max_tokens - len(resume),
             Sampling(req.temperature, req.seed),
         )
-        try:
-            sim.apply(0, submit)
-        except Stopped as exc:
-            raise FailedPrecondition(str(exc)) from None
-        except JournalError as exc:
-            raise InvalidArgument(str(exc)) from None
-        except QueueFull as exc:
-            raise ResourceExhausted(str(exc)) from None
+        sim.apply(0, submit)  # Stopped, JournalError, QueueFull: agents.status_codes
         stream = sim.open_stream(req.request_id)
         finished = False
         await context.send_initial_metadata((("lockstep-admitted", "1"),))

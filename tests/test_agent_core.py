@@ -18,6 +18,7 @@ from agents.chips import make_chips
 from agents.journal import JournalError, QueueFull
 from agents.lockstep import ProtocolError
 from agents.settings import AgentSettings
+from agents.stage_core import Stopped
 from agents.status_codes import MESSAGE_LIMIT, status_of
 from agents.streams import StreamGate
 from agents.text import clip, quote
@@ -57,6 +58,7 @@ def test_every_agent_error_class_is_in_the_table() -> None:
         (ArenaExhausted(0, "shard x", 10, 5, 10), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (QueueFull("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (JournalError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
+        (Stopped("the pipeline is stopped"), grpc.StatusCode.FAILED_PRECONDITION),
         (ExecutionError("bad"), grpc.StatusCode.INVALID_ARGUMENT),
         (ProtocolError("old epoch"), grpc.StatusCode.FAILED_PRECONDITION),
     ],
