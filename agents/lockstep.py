@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import zip_longest
@@ -157,11 +157,18 @@ class StageMachine:
 
     def confirm_ready(self, chip: str, epoch: int) -> bool:
         """Record that `chip` is ready for `epoch`; True once every chip has confirmed."""
+        return self.confirm_all((chip,), epoch)
+
+    def confirm_all(self, chips: Collection[str], epoch: int) -> bool:
+        """`confirm_ready` for many chips at once, with set operations: a StartEpoch names
+        every chip of the replica (3,736 at full size) to each of its stages, and a call per
+        chip per stage made the barrier of a 1,868-stage replica seconds of CPU."""
         if epoch != self.epoch:
             return False
-        if chip not in self.chips:
-            raise ProtocolError(f"chip {chip} is not part of this replica")
-        self._ready.add(chip)
+        unknown = frozenset(chips) - self.chips
+        if unknown:
+            raise ProtocolError(f"chip {min(unknown)} is not part of this replica")
+        self._ready.update(chips)
         # `_ready` only holds chips of `chips` (checked above): equal sizes mean every chip
         # confirmed. A set comparison here made a barrier of n chips O(n^2) per stage.
         if self.phase is Phase.BARRIER and len(self._ready) == len(self.chips):

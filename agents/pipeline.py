@@ -54,7 +54,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -499,9 +499,9 @@ class StageRunner:
         with self._cond:
             self._apply(Fail(message))
 
-    def confirm_ready(self, chips: Sequence[str], epoch: int) -> bool:
+    def confirm_ready(self, chips: Collection[str], epoch: int) -> bool:
         with self._cond:
-            self._apply(ChipsReady(tuple(chips), epoch))
+            self._apply(ChipsReady(chips, epoch))
             return self.core.running and self.core.machine.epoch == epoch
 
     def halt(self) -> int:

@@ -114,6 +114,11 @@ class Replica:
         return owner_label(self.deployment, self.replica)
 
 
+def superseded(rep: Replica, req: agent_pb2.ConfigureReplicaRequest) -> bool:
+    """Whether `req` configures `rep` at a newer epoch than every stage of it here runs."""
+    return all(runner.status().epoch < req.epoch for runner in rep.runners.values())
+
+
 def owner_label(deployment: str, replica: int) -> str:
     """The name a bound chip gives for the replica holding it (bounded)."""
     return f"{quote(deployment)}/replica-{replica}"
@@ -227,16 +232,26 @@ class ReplicaHost:
     # --- ConfigureReplica -----------------------------------------------------------------
 
     def configure(self, req: agent_pb2.ConfigureReplicaRequest) -> list[str]:
+        """Bind, build and wire the replica's stages here. A replica this agent runs at an
+        older epoch is replaced (`superseded`): the request is checked first, then the old
+        pipeline goes as by `RemoveReplica`, so a failover's new epoch is one call per agent
+        rather than Status, RemoveReplica and ConfigureReplica. The same or a newer epoch
+        already here is ALREADY_EXISTS."""
         key = (req.deployment, req.replica)
         self._check_request(req)
         with self._lock:
-            if key in self._replicas or key in self._configuring:
+            old = self._replicas.get(key)
+            if key in self._configuring or (old is not None and not superseded(old, req)):
                 raise AlreadyExists(
                     f"deployment {quote(req.deployment)} replica {req.replica} is "
-                    "already configured (RemoveReplica first)"
+                    "already configured at this epoch or a newer one (RemoveReplica first)"
                 )
             self._configuring.add(key)
+            if old is not None:
+                del self._replicas[key]
         try:
+            if old is not None:
+                self._tear_down(old)
             return self._configure(req, key)
         finally:
             with self._lock:
@@ -479,9 +494,10 @@ class ReplicaHost:
     def start_epoch(self, req: agent_pb2.StartEpochRequest) -> bool:
         rep = self._replica(req.deployment, req.replica)
         running = True
+        ready = frozenset(req.ready_chips)
         for runner in rep.runners.values():
             runner.enter_epoch(req.epoch, req.tick)
-            running = runner.confirm_ready(list(req.ready_chips), req.epoch) and running
+            running = runner.confirm_ready(ready, req.epoch) and running
         return running
 
     def halt(self, req: agent_pb2.HaltRequest) -> int:
@@ -495,6 +511,10 @@ class ReplicaHost:
             raise InvalidArgument(
                 f"deployment {quote(deployment)} replica {replica} is not configured"
             )
+        self._tear_down(rep)
+
+    def _tear_down(self, rep: Replica) -> None:
+        """Stop a replica taken out of `_replicas`: its runners close, its chips are free."""
         for runner in rep.runners.values():
             runner.close()
         for index in rep.chips:

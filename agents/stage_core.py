@@ -30,7 +30,7 @@ the replica (`ProtocolError`).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -113,9 +113,10 @@ class Cancel:
 
 @dataclass(frozen=True)
 class ChipsReady:
-    """The barrier: these chips confirmed ready for `epoch`."""
+    """The barrier: these chips confirmed ready for `epoch` (a frozenset when one StartEpoch
+    confirms them to many stages: made once, not once per stage)."""
 
-    chips: tuple[str, ...]
+    chips: Collection[str]
     epoch: int
 
 
@@ -319,11 +320,10 @@ class StageCore:
             case Cancel(request_id):
                 self._cancel(request_id, out)
             case ChipsReady(chips, epoch):
-                unknown = sorted(set(chips) - self.chips)
+                unknown = sorted(frozenset(chips) - self.chips)
                 if unknown:  # the caller's mistake: refused, nothing changes
                     raise ProtocolError(f"chips {unknown} are not part of this replica")
-                for chip in chips:
-                    self.machine.confirm_ready(chip, epoch)
+                self.machine.confirm_all(chips, epoch)
             case Halt():
                 self.machine.halt()
             case Resume(epoch, tick):

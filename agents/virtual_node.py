@@ -532,11 +532,14 @@ class VirtualNode:
     def configure(self, req: agent_pb2.ConfigureReplicaRequest) -> list[str]:
         ReplicaHost._check_request(self, req)  # type: ignore[arg-type]  # the same bounds
         key = (req.deployment, req.replica)
-        if key in self.hosted:
+        old = self.hosted.get(key)
+        if old is not None and not self._superseded(old, req):
             raise AlreadyExists(
                 f"deployment {quote(req.deployment)} replica {req.replica} is "
-                "already configured (RemoveReplica first)"
+                "already configured at this epoch or a newer one (RemoveReplica first)"
             )
+        if old is not None:  # an older epoch: replaced, as `ReplicaHost.configure` does
+            self.remove(*key)
         owner = owner_label(req.deployment, req.replica)
         schedule = Schedule(req.stages, req.max_batch)
         bound: list[Chip] = []
@@ -562,6 +565,15 @@ class VirtualNode:
             sim.add(st)
         self.hosted[key] = _Hosted(sim, [st.core.stage for st in stages], chips)
         return [name for a in req.assignments for name in a.chip_names]
+
+    @staticmethod
+    def _superseded(hosted: _Hosted, req: agent_pb2.ConfigureReplicaRequest) -> bool:
+        """`agents.replicas.superseded` for the stages hosted here."""
+        return all(
+            st.core.machine.epoch < req.epoch
+            for stage in hosted.stages
+            if (st := hosted.sim.by_stage.get(stage)) is not None
+        )
 
     def _stage_manifest(
         self, req: agent_pb2.ConfigureReplicaRequest, a: agent_pb2.StageAssignment
@@ -659,13 +671,14 @@ class VirtualNode:
     ) -> agent_pb2.StartEpochResponse:
         hosted = self._hosted(request.deployment, request.replica)
         running = True
+        ready = frozenset(request.ready_chips)  # one set for all its stages here
         for stage in hosted.stages:
             st = hosted.sim.by_stage.get(stage)
             if st is None:
                 continue
             if request.epoch > st.core.machine.epoch:
                 hosted.sim.apply(stage, Resume(request.epoch, request.tick))
-            hosted.sim.apply(stage, ChipsReady(tuple(request.ready_chips), request.epoch))
+            hosted.sim.apply(stage, ChipsReady(ready, request.epoch))
             running = running and st.core.running and st.core.machine.epoch == request.epoch
         return agent_pb2.StartEpochResponse(running=running)
 

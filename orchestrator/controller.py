@@ -58,21 +58,23 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
 from orchestrator.adoption import unadoptable
-from orchestrator.agent_client import declared_bytes_of, dial, load_file
+from orchestrator.agent_calls import AgentCalls
+from orchestrator.agent_client import declared_bytes_of, dial
 from orchestrator.compiler import ShardRef, compile_plan
 from orchestrator.core import (
     Action,
@@ -102,7 +104,7 @@ from orchestrator.core import (
 from orchestrator.core.passes import PassGate, settled
 from orchestrator.deployments import model_for_spec
 from orchestrator.metrics import PassStats
-from orchestrator.serving import configure_replica, configure_requests, fan_out, start_epoch
+from orchestrator.serving import configure_requests, settled_all, start_request
 from orchestrator.shard_store import ShardStore, StoreError
 from orchestrator.spec import DeploymentSpec, SpecError, deployment_from_manifest
 from orchestrator.store import ControlStore, NotFound
@@ -122,6 +124,8 @@ TICK_SECONDS = 0.1  # heartbeats into the store, and the full-pass check (at mos
 # LOADS_PER_NODE: the limit shares a node's bandwidth and CPU among large streams, and holding
 # back 8 tiny loads per node for 4 passes made a 3,736-chip bring-up wait on passes.
 SMALL_LOAD_BYTES = 1 << 20
+SLOW_ACTION_SECONDS = 0.1  # an action that takes longer is logged with its time
+SLOW_PASS_SECONDS = 0.25  # and a pass
 
 Clock = Callable[[], float]
 
@@ -139,8 +143,8 @@ class AgentGateway(Protocol):
     def channel(self, address: str, node: str) -> grpc.Channel: ...
     def status(self, address: str, node: str) -> agent_pb2.StatusResponse: ...
     def load(
-        self, address: str, node: str, chip: int, path: Path, shard_id: str, virtual: bool
-    ) -> None: ...
+        self, address: str, node: str, chip: int, path: Path, shard_id: str
+    ) -> Future[object]: ...
     def unload(self, address: str, node: str, chip: int, shard_id: str) -> None: ...
     def remove_replica(self, address: str, node: str, deployment: str, replica: int) -> None: ...
     def configure(
@@ -183,6 +187,7 @@ class GrpcAgentGateway:
         self.min_load_bytes_per_second = min_load_bytes_per_second
         self._channels: dict[str, tuple[str, grpc.Channel]] = {}
         self._lock = threading.Lock()
+        self.calls = AgentCalls(credentials)
 
     def channel(self, address: str, node: str) -> grpc.Channel:
         with self._lock:
@@ -208,17 +213,12 @@ class GrpcAgentGateway:
         """A load's deadline: `rpc_timeout` plus its bytes at the slowest rate we accept."""
         return self.rpc_timeout + size_bytes / self.min_load_bytes_per_second
 
-    def load(
-        self, address: str, node: str, chip: int, path: Path, shard_id: str, virtual: bool
-    ) -> None:
-        load_file(
-            self.channel(address, node),
-            path,
-            chip,
-            shard_id=shard_id,
-            virtual=virtual,
-            timeout=self.load_timeout(path.stat().st_size),
-        )
+    def load(self, address: str, node: str, chip: int, path: Path, shard_id: str) -> Future[object]:
+        """Start streaming the blob at `path` onto `chip` (`AgentCalls.load`: a coroutine on
+        the gateway's event loop, no thread per load); the future ends with the load."""
+        timeout = self.load_timeout(path.stat().st_size)
+        future: Future[object] = self.calls.load(address, node, chip, path, shard_id, timeout)
+        return future
 
     def unload(self, address: str, node: str, chip: int, shard_id: str) -> None:
         self._stub(address, node).UnloadShard(
@@ -234,9 +234,28 @@ class GrpcAgentGateway:
     def configure(
         self, requests: Mapping[str, agent_pb2.ConfigureReplicaRequest], nodes: Mapping[str, str]
     ) -> list[str]:
-        """`ConfigureReplica` on each agent (address -> request); every chip's confirmation."""
-        channels = {a: self.channel(a, nodes[a]) for a in requests}
-        return configure_replica(channels, requests, timeout=self.rpc_timeout)
+        """`ConfigureReplica` on each agent (address -> request, `nodes` address -> node
+        name), all at once (`AgentCalls.call_all`); every chip's confirmation. An agent that
+        runs the replica at an older epoch replaces it (a failover: one round of calls); one
+        that answers ALREADY_EXISTS (the same epoch of an older incarnation, after a restart
+        of the control plane) removes it first and is asked again. The first failed agent
+        raises `BringUpError`."""
+        replies = self._call_all("ConfigureReplica", requests, nodes)
+        taken = [
+            address
+            for address, reply in replies.items()
+            if isinstance(reply, grpc.RpcError) and reply.code() is grpc.StatusCode.ALREADY_EXISTS
+        ]
+        if taken:
+            first = next(iter(requests.values()))
+            remove = agent_pb2.RemoveReplicaRequest(
+                deployment=first.deployment, replica=first.replica
+            )
+            self._on_all("configure", "RemoveReplica", dict.fromkeys(taken, remove), nodes)
+            again = {a: requests[a] for a in taken}
+            replies |= self._call_all("ConfigureReplica", again, nodes)
+        done = settled_all("configure", replies)
+        return [chip for address in requests for chip in done[address].chips_ready]
 
     def start(
         self,
@@ -245,14 +264,31 @@ class GrpcAgentGateway:
         nodes: Mapping[str, str],
     ) -> None:
         """`StartEpoch` on each agent with every chip's confirmation (the start barrier)."""
-        channels = {a: self.channel(a, nodes[a]) for a in requests}
-        start_epoch(channels, requests, ready, timeout=self.rpc_timeout)
+        request = start_request(requests, ready)
+        self._on_all("start", "StartEpoch", dict.fromkeys(requests, request), nodes)
+
+    def _on_all(
+        self, step: str, method: str, requests: Mapping[str, object], nodes: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """`method` on every agent; their answers, or `BringUpError` for the first failed."""
+        return settled_all(step, self._call_all(method, requests, nodes))
+
+    def _call_all(
+        self, method: str, requests: Mapping[str, object], nodes: Mapping[str, str]
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        answers = self.calls.call_all(method, requests, nodes, self.rpc_timeout).result()
+        took = time.perf_counter() - started
+        if took >= SLOW_ACTION_SECONDS:
+            log.info("%s on %d agents took %.2f s", method, len(requests), took)
+        return answers
 
     def close(self) -> None:
         with self._lock:
             for _, channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+        self.calls.close()
 
 
 @dataclass
@@ -350,6 +386,7 @@ class Controller:
         # when the last of them ends (a node's 8 chips: one Status and one write, not 8);
         # until then they are neither offered again nor counted as done.
         self._unreported: dict[str, set[str]] = {}
+        self._reporting: dict[str, str] = {}  # ended loads whose node is being asked now
         self._node_locks: dict[str, threading.Lock] = {}  # one Status report at a time
         self._load_lock = threading.Lock()
         self._stopped: dict[tuple[str, int, int], tuple[float, str]] = {}
@@ -408,9 +445,11 @@ class Controller:
         self._loads.shutdown(wait=False, cancel_futures=True)
 
     def loads_in_flight(self) -> dict[str, str]:
-        """Load key -> node of the loads running now."""
+        """Load key -> node of the loads running now or whose result is not in the store yet
+        (their node's `Status` not written)."""
         with self._load_lock:
-            return dict(self._loading)
+            waiting = {key: node for node, keys in self._unreported.items() for key in keys}
+            return self._loading | self._reporting | waiting
 
     def _run(self) -> None:
         woken = True
@@ -446,9 +485,10 @@ class Controller:
             return None
         with self._refresh_lock:
             own = bool(self._refresh or self._stopped)
-        with self._load_lock:
-            own = own or bool(self._loading)
-        why = self.gate.due(self.store.revision(), now, self.settings, woken=woken or own)
+        loading = bool(self.loads_in_flight())
+        why = self.gate.due(
+            self.store.revision(), now, self.settings, woken=woken or own, loading=loading
+        )
         if why is None:
             return None
         self.pass_reasons["liveness" if why.startswith("node ") else why] += 1
@@ -464,7 +504,10 @@ class Controller:
         """One pass: flush heartbeats, refresh nodes, reconcile, execute."""
         started = time.perf_counter()
         result = self._pass()
-        self.stats.record(time.perf_counter() - started, len(result.failed))
+        took = time.perf_counter() - started
+        self.stats.record(took, len(result.failed))
+        if took >= SLOW_PASS_SECONDS:
+            log.info("pass %d took %.2f s (%d actions)", self.passes, took, len(result.executed))
         return result
 
     def _pass(self) -> PassResult:
@@ -549,6 +592,7 @@ class Controller:
                     executed.append(action)
                 continue
             self._in_flight.add(action.key)
+            started = time.perf_counter()
             try:
                 self._do(action, specs, targets, nodes, now, touched)
             except Exception as exc:
@@ -560,6 +604,9 @@ class Controller:
                 self._record_failure(action, why, now)
             else:
                 executed.append(action)
+                took = time.perf_counter() - started
+                if took >= SLOW_ACTION_SECONDS:
+                    log.info("%s took %.2f s", action.key, took)
             finally:
                 self._in_flight.discard(action.key)
         for name in sorted(touched):
@@ -587,7 +634,7 @@ class Controller:
         with self._load_lock:
             if action.key in self._loading or action.key in self._finished:
                 return False
-            if action.key in self._unreported.get(action.node, ()):
+            if action.key in self._unreported.get(action.node, ()) or action.key in self._reporting:
                 return False
             if large and self._large_per_node.get(action.node, 0) >= LOADS_PER_NODE:
                 return False
@@ -597,11 +644,18 @@ class Controller:
                 self._large[action.key] = action.node
                 self._large_per_node[action.node] = self._large_per_node.get(action.node, 0) + 1
         try:
-            self._loads.submit(self._load, action)
-        except RuntimeError:  # stopping: the pool takes no more work
+            path = self._shard_store.blob_path(action.shard_id)
+            future = self.gateway.load(
+                action.address, action.node, action.chip_index, path, action.shard_id
+            )
+        except RuntimeError:  # stopping: the gateway takes no more work
             with self._load_lock:
                 self._release_load(action.key)
             return False
+        except Exception as exc:  # a blob gone from the store: it ends as a failed load
+            future = Future()
+            future.set_exception(exc)
+        future.add_done_callback(functools.partial(self._load_ended, action))
         return True
 
     def _release_load(self, key: str) -> None:
@@ -617,35 +671,44 @@ class Controller:
             if not self._large_per_node[node]:
                 del self._large_per_node[node]
 
-    def _load(self, action: Load) -> None:
-        """One load on a pool thread: stream it, write what the agent now holds, release the
-        key, wake the loop (see the module docstring)."""
-        failed = True
+    def _load_ended(self, action: Load, future: Future[object]) -> None:
+        """A load's future finished (on the gateway's event loop: nothing here blocks). Its
+        node's `Status` is asked, on a pool thread, once its last load ended or when one
+        failed (`_after_load`); until then the key stays unreported."""
+        error: BaseException | None
         try:
-            path = self._shard_store.blob_path(action.shard_id)
-            self.gateway.load(
-                action.address, action.node, action.chip_index, path, action.shard_id, False
-            )
-            failed = False
-        except Exception as exc:
-            why = _describe(exc)
+            error = future.exception()
+        except CancelledError as exc:  # the gateway closed under a stopping controller
+            error = exc
+        with self._load_lock:
+            large = action.key in self._large
+            self._release_load(action.key)
+            waiting = self._unreported.setdefault(action.node, set())
+            waiting.add(action.key)
+            if error is None and action.node in self._per_node:
+                if large:  # its node's slot is free: the next pass offers a waiting blob
+                    self.wake()
+                return
+            del self._unreported[action.node]
+            self._reporting |= dict.fromkeys(waiting, action.node)
+        with contextlib.suppress(RuntimeError):  # stopping: the pool takes no more work
+            self._loads.submit(self._after_load, action, error, waiting)
+
+    def _after_load(self, action: Load, error: BaseException | None, waiting: set[str]) -> None:
+        """On a pool thread: record a failed load, write what the node now holds, release
+        the node's ended loads to the reconciler, wake the loop (see the module docstring)."""
+        if error is not None:
+            why = _describe(error)
             log.warning("%s failed: %s", action.key, why)
             self.stats.action_failed()
             self._record_failure(action, why, self.clock())
-            if isinstance(exc, grpc.RpcError) and exc.code() is grpc.StatusCode.DATA_LOSS:
+            if isinstance(error, grpc.RpcError) and error.code() is grpc.StatusCode.DATA_LOSS:
                 try:
                     self._replace_corrupt_blob(action)
                 except Exception:  # the next pass retries the load; it ends up here again
                     log.exception("checking the store's copy of %s", action.shard_id)
-        with self._load_lock:
-            self._release_load(action.key)
-            waiting = self._unreported.setdefault(action.node, set())
-            waiting.add(action.key)
-            report = failed or action.node not in self._per_node
-            if report:
-                del self._unreported[action.node]
         try:
-            node = self.store.node(action.node) if report else None
+            node = self.store.node(action.node)
             if node is not None and node.address == action.address:
                 self._refresh_node(node)
         except grpc.RpcError as exc:
@@ -654,10 +717,11 @@ class Controller:
             log.exception("after %s", action.key)
         finally:
             with self._load_lock:
-                if report:
-                    self._finished.update(waiting)
+                for key in waiting:
+                    del self._reporting[key]
+                self._finished.update(waiting)
                 last = not self._loading
-            if last or failed:  # see `_run`: one pass per batch of loads, not one per load
+            if last or error is not None:  # see `_run`: one pass per batch of loads
                 self.wake()
 
     def _replace_corrupt_blob(self, action: Load) -> None:
@@ -813,18 +877,6 @@ class Controller:
             nodes=names,
         )
 
-        def clear(address: str) -> None:  # a pipeline of an older epoch (or incarnation) goes
-            status = self.gateway.status(address, names[address])
-            if any(
-                p.deployment == action.deployment and p.replica == action.replica
-                for chip in status.chips
-                for p in chip.pipelines
-            ):
-                self.gateway.remove_replica(
-                    address, names[address], action.deployment, action.replica
-                )
-
-        fan_out("configure", list(requests), clear)  # the agents in parallel
         ready = self.gateway.configure(requests, names)
         self._configured[(action.deployment, action.replica, action.epoch)] = (requests, ready)
         self.store.set_replica_epochs(action.deployment, action.replica, configured=action.epoch)

@@ -314,24 +314,25 @@ def fan_out(
         with futures.ThreadPoolExecutor(min(workers, len(addresses))) as pool:
             running = {a: pool.submit(_settle, call, a) for a in addresses}
             jobs = {a: f.result() for a, f in running.items()}
-    failed = [(a, r) for a, r in jobs.items() if isinstance(r, _Failed)]
+    return settled_all(step, jobs)
+
+
+def settled_all(step: str, answers: Mapping[str, _T | Exception]) -> dict[str, _T]:
+    """The answers of one step on many agents (in address order), unless one failed: then
+    `BringUpError` (`step`) for the first failed address, naming the agents it succeeded on."""
+    failed = [(a, r) for a, r in answers.items() if isinstance(r, Exception)]
     if failed:
-        address, first = failed[0]
-        done = [a for a, r in jobs.items() if not isinstance(r, _Failed)]
-        raise _failure(step, address, first.exc, done) from first.exc
-    return {a: r for a, r in jobs.items() if not isinstance(r, _Failed)}
+        address, exc = failed[0]
+        done = [a for a, r in answers.items() if not isinstance(r, Exception)]
+        raise _failure(step, address, exc, done) from exc
+    return {a: r for a, r in answers.items() if not isinstance(r, Exception)}
 
 
-@dataclass(frozen=True)
-class _Failed:
-    exc: Exception
-
-
-def _settle(call: Callable[[str], _T], address: str) -> _T | _Failed:
+def _settle(call: Callable[[str], _T], address: str) -> _T | grpc.RpcError:
     try:
         return call(address)
     except grpc.RpcError as exc:
-        return _Failed(exc)
+        return exc
 
 
 def configure_replica(
@@ -354,6 +355,24 @@ def configure_replica(
     return [chip for address in requests for chip in replies[address].chips_ready]
 
 
+def start_request(
+    requests: Mapping[str, agent_pb2.ConfigureReplicaRequest],
+    ready_chips: Sequence[str],
+    *,
+    tick: int = 0,
+) -> agent_pb2.StartEpochRequest:
+    """The one `StartEpoch` every agent of a configured replica gets: its epoch at `tick`,
+    with every chip's confirmation."""
+    first = next(iter(requests.values()))
+    return agent_pb2.StartEpochRequest(
+        deployment=first.deployment,
+        replica=first.replica,
+        epoch=first.epoch,
+        tick=tick,
+        ready_chips=ready_chips,
+    )
+
+
 def start_epoch(
     channels: Mapping[str, grpc.Channel],
     requests: Mapping[str, agent_pb2.ConfigureReplicaRequest],
@@ -364,14 +383,7 @@ def start_epoch(
 ) -> None:
     """Open the start barrier on every agent of the replica (in parallel, `fan_out`) with
     every chip's confirmation: the epoch configured in `requests` starts at `tick`."""
-    first = next(iter(requests.values()))
-    request = agent_pb2.StartEpochRequest(
-        deployment=first.deployment,
-        replica=first.replica,
-        epoch=first.epoch,
-        tick=tick,
-        ready_chips=ready_chips,
-    )
+    request = start_request(requests, ready_chips, tick=tick)
 
     def start(address: str) -> None:
         agent_pb2_grpc.AgentStub(channels[address]).StartEpoch(request, timeout=timeout)

@@ -14,6 +14,7 @@ import dataclasses
 import threading
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -68,6 +69,7 @@ class FakeAgents:
         self.hang_loads_on: set[str] = set()  # nodes whose loads wait for `release`
         self.release = threading.Event()
         self.started: set[tuple[str, int, int]] = set()
+        self.pool = ThreadPoolExecutor(8, thread_name_prefix="fake-load")
 
     def channel(self, address: str, node: str) -> grpc.Channel:
         raise AssertionError("the controller reaches agents through the gateway's methods")
@@ -93,8 +95,13 @@ class FakeAgents:
         return agent_pb2.StatusResponse(node=node, chips=chips)
 
     def load(
-        self, address: str, node: str, chip: int, path: Path, shard_id: str, virtual: bool
-    ) -> None:
+        self, address: str, node: str, chip: int, path: Path, shard_id: str
+    ) -> Future[object]:
+        """Runs the load on the fake's own threads, as the real gateway runs it beside the
+        controller (on its event loop)."""
+        return self.pool.submit(self._load, node, chip, path, shard_id)
+
+    def _load(self, node: str, chip: int, path: Path, shard_id: str) -> None:
         self.calls.append(("load", node, str(chip), shard_id))
         if node in self.hang_loads_on:
             assert self.release.wait(60)
@@ -128,7 +135,7 @@ class FakeAgents:
         self.started.add((first.deployment, first.replica, first.epoch))
 
     def close(self) -> None:
-        pass
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Clock:

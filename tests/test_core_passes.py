@@ -39,6 +39,17 @@ def test_a_store_write_a_wake_or_work_in_progress_means_a_full_pass() -> None:
     assert busy.due(7, 100.25, SETTINGS) == "deployments in progress"
 
 
+def test_own_loads_in_flight_hold_store_changes_and_timers_but_not_wakes_or_liveness() -> None:
+    busy = gate_after_full_pass(quiet=False)
+    assert busy.due(8, 100.25, SETTINGS, loading=True) is None  # its loads' own reports
+    assert busy.due(8, 100.25, SETTINGS, loading=True, woken=True) == "woken"
+    assert busy.due(8, 105.0, SETTINGS, loading=True) == "periodic"
+    assert busy.due(8, 100.25, SETTINGS) == "store changed"  # the loads ended
+    live = [f"rack-{r}/node-{s}" for r in range(2) for s in range(3) if (r, s) != (0, 0)]
+    busy.beats((name, 102.0) for name in live)
+    assert busy.due(7, 102.6, SETTINGS, loading=True) == "node rack-0/node-0 stopped beating"
+
+
 def test_a_silent_node_is_a_full_pass_once_its_heartbeat_times_out() -> None:
     gate = gate_after_full_pass()
     live = [f"rack-{r}/node-{s}" for r in range(2) for s in range(3) if (r, s) != (1, 2)]

@@ -19,6 +19,14 @@ its inputs, so between two ticks its answer can change only when:
 * the controller itself has work outside the store (a node to ask for its `Status`, a
   pipeline reported stopped, a load that ended): it says so with `woken`.
 
+While the controller's own loads are in flight (`loading`), the first two rules wait: those
+loads are what moves the store (each node's report of what it now holds) and what the
+deployments in progress wait for, and a pass per second in between only offered the same
+loads again — at 3,736 chips, each pass half a second of CPU taken from the loads. The loads
+wake the controller themselves (the last one to end, a failed one, one that frees a node's
+slot for a large blob), as does anything else that changes the desired state (an apply, a
+delete, a registration); a liveness flip and the periodic pass still count.
+
 `PassGate` keeps what the last full pass saw and answers, per tick, why a full pass is due (or
 None). A slow periodic full pass (`full_every`) is the safety net for anything outside these
 rules (another process writing the store, a rule added later and forgotten here). Pure: the
@@ -77,17 +85,24 @@ class PassGate:
                 known[name] = when
 
     def due(
-        self, revision: int, now: float, settings: CoreSettings, *, woken: bool = False
+        self,
+        revision: int,
+        now: float,
+        settings: CoreSettings,
+        *,
+        woken: bool = False,
+        loading: bool = False,
     ) -> str | None:
         """Why the tick at `now` needs a full pass, or None when nothing the reconciler
-        decides on can have changed since the last one (module docstring)."""
+        decides on can have changed since the last one (module docstring). `loading`: the
+        controller's loads are in flight (see `LOADING`)."""
         if self._revision is None or self._last_full is None:
             return "first pass"
         if woken:
             return "woken"
-        if revision != self._revision:
+        if not loading and revision != self._revision:
             return "store changed"
-        if not self._settled:
+        if not loading and not self._settled:
             return "deployments in progress"
         if now - self._last_full >= self.full_every:
             return "periodic"

@@ -779,7 +779,11 @@ class _Pass:
             return step
         step.phase = Phase.SYNCHRONIZING
         if replica.configured_epoch != replica.epoch:
+            # Configure, then StartEpoch in the same pass: they run in order and a failed
+            # Configure stops the rest, so the second needs no pass of its own (at 3,736
+            # chips a pass is a tenth of a second or more, and a failover waits for it).
             step.actions.append(Configure(target.name, replica.index, replica.epoch, chips))
+            step.actions.append(StartEpoch(target.name, replica.index, replica.epoch))
         elif replica.running_epoch != replica.epoch:
             step.actions.append(StartEpoch(target.name, replica.index, replica.epoch))
         else:
