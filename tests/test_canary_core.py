@@ -261,3 +261,104 @@ def test_a_2000_stage_ring_is_compared_with_a_canary_its_logs_hold() -> None:
     assert (div.replica, div.stage, div.step, div.missing) == (2, 999, 0, False)
     assert div.tick == again[2].first_tick + 999
     assert judge(again[:2]).passed
+
+
+class Ring:
+    """One replica as a ring of the agent's pure stage cores (`agents.stage_core.StageCore`),
+    driven synchronously: frames, acknowledgements and executions (the timing-only fleet's
+    synthetic outputs) are delivered in order until the ring is idle."""
+
+    def __init__(self, stages: int, slots: int, log: int) -> None:
+        from agents.journal import Journal
+        from agents.lockstep import Schedule
+        from agents.stage_core import ChipsReady, StageCore
+
+        self.schedule = Schedule(stages, slots)
+        self.cores = [
+            StageCore(
+                f"stage {s}",
+                s,
+                self.schedule,
+                2,
+                frozenset({"c"}),
+                journal=Journal(slots, 64, 4) if s == 0 else None,
+                vocab_size=16,
+                chain_log_limit=log,
+            )
+            for s in range(stages)
+        ]
+        self.queue: list[tuple[int, Any]] = [(s, ChipsReady(("c",), 0)) for s in range(stages)]
+        self.tokens: dict[str, list[int]] = {}
+
+    def generate(self, request_id: str, prompt: tuple[int, ...], tokens: int) -> list[int]:
+        """Serve one request until the ring is idle; the stage-0 ticks its tokens came at."""
+        from agents.stage_core import (
+            AckArrived,
+            Execute,
+            FrameArrived,
+            SendAck,
+            SendFrame,
+            StreamToken,
+            Submit,
+            TickExecuted,
+        )
+        from agents.virtual_pipeline import synthetic_output
+
+        self.queue.append((0, Submit(request_id, prompt, tokens)))
+        while self.queue:
+            stage, event = self.queue.pop(0)
+            core = self.cores[stage]
+            for action in core.handle(event):
+                if isinstance(action, Execute):
+                    out = synthetic_output(f"shard-{stage}", action, core.is_last, 16)
+                    self.queue.append((stage, TickExecuted(action.tick, action.epoch, out)))
+                elif isinstance(action, SendFrame):
+                    down = self.schedule.downstream(stage)
+                    self.queue.append((down, FrameArrived(action.frame)))
+                elif isinstance(action, SendAck):
+                    up = self.schedule.upstream(stage)
+                    self.queue.append((up, AckArrived(action.tick, action.epoch)))
+                elif isinstance(action, StreamToken):
+                    self.tokens.setdefault(action.event.request_id, []).append(action.tick)
+        return self.tokens[request_id]
+
+    def trace(self, replica: int, ticks: list[int]) -> ReplicaTrace:
+        """What StageDigests answers for the request's ticks, from each stage's digest log."""
+        period = self.schedule.period
+        first = first_tick_of(ticks, period)
+        assert first is not None, ticks
+        stages = []
+        for s, core in enumerate(self.cores):
+            asked = [first + s + k * period for k in range(len(ticks))]
+            held = core.machine.output_digests(asked)
+            stages.append(StageTrace(s, (f"r{replica}/chip-{s}",), (f"shard-{s}",), tuple(held)))
+        return ReplicaTrace(replica, first, period, tuple(stages))
+
+
+def test_the_ticks_a_canary_needs_held_through_the_real_stage_cores() -> None:
+    """The geometry `stage_log_limit` relies on, checked with the real stage cores: on a ring
+    of P = 40 stages whose logs keep 8 ticks, or one period plus 4, a canary's last output
+    at every stage is held when the ring has gone idle, its earlier ones are not; a one-token
+    canary is held whole and compares equal across replicas that served other traffic."""
+    from agents.settings import AgentSettings
+
+    settings = AgentSettings(chain_log_limit=8, stage_log_slack=4)
+    log = settings.stage_log_limit(40, 4)
+    assert log == 44
+    a, b = Ring(40, 4, log), Ring(40, 4, log)
+    b.generate("other", (5, 6, 7), 3)  # replica b's ticks move on
+    prompt = (1, 2, 3)
+    long = [a.trace(0, a.generate("c3", prompt, 3)), b.trace(1, b.generate("c3", prompt, 3))]
+    assert long[0].first_tick != long[1].first_tick
+    assert held_steps(long) == 1
+    # idle, every stage is exactly 3 periods past its first output for the canary
+    ages = {c.machine.next_tick - 1 - (long[0].first_tick + s) for s, c in enumerate(a.cores)}
+    assert ages == {3 * 40}
+    short = [a.trace(0, a.generate("c1", prompt, 1)), b.trace(1, b.generate("c1", prompt, 1))]
+    assert held_steps(short) is None
+    assert all(None not in s.digests for t in short for s in t.stages)
+    assert judge(short).passed and judge(short).references[("shard-0",)] == "majority"
+    # the 8-tick log alone holds no output of the canary on any stage
+    c = Ring(40, 4, 8)
+    traces = [c.trace(0, c.generate("c1", prompt, 1))]
+    assert held_steps(traces) == 0
