@@ -323,7 +323,7 @@ class ReplicaHost:
                 stage=a.stage,
                 schedule=schedule,
                 window=req.window or self.settings.window,
-                chain_log_limit=self.settings.chain_log_limit,
+                chain_log_limit=self.settings.stage_log_limit(schedule.stages, schedule.slots),
                 replica_chips=list(req.replica_chips),
                 stepper=stepper,
                 journal=Journal(req.max_batch, req.max_context, queue_limit, eos)

@@ -39,6 +39,10 @@ class AgentSettings:
     # --- pipeline and links ------------------------------------------------------------------
     window: int = 2  # default credit window W when ConfigureReplica leaves it 0
     chain_log_limit: int = 4096  # (tick, head) pairs a stage keeps for resume and comparison
+    # A stage of a ring longer than that keeps one ring period plus this many ticks (at most
+    # `max_stage_log`): see `stage_log_limit`.
+    stage_log_slack: int = 256
+    max_stage_log: int = 1 << 16
     # InjectFault (flip a bit of a stage's output) is refused unless the agent was started
     # with --allow-fault-injection: a test door that production agents keep shut.
     allow_fault_injection: bool = False
@@ -93,6 +97,8 @@ class AgentSettings:
             "max_execute_bytes",
             "window",
             "chain_log_limit",
+            "stage_log_slack",
+            "max_stage_log",
             "queue_factor",
             "ping_max_count",
             "max_window",
@@ -122,6 +128,28 @@ class AgentSettings:
             raise ValueError("AgentSettings.link_handshake_timeout must be positive")
         if self.ping_max_payload_bytes < 0:
             raise ValueError("AgentSettings.ping_max_payload_bytes must not be negative")
+
+    def stage_log_limit(self, stages: int, slots: int) -> int:
+        """The chain and digest log length of one stage of a ring of `stages` stages and
+        `slots` sequence slots (ring period P = max(stages, slots)): `chain_log_limit`, or
+        P + `stage_log_slack` (at most `max_stage_log`) if that is more.
+
+        Why a period more. The canary (`orchestrator.core.canary`) compares a stage's outputs
+        at the ticks one request occupied, and the control plane learns those ticks from the
+        request's tokens; the last comes back one whole period after the last output, so a
+        log shorter than P holds none of them on any stage (a 1,868-stage replica against a
+        256-tick log). P + slack holds at least the last output of every stage when the
+        control plane asks (the slack: ticks other requests run meanwhile), so a one-token
+        canary — the prefill — fits; the verifier shortens its canary to what was held.
+
+        Memory, per stage: entries x ~291 bytes (one (tick, head) and one (tick, digest)
+        tuple per tick, measured with tracemalloc), so 4,096 entries ~1.2 MB, P = 1,868:
+        2,124 entries ~0.62 MB (an 8-chip agent: 8 stages, ~5 MB; a simulated fleet holding
+        all 1,868 stages of a replica in one process: ~1.15 GB per replica, against ~140 MB
+        at 256 entries); the cap, 65,536 entries, is ~19 MB.
+        """
+        period = max(stages, slots)
+        return max(self.chain_log_limit, min(period + self.stage_log_slack, self.max_stage_log))
 
     @property
     def workers(self) -> int:

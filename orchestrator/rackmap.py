@@ -514,6 +514,9 @@ def _header_lines(
         ]
     pred = plan.predicted
     over = (plan.chips_used / plan.chips_lower_bound - 1.0) * 100 if plan.chips_lower_bound else 0
+    target = f" and target {plan.chips_target}" if plan.chips_target else ""
+    if plan.chips_target and plan.chips_used > plan.chips_target:
+        target += f" ({plan.chips_used - plan.chips_target} over it)"
     lines: list[tuple[float, bool, str]] = [
         (16.0, True, f"Deployment {plan.deployment} · {plan.model} · {plan.precision}"),
         (
@@ -522,7 +525,7 @@ def _header_lines(
             f"{plan.replicas} replica{'s' if plan.replicas != 1 else ''} × "
             f"{plan.pipeline_stages} pipeline stages × TP {plan.tensor_parallel} · "
             f"{plan.chips_used} chips used vs lower bound {plan.chips_lower_bound} "
-            f"(+{over:.1f}%) · {len(plan.spares)} spares · context {plan.max_context}, "
+            f"(+{over:.1f}%){target} · {len(plan.spares)} spares · context {plan.max_context}, "
             f"batch {plan.max_batch}",
         ),
         (

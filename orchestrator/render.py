@@ -43,14 +43,14 @@ def _console() -> Console:
 def print_plan_table(plan: Plan, topology: Topology, console: Console | None = None) -> None:
     console = console or _console()
     pred = plan.predicted
-    ratio = plan.chips_used / plan.chips_lower_bound
     console.print(Text(f"Plan for {plan.deployment}", style="bold"))
     console.print(
         f"  model {plan.model} at {plan.precision}, context {plan.max_context}, "
         f"batch {plan.max_batch}, profile {plan.profile}\n"
         f"  {plan.replicas} replica(s) x {plan.pipeline_stages} pipeline stage(s) x "
-        f"tensorParallel {plan.tensor_parallel} = {plan.chips_used} chips "
-        f"(lower bound {plan.chips_lower_bound}, x{ratio:.3f}); {len(plan.spares)} spare chips\n"
+        f"tensorParallel {plan.tensor_parallel} = {plan.chips_used} chips; "
+        f"{len(plan.spares)} spare chips\n"
+        f"  {chips_line(plan)}\n"
         f"  predicted: {pred.latency_ms_per_token:.3f} ms/token, "
         f"{pred.tokens_per_second_per_user:,.1f} tokens/s per user, "
         f"{pred.tokens_per_second:,.1f} tokens/s in all "
@@ -64,6 +64,26 @@ def print_plan_table(plan: Plan, topology: Topology, console: Console | None = N
         console.print(rack_map_text(plan, topology))
     else:
         console.print(f"  (rack map omitted for {len(topology.rack_names)} racks: use --svg)")
+
+
+def chips_line(plan: Plan) -> str:
+    """Chips used against the SRAM lower bound and the plan's target (`chipsTarget`: the most
+    chips the planner aims for, see `placement.partition.chips_target`), with the ratio to the
+    bound, e.g. `chips used / lower bound / target: 22 / 21 / 22 (x1.048 of the bound, within
+    the target)`. A plan stored before targets were recorded (target 0) shows the bound only.
+    """
+    ratio = plan.chips_used / plan.chips_lower_bound if plan.chips_lower_bound else 0.0
+    if not plan.chips_target:
+        return (
+            f"chips used / lower bound: {plan.chips_used} / {plan.chips_lower_bound} "
+            f"(x{ratio:.3f} of the bound)"
+        )
+    over = plan.chips_used - plan.chips_target
+    verdict = f"{over} over the target" if over > 0 else "within the target"
+    return (
+        f"chips used / lower bound / target: {plan.chips_used} / {plan.chips_lower_bound} / "
+        f"{plan.chips_target} (x{ratio:.3f} of the bound, {verdict})"
+    )
 
 
 def stage_table(plan: Plan) -> Table:

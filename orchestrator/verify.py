@@ -10,6 +10,11 @@ pure `judge` compares them stage by stage (see `orchestrator.core.canary` for wh
 compared and which reference decides); when two replicas disagree with nothing to break the
 tie, the canary runs once more on every replica.
 
+A ring longer than the agents' digest logs (llama-3.1-405b: 1,868 stages) keeps only the
+canary's last outputs; comparing a truncated history could blame the wrong stage, so the
+canary runs again at once with as many tokens as every stage still held
+(`orchestrator.core.canary.held_steps`), and later verifications of that ring start there.
+
 A replica whose canary did not come back whole (a failure, or ticks not one ring period apart:
 a failover replayed it) is not compared, and says so in the notes; the verification then does
 not pass.
@@ -45,6 +50,7 @@ from orchestrator.core.canary import (
     StageTrace,
     Verdict,
     first_tick_of,
+    held_steps,
     judge,
 )
 from orchestrator.core.model import (
@@ -168,6 +174,8 @@ class Verifier:
         self._running: dict[str, threading.Lock] = {}
         # (deployment, canary prompt, canary tokens) -> stage key -> agreed digests
         self._recorded: dict[tuple[str, tuple[int, ...], int], dict[tuple[str, ...], Digests]] = {}
+        # (deployment, ring period) -> the canary tokens the agents' digest logs hold
+        self._fits: dict[tuple[str, int], int] = {}
 
     # --- the one entry point ----------------------------------------------------------------
 
@@ -206,15 +214,22 @@ class Verifier:
             )
         _, tokens = _verification(manifest)
         max_batch, max_context = _serving(manifest)
-        prompt, tokens = canary_request(max_context, tokens)
+        ring = (name, max(max(len(r.stages) for r in replicas), max_batch))
+        prompt, tokens = canary_request(max_context, min(tokens, self._fits.get(ring, tokens)))
         where = self._where()
         notes: list[str] = []
         traces = self._run(name, replicas, where, prompt, tokens, max_batch, notes)
+        runs = 1
+        held = held_steps(traces)
+        if held is not None and 1 <= held < tokens:
+            log.info("%s: the digest logs held %d of %d canary outputs: again", name, held, tokens)
+            self._fits[ring] = tokens = held
+            runs, notes = 2, []
+            traces = self._run(name, replicas, where, prompt, tokens, max_batch, notes)
         recorded = self._recorded.setdefault((name, prompt, tokens), {})
         verdict = judge(traces, recorded)
-        runs = 1
         if verdict.unresolved and traces:
-            runs = 2
+            runs += 1
             traces += self._run(name, replicas, where, prompt, tokens, max_batch, notes)
             verdict = judge(traces, recorded)
         recorded.update(verdict.agreed)

@@ -48,6 +48,7 @@ def test_plan_json_has_the_promised_fields(capsys: pytest.CaptureFixture[str]) -
         "pipelineStages",
         "chipsUsed",
         "chipsLowerBound",
+        "chipsTarget",
         "spares",
         "predicted",
         "planSeconds",
@@ -70,7 +71,67 @@ def test_plan_json_has_the_promised_fields(capsys: pytest.CaptureFixture[str]) -
     }
     assert stage["chips"][0].count("/") == 2 and stage["chips"][0].startswith("rack-")
     assert plan["chipsUsed"] == sum(len(s["chips"]) for s in plan["stages"])
-    assert plan["chipsUsed"] >= plan["chipsLowerBound"]
+    assert plan["chipsLowerBound"] <= plan["chipsUsed"] <= plan["chipsTarget"]
+
+
+def _preset_deployment(tmp_path: Path, preset: str, batch: int) -> Path:
+    """The 70B example with another preset, one replica, `batch` and no spares."""
+    text = (EXAMPLES / "llama3-70b.yaml").read_text(encoding="utf-8")
+    for old, new in (
+        ("preset: llama-3-70b", f"preset: {preset}"),
+        ("replicas: 2", "replicas: 1"),
+        ("maxBatch: 8", f"maxBatch: {batch}"),
+        ("sparesPerRack: 1", "sparesPerRack: 0"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / f"{preset}.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("preset", "batch", "racks", "used", "bound", "target", "ratio"),
+    [
+        # The one preset where one chip is more than 3 % of the bound: the target is the
+        # fewest chips any split of the finest pieces needs (22), not floor(1.03 x 21) = 21.
+        ("llama-3.2-3b", 4, 1, 22, 21, 22, "1.048"),
+        # A normal one: the target is floor(1.03 x 91) = 93.
+        ("llama-2-13b", 4, 2, 92, 91, 93, "1.011"),
+    ],
+)
+def test_plan_shows_chips_used_lower_bound_and_target(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    preset: str,
+    batch: int,
+    racks: int,
+    used: int,
+    bound: int,
+    target: int,
+    ratio: str,
+) -> None:
+    """Table, JSON, YAML and the SVG rack map's header all give chips used, the SRAM lower
+    bound and `chipsTarget`."""
+    path, svg = _preset_deployment(tmp_path, preset, batch), tmp_path / "map.svg"
+    code, out, err = run(capsys, "plan", "-f", str(path), "--racks", str(racks), "--svg", str(svg))
+    assert code == 0, err
+    assert (
+        f"= {used} chips; 0 spare chips\n  chips used / lower bound / target: "
+        f"{used} / {bound} / {target} (x{ratio} of the bound, within the target)\n"
+    ) in out
+    header = "".join(ET.parse(svg).getroot().itertext())
+    assert f"{used} chips used vs lower bound {bound} (+" in header
+    assert f"and target {target} · 0 spares" in header
+    for fmt, load in (("json", json.loads), ("yaml", yaml.safe_load)):
+        code, out, err = run(capsys, "plan", "-f", str(path), "--racks", str(racks), "-o", fmt)
+        assert code == 0, err
+        plan = load(out)
+        assert (plan["chipsUsed"], plan["chipsLowerBound"], plan["chipsTarget"]) == (
+            used,
+            bound,
+            target,
+        )
 
 
 def test_plan_yaml_equals_json(capsys: pytest.CaptureFixture[str]) -> None:

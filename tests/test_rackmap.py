@@ -20,6 +20,7 @@ from orchestrator.rackmap import (
     USED_FILL,
     render_rack_map,
 )
+from orchestrator.render import chips_line
 from placement.errors import InputError
 from placement.models import model_preset
 from placement.plan import Plan
@@ -147,6 +148,7 @@ def test_header_and_legend(small: tuple[Plan, Topology]) -> None:
         "tiny-llama",
         "2 replicas × 12 pipeline stages × TP 1",
         f"lower bound {plan.chips_lower_bound}",
+        f"and target {plan.chips_target} · ",
         "tokens/s per user",
         "replica 0",
         "replica 1",
@@ -162,6 +164,23 @@ def test_header_and_legend(small: tuple[Plan, Topology]) -> None:
         "node-2",
     ):
         assert needle in text, needle
+
+
+def test_chips_against_the_target_over_it_and_without_one(small: tuple[Plan, Topology]) -> None:
+    """A plan over its target (a forced stage count, a crowded topology) says by how much; a
+    plan stored before targets were recorded (chipsTarget 0) shows the lower bound only."""
+    plan, topo = small
+    assert (plan.chips_used, plan.chips_lower_bound, plan.chips_target) == (24, 22, 24)
+    over = dataclasses.replace(plan, chips_target=21)
+    text = _texts(_parse(render_rack_map(over, topo)))
+    assert "24 chips used vs lower bound 22 (+9.1%) and target 21 (3 over it) · " in text
+    assert chips_line(over) == (
+        "chips used / lower bound / target: 24 / 22 / 21 (x1.091 of the bound, 3 over the target)"
+    )
+    old = dataclasses.replace(plan, chips_target=0)
+    text = _texts(_parse(render_rack_map(old, topo)))
+    assert "24 chips used vs lower bound 22 (+9.1%) · " in text and "target" not in text
+    assert chips_line(old) == "chips used / lower bound: 24 / 22 (x1.091 of the bound)"
 
 
 def test_failed_argument_and_bare_topology(small: tuple[Plan, Topology]) -> None:

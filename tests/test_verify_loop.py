@@ -172,6 +172,8 @@ class Cluster:
     flips: dict[tuple[int, int], set[int]]
     runs: dict[int, int] = field(default_factory=dict)
     fenced: list[tuple[str, int]] = field(default_factory=list)
+    held: int | None = None  # the last outputs a stage's digest log holds (None: all)
+    asked: list[int] = field(default_factory=list)  # max_tokens of every Generate
 
 
 class FakeAgent:
@@ -180,6 +182,7 @@ class FakeAgent:
 
     def Generate(self, request: Any, timeout: float) -> list[Any]:
         r = request.replica
+        self.cluster.asked.append(request.max_tokens)
         self.cluster.runs[r] = self.cluster.runs.get(r, 0) + 1
         first = 10 + 100 * r + 1000 * self.cluster.runs[r]
         return [
@@ -197,6 +200,9 @@ class FakeAgent:
             hashlib.sha256(f"{s}/{k}{'!' if bad else ''}".encode()).digest()
             for k in range(request.count)
         ]
+        held = self.cluster.held
+        if held is not None:  # the older outputs fell out of the log
+            digests = [b"" if k < request.count - held else x for k, x in enumerate(digests)]
         return agent_pb2.StageDigestsResponse(
             stages=[
                 agent_pb2.StageOutputDigests(
@@ -301,6 +307,34 @@ def test_a_recorded_reference_decides_without_a_second_run() -> None:
     assert report.runs == 1
     assert [(d.replica, d.stage) for d, _ in report.divergences] == [(0, 0)]
     assert cluster.fenced == [("rack-0/node-00", 0)]
+
+
+def test_a_canary_longer_than_the_digest_logs_runs_again_as_short_as_they_hold() -> None:
+    """The agents' logs hold only the last output (a ring longer than the log): the canary
+    runs again at once with one token, which fits and passes; the next verification of the
+    ring starts with one token. A corruption is then still found and fenced."""
+    verifier, cluster, store = scripted({(1, 0): {4}})
+    cluster.held = 1
+    report = verifier.verify("a")
+    assert report.passed and report.runs == 2, report.message
+    assert cluster.asked == [TOKENS, TOKENS, 1, 1]
+    assert "1 output(s) each" in report.message and report.notes == []
+    again = verifier.verify("a")
+    assert again.passed and again.runs == 1 and cluster.asked[4:] == [1, 1]
+    flipped = verifier.verify("a")  # run 4 of replica 1: stage 0 flips; recorded reference
+    assert [(d.replica, d.stage, d.step, f) for d, f in flipped.divergences] == [(1, 0, 0, True)]
+    assert cluster.fenced == [("rack-0/node-10", 0)]
+    assert store.health == [("rack-0/node-10", 0, ChipHealth.FAILED)]
+
+
+def test_a_log_that_holds_no_canary_output_is_inconclusive_and_fences_nothing() -> None:
+    verifier, cluster, store = scripted({})
+    cluster.held = 0
+    report = verifier.verify("a")
+    assert not report.passed and cluster.fenced == [] and store.health == []
+    assert report.divergences == [] and report.runs == 2  # nothing to compare: no reference
+    assert report.message.startswith("inconclusive: no reference")
+    assert cluster.asked == [TOKENS] * 4  # no shorter canary to try
 
 
 def test_fault_injection_reaches_process_agents_only(tmp_path: Any) -> None:

@@ -32,6 +32,23 @@ still right — which names the stage, its chips (a tensor-parallel group shares
 output, so all its ranks are named) and the tick. A trace that lacks a digest where the
 reference has one (the stage stopped, or its log no longer holds the tick) is a `missing`
 divergence: reported, never fenced.
+
+Rings longer than the digest log. Stage s's k-th output for the canary is at tick
+t0 + s + k * P, and the control plane learns t0 only from the tokens, the last of which
+comes back a whole period after the last output — so when it asks, stage s's outputs are
+between P and n * P ticks old (n tokens), whatever the stage. An agent keeps its last
+`chain_log_limit` ticks, and at least one ring period plus a slack
+(`agents.settings.AgentSettings.stage_log_limit`): a 1,868-stage replica (P = 1,868) with a
+4-token canary has its last output held and its first three gone. Comparing only the held
+outputs would not be sound: a corruption in an earlier output changes the token and the KV
+caches every later output of every stage depends on, so the first difference among the held
+ones would name the wrong stage (stage 0, whose input token changed). So the canary's whole
+history must be held: a stage trace whose first outputs are gone but later ones are not (a
+digest log rolled past them; a stopped stage lacks the later ones instead) marks its
+divergence `unheld` (a missing one: never fenced), `held_steps` gives how many of the last
+outputs every stage still held, and the verifier runs the canary again with that many tokens
+— a canary short enough to fit every replica's log (and remembers it for the deployment's
+ring). One token is the prefill: every op of every stage still runs on the prompt.
 """
 
 from __future__ import annotations
@@ -81,9 +98,12 @@ class Divergence:
     step: int
     tick: int
     missing: bool  # no digest there at all (not evidence of corruption)
+    unheld: bool = False  # missing because the stage's digest log rolled past the output
 
     def describe(self) -> str:
         what = "produced no output" if self.missing else "computed a different output"
+        if self.unheld:
+            what = "no longer held its output (its digest log rolled past it)"
         return (
             f"replica {self.replica} stage {self.stage} (chip {', '.join(self.chips)}) {what} "
             f"at tick {self.tick} (the canary's step {self.step})"
@@ -121,6 +141,27 @@ def request_chain(digests: Sequence[bytes | None]) -> tuple[bytes, ...]:
         head = hashlib.sha256(head + link).digest()
         heads.append(head)
     return tuple(heads)
+
+
+def first_held(digests: Sequence[bytes | None]) -> int:
+    """The first step with a digest (len(digests) when there is none): the steps before it
+    fell out of the stage's digest log, if any step after it is held."""
+    return next((step for step, digest in enumerate(digests) if digest is not None), len(digests))
+
+
+def held_steps(traces: Sequence[ReplicaTrace]) -> int | None:
+    """How many of the canary's last outputs every stage of every trace still held, when some
+    stage's log no longer reached back to the first ones (see the module docstring); None when
+    no output fell out. 0: some stage held none (its log is shorter than one ring period, or
+    it stopped)."""
+    fewest: int | None = None
+    for trace in traces:
+        for stage in trace.stages:
+            lost = first_held(stage.digests)
+            if lost:
+                held = len(stage.digests) - lost
+                fewest = held if fewest is None else min(fewest, held)
+    return fewest
 
 
 def first_difference(a: Sequence[bytes | None], b: Sequence[bytes | None]) -> int | None:
@@ -170,6 +211,7 @@ def judge(
             if step is None:
                 continue
             missing = step >= len(stage.digests) or stage.digests[step] is None
+            unheld = missing and step < first_held(stage.digests) < len(stage.digests)
             found = Divergence(
                 trace.replica,
                 stage.stage,
@@ -177,6 +219,7 @@ def judge(
                 step,
                 trace.tick(stage.stage, step),
                 missing,
+                unheld,
             )
             if first is None or (found.missing, found.tick) < (first.missing, first.tick):
                 first = found  # a wrong output outranks a missing one; then the earliest
