@@ -1789,28 +1789,54 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
     ),
     ("configure-4mb-name", configure(deployment=HUGE), CODE.NOT_FOUND, "does not hold"),
     ("configure-no-stages", configure(stages=0), CODE.INVALID_ARGUMENT, "stages"),
+    # A well-formed request naming a replica not configured here: NOT_FOUND (the control
+    # plane's removal takes it as already gone); an empty deployment name: INVALID_ARGUMENT.
     (
         "start-epoch-unknown-replica",
         unary("StartEpoch", agent_pb2.StartEpochRequest(deployment="nobody")),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "not configured",
+    ),
+    (
+        "start-epoch-empty-deployment",
+        unary("StartEpoch", agent_pb2.StartEpochRequest(epoch=1)),
+        CODE.INVALID_ARGUMENT,
+        "must not be empty",
     ),
     (
         "halt-unknown-replica",
         unary("Halt", agent_pb2.HaltRequest(deployment=RING, replica=1)),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "not configured",
+    ),
+    (
+        "halt-empty-deployment",
+        unary("Halt", agent_pb2.HaltRequest()),
+        CODE.INVALID_ARGUMENT,
+        "must not be empty",
     ),
     (
         "remove-unknown-replica",
         unary("RemoveReplica", agent_pb2.RemoveReplicaRequest(deployment="nobody")),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "not configured",
+    ),
+    (
+        "remove-another-replica-of-the-ring",
+        unary("RemoveReplica", agent_pb2.RemoveReplicaRequest(deployment=RING, replica=7)),
+        CODE.NOT_FOUND,
+        "replica 7 is not configured",
+    ),
+    (
+        "remove-empty-deployment",
+        unary("RemoveReplica", agent_pb2.RemoveReplicaRequest()),
+        CODE.INVALID_ARGUMENT,
+        "must not be empty",
     ),
     (
         "remove-4mb-name",
         unary("RemoveReplica", agent_pb2.RemoveReplicaRequest(deployment=HUGE)),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "nnn",
     ),
     (
@@ -1877,8 +1903,14 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
             "StageDigests",
             agent_pb2.StageDigestsRequest(deployment=HUGE, period=4, count=1),
         ),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "not configured",
+    ),
+    (
+        "digests-empty-deployment",
+        unary("StageDigests", agent_pb2.StageDigestsRequest(period=4, count=1)),
+        CODE.INVALID_ARGUMENT,
+        "must not be empty",
     ),
     (
         "inject-fault-without-the-flag",  # production agents refuse it, even to the control plane
@@ -2663,7 +2695,7 @@ def hostile_mix(w: World, tmp: Path) -> list[tuple[str, Callable[[], object], CO
             lambda: a.stub.RemoveReplica(
                 agent_pb2.RemoveReplicaRequest(deployment="nobody"), timeout=10
             ),
-            CODE.INVALID_ARGUMENT,
+            CODE.NOT_FOUND,
         ),
         ("claim-bound-chip", lambda: configure(a_chips=[0])(w), CODE.ALREADY_EXISTS),
         (
