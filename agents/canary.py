@@ -7,6 +7,9 @@ period): the schedule is static, so the caller names the ticks and each stage an
 its digest log (`agents.lockstep.StageMachine.output_digests`). Nothing here decides whether
 a digest is right: the agent only reports what its chips computed.
 
+A replica (or, for `inject_fault`, a stage) this agent does not host is NOT_FOUND
+(`agents.replicas.replica_not_here`); a malformed request is INVALID_ARGUMENT.
+
 `inject_fault` is the test door for that path: it flips one bit of one stage's output once,
 and only on an agent started with `--allow-fault-injection` (`AgentSettings`), so a production
 agent cannot be made to corrupt its own output by a stray call.
@@ -14,7 +17,7 @@ agent cannot be made to corrupt its own output by a stray call.
 
 from __future__ import annotations
 
-from agents.errors import FailedPrecondition, InvalidArgument
+from agents.errors import FailedPrecondition, InvalidArgument, NotFound
 from agents.replicas import ReplicaHost
 from agents.settings import AgentSettings
 from protos import agent_pb2
@@ -64,4 +67,4 @@ def inject_fault(
         if stage == req.stage:
             runner.inject_fault(req.from_tick, req.bit)
             return
-    raise InvalidArgument(f"stage {req.stage} of replica {req.replica} is not hosted by this agent")
+    raise NotFound(f"stage {req.stage} of replica {req.replica} is not hosted by this agent")

@@ -266,6 +266,21 @@ def register_agent_command(subparsers: Any) -> argparse.ArgumentParser:
         "in Status; off: none, links into this agent use gRPC)",
     )
     parser.add_argument(
+        "--link-max-connections",
+        type=whole_number(1, 1 << 16),
+        default=DEFAULT_SETTINGS.link_max_connections,
+        metavar="N",
+        help="connections open at once on the framed link port, in all (one more is told "
+        "RESOURCE_EXHAUSTED)",
+    )
+    parser.add_argument(
+        "--link-max-connections-per-peer",
+        type=whole_number(1, 1 << 16),
+        default=DEFAULT_SETTINGS.link_max_connections_per_peer,
+        metavar="N",
+        help="connections open at once on the framed link port per peer identity",
+    )
+    parser.add_argument(
         "--control-plane",
         metavar="ADDR",
         help="HOST:PORT of the control plane's node registry: register there and heartbeat",
@@ -324,6 +339,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
             link_heartbeat=min(DEFAULT_SETTINGS.link_heartbeat, args.link_idle_timeout / 4),
             link_transport=args.link_transport,
             link_port=args.link_port,
+            link_max_connections=args.link_max_connections,
+            link_max_connections_per_peer=args.link_max_connections_per_peer,
             heartbeat_interval=args.heartbeat_interval,
             allow_fault_injection=args.allow_fault_injection,
         ),

@@ -5,7 +5,8 @@ Prometheus on the hot paths. The counters are plain integers the agent keeps any
 written where a lock is already held or by one thread only — `Chip.bytes_loaded` at commit
 (chip lock), a stage's `ticks` by its own thread and `tokens` under its lock, stream refusals
 under the `StreamGate` lock, frame rejections (which end their stream) under the link
-service's — and a scrape reads them. Gauges (SRAM, shards held) come from chip snapshots.
+service's, framed link port refusals under its server's — and a scrape reads them. Gauges
+(SRAM, shards held, framed link connections open) come from snapshots.
 
 Served over HTTPS with the agent's own certificate (`security.metrics_http`, shared with the
 control plane): a scraper trusts the cluster CA. The port is `lpuctl agent --metrics-port`
@@ -105,6 +106,22 @@ class AgentCollector(Collector):
         for method, count in sorted(service.streams.refused().items()):
             refused.add_metric([method], count)
         yield from (rejected, refused)
+
+        framed_open = GaugeMetricFamily(
+            "lockstep_agent_framed_link_connections_open",
+            "Connections open on the framed link port (admitted, counted against "
+            "link_max_connections)",
+        )
+        framed_open.add_metric([], service.wire.open_connections())
+        framed_refused = CounterMetricFamily(
+            "lockstep_agent_framed_link_connections_refused",
+            "Connections the framed link port refused, by reason (max_connections, "
+            "max_connections_per_peer, tls_handshake, hello)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(service.wire.refused().items()):
+            framed_refused.add_metric([reason], count)
+        yield from (framed_open, framed_refused)
 
 
 def metrics_host(listen: str) -> str:

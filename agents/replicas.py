@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,7 @@ import numpy as np
 from agents.activation import Activation
 from agents.chips import Chip
 from agents.errors import (
+    AgentError,
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -124,6 +125,30 @@ def owner_label(deployment: str, replica: int) -> str:
     return f"{quote(deployment)}/replica-{replica}"
 
 
+def replica_not_here(deployment: str, replica: int) -> AgentError:
+    """The refusal of a request naming a replica this agent does not host (StartEpoch, Halt,
+    RemoveReplica, StageDigests, InjectFault; the virtual node's too).
+
+    NOT_FOUND: the request is well-formed, the replica is just not here (never configured,
+    removed, or the agent restarted) — the control plane's RemoveReplica callers take it as
+    "already gone". An empty deployment name is a malformed request, never configured by
+    anyone (`ConfigureReplica` refuses it): INVALID_ARGUMENT. Generate keeps INVALID_ARGUMENT
+    for now (`generate_replica_not_here`)."""
+    if not deployment:
+        return InvalidArgument("deployment must not be empty")
+    return NotFound(
+        f"deployment {quote(deployment)} replica {replica} is not configured on this agent"
+    )
+
+
+def generate_replica_not_here(deployment: str, replica: int) -> AgentError:
+    """Generate's refusal of a replica not hosted here: INVALID_ARGUMENT, with the words the
+    control plane's gateway matches to resume a request on another replica
+    (`orchestrator.admin_server._resumable`: "is not configured on this agent", and NOT_FOUND
+    is not among its resumable codes) — to become NOT_FOUND once the gateway takes it."""
+    return InvalidArgument(replica_not_here(deployment, replica).message)
+
+
 def resume_tokens_of(req: agent_pb2.GenerateRequest) -> list[int]:
     """The tokens a failover resume says were already delivered (the gateway replays the
     request with them); at most max_tokens - 1, so there is something left to generate."""
@@ -176,18 +201,22 @@ class ReplicaHost:
                     return rep.upstream.get(runner.stage, ""), rep.link_secret
         return None
 
-    def _replica(self, deployment: str, replica: int) -> Replica:
+    def _replica(
+        self,
+        deployment: str,
+        replica: int,
+        missing: Callable[[str, int], AgentError] = replica_not_here,
+    ) -> Replica:
+        """The replica, or `missing(deployment, replica)` raised (`replica_not_here`)."""
         with self._lock:
             found = self._replicas.get((deployment, replica))
         if found is None:
-            raise InvalidArgument(
-                f"deployment {quote(deployment)} replica {replica} is not configured on this agent"
-            )
+            raise missing(deployment, replica)
         return found
 
     def stages(self, deployment: str, replica: int) -> list[tuple[int, StageRunner, list[str]]]:
         """(stage, runner, chip names in TP rank order) of every stage of the replica hosted
-        here, by stage; INVALID_ARGUMENT for a replica not configured here."""
+        here, by stage; NOT_FOUND for a replica not configured here (`replica_not_here`)."""
         rep = self._replica(deployment, replica)
         return [
             (stage, runner, [name for s, name in rep.chips.values() if s == stage])
@@ -508,9 +537,7 @@ class ReplicaHost:
         with self._lock:
             rep = self._replicas.pop((deployment, replica), None)
         if rep is None:
-            raise InvalidArgument(
-                f"deployment {quote(deployment)} replica {replica} is not configured"
-            )
+            raise replica_not_here(deployment, replica)
         self._tear_down(rep)
 
     def _tear_down(self, rep: Replica) -> None:
@@ -531,7 +558,7 @@ class ReplicaHost:
     def generate(
         self, req: agent_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[agent_pb2.GenerateResponse]:
-        rep = self._replica(req.deployment, req.replica)
+        rep = self._replica(req.deployment, req.replica, generate_replica_not_here)
         head = rep.runners.get(0)
         if head is None:
             raise InvalidArgument(

@@ -6,6 +6,15 @@ nowhere else. An exception this table does not know is a bug: it maps to INTERNA
 one-line message naming the exception's type, and its traceback is logged once at debug level
 (never at a level a default agent prints, so a hostile input cannot fill the log with
 tracebacks, and never to the client).
+
+INVALID_ARGUMENT or NOT_FOUND: a request that cannot be read as given (an empty deployment
+name, a field out of its range, bytes that do not parse) is INVALID_ARGUMENT; a well-formed
+request naming something this agent does not have — a replica not configured here (StartEpoch,
+Halt, RemoveReplica, StageDigests, InjectFault: `agents.replicas.replica_not_here`), a shard a
+chip does not hold, a link target with no stage — is NOT_FOUND, which the control plane takes
+as "already gone" when it removes a replica. The one exception is Generate for a replica not
+configured here: INVALID_ARGUMENT until the gateway resumes on NOT_FOUND
+(`agents.replicas.generate_replica_not_here`).
 """
 
 from __future__ import annotations

@@ -57,7 +57,13 @@ from agents.loader import (
     validate_header,
 )
 from agents.lockstep import Schedule
-from agents.replicas import ReplicaHost, owner_label, resume_tokens_of
+from agents.replicas import (
+    ReplicaHost,
+    generate_replica_not_here,
+    owner_label,
+    replica_not_here,
+    resume_tokens_of,
+)
 from agents.sampling import Sampling
 from agents.server import _check_blob, _chip_message, _response
 from agents.settings import DEFAULT_SETTINGS, AgentSettings
@@ -513,12 +519,17 @@ class VirtualNode:
                 out.append((stage, _StageView(st.core), list(st.chip_names)))
         return out
 
-    def _hosted(self, deployment: str, replica: int) -> _Hosted:
+    def _hosted(
+        self,
+        deployment: str,
+        replica: int,
+        missing: Callable[[str, int], Exception] = replica_not_here,
+    ) -> _Hosted:
+        """The hosted replica, or `missing(deployment, replica)` raised: NOT_FOUND (an empty
+        name: INVALID_ARGUMENT), as the real agent (`agents.replicas.replica_not_here`)."""
         hosted = self.hosted.get((deployment, replica))
         if hosted is None:
-            raise InvalidArgument(
-                f"deployment {quote(deployment)} replica {replica} is not configured on this agent"
-            )
+            raise missing(deployment, replica)
         return hosted
 
     # --- the pipeline -----------------------------------------------------------------------
@@ -699,11 +710,7 @@ class VirtualNode:
     async def RemoveReplica(
         self, request: agent_pb2.RemoveReplicaRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RemoveReplicaResponse:
-        if (request.deployment, request.replica) not in self.hosted:
-            raise InvalidArgument(
-                f"deployment {quote(request.deployment)} replica {request.replica} "
-                "is not configured"
-            )
+        self._hosted(request.deployment, request.replica)
         self.remove(request.deployment, request.replica)
         return agent_pb2.RemoveReplicaResponse()
 
@@ -730,7 +737,7 @@ class VirtualNode:
     async def _generate(
         self, req: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        hosted = self._hosted(req.deployment, req.replica)
+        hosted = self._hosted(req.deployment, req.replica, generate_replica_not_here)
         head = hosted.sim.by_stage.get(0) if 0 in hosted.stages else None
         if head is None:
             raise InvalidArgument(

@@ -29,9 +29,16 @@ a frame at most `link_max_frame_bytes` (a larger length prefix is RESOURCE_EXHAU
 byte of it is read; bodies are read as they arrive, never allocated from the prefix), a
 connection with no complete message for `link_idle_timeout` ends (DEADLINE_EXCEEDED: a
 slowloris dribbling bytes does not reset it), at most `link_max_connections` connections are
-open in all (the next is closed at accept) and `link_max_connections_per_peer` per verified
-identity (RESOURCE_EXHAUSTED). Who may open one is `security.identity`'s table (only agents,
-as for `Link/Exchange`), who may feed a stage `agents.link_auth.authorize_link`.
+open in all and `link_max_connections_per_peer` per verified identity. A connection over
+either bound is told so the same way: after its TLS handshake, an END RESOURCE_EXHAUSTED naming
+the bound, before its hello is read; it is never counted as open. The global bound is checked
+at accept (it bounds the reader threads, and a connection's identity is known only after its
+handshake), so its refusals are handshaken by threads of their own, at most
+`REFUSALS_AT_ONCE` at a time: beyond that a connection is closed at accept without a word
+(the only refusal without an END; a flood cannot turn the refusals into the threads the bound
+saves). Who may open one is `security.identity`'s table (only agents, as for `Link/Exchange`),
+who may feed a stage `agents.link_auth.authorize_link`. `WireServer.refused` counts the
+refusals by reason (`REFUSAL_REASONS`, the agent's metrics).
 
 TLS: Python `ssl` over memory BIOs (`TlsChannel`), because a connection is read by one thread
 and written by another (frames and heartbeats on the sender; acknowledgements and the END on
@@ -50,6 +57,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -95,6 +103,18 @@ END_LIMIT = 4096  # what a client reads of an END (the server sends at most ~1 K
 MESSAGE_LIMIT = 1000
 CONNECT_TIMEOUT = 10.0
 SEND_TIMEOUT = 30.0  # a sender's write to a receiver that reads nothing fails after this
+REFUSALS_AT_ONCE = 8  # connections over `link_max_connections` handshaken to be told why
+# Why a connection was refused (`WireServer.refused`): over the global bound, over the
+# per-identity bound, its TLS handshake failed or stalled (or the peer left before finishing
+# it), its hello was refused (an END before ACCEPT: not a link message, unauthorized, no such
+# stage, no hello in time, ...).
+MAX_CONNECTIONS, MAX_PER_PEER, HANDSHAKE, HELLO_REFUSED = (
+    "max_connections",
+    "max_connections_per_peer",
+    "tls_handshake",
+    "hello",
+)
+REFUSAL_REASONS = (MAX_CONNECTIONS, MAX_PER_PEER, HANDSHAKE, HELLO_REFUSED)
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -455,14 +475,19 @@ class WireServer:
         self.policy_of = policy_of
         self.settings = settings
         self.ctx = None if creds is None else ssl_context(creds, server_side=True)
+        # Its total never reaches `link_max_connections`: the accept loop admits no more
+        # (`_conns` counts every admitted connection, the gate only those past the handshake),
+        # so the gate refuses per peer only.
         self.gate = StreamGate(
             settings.link_max_connections, settings.link_max_connections_per_peer
         )
         self._lock = threading.Lock()
-        self._conns: set[socket.socket] = set()
+        self._conns: set[socket.socket] = set()  # admitted: counted against the bound
+        self._refusing: set[socket.socket] = set()  # over the bound, being told so
+        self._refusers = threading.BoundedSemaphore(REFUSALS_AT_ONCE)
+        self._refused: Counter[str] = Counter({reason: 0 for reason in REFUSAL_REASONS})
         self._closed = False
         self._listener: socket.socket | None = None
-        self.refused_at_accept = 0
         self.port = 0
 
     @property
@@ -489,7 +514,7 @@ class WireServer:
         """Stop accepting and end every connection."""
         with self._lock:
             self._closed = True
-            conns, self._conns = list(self._conns), set()
+            conns, self._conns = list(self._conns | self._refusing), set()
         if self._listener is not None:
             _shutdown(self._listener)
             self._listener.close()
@@ -497,11 +522,22 @@ class WireServer:
             _shutdown(conn)
 
     def open_connections(self) -> int:
+        """Connections admitted and not yet ended (those being refused are not counted)."""
         with self._lock:
             return len(self._conns)
 
+    def refused(self) -> dict[str, int]:
+        """Connections refused so far, by reason (`REFUSAL_REASONS`, every one present)."""
+        with self._lock:
+            return dict(self._refused)
+
+    def count_refusal(self, reason: str) -> None:
+        with self._lock:
+            self._refused[reason] += 1
+
     def _accept(self) -> None:
         assert self._listener is not None
+        limit = self.settings.link_max_connections
         while True:
             try:
                 conn, _ = self._listener.accept()
@@ -511,46 +547,87 @@ class WireServer:
                 if self._closed:
                     conn.close()
                     return
-                if len(self._conns) >= self.settings.link_max_connections:
-                    self.refused_at_accept += 1
-                    refuse = True
-                else:
+                admitted = len(self._conns) < limit
+                told = False
+                if admitted:
                     self._conns.add(conn)
-                    refuse = False
-            if refuse:
+                else:
+                    self._refused[MAX_CONNECTIONS] += 1
+                    told = self._refusers.acquire(blocking=False)
+                    if told:
+                        self._refusing.add(conn)
+            if admitted:
+                threading.Thread(
+                    target=self._serve, args=(conn,), name="wire-conn", daemon=True
+                ).start()
+            elif told:
+                threading.Thread(
+                    target=self._refuse, args=(conn,), name="wire-refuse", daemon=True
+                ).start()
+            else:
                 log.warning(
-                    "framed link connection refused: %d open, the most this agent allows "
-                    "(link_max_connections)",
-                    self.settings.link_max_connections,
+                    "framed link connection closed at accept: %d open (link_max_connections) "
+                    "and %d refusals under way already",
+                    limit,
+                    REFUSALS_AT_ONCE,
                 )
                 conn.close()
-                continue
-            threading.Thread(
-                target=self._serve, args=(conn,), name="wire-conn", daemon=True
-            ).start()
+
+    def _handshake(self, conn: socket.socket) -> tuple[Channel, str | None, float]:
+        """The connection's channel, its peer's verified identity (None: plaintext) and the
+        deadline of its hello, once its TLS handshake is done (OSError when it fails, stalls
+        past the handshake timeout or the peer leaves)."""
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        blocking(conn, self.settings.link_idle_timeout)
+        deadline = time.monotonic() + self.handshake_timeout
+        if self.ctx is None:
+            return PlainChannel(conn), None, deadline
+        tls = TlsChannel(conn, self.ctx, server_side=True)
+        tls.handshake(deadline)
+        return tls, tls.peer_identity(), deadline
 
     def _serve(self, conn: socket.socket) -> None:
-        channel: Channel | None = None
         try:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            blocking(conn, self.settings.link_idle_timeout)
-            deadline = time.monotonic() + self.handshake_timeout
-            identity = None
-            if self.ctx is not None:
-                tls = TlsChannel(conn, self.ctx, server_side=True)
-                tls.handshake(deadline)
-                identity = tls.peer_identity()
-                channel = tls
-            else:
-                channel = PlainChannel(conn)
+            try:
+                channel, identity, deadline = self._handshake(conn)
+            except OSError as exc:
+                # The TLS handshake failed (no or a foreign certificate), stalled, or the peer
+                # left before saying anything: there is no one to tell.
+                self.count_refusal(HANDSHAKE)
+                log.warning(
+                    "framed link connection ended before its hello: %s", clip(str(exc), 300)
+                )
+                return
             Connection(self, channel, identity, deadline).run()
         except OSError as exc:
-            # The TLS handshake failed (no or a foreign certificate), stalled, or the peer left
-            # before saying anything: there is no one to tell.
-            log.warning("framed link connection ended before its hello: %s", clip(str(exc), 300))
+            log.warning("framed link connection broke: %s", clip(str(exc), 300))
         finally:
             with self._lock:
                 self._conns.discard(conn)
+            conn.close()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Tell a connection over `link_max_connections` why, as `Connection.run` tells one
+        over the per-peer bound: an END RESOURCE_EXHAUSTED after its handshake; nothing of it
+        is read or counted as open."""
+        limit = self.settings.link_max_connections
+        try:
+            channel, identity, deadline = self._handshake(conn)
+            Connection(self, channel, identity, deadline).end(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"framed link: {limit} connections are open, the most this agent allows in "
+                f"all (link_max_connections {limit}); retry when one ends",
+            )
+        except OSError as exc:
+            log.warning(
+                "framed link connection over link_max_connections ended before it could be "
+                "told: %s",
+                clip(str(exc), 300),
+            )
+        finally:
+            with self._lock:
+                self._refusing.discard(conn)
+            self._refusers.release()
             conn.close()
 
 
@@ -591,16 +668,21 @@ class Connection:
         try:
             self.server.gate.enter(peer, "framed link")
         except ResourceExhausted as exc:
+            self.server.count_refusal(MAX_PER_PEER)
             self.end(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
             return
         opened: tuple[Target, StageRunner] | None = None
+        accepted = False
         try:
             opened = self._open()
             self.channel.send(message(ACCEPT))
+            accepted = True
             self._frames(opened)
         except WireError as exc:
+            self._refused(accepted)
             self.end(exc.code, exc.message)
         except TimeoutError:
+            self._refused(accepted)
             what = "hello" if opened is None else "frame"
             limit = (
                 self.server.handshake_timeout
@@ -613,6 +695,7 @@ class Connection:
             )
         except Closed as exc:
             if exc.partial:
+                self._refused(accepted)
                 self.end(grpc.StatusCode.INVALID_ARGUMENT, f"truncated message: {exc}")
         except OSError as exc:
             log.warning("framed link connection broke: %s", clip(str(exc), 300))
@@ -622,6 +705,12 @@ class Connection:
                 opened[1].unbind_upstream(self.ack)
             self.server.gate.leave(peer)
             self.channel.shutdown()
+
+    def _refused(self, accepted: bool) -> None:
+        """Count an END before the ACCEPT as a refused hello (after it, a rejected frame is
+        counted by the link service, as on the gRPC Link)."""
+        if not accepted:
+            self.server.count_refusal(HELLO_REFUSED)
 
     def _open(self) -> tuple[Target, StageRunner] | None:
         kind, body = self.reader.read(self.deadline, HELLO_LIMIT)

@@ -17,6 +17,8 @@ import dataclasses
 import hashlib
 import os
 import selectors
+import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import save
 
 from orchestrator import agent_client
@@ -36,7 +39,7 @@ from placement.models import MODEL_PRESETS
 from placement.planner import PlanRequest
 from protos import agent_pb2, agent_pb2_grpc
 from security import certs as certs_mod
-from security.identity import CONTROL_PLANE, agent_identity
+from security.identity import CONTROL_PLANE, agent_identity, dns_name
 from shardformat.address import shard_id_of
 from shardformat.manifest import MANIFEST_KEY, Manifest, TensorInfo
 
@@ -354,3 +357,32 @@ class Waiting:
     def cancel(self) -> None:
         self.call.cancel()
         self._thread.join(60)
+
+
+def scrape(agent: AgentProcess, certs: Path) -> dict[tuple[str, tuple[str, ...]], float]:
+    """GET the agent's /metrics over TLS, checking the server is this agent (name and cluster
+    CA); (sample name, label values sorted by label name) -> value."""
+    port = agent.status().metrics_port
+    assert port > 0
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    host = agent.address.rsplit(":", 1)[0]
+    with (
+        socket.create_connection((host, port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=dns_name(agent.identity)) as tls,
+    ):
+        tls.sendall(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
+        reply = b""
+        while chunk := tls.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200"), head
+    return parse_metrics(body.decode())
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[str, ...]], float]:
+    """(sample name, label values sorted by label name) -> value."""
+    return {
+        (s.name, tuple(v for _, v in sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -208,3 +208,46 @@ def test_lpuctl_plan_imports_no_grpc_and_sets_no_blas_threads() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "clean" in done.stderr
+
+
+def test_a_replica_not_configured_here_is_not_found_and_an_empty_name_is_invalid() -> None:
+    """StartEpoch, Halt, RemoveReplica, StageDigests and InjectFault on an empty agent: a
+    well-formed request naming no replica here is NOT_FOUND (the control plane's removal takes
+    it as already gone), an empty deployment name INVALID_ARGUMENT; Generate stays
+    INVALID_ARGUMENT with the words the gateway resumes on."""
+    from agents import canary
+    from agents.replicas import ReplicaHost
+    from protos import agent_pb2
+
+    host = ReplicaHost(make_chips(1, 1 << 20), AgentSettings(allow_fault_injection=True))
+    digests = {"first_tick": 0, "period": 4, "count": 1}
+    calls = {
+        "StartEpoch": lambda d: host.start_epoch(agent_pb2.StartEpochRequest(deployment=d)),
+        "Halt": lambda d: host.halt(agent_pb2.HaltRequest(deployment=d, replica=2)),
+        "RemoveReplica": lambda d: host.remove(d, 2),
+        "StageDigests": lambda d: canary.stage_digests(
+            host, agent_pb2.StageDigestsRequest(deployment=d, **digests), host.settings
+        ),
+        "InjectFault": lambda d: canary.inject_fault(
+            host, agent_pb2.InjectFaultRequest(deployment=d), host.settings
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(errors.AgentError) as info:
+            call("nobody")
+        code, message = status_of(info.value)
+        assert code == grpc.StatusCode.NOT_FOUND, (name, code)
+        assert "'nobody'" in message and "is not configured on this agent" in message, message
+        with pytest.raises(errors.AgentError) as info:
+            call("")
+        code, message = status_of(info.value)
+        assert (code, message) == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "deployment must not be empty",
+        ), name
+    generate = agent_pb2.GenerateRequest(deployment="nobody", prompt_ids=[1], max_tokens=2)
+    with pytest.raises(errors.AgentError) as info:
+        next(iter(host.generate(generate, None)))  # type: ignore[arg-type]
+    code, message = status_of(info.value)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "is not configured on this agent" in message

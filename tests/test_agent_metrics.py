@@ -9,15 +9,14 @@ what the agent did.
 from __future__ import annotations
 
 import socket
-import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from agent_helpers import AgentCluster, AgentProcess, tiny_request, wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from agent_helpers import AgentCluster, AgentProcess, scrape, tiny_request, wait_for
+from agent_helpers import parse_metrics as parse
 
 from agents.interconnect import EXCHANGE
 from agents.settings import DEFAULT_SETTINGS
@@ -27,39 +26,11 @@ from placement.models import MODEL_PRESETS
 from placement.planner import make_plan
 from placement.topology import preset_topology
 from protos import agent_pb2, interconnect_pb2
-from security.identity import agent_identity, dns_name
+from security.identity import agent_identity
 
 TINY = MODEL_PRESETS["tiny-llama"]
 DEPLOYMENT = "metered"
 SRAM = 64 << 20
-
-
-def scrape(agent: AgentProcess, certs: Path) -> dict[tuple[str, tuple[str, ...]], float]:
-    """GET /metrics over TLS, checking the server is this agent (name and cluster CA)."""
-    port = agent.status().metrics_port
-    assert port > 0
-    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-    host = agent.address.rsplit(":", 1)[0]
-    with (
-        socket.create_connection((host, port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname=dns_name(agent.identity)) as tls,
-    ):
-        tls.sendall(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")
-        reply = b""
-        while chunk := tls.recv(65536):
-            reply += chunk
-    head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200"), head
-    return parse(body.decode())
-
-
-def parse(text: str) -> dict[tuple[str, tuple[str, ...]], float]:
-    """(sample name, sorted label values) -> value."""
-    return {
-        (s.name, tuple(v for _, v in sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 class Silent:
@@ -119,6 +90,11 @@ def test_metrics_count_loads_sram_ticks_and_tokens(
     # Every stage ran the prompt and the decode ticks (a bubble or two at the ends).
     for stage in ("0", "1"):
         assert m[("lockstep_agent_stage_ticks_total", (DEPLOYMENT, "0", stage))] >= 5
+    # Both stages on one agent: no framed link connection, none refused (every reason shown;
+    # tests/test_hostile.py sees them move).
+    assert m[("lockstep_agent_framed_link_connections_open", ())] == 0
+    for reason in ("max_connections", "max_connections_per_peer", "tls_handshake", "hello"):
+        assert m[("lockstep_agent_framed_link_connections_refused_total", (reason,))] == 0
 
 
 def test_metrics_count_rejected_frames_and_refused_streams(

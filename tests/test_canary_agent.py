@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 from agent_helpers import AgentCluster, AgentProcess, tiny_request
 
@@ -130,6 +131,35 @@ def test_an_injected_bit_flip_is_found_at_its_stage_and_tick(rings: Rings) -> No
     # one flip, once: the next canary is clean again
     again = [rings.trace(n, rings.serve(n)) for n in REPLICAS]
     assert judge(again, recorded).passed
+
+
+def test_a_fault_in_a_stage_or_replica_not_hosted_here_is_not_found(rings: Rings) -> None:
+    """Agent b hosts stage 1 of ring-b replica 0 only: stage 0 there, or replica 1, is
+    NOT_FOUND (well-formed, just not here); an empty deployment name is INVALID_ARGUMENT.
+    Nothing is armed: the canary stays clean."""
+    for request, code, words in [
+        (
+            agent_pb2.InjectFaultRequest(deployment="ring-b", stage=0, bit=9),
+            grpc.StatusCode.NOT_FOUND,
+            "stage 0 of replica 0 is not hosted",
+        ),
+        (
+            agent_pb2.InjectFaultRequest(deployment="ring-b", replica=1, stage=1),
+            grpc.StatusCode.NOT_FOUND,
+            "replica 1 is not configured",
+        ),
+        (
+            agent_pb2.InjectFaultRequest(stage=1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "must not be empty",
+        ),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            rings.b.stub.InjectFault(request, timeout=30)
+        assert info.value.code() == code, info.value.details()
+        assert words in str(info.value.details())
+    clean = [rings.trace(n, rings.serve(n)) for n in REPLICAS]
+    assert judge(clean).passed
 
 
 def test_the_request_digest_leaves_out_the_slot_and_a_flip_lands_in_float_values() -> None:

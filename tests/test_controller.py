@@ -94,9 +94,7 @@ class FakeAgents:
             )
         return agent_pb2.StatusResponse(node=node, chips=chips)
 
-    def load(
-        self, address: str, node: str, chip: int, path: Path, shard_id: str
-    ) -> Future[object]:
+    def load(self, address: str, node: str, chip: int, path: Path, shard_id: str) -> Future[object]:
         """Runs the load on the fake's own threads, as the real gateway runs it beside the
         controller (on its event loop)."""
         return self.pool.submit(self._load, node, chip, path, shard_id)

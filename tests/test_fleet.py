@@ -269,8 +269,22 @@ def test_bad_pipeline_requests_get_a_real_agents_codes(fleet: Cluster) -> None:
         assert _code(lambda r=request: stub.ConfigureReplica(r, timeout=10)) is invalid  # type: ignore[misc]
     unheld = agent_pb2.ConfigureReplicaRequest(**base, assignments=[one], replica_chips=["c"])
     assert _code(lambda: stub.ConfigureReplica(unheld, timeout=10)) is grpc.StatusCode.NOT_FOUND
+    # A replica not configured here: NOT_FOUND, as on a real agent; an empty name is invalid.
+    missing = grpc.StatusCode.NOT_FOUND
     start = agent_pb2.StartEpochRequest(deployment="nope", replica=0, epoch=1)
-    assert _code(lambda: stub.StartEpoch(start, timeout=10)) is invalid
+    assert _code(lambda: stub.StartEpoch(start, timeout=10)) is missing
+    halt = agent_pb2.HaltRequest(deployment="nope", replica=3)
+    assert _code(lambda: stub.Halt(halt, timeout=10)) is missing
+    remove = agent_pb2.RemoveReplicaRequest(deployment="nope")
+    assert _code(lambda: stub.RemoveReplica(remove, timeout=10)) is missing
+    digests = agent_pb2.StageDigestsRequest(deployment="nope", period=4, count=1)
+    assert _code(lambda: stub.StageDigests(digests, timeout=10)) is missing
+    for empty in (
+        lambda: stub.StartEpoch(agent_pb2.StartEpochRequest(epoch=1), timeout=10),
+        lambda: stub.Halt(agent_pb2.HaltRequest(), timeout=10),
+        lambda: stub.RemoveReplica(agent_pb2.RemoveReplicaRequest(), timeout=10),
+    ):
+        assert _code(empty) is invalid
     text = agent_pb2.GenerateRequest(deployment="nope", prompt_text="hi", max_tokens=1)
     assert _code(lambda: list(stub.Generate(text, timeout=10))) is invalid
     execute = agent_pb2.ExecuteRequest(chip=0, shard_id="0" * 64)

@@ -13,7 +13,9 @@ that raises, ...) are sent to a sacrificial replica, "victim" (chip 1 of both ag
 shards), configured for the case and removed after it. Chips 2 and 3 are free: loads land there.
 
 The agents run with short idle timeouts (`--load-idle-timeout 1 --link-idle-timeout 3`) so the
-starvation cases see silent streams end at their timeouts within the suite's time budget.
+starvation cases see silent streams end at their timeouts within the suite's time budget, and
+with small framed link port bounds (8 connections in all, 4 per peer) so that filling them is
+cheap.
 
 The last test sends 1,000 cheap hostile requests from several threads and checks that the
 agent's RSS, thread count and open file descriptors stay flat after a warm-up round.
@@ -53,6 +55,7 @@ from agent_helpers import (
     make_shard,
     messages,
     sample_manifest,
+    scrape,
     tiny_request,
     wait_for,
 )
@@ -97,6 +100,7 @@ VICTIM_SECRET = hashlib.sha256(b"victim").digest()
 PROMPT = (5, 17, 1024, 3)
 N_TOKENS = 5
 LOAD_IDLE, LINK_IDLE = 1.0, 3.0
+LINK_CONNECTIONS, LINK_CONNECTIONS_PER_PEER = 8, 4  # the framed link port's bounds here
 PER_PEER = DEFAULT_SETTINGS.max_streams_per_peer
 MAX_STREAMS = DEFAULT_SETTINGS.max_streams
 DETAIL_LIMIT = 2000  # characters of an error detail (gRPC's metadata limit is 8 KiB)
@@ -224,6 +228,10 @@ def world(tmp_path_factory: pytest.TempPathFactory, agent_cluster: AgentCluster)
         str(LOAD_IDLE),
         "--link-idle-timeout",
         str(LINK_IDLE),
+        "--link-max-connections",
+        str(LINK_CONNECTIONS),
+        "--link-max-connections-per-peer",
+        str(LINK_CONNECTIONS_PER_PEER),
     ]
     a, b = (agent_cluster.start(f"h{i}", chips=4, extra=flags) for i in range(2))
     for stage, agent in ((0, a), (1, b)):
@@ -1781,28 +1789,54 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
     ),
     ("configure-4mb-name", configure(deployment=HUGE), CODE.NOT_FOUND, "does not hold"),
     ("configure-no-stages", configure(stages=0), CODE.INVALID_ARGUMENT, "stages"),
+    # A well-formed request naming a replica not configured here: NOT_FOUND (the control
+    # plane's removal takes it as already gone); an empty deployment name: INVALID_ARGUMENT.
     (
         "start-epoch-unknown-replica",
         unary("StartEpoch", agent_pb2.StartEpochRequest(deployment="nobody")),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "not configured",
+    ),
+    (
+        "start-epoch-empty-deployment",
+        unary("StartEpoch", agent_pb2.StartEpochRequest(epoch=1)),
+        CODE.INVALID_ARGUMENT,
+        "must not be empty",
     ),
     (
         "halt-unknown-replica",
         unary("Halt", agent_pb2.HaltRequest(deployment=RING, replica=1)),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "not configured",
+    ),
+    (
+        "halt-empty-deployment",
+        unary("Halt", agent_pb2.HaltRequest()),
+        CODE.INVALID_ARGUMENT,
+        "must not be empty",
     ),
     (
         "remove-unknown-replica",
         unary("RemoveReplica", agent_pb2.RemoveReplicaRequest(deployment="nobody")),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "not configured",
+    ),
+    (
+        "remove-another-replica-of-the-ring",
+        unary("RemoveReplica", agent_pb2.RemoveReplicaRequest(deployment=RING, replica=7)),
+        CODE.NOT_FOUND,
+        "replica 7 is not configured",
+    ),
+    (
+        "remove-empty-deployment",
+        unary("RemoveReplica", agent_pb2.RemoveReplicaRequest()),
+        CODE.INVALID_ARGUMENT,
+        "must not be empty",
     ),
     (
         "remove-4mb-name",
         unary("RemoveReplica", agent_pb2.RemoveReplicaRequest(deployment=HUGE)),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "nnn",
     ),
     (
@@ -1869,8 +1903,14 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
             "StageDigests",
             agent_pb2.StageDigestsRequest(deployment=HUGE, period=4, count=1),
         ),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "not configured",
+    ),
+    (
+        "digests-empty-deployment",
+        unary("StageDigests", agent_pb2.StageDigestsRequest(period=4, count=1)),
+        CODE.INVALID_ARGUMENT,
+        "must not be empty",
     ),
     (
         "inject-fault-without-the-flag",  # production agents refuse it, even to the control plane
@@ -2442,42 +2482,156 @@ def test_a_slowloris_on_the_framed_port_ends_at_its_timeouts(world: World) -> No
     assert_invariants(world)
 
 
+class HeldLinks:
+    """Probe connections to an agent's link port, kept open with pings (the idle timeout is
+    short here) until `close`."""
+
+    def __init__(self, w: World, agent: AgentProcess) -> None:
+        self.w, self.agent = w, agent
+        self.channels: list[wire.Channel] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._keeper = threading.Thread(target=self._keep_alive, daemon=True)
+        self._keeper.start()
+
+    def open(self, identity: str) -> wire.Channel:
+        channel = wire_channel(self.w, self.agent, credentials(self.w.certs, identity))
+        try:
+            channel.send(PROBE_HELLO)
+            wire.expect_accept(wire.Reader(channel))
+        except BaseException:
+            channel.shutdown()
+            raise
+        with self._lock:  # pinged from now on (after the ACCEPT: a reader starts at an ACK)
+            self.channels.append(channel)
+        return channel
+
+    def drop(self) -> None:
+        with self._lock:
+            channel = self.channels.pop()
+        channel.shutdown()
+
+    def _keep_alive(self) -> None:
+        ping = wire.frame_message("", 0, 0, Frame(0, 0, None, b""), wire.PING)
+        while not self._stop.wait(0.5):
+            with self._lock:
+                channels = list(self.channels)
+            for channel in channels:
+                with contextlib.suppress(OSError):
+                    channel.send(ping)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._keeper.join(10)
+        with self._lock:
+            channels, self.channels = self.channels, []
+        for channel in channels:
+            channel.shutdown()
+
+
+def framed_figures(w: World, agent: AgentProcess) -> tuple[int, dict[str, int]]:
+    """The agent's framed link port from its metrics: connections open, refusals by reason."""
+    m = scrape(agent, w.certs)
+    refused = {
+        labels[0]: int(value)
+        for (name, labels), value in m.items()
+        if name == "lockstep_agent_framed_link_connections_refused_total"
+    }
+    return int(m[("lockstep_agent_framed_link_connections_open", ())]), refused
+
+
+def framed_open(w: World, agent: AgentProcess) -> int:
+    return framed_figures(w, agent)[0]
+
+
 def test_framed_connections_are_bounded_per_peer(world: World) -> None:
     """One identity holds at most `link_max_connections_per_peer` connections (probe links,
     kept alive with pings); the next is refused with RESOURCE_EXHAUSTED; the configured
     upstreams' links are untouched."""
-    per_peer = DEFAULT_SETTINGS.link_max_connections_per_peer
-    creds = credentials(world.certs, ROGUE)
-    held: list[wire.Channel] = []
-    stop = threading.Event()
-
-    def keep_alive() -> None:
-        ping = wire.frame_message("", 0, 0, Frame(0, 0, None, b""), wire.PING)
-        while not stop.wait(0.5):
-            for channel in list(held):
-                with contextlib.suppress(OSError):
-                    channel.send(ping)
-
-    keeper = threading.Thread(target=keep_alive, daemon=True)
-    keeper.start()
+    held = HeldLinks(world, world.b)
     try:
         with served_concurrently(world):
-            for _ in range(per_peer):
-                channel = wire_channel(world, world.b, creds)
-                held.append(channel)
-                channel.send(wire.hello("", 0, 0, 0, b"", probe=True))
-                wire.expect_accept(wire.Reader(channel))
-            extra = wire_channel(world, world.b, creds)
+            _, before = framed_figures(world, world.b)
+            for _ in range(LINK_CONNECTIONS_PER_PEER):
+                held.open(ROGUE)
+            extra = wire_channel(world, world.b, credentials(world.certs, ROGUE))
             try:
                 got, text = wire_end(extra)
                 assert (got, "max_streams_per_peer" in text) == (CODE.RESOURCE_EXHAUSTED, True)
             finally:
                 extra.shutdown()
+            _, after = framed_figures(world, world.b)
+            assert after["max_connections_per_peer"] == before["max_connections_per_peer"] + 1
+            assert after["max_connections"] == before["max_connections"]
     finally:
-        stop.set()
-        keeper.join(10)
-        for channel in held:
-            channel.shutdown()
+        held.close()
+    assert_invariants(world)
+
+
+# The ring's link from h0 into stage 1: the one framed connection open on b between cases.
+RING_LINKS_INTO_B = 1
+
+
+def test_framed_connections_are_bounded_in_all(world: World) -> None:
+    """At most `link_max_connections` connections are open on the port, whoever holds them;
+    the next is told RESOURCE_EXHAUSTED in an END after its handshake (as over the per-peer
+    bound), is not counted open and changes nothing: the ring's link and the held ones keep
+    working. A slot frees when a connection closes. The port's metrics count all of it."""
+    b = world.b
+    wait_for(
+        lambda: framed_open(world, b) == RING_LINKS_INTO_B,
+        timeout=30,
+        interval=0.2,
+        what="only the ring's link open on b's framed port",
+    )
+    _, before = framed_figures(world, b)
+    held = HeldLinks(world, b)
+    fillers = [ROGUE, H1]  # neither is over the per-peer bound: the global one refuses
+    try:
+        with served_concurrently(world):
+            for i in range(LINK_CONNECTIONS - RING_LINKS_INTO_B):
+                held.open(fillers[i // LINK_CONNECTIONS_PER_PEER])
+            assert framed_open(world, b) == LINK_CONNECTIONS
+            for identity in (agent_identity("late"), H0):  # a new peer; the ring's upstream
+                extra = wire_channel(world, b, credentials(world.certs, identity))
+                try:
+                    extra.send(PROBE_HELLO)
+                    got, text = wire_end(extra)
+                    assert got == CODE.RESOURCE_EXHAUSTED, (got, text)
+                    assert f"link_max_connections {LINK_CONNECTIONS}" in text, text
+                finally:
+                    extra.shutdown()
+            # Nothing changed: the held connections answer pings, none more is open.
+            probe = held.channels[0]
+            probe.send(wire.frame_message("", 0, 0, Frame(0, 99, None, b"x"), wire.PING))
+            reader = wire.Reader(probe)
+            while True:  # the keeper's pings were acknowledged too; ours comes after them
+                kind, body = reader.read(time.monotonic() + 20, wire.END_LIMIT)
+                assert kind == wire.ACK, wire.KINDS[kind]
+                if wire.ACK_BODY.unpack(body)[1] == 99:
+                    break
+            opened, after = framed_figures(world, b)
+            assert opened == LINK_CONNECTIONS
+            assert after["max_connections"] == before["max_connections"] + 2
+            assert after["max_connections_per_peer"] == before["max_connections_per_peer"]
+            # A slot frees when a connection closes: the next one is accepted.
+            held.drop()
+            wait_for(
+                lambda: framed_open(world, b) == LINK_CONNECTIONS - 1,
+                timeout=30,
+                interval=0.1,
+                what="the closed connection's slot to free",
+            )
+            held.open(agent_identity("late"))
+            assert framed_open(world, b) == LINK_CONNECTIONS
+    finally:
+        held.close()
+    wait_for(
+        lambda: framed_open(world, b) == RING_LINKS_INTO_B,
+        timeout=30,
+        interval=0.2,
+        what="the held connections to end",
+    )
     assert_invariants(world)
 
 
@@ -2541,7 +2695,7 @@ def hostile_mix(w: World, tmp: Path) -> list[tuple[str, Callable[[], object], CO
             lambda: a.stub.RemoveReplica(
                 agent_pb2.RemoveReplicaRequest(deployment="nobody"), timeout=10
             ),
-            CODE.INVALID_ARGUMENT,
+            CODE.NOT_FOUND,
         ),
         ("claim-bound-chip", lambda: configure(a_chips=[0])(w), CODE.ALREADY_EXISTS),
         (

@@ -6,32 +6,46 @@ slowloris, connection bounds) are in tests/test_hostile.py with the other attack
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
 import pytest
-from agent_helpers import AgentCluster, AgentProcess, tiny_request
+from agent_helpers import AgentCluster, AgentProcess, tiny_request, wait_for
 
 from agents.executor import ReferenceExecutor
-from agents.interconnect import frame_checksum, link_frame
+from agents.interconnect import LinkService, frame_checksum, link_frame
 from agents.lockstep import Frame
+from agents.settings import DEFAULT_SETTINGS
 from agents.wire import (
+    ACK,
+    ACK_BODY,
+    END,
+    END_LIMIT,
     HEAD,
     HELLO,
     MAGIC,
+    PING,
+    REFUSALS_AT_ONCE,
     VERSION,
+    Channel,
     Closed,
     PlainChannel,
     Reader,
     WireError,
+    WireServer,
     checksum,
+    connect,
+    expect_accept,
     frame_message,
     hello,
     link_frame_of,
     message,
+    parse_end,
     parse_hello,
 )
 from orchestrator.compiler import ShardRef, compile_plan
@@ -131,6 +145,123 @@ def test_the_transport_settings_are_checked() -> None:
         with pytest.raises(ValueError, match=next(iter(bad))):
             AgentSettings(**bad)  # type: ignore[arg-type]
     assert AgentSettings(link_port=None).link_port is None
+
+
+# --- the global connection bound, in process (plaintext) --------------------------------------
+#
+# The hostile suite (tests/test_hostile.py) runs the same bound against an agent process over
+# mutual TLS; here the server is in the test's process, so its counters are read directly and
+# the refusals' own bound can be filled by hand.
+
+LIMIT = 3
+
+
+@pytest.fixture
+def small_port() -> Iterator[WireServer]:
+    settings = dataclasses.replace(
+        DEFAULT_SETTINGS,
+        link_max_connections=LIMIT,
+        link_max_connections_per_peer=LIMIT + 2,  # plaintext peers are one peer: not this bound
+        link_idle_timeout=120.0,
+    )
+    links = LinkService(lambda deployment, replica, stage: None, "n0")
+    server = WireServer(links, lambda runner: None, None, settings)
+    server.listen("127.0.0.1")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def probe(server: WireServer) -> Channel:
+    """An accepted probe connection."""
+    channel = connect("127.0.0.1", server.port, None, None)
+    channel.send(hello("", 0, 0, 0, b"", probe=True))
+    expect_accept(Reader(channel))
+    return channel
+
+
+def pinged(channel: Channel, tick: int) -> bool:
+    """A ping on `channel` comes back (its ACK, with the tick)."""
+    channel.send(frame_message("", 0, 0, Frame(0, tick, None, b"x"), PING))
+    kind, body = Reader(channel).read(time.monotonic() + 30, END_LIMIT)
+    return kind == ACK and ACK_BODY.unpack(body)[1] == tick
+
+
+def test_a_connection_over_the_global_bound_is_told_why_and_changes_nothing(
+    small_port: WireServer,
+) -> None:
+    server = small_port
+    held = [probe(server) for _ in range(LIMIT)]
+    try:
+        assert server.open_connections() == LIMIT
+        # One more: an END RESOURCE_EXHAUSTED naming the bound, as the per-peer bound says it.
+        extra = connect("127.0.0.1", server.port, None, None)
+        try:
+            extra.send(hello("", 0, 0, 0, b"", probe=True))
+            kind, body = Reader(extra).read(time.monotonic() + 30, END_LIMIT)
+            assert kind == END
+            code, text = parse_end(body)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, text
+            assert "link_max_connections 3" in text and "node n0" in text, text
+        finally:
+            extra.shutdown()
+        # Nothing changed: the held connections work, none more is counted open.
+        assert all(pinged(channel, i) for i, channel in enumerate(held))
+        assert server.open_connections() == LIMIT
+        assert server.refused()["max_connections"] == 1
+        # A slot frees when a connection closes; the next is accepted.
+        held.pop().shutdown()
+        wait_for(lambda: server.open_connections() == LIMIT - 1, what="the slot to free")
+        held.append(probe(server))
+        assert pinged(held[-1], 7)
+        assert server.refused() == {
+            "max_connections": 1,
+            "max_connections_per_peer": 0,
+            "tls_handshake": 0,
+            "hello": 0,
+        }
+    finally:
+        for channel in held:
+            channel.shutdown()
+    wait_for(lambda: server.open_connections() == 0, what="every connection to end")
+
+
+def test_with_every_refusal_under_way_one_more_is_closed_at_accept(small_port: WireServer) -> None:
+    """The refusals' own bound: when `REFUSALS_AT_ONCE` are being told (here: their places
+    taken by hand), a connection over the bound is closed without a word, still counted."""
+    server = small_port
+    held = [probe(server) for _ in range(LIMIT)]
+    taken = 0
+    try:
+        for _ in range(REFUSALS_AT_ONCE):
+            assert server._refusers.acquire(blocking=False)
+            taken += 1
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as raw:
+            assert raw.recv(100) == b""  # closed, no END
+        assert server.refused()["max_connections"] == 1
+        assert server.open_connections() == LIMIT
+        assert all(pinged(channel, i) for i, channel in enumerate(held))
+    finally:
+        for _ in range(taken):
+            server._refusers.release()
+        for channel in held:
+            channel.shutdown()
+
+
+def test_refused_hellos_are_counted(small_port: WireServer) -> None:
+    server = small_port
+    channel = connect("127.0.0.1", server.port, None, None)
+    try:
+        channel.send(hello("nobody", 0, 1, 1, b""))
+        with pytest.raises(WireError) as info:
+            expect_accept(Reader(channel))
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        channel.shutdown()
+    wait_for(lambda: server.refused()["hello"] == 1, what="the refused hello to be counted")
+    assert server.refused()["max_connections"] == 0
+    wait_for(lambda: server.open_connections() == 0, what="the connection to end")
 
 
 # --- pipelines across agent processes ---------------------------------------------------------
