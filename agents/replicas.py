@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,21 +132,13 @@ def replica_not_here(deployment: str, replica: int) -> AgentError:
     NOT_FOUND: the request is well-formed, the replica is just not here (never configured,
     removed, or the agent restarted) — the control plane's RemoveReplica callers take it as
     "already gone". An empty deployment name is a malformed request, never configured by
-    anyone (`ConfigureReplica` refuses it): INVALID_ARGUMENT. Generate keeps INVALID_ARGUMENT
-    for now (`generate_replica_not_here`)."""
+    anyone (`ConfigureReplica` refuses it): INVALID_ARGUMENT. Generate too: the control
+    plane's gateway resumes a request on another replica on NOT_FOUND."""
     if not deployment:
         return InvalidArgument("deployment must not be empty")
     return NotFound(
         f"deployment {quote(deployment)} replica {replica} is not configured on this agent"
     )
-
-
-def generate_replica_not_here(deployment: str, replica: int) -> AgentError:
-    """Generate's refusal of a replica not hosted here: INVALID_ARGUMENT, with the words the
-    control plane's gateway matches to resume a request on another replica
-    (`orchestrator.admin_server._resumable`: "is not configured on this agent", and NOT_FOUND
-    is not among its resumable codes) — to become NOT_FOUND once the gateway takes it."""
-    return InvalidArgument(replica_not_here(deployment, replica).message)
 
 
 def resume_tokens_of(req: agent_pb2.GenerateRequest) -> list[int]:
@@ -201,17 +193,12 @@ class ReplicaHost:
                     return rep.upstream.get(runner.stage, ""), rep.link_secret
         return None
 
-    def _replica(
-        self,
-        deployment: str,
-        replica: int,
-        missing: Callable[[str, int], AgentError] = replica_not_here,
-    ) -> Replica:
-        """The replica, or `missing(deployment, replica)` raised (`replica_not_here`)."""
+    def _replica(self, deployment: str, replica: int) -> Replica:
+        """The replica, or `replica_not_here` raised."""
         with self._lock:
             found = self._replicas.get((deployment, replica))
         if found is None:
-            raise missing(deployment, replica)
+            raise replica_not_here(deployment, replica)
         return found
 
     def stages(self, deployment: str, replica: int) -> list[tuple[int, StageRunner, list[str]]]:
@@ -558,7 +545,7 @@ class ReplicaHost:
     def generate(
         self, req: agent_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[agent_pb2.GenerateResponse]:
-        rep = self._replica(req.deployment, req.replica, generate_replica_not_here)
+        rep = self._replica(req.deployment, req.replica)
         head = rep.runners.get(0)
         if head is None:
             raise InvalidArgument(

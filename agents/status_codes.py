@@ -12,9 +12,8 @@ name, a field out of its range, bytes that do not parse) is INVALID_ARGUMENT; a 
 request naming something this agent does not have — a replica not configured here (StartEpoch,
 Halt, RemoveReplica, StageDigests, InjectFault: `agents.replicas.replica_not_here`), a shard a
 chip does not hold, a link target with no stage — is NOT_FOUND, which the control plane takes
-as "already gone" when it removes a replica. The one exception is Generate for a replica not
-configured here: INVALID_ARGUMENT until the gateway resumes on NOT_FOUND
-(`agents.replicas.generate_replica_not_here`).
+as "already gone" when it removes a replica, and its Generate gateway as "resume the request
+on another replica".
 """
 
 from __future__ import annotations

@@ -59,7 +59,6 @@ from agents.loader import (
 from agents.lockstep import Schedule
 from agents.replicas import (
     ReplicaHost,
-    generate_replica_not_here,
     owner_label,
     replica_not_here,
     resume_tokens_of,
@@ -519,17 +518,12 @@ class VirtualNode:
                 out.append((stage, _StageView(st.core), list(st.chip_names)))
         return out
 
-    def _hosted(
-        self,
-        deployment: str,
-        replica: int,
-        missing: Callable[[str, int], Exception] = replica_not_here,
-    ) -> _Hosted:
-        """The hosted replica, or `missing(deployment, replica)` raised: NOT_FOUND (an empty
-        name: INVALID_ARGUMENT), as the real agent (`agents.replicas.replica_not_here`)."""
+    def _hosted(self, deployment: str, replica: int) -> _Hosted:
+        """The hosted replica, or NOT_FOUND (an empty name: INVALID_ARGUMENT), as the real
+        agent (`agents.replicas.replica_not_here`)."""
         hosted = self.hosted.get((deployment, replica))
         if hosted is None:
-            raise missing(deployment, replica)
+            raise replica_not_here(deployment, replica)
         return hosted
 
     # --- the pipeline -----------------------------------------------------------------------
@@ -737,7 +731,7 @@ class VirtualNode:
     async def _generate(
         self, req: agent_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        hosted = self._hosted(req.deployment, req.replica, generate_replica_not_here)
+        hosted = self._hosted(req.deployment, req.replica)
         head = hosted.sim.by_stage.get(0) if 0 in hosted.stages else None
         if head is None:
             raise InvalidArgument(

@@ -94,7 +94,7 @@ RESUMABLE = frozenset(
         grpc.StatusCode.ABORTED,  # a stage of the pipeline stopped, or it was removed
         grpc.StatusCode.UNAVAILABLE,  # the stage-0 agent is gone
         grpc.StatusCode.FAILED_PRECONDITION,  # a stopped pipeline refuses new requests
-        grpc.StatusCode.INVALID_ARGUMENT,  # the replica is no longer configured there
+        grpc.StatusCode.NOT_FOUND,  # the replica is no longer configured there
         grpc.StatusCode.INTERNAL,
         grpc.StatusCode.UNKNOWN,
     }
@@ -549,8 +549,8 @@ def _resumable(call: Any, exc: grpc.RpcError) -> bool:
     """Whether a failed stage-0 stream is a pipeline failure the gateway resumes, rather than
     the request's own fault. Once the agent admitted the request (the `lockstep-admitted`
     header) every code in `RESUMABLE` is the pipeline's; before, only a gone agent, a stopped
-    pipeline, or a replica no longer configured there is — a bad prompt stays
-    INVALID_ARGUMENT."""
+    pipeline, or a replica no longer configured there (NOT_FOUND) is — a bad prompt stays
+    INVALID_ARGUMENT, and is not resumed."""
     code = exc.code()
     if code not in RESUMABLE:
         return False
@@ -560,10 +560,7 @@ def _resumable(call: Any, exc: grpc.RpcError) -> bool:
         admitted = False
     if admitted or code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
         return True
-    details = exc.details() or ""
-    return code is grpc.StatusCode.FAILED_PRECONDITION or "is not configured on this agent" in (
-        details
-    )
+    return code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
 
 def _layout(replica: Replica) -> str:

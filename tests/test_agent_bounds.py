@@ -267,7 +267,7 @@ def test_a_4mb_deployment_name_gives_a_bounded_error_and_log_line(plain: AgentPr
                     agent_pb2.GenerateRequest(deployment=huge, prompt_ids=[1]), timeout=30
                 )
             )
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
         assert len(str(info.value.details())) < 2000
     assert plain.status().node == "plain"
     assert max(len(line) for line in plain.stderr().splitlines()) < 2000

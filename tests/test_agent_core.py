@@ -213,8 +213,8 @@ def test_lpuctl_plan_imports_no_grpc_and_sets_no_blas_threads() -> None:
 def test_a_replica_not_configured_here_is_not_found_and_an_empty_name_is_invalid() -> None:
     """StartEpoch, Halt, RemoveReplica, StageDigests and InjectFault on an empty agent: a
     well-formed request naming no replica here is NOT_FOUND (the control plane's removal takes
-    it as already gone), an empty deployment name INVALID_ARGUMENT; Generate stays
-    INVALID_ARGUMENT with the words the gateway resumes on."""
+    it as already gone), an empty deployment name INVALID_ARGUMENT; Generate too (its gateway
+    resumes the request on another replica)."""
     from agents import canary
     from agents.replicas import ReplicaHost
     from protos import agent_pb2
@@ -249,5 +249,5 @@ def test_a_replica_not_configured_here_is_not_found_and_an_empty_name_is_invalid
     with pytest.raises(errors.AgentError) as info:
         next(iter(host.generate(generate, None)))  # type: ignore[arg-type]
     code, message = status_of(info.value)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert code == grpc.StatusCode.NOT_FOUND
     assert "is not configured on this agent" in message

@@ -37,6 +37,7 @@ from orchestrator.serving import (
     configure_requests,
     load_shards,
     remove_replica,
+    start_epoch,
 )
 from orchestrator.weights import SeededWeights
 from placement.models import MODEL_PRESETS
@@ -264,11 +265,13 @@ def invalid(agent: AgentProcess, **fields: object) -> grpc.RpcError:
 
 
 def test_bad_requests_are_invalid_argument(replica: Replica) -> None:
+    error = invalid(replica.head, deployment="nope")  # well-formed, no such replica here
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "not configured" in str(error.details())
     for fields, words in [
         ({"prompt_ids": []}, "empty"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 63}, "maxContext"),
-        ({"deployment": "nope"}, "not configured"),
         ({"prompt_ids": [], "prompt_text": "hi"}, "tokenizer"),
         ({"prompt_ids": [TINY.vocab_size]}, "vocabulary"),
         ({"prompt_text": "hi"}, "not both"),  # prompt_ids [1, 2] as well
@@ -525,3 +528,41 @@ def test_concurrent_configures_of_one_replica_configure_it_once(replica: Replica
         assert sorted(stages) == sorted({a.stage for a in requests[head.address].assignments})
     finally:
         head.stub.RemoveReplica(agent_pb2.RemoveReplicaRequest(deployment="race"), timeout=30)
+
+
+def test_configure_at_a_newer_epoch_replaces_the_replica_and_the_same_epoch_does_not(
+    replica: Replica, reference: ReferenceExecutor
+) -> None:
+    """A failover's new epoch is one ConfigureReplica per agent: an agent running the replica
+    at an older epoch drops that pipeline and binds the new one; the same epoch again is
+    ALREADY_EXISTS and changes nothing."""
+    where = copy_on_chips(replica, 4)
+    name = "epochs"
+    nodes = replica.nodes
+    first = configure_requests(replica.plan, replica.refs, where, deployment=name, nodes=nodes)
+    try:
+        start_epoch(replica.channels, first, configure_replica(replica.channels, first))
+        with pytest.raises(BringUpError) as info:
+            configure_replica(replica.channels, first)
+        assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+        newer = configure_requests(
+            replica.plan, replica.refs, where, deployment=name, nodes=nodes, epoch=3
+        )
+        ready = configure_replica(replica.channels, newer)
+        assert sorted(ready) == sorted(r.chip for r in replica.refs)
+        epochs = {
+            p.epoch
+            for a in replica.agents
+            for c in a.status().chips
+            for p in c.pipelines
+            if p.deployment == name
+        }
+        assert epochs == {3}, "every agent runs the new epoch's pipeline only"
+        start_epoch(replica.channels, newer, ready)
+        prompt = (3, 1, 4, 1)
+        tokens, _ = generate(
+            replica.head, "after-replace", prompt, 4, logits=False, deployment=name
+        )
+        assert tokens == reference.generate(prompt, 4).tokens
+    finally:
+        remove_replica(replica.channels, name, list(replica.channels))

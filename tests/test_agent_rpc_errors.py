@@ -322,7 +322,7 @@ def test_a_4mb_name_is_clipped_in_errors_and_logs(
         assert "ddd" in err.message and len(err.message) < 2000, len(err.message)
     with pytest.raises(Aborted) as info:
         service.Generate(agent_pb2.GenerateRequest(deployment=HUGE, prompt_ids=[1]), FakeContext())
-    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code is grpc.StatusCode.NOT_FOUND
     assert len(info.value.message) < 2000
     assert caplog.records and max(len(r.getMessage()) for r in caplog.records) < 2000
 

@@ -286,7 +286,7 @@ def test_bad_pipeline_requests_get_a_real_agents_codes(fleet: Cluster) -> None:
     ):
         assert _code(empty) is invalid
     text = agent_pb2.GenerateRequest(deployment="nope", prompt_text="hi", max_tokens=1)
-    assert _code(lambda: list(stub.Generate(text, timeout=10))) is invalid
+    assert _code(lambda: list(stub.Generate(text, timeout=10))) is missing
     execute = agent_pb2.ExecuteRequest(chip=0, shard_id="0" * 64)
     assert _code(lambda: stub.Execute(execute, timeout=10)) is grpc.StatusCode.NOT_FOUND
     inject = agent_pb2.InjectFaultRequest(deployment="small")

@@ -1754,15 +1754,15 @@ RPC_CASES: list[tuple[str, Callable[[World], object], CODE, str]] = [
         CODE.INVALID_ARGUMENT,
         "",
     ),
-    ("unknown-deployment", generate(deployment="nobody"), CODE.INVALID_ARGUMENT, "nobody"),
-    ("unknown-replica", generate(replica=3), CODE.INVALID_ARGUMENT, "replica 3"),
+    ("unknown-deployment", generate(deployment="nobody"), CODE.NOT_FOUND, "nobody"),
+    ("unknown-replica", generate(replica=3), CODE.NOT_FOUND, "replica 3"),
     ("not-stage-0", generate(agent=1), CODE.INVALID_ARGUMENT, "stage 0"),
     (
         "4mb-deployment-name",
         lambda w: big_stub(w).Generate(
             agent_pb2.GenerateRequest(deployment=HUGE, prompt_ids=[1], max_tokens=1), timeout=30
         ),
-        CODE.INVALID_ARGUMENT,
+        CODE.NOT_FOUND,
         "nnn",
     ),
     # The replica RPCs
