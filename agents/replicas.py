@@ -377,6 +377,7 @@ class ReplicaHost:
             raise InvalidArgument("no stage assignments")
         seen = set()
         chips_seen: set[int] = set()
+        replica_chips = frozenset(req.replica_chips)  # once: 1,868 names at full size
         for a in req.assignments:
             for index in a.chips:
                 if index >= len(self.chips):
@@ -396,7 +397,7 @@ class ReplicaHost:
                     f"stage {a.stage}: chips, shard_ids and chip_names must be "
                     "non-empty and of equal length"
                 )
-            if not set(a.chip_names) <= set(req.replica_chips):
+            if not replica_chips.issuperset(a.chip_names):
                 raise InvalidArgument(
                     f"stage {a.stage}: chips {list(a.chip_names)} are not all in replica_chips"
                 )

@@ -111,6 +111,9 @@ def test_a_dead_agent_moves_every_stage_it_held_to_another_node() -> None:
             assert now.chips == before.chips
     (move,) = [a for a in w.log if isinstance(a, MoveStages)]
     assert "agent died" in move.reason
+    # the dead agent is not asked to unload what it held (the call could only fail, every
+    # pass, until its heartbeats time out): a node whose every chip failed gets no Unload
+    assert not [a for a in w.log if isinstance(a, Unload) and a.node == dead]
 
 
 def test_two_nodes_of_one_replica_lost_at_once_move_in_one_step() -> None:

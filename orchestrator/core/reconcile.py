@@ -98,6 +98,7 @@ from orchestrator.core.actions import (
 from orchestrator.core.cluster import ClusterView
 from orchestrator.core.model import (
     PROGRESS_ORDER,
+    ChipHealth,
     Condition,
     ConditionStatus,
     ConditionType,
@@ -341,6 +342,8 @@ class _Pass:
             loc = self.view.chips.get(h.chip)
             if loc is None or loc.node.name not in self.view.alive:
                 continue
+            if all(c.health is ChipHealth.FAILED for c in loc.node.chips):
+                continue  # its agent died (the runtime said so): the call could only fail
             self.unloading.add(key)
             actions.append(
                 Unload(loc.node.name, loc.node.address, h.chip, loc.chip.index, h.shard_id)
