@@ -320,9 +320,8 @@ class StageCore:
             case Cancel(request_id):
                 self._cancel(request_id, out)
             case ChipsReady(chips, epoch):
-                unknown = sorted(frozenset(chips) - self.chips)
-                if unknown:  # the caller's mistake: refused, nothing changes
-                    raise ProtocolError(f"chips {unknown} are not part of this replica")
+                # a chip outside the replica is the caller's mistake: `confirm_all` raises
+                # ProtocolError before it changes anything
                 self.machine.confirm_all(chips, epoch)
             case Halt():
                 self.machine.halt()

@@ -492,7 +492,7 @@ class Controller:
         if why is None:
             return None
         self.pass_reasons["liveness" if why.startswith("node ") else why] += 1
-        return self.run_pass()
+        return self.run_pass(why)
 
     def _flush(self) -> None:
         beats = self.heartbeats.drain()
@@ -500,14 +500,21 @@ class Controller:
             self.store.heartbeat(beats)
             self.gate.beats(beats)
 
-    def run_pass(self) -> PassResult:
-        """One pass: flush heartbeats, refresh nodes, reconcile, execute."""
+    def run_pass(self, why: str = "asked") -> PassResult:
+        """One pass: flush heartbeats, refresh nodes, reconcile, execute. `why`: for the log."""
         started = time.perf_counter()
         result = self._pass()
         took = time.perf_counter() - started
         self.stats.record(took, len(result.failed))
         if took >= SLOW_PASS_SECONDS:
-            log.info("pass %d took %.2f s (%d actions)", self.passes, took, len(result.executed))
+            kinds = Counter(type(a).__name__ for a in result.executed)
+            log.info(
+                "pass %d (%s) took %.2f s: %s",
+                self.passes,
+                why,
+                took,
+                ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "nothing to do",
+            )
         return result
 
     def _pass(self) -> PassResult:
@@ -952,11 +959,12 @@ class Controller:
         known = self.store.node(node)
         if known is None:
             return False
-        for chip in known.chips:
-            try:
-                self.store.set_chip_health(node, chip.index, ChipHealth.FAILED, why)
-            except NotFound:
-                return False
+        try:
+            with self.store.transaction():  # all at once: a pass reading some would move
+                for chip in known.chips:  # those stages now and the others at a second epoch
+                    self.store.set_chip_health(node, chip.index, ChipHealth.FAILED, why)
+        except NotFound:
+            return False
         # Ask the agent at the next pass: dead, the call fails and the chips stay failed; but
         # a runtime that reports a death late (after the restarted agent registered again)
         # must not leave a live agent's chips failed — its Status puts their health back.

@@ -181,6 +181,7 @@ def configure_requests(
             raise ValueError(f"stage {stage}'s TP group spans agents {sorted(addresses)}")
         home[stage] = addresses.pop()
     requests: dict[str, agent_pb2.ConfigureReplicaRequest] = {}
+    chips = [r.chip for r in mine]  # once: every agent's request names all 1,868 at full size
     for stage in range(stages):
         address = home[stage]
         request = requests.setdefault(
@@ -193,7 +194,7 @@ def configure_requests(
                 max_context=plan.max_context,
                 window=window,
                 epoch=epoch,
-                replica_chips=[r.chip for r in mine],
+                replica_chips=chips,
                 queue_limit=queue_limit,
                 jitter_ms=jitter_ms,
                 jitter_seed=jitter_seed,

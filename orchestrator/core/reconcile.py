@@ -335,9 +335,13 @@ class _Pass:
     def garbage(self) -> list[Action]:
         """Unload committed shards on live chips that no replica claims."""
         actions: list[Action] = []
-        for h in sorted(self.observed.held, key=lambda h: (h.chip, h.shard_id)):
+        claimed = self.claimed
+        stray = [
+            h for h in self.observed.held if h.committed and (h.chip, h.shard_id) not in claimed
+        ]
+        for h in sorted(stray, key=lambda h: (h.chip, h.shard_id)):
             key = (h.chip, h.shard_id)
-            if not h.committed or key in self.claimed or key in self.unloading:
+            if key in self.unloading:
                 continue
             loc = self.view.chips.get(h.chip)
             if loc is None or loc.node.name not in self.view.alive:
