@@ -34,18 +34,23 @@ Decisions:
   failure stops that deployment's remaining actions for this pass (the next pass decides
   again), records the failure on the replica (the reconciler's backoff and restart budget
   read it) and writes a Warning event. Actions whose `key` is in flight are skipped.
-* **Loads run beside the pass, bounded.** A `Load` is handed to a pool of `LOAD_WORKERS`
-  threads, at most `LOADS_PER_NODE` in flight per node (the rest wait for a later pass), each
-  with a deadline from its size (`GrpcAgentGateway.load_timeout`). The worker streams the
-  shard, asks the agent's `Status` and writes it, records a failure on the replica like any
-  failed step, then wakes the controller. So an agent that hangs (a stopped process, a dead
-  host whose TCP connection lingers) holds at most `LOADS_PER_NODE` workers until their
-  deadlines and delays only its own chips: the pass goes on, other deployments load, configure
-  and start. The other calls to agents stay in the pass: they are short (`rpc_timeout`).
-* **Configure replaces.** An agent refuses to configure a replica it already runs, so
-  `Configure` first removes the replica's stages from each of its agents whose `Status` shows them:
-  after an agent restart the survivors drop the old epoch's pipeline, then all agents are
-  configured at the new one.
+* **Loads run beside the pass, bounded.** A `Load` is handed to the gateway, which streams it
+  as a coroutine on its agent-call event loop (`orchestrator.agent_calls`: no thread per load,
+  at most `MAX_LOADS_IN_FLIGHT` streaming at once, each with a deadline from its size,
+  `GrpcAgentGateway.load_timeout`); at most `LOADS_PER_NODE` large blobs per node are in
+  flight (the rest wait for a later pass; virtual shards of a few kB do not count). When a
+  node's last load ends (or one fails), a pool thread asks that agent's `Status` once and
+  writes it, records a failure on the replica like any failed step, and wakes the controller.
+  While loads are in flight the store changes their reports make do not start passes of
+  their own (`PassGate.due(loading=True)`): at 3,736 chips a pass per second between them
+  was half the control plane's CPU. An agent that hangs delays only its own chips until their
+  deadlines: the pass goes on, other deployments load, configure and start. The other calls to
+  agents stay in the pass: they are short (`rpc_timeout`), and a replica's `Configure` and
+  `StartEpoch` go to all its agents at once (one round each).
+* **Configure replaces.** An agent running the replica at an older epoch replaces it on
+  `ConfigureReplica` (a failover is one round of calls); one that refuses (ALREADY_EXISTS: the
+  same epoch of an older incarnation, after a control-plane restart) first removes it and is
+  asked again. `Configure` and `StartEpoch` run in the same pass.
 * **Adoption after a restart** (`resume`, before the first pass): every stored node gets a
   heartbeat "now" and its agent is asked for `Status` before anything is decided, so the
   shards it still holds count as committed (by shard id) and are not loaded again, and a
@@ -125,7 +130,7 @@ TICK_SECONDS = 0.1  # heartbeats into the store, and the full-pass check (at mos
 # back 8 tiny loads per node for 4 passes made a 3,736-chip bring-up wait on passes.
 SMALL_LOAD_BYTES = 1 << 20
 SLOW_ACTION_SECONDS = 0.1  # an action that takes longer is logged with its time
-SLOW_PASS_SECONDS = 0.25  # and a pass
+SLOW_PASS_SECONDS = 0.0  # and a pass
 
 Clock = Callable[[], float]
 

@@ -99,6 +99,11 @@ def test_a_dead_agent_moves_every_stage_it_held_to_another_node() -> None:
     r0 = w.replicas[("a", 0)]
     dead = node_of(r0.stages[0].chips[0])
     kill_node(w, dead)
+    first = w.step()  # the move and the moved shards' loads, in one pass
+    [moving] = [a for a in first if isinstance(a, MoveStages)]
+    loads = [a for a in first if isinstance(a, Load)]
+    assert sorted(a.chip for a in loads) == sorted(moving.chip_map().values())
+    assert first.index(moving) < min(first.index(a) for a in loads)
     w.run()
     assert w.status("a").phase is Phase.READY
     after = w.replicas[("a", 0)]

@@ -557,11 +557,16 @@ class _Pass:
         self.view.occupy([replace(replica, stages=stages)])
         action = MoveStages(name, replica.index, stages, moves, epoch, restarts, reason)
         event = self.event("StagesMoved", reason, deployment=name, kind=WARNING)
-        return _Failover(
-            actions=[action, event],
-            step=_Step(Phase.LOADING, chips=chips),
-            problem=("FailingOver", reason),
-        )
+        # The moved shards load in this pass, after the move is recorded (the next pass would
+        # decide the same loads; at 3,736 chips a pass is a good part of a failover).
+        step = _Step(Phase.LOADING, chips=chips)
+        chip_map = action.chip_map()
+        shards = tuple(replace(s, chip=chip_map.get(s.chip, s.chip)) for s in replica.shards)
+        moved_replica = replace(replica, stages=stages, shards=shards, epoch=epoch)
+        for chip in chip_map.values():
+            if moved_replica.shard_for(chip) is not None:
+                self.load(moved_replica, chip, step)
+        return _Failover(actions=[action, event], step=step, problem=("FailingOver", reason))
 
     def whole_replica_fits(self, target: DeploymentTarget, replica: Replica) -> bool:
         """Whether a new replica could be placed now (the fallback when no stage can move
