@@ -45,7 +45,7 @@ from security.tls import channel_credentials, target_options
 _T = TypeVar("_T")
 
 MAX_LOADS_IN_FLIGHT = 64
-FAN_OUT = 64  # unary calls of one batch running at once
+FAN_OUT = 256  # unary calls of one batch running at once (a 405B replica: 234 agents)
 
 
 class AgentCalls:

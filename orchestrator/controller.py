@@ -130,7 +130,7 @@ TICK_SECONDS = 0.1  # heartbeats into the store, and the full-pass check (at mos
 # back 8 tiny loads per node for 4 passes made a 3,736-chip bring-up wait on passes.
 SMALL_LOAD_BYTES = 1 << 20
 SLOW_ACTION_SECONDS = 0.1  # an action that takes longer is logged with its time
-SLOW_PASS_SECONDS = 0.0  # and a pass
+SLOW_PASS_SECONDS = 0.25  # and a pass
 
 Clock = Callable[[], float]
 
