@@ -16,7 +16,12 @@ each with its own deadline; a unary batch (`call_all`) runs at most `fan_out` ca
 
 A blob's chunks are read from the shard store inside the loop (`file_messages`, lazily, a
 chunk at a time): reads of the page-cached store take well under a millisecond per MiB, and
-a virtual shard is a single chunk of a few kB.
+a virtual shard is a single chunk of a few kB. An agent that refuses a load at its header (no
+SRAM, a bad field) ends the call while chunks may still be going out; when a write loses that
+race, `grpc.aio` records its own INTERNAL ("Internal error from Core") over the agent's status
+and reason. That load is then asked again once through the synchronous API (`load_file`, on a
+worker thread), which keeps the agent's answer: a refusal is deterministic, so the caller
+sees the agent's own code and reason (tested), and a load that fits by then simply loads.
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ import grpc
 from orchestrator.agent_client import (
     blob_manifest,
     channel_options,
+    dial,
     file_messages,
+    load_file,
     make_file_header,
 )
 from protos import agent_pb2, agent_pb2_grpc
@@ -46,6 +53,12 @@ _T = TypeVar("_T")
 
 MAX_LOADS_IN_FLIGHT = 64
 FAN_OUT = 256  # unary calls of one batch running at once (a 405B replica: 234 agents)
+
+
+def _lost_to_a_write(exc: grpc.RpcError) -> bool:
+    """Whether `exc` is grpc.aio's own INTERNAL for a write that failed because the call had
+    ended (its details are "Internal error from Core"), not a status the agent sent."""
+    return exc.code() is grpc.StatusCode.INTERNAL and "from Core" in str(exc.details())
 
 
 class AgentCalls:
@@ -154,10 +167,30 @@ class AgentCalls:
                 request_serializer=None,
                 response_deserializer=agent_pb2.LoadShardResponse.FromString,
             )
-            reply: agent_pb2.LoadShardResponse = await call(
-                file_messages(header, path), timeout=timeout
-            )
+            stream = call(timeout=timeout)
+            try:
+                for message in file_messages(header, path):
+                    await stream.write(message)
+                await stream.done_writing()
+            except asyncio.InvalidStateError:
+                pass  # the agent ended the call before the stream did: its status follows
+            except grpc.RpcError as exc:
+                if not _lost_to_a_write(exc):
+                    raise
+                # The agent ended the call (a refusal) while a chunk was going out, and
+                # grpc.aio recorded its own INTERNAL over the agent's status: ask again
+                # through the synchronous API, which keeps it (the same refusal, normally).
+                return await asyncio.to_thread(
+                    self._load_sync, address, node, chip, path, shard_id, timeout
+                )
+            reply: agent_pb2.LoadShardResponse = await stream
             return reply
+
+    def _load_sync(
+        self, address: str, node: str, chip: int, path: Path, shard_id: str, timeout: float
+    ) -> agent_pb2.LoadShardResponse:
+        with dial(address, self.credentials, node) as channel:
+            return load_file(channel, path, chip, shard_id=shard_id, timeout=timeout)
 
     async def _call_all(
         self,
