@@ -421,7 +421,7 @@ class ControlPlane:
             )
             self.controller.agent_died(node, "agent died (reported by the runtime)")
         if dead:
-            self.controller.wait_passes(2, timeout=5.0)
+            self.controller.wait_passes(1, timeout=5.0)
         return dead
 
     def stop(self) -> None:

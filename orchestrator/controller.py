@@ -399,7 +399,8 @@ class Controller:
         self._configured: dict[
             tuple[str, int, int], tuple[dict[str, agent_pb2.ConfigureReplicaRequest], list[str]]
         ] = {}
-        self.passes = 0
+        self.passes = 0  # started
+        self.passes_done = 0
         self.ticks = 0
         self.pass_reasons: Counter[str] = Counter()  # why the loop ran its full passes
         self._last_pass = float("-inf")
@@ -462,14 +463,19 @@ class Controller:
         while not self._stop.is_set():
             try:
                 result = self.tick(woken=woken)
-                # A pass that only handed loads to the pool waits: thousands of loads (a
+                # A pass that handed out loads waits for them: thousands of loads (a
                 # 3,736-chip deployment) would otherwise run a full pass per finished load,
-                # back to back, and starve the loads of CPU. The last load to end wakes it.
+                # back to back, and starve the loads of CPU, and a failover's pass that moved
+                # stages and started their loads would be followed by one that finds them
+                # still in flight. The last load to end (or a failed one) wakes it.
                 progressed = (
                     result is not None
                     and result.progressed
                     and not result.failed
-                    and not all(isinstance(a, Load) for a in result.executed)
+                    and not (
+                        any(isinstance(a, Load) for a in result.executed)
+                        and self.loads_in_flight()
+                    )
                 )
             except Exception as exc:  # the loop must survive a bad pass; the next one retries
                 log.exception("reconcile pass failed")
@@ -510,6 +516,7 @@ class Controller:
         started = time.perf_counter()
         result = self._pass()
         took = time.perf_counter() - started
+        self.passes_done += 1
         self.stats.record(took, len(result.failed))
         if took >= SLOW_PASS_SECONDS:
             kinds = Counter(type(a).__name__ for a in result.executed)
@@ -977,12 +984,14 @@ class Controller:
         return True
 
     def wait_passes(self, count: int, timeout: float) -> bool:
-        """Wake the loop and wait until `count` more passes have completed (the first may
-        have read the store before the caller's change); False at the timeout."""
-        target = self.passes + count
+        """Wake the loop and wait until `count` passes that started after this call have
+        completed (a pass already running may have read the store before the caller's
+        change); False at the timeout."""
+        target = self.passes + count  # `passes` counts the passes started
         deadline = time.monotonic() + timeout
-        while self.passes < target:
-            self.wake()
+        while self.passes_done < target:
+            if self.passes < target:
+                self.wake()
             if time.monotonic() > deadline or self._stop.is_set():
                 return False
             time.sleep(0.01)
