@@ -76,6 +76,7 @@ def serve(state: str, profile: str) -> None:
     from orchestrator import control_plane
 
     logging.basicConfig(level=logging.ERROR)
+    control_plane.tune_interpreter()  # as `python -m orchestrator.control_plane` does
     control_plane.make_runtime = lambda *a, **k: _NoAgents()
     plane = control_plane.ControlPlane(state, profile=profile, racks=0, nodes_per_rack=0)
     plane.start()
