@@ -473,8 +473,7 @@ class Controller:
                     and result.progressed
                     and not result.failed
                     and not (
-                        any(isinstance(a, Load) for a in result.executed)
-                        and self.loads_in_flight()
+                        any(isinstance(a, Load) for a in result.executed) and self.loads_in_flight()
                     )
                 )
             except Exception as exc:  # the loop must survive a bad pass; the next one retries
