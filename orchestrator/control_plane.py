@@ -379,12 +379,14 @@ class ControlPlane:
     def _supervise(self) -> None:
         """Restart agents that died (the runtime reports them, polled every 0.1 s). A death
         first marks the node's chips failed (`Controller.agent_died`) and waits for the
-        controller to decide the failover (the stages there move onto spares); then the agent
+        controller to decide the failover (the stages there move onto spares); once no
+        replica uses the node's chips (`_restartable`: at most `RESTART_WAIT` later) the agent
         is restarted and registers again as a fresh node whose empty chips become spares.
         Like Ray's `max_restarts=-1` for the process runtime; at most one restart of a node
         per `restart_backoff` seconds."""
         specs = {s.name: s for s in self.specs}
         last: dict[str, float] = {}
+        pending: dict[str, float] = {}  # dead node -> when its death was recorded
         while not self._stopping.wait(min(0.1, self.settings.heartbeat_interval)):
             if self.runtime is None:
                 continue
@@ -392,8 +394,12 @@ class ControlPlane:
             now = time.monotonic()
             if dead:  # deaths noticed meanwhile belong to the same incident (one move)
                 dead += self._record_deaths()
-            due = [n for n in dead if n in specs]
+            for node in dead:
+                if node in specs:
+                    pending.setdefault(node, now)
+            due = self._restartable(pending, now)
             for node in due:
+                del pending[node]
                 wait = self.restart_backoff - (now - last.get(node, -1e9))
                 if wait > 0 and self._stopping.wait(wait):
                     return
@@ -408,6 +414,20 @@ class ControlPlane:
                         self.store.add_event(
                             time.time(), "Normal", "AgentRestarted", f"restarted {node}", node=node
                         )
+
+    def _restartable(self, pending: dict[str, float], now: float) -> list[str]:
+        """The dead nodes whose agents may start again: no replica uses their chips any more
+        (the failover moved the stages), or `RESTART_WAIT` passed. A replica in its failover
+        backoff moves its stages only when the backoff ends; an agent restarted before would
+        come back with empty, healthy chips and the replica would reload there instead of
+        moving. Past the wait (no spare to move to, a long backoff) the node comes back as
+        it is: its chips are spares again, or the replica reloads on them."""
+        if not pending:
+            return []
+        used = {
+            c.rsplit("/chip-", 1)[0] for chips in self.store.replica_chips().values() for c in chips
+        }
+        return sorted(n for n, t in pending.items() if n not in used or now - t >= RESTART_WAIT)
 
     def _record_deaths(self) -> list[str]:
         """Agents the runtime reports dead: an `AgentDied` event each, their chips marked
@@ -506,6 +526,7 @@ def from_arguments(args: argparse.Namespace) -> ControlPlane:
     )
 
 
+RESTART_WAIT = 10.0  # seconds a dead node's agent waits for its stages to move (_restartable)
 GC_THRESHOLDS = (100_000, 50, 100)
 SWITCH_INTERVAL = 0.0005
 
