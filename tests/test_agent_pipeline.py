@@ -545,6 +545,15 @@ def test_configure_at_a_newer_epoch_replaces_the_replica_and_the_same_epoch_does
         with pytest.raises(BringUpError) as info:
             configure_replica(replica.channels, first)
         assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+        # a newer epoch whose request is malformed is refused before the old one goes
+        bad = configure_requests(
+            replica.plan, replica.refs, where, deployment=name, nodes=nodes, epoch=2, window=10**6
+        )
+        with pytest.raises(BringUpError) as info:
+            configure_replica(replica.channels, bad)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        tokens, _ = generate(replica.head, "kept", (3, 1, 4, 1), 2, logits=False, deployment=name)
+        assert len(tokens) == 2, "the running epoch still serves"
         newer = configure_requests(
             replica.plan, replica.refs, where, deployment=name, nodes=nodes, epoch=3
         )
