@@ -43,8 +43,8 @@ Decisions:
   writes it, records a failure on the replica like any failed step, and wakes the controller.
   While loads are in flight the store changes their reports make do not start passes of
   their own (`PassGate.due(loading=True)`): at 3,736 chips a pass per second between them
-  was over a third of the control plane's CPU. An agent that hangs delays only its own chips until their
-  deadlines: the pass goes on, other deployments load, configure and start. The other calls to
+  was over a third of the control plane's CPU. An agent that hangs delays only its own chips
+  until their deadlines: the pass goes on, other deployments load, configure and start. The other calls to
   agents stay in the pass: they are short (`rpc_timeout`), and a replica's `Configure` and
   `StartEpoch` go to all its agents at once (one round each).
 * **Configure replaces.** An agent running the replica at an older epoch replaces it on
