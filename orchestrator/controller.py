@@ -34,19 +34,19 @@ Decisions:
   failure stops that deployment's remaining actions for this pass (the next pass decides
   again), records the failure on the replica (the reconciler's backoff and restart budget
   read it) and writes a Warning event. Actions whose `key` is in flight are skipped.
-* **Loads run beside the pass, bounded.** A `Load` is handed to the gateway, which streams it
-  as a coroutine on its agent-call event loop (`orchestrator.agent_calls`: no thread per load,
-  at most `MAX_LOADS_IN_FLIGHT` streaming at once, each with a deadline from its size,
-  `GrpcAgentGateway.load_timeout`); at most `LOADS_PER_NODE` large blobs per node are in
-  flight (the rest wait for a later pass; virtual shards of a few kB do not count). When a
-  node's last load ends (or one fails), a pool thread asks that agent's `Status` once and
-  writes it, records a failure on the replica like any failed step, and wakes the controller.
-  While loads are in flight the store changes their reports make do not start passes of
-  their own (`PassGate.due(loading=True)`): at 3,736 chips a pass per second between them
-  was over a third of the control plane's CPU. An agent that hangs delays only its own chips
-  until their deadlines: the pass goes on, other deployments load, configure and start. The other calls to
-  agents stay in the pass: they are short (`rpc_timeout`), and a replica's `Configure` and
-  `StartEpoch` go to all its agents at once (one round each).
+* **Loads run beside the pass, bounded.** A `Load` is handed to the gateway, which streams it as a
+  coroutine on its agent-call event loop (`orchestrator.agent_calls`: no thread per load, at most
+  `MAX_LOADS_IN_FLIGHT` streaming at once, each with a deadline from its size,
+  `GrpcAgentGateway.load_timeout`); at most `LOADS_PER_NODE` large blobs per node are in flight (the
+  rest wait for a later pass; virtual shards of a few kB do not count). When a node's last load ends
+  (or one fails), a pool thread asks that agent's `Status` once and writes it, records a failure on
+  the replica like any failed step, and wakes the controller. While loads are in flight the store
+  changes their reports make do not start passes of their own (`PassGate.due(loading=True)`): at
+  3,736 chips a pass per second between them was over a third of the control plane's CPU. An agent
+  that hangs delays only its own chips until their deadlines: the pass goes on, other deployments
+  load, configure and start. The other calls to agents stay in the pass: they are short
+  (`rpc_timeout`), and a replica's `Configure` and `StartEpoch` go to all its agents at once (one
+  round each).
 * **Configure replaces.** An agent running the replica at an older epoch replaces it on
   `ConfigureReplica` (a failover is one round of calls); one that refuses (ALREADY_EXISTS: the
   same epoch of an older incarnation, after a control-plane restart) first removes it and is

@@ -19,13 +19,13 @@ its inputs, so between two ticks its answer can change only when:
 * the controller itself has work outside the store (a node to ask for its `Status`, a
   pipeline reported stopped, a load that ended): it says so with `woken`.
 
-While the controller's own loads are in flight (`loading`), the first two rules wait: those
-loads are what moves the store (each node's report of what it now holds) and what the
-deployments in progress wait for, and a pass per second in between only offered the same
-loads again — at 3,736 chips, 0.3 to 0.9 s a pass on a loaded machine, taken from the
-loads. The loads wake the controller themselves (the last one to end, a failed one, one that frees a node's
-slot for a large blob), as does anything else that changes the desired state (an apply, a
-delete, a registration); a liveness flip and the periodic pass still count.
+While the controller's own loads are in flight (`loading`), the first two rules wait: those loads
+are what moves the store (each node's report of what it now holds) and what the deployments in
+progress wait for, and a pass per second in between only offered the same loads again — at 3,736
+chips, 0.3 to 0.9 s a pass on a loaded machine, taken from the loads. The loads wake the controller
+themselves (the last one to end, a failed one, one that frees a node's slot for a large blob), as
+does anything else that changes the desired state (an apply, a delete, a registration); a liveness
+flip and the periodic pass still count.
 
 `PassGate` keeps what the last full pass saw and answers, per tick, why a full pass is due (or
 None). A slow periodic full pass (`full_every`) is the safety net for anything outside these
