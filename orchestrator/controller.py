@@ -396,8 +396,11 @@ class Controller:
         self._load_lock = threading.Lock()
         self._stopped: dict[tuple[str, int, int], tuple[float, str]] = {}
         self._refs: dict[tuple[str, int], tuple[Plan, list[ShardRef]]] = {}
+        # (deployment, replica, epoch) -> what Configure sent, the chips' confirmations and
+        # the agents' node names: StartEpoch (the same pass) needs all three
         self._configured: dict[
-            tuple[str, int, int], tuple[dict[str, agent_pb2.ConfigureReplicaRequest], list[str]]
+            tuple[str, int, int],
+            tuple[dict[str, agent_pb2.ConfigureReplicaRequest], list[str], dict[str, str]],
         ] = {}
         self.passes = 0  # started
         self.passes_done = 0
@@ -894,9 +897,12 @@ class Controller:
             epoch=action.epoch,
             nodes=names,
         )
-
         ready = self.gateway.configure(requests, names)
-        self._configured[(action.deployment, action.replica, action.epoch)] = (requests, ready)
+        self._configured[(action.deployment, action.replica, action.epoch)] = (
+            requests,
+            ready,
+            names,
+        )
         self.store.set_replica_epochs(action.deployment, action.replica, configured=action.epoch)
 
     def _start(
@@ -907,9 +913,7 @@ class Controller:
             self._configure(
                 Configure(action.deployment, action.replica, action.epoch, ()), target, nodes
             )
-        requests, ready = self._configured.pop(key)
-        _, refs = self._compiled(target, action.replica)
-        _, names = self._where(refs, nodes)
+        requests, ready, names = self._configured.pop(key)
         self.gateway.start(requests, ready, names)
         self.store.set_replica_epochs(action.deployment, action.replica, running=action.epoch)
 
